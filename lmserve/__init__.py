@@ -1,0 +1,20 @@
+"""lmserve: serve LLMs behind an OpenAI-compatible REST API."""
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from lmserve.outputs import CompletionOutput, FinishReason, RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["CacheConfig", "EngineConfig", "ModelConfig", "SchedulerConfig", "ServerConfig", "CompletionOutput",
+           "FinishReason", "RequestOutput", "SamplingParams", "pipeline", "LLM", "AsyncEngine"]
+
+
+def __getattr__(name):
+    # Lazy so `import lmserve` (e.g. for the protocol or the proxy) does not pull in the engine and torch models.
+    if name in ("pipeline", "LLM"):
+        from lmserve.engine import llm_engine
+        return getattr(llm_engine, name)
+    if name == "AsyncEngine":
+        from lmserve.engine.async_engine import AsyncEngine
+        return AsyncEngine
+    raise AttributeError(name)

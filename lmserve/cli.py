@@ -1,0 +1,114 @@
+"""`lmserve` command line. Argument parsing lives here; each subcommand's work lives in its package.
+
+Subcommands:
+  lmserve serve api_server [MODEL] ...   OpenAI-compatible + LMDeploy-native REST server
+  lmserve serve proxy ...                request distribution over many api_servers
+  lmserve serve launch MODEL --num-servers N
+  lmserve serve api_client URL           console chat against a running server
+  lmserve chat [MODEL]                   terminal chat with an in-process engine
+  lmserve bench serve|throughput ...     benchmarks
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+
+# ---- engine arguments (shared by api_server, chat, bench throughput) -------------------------------------
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file, Hugging Face directory or hub id (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16 (auto: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template string or file")
+    p.add_argument("--session-len", type=int, default=None, help="max tokens per session (prompt + output)")
+    p.add_argument("--cache-max-entry-count", type=float, default=None,
+                   help="fraction of free memory for the KV cache (default 0.8 on CUDA, 0.1 on CPU)")
+    p.add_argument("--cache-block-count", type=int, default=None, help="explicit number of KV cache blocks")
+    p.add_argument("--cache-block-seq-len", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--disable-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    p.add_argument("--max-batch-size", type=int, default=256, help="max sequences running at once")
+    p.add_argument("--max-prefill-token-num", type=int, default=512,
+                   help="token budget per engine step (chunked prefill)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (only 1 is supported)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The one place CLI arguments become engine config."""
+    return EngineConfig(
+        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                          chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed),
+        cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
+                          num_blocks=args.cache_block_count,
+                          enable_prefix_caching=not args.disable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_batch_size,
+                                  max_num_batched_tokens=args.max_prefill_token_num),
+        tp=args.tp,
+    )
+
+
+# ---- lmserve chat -----------------------------------------------------------------------------------------
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="terminal chat with an in-process engine")
+    add_engine_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args) -> int:
+    from lmserve.client.chat import run_local_chat
+    return run_local_chat(build_engine_config(args), args)
+
+
+# ---- lmserve serve api_server (owned by the server package) ---------------------------------------------
+def _add_api_server(sub) -> None:
+    p = sub.add_parser("api_server", help="OpenAI-compatible + LMDeploy-native REST API server")
+    add_engine_args(p)
+    p.set_defaults(func=_run_api_server)
+
+
+def _run_api_server(args) -> int:
+    raise SystemExit("api_server: not built yet")
+
+
+# ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------
+def _add_proxy(sub) -> None:
+    pass
+
+
+# ---- lmserve serve api_client (owned by the client package) ---------------------------------------------
+def _add_api_client(sub) -> None:
+    pass
+
+
+# ---- lmserve bench (owned by the bench package) -----------------------------------------------------------
+def _add_bench(sub) -> None:
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmserve", description="Serve LLMs behind an OpenAI-compatible API")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a server").add_subparsers(dest="server", required=True)
+    _add_api_server(serve)
+    _add_proxy(serve)
+    _add_api_client(serve)
+    _add_chat(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Frozen configuration dataclasses. Device and dtype are resolved here, once, for the whole process.
+
+Each component receives only the sub-config it needs. The CLI maps arguments to these in one function
+(`cli.build_engine_config`); nothing else reads environment variables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # NOTE: CPUs here have AVX-512 but no native bf16, where bf16 matmuls run 4-5x slower than fp32.
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None           # GGUF file, HF directory, hub id; None = bundled SmolLM2
+    tokenizer: str | None = None       # defaults to the model
+    dtype: str = "auto"
+    device: str = "auto"
+    chat_template: str | None = None   # a Jinja template string or a path to a file holding one
+    max_model_len: int | None = None   # LMDeploy's session_len; None = the model's context length
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError("max_model_len (session_len) must be >= 16")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.torch_device)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # LMDeploy semantics: a fraction of free memory (device memory on CUDA, available RAM on CPU) to give to
+    # the KV cache. None = 0.8 on CUDA and 0.1 on CPU (CPU RAM is shared with everything else on the host).
+    cache_max_entry_count: float | None = None
+    num_blocks: int | None = None      # explicit block count; overrides cache_max_entry_count
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a positive power of two")
+        if self.cache_max_entry_count is not None and not (0 < self.cache_max_entry_count <= 1):
+            raise ValueError("cache_max_entry_count must be in (0, 1]")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError("num_blocks must be >= 2")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256            # LMDeploy's max_batch_size
+    max_num_batched_tokens: int = 512  # token budget per step (chunked prefill)
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs (max_batch_size) must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tp: int = 1
+
+    def __post_init__(self):
+        if self.tp != 1:
+            raise ValueError("tp: tensor parallelism is not supported yet; only --tp 1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server_name: str = "0.0.0.0"
+    server_port: int = 23333
+    model_name: str | None = None       # name served in /v1/models; defaults to the model path's stem
+    api_keys: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    allow_methods: tuple[str, ...] = ("*",)
+    allow_headers: tuple[str, ...] = ("*",)
+    max_concurrent_requests: int = 256  # requests in flight in the engine
+    max_queued_requests: int = 256      # waiting for admission beyond that; then 429
+    proxy_url: str | None = None
+    log_level: str = "INFO"
+
+    def __post_init__(self):
+        if self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1")
+        if self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")

@@ -1,0 +1,97 @@
+"""SamplingParams: per-request generation settings, validated with errors that name the offending field."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+class SamplingParamsError(ValueError):
+    """A bad generation setting. `param` names the field so the API can report it (OpenAI's error.param)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16          # None = up to the session length
+    min_tokens: int = 0                   # LMDeploy's min_new_tokens
+    temperature: float = 1.0              # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                        # 0 or -1 = disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None           # None = off; k >= 0 = sampled token's logprob + k top alternatives
+    prompt_logprobs: int | None = None    # None = off; k >= 0 = each prompt token's logprob + k alternatives
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(param: str, msg: str):
+            raise SamplingParamsError(param, msg)
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", f"n must be at least 1, got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            bad("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.temperature < 0:
+            bad("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            bad("top_k", f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                bad(name, f"{name} must be between 0 and {MAX_LOGPROBS}, got {v}")
+        if self.logit_bias:
+            for tok, bias in self.logit_bias.items():
+                if not -100 <= bias <= 100:
+                    bad("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "seed must be an integer")
+
+    def validate_vocab(self, vocab_size: int) -> None:
+        """Checks that need the model: token ids inside the vocabulary."""
+        for tok in (self.logit_bias or {}):
+            if not 0 <= int(tok) < vocab_size:
+                raise SamplingParamsError("logit_bias", f"logit_bias token id {tok} is outside [0, {vocab_size})")
+        for tok in self.stop_token_ids:
+            if not 0 <= tok < vocab_size:
+                raise SamplingParamsError("stop_token_ids", f"stop token id {tok} is outside [0, {vocab_size})")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
