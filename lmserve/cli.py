@@ -85,7 +85,22 @@ def _add_proxy(sub) -> None:
 
 # ---- lmserve serve api_client (owned by the client package) ---------------------------------------------
 def _add_api_client(sub) -> None:
-    pass
+    p = sub.add_parser("api_client", help="console chat against a running api_server")
+    p.add_argument("api_server_url", help="http://host:port of the api_server")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--session-id", type=int, default=None, help="server-side session id (default: random)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per reply")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.set_defaults(func=_run_api_client)
+
+
+def _run_api_client(args) -> int:
+    from lmserve.client.chat import run_api_client
+    return run_api_client(args.api_server_url, api_key=args.api_key, session_id=args.session_id,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens)
 
 
 # ---- lmserve bench (owned by the bench package) -----------------------------------------------------------
