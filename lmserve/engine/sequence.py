@@ -60,6 +60,10 @@ class Sequence:
         # NOTE: a child of an n > 1 request waits until its first sibling has computed the prompt, so it
         # reuses those KV blocks through the prefix cache instead of computing the prompt again.
         self.wait_for: Sequence | None = None
+        # pooling (embedding) requests compute the prompt only and sum its final hidden states
+        self.pooling = False
+        self.pooled_sum: torch.Tensor | None = None
+        self.session_id: int | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

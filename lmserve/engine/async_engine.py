@@ -1,0 +1,252 @@
+"""AsyncEngine: runs LLMEngine.step() in a background thread; the asyncio side only queues commands and
+reads per-request results. Model work never runs on the event loop.
+
+Outputs are cumulative, so each request keeps only its latest output: a slow consumer skips intermediate
+ones instead of building a backlog.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Callable
+
+import torch
+
+from lmserve.config import EngineConfig
+from lmserve.engine.llm_engine import EngineStats, LLMEngine, PromptTooLongError  # noqa: F401 (re-export)
+from lmserve.outputs import EmbeddingOutput, RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class _Stream:
+    __slots__ = ("latest", "event", "finished")
+
+    def __init__(self):
+        self.latest = None
+        self.event = asyncio.Event()
+        self.finished = False
+
+    def put(self, item) -> None:
+        self.latest = item
+        self.event.set()
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.model_path = engine.model_path
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
+        self.is_sleeping = False
+        self._streams: dict[str, _Stream] = {}
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+        self._stats = engine.get_stats()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig | None = None) -> "AsyncEngine":
+        return cls(LLMEngine(config or EngineConfig()))
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._commands.put(("wake",))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._error is None and (self._thread is None or self._thread.is_alive())
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                       session_id: int | None = None) -> AsyncIterator[RequestOutput]:
+        self._check_alive()
+        if self.is_sleeping:
+            raise EngineDeadError("the engine is sleeping; POST /wakeup first")
+        prompt_ids = self.engine.prepare_prompt(prompt, params)
+        async for out in self._submit(request_id, ("add", request_id, prompt_ids, params, session_id)):
+            yield out
+
+    async def encode(self, prompt_token_ids: list[int]) -> list[float]:
+        self._check_alive()
+        prompt_ids = self.engine.prepare_prompt(prompt_token_ids, None)
+        request_id = f"embd-{next(self._ids)}"
+        async for out in self._submit(request_id, ("pool", request_id, prompt_ids)):
+            assert isinstance(out, EmbeddingOutput)
+            return out.embedding
+        raise EngineDeadError("encode request ended without a result")
+
+    async def _submit(self, request_id: str, command: tuple):
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = self._streams[request_id] = _Stream()
+        self._commands.put(command)
+        try:
+            while True:
+                await stream.event.wait()
+                stream.event.clear()
+                item = stream.latest
+                if isinstance(item, BaseException):
+                    raise item
+                if getattr(item, "finished", True):
+                    stream.finished = True
+                yield item
+                if stream.finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not stream.finished:   # the consumer left early (disconnect, cancel): free its KV blocks
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> bool:
+        known = request_id in self._streams
+        self._commands.put(("abort", request_id))
+        return known
+
+    def end_session(self, session_id: int) -> bool:
+        return self._call_sync(lambda: self.engine.end_session(session_id))
+
+    def get_stats(self) -> EngineStats:
+        return self._stats
+
+    # ---- control: run inside the engine thread between steps ---------------------------------------------
+    async def sleep(self, level: int = 1) -> None:
+        if level not in (1, 2):
+            raise ValueError("level must be 1 or 2")
+
+        def _sleep():
+            self.engine.abort_all()
+            self.engine.block_manager.reset_prefix_cache()
+            self.engine.sessions.clear()
+            self.engine.runner.free_kv_cache()
+            if level == 2:
+                self.engine.runner.model = None
+            self.is_sleeping = True
+        await self._call(_sleep)
+
+    async def wakeup(self) -> None:
+        def _wake():
+            runner = self.engine.runner
+            if runner.model is None:
+                from lmserve.model.loader import load_state_dict
+                runner.model = runner._build_model()
+                runner.load_weights(load_state_dict(runner.model_path, dtype=runner.dtype))
+            if not runner.kv_caches:
+                runner.allocate_kv_cache()
+                bm = self.engine.block_manager
+                bm.__init__(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
+            self.is_sleeping = False
+        await self._call(_wake)
+
+    async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        def _update():
+            self.engine.runner.load_weights(named_tensors)
+            # cached KV was computed with the old weights
+            self.engine.block_manager.reset_prefix_cache()
+        await self._call(_update)
+
+    async def _call(self, fn: Callable):
+        self._check_alive()
+        if self._thread is None:
+            return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    def _call_sync(self, fn: Callable):
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, fut))
+        return fut.result(timeout=60)
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._error!r}")
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                block = not engine.has_unfinished()
+                while True:
+                    try:
+                        cmd = self._commands.get(block=block, timeout=1.0 if block else None)
+                    except queue.Empty:
+                        break
+                    block = False
+                    self._handle(cmd)
+                if self._stopping:
+                    break
+                outputs = engine.step() if engine.has_unfinished() else []
+                self._stats = engine.get_stats()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as e:   # noqa: BLE001 - any failure makes the engine unhealthy; report it everywhere
+            logger.exception("engine thread died")
+            self._error = e
+            err = EngineDeadError(f"engine error: {e!r}")
+            self._loop.call_soon_threadsafe(self._fail_all, err)
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, request_id, prompt_ids, params, session_id = cmd
+            try:
+                self.engine.add_request(request_id, prompt_ids, params, session_id=session_id)
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                self._loop.call_soon_threadsafe(self._dispatch_error, request_id, e)
+        elif kind == "pool":
+            _, request_id, prompt_ids = cmd
+            self.engine.add_pooling_request(request_id, prompt_ids)
+        elif kind == "abort":
+            out = self.engine.abort(cmd[1])
+            if out is not None:
+                self._loop.call_soon_threadsafe(self._dispatch, [out])
+        elif kind == "call":
+            _, fn, fut = cmd
+            try:
+                fut.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                fut.set_exception(e)
+
+    # ---- event-loop side -----------------------------------------------------------------------------------
+    def _dispatch(self, outputs: list) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(out)
+
+    def _dispatch_error(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.put(error)

@@ -1,0 +1,277 @@
+"""LLMEngine: add_request / abort / step. Single-threaded; AsyncEngine drives it from a background thread."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.config import EngineConfig
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.scheduler import Scheduler
+from lmserve.engine.sequence import Sequence
+from lmserve.model.loader import resolve_model_path
+from lmserve.outputs import (CompletionOutput, EmbeddingOutput, FinishReason, RequestMetrics, RequestOutput)
+from lmserve.sampling_params import SamplingParams
+from lmserve.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus the requested output) does not fit the session length. `param` names the field."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_prompt_tokens_total: int
+    num_generation_tokens_total: int
+    num_preemptions_total: int
+    prefill_throughput: float
+    decode_throughput: float
+
+
+class _Request:
+    __slots__ = ("request_id", "seqs", "prompt_token_ids", "session_id")
+
+    def __init__(self, request_id, seqs, prompt_token_ids, session_id):
+        self.request_id, self.seqs, self.prompt_token_ids, self.session_id = \
+            request_id, seqs, prompt_token_ids, session_id
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path = resolve_model_path(config.model.model)
+        mc = config.model
+        self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, mc.chat_template)
+        self.runner = ModelRunner(mc, config.cache, self.model_path, config.scheduler.max_num_seqs, mc.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        # NOTE: a sequence longer than the whole cache could never be scheduled; cap the session length there.
+        capacity = self.block_manager.num_usable_blocks * config.cache.block_size
+        self.max_model_len = min(self.runner.max_model_len, capacity)
+        if self.max_model_len < self.runner.max_model_len:
+            logger.warning("session length capped at %d tokens by the KV cache size", self.max_model_len)
+        self.vocab_size = self.runner.arch.vocab_size
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.runner.arch.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.sessions: dict[int, list[int]] = {}     # session_id -> pinned block ids
+        self._seq_ids = itertools.count()
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        self._window: list[tuple[float, int, int]] = []   # (time, prefill tokens, decode tokens) per step
+
+    @classmethod
+    def from_config(cls, config: EngineConfig | None = None, **kwargs) -> "LLMEngine":
+        return cls(config or EngineConfig(**kwargs))
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams | None) -> list[int]:
+        """Tokenize and validate (pure; safe from any thread). Raises PromptTooLongError / SamplingParamsError."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise PromptTooLongError("the prompt is empty", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise PromptTooLongError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        if params is not None:
+            params.validate_vocab(self.vocab_size)
+            need = len(ids) + (params.max_tokens or 1)
+            if need > self.max_model_len:
+                raise PromptTooLongError(
+                    f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
+                    f"{len(ids)} prompt tokens + {params.max_tokens or 1} completion tokens", param="max_tokens"
+                    if len(ids) < self.max_model_len else "messages")
+        elif len(ids) > self.max_model_len:
+            raise PromptTooLongError(f"input of {len(ids)} tokens exceeds the maximum of {self.max_model_len}",
+                                     param="input")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    session_id: int | None = None, arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        ids = self.prepare_prompt(prompt, params)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, ids, params, index=i, arrival_time=arrival_time,
+                           eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params)
+            seq.session_id = session_id if params.n == 1 else None
+            if i > 0 and self.block_manager.enable_prefix_caching and params.prompt_logprobs is None:
+                seq.wait_for = seqs[0]
+            seqs.append(seq)
+        self.requests[request_id] = _Request(request_id, seqs, ids, session_id)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def add_pooling_request(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        ids = self.prepare_prompt(prompt_token_ids, None)
+        seq = Sequence(next(self._seq_ids), request_id, ids, SamplingParams(max_tokens=1))
+        seq.pooling = True
+        self.requests[request_id] = _Request(request_id, [seq], ids, None)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+        return None if req.seqs[0].pooling else self._make_output(req)
+
+    def end_session(self, session_id: int) -> bool:
+        blocks = self.sessions.pop(session_id, None)
+        if blocks is None:
+            return False
+        self.block_manager.release(blocks)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput | EmbeddingOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        t0 = time.monotonic()
+        result = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        touched: dict[str, _Request] = {}
+        num_prefill = num_decode = 0
+        for s in sched.scheduled:
+            seq = s.seq
+            if s.num_new_tokens > 1 or seq.num_output_tokens == 0:
+                num_prefill += s.num_new_tokens
+            else:
+                num_decode += s.num_new_tokens
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            if seq.pooling:
+                part = result.pooled[seq.seq_id]
+                seq.pooled_sum = part if seq.pooled_sum is None else seq.pooled_sum + part
+                if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                    self.scheduler.finish(seq, FinishReason.STOP)
+                    touched[req.request_id] = req
+                continue
+            new_prompt_lps = result.prompt_logprobs.get(seq.seq_id)
+            if new_prompt_lps:
+                # NOTE: after a preemption the prompt is recomputed; only append entries not yet recorded
+                have = len(seq.prompt_logprobs)
+                first = s.seq.num_computed_tokens - s.num_new_tokens + 1
+                seq.prompt_logprobs.extend(new_prompt_lps[max(0, have - first):])
+                touched[req.request_id] = req
+            token = result.sampled_token_ids.get(seq.seq_id)
+            if token is None:
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = time.monotonic()
+                self.num_prompt_tokens_total += seq.num_prompt_tokens
+            self.num_generation_tokens_total += 1
+            seq.append_token(token, result.logprobs.get(seq.seq_id))
+            touched[req.request_id] = req
+            stop_str = seq.detokenizer.update([token])
+            if stop_str is not None:
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_str
+                self._finish(seq)
+            elif seq.check_stop_token():
+                seq.detokenizer.finish()
+                self._finish(seq)
+        self._record_throughput(t0, num_prefill, num_decode)
+        outputs = []
+        for req in touched.values():
+            done = all(seq.is_finished for seq in req.seqs)
+            outputs.append(self._make_embedding(req) if req.seqs[0].pooling else self._make_output(req))
+            if done:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq.session_id is not None and self.block_manager.enable_prefix_caching:
+            # keep this turn's full blocks pinned so the session's next turn hits them in the prefix cache
+            full = seq.block_table[:seq.num_computed_tokens // self.block_manager.block_size]
+            self.block_manager.share(full)
+            self.end_session(seq.session_id)
+            self.sessions[seq.session_id] = full
+        self.scheduler.finish(seq)
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        seq0 = req.seqs[0]
+        outs = [CompletionOutput(index=seq.index, text=seq.detokenizer.output_text,
+                                 token_ids=list(seq.output_token_ids),
+                                 logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                                 finish_reason=seq.finish_reason if seq.is_finished else None,
+                                 stop_reason=seq.stop_reason) for seq in req.seqs]
+        finished = all(seq.is_finished for seq in req.seqs)
+        metrics = RequestMetrics(seq0.arrival_time, seq0.first_scheduled_time, seq0.first_token_time,
+                                 max((s.finished_time or 0 for s in req.seqs), default=None) if finished else None)
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished,
+                             prompt_logprobs=None if seq0.prompt_logprobs is None else list(seq0.prompt_logprobs),
+                             num_cached_tokens=seq0.num_cached_tokens, metrics=metrics)
+
+    def _make_embedding(self, req: _Request) -> EmbeddingOutput:
+        seq = req.seqs[0]
+        mean = seq.pooled_sum / seq.num_prompt_tokens
+        return EmbeddingOutput(req.request_id, req.prompt_token_ids,
+                               torch.nn.functional.normalize(mean, dim=0).tolist())
+
+    def _record_throughput(self, t0: float, num_prefill: int, num_decode: int) -> None:
+        now = time.monotonic()
+        self._window.append((now, num_prefill, num_decode))
+        while self._window and self._window[0][0] < now - 10:
+            self._window.pop(0)
+        self._step_time = now - t0
+
+    # ---- stats and control ------------------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        bm, sch = self.block_manager, self.scheduler
+        span = max(1e-6, (self._window[-1][0] - self._window[0][0]) if len(self._window) > 1 else 1.0)
+        return EngineStats(
+            num_running=len(sch.running), num_waiting=len(sch.waiting),
+            num_total_blocks=bm.num_usable_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
+            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+            num_prompt_tokens_total=self.num_prompt_tokens_total,
+            num_generation_tokens_total=self.num_generation_tokens_total,
+            num_preemptions_total=sch.num_preemptions_total,
+            prefill_throughput=sum(w[1] for w in self._window) / span,
+            decode_throughput=sum(w[2] for w in self._window) / span)
+
+    def abort_all(self) -> list[RequestOutput]:
+        return [o for rid in list(self.requests) if (o := self.abort(rid)) is not None]
+
+    # ---- offline API ----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[str] | list[list[int]] | str,
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [f"offline-{next(self._seq_ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]

@@ -1,0 +1,200 @@
+"""ModelRunner: owns the model and the KV cache tensors; turns a SchedulerOutput into tensors, runs the model,
+samples. Everything device- or tensor-shaped in the engine happens here."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from lmserve.config import CacheConfig, ModelConfig
+from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
+from lmserve.engine.scheduler import SchedulerOutput
+from lmserve.model.attention import AttentionGroup, AttentionMetadata
+from lmserve.model.loader import ArchConfig, load_arch_config, load_state_dict
+from lmserve.model.registry import get_model_class
+from lmserve.outputs import TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled_token_ids: dict[int, int] = field(default_factory=dict)          # seq_id -> token
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)          # seq_id -> sampled token's logprobs
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # seq_id -> new prompt entries
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)            # seq_id -> sum of hidden states
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, model_path: str,
+                 max_num_seqs: int, max_model_len: int | None = None):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.model_path = model_path
+        self.device = model_config.torch_device
+        self.dtype = model_config.torch_dtype
+        self.arch: ArchConfig = load_arch_config(model_path)
+        self.block_size = cache_config.block_size
+        self.max_model_len = min(max_model_len or self.arch.max_position_embeddings,
+                                 self.arch.max_position_embeddings)
+        self.max_num_seqs = max_num_seqs
+        self.sampler = Sampler()
+        self.model = self._build_model()
+        self.load_weights(load_state_dict(model_path, dtype=self.dtype))
+        self.num_blocks = self._decide_num_blocks()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.allocate_kv_cache()
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+    def _build_model(self) -> torch.nn.Module:
+        cls = get_model_class(self.arch.architecture)
+        with torch.device(self.device):
+            model = cls(self.arch).to(self.dtype)
+        return model.eval().requires_grad_(False)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_weights(weights)
+
+    def _kv_block_bytes(self) -> int:
+        a = self.arch
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * a.num_hidden_layers * self.block_size * a.num_key_value_heads * a.head_dim * elem
+
+    def _decide_num_blocks(self) -> int:
+        cc = self.cache_config
+        # never more than every sequence at full length could use
+        max_useful = self.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+            fraction = cc.cache_max_entry_count or 0.8
+        else:
+            free = psutil.virtual_memory().available
+            fraction = cc.cache_max_entry_count or 0.1
+        num = int(free * fraction) // self._kv_block_bytes()
+        if num < 2:
+            raise RuntimeError("not enough memory for the KV cache; lower --session-len or set --cache-block-count")
+        return min(num, max_useful)
+
+    def allocate_kv_cache(self) -> None:
+        a = self.arch
+        shape = (self.num_blocks * self.block_size, a.num_key_value_heads, a.head_dim)
+        self.kv_caches = []
+        for _ in range(a.num_hidden_layers):
+            # NOTE: empty, not zeros: pages are touched only when used. Only the null block must be zero,
+            # because padded gathers read it and 0-weight * NaN garbage would still be NaN.
+            k, v = torch.empty(shape, dtype=self.dtype, device=self.device), \
+                torch.empty(shape, dtype=self.dtype, device=self.device)
+            k[:self.block_size].zero_()
+            v[:self.block_size].zero_()
+            self.kv_caches.append((k, v))
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                    self.num_blocks * self._kv_block_bytes() / 2**20)
+
+    def free_kv_cache(self) -> None:
+        self.kv_caches = []
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        out = RunnerOutput()
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        logit_rows: list[int] = []                 # rows of the flat batch whose logits are needed
+        samplers = []                              # (seq, logits row index)
+        prompt_lp = []                             # (seq, first logits row index, first position, count)
+        pool = []                                  # (seq, start row, count)
+        decode_rows, decode_ctx, decode_tables = [], [], []
+        prefill = []                               # (start row, num_new, start position, block_table)
+        bs = self.block_size
+        for s in sched.scheduled:
+            seq, n = s.seq, s.num_new_tokens
+            start, row = seq.num_computed_tokens, len(input_ids)
+            input_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            bt = seq.block_table
+            slot_mapping.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                decode_rows.append(row)
+                decode_ctx.append(start + 1)
+                decode_tables.append(bt)
+            else:
+                prefill.append((row, n, start, bt))
+            if seq.pooling:
+                pool.append((seq, row, n))
+                continue
+            if seq.wants_prompt_logprobs:
+                # logits at position p score prompt token p + 1
+                last_scored = min(start + n, seq.num_prompt_tokens - 1)
+                if last_scored > start:
+                    prompt_lp.append((seq, len(logit_rows), start, last_scored - start))
+                    logit_rows.extend(range(row, row + last_scored - start))
+            if s.samples:
+                samplers.append((seq, len(logit_rows)))
+                logit_rows.append(row + n - 1)
+        dev = self.device
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        meta = AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev),
+                                 self._groups(decode_rows, decode_ctx, decode_tables, prefill))
+        hidden = self.model(ids_t, pos_t, meta, self.kv_caches)      # [num_tokens, hidden]
+        for seq, row, n in pool:
+            out.pooled[seq.seq_id] = hidden[row:row + n].float().sum(0)
+        if not logit_rows:
+            return out
+        logits = self.model.compute_logits(hidden[logit_rows])      # [num_rows, vocab] fp32
+        for seq, first, start, count in prompt_lp:
+            targets = torch.tensor(seq.token_ids[start + 1:start + 1 + count], device=dev)
+            out.prompt_logprobs[seq.seq_id] = compute_logprobs(logits[first:first + count], targets,
+                                                               seq.params.prompt_logprobs)
+        if samplers:
+            seqs = [seq for seq, _ in samplers]
+            rows = logits[[r for _, r in samplers]]
+            metadata = SamplingMetadata.from_sequences(seqs, rows.shape[-1], dev)
+            result = self.sampler(rows, metadata)
+            for i, seq in enumerate(seqs):
+                out.sampled_token_ids[seq.seq_id] = result.sampled_token_ids[i]
+                if result.logprobs is not None and result.logprobs[i] is not None:
+                    out.logprobs[seq.seq_id] = result.logprobs[i]
+        return out
+
+    def _groups(self, decode_rows, decode_ctx, decode_tables, prefill) -> list[AttentionGroup]:
+        dev, bs = self.device, self.block_size
+        window = self.arch.sliding_window
+        groups = []
+        if decode_rows:
+            max_ctx = max(decode_ctx)
+            max_blocks = -(-max_ctx // bs)
+            tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in decode_tables],
+                                  dtype=torch.long, device=dev)            # [num_seqs, max_blocks]
+            pos = torch.arange(max_ctx, device=dev)
+            ctx = torch.tensor(decode_ctx, device=dev).unsqueeze(1)       # [num_seqs, 1]
+            valid = pos.unsqueeze(0) < ctx                                  # [num_seqs, max_ctx]
+            slots = tables[:, pos // bs] * bs + pos % bs
+            mask = valid
+            if window is not None:
+                mask = mask & (pos.unsqueeze(0) > ctx - 1 - window)
+            groups.append(AttentionGroup(
+                token_index=torch.tensor(decode_rows, device=dev).unsqueeze(1),
+                q_valid=None,
+                kv_slots=torch.where(valid, slots, 0),
+                mask=mask[:, None, None, :]))
+        for row, n, start, bt in prefill:
+            kv_len = start + n
+            pos = torch.arange(kv_len, device=dev)
+            table = torch.tensor(bt, dtype=torch.long, device=dev)
+            slots = table[pos // bs] * bs + pos % bs
+            q_pos = torch.arange(start, kv_len, device=dev).unsqueeze(1)   # [n, 1]
+            mask = pos.unsqueeze(0) <= q_pos                                 # [n, kv_len]
+            if window is not None:
+                mask = mask & (pos.unsqueeze(0) > q_pos - window)
+            groups.append(AttentionGroup(
+                token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
+                q_valid=None,
+                kv_slots=slots.unsqueeze(0),
+                mask=mask[None, None]))
+        return groups

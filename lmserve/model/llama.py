@@ -1,0 +1,111 @@
+"""Llama-family decoder (Llama, Qwen2, Mistral): one class, differences come from ArchConfig.
+
+Parameters use Hugging Face names, except that q/k/v and gate/up are fused into one matmul each;
+`load_weights` maps HF names onto the fused tensors (also used by live weight updates).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
+from lmserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.rotary = rotary
+
+    def forward(self, positions, x, meta: AttentionMetadata, kv_cache: KVCache):
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
+        o = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)   # [num_tokens, heads, head_dim]
+        return self.o_proj(o.reshape(num_tokens, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, positions, x, meta, kv_cache):
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> final normed hidden states [num_tokens, hidden]."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x = layer(positions, x, meta, kv_cache)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab] fp32
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return (hidden @ weight.t()).float()
+
+    # ---- weights -------------------------------------------------------------------------------------
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> list[str]:
+        """Copy HF-named tensors into the (fused) parameters. Returns the names loaded; unknown names raise."""
+        params = dict(self.named_parameters())
+        cfg = self.cfg
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+                 "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
+                 "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size)}
+        loaded = []
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                if "rotary_emb" in name:
+                    continue
+                if name == "lm_head.weight" and self.lm_head is None:
+                    continue   # tied to the embedding
+                target, start, size = name, None, None
+                parts = name.split(".")
+                if len(parts) >= 2 and parts[-2] in fused:
+                    fused_name, start, size = fused[parts[-2]]
+                    target = ".".join(parts[:-2] + [fused_name, parts[-1]])
+                if target not in params:
+                    raise KeyError(f"unexpected weight {name!r}")
+                dst = params[target] if start is None else params[target].narrow(0, start, size)
+                if dst.shape != tensor.shape:
+                    raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+                dst.copy_(tensor)
+                loaded.append(name)
+        return loaded
