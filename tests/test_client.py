@@ -1,0 +1,280 @@
+"""Clients against a real api_server process: APIClient's methods, and the console chats driven through stdin.
+
+The server is the bundled SmolLM2 on CPU. Generation tests use temperature 0, so text comparisons are exact.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from lmserve.client import APIClient, APIError, get_model_list
+from lmserve.client.api_client import iter_stream_lines
+from lmserve.client.chat import PROMPT
+
+TURN_1 = "My favourite colour is green. Say hello."
+TURN_2 = "What did I just tell you?"
+
+
+# ---- stream parsing (no server) ---------------------------------------------------------------------------
+def test_iter_stream_lines_sse_ndjson_and_nul():
+    sse = [': keep-alive', 'data: {"a": 1}', '', 'event: message', 'data:{"a": 2}', 'data: [DONE]', 'data: {"a": 3}']
+    assert list(iter_stream_lines(iter(sse))) == [{"a": 1}, {"a": 2}]
+    ndjson = ['{"text": "x", "tokens": 1}', '{"text": "y", "tokens": 2}']
+    assert [d["text"] for d in iter_stream_lines(iter(ndjson))] == ["x", "y"]
+    assert list(iter_stream_lines(iter(['{"a": 1}\0{"a": 2}\0']))) == [{"a": 1}, {"a": 2}]
+
+
+def test_api_error_carries_the_openai_error_message():
+    e = APIError(404, {"error": {"message": "model 'x' not found", "type": "NotFoundError", "code": 404}})
+    assert e.status_code == 404 and "model 'x' not found" in str(e)
+
+
+# ---- a real server ----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"api_server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"api_server at {url} not healthy after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def server_url(request):
+    """The shared server from conftest when there is one; otherwise one started here for this module."""
+    try:
+        yield request.getfixturevalue("api_server_url")
+        return
+    except pytest.FixtureLookupError:
+        pass
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmserve", "serve", "api_server", "--server-name", "127.0.0.1",
+         "--server-port", str(port), "--cache-block-count", "512"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(proc.stderr.read().decode(errors="replace")[-3000:])
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    with APIClient(server_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.available_models[0]
+
+
+def test_available_models_and_get_model_list(client, server_url):
+    models = client.available_models
+    assert models and all(isinstance(m, str) for m in models)
+    assert get_model_list(server_url) == models
+    assert get_model_list(f"{server_url}/v1/models") == models
+
+
+def test_encode(client):
+    input_ids, length = client.encode("Hello world")
+    assert length == len(input_ids) > 0 and all(isinstance(t, int) for t in input_ids)
+    no_bos, no_bos_len = client.encode("Hello world", add_bos=False)
+    assert no_bos_len <= length and input_ids[-no_bos_len:] == no_bos
+    batch, lengths = client.encode(["Hello world", "a longer sentence than the first one"])
+    assert batch[0] == input_ids and lengths == [len(b) for b in batch] and lengths[1] > lengths[0]
+    templated, templated_len = client.encode("Hello world", do_preprocess=True)
+    assert templated_len > length  # the chat template wraps the text in role markers
+
+
+def test_chat_completions_v1_stream_equals_plain(client, model):
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    (plain,) = client.chat_completions_v1(model, messages, temperature=0, max_tokens=24)
+    assert plain["object"] == "chat.completion"
+    text = plain["choices"][0]["message"]["content"]
+    assert text and plain["usage"]["completion_tokens"] <= 24
+    chunks = list(client.chat_completions_v1(model, messages, temperature=0, max_tokens=24, stream=True))
+    assert len(chunks) > 2 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_completions_v1_string_messages_logprobs_and_n(client, model):
+    (out,) = client.chat_completions_v1(model, "Say hi", temperature=0.7, max_tokens=8, n=2, logprobs=True,
+                                        top_logprobs=2)
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    content = out["choices"][0]["logprobs"]["content"]
+    assert content and len(content[0]["top_logprobs"]) == 2 and content[0]["logprob"] <= 0
+
+
+def test_completions_v1_stream_equals_plain(client, model):
+    (plain,) = client.completions_v1(model, "The capital of France is", temperature=0, max_tokens=12)
+    assert plain["object"] == "text_completion"
+    text = plain["choices"][0]["text"]
+    chunks = list(client.completions_v1(model, "The capital of France is", temperature=0, max_tokens=12,
+                                        stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == text
+    input_ids, _ = client.encode("The capital of France is")
+    (by_ids,) = client.completions_v1(model, input_ids, temperature=0, max_tokens=12)
+    assert by_ids["choices"][0]["text"] == text
+
+
+def test_generate_prompt_and_input_ids(client):
+    (out,) = client.generate(prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert out["text"] and len(out["output_ids"]) == out["meta_info"]["completion_tokens"] <= 10
+    assert out["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    input_ids, _ = client.encode("Once upon a time")
+    (by_ids,) = client.generate(input_ids=input_ids, max_tokens=10, temperature=0)
+    assert by_ids["output_ids"] == out["output_ids"]
+    chunks = list(client.generate(prompt="Once upon a time", max_tokens=10, temperature=0, stream=True))
+    assert len(chunks) > 1
+    assert "".join(c["text"] for c in chunks) == out["text"]
+    with pytest.raises(ValueError):
+        next(client.generate())
+
+
+def test_chat_interactive_v1_keeps_and_ends_the_session(client):
+    session_id = 424242
+    try:
+        (turn1,) = client.chat_interactive_v1(TURN_1, session_id=session_id, interactive_mode=True,
+                                              request_output_len=16, temperature=0)
+        assert turn1["text"] and turn1["history_tokens"] == 0 and turn1["input_tokens"] > 0
+        chunks = list(client.chat_interactive_v1(TURN_2, session_id=session_id, interactive_mode=True,
+                                                 stream=True, request_output_len=16, temperature=0))
+        assert len(chunks) > 1
+        # the second turn builds on the first: its history is turn 1's prompt and reply
+        assert chunks[-1]["history_tokens"] >= turn1["input_tokens"] + turn1["tokens"]
+        texts = list(client.chat(TURN_2, session_id=session_id, request_output_len=4, temperature=0))
+        assert texts and all(isinstance(t, str) and isinstance(n, int) for t, n, _ in texts)
+    finally:
+        client.end_session(session_id)
+    (fresh,) = client.chat_interactive_v1(TURN_2, session_id=session_id, interactive_mode=True,
+                                          request_output_len=16, temperature=0)
+    client.end_session(session_id)
+    assert fresh["history_tokens"] == 0
+    assert fresh["text"] != "".join(c["text"] for c in chunks)
+
+
+def test_errors_raise_api_error(client):
+    with pytest.raises(APIError) as info:
+        next(client.chat_completions_v1("no-such-model", "hi"))
+    assert info.value.status_code == 404
+    with pytest.raises(APIError) as info:
+        next(client.completions_v1(client.available_models[0], "hi", temperature=-1, stream=True))
+    assert info.value.status_code == 400
+
+
+def test_leaving_a_stream_early_aborts_it(client, model, server_url):
+    stream = client.completions_v1(model, "Count:", max_tokens=2000, ignore_eos=True, temperature=0, stream=True)
+    next(stream)
+    stream.close()  # closes the connection; the server must abort the request and free its blocks
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{server_url}/metrics").text
+        running = [line for line in metrics.splitlines() if line.startswith("lmserve:num_requests_running")]
+        if running and all(float(line.rsplit(" ", 1)[1]) == 0 for line in running):
+            return
+        time.sleep(0.2)
+    pytest.fail("the request kept running after the client left")
+
+
+# ---- console chats ----------------------------------------------------------------------------------------
+def _transcript_replies(stdout: str) -> list[str]:
+    """Replies from a console transcript: the text after each `>>> prompt` line."""
+    replies = []
+    for block in stdout.split(PROMPT)[1:]:
+        _, _, reply = block.partition("\n")
+        replies.append(reply.strip())
+    return replies
+
+
+def _run_console(args: list[str], stdin: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "lmserve", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_api_client_console_two_turns_share_a_session(server_url, client):
+    args = ["serve", "api_client", server_url, "--temperature", "0", "--max-new-tokens", "16"]
+    both = _run_console([*args, "--session-id", "777"], f"{TURN_1}\n{TURN_2}\nexit\n")
+    assert both.returncode == 0, both.stderr
+    replies = _transcript_replies(both.stdout)
+    assert len(replies) == 2 and all(replies), both.stdout
+    # the console's turns are exactly the server-side session an APIClient gets for the same two prompts
+    session_id = 778
+    try:
+        expected = [
+            "".join(c["text"] for c in client.chat_interactive_v1(
+                p, session_id=session_id, interactive_mode=True, stream=True, request_output_len=16,
+                temperature=0, top_p=0.8, top_k=40)).strip()
+            for p in (TURN_1, TURN_2)]
+    finally:
+        client.end_session(session_id)
+    assert replies == expected
+    # and without the first turn the second answer differs: the history was used
+    alone = _run_console(args, f"{TURN_2}\n")
+    assert alone.returncode == 0, alone.stderr
+    assert _transcript_replies(alone.stdout) != [replies[1]]
+    # the console ended its session on exit: the id starts from an empty history again
+    (reused,) = client.chat_interactive_v1("hi", session_id=777, interactive_mode=True, request_output_len=1)
+    client.end_session(777)
+    assert reused["history_tokens"] == 0
+
+
+def test_api_client_console_reset_forgets_the_conversation(server_url):
+    args = ["serve", "api_client", server_url, "--temperature", "0", "--max-new-tokens", "16"]
+    out = _run_console(args, f"{TURN_1}\nreset\n{TURN_2}\n")
+    alone = _run_console(args, f"{TURN_2}\n")
+    assert out.returncode == 0 and "[session reset]" in out.stderr
+    assert _transcript_replies(out.stdout)[1] == _transcript_replies(alone.stdout)[0]
+
+
+def test_api_client_console_reports_an_unreachable_server():
+    out = _run_console(["serve", "api_client", f"http://127.0.0.1:{_free_port()}"], "hi\n", timeout=60)
+    assert out.returncode == 1 and "cannot reach" in out.stderr
+
+
+def test_local_chat_two_turns_keep_the_history(client, model):
+    args = ["chat", "--temperature", "0", "--max-new-tokens", "16", "--cache-block-count", "256"]
+    both = _run_console(args, f"{TURN_1}\n{TURN_2}\nexit\n")
+    assert both.returncode == 0, both.stderr
+    replies = _transcript_replies(both.stdout)
+    assert len(replies) == 2 and all(replies), both.stdout
+    # turn 2 is what the same model answers given the whole conversation (same template, greedy)
+    history = [{"role": "user", "content": TURN_1}, {"role": "assistant", "content": replies[0]},
+               {"role": "user", "content": TURN_2}]
+    (out,) = client.chat_completions_v1(model, history, temperature=0, max_tokens=16)
+    assert replies[1] == out["choices"][0]["message"]["content"].strip()
+    # reset: the next turn sees no history
+    reset = _run_console(args, f"{TURN_1}\nreset\n{TURN_2}\n")
+    (alone,) = client.chat_completions_v1(model, [{"role": "user", "content": TURN_2}], temperature=0,
+                                          max_tokens=16)
+    assert reset.returncode == 0, reset.stderr
+    assert _transcript_replies(reset.stdout)[1] == alone["choices"][0]["message"]["content"].strip()
+    assert replies[1] != _transcript_replies(reset.stdout)[1]
