@@ -9,6 +9,7 @@ Banners, warnings and errors go to stderr. Ctrl-C while a reply streams stops th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import random
 import sys
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 PROMPT = ">>> "
 EXIT_COMMANDS = ("exit", "quit")
 RESET_COMMAND = "reset"
+LOCAL_SESSION_ID = 0
 SESSION_FULL_HINT = "[the conversation reached the session length; type 'reset' to start a new one]"
 
 
@@ -168,7 +170,8 @@ class _BackgroundEngine:
         await engine.start()
         return engine
 
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                 session_id: int | None = None) -> Iterator[RequestOutput]:
         """The engine's cumulative outputs for one request; closing the iterator early aborts the request."""
         request_id = f"chat-{uuid.uuid4().hex}"
         outputs: queue.Queue = queue.Queue()
@@ -176,7 +179,8 @@ class _BackgroundEngine:
 
         async def pump():
             try:
-                async for output in self.engine.generate(request_id, prompt_token_ids, params):
+                async for output in self.engine.generate(request_id, prompt_token_ids, params,
+                                                         session_id=session_id):
                     outputs.put(output)
             except BaseException as e:  # noqa: BLE001 - handed to the console thread, which re-raises
                 outputs.put(e)
@@ -191,24 +195,14 @@ class _BackgroundEngine:
                 yield item
         finally:
             if not future.done():
-                self._call(self._abort(request_id))
+                self._call(self.engine.abort(request_id))
                 future.cancel()
 
-    async def _abort(self, request_id: str) -> None:
-        result = self.engine.abort(request_id)
-        if asyncio.iscoroutine(result):
-            await result
+    def end_session(self, session_id: int) -> None:
+        self.engine.end_session(session_id)
 
     def shutdown(self) -> None:
-        for name in ("stop", "shutdown", "close"):
-            method = getattr(self.engine, name, None)
-            if method is not None:
-                async def call():
-                    result = method()
-                    if asyncio.iscoroutine(result):
-                        await result
-                self._call(call())
-                break
+        self._call(self.engine.shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
 
@@ -233,17 +227,20 @@ def _text_deltas(outputs: Iterator[RequestOutput], on_finish: Callable[[RequestO
 
 def run_local_chat(engine_config: EngineConfig, args: argparse.Namespace) -> int:
     """Chat with an in-process engine. The console keeps the messages and renders the whole conversation
-    through the chat template each turn; the prefix cache makes the earlier turns cheap to re-read."""
+    through the chat template each turn; an engine session keeps the previous turns' KV blocks pinned, so
+    the prefix cache serves them instead of recomputing the history."""
     from lmserve.outputs import FinishReason
     from lmserve.sampling_params import SamplingParams
 
     _info("loading the model ...")
     engine = _BackgroundEngine(engine_config)
     tokenizer = engine.engine.tokenizer
+    max_model_len = engine.engine.max_model_len
     system = [{"role": "system", "content": args.system}] if getattr(args, "system", None) else []
     messages: list[dict[str, str]] = list(system)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    _info("type 'reset' to start over, 'exit' to quit")
+    _info(f"model: {engine.engine.model_path} (session length {max_model_len}); "
+          f"type 'reset' to start over, 'exit' to quit")
 
     def on_finish(output: RequestOutput) -> None:
         completion = output.outputs[0]
@@ -256,16 +253,24 @@ def run_local_chat(engine_config: EngineConfig, args: argparse.Namespace) -> int
                 break
             if prompt == RESET_COMMAND:
                 messages = list(system)
+                engine.end_session(LOCAL_SESSION_ID)
                 _info("[conversation reset]")
                 continue
             messages.append({"role": "user", "content": prompt})
             prompt_token_ids = tokenizer.encode_chat(messages)
+            room = max_model_len - len(prompt_token_ids)
+            if room < 1:
+                messages.pop()
+                _info(SESSION_FULL_HINT)
+                continue
+            # NOTE: near the session length the reply gets what room is left rather than an error.
+            turn_params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
+            outputs = engine.generate(prompt_token_ids, turn_params, session_id=LOCAL_SESSION_ID)
             try:
-                reply = _stream_reply(_text_deltas(engine.generate(prompt_token_ids, params), on_finish))
-            except ValueError as e:  # e.g. the conversation no longer fits the session length
+                reply = _stream_reply(_text_deltas(outputs, on_finish))
+            except ValueError as e:  # a request the engine refuses (e.g. a bad sampling setting)
                 messages.pop()
                 _info(f"error: {e}")
-                _info(SESSION_FULL_HINT)
                 continue
             messages.append({"role": "assistant", "content": reply})
     finally:
