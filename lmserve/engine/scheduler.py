@@ -66,6 +66,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
+            if num_new == 0:   # NOTE: cannot happen in the engine (a running sequence always has its last token)
+                i += 1
+                continue
             while not bm.allocate(seq, seq.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
