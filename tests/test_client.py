@@ -5,6 +5,8 @@ The server is the bundled SmolLM2 on CPU. Generation tests use temperature 0, so
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -278,3 +280,37 @@ def test_local_chat_two_turns_keep_the_history(client, model):
     assert reset.returncode == 0, reset.stderr
     assert _transcript_replies(reset.stdout)[1] == alone["choices"][0]["message"]["content"].strip()
     assert replies[1] != _transcript_replies(reset.stdout)[1]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
+def test_api_client_console_in_a_terminal(server_url):
+    """In a tty the console shows the `>>> ` prompt, reads typed lines, streams the reply and quits on exit."""
+    session = f"lmserve-test-{os.getpid()}"
+    command = (f"{shlex.quote(sys.executable)} -m lmserve serve api_client {server_url} --temperature 0 "
+               f"--max-new-tokens 8; echo EXITED=$?; sleep 60")
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                              text=True).stdout
+
+    def wait_for(predicate, timeout=120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = screen()
+            if predicate(text):
+                return text
+            time.sleep(0.3)
+        pytest.fail(f"terminal never showed what was expected:\n{screen()}")
+
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command], check=True)
+    try:
+        wait_for(lambda text: text.rstrip().endswith(PROMPT.rstrip()))
+        subprocess.run(["tmux", "send-keys", "-t", session, "Say hello.", "Enter"], check=True)
+        # the reply, then a fresh prompt
+        text = wait_for(lambda text: text.count(PROMPT.rstrip()) >= 2 and text.rstrip().endswith(PROMPT.rstrip()))
+        reply = text.split(f"{PROMPT}Say hello.", 1)[1].rsplit(PROMPT.rstrip(), 1)[0].strip()
+        assert reply
+        subprocess.run(["tmux", "send-keys", "-t", session, "exit", "Enter"], check=True)
+        wait_for(lambda text: "EXITED=0" in text)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
