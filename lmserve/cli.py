@@ -104,8 +104,64 @@ def _run_api_client(args) -> int:
 
 
 # ---- lmserve bench (owned by the bench package) -----------------------------------------------------------
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="random", choices=["random", "prefix-repetition", "jsonl"])
+    p.add_argument("--dataset-path", default=None, help="JSONL file for --dataset jsonl: {\"prompt\": ...} per line")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (after any shared prefix)")
+    p.add_argument("--output-len", type=int, default=128, help="max output tokens per request")
+    p.add_argument("--prefix-len", type=int, default=0, help="shared-prefix tokens before each prompt")
+    p.add_argument("--num-prefixes", type=int, default=4, help="distinct prefixes for prefix-repetition")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random lengths within [len*(1-r), len*(1+r)]")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
+    p.add_argument("--save-result", default=None, metavar="FILE.json")
+
+
 def _add_bench(sub) -> None:
-    pass
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+
+    p = bench.add_parser("serve", help="load-test any OpenAI-compatible server")
+    p.add_argument("--base-url", default="http://127.0.0.1:23333")
+    p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
+    p.add_argument("--model", default=None, help="model name to send (default: the server's first /v1/models)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer for building prompts and counting tokens (default: bundled SmolLM2 GGUF)")
+    _add_dataset_args(p)
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="requests per run (default 100; with --sweep-concurrency, max(2*c, 8) per level)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests/s, Poisson arrivals (default inf: all at once)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep-concurrency", default=None, metavar="1,4,16,64",
+                   help="run once per max-concurrency level")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="throughput and latency vs concurrency")
+    p.add_argument("--extra-body", default=None, metavar="JSON", help="extra fields merged into each request")
+    p.add_argument("--label", default=None, help="name for this server in reports and plots")
+    p.add_argument("--num-warmups", type=int, default=1, help="short unmeasured requests before each run")
+    p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request")
+    p.add_argument("--wait-ready", type=float, default=0.0, metavar="SECONDS",
+                   help="poll /v1/models up to this long before starting")
+    p.add_argument("--save-detailed", action="store_true", help="include per-request results in --save-result")
+    p.add_argument("--disable-tqdm", action="store_true")
+    p.set_defaults(func=_run_bench_serve)
+
+    p = bench.add_parser("throughput", help="offline throughput of the in-process engine")
+    add_engine_args(p)
+    _add_dataset_args(p)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-warmups", type=int, default=1)
+    p.set_defaults(func=_run_bench_throughput)
+
+
+def _run_bench_serve(args) -> int:
+    from lmserve.bench.serve import main as bench_serve
+    return bench_serve(args)
+
+
+def _run_bench_throughput(args) -> int:
+    from lmserve.bench.throughput import main as bench_throughput
+    return bench_throughput(args, build_engine_config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
