@@ -1,0 +1,119 @@
+"""Tokenizer wrapper: encode/decode, chat template rendering, eos ids.
+
+GGUF files carry their vocabulary; transformers converts it to a fast tokenizer (~7-15 s), so the converted
+tokenizer is saved under `<cache_dir>/tokenizers/<name>-<key>` (key: absolute path, size, mtime) and loaded
+from there afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+
+from lmserve.model.loader import is_gguf, load_eos_token_ids
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "lmserve")
+
+# Used (with a warning) when neither the model nor the user gives a chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    def __init__(self, hf, eos_token_ids: frozenset[int], chat_template: str | None):
+        self.hf = hf                                   # transformers.PreTrainedTokenizerBase
+        self.eos_token_ids = eos_token_ids
+        self.bos_token_id: int | None = hf.bos_token_id
+        self.vocab_size = len(hf)                      # includes added tokens
+        self.chat_template = chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        return self.hf.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        # NOTE: the template writes any BOS itself; adding special tokens again would double it (as in HF's
+        # apply_chat_template(tokenize=True), which this matches).
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _cache_key(path: str) -> str:
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    digest = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{os.path.splitext(os.path.basename(path))[0]}-{digest}"
+
+
+def tokenizer_cache_path(gguf_path: str, cache_dir: str | None = None) -> str:
+    """Where the tokenizer converted from `gguf_path` is (or will be) cached."""
+    root = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+    return os.path.join(root, "tokenizers", _cache_key(gguf_path))
+
+
+def _load_gguf_tokenizer(path: str, cache_dir: str | None):
+    from transformers import AutoTokenizer
+    cached = tokenizer_cache_path(path, cache_dir)
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(cached)
+    logger.info("converting the GGUF tokenizer of %s (cached in %s)", path, cached)
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    try:
+        # NOTE: write to a temp dir and rename, so concurrent processes never see a half-written cache entry.
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(cached), prefix=".tmp-")
+        hf.save_pretrained(tmp)
+        try:
+            os.rename(tmp, cached)
+        except OSError:                                # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        logger.warning("could not cache the converted tokenizer in %s: %s", cached, e)
+    return hf
+
+
+def _resolve_chat_template(override: str | None, hf) -> str:
+    if override is not None:
+        if os.path.isfile(override):
+            with open(override) as f:
+                return f.read()
+        return override
+    if getattr(hf, "chat_template", None):
+        return hf.chat_template
+    logger.warning("the model has no chat template; using a plain ChatML template (override with chat_template)")
+    return CHATML_TEMPLATE
+
+
+def load_tokenizer(model_path: str, tokenizer_path: str | None = None, chat_template: str | None = None,
+                   cache_dir: str | None = None) -> Tokenizer:
+    """`model_path`: a GGUF file or HF directory (already resolved). `tokenizer_path` defaults to it.
+
+    `chat_template`: a Jinja template string or a path to a file holding one; default: the model's own.
+    `cache_dir`: where GGUF tokenizers are cached (default ~/.cache/lmserve).
+    """
+    source = tokenizer_path or model_path
+    if is_gguf(source):
+        hf = _load_gguf_tokenizer(source, cache_dir)
+    else:
+        from transformers import AutoTokenizer
+        hf = AutoTokenizer.from_pretrained(source)
+    template = _resolve_chat_template(chat_template, hf)
+    hf.chat_template = template
+    eos = set(load_eos_token_ids(model_path) if os.path.exists(model_path) else ())
+    if hf.eos_token_id is not None:
+        eos.add(hf.eos_token_id)
+    return Tokenizer(hf, frozenset(eos), template)
