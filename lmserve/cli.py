@@ -79,8 +79,76 @@ def _run_api_server(args) -> int:
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------
+def _add_proxy_args(p: argparse.ArgumentParser) -> None:
+    from lmserve.proxy.config import STRATEGIES, ProxyConfig
+    d = ProxyConfig()
+    p.add_argument("--strategy", "--routing-strategy", dest="strategy", default=d.strategy, choices=STRATEGIES,
+                   help=f"how requests are spread over nodes (default: {d.strategy})")
+    p.add_argument("--api-keys", nargs="*", default=None, help="keys clients must send as 'Authorization: Bearer KEY'")
+    p.add_argument("--health-check-interval", type=float, default=d.health_check_interval, help="seconds")
+    p.add_argument("--health-check-timeout", type=float, default=d.health_check_timeout, help="seconds")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="max seconds to wait for the next byte from a node")
+    p.add_argument("--max-retries", type=int, default=d.max_retries,
+                   help="other nodes tried when a node fails before the first byte")
+    p.add_argument("--node-file", default=None, help="JSON file the node list is saved to and restored from")
+    p.add_argument("--balance-factor", type=float, default=d.balance_factor,
+                   help="prefix_aware: max outstanding requests on a node, as a multiple of the mean")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_proxy_config(args: argparse.Namespace):
+    """The one place CLI arguments become proxy config."""
+    from lmserve.proxy.config import ProxyConfig
+    return ProxyConfig(server_name=args.server_name, server_port=args.server_port, strategy=args.strategy,
+                       api_keys=tuple(args.api_keys or ()), node_file=args.node_file or None,
+                       health_check_interval=args.health_check_interval,
+                       health_check_timeout=args.health_check_timeout, request_timeout=args.request_timeout,
+                       max_retries=args.max_retries, balance_factor=args.balance_factor, log_level=args.log_level)
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine options in `args` that differ from their defaults, as api_server arguments (for launch)."""
+    ref = argparse.ArgumentParser()
+    add_engine_args(ref)
+    argv = [args.model] if args.model else []
+    for action in ref._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        argv += [action.option_strings[0]] if isinstance(value, bool) else [action.option_strings[0], str(value)]
+    return argv
+
+
 def _add_proxy(sub) -> None:
-    pass
+    p = sub.add_parser("proxy", help="distribute requests over many api_servers")
+    p.add_argument("--server-name", default="0.0.0.0", help="host to bind")
+    p.add_argument("--server-port", type=int, default=8000)
+    _add_proxy_args(p)
+    p.set_defaults(func=_run_proxy)
+
+    p = sub.add_parser("launch", help="start N api_servers behind a proxy on this machine")
+    add_engine_args(p)
+    p.add_argument("--num-servers", type=int, default=2, help="api_server processes to start")
+    p.add_argument("--server-name", default="0.0.0.0", help="host the proxy binds")
+    p.add_argument("--server-port", type=int, default=8000, help="the proxy's port")
+    p.add_argument("--base-port", type=int, default=23333, help="api_server i listens on base-port + i")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for all api_servers")
+    _add_proxy_args(p)
+    p.set_defaults(func=_run_launch)
+
+
+def _run_proxy(args) -> int:
+    from lmserve.proxy.launch import run_proxy
+    return run_proxy(build_proxy_config(args))
+
+
+def _run_launch(args) -> int:
+    from lmserve.proxy.launch import launch
+    if args.num_servers < 1:
+        raise SystemExit("launch: --num-servers must be >= 1")
+    return launch(build_proxy_config(args), args.num_servers, engine_argv(args), base_port=args.base_port,
+                  startup_timeout=args.startup_timeout)
 
 
 # ---- lmserve serve api_client (owned by the client package) ---------------------------------------------

@@ -1,0 +1,164 @@
+"""Forwarding: pick a node, send the request with httpx, fail over before the first byte, relay chunk by chunk.
+
+Lifecycle of one request through the proxy:
+  1. Parse the JSON body; find the nodes serving `model` (404 for a model no node has, 503 when none is healthy).
+  2. Pick a node: the session's pinned node if the body has a `session_id`, else the routing strategy's choice.
+  3. Send it and wait for the status line and the first body chunk. A connection error, a timeout, a 429/502/503/504
+     or a dropped connection before that first chunk means nothing has reached the client yet: try another node
+     (at most `max_retries` more). A node that failed to answer leaves the rotation until a health check passes.
+  4. Streams (text/event-stream) are relayed chunk by chunk as they arrive; other responses are read whole and
+     returned. A node that dies mid-stream ends the client's stream with an OpenAI-shaped error event.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from lmserve.proxy.nodes import Node, NodeRegistry
+from lmserve.proxy.strategies import RouteRequest, RoutingStrategy, SessionTable
+from lmserve.server.errors import APIError, error_body
+
+logger = logging.getLogger("lmserve.proxy")
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})  # the node answered but could not take the request
+_DROP_REQUEST_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding",
+                                   "accept-encoding", "upgrade", "te", "proxy-authorization"})
+_DROP_RESPONSE_HEADERS = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding",
+                                    "content-encoding", "date", "server"})
+NODE_HEADER = "x-lmserve-node"  # response header naming the node that served the request
+
+
+def sse_error_event(message: str, code: str = "node_failed") -> bytes:
+    return f"data: {json.dumps(error_body(502, message, code=code))}\n\n".encode()
+
+
+class Forwarder:
+    def __init__(self, registry: NodeRegistry, strategy: RoutingStrategy, sessions: SessionTable,
+                 client: httpx.AsyncClient, max_retries: int = 2):
+        self.registry, self.strategy, self.sessions = registry, strategy, sessions
+        self.client = client
+        self.max_retries = max_retries
+        self.num_failovers = 0
+        self.num_stream_errors = 0
+
+    # ---- routing --------------------------------------------------------------------------------------------
+    def candidates(self, route: RouteRequest) -> list[Node]:
+        if not self.registry.nodes:
+            raise APIError(503, "No api_server is registered with the proxy.", code="no_available_node")
+        if route.model is not None and route.model not in self.registry.known_models():
+            raise APIError(404, f"The model `{route.model}` does not exist.", "model", "model_not_found")
+        nodes = self.registry.candidates(route.model)
+        if not nodes:
+            what = f"model `{route.model}`" if route.model else "any model"
+            raise APIError(503, f"No healthy api_server is serving {what}.", code="no_available_node")
+        return nodes
+
+    def choose(self, nodes: list[Node], route: RouteRequest) -> Node:
+        node = None
+        if route.session_id is not None:
+            url = self.sessions.lookup(route.session_id)
+            node = next((n for n in nodes if n.url == url), None)
+            if url is not None and node is None:
+                logger.warning("session %s: node %s is unavailable; moving the session", route.session_id, url)
+        if node is None:
+            node = self.strategy.select(nodes, route)
+            if route.session_id is not None:
+                self.sessions.pin(route.session_id, node.url)
+        self.strategy.on_routed(node, route)
+        return node
+
+    # ---- forwarding -----------------------------------------------------------------------------------------
+    async def forward(self, path: str, request: Request) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        route = RouteRequest(body)
+        self.candidates(route)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+        headers["accept-encoding"] = "identity"  # relay bytes as the node sent them
+        tried: set[str] = set()
+        last_error, last_response = "", None
+        for attempt in range(self.max_retries + 1):
+            nodes = [n for n in self.registry.candidates(route.model) if n.url not in tried]
+            if not nodes:
+                break
+            node = self.choose(nodes, route)
+            tried.add(node.url)
+            if attempt:
+                self.num_failovers += 1
+            result = await self._send(node, path, raw, headers)
+            if isinstance(result, Response):
+                if result.status_code not in RETRY_STATUSES:
+                    return result
+                last_response, last_error = result, f"{node.url} answered {result.status_code}"
+            else:
+                last_error = result
+            logger.warning("request to %s failed before the first byte (%s); %s", node.url, last_error,
+                           "trying another node" if attempt < self.max_retries else "giving up")
+        if last_response is not None:
+            return last_response
+        raise APIError(503, f"No api_server could serve the request; last error: {last_error}",
+                       code="no_available_node")
+
+    async def _send(self, node: Node, path: str, raw: bytes, headers: dict) -> Response | str:
+        """Response once the node's first body chunk is here, or a string saying why the node failed first."""
+        node.num_unfinished += 1
+        start = time.perf_counter()
+        resp = None
+        try:
+            req = self.client.build_request("POST", node.url + path, content=raw, headers=headers)
+            resp = await self.client.send(req, stream=True)
+            chunks = resp.aiter_raw()
+            first = await anext(chunks, b"")
+            out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
+            out_headers[NODE_HEADER] = node.url
+            if resp.headers.get("content-type", "").startswith("text/event-stream"):
+                return StreamingResponse(self._relay(node, resp, first, chunks, start),
+                                         status_code=resp.status_code, headers=out_headers)
+            content = first + b"".join([c async for c in chunks])
+        except (httpx.HTTPError, OSError) as e:
+            error = f"{type(e).__name__}: {e}".rstrip(": ")
+            node.mark_failed(f"request: {error}")
+            await self._finish(node, resp, start, ok=False)
+            return f"{node.url}: {error}"
+        await self._finish(node, resp, start, ok=resp.status_code < 400)
+        return Response(content, status_code=resp.status_code, headers=out_headers)
+
+    async def _relay(self, node: Node, resp: httpx.Response, first: bytes, chunks, start: float):
+        ok = False
+        try:
+            if first:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+            ok = True
+        except (httpx.HTTPError, OSError) as e:
+            self.num_stream_errors += 1
+            error = f"{type(e).__name__}: {e}".rstrip(": ")
+            node.mark_failed(f"stream: {error}")
+            logger.warning("node %s failed mid-stream: %s", node.url, error)
+            yield sse_error_event(f"The api_server serving this request failed mid-stream ({error}).")
+        finally:
+            await self._finish(node, resp, start, ok)
+
+    @staticmethod
+    async def _finish(node: Node, resp: httpx.Response | None, start: float, ok: bool) -> None:
+        # NOTE: shielded, as this also runs when the client disconnected and the relay was cancelled; closing
+        # the upstream response is what tells the node to abort the request.
+        with anyio.CancelScope(shield=True):
+            if resp is not None:
+                await resp.aclose()
+        node.num_unfinished -= 1
+        if ok:
+            node.num_served += 1
+            node.latency.append(time.perf_counter() - start)
