@@ -3,7 +3,7 @@
 Lifecycle of one request through the proxy:
   1. Parse the JSON body; find the nodes serving `model` (404 for a model no node has, 503 when none is healthy).
   2. Pick a node: the session's pinned node if the body has a `session_id`, else the routing strategy's choice.
-  3. Send it and wait for the status line and the first body chunk. A connection error, a timeout, a 429/502/503/504
+  3. Send it and wait for the status line and the first body chunk. A connection error, a timeout, a 429/5xx
      or a dropped connection before that first chunk means nothing has reached the client yet: try another node
      (at most `max_retries` more). A node that failed to answer leaves the rotation until a health check passes.
   4. Streams (text/event-stream) are relayed chunk by chunk as they arrive; other responses are read whole and
@@ -26,7 +26,9 @@ from lmserve.server.errors import APIError, error_body
 
 logger = logging.getLogger("lmserve.proxy")
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})  # the node answered but could not take the request
+# NOTE: the node answered but could not take the request (500: it crashed on it). Retried on another node, as
+# nothing has reached the client yet; a request that fails on every node gets the last node's answer.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _DROP_REQUEST_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding",
                                    "accept-encoding", "upgrade", "te", "proxy-authorization"})
 _DROP_RESPONSE_HEADERS = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding",
