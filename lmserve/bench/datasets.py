@@ -32,7 +32,8 @@ class BenchTokenizer:
     """encode/decode over whatever tokenizer object we were given (lmserve's, a HF one or a `tokenizers` one)."""
 
     def __init__(self, tok):
-        self._tok = tok if hasattr(tok, "encode") else tok.tokenizer
+        # lmserve's Tokenizer wraps a HF tokenizer as .hf; use that for its vocabulary and special ids.
+        self._tok = getattr(tok, "hf", None) or (tok if hasattr(tok, "encode") else tok.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         tok = self._tok

