@@ -71,11 +71,49 @@ def _run_chat(args) -> int:
 def _add_api_server(sub) -> None:
     p = sub.add_parser("api_server", help="OpenAI-compatible + LMDeploy-native REST API server")
     add_engine_args(p)
+    add_server_args(p)
     p.set_defaults(func=_run_api_server)
 
 
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    from lmserve.config import ServerConfig
+    d = ServerConfig()
+    p.add_argument("--server-name", default=d.server_name, help="host to bind")
+    p.add_argument("--server-port", type=int, default=d.server_port)
+    p.add_argument("--model-name", default=None, help="name served in /v1/models (default: the model file's stem)")
+    p.add_argument("--api-keys", nargs="*", default=None, help="keys clients must send as 'Authorization: Bearer KEY'")
+    p.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins, e.g. '*'")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    p.add_argument("--allow-methods", nargs="*", default=list(d.allow_methods), help="CORS methods")
+    p.add_argument("--allow-headers", nargs="*", default=list(d.allow_headers), help="CORS headers")
+    p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                   help="generation requests in flight; more wait in a queue")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests waiting for admission; beyond this the server answers 429")
+    p.add_argument("--proxy-url", default=None, help="register this server with the proxy at this URL")
+    p.add_argument("--allow-terminate-by-client", action="store_true", help="enable GET /terminate")
+    p.add_argument("--log-level", default=d.log_level, help="DEBUG|INFO|WARNING|ERROR")
+
+
+def build_server_config(args: argparse.Namespace):
+    """The one place CLI arguments become server config."""
+    from lmserve.config import ServerConfig
+    return ServerConfig(server_name=args.server_name, server_port=args.server_port, model_name=args.model_name,
+                        api_keys=tuple(args.api_keys or ()), allow_origins=tuple(args.allow_origins or ()),
+                        allow_credentials=args.allow_credentials, allow_methods=tuple(args.allow_methods),
+                        allow_headers=tuple(args.allow_headers),
+                        max_concurrent_requests=args.max_concurrent_requests,
+                        max_queued_requests=args.max_queued_requests, proxy_url=args.proxy_url,
+                        log_level=args.log_level.upper())
+
+
 def _run_api_server(args) -> int:
-    raise SystemExit("api_server: not built yet")
+    try:
+        engine_config, server_config = build_engine_config(args), build_server_config(args)
+    except ValueError as e:
+        raise SystemExit(f"api_server: {e}") from None
+    from lmserve.server.launch import run_api_server
+    return run_api_server(engine_config, server_config, allow_terminate_by_client=args.allow_terminate_by_client)
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------

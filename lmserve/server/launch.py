@@ -1,0 +1,93 @@
+"""`lmserve serve api_server`: load the engine, serve the app with uvicorn, register with a proxy (--proxy-url)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import httpx
+import uvicorn
+
+from lmserve.config import EngineConfig, ServerConfig
+from lmserve.server.protocol import NodeRequest, NodeStatus
+
+logger = logging.getLogger(__name__)
+
+
+def _host_ip() -> str:
+    """An address other machines can reach us at (what a proxy should call back), when bound to 0.0.0.0."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))     # no packet is sent; this only picks the outgoing interface
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def public_url(config: ServerConfig) -> str:
+    host = _host_ip() if config.server_name in ("0.0.0.0", "::", "") else config.server_name
+    return f"http://{host}:{config.server_port}"
+
+
+async def register_with_proxy(config: ServerConfig, model_name: str, server: uvicorn.Server) -> None:
+    """POST {proxy}/nodes/add once the server accepts connections; retried while the proxy is not up."""
+    while not server.started:
+        await asyncio.sleep(0.1)
+    node = NodeRequest(url=public_url(config), status=NodeStatus(models=[model_name]))
+    headers = {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {}
+    delay = 1.0
+    async with httpx.AsyncClient(timeout=10) as client:
+        while True:
+            try:
+                r = await client.post(f"{config.proxy_url.rstrip('/')}/nodes/add", json=node.model_dump(),
+                                      headers=headers)
+                if r.status_code < 300:
+                    logger.info("registered %s with the proxy at %s", node.url, config.proxy_url)
+                    return
+                logger.warning("proxy refused the registration (%d): %s", r.status_code, r.text[:200])
+            except httpx.HTTPError as e:
+                logger.warning("cannot reach the proxy at %s: %s; retrying", config.proxy_url, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def deregister_from_proxy(config: ServerConfig) -> None:
+    headers = {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {}
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            await client.post(f"{config.proxy_url.rstrip('/')}/nodes/remove", json={"url": public_url(config)},
+                              headers=headers)
+    except httpx.HTTPError as e:
+        logger.warning("could not deregister from the proxy: %s", e)
+
+
+async def serve(app, config: ServerConfig) -> None:
+    uv_config = uvicorn.Config(app, host=config.server_name, port=config.server_port,
+                               log_level=config.log_level.lower(), timeout_keep_alive=30)
+    server = uvicorn.Server(uv_config)
+    state = app.state.server
+    state.request_shutdown = lambda: setattr(server, "should_exit", True)
+    registration = None
+    if config.proxy_url:
+        registration = asyncio.ensure_future(register_with_proxy(config, state.model_name, server))
+    try:
+        await server.serve()
+    finally:
+        if registration is not None:
+            registration.cancel()
+            await deregister_from_proxy(config)
+
+
+def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, *,
+                   allow_terminate_by_client: bool = False) -> int:
+    logging.basicConfig(level=server_config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.server.app import build_app
+
+    engine = AsyncEngine.from_config(engine_config)     # blocking: weights + tokenizer, before binding the port
+    app = build_app(engine, server_config, allow_terminate_by_client=allow_terminate_by_client)
+    logger.info("serving %s on http://%s:%d (docs at /docs)", app.state.server.model_name,
+                server_config.server_name, server_config.server_port)
+    asyncio.run(serve(app, server_config))
+    return 0

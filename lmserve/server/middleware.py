@@ -1,0 +1,70 @@
+"""One pure-ASGI middleware, so it spans the whole response (streams included):
+
+1. API keys: `Authorization: Bearer <key>` on every path but /health, /metrics and the docs.
+2. Bounded admission for generation requests: --max-concurrent-requests in flight, --max-queued-requests
+   waiting; beyond that 429 with Retry-After. While terminating, 503.
+3. Clean-up: when the HTTP exchange ends however it ends, engine requests it started that are still running
+   (a client gone before its stream began) are aborted and the sessions it held are released.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+
+from lmserve.server.errors import error_response
+from lmserve.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/v1/chat/interactive",
+                              "/v1/embeddings", "/pooling"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+RETRY_AFTER_S = 1
+
+
+class ServerMiddleware:
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+        self.api_keys = tuple(k.encode() for k in state.config.api_keys)
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    token = token.strip()
+                    return any(hmac.compare_digest(token, key) for key in self.api_keys)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if self.api_keys and path not in OPEN_PATHS and method != "OPTIONS" and not self._authorized(scope):
+            response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        if method != "POST" or path not in GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+
+        state = self.state
+        if state.is_terminating:
+            return await error_response(503, "the server is shutting down", code="terminating")(scope, receive, send)
+        if not await state.admission.acquire():
+            state.metrics.rejected.inc()
+            response = error_response(
+                429, f"too many requests: {state.admission.max_running} in flight and "
+                     f"{state.admission.max_queued} queued; retry later", code="rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_S)})
+            return await response(scope, receive, send)
+        request_ids: list[str] = []
+        scope.setdefault("state", {})["lmserve_request_ids"] = request_ids
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.admission.release()
+            try:
+                await state.end_http_request(request_ids)
+            except Exception:   # noqa: BLE001 - clean-up must not mask the response's own outcome
+                logger.exception("clean-up after %s failed", path)

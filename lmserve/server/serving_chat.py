@@ -1,0 +1,204 @@
+"""POST /v1/chat/completions: messages -> chat template -> prompt tokens + SamplingParams; outputs -> OpenAI JSON
+or SSE chunks. With `session_id` the conversation's KV cache stays on the server between turns."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmserve.outputs import RequestOutput
+from lmserve.server.errors import APIError, not_supported
+from lmserve.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
+                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
+                                     DeltaMessage)
+from lmserve.server.serving_common import (SSE_DONE, chat_logprobs, last_output, make_params, parse_logit_bias,
+                                           reject_if_set, sse, sse_error, usage_of)
+from lmserve.server.state import ServerState, random_id, run_until_disconnect
+
+_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "mm_processor_kwargs")
+
+
+def normalize_messages(messages: list[dict[str, Any]], param: str = "messages") -> list[dict[str, Any]]:
+    """OpenAI messages -> what chat templates expect: text content parts joined; images and tools refused."""
+    out = []
+    for i, msg in enumerate(messages):
+        role = msg.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            if role in ("tool", "function"):
+                raise not_supported(f"{param}[{i}].role", f"messages with role {role!r}")
+            raise APIError(400, f"{param}[{i}].role must be system, user or assistant, got {role!r}",
+                           param=f"{param}[{i}].role")
+        if msg.get("tool_calls"):
+            raise not_supported(f"{param}[{i}].tool_calls")
+        content = msg.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if isinstance(part, str):
+                    texts.append(part)
+                elif isinstance(part, dict) and part.get("type") == "text":
+                    texts.append(str(part.get("text", "")))
+                else:
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise not_supported(f"{param}[{i}].content[{j}]", f"content parts of type {kind!r}")
+            content = "\n".join(texts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise APIError(400, f"{param}[{i}].content must be a string or a list of parts",
+                           param=f"{param}[{i}].content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    if not out:
+        raise APIError(400, f"{param} must not be empty", param=param)
+    return out
+
+
+def render_chat(state: ServerState, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
+                param: str = "messages") -> str:
+    try:
+        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+    except Exception as exc:    # jinja errors: the conversation does not fit the template
+        raise APIError(400, f"the chat template rejected the conversation: {exc}", param=param) from exc
+
+
+def _check_request(req: ChatCompletionRequest) -> None:
+    reject_if_set(req, _UNSUPPORTED)
+    if req.response_format is not None and req.response_format.type != "text":
+        raise not_supported("response_format", f"response_format of type {req.response_format.type!r}")
+    if req.tools and req.tool_choice != "none":
+        raise not_supported("tools", "tool calling (tools with tool_choice other than 'none')")
+    if not req.tools and req.tool_choice not in (None, "auto", "none"):
+        raise not_supported("tool_choice")
+    if req.modalities not in (None, ["text"]):
+        raise not_supported("modalities", "output modalities other than ['text']")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
+    state.check_model(req.model)
+    _check_request(req)
+    state.check_available()
+    template_kwargs = dict(req.chat_template_kwargs or {})
+    if req.enable_thinking is not None:
+        template_kwargs.setdefault("enable_thinking", req.enable_thinking)
+    if req.reasoning_effort is not None:
+        template_kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+
+    use_session = req.session_id is not None and req.session_id >= 0
+    session = state.sessions.get(req.session_id) if use_session else None
+    if isinstance(req.messages, str) and not req.do_preprocess:
+        prompt_text, messages = None, None
+        prompt_ids = state.tokenizer.encode(req.messages, add_special_tokens=True)
+    else:
+        if req.do_preprocess is False:
+            raise APIError(400, "do_preprocess=false needs messages to be a string (the raw prompt)",
+                           param="do_preprocess")
+        messages = [{"role": "user", "content": req.messages}] if isinstance(req.messages, str) else req.messages
+        prompt_text = render_chat(state, normalize_messages(messages), template_kwargs)
+        prompt_ids = state.sessions.continue_chat(session, prompt_text) or \
+            state.tokenizer.encode(prompt_text, add_special_tokens=False)
+    state.check_prompt_len(len(prompt_ids), "messages")
+
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    n = req.n if req.n is not None else 1
+    if use_session and n != 1:
+        raise APIError(400, "n must be 1 when a session_id is given", param="n")
+    params = make_params(
+        {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+         "logprobs": "top_logprobs", "min_tokens": "min_new_tokens"},
+        n=n, max_tokens=state.clip_max_tokens(requested, len(prompt_ids)), min_tokens=req.min_new_tokens,
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, logit_bias=parse_logit_bias(req.logit_bias), seed=req.seed,
+        stop=req.stop, include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        skip_special_tokens=req.skip_special_tokens, spaces_between_special_tokens=req.spaces_between_special_tokens)
+
+    request_id = random_id("chatcmpl")
+    if use_session:
+        session = state.sessions.begin(req.session_id, request_id)
+    try:
+        stream = await state.open_generation(raw, request_id, prompt_ids, params,
+                                             session_id=req.session_id if use_session else None,
+                                             prompt_param="messages")
+    except BaseException:
+        if use_session:
+            state.sessions.release(session)
+        raise
+    if use_session:
+        stream = state.sessions.track(session, stream, prompt_ids, prompt_text=prompt_text)
+
+    view = _ChatView(state, req, request_id, len(prompt_ids))
+    if req.stream:
+        return StreamingResponse(view.stream(stream), media_type="text/event-stream")
+    final = await run_until_disconnect(raw, last_output(stream))
+    return JSONResponse(view.response(final).model_dump(exclude_none=True))
+
+
+class _ChatView:
+    """RequestOutput -> OpenAI chat JSON (one response, or the chunks of a stream)."""
+
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, request_id: str, num_prompt_tokens: int):
+        self.state = state
+        self.req = req
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_top = req.top_logprobs or 0
+
+    def response(self, out: RequestOutput) -> ChatCompletionResponse:
+        choices = []
+        for o in out.outputs:
+            choices.append(ChatCompletionResponseChoice(
+                index=o.index, message=ChatMessage(role="assistant", content=o.text),
+                logprobs=chat_logprobs(self.state, o.logprobs or [], self.num_top) if self.req.logprobs else None,
+                finish_reason=o.finish_reason.value if o.finish_reason else None,
+                token_ids=list(o.token_ids) if self.req.return_token_ids else None))
+        return ChatCompletionResponse(
+            id=self.request_id, created=self.created, model=self.state.model_name, choices=choices,
+            usage=usage_of([out]), prompt_token_ids=list(out.prompt_token_ids) if self.req.return_token_ids else None)
+
+    def _chunk(self, choices, usage=None) -> str:
+        return sse(ChatCompletionStreamResponse(id=self.request_id, created=self.created,
+                                                model=self.state.model_name, choices=choices, usage=usage))
+
+    async def stream(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        n = self.req.n or 1
+        sent_chars, sent_tokens, done = [0] * n, [0] * n, [False] * n
+        yield self._chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                                         content=""))
+                           for i in range(n)])
+        last = None
+        try:
+            async for out in outputs:
+                last = out
+                choices = []
+                for o in out.outputs:
+                    i = o.index
+                    if done[i]:
+                        continue
+                    text, new_ids = o.text[sent_chars[i]:], o.token_ids[sent_tokens[i]:]
+                    if not text and not new_ids and not o.finished:
+                        continue
+                    logprobs = None
+                    if self.req.logprobs:
+                        logprobs = chat_logprobs(self.state, (o.logprobs or [])[sent_tokens[i]:len(o.token_ids)],
+                                                 self.num_top)
+                    sent_chars[i], sent_tokens[i] = len(o.text), len(o.token_ids)
+                    done[i] = o.finished
+                    choices.append(ChatCompletionResponseStreamChoice(
+                        index=i, delta=DeltaMessage(content=text) if text else DeltaMessage(), logprobs=logprobs,
+                        finish_reason=o.finish_reason.value if o.finish_reason else None,
+                        token_ids=list(new_ids) if self.req.return_token_ids else None))
+                if choices:
+                    yield self._chunk(choices)
+        except Exception as exc:   # noqa: BLE001 - the stream has started: report in-band
+            yield sse_error(exc)
+        opts = self.req.stream_options
+        if opts is not None and opts.include_usage and last is not None:
+            yield self._chunk([], usage=usage_of([last]))
+        yield SSE_DONE

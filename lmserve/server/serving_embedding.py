@@ -1,0 +1,90 @@
+"""POST /v1/embeddings and /pooling: one vector per input from the served model, and /v1/encode (LMDeploy's
+tokenization endpoint: text -> input_ids).
+
+Pooling: the mean of the final hidden states (after the last norm) over all prompt tokens, L2-normalised; the
+model's hidden size is the vector's length. Inputs are tokenized with the tokenizer's special tokens (BOS where
+the model uses one); token-id inputs are used as given.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+from typing import Any
+
+from fastapi import Request
+
+from lmserve.server.errors import APIError, not_supported
+from lmserve.server.protocol import (EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, EncodeRequest,
+                                     EncodeResponse, PoolingData, PoolingRequest, PoolingResponse, UsageInfo)
+from lmserve.server.serving_chat import render_chat
+from lmserve.server.state import ServerState, random_id, run_until_disconnect
+
+
+def _inputs(state: ServerState, value: Any) -> list[list[int]]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "input must be a string, a list of strings, token ids or a list of token-id lists",
+                       param="input")
+    if all(isinstance(v, int) for v in value):
+        value = [value]
+    out = []
+    for i, v in enumerate(value):
+        where = "input" if len(value) == 1 else f"input[{i}]"
+        ids = state.tokenizer.encode(v, add_special_tokens=True) if isinstance(v, str) else v
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise APIError(400, f"{where} must be a string or a list of token ids", param=where)
+        if not ids:
+            raise APIError(400, f"{where} is empty", param=where)
+        if len(ids) > state.max_model_len:
+            raise APIError(400, f"{where} has {len(ids)} tokens, more than the session length "
+                                f"{state.max_model_len}", param=where, code="context_length_exceeded")
+        if any(not 0 <= t < state.engine.vocab_size for t in ids):
+            raise APIError(400, f"{where} holds a token id outside the vocabulary", param=where)
+        out.append(ids)
+    return out
+
+
+def _format(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":     # OpenAI's: little-endian float32
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+async def _embed(state: ServerState, raw: Request, model: str | None, value: Any,
+                 dimensions: int | None) -> tuple[list[list[float]], UsageInfo]:
+    state.check_model(model)
+    state.check_available()
+    inputs = _inputs(state, value)
+    vectors = await run_until_disconnect(raw, asyncio.gather(*[state.engine.encode(ids) for ids in inputs]))
+    if dimensions is not None and vectors and dimensions != len(vectors[0]):
+        raise not_supported("dimensions", f"dimensions other than the model's hidden size ({len(vectors[0])})")
+    num_tokens = sum(len(ids) for ids in inputs)
+    return vectors, UsageInfo(prompt_tokens=num_tokens, total_tokens=num_tokens)
+
+
+async def create_embeddings(state: ServerState, req: EmbeddingsRequest, raw: Request) -> EmbeddingsResponse:
+    vectors, usage = await _embed(state, raw, req.model, req.input, req.dimensions)
+    data = [EmbeddingData(index=i, embedding=_format(v, req.encoding_format)) for i, v in enumerate(vectors)]
+    return EmbeddingsResponse(data=data, model=state.model_name, usage=usage)
+
+
+async def create_pooling(state: ServerState, req: PoolingRequest, raw: Request) -> PoolingResponse:
+    vectors, usage = await _embed(state, raw, req.model, req.input, req.dimensions)
+    data = [PoolingData(index=i, data=_format(v, req.encoding_format)) for i, v in enumerate(vectors)]
+    return PoolingResponse(id=random_id("pool"), model=state.model_name, data=data, usage=usage)
+
+
+def encode(state: ServerState, req: EncodeRequest) -> EncodeResponse:
+    def one(text: str) -> list[int]:
+        if req.do_preprocess:
+            text = render_chat(state, [{"role": "user", "content": text}], {}, "input")
+            return state.tokenizer.encode(text, add_special_tokens=False)
+        return state.tokenizer.encode(text, add_special_tokens=bool(req.add_bos))
+
+    if isinstance(req.input, str):
+        ids = one(req.input)
+        return EncodeResponse(input_ids=ids, length=len(ids))
+    all_ids = [one(t) for t in req.input]
+    return EncodeResponse(input_ids=all_ids, length=[len(ids) for ids in all_ids])

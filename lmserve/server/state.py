@@ -1,0 +1,257 @@
+"""ServerState: everything a request handler needs, kept on `app.state.server` (no module-level globals).
+
+It owns the bridge to the engine: `open_generation` starts an engine request, surfaces validation errors
+before any response byte is sent, keeps the request registered as in flight (for /abort_request and for the
+disconnect clean-up) and records the Prometheus metrics when it ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from lmserve.config import ServerConfig
+from lmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams, SamplingParamsError
+from lmserve.server.errors import APIError
+from lmserve.server.metrics import ServerMetrics
+from lmserve.server.sessions import SessionManager
+
+logger = logging.getLogger(__name__)
+
+
+class Admission:
+    """At most `max_running` requests in flight and `max_queued` waiting (FIFO); anything beyond is refused.
+
+    NOTE: a released slot is handed straight to the oldest waiter, so `num_running` never exceeds the limit and
+    a newcomer cannot overtake the queue.
+    """
+
+    def __init__(self, max_running: int, max_queued: int):
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.num_running = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> bool:
+        """True once admitted; False (at once) when the queue is full."""
+        if self.num_running < self.max_running and not self._waiters:
+            self.num_running += 1
+            return True
+        if len(self._waiters) >= self.max_queued:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()          # the slot was handed to us as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+        return True
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)    # hand the slot over; num_running is unchanged
+                return
+        self.num_running -= 1
+
+
+class ServerState:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, *, allow_terminate: bool = True):
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.model_name = config.model_name or _default_model_name(engine.model_path)
+        self.created = int(time.time())
+        self.start_time = time.monotonic()
+        self.allow_terminate = allow_terminate
+        self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
+        self.metrics = ServerMetrics(engine, self)
+        self.sessions = SessionManager(engine)
+        self.inflight: dict[str, int | None] = {}     # request_id -> session_id (None: no session)
+        self.is_terminating = False
+        self.request_shutdown = None                   # set by launch.py: asks uvicorn to exit gracefully
+        self.background_tasks: set[asyncio.Task] = set()
+        self._session_ids = itertools.count(1 << 40)   # server-assigned ids, far above what clients pick
+        self._token_str = lru_cache(maxsize=1 << 16)(self._decode_token)
+
+    # ---- checks --------------------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def check_available(self) -> None:
+        if self.is_terminating:
+            raise APIError(503, "the server is shutting down", code="terminating")
+        if getattr(self.engine, "is_sleeping", False):
+            raise APIError(503, "the engine is sleeping; POST /wakeup first", code="sleeping")
+        if not getattr(self.engine, "is_healthy", True):
+            raise APIError(503, "the engine is unhealthy", code="engine_unhealthy")
+
+    def new_session_id(self) -> int:
+        return next(self._session_ids)
+
+    # ---- tokens --------------------------------------------------------------------------------------------
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_str(self, token_id: int) -> str:
+        return self._token_str(int(token_id))
+
+    def check_prompt_len(self, num_prompt_tokens: int, param: str, num_new: int = 1) -> None:
+        if num_prompt_tokens == 0:
+            raise APIError(400, "the prompt is empty", param=param)
+        if num_prompt_tokens + num_new > self.max_model_len:
+            raise APIError(400, f"the prompt has {num_prompt_tokens} tokens, which leaves no room for output in "
+                                f"the session length of {self.max_model_len} tokens (--session-len)",
+                           param=param, code="context_length_exceeded")
+
+    def clip_max_tokens(self, max_tokens: int | None, num_prompt_tokens: int) -> int:
+        """Output budget: what was asked, at most what is left of the session length."""
+        room = self.max_model_len - num_prompt_tokens
+        return room if max_tokens is None else min(max_tokens, room)
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    async def open_generation(self, request: Request | None, request_id: str, prompt_token_ids: list[int],
+                              params: SamplingParams, *, session_id: int | None = None,
+                              abort_key: int | None = None,
+                              prompt_param: str = "prompt") -> AsyncIterator[RequestOutput]:
+        """Start an engine request and wait for its first output, so that bad input is an HTTP error rather than
+        a broken stream. Returns an iterator over all outputs (the first included).
+
+        `session_id` pins the request's KV blocks for the session in the engine; `abort_key` (default: the
+        session id) is the id POST /abort_request {"session_id": ...} finds it by."""
+        self.check_available()
+        params.validate_vocab(self.engine.vocab_size)
+        stream = self.engine.generate(request_id, prompt_token_ids, params, session_id=session_id)
+        self.inflight[request_id] = session_id if session_id is not None else abort_key
+        self.register(request, request_id)
+        try:
+            first = await stream.__anext__()
+        except SamplingParamsError:
+            self.inflight.pop(request_id, None)
+            raise
+        except StopAsyncIteration:
+            self.inflight.pop(request_id, None)
+            raise APIError(500, "the engine ended the request without output")
+        except ValueError as exc:       # PromptTooLongError and friends
+            self.inflight.pop(request_id, None)
+            param = "max_tokens" if getattr(exc, "param", None) == "max_tokens" else prompt_param
+            raise APIError(400, str(exc), param=param) from exc
+        except EngineDeadError as exc:  # died, or went to sleep between our check and the engine's
+            self.inflight.pop(request_id, None)
+            raise APIError(503, str(exc), code="engine_unavailable") from exc
+        except BaseException:
+            self.inflight.pop(request_id, None)
+            await stream.aclose()
+            raise
+        return self._follow(request_id, stream, first)
+
+    async def _follow(self, request_id: str, stream, first: RequestOutput) -> AsyncIterator[RequestOutput]:
+        out = first
+        try:
+            yield out
+            while not out.finished:
+                out = await stream.__anext__()
+                yield out
+        finally:
+            self.inflight.pop(request_id, None)
+            if out.finished:
+                self.metrics.observe_finished(out)
+            else:
+                # NOTE: closing the engine's iterator aborts the request and frees its KV blocks; the explicit
+                # abort covers an engine that has not noticed yet.
+                self.metrics.observe_aborted()
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(request_id)
+
+    @staticmethod
+    def register(request: Request | None, request_id: str) -> None:
+        """Tie an engine request to the HTTP request, so `end_http_request` can clean up after it."""
+        ids = getattr(request.state, "lmserve_request_ids", None) if request is not None else None
+        if ids is not None:
+            ids.append(request_id)
+
+    async def abort_leftovers(self, request_ids: list[str]) -> None:
+        """Anything in `request_ids` still in flight and not being consumed is aborted."""
+        for rid in request_ids:
+            if self.inflight.pop(rid, "gone") != "gone":
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(rid)
+
+    async def end_http_request(self, request_ids: list[str]) -> None:
+        """Called by the middleware when an HTTP request has ended, however it ended (a client that went away
+        before its stream started included): abort what it left running and free the sessions it held."""
+        await self.abort_leftovers(request_ids)
+        for rid in request_ids:
+            self.sessions.release_request(rid)
+
+    async def abort_session(self, session_id: int) -> int:
+        rids = [rid for rid, sid in self.inflight.items() if sid == session_id]
+        return sum([bool(await self.engine.abort(rid)) for rid in rids])
+
+    async def abort_all(self) -> int:
+        return sum([bool(await self.engine.abort(rid)) for rid in list(self.inflight)])
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(request: Request, coro) -> Any:
+    """Run `coro` (which consumes engine outputs) unless the client goes away first; then cancel it, which
+    aborts the engine requests it was reading."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise APIError(499, "client disconnected", code="client_disconnected")
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _default_model_name(model_path: str | None) -> str:
+    if not model_path:
+        return "lmserve-model"
+    p = Path(model_path)
+    return p.stem if p.suffix == ".gguf" else p.name
