@@ -28,7 +28,8 @@ def _free_port() -> int:
 
 class FakeServer:
     """Streams `max_tokens` chunks of "tok " with a fixed gap. Model names switch behaviours:
-    'no-usage' leaves out the usage chunk, 'fail' answers 500, 'early-eos' stops after 3 tokens."""
+    'no-usage' leaves out the usage chunk, 'fail' answers 500, 'early-eos' stops after 3 tokens,
+    'cut' drops the stream after 2 tokens without [DONE]."""
 
     def __init__(self, gap_s: float = 0.002):
         import uvicorn
@@ -51,6 +52,7 @@ class FakeServer:
             if body["model"] == "fail":
                 return JSONResponse({"error": {"message": "boom"}}, status_code=500)
             n = body["max_tokens"] if body["model"] != "early-eos" else min(3, body["max_tokens"])
+            finish = "stop" if body["model"] == "early-eos" else "length"
 
             async def stream():
                 self.in_flight += 1
@@ -60,8 +62,10 @@ class FakeServer:
                         await asyncio.sleep(self.gap_s)
                         choice = ({"index": 0, "delta": {"content": "tok "}} if is_chat
                                   else {"index": 0, "text": "tok "})
-                        choice["finish_reason"] = "length" if i == n - 1 else None
+                        choice["finish_reason"] = finish if i == n - 1 else None
                         yield f"data: {json.dumps({'id': 'x', 'choices': [choice]})}\n\n"
+                        if body["model"] == "cut" and i == 1:
+                            return
                     if body["model"] != "no-usage" and (body.get("stream_options") or {}).get("include_usage"):
                         usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
                         yield f"data: {json.dumps({'id': 'x', 'choices': [], 'usage': usage})}\n\n"
@@ -191,6 +195,7 @@ def test_sse_parsing_and_usage(fake_server, endpoint):
         assert r.generated_text == "tok " * 10
         assert len(r.itl) == 9 and r.ttft > 0 and r.latency >= r.ttft + sum(r.itl) - 1e-6
     assert m["total_output_tokens"] == 60 and m["num_short_outputs"] == 0
+    assert m["finish_reasons"] == {"length": 6}
     body = fake_server.bodies[-1]
     assert body["stream"] is True and body["ignore_eos"] is True and body["stream_options"]["include_usage"]
     assert ("messages" in body) == endpoint.endswith("chat/completions")
@@ -214,6 +219,12 @@ def test_failed_requests_are_counted_not_raised(fake_server):
 def test_ignore_eos_reports_short_outputs(fake_server):
     m, _ = _run(fake_server, model="early-eos", n=4, output_len=8, ignore_eos=True)
     assert m["num_short_outputs"] == 4
+    assert m["finish_reasons"] == {"stop": 4}
+
+
+def test_stream_cut_off_counts_as_failed(fake_server):
+    m, results = _run(fake_server, model="cut", n=3, output_len=8, num_warmups=0)
+    assert m["failed"] == 3 and results[0].error == "stream ended without [DONE]"
 
 
 def test_max_concurrency_is_respected(fake_server):

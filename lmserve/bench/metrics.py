@@ -35,6 +35,9 @@ def compute_metrics(results, duration_s: float) -> dict:
     total_output = sum(r.output_len for r in ok)
     tpots = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
     itls = [gap for r in ok for gap in r.itl]
+    finish_reasons: dict[str, int] = {}
+    for r in ok:
+        finish_reasons[str(r.finish_reason)] = finish_reasons.get(str(r.finish_reason), 0) + 1
     errors: dict[str, int] = {}
     for r in results:
         if not r.success:
@@ -44,6 +47,7 @@ def compute_metrics(results, duration_s: float) -> dict:
         "completed": len(ok),
         "failed": len(results) - len(ok),
         "errors": errors,
+        "finish_reasons": finish_reasons,
         "duration_s": duration_s,
         "total_input_tokens": total_input,
         "total_output_tokens": total_output,

@@ -43,6 +43,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)   # gaps between content chunks after the first
     latency: float = 0.0                # end to end, seconds
     start_time: float = 0.0             # when it was sent, seconds after the run's start
+    finish_reason: str | None = None
     error: str = ""
 
 
@@ -78,6 +79,7 @@ async def send_request(client: httpx.AsyncClient, req: RequestInput, pbar=None) 
     is_chat = req.endpoint.endswith("/chat/completions")
     st = res.start_time = time.perf_counter()
     most_recent = st
+    saw_done = False
     try:
         async with client.stream("POST", req.api_url, json=_payload(req)) as resp:
             if resp.status_code != 200:
@@ -90,6 +92,7 @@ async def send_request(client: httpx.AsyncClient, req: RequestInput, pbar=None) 
                     continue
                 data = line[len("data:"):].strip()
                 if data == "[DONE]":
+                    saw_done = True
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -97,6 +100,8 @@ async def send_request(client: httpx.AsyncClient, req: RequestInput, pbar=None) 
                     return res
                 now = time.perf_counter()
                 text = _chunk_text(chunk, is_chat)
+                for choice in chunk.get("choices") or []:
+                    res.finish_reason = choice.get("finish_reason") or res.finish_reason
                 if text:
                     if res.ttft == 0.0:
                         res.ttft = now - st
@@ -113,6 +118,8 @@ async def send_request(client: httpx.AsyncClient, req: RequestInput, pbar=None) 
         res.latency = time.perf_counter() - st
         if res.ttft == 0.0:
             res.error = "no content in the stream"
+        elif not saw_done:
+            res.error = "stream ended without [DONE]"
         else:
             res.success = True
     except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
