@@ -11,7 +11,6 @@ import pytest
 
 from lmserve.proxy.app import build_app
 from lmserve.proxy.config import ProxyConfig
-from lmserve.proxy.registration import ProxyRegistration, node_url
 from test_proxy_fakes import ServerThread, fake_node_app, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -246,15 +245,14 @@ def test_health_checks_take_nodes_out_and_back(cluster):
 
 
 def test_registration_before_the_node_listens(cluster):
+    """LMDeploy's api_server registers from its start-up hook, before it listens: the proxy keeps the node out
+    of rotation and probes it until it answers."""
     proxy, _ = cluster(0, health_check_interval=60.0)
     port = free_port()
-    url = node_url("127.0.0.1", port)
-    assert url == f"http://127.0.0.1:{port}"
-
-    import asyncio
-    reg = ProxyRegistration(proxy.url, url, refresh_interval=0)
-    assert asyncio.run(reg.start())                              # nobody listens on `port` yet
-    assert not httpx.get(f"{proxy.url}/nodes/status").json()[url]["is_healthy"]
+    url = f"http://127.0.0.1:{port}"
+    r = httpx.post(f"{proxy.url}/nodes/add", json={"url": url, "status": {"models": ["fake-model"]}})
+    assert r.status_code == 200 and not r.json()["status"]["is_healthy"]     # nobody listens on `port` yet
+    assert_openai_error(httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body()), 503)
     node = ServerThread(fake_node_app("late"), port=port).start()
     try:
         deadline = time.monotonic() + 5
@@ -262,7 +260,5 @@ def test_registration_before_the_node_listens(cluster):
             assert time.monotonic() < deadline, "the proxy did not pick up the late node"
             time.sleep(0.1)
         assert httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body()).status_code == 200
-        assert asyncio.run(reg.stop())
-        assert httpx.get(f"{proxy.url}/nodes/status").json() == {}
     finally:
         node.stop(force=True)

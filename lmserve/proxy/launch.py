@@ -82,8 +82,9 @@ def launch(config: ProxyConfig, num_servers: int, server_argv: list[str], base_p
             logger.error("the proxy did not start")
             return 1
         for i in range(num_servers):
+            # NOTE: --allow-terminate-by-client so that the proxy's /nodes/terminate can stop them.
             argv = ["serve", "api_server", *server_argv, "--server-name", server_name,
-                    "--server-port", str(base_port + i), "--proxy-url", proxy_url]
+                    "--server-port", str(base_port + i), "--proxy-url", proxy_url, "--allow-terminate-by-client"]
             if config.api_keys:
                 argv += ["--api-keys", *config.api_keys]
             logger.info("starting api_server %d/%d: lmserve %s", i + 1, num_servers, " ".join(argv))
