@@ -6,14 +6,18 @@ from lmserve.sampling_params import SamplingParams
 __version__ = "0.1.0"
 
 __all__ = ["CacheConfig", "EngineConfig", "ModelConfig", "SchedulerConfig", "ServerConfig", "CompletionOutput",
-           "FinishReason", "RequestOutput", "SamplingParams", "pipeline", "LLM", "AsyncEngine"]
+           "FinishReason", "RequestOutput", "SamplingParams", "pipeline", "Pipeline", "LLM", "GenerationConfig",
+           "LLMEngine", "AsyncEngine"]
 
 
 def __getattr__(name):
     # Lazy so `import lmserve` (e.g. for the protocol or the proxy) does not pull in the engine and torch models.
-    if name in ("pipeline", "LLM"):
-        from lmserve.engine import llm_engine
-        return getattr(llm_engine, name)
+    if name in ("pipeline", "Pipeline", "LLM", "GenerationConfig"):
+        from lmserve import offline
+        return getattr(offline, name)
+    if name == "LLMEngine":
+        from lmserve.engine.llm_engine import LLMEngine
+        return LLMEngine
     if name == "AsyncEngine":
         from lmserve.engine.async_engine import AsyncEngine
         return AsyncEngine

@@ -1,0 +1,114 @@
+"""Offline inference in the spirit of LMDeploy's `pipeline(model)(prompts, gen_config)`.
+
+    from lmserve import pipeline, GenerationConfig
+    pipe = pipeline()                                  # bundled SmolLM2
+    print(pipe(["Hi, pls intro yourself", "Shanghai is"], GenerationConfig(max_new_tokens=32))[0].text)
+
+A string prompt is a user message rendered with the chat template (as LMDeploy does); a list of
+{"role", "content"} dicts is a whole conversation; a list of ints is used as token ids unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerationConfig:
+    """LMDeploy's GenerationConfig field names, mapped onto SamplingParams."""
+    n: int = 1
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    random_seed: int | None = None
+    stop_words: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_new_tokens: int = 0
+    skip_special_tokens: bool = True
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            n=self.n, max_tokens=self.max_new_tokens, min_tokens=self.min_new_tokens,
+            temperature=self.temperature if self.do_sample else 0.0, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            seed=self.random_seed, stop=list(self.stop_words), stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos, logprobs=self.logprobs, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output)
+
+
+@dataclass
+class Response:
+    """LMDeploy's Response shape."""
+    text: str
+    generate_token_len: int
+    input_token_len: int
+    finish_reason: str | None
+    token_ids: list[int]
+    logprobs: list | None = None
+    index: int = 0
+
+
+class Pipeline:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode_chat(prompt)
+        return list(prompt)
+
+    def __call__(self, prompts, gen_config: GenerationConfig | list[GenerationConfig] | None = None):
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], (dict, int)))
+        batch = [prompts] if single else list(prompts)
+        if isinstance(gen_config, list):
+            params = [g.to_sampling_params() for g in gen_config]
+        else:
+            params = (gen_config or GenerationConfig()).to_sampling_params()
+        outputs = self.engine.generate([self._prompt_ids(p) for p in batch], params)
+        responses = [_response(o) for o in outputs]
+        return responses[0] if single else responses
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+        return self.engine.generate(prompts, params)
+
+
+def _response(out: RequestOutput) -> Response:
+    c = out.outputs[0]
+    return Response(text=c.text, generate_token_len=len(c.token_ids), input_token_len=len(out.prompt_token_ids),
+                    finish_reason=c.finish_reason.value if c.finish_reason else None, token_ids=c.token_ids,
+                    logprobs=c.logprobs, index=c.index)
+
+
+def pipeline(model_path: str | None = None, *, session_len: int | None = None, dtype: str = "auto",
+             device: str = "auto", cache_max_entry_count: float | None = None, cache_block_count: int | None = None,
+             max_batch_size: int = 256, enable_prefix_caching: bool = True, chat_template: str | None = None,
+             config: EngineConfig | None = None) -> Pipeline:
+    """Build an offline pipeline. `config` overrides every other keyword."""
+    if config is None:
+        config = EngineConfig(
+            model=ModelConfig(model=model_path, dtype=dtype, device=device, chat_template=chat_template,
+                              max_model_len=session_len),
+            cache=CacheConfig(cache_max_entry_count=cache_max_entry_count, num_blocks=cache_block_count,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_batch_size))
+    return Pipeline(LLMEngine(config))
+
+
+LLM = Pipeline
