@@ -19,7 +19,7 @@ from lmserve.model.loader import (
     resolve_model_path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hf_smollm2(smollm2_path):
     """transformers' own GGUF loading of SmolLM2 (~20 s): the independent reference."""
     from transformers import AutoModelForCausalLM

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGUFReader, GGUFValueType
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -82,27 +83,25 @@ def is_gguf(path: str) -> bool:
 
 
 # ---- GGUF reading ---------------------------------------------------------------------------------------------
-def _gguf_reader(path: str):
-    from gguf import GGUFReader
+class _GGUFReader(GGUFReader):
+    # NOTE: GGUFReader slices its np.memmap ~1M times while parsing the vocabulary, and every memmap slice pays
+    # a Python-level __array_finalize__ (2.4 s for SmolLM2). A plain ndarray view of the same mapping parses in
+    # 0.7 s; tensor data stays memory-mapped.
+    @property
+    def data(self):
+        return self._data
 
-    class _Reader(GGUFReader):
-        # NOTE: GGUFReader slices its np.memmap ~1M times while parsing the vocabulary, and every memmap slice
-        # pays a Python-level __array_finalize__ (2.4 s for SmolLM2). A plain ndarray view of the same mapping
-        # parses in 0.7 s; tensor data stays memory-mapped.
-        @property
-        def data(self):
-            return self._data
+    @data.setter
+    def data(self, value):
+        self._data = value.view(np.ndarray)
 
-        @data.setter
-        def data(self, value):
-            self._data = value.view(np.ndarray)
 
-    return _Reader(path)
+def _gguf_reader(path: str) -> GGUFReader:
+    return _GGUFReader(path)
 
 
 def _gguf_metadata(reader) -> dict:
     """Scalar/string metadata (large arrays such as the vocabulary are skipped)."""
-    from gguf import GGUFValueType
     meta = {}
     for key, field in reader.fields.items():
         if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > 64:
