@@ -1,4 +1,5 @@
 """IncrementalDetokenizer with the real SmolLM2 byte-level BPE tokenizer (from the bundled GGUF, cached)."""
+import itertools
 import random
 
 import pytest
@@ -41,7 +42,7 @@ def stream(tok, ids, prompt=(), chunk=1, **params):
 def assert_prefixes(seen, final):
     for i, text in enumerate(seen):
         assert final.startswith(text), (i, text, final)
-    for a, b in zip(seen, seen[1:]):
+    for a, b in itertools.pairwise(seen):
         assert b.startswith(a)
 
 
@@ -63,7 +64,7 @@ def test_partial_utf8_is_held_until_complete(tok):
     ids = encode(tok, "ok 🍕")
     pieces = [tok.hf.decode([i]) for i in ids]
     assert "\ufffd" in "".join(pieces)                   # the emoji really is split over tokens
-    d, seen, _ = stream(tok, ids)
+    _d, seen, _ = stream(tok, ids)
     assert seen[-1] == "ok 🍕"
     first_partial = next(i for i, p in enumerate(pieces) if "\ufffd" in p)
     # the space sharing a token with the emoji's first bytes is shown at once; the bytes wait for the rest
@@ -74,7 +75,7 @@ def test_partial_utf8_is_held_until_complete(tok):
 
 def test_finish_releases_incomplete_utf8(tok):
     ids = encode(tok, "ab 🍕")
-    d, seen, _ = stream(tok, ids[:-1])                   # the emoji's last byte never comes
+    d, _seen, _ = stream(tok, ids[:-1])                  # the emoji's last byte never comes
     assert "\ufffd" not in d.output_text
     final = d.finish()
     assert final == tok.hf.decode(ids[:-1]) and final.endswith("\ufffd")
@@ -149,7 +150,7 @@ def test_partial_stop_prefix_is_held_then_released(tok):
 
 def test_finish_releases_held_stop_prefix(tok):
     ids = encode(tok, "value is 4")
-    d, seen, matched = stream(tok, ids, stop=["42"])
+    d, _seen, matched = stream(tok, ids, stop=["42"])
     assert matched is None and d.output_text == "value is "
     assert d.finish() == "value is 4"
 

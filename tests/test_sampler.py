@@ -4,7 +4,12 @@ import math
 import pytest
 import torch
 
-from lmserve.engine.sampler import Sampler, SamplingMetadata, apply_penalties, compute_logprobs
+from lmserve.engine.sampler import (
+    Sampler,
+    SamplingMetadata,
+    apply_penalties,
+    compute_logprobs,
+)
 from lmserve.engine.sequence import Sequence
 from lmserve.sampling_params import SamplingParams
 
@@ -71,13 +76,13 @@ def test_min_p_filters():
 
 
 @pytest.mark.parametrize("params, kept", [
-    (dict(top_p=0.7), {0, 1}),                 # mass above token 2 is 0.8 >= 0.7
-    (dict(top_p=0.85), {0, 1, 2}),
-    (dict(top_p=0.3), {0}),                    # the best token always stays
-    (dict(top_k=2), {0, 1}),
-    (dict(top_k=3, top_p=0.7), {0, 1}),
-    (dict(top_k=2, top_p=0.95), {0, 1}),
-    (dict(top_k=3, min_p=0.4), {0, 1}),        # min_p after top-k: 0.15 < 0.4 * 0.5
+    ({"top_p": 0.7}, {0, 1}),                  # mass above token 2 is 0.8 >= 0.7
+    ({"top_p": 0.85}, {0, 1, 2}),
+    ({"top_p": 0.3}, {0}),                     # the best token always stays
+    ({"top_k": 2}, {0, 1}),
+    ({"top_k": 3, "top_p": 0.7}, {0, 1}),
+    ({"top_k": 2, "top_p": 0.95}, {0, 1}),
+    ({"top_k": 3, "min_p": 0.4}, {0, 1}),      # min_p after top-k: 0.15 < 0.4 * 0.5
 ])
 def test_top_k_top_p_keep_the_nucleus(params, kept):
     torch.manual_seed(3)
@@ -89,7 +94,7 @@ def test_top_k_top_p_keep_the_nucleus(params, kept):
 def test_per_row_top_k_top_p_in_one_batch():
     torch.manual_seed(4)
     n = 500
-    configs = [dict(), dict(top_k=2), dict(top_p=0.7), dict(top_k=1), dict(top_k=3, top_p=0.85)]
+    configs = [{}, {"top_k": 2}, {"top_p": 0.7}, {"top_k": 1}, {"top_k": 3, "top_p": 0.85}]
     expected = [{0, 1, 2, 3}, {0, 1}, {0, 1}, {0}, {0, 1, 2}]
     seqs = [make_seq(**c) for c in configs for _ in range(n)]
     out = sample(seqs, probs_logits([0.4, 0.3, 0.2, 0.1], len(seqs))).sampled_token_ids
@@ -168,18 +173,23 @@ def _run_seeded(seq_factory, others, steps=20, vocab=1000):
 
 def test_seeded_row_independent_of_batch():
     torch.manual_seed(7)
-    factory = lambda: make_seq(seed=42, temperature=1.3, top_p=0.95)   # noqa: E731
-    alone = _run_seeded(factory, lambda: [])
+    def factory():
+        return make_seq(seed=42, temperature=1.3, top_p=0.95)
+
+    def crowd_of_varying_size():
+        return [make_seq(top_k=5, seed=99) for _ in range(int(torch.randint(1, 9, ())))]
+
+    alone = _run_seeded(factory, list)
     crowd = _run_seeded(factory, lambda: [make_seq() for _ in range(5)] + [make_seq(seed=7)]
                         + [make_seq(temperature=0.0)])
-    other_crowd = _run_seeded(factory, lambda: [make_seq(top_k=5, seed=99) for _ in range(int(torch.randint(1, 9, ())))])
+    other_crowd = _run_seeded(factory, crowd_of_varying_size)
     assert alone == crowd == other_crowd
     assert len(set(alone)) > 5            # actually sampled, not a constant
 
 
 def test_different_seeds_differ():
-    a = _run_seeded(lambda: make_seq(seed=1), lambda: [])
-    b = _run_seeded(lambda: make_seq(seed=2), lambda: [])
+    a = _run_seeded(lambda: make_seq(seed=1), list)
+    b = _run_seeded(lambda: make_seq(seed=2), list)
     assert a != b
     assert a == _run_seeded(lambda: make_seq(seed=1), lambda: [make_seq()])
 
@@ -263,16 +273,25 @@ def _reference_top_k_top_p(logits, top_k, top_p):
     return out
 
 
-@pytest.mark.parametrize("scale", [8.0, 0.05, None])        # small nuclei, huge nuclei (sort fallback), mixed
-def test_top_k_top_p_matches_full_sort_reference(scale, monkeypatch):
+SMALL_K = [(0, 0.5), (0, 0.9), (5, 0.9), (40, 1.0), (0, 1.0), (0, 0.95)]
+BIG_K = SMALL_K + [(2000, 0.95), (1500, 0.3), (0, 0.99)]
+
+
+@pytest.mark.parametrize("scale, configs, widths", [
+    (8.0, SMALL_K, [128]),                   # small nuclei: decided from each row's top 128
+    (8.0, BIG_K, [128, 2048]),               # top-k beyond 128: those rows need the top 2048
+    (0.05, BIG_K, [128, 2048, 3000]),        # huge nuclei: full sort
+    (None, BIG_K, [128, 2048, 3000]),        # a mix
+    (0.05, [(50, 0.9), (5, 0.5), (200, 0.99), (7, 1.0)], [200]),   # top-k on every row: one top-max_k pass
+])
+def test_top_k_top_p_matches_full_sort_reference(scale, configs, widths, monkeypatch):
     from lmserve.engine import sampler as sampler_mod
-    widths = []
+    seen = []
     real = sampler_mod._nucleus_threshold
     monkeypatch.setattr(sampler_mod, "_nucleus_threshold",
-                        lambda logits, k, p, width, full_log_z: widths.append(width) or real(logits, k, p, width, full_log_z))
+                        lambda logits, k, p, width, full: seen.append(width) or real(logits, k, p, width, full))
     torch.manual_seed(12)
     vocab = 3000
-    configs = [(0, 0.5), (0, 0.9), (5, 0.9), (2000, 0.95), (40, 1.0), (0, 1.0), (0, 0.99), (1500, 0.3)]
     scales = torch.tensor([scale or (8.0 if i % 2 else 0.05) for i in range(len(configs))]).unsqueeze(1)
     logits = torch.randn(len(configs), vocab) * scales
     seqs = [make_seq(top_k=k, top_p=p) for k, p in configs]
@@ -281,5 +300,4 @@ def test_top_k_top_p_matches_full_sort_reference(scale, monkeypatch):
     sampler_mod._apply_top_k_top_p(got, md)
     expected = _reference_top_k_top_p(logits, [k for k, _ in configs], [p for _, p in configs])
     assert torch.equal(got.isinf(), expected.isinf())
-    # peaked rows are decided from the top 1024 alone; flat ones need the full sort
-    assert widths == ([2000] if scale == 8.0 else [2000, vocab])
+    assert seen == widths
