@@ -43,7 +43,7 @@ def normalize_messages(messages: list[dict[str, Any]], param: str = "messages") 
                     texts.append(str(part.get("text", "")))
                 else:
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise not_supported(f"{param}[{i}].content[{j}]", f"content parts of type {kind!r}")
+                    raise not_supported(f"{param}[{i}].content[{j}]", f"a content part of type {kind!r}")
             content = "\n".join(texts)
         elif content is None:
             content = ""

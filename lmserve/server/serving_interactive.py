@@ -47,6 +47,9 @@ async def chat_interactive(state: ServerState, req: ChatInteractiveRequest, raw:
     session_id = req.session_id if req.session_id >= 0 else state.new_session_id()
     if not req.interactive_mode:
         await state.sessions.end(session_id)
+        if req.request_output_len == 0:    # LMDeploy's way to end a session: nothing to generate
+            return _reply(req, ChatInteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
+                                                       finish_reason="stop"))
     new = [{"role": "user", "content": req.prompt}] if isinstance(req.prompt, str) else req.prompt
     new = normalize_messages(new, "prompt")
 

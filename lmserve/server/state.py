@@ -88,9 +88,9 @@ class ServerState:
         self.start_time = time.monotonic()
         self.allow_terminate = allow_terminate
         self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
-        self.metrics = ServerMetrics(engine, self)
         self.sessions = SessionManager(engine)
         self.inflight: dict[str, int | None] = {}     # request_id -> session_id (None: no session)
+        self.metrics = ServerMetrics(engine, self)
         self.is_terminating = False
         self.request_shutdown = None                   # set by launch.py: asks uvicorn to exit gracefully
         self.background_tasks: set[asyncio.Task] = set()
