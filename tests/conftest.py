@@ -25,3 +25,81 @@ def tiny_models(tmp_path_factory, smollm2_path) -> dict[str, str]:
     """
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: make_random_model(arch, str(root / arch)) for arch in TINY_ARCHS}
+
+
+# ---- api_server processes (server package) ------------------------------------------------------------------
+import os as _os  # noqa: E402
+import socket as _socket  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+import sys as _sys  # noqa: E402
+import time as _time  # noqa: E402
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+import httpx as _httpx  # noqa: E402
+
+# Small enough for 2 CPU cores: 512 blocks x 16 tokens of KV cache, sessions of at most 2048 tokens.
+API_SERVER_ARGS = ("--cache-block-count", "512", "--session-len", "2048", "--max-concurrent-requests", "32",
+                   "--max-queued-requests", "128")
+
+
+@_dataclass
+class ApiServer:
+    url: str
+    proc: _subprocess.Popen
+    log_path: str
+
+    def log_tail(self, n: int = 4000) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-n:]
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except _subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_api_server(log_dir, *args: str, timeout: float = 300, health_headers: dict | None = None) -> ApiServer:
+    """`lmserve serve api_server` on a free 127.0.0.1 port, waited on until /health answers 200."""
+    port = _free_port()
+    log_path = _os.path.join(str(log_dir), f"api_server_{port}.log")
+    log = open(log_path, "w")
+    proc = _subprocess.Popen(
+        [_sys.executable, "-m", "lmserve", "serve", "api_server", "--server-name", "127.0.0.1",
+         "--server-port", str(port), "--log-level", "WARNING", *args],
+        stdout=log, stderr=_subprocess.STDOUT, env=dict(_os.environ, PYTHONUNBUFFERED="1"))
+    server = ApiServer(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = _time.monotonic() + timeout
+    while _time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"api_server exited with code {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if _httpx.get(f"{server.url}/health", timeout=2, headers=health_headers).status_code == 200:
+                return server
+        except _httpx.HTTPError:
+            pass
+        _time.sleep(0.3)
+    server.stop()
+    raise TimeoutError(f"api_server not healthy after {timeout}s:\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory, smollm2_path) -> ApiServer:
+    """One api_server (bundled SmolLM2, no API keys) shared by every test that needs one."""
+    server = start_api_server(tmp_path_factory.mktemp("api_server"), *API_SERVER_ARGS)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def api_server_url(api_server) -> str:
+    return api_server.url
