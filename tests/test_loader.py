@@ -307,6 +307,11 @@ def test_export_hf_runs_in_transformers(smollm2_path, smollm2_state, hf_smollm2,
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    # transformers 4.x spellings next to transformers 5's rope_parameters, for peers on older stacks
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 100000.0
+    assert config["rope_scaling"] is None and config["torch_dtype"] == "float32"
+    tok_config = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "<|im_start|>" in tok_config["chat_template"]
     assert load_arch_config(out) == load_arch_config(smollm2_path)
     exported = load_state_dict(out)
     assert set(exported) == set(smollm2_state)

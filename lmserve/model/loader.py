@@ -466,6 +466,36 @@ def _hf_config(cfg: ArchConfig):
     return cls(**kwargs)
 
 
+def _make_portable(path: str) -> None:
+    """Also write the transformers 4.x spellings, so peers on older stacks (e.g. vLLM) read the same model.
+
+    NOTE: transformers 5 keeps rope_theta/rope_scaling inside `rope_parameters` and names the tokenizer class
+    `TokenizersBackend`; 4.x would silently fall back to rope_theta=10000 and fail on the class name.
+    """
+    def patch(name, fn):
+        file = os.path.join(path, name)
+        data = _read_json(file)
+        fn(data)
+        with open(file, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+
+    def config(c):
+        rope = dict(c.get("rope_parameters") or {})
+        c.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+        c.setdefault("rope_scaling", rope if rope.get("rope_type", "default") != "default" else None)
+        c.setdefault("torch_dtype", c.get("dtype", "float32"))
+
+    def tokenizer_config(t):
+        t["tokenizer_class"] = "PreTrainedTokenizerFast"
+        template = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(template):
+            with open(template) as f:
+                t.setdefault("chat_template", f.read())
+
+    patch("config.json", config)
+    patch("tokenizer_config.json", tokenizer_config)
+
+
 def make_random_model(arch: str, path: str, **overrides) -> str:
     """A tiny random-weight HF model (SmolLM2 tokenizer and chat template, vocab 49152) saved into `path`.
 
@@ -503,6 +533,7 @@ def make_random_model(arch: str, path: str, **overrides) -> str:
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     load_tokenizer(default_model_path()).hf.save_pretrained(path)
+    _make_portable(path)
     return path
 
 
@@ -519,4 +550,5 @@ def export_hf(gguf_path: str, out_dir: str) -> str:
     state = {k: v.contiguous() for k, v in load_state_dict(gguf_path).items()}
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     load_tokenizer(gguf_path).hf.save_pretrained(out_dir)
+    _make_portable(out_dir)
     return out_dir
