@@ -98,8 +98,11 @@ def run_api_client(api_server_url: str, api_key: str | None = None, session_id: 
         session_id = random.randrange(1, 2**31)
     try:
         models = client.available_models
-    except (httpx.HTTPError, APIError) as e:
+    except httpx.HTTPError as e:
         _info(f"error: cannot reach the api_server at {client.api_server_url}: {e}")
+        return 1
+    except APIError as e:  # e.g. 401: a missing or wrong --api-key
+        _info(f"error: the api_server at {client.api_server_url} refused: {e}")
         return 1
     _info(f"connected to {client.api_server_url} (model: {', '.join(models)}; session {session_id}); "
           f"type 'reset' to start over, 'exit' to quit")
