@@ -78,7 +78,9 @@ def _stream_reply(deltas: Iterator[str]) -> str:
         close = getattr(deltas, "close", None)
         if close is not None:
             close()
-        _info("\n[interrupted]")
+        print(flush=True)
+        _info("[interrupted]")
+        return "".join(parts)
     print(flush=True)
     return "".join(parts)
 
@@ -149,7 +151,10 @@ def _prompts_or_interrupt() -> Iterator[str]:
     while True:
         try:
             yield next(prompts)
-        except (StopIteration, KeyboardInterrupt):
+        except StopIteration:
+            return
+        except KeyboardInterrupt:
+            print(flush=True)
             return
 
 
