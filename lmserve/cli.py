@@ -35,13 +35,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget per engine step (chunked prefill)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (only 1 is supported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
+                   help="decode attention: auto = C++ kernel on CPU float32 when it builds, else PyTorch")
 
 
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     """The one place CLI arguments become engine config."""
     return EngineConfig(
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-                          chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed),
+                          chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
+                          attention_backend=args.attn_backend),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
                           num_blocks=args.cache_block_count,
                           enable_prefix_caching=not args.disable_prefix_caching),

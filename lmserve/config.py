@@ -46,10 +46,15 @@ class ModelConfig:
     max_model_len: int | None = None   # LMDeploy's session_len; None = the model's context length
     trust_remote_code: bool = False
     seed: int = 0
+    # decode attention: "auto" = the C++ kernel on CPU/float32 when it builds, else PyTorch; "torch" = always
+    # the pure-PyTorch reference; "cpp" = require the kernel
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError("max_model_len (session_len) must be >= 16")
+        if self.attention_backend not in ("auto", "torch", "cpp"):
+            raise ValueError("attention_backend must be one of auto, torch, cpp")
 
     @property
     def torch_device(self) -> torch.device:

@@ -11,7 +11,8 @@ import torch
 from lmserve.config import CacheConfig, ModelConfig
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
-from lmserve.model.attention import AttentionGroup, AttentionMetadata
+from lmserve.model import cpu_kernels
+from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
 from lmserve.model.loader import ArchConfig, load_arch_config, load_state_dict
 from lmserve.model.registry import get_model_class
 from lmserve.outputs import TokenLogprob
@@ -41,6 +42,7 @@ class ModelRunner:
                                  self.arch.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         self.sampler = Sampler()
+        self.kernel = self._load_kernel()
         self.model = self._build_model()
         self.load_weights(load_state_dict(model_path, dtype=self.dtype))
         self.num_blocks = self._decide_num_blocks()
@@ -53,6 +55,17 @@ class ModelRunner:
         with torch.device(self.device):
             model = cls(self.arch).to(self.dtype)
         return model.eval().requires_grad_(False)
+
+    def _load_kernel(self):
+        backend = self.model_config.attention_backend
+        if backend == "torch" or self.device.type != "cpu" or self.dtype != torch.float32:
+            if backend == "cpp":
+                raise ValueError("attention_backend: the C++ kernel needs device cpu and dtype float32")
+            return None
+        kernel = cpu_kernels.load()
+        if kernel is None and backend == "cpp":
+            raise RuntimeError("attention_backend: the C++ CPU attention kernel failed to build")
+        return kernel
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_weights(weights)
@@ -139,8 +152,8 @@ class ModelRunner:
         dev = self.device
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        meta = AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev),
-                                 self._groups(decode_rows, decode_ctx, decode_tables, prefill))
+        meta = self._attention_metadata(slot_mapping, decode_rows, decode_ctx, decode_tables, prefill,
+                                        len(input_ids))
         hidden = self.model(ids_t, pos_t, meta, self.kv_caches)      # [num_tokens, hidden]
         for seq, row, n in pool:
             out.pooled[seq.seq_id] = hidden[row:row + n].float().sum(0)
@@ -162,11 +175,20 @@ class ModelRunner:
                     out.logprobs[seq.seq_id] = result.logprobs[i]
         return out
 
-    def _groups(self, decode_rows, decode_ctx, decode_tables, prefill) -> list[AttentionGroup]:
+    def _attention_metadata(self, slot_mapping, decode_rows, decode_ctx, decode_tables, prefill,
+                            num_tokens) -> AttentionMetadata:
         dev, bs = self.device, self.block_size
         window = self.arch.sliding_window
-        groups = []
-        if decode_rows:
+        groups: list[AttentionGroup] = []
+        decode = None
+        if decode_rows and self.kernel is not None:
+            max_blocks = max(len(t) for t in decode_tables)
+            decode = DecodeBatch(
+                token_rows=None if len(decode_rows) == num_tokens else torch.tensor(decode_rows, device=dev),
+                block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+                                          dtype=torch.long, device=dev),
+                context_lens=torch.tensor(decode_ctx, dtype=torch.long, device=dev))
+        elif decode_rows:
             max_ctx = max(decode_ctx)
             max_blocks = -(-max_ctx // bs)
             tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in decode_tables],
@@ -178,11 +200,8 @@ class ModelRunner:
             mask = valid
             if window is not None:
                 mask = mask & (pos.unsqueeze(0) > ctx - 1 - window)
-            groups.append(AttentionGroup(
-                token_index=torch.tensor(decode_rows, device=dev).unsqueeze(1),
-                q_valid=None,
-                kv_slots=torch.where(valid, slots, 0),
-                mask=mask[:, None, None, :]))
+            groups.append(AttentionGroup(token_index=torch.tensor(decode_rows, device=dev).unsqueeze(1),
+                                         kv_slots=torch.where(valid, slots, 0), mask=mask[:, None, None, :]))
         for row, n, start, bt in prefill:
             kv_len = start + n
             pos = torch.arange(kv_len, device=dev)
@@ -192,9 +211,7 @@ class ModelRunner:
             mask = pos.unsqueeze(0) <= q_pos                                 # [n, kv_len]
             if window is not None:
                 mask = mask & (pos.unsqueeze(0) > q_pos - window)
-            groups.append(AttentionGroup(
-                token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
-                q_valid=None,
-                kv_slots=slots.unsqueeze(0),
-                mask=mask[None, None]))
-        return groups
+            groups.append(AttentionGroup(token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
+                                         kv_slots=slots.unsqueeze(0), mask=mask[None, None]))
+        return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, decode,
+                                 block_size=bs, sliding_window=window, kernel=self.kernel)
