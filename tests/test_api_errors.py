@@ -114,6 +114,12 @@ def test_unknown_route_and_method_are_openai_shaped(url):
     _error(httpx.get(f"{url}/v1/chat/completions"), 405)
 
 
+def test_terminate_needs_the_flag(url):
+    err = _error(httpx.get(f"{url}/terminate"), 403)
+    assert err["code"] == "terminate_not_allowed"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_server_keeps_serving_after_errors(client, model):
     out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                          temperature=0)
