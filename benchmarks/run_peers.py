@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -111,9 +112,11 @@ class Peer:
 
 
 class LmservePeer(Peer):
+    extra_args: list[str] = []
+
     def command(self, gguf, port, level):
         return ([sys.executable, "-m", "lmserve", "serve", "api_server", gguf, "--server-name", "127.0.0.1",
-                 "--server-port", str(port)], {})
+                 "--server-port", str(port), "--log-level", "WARNING", *self.extra_args], {})
 
 
 class LlamaServerPeer(Peer):
@@ -338,6 +341,7 @@ def main() -> int:
     ap.add_argument("--min-prompts", type=int, default=8)
     ap.add_argument("--num-prompts", type=int, default=None, help="fixed prompts per level (overrides factors)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lmserve-args", default="", help="extra `lmserve serve api_server` flags, one string")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--smoke", action="store_true", help="levels 1,2; 2 prompts of 32 -> 8 tokens: scripts work?")
     args = ap.parse_args()
@@ -348,6 +352,7 @@ def main() -> int:
     os.makedirs(args.out_dir, exist_ok=True)
 
     peers = discover(gguf)
+    LmservePeer.extra_args = shlex.split(args.lmserve_args)
     wanted = args.peers.split(",") if args.peers else list(peers) + ["llamacpp-inproc"]
     unknown = set(wanted) - set(peers) - {"llamacpp-inproc"}
     if unknown:
