@@ -246,19 +246,33 @@ def test_request_rate_spreads_arrivals(fake_server):
     assert max(r.start_time for r in burst) - min(r.start_time for r in burst) < starts[-1] - starts[0]
 
 
-def test_cli_sweep_saves_json_and_plot(fake_server, tmp_path, capsys):
-    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+def _cli_sweep(fake_server, tmp_path, capsys) -> dict:
+    out_json = tmp_path / "r.json"
     rc = cli_main(["bench", "serve", "--base-url", fake_server.base_url, "--input-len", "16", "--output-len", "6",
                    "--sweep-concurrency", "1,4", "--num-prompts", "8", "--ignore-eos", "--save-result",
-                   str(out_json), "--plot", str(out_png), "--label", "fake", "--disable-tqdm"])
+                   str(out_json), "--label", "fake", "--disable-tqdm"])
     assert rc == 0
     result = json.loads(out_json.read_text())
     assert result["settings"]["model"] == "fake-model"         # from /v1/models
     assert [r["metrics"]["max_concurrency"] for r in result["runs"]] == [1, 4]
     assert all(r["metrics"]["completed"] == 8 and r["metrics"]["total_output_tokens"] == 48 for r in result["runs"])
-    assert out_png.stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "Serving Benchmark Result" in text and "sweep: fake" in text
+    return result
+
+
+def test_cli_sweep_saves_json(fake_server, tmp_path, capsys):
+    _cli_sweep(fake_server, tmp_path, capsys)
+
+
+def test_plot_of_a_sweep(fake_server, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs the [bench] extra")
+    from lmserve.bench.plot import plot_results
+
+    result = _cli_sweep(fake_server, tmp_path, capsys)
+    out_png = tmp_path / "r.png"
+    plot_results([result, {**result, "settings": {**result["settings"], "label": "other"}}], str(out_png))
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
 
 
 # ---- the real lmserve server and engine ---------------------------------------------------------------------
