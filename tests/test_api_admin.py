@@ -93,7 +93,9 @@ def test_update_weights_changes_outputs_and_sleep_level_2_restores_them(url):
     assert _complete(url).json()["choices"][0]["text"] not in (changed,)
     for bad, param in (({"serialized_named_tensors": "not base64!"}, "serialized_named_tensors"),
                        ({"serialized_named_tensors": _safetensors_b64({"x": torch.ones(1)}), "load_format": "gguf"},
-                        "load_format")):
+                        "load_format"),
+                       ({"serialized_named_tensors": _safetensors_b64({"model.nope.weight": torch.ones(1)})},
+                        "serialized_named_tensors")):
         r = httpx.post(f"{url}/update_weights", headers=AUTH, json=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     # level 2 drops the weights; waking up reloads them from disk: the original outputs are back

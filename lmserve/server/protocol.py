@@ -44,6 +44,7 @@ class ErrorResponse(_Model):
 
 # ---- /v1/models ----------------------------------------------------------------------------------------------
 class ModelPermission(_Model):
+    _keep_none = ("group",)
     id: str = Field(default_factory=lambda: f"modelperm-{time.time_ns():x}")
     object: str = "model_permission"
     created: int = Field(default_factory=lambda: int(time.time()))
