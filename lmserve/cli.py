@@ -37,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
                    help="decode attention: auto = C++ kernel on CPU float32 when it builds, else PyTorch")
+    p.add_argument("--quant-kernel-max-rows", type=int, default=8,
+                   help="GGUF Q4/Q8 weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
 
 
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -44,7 +46,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                           chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
-                          attention_backend=args.attn_backend),
+                          attention_backend=args.attn_backend, quant_kernel_max_rows=args.quant_kernel_max_rows),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
                           num_blocks=args.cache_block_count,
                           enable_prefix_caching=not args.disable_prefix_caching),

@@ -49,6 +49,9 @@ class ModelConfig:
     # decode attention: "auto" = the C++ kernel on CPU/float32 when it builds, else PyTorch; "torch" = always
     # the pure-PyTorch reference; "cpp" = require the kernel
     attention_backend: str = "auto"
+    # GGUF Q4/Q8 weights also kept in their quantized form; matmuls with at most this many rows (decode at
+    # small batch, memory-bound) use the C++ quantized kernel on CPU. 0 = off.
+    quant_kernel_max_rows: int = 8
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 16:

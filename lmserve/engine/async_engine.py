@@ -155,6 +155,7 @@ class AsyncEngine:
                 from lmserve.model.loader import load_state_dict
                 runner.model = runner._build_model()
                 runner.load_weights(load_state_dict(runner.model_path, dtype=runner.dtype))
+                runner.attach_quantized()
             if not runner.kv_caches:
                 runner.allocate_kv_cache()
                 bm = self.engine.block_manager
@@ -164,7 +165,7 @@ class AsyncEngine:
 
     async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         def _update():
-            self.engine.runner.load_weights(named_tensors)
+            self.engine.runner.update_weights(named_tensors)
             # cached KV was computed with the old weights
             self.engine.block_manager.reset_prefix_cache()
         await self._call(_update)

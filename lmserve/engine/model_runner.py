@@ -13,7 +13,7 @@ from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.model import cpu_kernels
 from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
-from lmserve.model.loader import ArchConfig, load_arch_config, load_state_dict
+from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict
 from lmserve.model.registry import get_model_class
 from lmserve.outputs import TokenLogprob
 
@@ -45,6 +45,7 @@ class ModelRunner:
         self.kernel = self._load_kernel()
         self.model = self._build_model()
         self.load_weights(load_state_dict(model_path, dtype=self.dtype))
+        self.attach_quantized()
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.allocate_kv_cache()
@@ -68,6 +69,18 @@ class ModelRunner:
         return kernel
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_weights(weights)
+
+    def attach_quantized(self) -> None:
+        max_rows = self.model_config.quant_kernel_max_rows
+        if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path):
+            return
+        from lmserve.model.quant import load_gguf_quantized
+        n = self.model.attach_quantized(load_gguf_quantized(self.model_path), self.kernel, max_rows)
+        logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows)", n, max_rows)
+
+    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.detach_quantized()   # the quantized copies would be stale
         self.model.load_weights(weights)
 
     def _kv_block_bytes(self) -> int:

@@ -91,6 +91,64 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     }
   });
 }
+
+// out[M, N] = x[M, K] @ W^T with W kept in 32-element groups, w = d * q + m (see quant.py for the formats).
+// Each group is expanded to float32 in registers exactly as the loader dequantizes it, then accumulated into
+// 32-wide per-row accumulators; one horizontal sum per output element. Memory traffic is the quantized size.
+template <bool Q4>
+static void qmatmul_impl(float* out, const float* x, const void* qv, const float* d, const float* m,
+                         int64_t M, int64_t N, int64_t nb) {
+  const int64_t K = nb * 32;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> acc(M * 32);
+    alignas(64) float w[32];
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        const float db = d[n * nb + b], mb = m[n * nb + b];
+        if (Q4) {
+          const uint8_t* qb = static_cast<const uint8_t*>(qv) + (n * nb + b) * 16;
+          #pragma omp simd
+          for (int j = 0; j < 16; ++j) {
+            w[j] = (float)(qb[j] & 15) * db + mb;
+            w[j + 16] = (float)(qb[j] >> 4) * db + mb;
+          }
+        } else {
+          const int8_t* qb = static_cast<const int8_t*>(qv) + (n * nb + b) * 32;
+          #pragma omp simd
+          for (int j = 0; j < 32; ++j) w[j] = (float)qb[j] * db + mb;
+        }
+        for (int64_t i = 0; i < M; ++i) {
+          const float* xr = x + i * K + b * 32;
+          float* a = acc.data() + i * 32;
+          #pragma omp simd
+          for (int j = 0; j < 32; ++j) a[j] += xr[j] * w[j];
+        }
+      }
+      for (int64_t i = 0; i < M; ++i) {
+        float sum = 0.f;
+        const float* a = acc.data() + i * 32;
+        for (int j = 0; j < 32; ++j) sum += a[j];
+        out[i * N + n] = sum;
+      }
+    }
+  });
+}
+
+void quant_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor m) {
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && d.is_contiguous() && m.is_contiguous() && out.is_contiguous());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && d.scalar_type() == torch::kFloat32);
+  const int64_t M = x.size(0), N = q.size(0), nb = q.size(1);
+  TORCH_CHECK(x.size(1) == nb * 32, "quant_matmul: K mismatch");
+  if (q.scalar_type() == torch::kUInt8) {
+    qmatmul_impl<true>(out.data_ptr<float>(), x.data_ptr<float>(), q.data_ptr(), d.data_ptr<float>(),
+                       m.data_ptr<float>(), M, N, nb);
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kInt8);
+    qmatmul_impl<false>(out.data_ptr<float>(), x.data_ptr<float>(), q.data_ptr(), d.data_ptr<float>(),
+                        m.data_ptr<float>(), M, N, nb);
+  }
+}
 """
 
 _lock = threading.Lock()
@@ -120,7 +178,7 @@ def load() -> object | None:
             try:
                 from torch.utils.cpp_extension import load_inline
                 _module = load_inline(
-                    name=_build_name(), cpp_sources=[_SOURCE], functions=["paged_decode_attention"],
+                    name=_build_name(), cpp_sources=[_SOURCE], functions=["paged_decode_attention", "quant_matmul"],
                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False,
                     build_directory=_build_dir())
             except Exception as e:  # noqa: BLE001 - any build failure means "use the reference path"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
-from lmserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from lmserve.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, quant_linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -23,8 +23,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, positions, x, meta: AttentionMetadata, kv_cache: KVCache):
         num_tokens = x.shape[0]
@@ -66,6 +66,9 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.logits_quant = None      # QuantWeight of the output projection, see attach_quantized
+        self.kernel = None
+        self.max_quant_rows = 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
@@ -77,8 +80,39 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab] fp32
+        if self.logits_quant is not None and hidden.shape[0] <= self.max_quant_rows:
+            return quant_linear(hidden, self.logits_quant, self.kernel)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return (hidden @ weight.t()).float()
+
+    def attach_quantized(self, quant: dict, kernel, max_rows: int) -> int:
+        """Give linear layers their quantized twins (HF names -> QuantWeight). Returns how many were attached."""
+        from lmserve.model.quant import cat_rows
+        attached = 0
+
+        def attach(module, qw):
+            nonlocal attached
+            if qw is not None and tuple(qw.shape) == tuple(module.weight.shape):
+                module.quant, module.kernel, module.max_quant_rows = qw, kernel, max_rows
+                attached += 1
+        for i, layer in enumerate(self.model.layers):
+            p = f"model.layers.{i}."
+            attach(layer.self_attn.qkv_proj, cat_rows([quant.get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
+            attach(layer.self_attn.o_proj, quant.get(p + "self_attn.o_proj.weight"))
+            attach(layer.mlp.gate_up_proj, cat_rows([quant.get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]))
+            attach(layer.mlp.down_proj, quant.get(p + "mlp.down_proj.weight"))
+        head = quant.get("model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight")
+        if head is not None:
+            self.logits_quant, self.kernel, self.max_quant_rows = head, kernel, max_rows
+            attached += 1
+        return attached
+
+    def detach_quantized(self) -> None:
+        """Drop quantized twins (after a live weight update they would be stale)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.quant = None
+        self.logits_quant = None
 
     # ---- weights -------------------------------------------------------------------------------------
     def load_weights(self, weights: dict[str, torch.Tensor]) -> list[str]:

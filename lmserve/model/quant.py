@@ -1,0 +1,119 @@
+"""GGUF-quantized weights kept quantized, for the CPU matmul kernels in cpu_kernels.py.
+
+Decoding a token at small batch is memory-bound: float32 weights are 4 bytes each, Q4 blocks ~0.6. So besides
+the float32 weights (used by MKL for large batches), linear layers of a GGUF model may keep their original
+blocks in one of two kernel formats, both with groups of 32 along the input dimension and w = d * q + m:
+
+  "q4": q = uint8 [N, K/32, 16], element j of a group in the low nibble of byte j, element j+16 in the high one
+  "q8": q = int8  [N, K/32, 32]
+
+with d, m float32 [N, K/32]. Q4_0, Q4_1 and Q4_K map to q4; Q8_0 and Q5_K to q8; the decomposition reproduces
+the loader's float32 dequantization bit for bit (tested), so outputs do not depend on which path ran.
+Other types (e.g. Q6_K, F16) simply stay on the float32 path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmserve.model import loader
+
+
+@dataclass
+class QuantWeight:
+    fmt: str              # "q4" | "q8"
+    q: torch.Tensor       # see module docstring
+    d: torch.Tensor       # [N, K / 32] float32
+    m: torch.Tensor       # [N, K / 32] float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape[0], self.q.shape[1] * 32
+
+    def dequantize(self) -> torch.Tensor:
+        n, nb = self.d.shape
+        if self.fmt == "q4":
+            q = torch.cat([self.q & 0x0F, self.q >> 4], dim=-1).float()         # [N, nb, 32]
+        else:
+            q = self.q.float()
+        return q.mul_(self.d.unsqueeze(-1)).add_(self.m.unsqueeze(-1)).view(n, nb * 32)
+
+    def row_slice(self, rows) -> "QuantWeight":
+        return QuantWeight(self.fmt, self.q[rows], self.d[rows], self.m[rows])
+
+
+def cat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
+    if any(p is None for p in parts) or len({p.fmt for p in parts}) != 1:
+        return None
+    return QuantWeight(parts[0].fmt, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]),
+                       torch.cat([p.m for p in parts]))
+
+
+def _pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """[n_groups, 32] values 0..15 -> [n_groups, 16] bytes (j low, j + 16 high)."""
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def _from_blocks(type_name: str, b: torch.Tensor):
+    """[n_blocks, bytes] uint8 -> (fmt, q [n_groups, 16 or 32], d [n_groups], m [n_groups]), groups of 32."""
+    f16 = loader._f16
+    if type_name == "Q4_1":
+        return "q4", b[:, 4:].contiguous(), f16(b, 0)[:, 0], f16(b, 2)[:, 0]
+    if type_name == "Q4_0":
+        d = f16(b, 0)[:, 0]
+        # NOTE: the loader computes (q - 8) * d; d * q + (-8 * d) is not bit-identical, so shift q instead
+        # and keep it in int8 form.
+        q = loader._nibbles(b[:, 2:], 1).view(-1, 32).to(torch.int8) - 8
+        return "q8", q, d, torch.zeros_like(d)
+    if type_name == "Q8_0":
+        d = f16(b, 0)[:, 0]
+        return "q8", b[:, 2:].contiguous().view(torch.int8), d, torch.zeros_like(d)
+    if type_name in ("Q4_K", "Q5_K"):
+        n = b.shape[0]
+        sc, mn = loader._k_scales(b[:, 4:16])                                      # [n, 8, 1]
+        d = (f16(b, 0).unsqueeze(-1) * sc).view(n * 8)
+        m = -(f16(b, 2).unsqueeze(-1) * mn).view(n * 8)
+        if type_name == "Q4_K":
+            q = loader._nibbles(b[:, 16:], 4).reshape(n * 8, 32)
+            return "q4", _pack_q4(q), d, m
+        qh = loader._bits(b[:, 16:48], 1, tuple(range(8)), 1)
+        q = loader._nibbles(b[:, 48:], 4).bitwise_or_(qh.bitwise_left_shift_(4)).reshape(n * 8, 32)
+        return "q8", q.to(torch.int8), d, m
+    return None
+
+
+def quantized_tensor(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight | None:
+    """Raw GGUF tensor bytes of an [N, K] weight -> QuantWeight, or None for types without a kernel format."""
+    if type_name not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K") or shape[1] % 32:
+        return None
+    _, type_size, _ = loader._QUANTS[type_name]
+    data = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1).copy())
+    fmt, q, d, m = _from_blocks(type_name, data.view(-1, type_size))
+    n, nb = shape[0], shape[1] // 32
+    # NOTE: the -0.0 vs +0.0 of a zero m is irrelevant; m must be float32 like the loader's arithmetic
+    return QuantWeight(fmt, q.reshape(n, nb, -1).contiguous(), d.float().reshape(n, nb).contiguous(),
+                       m.float().reshape(n, nb).contiguous())
+
+
+def load_gguf_quantized(path: str) -> dict[str, QuantWeight]:
+    """HF parameter name -> QuantWeight for every 2-D GGUF tensor with a kernel format (Q/K rows unpermuted)."""
+    reader = loader._gguf_reader(path)
+    cfg = loader._gguf_arch_config(reader)
+    out = {}
+    for t in reader.tensors:
+        name = loader._hf_name(t.name)
+        if name is None or len(t.shape) != 2:
+            continue
+        qw = quantized_tensor(t.data, t.tensor_type.name, (int(t.shape[1]), int(t.shape[0])))
+        if qw is None:
+            continue
+        if cfg.architecture in ("llama", "mistral"):
+            heads = (cfg.num_attention_heads if ".q_proj." in name else
+                     cfg.num_key_value_heads if ".k_proj." in name else None)
+            if heads:
+                qw = QuantWeight(qw.fmt, loader._unpermute(qw.q, heads), loader._unpermute(qw.d, heads),
+                                 loader._unpermute(qw.m, heads))
+        out[name] = qw
+    return out
