@@ -6,17 +6,22 @@ Each component receives only the sub-config it needs. The CLI maps arguments to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# NOTE: torch is imported inside functions, so the proxy and the clients can import the config and protocol
+# modules without paying for (or needing) torch.
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": "float32", "fp32": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto") -> "torch.device":
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -25,7 +30,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
+    import torch
     if dtype == "auto":
         # NOTE: CPUs here have AVX-512 but no native bf16, where bf16 matmuls run 4-5x slower than fp32.
         if device.type == "cpu":
@@ -33,7 +39,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype]
+    return getattr(torch, _DTYPES[dtype])
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,11 @@ class ModelConfig:
             raise ValueError("attention_backend must be one of auto, torch, cpp")
 
     @property
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
         return resolve_device(self.device)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
         return resolve_dtype(self.dtype, self.torch_device)
 
 
