@@ -174,6 +174,18 @@ def test_echo_logprobs_score_the_prompt_like_lm_eval(url, client, model):
     assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(slp.token_logprobs[1:], lp.token_logprobs[1:-1]))
 
 
+def test_streamed_echo_logprobs_of_a_long_prompt_match(client, model):
+    """A prompt longer than one step's token budget (512) is prefilled in chunks; the stream still carries every
+    prompt token's logprob."""
+    prompt = "the sea and the ships " * 130
+    kwargs = dict(model=model, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    plain = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    streamed = sum((lp.token_logprobs for lp in chunks), [])
+    assert len(plain.tokens) > 600 and sum((lp.tokens for lp in chunks), []) == plain.tokens
+    assert streamed[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(streamed[1:], plain.token_logprobs[1:]))
+
+
 def test_response_format_text_and_tool_choice_none(client, model):
     out = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=4,
                                          response_format={"type": "text"}, tool_choice="none",

@@ -148,9 +148,9 @@ class _CompletionView:
                     key = p * self.n + o.index
                     first = key not in state
                     sent_chars, sent_tokens, offset, finished = state.get(key, [0, 0, 0, False])
-                    if finished or (not first and len(o.text) == sent_chars and len(o.token_ids) == sent_tokens
+                    if finished or (len(o.text) == sent_chars and len(o.token_ids) == sent_tokens
                                     and not o.finished):
-                        continue
+                        continue    # NOTE: also skips prefill-only outputs, whose prompt logprobs are partial
                     choice, offset = self._choice(p, out, o, sent_chars, sent_tokens, offset, first)
                     state[key] = [len(o.text), len(o.token_ids), offset, o.finished]
                     choices.append(choice)

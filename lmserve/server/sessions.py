@@ -98,6 +98,11 @@ class SessionManager:
             if end_after:
                 self.release(session)
                 await self.end(session.session_id)
+            elif self._sessions.get(session.session_id) is not session:
+                # ended (POST /chat/reset) while this turn ran: unpin what the engine kept for it
+                session.request_id = None
+                if session.session_id not in self._sessions:
+                    await asyncio.to_thread(self.engine.end_session, session.session_id)
             elif first is not None and first.finish_reason != FinishReason.ABORT:
                 await self.finish_turn(session, prompt_token_ids, first, prompt_text, messages)
             else:

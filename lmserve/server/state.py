@@ -175,7 +175,10 @@ class ServerState:
         try:
             yield out
             while not out.finished:
-                out = await stream.__anext__()
+                try:
+                    out = await stream.__anext__()
+                except EngineDeadError as exc:
+                    raise APIError(503, str(exc), code="engine_unavailable") from exc
                 yield out
         finally:
             self.inflight.pop(request_id, None)
