@@ -24,7 +24,8 @@ def server(tmp_path_factory, smollm2_path):
     server = start_api_server(tmp_path_factory.mktemp("api_server_admin"), "--cache-block-count", "256",
                               "--session-len", "1024", "--api-keys", KEY, "other-key",
                               "--max-concurrent-requests", "1", "--max-queued-requests", "1",
-                              "--allow-terminate-by-client", "--model-name", "smol")
+                              "--allow-terminate-by-client", "--model-name", "smol",
+                              "--allow-origins", "http://example.com")
     yield server
     server.stop()
 
@@ -53,6 +54,18 @@ def test_api_keys(url):
     out = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0).chat.completions.create(
         model="smol", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert out.choices[0].message.content is not None
+
+
+def test_cors_preflight_and_headers(url):
+    pre = httpx.options(f"{url}/v1/chat/completions", headers={
+        "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://example.com"
+    resp = httpx.get(f"{url}/v1/models", headers={**AUTH, "Origin": "http://example.com"})
+    assert resp.headers["access-control-allow-origin"] == "http://example.com"
+    other = httpx.options(f"{url}/v1/models", headers={"Origin": "http://evil.example",
+                                                        "Access-Control-Request-Method": "GET"})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
 
 
 def test_beyond_running_and_queued_limits_is_429_with_retry_after(url):
