@@ -7,6 +7,7 @@ import concurrent.futures
 import io
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -131,9 +132,16 @@ def test_terminate_finishes_in_flight_requests_then_exits(server, url):
                     started.set()
                     events.append(line[6:])
 
+    queued: list[httpx.Response] = []
     t = threading.Thread(target=stream)
     t.start()
     assert started.wait(120)
+    q = threading.Thread(target=lambda: queued.append(_complete(url, "Count to ten:", max_tokens=4)))
+    q.start()    # waits in the admission queue behind the stream (--max-concurrent-requests 1)
+    deadline = time.monotonic() + 30
+    while "lmserve:api_requests_queued 1.0" not in httpx.get(f"{url}/metrics").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert httpx.get(f"{url}/terminate", headers=AUTH).json() == {"status": "success"}
     try:
         late = _complete(url)
@@ -141,6 +149,8 @@ def test_terminate_finishes_in_flight_requests_then_exits(server, url):
     except httpx.TransportError:
         pass    # already gone: also fine
     t.join(120)
+    q.join(120)
+    assert queued[0].status_code == 200 and queued[0].json()["usage"]["completion_tokens"] == 4
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["choices"][0]["finish_reason"] == "length"

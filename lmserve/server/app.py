@@ -142,7 +142,7 @@ def operations_router() -> APIRouter:
     @router.get("/health")
     async def health(state: ServerState = Depends(get_state)):
         """200 while the engine is healthy, else 503."""
-        if not getattr(state.engine, "is_healthy", True):
+        if not state.engine.is_healthy:
             raise APIError(503, "the engine is unhealthy", code="engine_unhealthy")
         return {}
 

@@ -54,7 +54,7 @@ class _EngineCollector:
         yield counter("num_preemptions", "Preempted sequences", s.num_preemptions_total)
         yield gauge("prefill_throughput_tokens_per_second", "Recent prefill throughput", s.prefill_throughput)
         yield gauge("decode_throughput_tokens_per_second", "Recent decode throughput", s.decode_throughput)
-        yield gauge("is_sleeping", "1 while the engine sleeps", int(bool(getattr(self.engine, "is_sleeping", 0))))
+        yield gauge("is_sleeping", "1 while the engine sleeps", int(self.engine.is_sleeping))
         yield gauge("api_requests_in_flight", "HTTP generation requests admitted", self.state.admission.num_running)
         yield gauge("api_requests_queued", "HTTP generation requests waiting for admission",
                     self.state.admission.num_queued)

@@ -78,7 +78,7 @@ class Admission:
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, *, allow_terminate: bool = True):
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, *, allow_terminate: bool = False):
         self.engine = engine
         self.config = config
         self.tokenizer = engine.tokenizer
@@ -104,11 +104,11 @@ class ServerState:
                            param="model", code="model_not_found")
 
     def check_available(self) -> None:
-        if self.is_terminating:
-            raise APIError(503, "the server is shutting down", code="terminating")
-        if getattr(self.engine, "is_sleeping", False):
+        # NOTE: no check for is_terminating here: the middleware refuses new arrivals, while requests admitted
+        # (or queued) before /terminate must still be served.
+        if self.engine.is_sleeping:
             raise APIError(503, "the engine is sleeping; POST /wakeup first", code="sleeping")
-        if not getattr(self.engine, "is_healthy", True):
+        if not self.engine.is_healthy:
             raise APIError(503, "the engine is unhealthy", code="engine_unhealthy")
 
     def new_session_id(self) -> int:
