@@ -236,7 +236,9 @@ def run_peer(peer: Peer, gguf: str, levels: list[int], args) -> dict | None:
                 proc, base_url = start(peer, gguf, level, log_path)
             factor = args.serial_prompts_factor if peer.serial else args.prompts_factor
             num_prompts = args.num_prompts or max(int(factor * level), args.min_prompts)
-            res = bench(peer, base_url, level, num_prompts, args, os.path.join(args.out_dir, f".{peer.name}-{level}.json"))
+            level_json = os.path.join(args.out_dir, f".{peer.name}-{level}.json")
+            res = bench(peer, base_url, level, num_prompts, args, level_json)
+            os.remove(level_json)
             if merged is None:
                 merged = res
             else:
