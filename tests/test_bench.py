@@ -238,7 +238,7 @@ def test_max_concurrency_is_respected(fake_server):
 
 
 def test_request_rate_spreads_arrivals(fake_server):
-    m, results = _run(fake_server, n=10, output_len=2, request_rate=50.0, seed=1)
+    _, results = _run(fake_server, n=10, output_len=2, request_rate=50.0, seed=1)
     starts = sorted(r.start_time for r in results)
     # 9 exponential gaps at 50/s: mean 0.18 s in all; the burst (rate inf) sends all within a few ms.
     assert starts[-1] - starts[0] > 0.03
