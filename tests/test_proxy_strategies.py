@@ -214,3 +214,13 @@ def test_proxy_does_not_import_torch_or_the_engine():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert not name.startswith(banned), f"{path} imports {name}"
+
+
+def test_proxy_process_never_loads_torch():
+    """Building the proxy app and its CLI parser leaves torch unloaded (the proxy runs on machines without it)."""
+    import subprocess
+    import sys
+    code = ("import sys; from lmserve.cli import build_parser; from lmserve.proxy.app import build_app; "
+            "build_parser().parse_args(['serve', 'proxy']); build_app(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
