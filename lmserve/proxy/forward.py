@@ -40,6 +40,24 @@ def sse_error_event(message: str, code: str = "node_failed") -> bytes:
     return f"data: {json.dumps(error_body(502, message, code=code))}\n\n".encode()
 
 
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse that always runs `on_close` once it is done: finished, failed, or cancelled by a client
+    that went away, even before the first chunk was sent (when the body generator never started, its own
+    `finally` would never run)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self.on_close()
+
+
 class Forwarder:
     def __init__(self, registry: NodeRegistry, strategy: RoutingStrategy, sessions: SessionTable,
                  client: httpx.AsyncClient, max_retries: int = 2):
@@ -125,8 +143,10 @@ class Forwarder:
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
             out_headers[NODE_HEADER] = node.url
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                return StreamingResponse(self._relay(node, resp, first, chunks, start),
-                                         status_code=resp.status_code, headers=out_headers)
+                outcome = {"ok": False}
+                return RelayResponse(self._relay(node, first, chunks, outcome),
+                                     on_close=lambda: self._finish(node, resp, start, outcome["ok"]),
+                                     status_code=resp.status_code, headers=out_headers)
             content = first + b"".join([c async for c in chunks])
         except (httpx.HTTPError, OSError) as e:
             error = f"{type(e).__name__}: {e}".rstrip(": ")
@@ -136,22 +156,19 @@ class Forwarder:
         await self._finish(node, resp, start, ok=resp.status_code < 400)
         return Response(content, status_code=resp.status_code, headers=out_headers)
 
-    async def _relay(self, node: Node, resp: httpx.Response, first: bytes, chunks, start: float):
-        ok = False
+    async def _relay(self, node: Node, first: bytes, chunks, outcome: dict):
         try:
             if first:
                 yield first
             async for chunk in chunks:
                 yield chunk
-            ok = True
+            outcome["ok"] = True
         except (httpx.HTTPError, OSError) as e:
             self.num_stream_errors += 1
             error = f"{type(e).__name__}: {e}".rstrip(": ")
             node.mark_failed(f"stream: {error}")
             logger.warning("node %s failed mid-stream: %s", node.url, error)
             yield sse_error_event(f"The api_server serving this request failed mid-stream ({error}).")
-        finally:
-            await self._finish(node, resp, start, ok)
 
     @staticmethod
     async def _finish(node: Node, resp: httpx.Response | None, start: float, ok: bool) -> None:
