@@ -150,7 +150,10 @@ class ServerState:
         self.inflight[request_id] = session_id if session_id is not None else abort_key
         self.register(request, request_id)
         try:
-            first = await stream.__anext__()
+            # NOTE: a client that leaves while the request is queued or prefilling aborts it then, not at the
+            # first token
+            first = await (stream.__anext__() if request is None else
+                           run_until_disconnect(request, stream.__anext__()))
         except SamplingParamsError:
             self.inflight.pop(request_id, None)
             raise
@@ -164,8 +167,9 @@ class ServerState:
         except EngineDeadError as exc:  # died, or went to sleep between our check and the engine's
             self.inflight.pop(request_id, None)
             raise APIError(503, str(exc), code="engine_unavailable") from exc
-        except BaseException:
+        except BaseException:           # the client left (APIError 499) or the task was cancelled
             self.inflight.pop(request_id, None)
+            self.metrics.observe_aborted()
             await stream.aclose()
             raise
         return self._follow(request_id, stream, first)
