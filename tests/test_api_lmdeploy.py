@@ -183,6 +183,24 @@ def test_abort_request_by_session_and_interactive_cancel(url):
     _wait_idle(url)
 
 
+def test_one_turn_per_session_at_a_time(url):
+    sid = 9006
+    body = {"prompt": "Tell me a long story.", "session_id": sid, "interactive_mode": True, "stream": True,
+            "request_output_len": 400, "ignore_eos": True, "temperature": 0}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/interactive", json=body, timeout=120) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            busy = httpx.post(f"{url}/v1/chat/interactive", json={**body, "stream": False})
+            assert busy.status_code == 400 and busy.json()["error"]["code"] == "session_busy"
+            assert httpx.post(f"{url}/abort_request", json={"session_id": sid}).json()["num_aborted"] == 1
+            assert json.loads([line for line in lines if line][-1])["finish_reason"] == "abort"
+        # the aborted turn left the session free and its history as it was (empty)
+        assert _interactive(url, prompt="hi", session_id=sid, request_output_len=1)["history_tokens"] == 0
+    finally:
+        httpx.post(f"{url}/chat/reset", json={"session_id": sid})
+
+
 def test_client_disconnect_aborts_and_frees_kv_blocks(url, model):
     baseline = _wait_idle(url)["lmserve:num_free_blocks"]
     body = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 1500,
