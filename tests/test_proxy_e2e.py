@@ -51,8 +51,9 @@ def start_node(port: int, proxy_url: str, log_dir) -> subprocess.Popen:
                          str(log_dir / f"node_{port}.log"))
 
 
-def healthy_nodes(proxy_url: str) -> set[str]:
-    return {u for u, s in httpx.get(f"{proxy_url}/nodes/status").json().items() if s["is_healthy"]}
+def healthy_nodes(proxy_url: str, headers: dict | None = None) -> set[str]:
+    status = httpx.get(f"{proxy_url}/nodes/status", headers=headers).json()
+    return {u for u, s in status.items() if s["is_healthy"]}
 
 
 class Cluster:
@@ -140,8 +141,8 @@ def test_routing_per_strategy(cluster, local_proxy, strategy):
         served.append(r.headers["x-lmserve-node"])
     if strategy == "prefix_aware":
         assert len(set(served)) == 1, served          # one shared system prompt: one node holds it
-        others = {httpx.post(f"{proxy}/v1/chat/completions", json=chat(cluster.model, f"{k} " * 200, "Hi"),
-                             timeout=60).headers["x-lmserve-node"] for k in range(12)}
+        others = {httpx.post(f"{proxy}/v1/chat/completions", json=chat(cluster.model, f"{k} " * 80, "Hi"),
+                             timeout=60).headers["x-lmserve-node"] for k in range(10)}
         assert len(others) >= 2                       # different prefixes spread over the nodes
     else:
         assert len(set(served)) >= 2, served          # idle nodes: requests spread
@@ -259,13 +260,15 @@ def test_launch_starts_servers_behind_a_proxy(tmp_path, smollm2_path):
     log = str(tmp_path / "launch.log")
     proc = popen_lmserve(["serve", "launch", "--num-servers", "2", "--server-name", "127.0.0.1",
                           "--server-port", str(port), "--base-port", str(base), "--cache-block-count", "128",
-                          "--strategy", "prefix_aware", "--health-check-interval", "1"], log)
+                          "--strategy", "prefix_aware", "--health-check-interval", "1", "--api-keys", "sk-test"], log)
     url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer sk-test"}   # the api_servers get the proxy's keys: registration, checks
     try:
-        wait_for(lambda: len(healthy_nodes(url)) == 2, 400, "launch", [proc], [log])
-        assert healthy_nodes(url) == {f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 1}"}
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        r = httpx.post(f"{url}/v1/chat/completions", json=chat(model), timeout=60)
+        wait_for(lambda: len(healthy_nodes(url, auth)) == 2, 400, "launch", [proc], [log])
+        assert healthy_nodes(url, auth) == {f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 1}"}
+        model = httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]["id"]
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat(model), timeout=60).status_code == 401
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat(model), timeout=60, headers=auth)
         assert r.status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
