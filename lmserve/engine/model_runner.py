@@ -80,8 +80,8 @@ class ModelRunner:
         logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows)", n, max_rows)
 
     def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model.detach_quantized()   # the quantized copies would be stale
-        self.model.load_weights(weights)
+        self.model.load_weights(weights)   # all-or-nothing
+        self.model.detach_quantized()      # the quantized copies are stale now
 
     def _kv_block_bytes(self) -> int:
         a = self.arch

@@ -116,30 +116,31 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights -------------------------------------------------------------------------------------
     def load_weights(self, weights: dict[str, torch.Tensor]) -> list[str]:
-        """Copy HF-named tensors into the (fused) parameters. Returns the names loaded; unknown names raise."""
+        """Copy HF-named tensors into the (fused) parameters. Returns the names loaded.
+
+        All names and shapes are checked before anything is copied, so a bad update changes nothing."""
         params = dict(self.named_parameters())
         cfg = self.cfg
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
                  "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
                  "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size)}
-        loaded = []
+        plan = []
+        for name, tensor in weights.items():
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue   # computed, or tied to the embedding
+            target, start, size = name, None, None
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in fused:
+                fused_name, start, size = fused[parts[-2]]
+                target = ".".join(parts[:-2] + [fused_name, parts[-1]])
+            if target not in params:
+                raise KeyError(f"unexpected weight {name!r}")
+            dst = params[target] if start is None else params[target].narrow(0, start, size)
+            if dst.shape != tensor.shape:
+                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+            plan.append((name, dst, tensor))
         with torch.no_grad():
-            for name, tensor in weights.items():
-                if "rotary_emb" in name:
-                    continue
-                if name == "lm_head.weight" and self.lm_head is None:
-                    continue   # tied to the embedding
-                target, start, size = name, None, None
-                parts = name.split(".")
-                if len(parts) >= 2 and parts[-2] in fused:
-                    fused_name, start, size = fused[parts[-2]]
-                    target = ".".join(parts[:-2] + [fused_name, parts[-1]])
-                if target not in params:
-                    raise KeyError(f"unexpected weight {name!r}")
-                dst = params[target] if start is None else params[target].narrow(0, start, size)
-                if dst.shape != tensor.shape:
-                    raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+            for _, dst, tensor in plan:
                 dst.copy_(tensor)
-                loaded.append(name)
-        return loaded
+        return [name for name, _, _ in plan]
