@@ -84,8 +84,8 @@ def cache_counters(urls: list[str]) -> tuple[float, float]:
     hits = queries = 0.0
     for u in urls:
         text = httpx.get(f"{u}/metrics").text
-        hits += float(re.search(r"^lmserve:prefix_cache_hits_total (\S+)", text, re.M).group(1))
-        queries += float(re.search(r"^lmserve:prefix_cache_queries_total (\S+)", text, re.M).group(1))
+        hits += float(re.search(r"^lmserve:prefix_cache_hits_total (\S+)", text, re.MULTILINE).group(1))
+        queries += float(re.search(r"^lmserve:prefix_cache_queries_total (\S+)", text, re.MULTILINE).group(1))
     return hits, queries
 
 

@@ -8,10 +8,10 @@ import time
 import httpx
 import openai
 import pytest
+from test_proxy_fakes import ServerThread, fake_node_app, free_port
 
 from lmserve.proxy.app import build_app
 from lmserve.proxy.config import ProxyConfig
-from test_proxy_fakes import ServerThread, fake_node_app, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,7 +72,7 @@ def test_routes_every_endpoint_and_lists_models(cluster):
 
 
 def test_errors_are_openai_shaped(cluster):
-    proxy, nodes = cluster(0)
+    proxy, _ = cluster(0)
     assert_openai_error(httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body()), 503, "no_available_node")
     httpx.post(f"{proxy.url}/nodes/add", json={"url": ServerThread(fake_node_app("x")).start().url})
     assert_openai_error(httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(model="nope")), 404,
@@ -191,7 +191,7 @@ def test_client_disconnect_aborts_the_node_stream(cluster):
 
 
 def test_session_affinity(cluster):
-    proxy, nodes = cluster(3, strategy="random")
+    proxy, _ = cluster(3, strategy="random")
     for session_id in (7, 8, 9, 10):
         served = {httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(session_id=session_id))
                   .headers["x-lmserve-node"] for _ in range(6)}

@@ -14,10 +14,10 @@ import time
 import httpx
 import openai
 import pytest
+from test_proxy_fakes import ServerThread, free_port
 
 from lmserve.proxy.app import build_app
 from lmserve.proxy.config import STRATEGIES, ProxyConfig
-from test_proxy_fakes import ServerThread, free_port
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -30,12 +30,17 @@ def popen_lmserve(args: list[str], log_path: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
+def tail(path: str, n: int = 3000) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
 def wait_for(predicate, timeout: float, what: str, procs=(), logs=()):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p, log in zip(procs, logs):
             if p.poll() is not None:
-                raise RuntimeError(f"{what}: process exited {p.returncode}:\n{open(log).read()[-3000:]}")
+                raise RuntimeError(f"{what}: process exited {p.returncode}:\n{tail(log)}")
         try:
             if predicate():
                 return
@@ -165,8 +170,8 @@ def test_every_endpoint_through_the_proxy(cluster):
 def test_streaming_matches_direct(cluster):
     direct = openai.OpenAI(base_url=f"{cluster.urls[0]}/v1", api_key="x")
     proxied = openai.OpenAI(base_url=f"{cluster.proxy_url}/v1", api_key="x")
-    kw = dict(model=cluster.model, messages=[{"role": "user", "content": "Count to five."}], max_tokens=16,
-              temperature=0.0)
+    kw = {"model": cluster.model, "messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 16,
+          "temperature": 0.0}
     expected = direct.chat.completions.create(**kw).choices[0].message.content
     chunks = [c.choices[0].delta.content or "" for c in proxied.chat.completions.create(stream=True, **kw)
               if c.choices]
@@ -272,7 +277,7 @@ def test_launch_starts_servers_behind_a_proxy(tmp_path, smollm2_path):
         assert r.status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0, open(log).read()[-3000:]
+        assert proc.wait(60) == 0, tail(log)
     for p in (port, base, base + 1):                     # every process is gone
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{p}/health", timeout=2)

@@ -11,8 +11,17 @@ import pytest
 
 from lmserve.proxy.config import ProxyConfig
 from lmserve.proxy.nodes import Node, NodeRegistry, normalize_url
-from lmserve.proxy.strategies import (MinExpectedLatency, MinObservedLatency, PrefixAware, RandomStrategy,
-                                      RouteRequest, SessionTable, make_strategy, prefix_block_hashes, prompt_text)
+from lmserve.proxy.strategies import (
+    MinExpectedLatency,
+    MinObservedLatency,
+    PrefixAware,
+    RandomStrategy,
+    RouteRequest,
+    SessionTable,
+    make_strategy,
+    prefix_block_hashes,
+    prompt_text,
+)
 
 
 def nodes(n: int, **kw) -> list[Node]:

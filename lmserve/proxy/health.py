@@ -74,7 +74,7 @@ class HealthChecker:
             await asyncio.sleep(self.interval)
             try:
                 await self.check_all()
-            except Exception:  # noqa: BLE001 - the loop must outlive any bug in one round
+            except Exception:
                 logger.exception("health check round failed")
 
     def start(self) -> None:
