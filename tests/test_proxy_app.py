@@ -164,6 +164,19 @@ def test_mid_stream_failure_ends_the_stream_with_an_error_event(cluster):
             pass
 
 
+def test_ndjson_streams_relay_and_end_with_an_error_line(cluster):
+    proxy, nodes = cluster(1)
+    nodes[0].app.state.behavior.update(num_chunks=3, chunk_delay=0.2)
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/interactive", json={"prompt": "hi", "stream": True}) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lags = [time.time() - json.loads(line)["t"] for line in r.iter_lines() if line]
+    assert len(lags) == 3 and max(lags) < 0.1, lags
+    nodes[0].app.state.behavior["die_after_chunks"] = 1
+    r = httpx.post(f"{proxy.url}/v1/chat/interactive", json={"prompt": "hi", "stream": True})
+    lines = [json.loads(line) for line in r.text.splitlines() if line]
+    assert len(lines) == 2 and lines[1]["error"]["code"] == "node_failed"
+
+
 def test_streams_pass_through_chunk_by_chunk(cluster):
     proxy, nodes = cluster(1)
     nodes[0].app.state.behavior.update(num_chunks=5, chunk_delay=0.2)

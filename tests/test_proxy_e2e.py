@@ -189,6 +189,21 @@ def test_session_affinity(cluster, local_proxy):
         assert r.headers["x-lmserve-node"] in nodes
 
 
+def test_interactive_session_through_the_proxy(cluster, local_proxy):
+    """/v1/chat/interactive keeps a session's history on one node: every turn must reach it."""
+    proxy = local_proxy("random")
+    turns = []
+    for i, prompt in enumerate(["Hi, my name is Ann.", "What is my name?", "Thanks!"]):
+        body = {"prompt": prompt, "session_id": 555, "interactive_mode": True, "request_output_len": 4,
+                "temperature": 0.0, "stream": i == 1}
+        r = httpx.post(f"{proxy}/v1/chat/interactive", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        last = json.loads(r.text.strip().splitlines()[-1])
+        turns.append((r.headers["x-lmserve-node"], last["history_tokens"]))
+    assert len({node for node, _ in turns}) == 1
+    assert turns[0][1] == 0 and turns[1][1] > 0 and turns[2][1] > turns[1][1]   # the history grew on that node
+
+
 def test_unknown_model_404_and_no_nodes_503(cluster, local_proxy):
     r = httpx.post(f"{cluster.proxy_url}/v1/chat/completions", json=chat("no-such-model"))
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -22,7 +22,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-ROUTED = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/embeddings", "/v1/encode", "/pooling")
+ROUTED = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/embeddings", "/v1/encode", "/pooling",
+          "/v1/chat/interactive")
 
 
 def fake_node_app(name: str, model: str = "fake-model") -> FastAPI:
@@ -75,17 +76,19 @@ def fake_node_app(name: str, model: str = "fake-model") -> FastAPI:
                     chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": model,
                              "node": name, "t": time.time(),
                              "choices": [{"index": 0, "delta": {"content": f"{name}{i} "}, "finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield f"{json.dumps(chunk)}\n" if ndjson else f"data: {json.dumps(chunk)}\n\n"
                     if b["chunk_delay"]:
                         await asyncio.sleep(b["chunk_delay"])
-                yield "data: [DONE]\n\n"
+                if not ndjson:
+                    yield "data: [DONE]\n\n"
             except asyncio.CancelledError:
                 app.state.num_cancelled += 1
                 raise
             finally:
                 app.state.num_active -= 1
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        ndjson = request.url.path == "/v1/chat/interactive"   # LMDeploy streams JSON lines there
+        return StreamingResponse(events(), media_type="application/x-ndjson" if ndjson else "text/event-stream")
 
     for path in ROUTED:
         app.add_api_route(path, handle, methods=["POST"])

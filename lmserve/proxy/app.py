@@ -27,8 +27,10 @@ from lmserve.server.protocol import ModelCard, ModelList, NodeRequest
 
 logger = logging.getLogger("lmserve.proxy")
 
+# NOTE: /v1/chat/interactive is not in LMDeploy's proxy; routed here so interactive sessions (session_id) work
+# through the proxy too.
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/embeddings", "/v1/encode",
-                "/pooling")
+                "/pooling", "/v1/chat/interactive")
 
 
 def _check_api_key(request: Request) -> None:

@@ -6,8 +6,9 @@ Lifecycle of one request through the proxy:
   3. Send it and wait for the status line and the first body chunk. A connection error, a timeout, a 429/5xx
      or a dropped connection before that first chunk means nothing has reached the client yet: try another node
      (at most `max_retries` more). A node that failed to answer leaves the rotation until a health check passes.
-  4. Streams (text/event-stream) are relayed chunk by chunk as they arrive; other responses are read whole and
-     returned. A node that dies mid-stream ends the client's stream with an OpenAI-shaped error event.
+  4. Streams (text/event-stream, or LMDeploy's NDJSON lines of /v1/chat/interactive) are relayed chunk by chunk
+     as they arrive; other responses are read whole and returned. A node that dies mid-stream ends the client's
+     stream with an OpenAI-shaped error event (an SSE `data:` event, or an NDJSON line).
 """
 from __future__ import annotations
 
@@ -36,8 +37,12 @@ _DROP_RESPONSE_HEADERS = frozenset({"content-length", "connection", "keep-alive"
 NODE_HEADER = "x-lmserve-node"  # response header naming the node that served the request
 
 
-def sse_error_event(message: str, code: str = "node_failed") -> bytes:
-    return f"data: {json.dumps(error_body(502, message, code=code))}\n\n".encode()
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+
+
+def stream_error_chunk(content_type: str, message: str, code: str = "node_failed") -> bytes:
+    body = json.dumps(error_body(502, message, code=code))
+    return f"{body}\n".encode() if content_type.startswith("application/x-ndjson") else f"data: {body}\n\n".encode()
 
 
 class RelayResponse(StreamingResponse):
@@ -142,9 +147,10 @@ class Forwarder:
             first = await anext(chunks, b"")
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
             out_headers[NODE_HEADER] = node.url
-            if resp.headers.get("content-type", "").startswith("text/event-stream"):
+            content_type = resp.headers.get("content-type", "")
+            if content_type.startswith(STREAM_TYPES):
                 outcome = {"ok": False}
-                return RelayResponse(self._relay(node, first, chunks, outcome),
+                return RelayResponse(self._relay(node, first, chunks, outcome, content_type),
                                      on_close=lambda: self._finish(node, resp, start, outcome["ok"]),
                                      status_code=resp.status_code, headers=out_headers)
             content = first + b"".join([c async for c in chunks])
@@ -156,7 +162,7 @@ class Forwarder:
         await self._finish(node, resp, start, ok=resp.status_code < 400)
         return Response(content, status_code=resp.status_code, headers=out_headers)
 
-    async def _relay(self, node: Node, first: bytes, chunks, outcome: dict):
+    async def _relay(self, node: Node, first: bytes, chunks, outcome: dict, content_type: str):
         try:
             if first:
                 yield first
@@ -168,7 +174,8 @@ class Forwarder:
             error = f"{type(e).__name__}: {e}".rstrip(": ")
             node.mark_failed(f"stream: {error}")
             logger.warning("node %s failed mid-stream: %s", node.url, error)
-            yield sse_error_event(f"The api_server serving this request failed mid-stream ({error}).")
+            yield stream_error_chunk(content_type,
+                                     f"The api_server serving this request failed mid-stream ({error}).")
 
     @staticmethod
     async def _finish(node: Node, resp: httpx.Response | None, start: float, ok: bool) -> None:
