@@ -291,7 +291,7 @@ def test_launch_starts_servers_behind_a_proxy(tmp_path, smollm2_path):
         r = httpx.post(f"{url}/v1/chat/completions", json=chat(model), timeout=60, headers=auth)
         assert r.status_code == 200
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)                  # as `docker stop` would: children stop too
         assert proc.wait(60) == 0, tail(log)
     for p in (port, base, base + 1):                     # every process is gone
         with pytest.raises(httpx.ConnectError):

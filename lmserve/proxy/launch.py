@@ -66,12 +66,17 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
             p.wait()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def launch(config: ProxyConfig, num_servers: int, server_argv: list[str], base_port: int = 23333,
            server_name: str = "127.0.0.1", startup_timeout: float = 600.0) -> int:
     """Start a proxy, then `num_servers` api_servers on base_port, base_port+1, ... registered with it via
     --proxy-url; supervise them until Ctrl-C or until one exits. `server_argv`: the api_server's MODEL and
     engine options. Exit code: 0 after Ctrl-C, 1 if a process died."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)   # `docker stop`, `kill`: stop the children as Ctrl-C does
     python = [sys.executable, "-m", "lmserve"]
     proxy_host = "127.0.0.1" if config.server_name in ("0.0.0.0", "::") else config.server_name
     proxy_url = f"http://{proxy_host}:{config.server_port}"
