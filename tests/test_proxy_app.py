@@ -204,11 +204,18 @@ def test_client_disconnect_aborts_the_node_stream(cluster):
 
 
 def test_session_affinity(cluster):
-    proxy, _ = cluster(3, strategy="random")
+    proxy, nodes = cluster(3, strategy="random")
     for session_id in (7, 8, 9, 10):
         served = {httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(session_id=session_id))
                   .headers["x-lmserve-node"] for _ in range(6)}
         assert len(served) == 1
+    # a busy pinned node answers for its session: the session does not move to a node without its history
+    pinned = httpx.post(f"{proxy.url}/v1/completions", json=chat_body(session_id=41)).headers["x-lmserve-node"]
+    busy = next(n for n in nodes if n.url == pinned)
+    busy.app.state.behavior["fail_status"] = 429
+    assert httpx.post(f"{proxy.url}/v1/completions", json=chat_body(session_id=41)).status_code == 429
+    busy.app.state.behavior["fail_status"] = None
+    assert httpx.post(f"{proxy.url}/v1/completions", json=chat_body(session_id=41)).headers["x-lmserve-node"] == pinned
     # a pinned node that goes away: the session moves, and stays on its new node
     pinned = httpx.post(f"{proxy.url}/v1/completions", json=chat_body(session_id=42)).headers["x-lmserve-node"]
     httpx.post(f"{proxy.url}/nodes/remove", json={"url": pinned})

@@ -123,7 +123,9 @@ class Forwarder:
                 self.num_failovers += 1
             result = await self._send(node, path, raw, headers)
             if isinstance(result, Response):
-                if result.status_code not in RETRY_STATUSES:
+                # NOTE: a session's history lives on its node: a busy or failing answer from it goes back to the
+                # client rather than moving the session. Only a node that cannot be reached loses its sessions.
+                if result.status_code not in RETRY_STATUSES or route.session_id is not None:
                     return result
                 last_response, last_error = result, f"{node.url} answered {result.status_code}"
             else:
