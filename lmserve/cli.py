@@ -37,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
                    help="decode attention: auto = C++ kernel on CPU float32 when it builds, else PyTorch")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="CPU compute threads for the model (default: torch's choice, the physical cores)")
     p.add_argument("--quant-kernel-max-rows", type=int, default=8,
                    help="GGUF Q4/Q8 weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
 
@@ -46,7 +48,8 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                           chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
-                          attention_backend=args.attn_backend, quant_kernel_max_rows=args.quant_kernel_max_rows),
+                          attention_backend=args.attn_backend, quant_kernel_max_rows=args.quant_kernel_max_rows,
+                          num_threads=args.num_threads),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
                           num_blocks=args.cache_block_count,
                           enable_prefix_caching=not args.disable_prefix_caching),

@@ -35,6 +35,8 @@ class ModelRunner:
         self.cache_config = cache_config
         self.model_path = model_path
         self.device = model_config.torch_device
+        if model_config.num_threads:
+            torch.set_num_threads(model_config.num_threads)
         self.dtype = model_config.torch_dtype
         self.arch: ArchConfig = load_arch_config(model_path)
         self.block_size = cache_config.block_size
