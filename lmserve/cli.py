@@ -39,7 +39,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode attention: auto = C++ kernel on CPU float32 when it builds, else PyTorch")
     p.add_argument("--num-threads", type=int, default=None,
                    help="CPU compute threads for the model (default: torch's choice, the physical cores)")
-    p.add_argument("--quant-kernel-max-rows", type=int, default=8,
+    p.add_argument("--quant-kernel-max-rows", type=int, default=64,
                    help="GGUF Q4/Q8 weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
 
 

@@ -57,7 +57,7 @@ class ModelConfig:
     attention_backend: str = "auto"
     # GGUF Q4/Q8 weights also kept in their quantized form; matmuls with at most this many rows (decode at
     # small batch, memory-bound) use the C++ quantized kernel on CPU. 0 = off.
-    quant_kernel_max_rows: int = 8
+    quant_kernel_max_rows: int = 64
     num_threads: int | None = None     # torch intra-op threads on CPU; None = torch's default (physical cores)
 
     def __post_init__(self):
