@@ -1,0 +1,52 @@
+"""Pure-decode step time of the engine at several batch sizes, float32 (MKL) vs the quantized-weight kernel.
+
+    python benchmarks/decode_steps.py [--batches 1,4,8,16,64] [--rows 0,64]
+
+For each --quant-kernel-max-rows value in --rows (0 = float32 MKL for every matmul) and each batch size B:
+B requests with 128-token prompts are prefilled, then 10 decode steps are timed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from engine_vs_hf import make_prompts  # noqa: E402
+
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
+from lmserve.engine.llm_engine import LLMEngine  # noqa: E402
+from lmserve.sampling_params import SamplingParams  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batches", default="1,4,8,16,64")
+    ap.add_argument("--rows", default="0,64", help="quant_kernel_max_rows values to compare")
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    for rows in (int(r) for r in args.rows.split(",")):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, quant_kernel_max_rows=rows),
+                                        cache=CacheConfig(num_blocks=4096)))
+        for batch in (int(b) for b in args.batches.split(",")):
+            for i, p in enumerate(make_prompts(engine.tokenizer, batch, 128)):
+                engine.add_request(f"{rows}-{batch}-{i}", p,
+                                   SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True))
+            while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
+                engine.step()
+            for _ in range(2):
+                engine.step()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            dt = (time.perf_counter() - t0) / args.steps
+            print(f"quant_kernel_max_rows={rows:3d} batch={batch:3d}: step {dt * 1000:7.1f} ms "
+                  f"{batch / dt:7.1f} tok/s", flush=True)
+            engine.abort_all()
+
+
+if __name__ == "__main__":
+    main()
