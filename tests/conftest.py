@@ -103,3 +103,15 @@ def api_server(tmp_path_factory, smollm2_path) -> ApiServer:
 @pytest.fixture(scope="session")
 def api_server_url(api_server) -> str:
     return api_server.url
+
+
+# ---- openai SDK fixtures shared by the API tests (a module may override `url` or `client`) ----------------------
+@pytest.fixture(scope="module")
+def url(api_server_url) -> str:
+    return api_server_url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    import openai
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

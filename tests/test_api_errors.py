@@ -7,16 +7,6 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def url(api_server_url) -> str:
-    return api_server_url
-
-
-@pytest.fixture(scope="module")
-def client(url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
 def model(url) -> str:
     return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
 
