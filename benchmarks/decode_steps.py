@@ -27,9 +27,11 @@ def main():
     ap.add_argument("--batches", default="1,4,8,16,64")
     ap.add_argument("--rows", default="0,64", help="quant_kernel_max_rows values to compare")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     for rows in (int(r) for r in args.rows.split(",")):
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, quant_kernel_max_rows=rows),
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, quant_kernel_max_rows=rows,
+                                                                   matmul_dtype=args.matmul_dtype),
                                         cache=CacheConfig(num_blocks=4096)))
         for batch in (int(b) for b in args.batches.split(",")):
             for i, p in enumerate(make_prompts(engine.tokenizer, batch, 128)):
@@ -43,7 +45,7 @@ def main():
             for _ in range(args.steps):
                 engine.step()
             dt = (time.perf_counter() - t0) / args.steps
-            print(f"quant_kernel_max_rows={rows:3d} batch={batch:3d}: step {dt * 1000:7.1f} ms "
+            print(f"matmul_dtype={args.matmul_dtype} quant_kernel_max_rows={rows:3d} batch={batch:3d}: step {dt * 1000:7.1f} ms "
                   f"{batch / dt:7.1f} tok/s", flush=True)
             engine.abort_all()
 

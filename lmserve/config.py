@@ -59,12 +59,18 @@ class ModelConfig:
     # small batch, memory-bound) use the C++ quantized kernel on CPU. 0 = off.
     quant_kernel_max_rows: int = 64
     num_threads: int | None = None     # torch intra-op threads on CPU; None = torch's default (physical cores)
+    # "bfloat16": matmuls too large for the quantized kernel run in bfloat16 (float32 accumulation) on a
+    # bfloat16 copy of the weights; ~2x the float32 GEMM rate on CPUs with AVX512_BF16/AMX. Not bit-exact to
+    # float32 (see docs/benchmarks.md for the measured agreement), so float32 stays the default.
+    matmul_dtype: str = "float32"
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError("max_model_len (session_len) must be >= 16")
         if self.attention_backend not in ("auto", "torch", "cpp"):
             raise ValueError("attention_backend must be one of auto, torch, cpp")
+        if self.matmul_dtype not in ("float32", "bfloat16"):
+            raise ValueError("matmul_dtype must be float32 or bfloat16")
 
     @property
     def torch_device(self) -> "torch.device":

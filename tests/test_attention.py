@@ -71,3 +71,50 @@ def test_kernel_on_subset_of_rows_mixed_with_groups():
     meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [group], decode, BS, None, kernel)
     out = paged_attention(q, kc, vc, meta, 32 ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---- fused elementwise kernels against their PyTorch reference --------------------------------------------
+def test_rms_norm_kernels_match_reference():
+    from lmserve.model.layers import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576, generator=g)
+    x, res = torch.randn(37, 576, generator=g) * 3, torch.randn(37, 576, generator=g)
+    ref = norm(x)
+    torch.testing.assert_close(norm(x, kernel=kernel), ref, rtol=1e-5, atol=1e-5)
+    ref_out, ref_res = norm(x, res)
+    out, new_res = norm(x.clone(), res.clone(), kernel=kernel)
+    torch.testing.assert_close(new_res, ref_res, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    gate_up = torch.randn(9, 2 * 1539, generator=g) * 8   # odd width: the scalar tail runs too
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])
+    out = torch.empty(9, 1539)
+    kernel.silu_mul(out, gate_up)
+    gate, up = gate_up.split(1539, dim=-1)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_write_kv_matches_reference():
+    from lmserve.model.layers import RotaryEmbedding
+    g = torch.Generator().manual_seed(2)
+    nh, nkv, hd, T = 6, 2, 64, 11
+    rope = RotaryEmbedding(hd, 4096, 10000.0)
+    pos = torch.randint(0, 4000, (T,), generator=g)
+    cos, sin = rope.lookup(pos, torch.float32)
+    qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=g)
+    slots = torch.randperm(64, generator=g)[:T]
+    kc, vc = torch.zeros(64, nkv, hd), torch.zeros(64, nkv, hd)
+    q = torch.empty(T, nh, hd)
+    kernel.rope_write_kv(q, qkv, cos, sin, kc, vc, slots, nh, nkv, hd)
+    rq, rk, rv = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    rq, rk = RotaryEmbedding.apply(rq.reshape(T, nh, hd), rk.reshape(T, nkv, hd), cos, sin)
+    torch.testing.assert_close(q, rq, rtol=0, atol=0)
+    torch.testing.assert_close(kc[slots], rk, rtol=0, atol=0)
+    torch.testing.assert_close(vc[slots], rv.reshape(T, nkv, hd), rtol=0, atol=0)
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots] = False
+    assert not kc[untouched].any() and not vc[untouched].any()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import itertools
 import logging
 import queue
@@ -26,6 +27,19 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+def _release_openmp_pool() -> None:
+    """Free the calling thread's OpenMP worker pool (built while the model loaded).
+
+    NOTE: libgomp throttles its spin-waiting once it manages more threads than there are CPUs. A second pool
+    (the engine thread's) next to the loader's idle one crosses that line on small machines, and every parallel
+    region then pays a futex wake-up: single-stream decode ran at half the speed of the same loop on the main
+    thread (docs/benchmarks.md). Model work happens on the engine thread only after this."""
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(2)     # omp_pause_hard
+    except (OSError, AttributeError):
+        pass   # another OpenMP runtime, or none: nothing to release
 
 
 class _Stream:
@@ -68,6 +82,7 @@ class AsyncEngine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        _release_openmp_pool()
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
 
@@ -155,7 +170,7 @@ class AsyncEngine:
                 from lmserve.model.loader import load_state_dict
                 runner.model = runner._build_model()
                 runner.load_weights(load_state_dict(runner.model_path, dtype=runner.dtype))
-                runner.attach_quantized()
+                runner.attach_kernels()
             if not runner.kv_caches:
                 runner.allocate_kv_cache()
                 bm = self.engine.block_manager

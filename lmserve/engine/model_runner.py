@@ -18,6 +18,8 @@ from lmserve.model.registry import get_model_class
 from lmserve.outputs import TokenLogprob
 
 logger = logging.getLogger(__name__)
+# with --matmul-dtype bfloat16: batches up to this many rows still use the quantized kernel (faster up to ~10 rows)
+BF16_QUANT_KERNEL_MAX_ROWS = 8
 
 
 @dataclass
@@ -47,7 +49,7 @@ class ModelRunner:
         self.kernel = self._load_kernel()
         self.model = self._build_model()
         self.load_weights(load_state_dict(model_path, dtype=self.dtype))
-        self.attach_quantized()
+        self.attach_kernels()
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.allocate_kv_cache()
@@ -73,8 +75,16 @@ class ModelRunner:
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_weights(weights)
 
-    def attach_quantized(self) -> None:
-        max_rows = self.model_config.quant_kernel_max_rows
+    def attach_kernels(self) -> None:
+        """Weight twins for the fast paths: GGUF blocks for the quantized kernel, a bfloat16 copy for GEMMs."""
+        mc = self.model_config
+        fast = mc.matmul_dtype == "bfloat16" and self.dtype == torch.float32
+        max_rows = mc.quant_kernel_max_rows
+        if fast:
+            # NOTE: bfloat16 GEMM overtakes the quantized kernel from a few rows on (docs/benchmarks.md)
+            max_rows = min(max_rows, BF16_QUANT_KERNEL_MAX_ROWS)
+            self.model.attach_fast(torch.bfloat16)
+            logger.info("bfloat16 matmuls for batches of > %d rows", max_rows)
         if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path):
             return
         from lmserve.model.quant import load_gguf_quantized
@@ -84,6 +94,8 @@ class ModelRunner:
     def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_weights(weights)   # all-or-nothing
         self.model.detach_quantized()      # the quantized copies are stale now
+        if self.model_config.matmul_dtype == "bfloat16" and self.dtype == torch.float32:
+            self.model.attach_fast(torch.bfloat16)
 
     def _kv_block_bytes(self) -> int:
         a = self.arch

@@ -29,6 +29,56 @@ _SOURCE = r"""
 #include <vector>
 #include <algorithm>
 
+#ifdef LMSERVE_AVX512
+// expf for 16 lanes (Cephes polynomial, ~1 ulp): libm's scalar expf is what made softmax and SiLU slow
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// in place: x[0:n] = exp(x - max(x)) / sum
+static inline void softmax_inplace(float* x, int64_t n) {
+#ifdef LMSERVE_AVX512
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(x + j));
+  float mx = _mm512_reduce_max_ps(vmax);
+  for (int64_t i = j; i < n; ++i) mx = std::max(mx, x[i]);
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm));
+    _mm512_mask_storeu_ps(x + j, k, e);
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(k, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+  for (j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), inv));
+  }
+#else
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) { x[j] = std::exp(x[j] - mx); sum += x[j]; }
+  const float inv = 1.f / sum;
+  for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+#endif
+}
+
 // q: [num_seqs, num_heads, head_dim]; caches: [num_slots, num_kv_heads, head_dim] (float32, contiguous)
 // block_tables: [num_seqs, max_blocks] int64; context_lens: [num_seqs] int64; out like q.
 // One task per (sequence, kv head): scores for its `group` query heads, exact softmax, weighted sum of V.
@@ -59,15 +109,7 @@ static void decode_task(float* __restrict oh, const float* __restrict qh, const 
     }
     pos += count;
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* sc = scores.data() + g * n;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-    float sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
-  }
+  for (int64_t g = 0; g < group; ++g) softmax_inplace(scores.data() + g * n, n);
   // pass 2: weighted sum of V
   for (int64_t pos = start; pos < ctx;) {
     const int64_t blk = pos / block_size, off = pos % block_size;
@@ -207,6 +249,100 @@ static void qmatmul_impl(float* out, const float* x, const void* qv, const float
   });
 }
 
+
+// ---- fused elementwise ops: one call instead of several small PyTorch ops per layer ------------------------
+// Rounding follows the PyTorch reference op by op (-ffp-contract=off), except reductions, whose order differs.
+static inline void rms_row(float* __restrict o, const float* __restrict x, const float* __restrict w, int64_t H,
+                           float eps) {
+  float ss = 0.f;
+  #pragma omp simd reduction(+:ss)
+  for (int64_t j = 0; j < H; ++j) ss += x[j] * x[j];
+  const float r = 1.f / std::sqrt(ss / (float)H + eps);
+  #pragma omp simd
+  for (int64_t j = 0; j < H; ++j) o[j] = (x[j] * r) * w[j];
+}
+
+// out = rms_norm(x) * w; x, out: [T, H]
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && w.is_contiguous() && x.scalar_type() == torch::kFloat32);
+  const int64_t T = x.size(0), H = x.size(1);
+  float* op = out.data_ptr<float>(); const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rms_row(op + t * H, xp + t * H, wp, H, (float)eps);
+  });
+}
+
+// residual += x; x = rms_norm(residual) * w  (both in place)
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && w.is_contiguous() && x.scalar_type() == torch::kFloat32);
+  const int64_t T = x.size(0), H = x.size(1);
+  float* xp = x.data_ptr<float>(); float* rp = residual.data_ptr<float>(); const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* __restrict r = rp + t * H; const float* __restrict xi = xp + t * H;
+      #pragma omp simd
+      for (int64_t j = 0; j < H; ++j) r[j] = xi[j] + r[j];
+      rms_row(xp + t * H, r, wp, H, (float)eps);
+    }
+  });
+}
+
+static inline void rotate_half(float* __restrict dst, const float* __restrict src, const float* __restrict c,
+                               const float* __restrict s, int64_t half) {
+  #pragma omp simd
+  for (int64_t j = 0; j < half; ++j) {
+    const float x1 = src[j], x2 = src[j + half];
+    dst[j] = x1 * c[j] - x2 * s[j];
+    dst[j + half] = x2 * c[j] + x1 * s[j];
+  }
+}
+
+// qkv: [T, (nh + 2 * nkv) * hd]; cos, sin: [T, hd / 2]. Writes RoPE(q) to q_out [T, nh, hd], RoPE(k) and v to
+// the cache slots given by slot_mapping [T] (caches [num_slots, nkv, hd]).
+void rope_write_kv(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                   int64_t nh, int64_t nkv, int64_t hd) {
+  TORCH_CHECK(qkv.is_contiguous() && q_out.is_contiguous() && cos.is_contiguous() && sin.is_contiguous());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && qkv.scalar_type() == torch::kFloat32);
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && slot_mapping.scalar_type() == torch::kInt64);
+  const int64_t T = qkv.size(0), W = qkv.size(1), half = hd / 2;
+  TORCH_CHECK(W == (nh + 2 * nkv) * hd, "rope_write_kv: qkv width mismatch");
+  const float* qp = qkv.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
+  float* qo = q_out.data_ptr<float>(); float* kc = k_cache.data_ptr<float>(); float* vc = v_cache.data_ptr<float>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* row = qp + t * W; const float* c = cp + t * half; const float* s = sp + t * half;
+      for (int64_t h = 0; h < nh; ++h) rotate_half(qo + (t * nh + h) * hd, row + h * hd, c, s, half);
+      const int64_t slot = slots[t];
+      for (int64_t h = 0; h < nkv; ++h) rotate_half(kc + (slot * nkv + h) * hd, row + (nh + h) * hd, c, s, half);
+      std::copy(row + (nh + nkv) * hd, row + W, vc + slot * nkv * hd);
+    }
+  });
+}
+
+// out [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]
+void silu_mul(torch::Tensor out, torch::Tensor gate_up) {
+  TORCH_CHECK(out.is_contiguous() && gate_up.is_contiguous() && gate_up.scalar_type() == torch::kFloat32);
+  const int64_t T = out.size(0), I = out.size(1);
+  float* op = out.data_ptr<float>(); const float* gp = gate_up.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* __restrict g = gp + t * 2 * I; const float* __restrict u = g + I; float* __restrict o = op + t * I;
+      int64_t j = 0;
+#ifdef LMSERVE_AVX512
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; j + 16 <= I; j += 16) {
+        const __m512 x = _mm512_loadu_ps(g + j);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
+      }
+#endif
+      for (; j < I; ++j) o[j] = (g[j] / (1.f + std::exp(-g[j]))) * u[j];
+    }
+  });
+}
+
 void quant_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor m) {
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && d.is_contiguous() && m.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && d.scalar_type() == torch::kFloat32);
@@ -220,6 +356,18 @@ void quant_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor q, torch::Te
     qmatmul_impl<false>(out.data_ptr<float>(), x.data_ptr<float>(), q.data_ptr(), d.data_ptr<float>(),
                         m.data_ptr<float>(), M, N, nb);
   }
+}
+
+// NOTE: the GIL is released inside every kernel so the server's event loop (another thread of this process)
+// can run while the engine thread computes.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention, nogil);
+  m.def("quant_matmul", &quant_matmul, nogil);
+  m.def("rms_norm", &rms_norm, nogil);
+  m.def("add_rms_norm", &add_rms_norm, nogil);
+  m.def("rope_write_kv", &rope_write_kv, nogil);
+  m.def("silu_mul", &silu_mul, nogil);
 }
 """
 
@@ -251,7 +399,7 @@ def load() -> object | None:
             try:
                 from torch.utils.cpp_extension import load_inline
                 _module = load_inline(
-                    name=_build_name(), cpp_sources=[_SOURCE], functions=["paged_decode_attention", "quant_matmul"],
+                    name=_build_name(), cpp_sources=[_SOURCE], functions=None,
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False,
                     build_directory=_build_dir())
             except Exception as e:  # noqa: BLE001 - any build failure means "use the reference path"

@@ -14,8 +14,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # [num_tokens, hidden]
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, kernel=None):
+        """x: [num_tokens, hidden] -> rms_norm(x); with a residual -> (rms_norm(x + residual), x + residual).
+
+        With the C++ kernel (CPU, float32) the residual form works in place on x and residual."""
+        if kernel is not None:
+            if residual is None:
+                out = torch.empty_like(x)
+                kernel.rms_norm(out, x.contiguous(), self.weight, self.eps)
+                return out
+            kernel.add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is None:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        residual = x + residual
+        return F.rms_norm(residual, (x.shape[-1],), self.weight, self.eps), residual
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -74,11 +87,20 @@ class Linear(nn.Linear):
     quant = None            # QuantWeight | None
     kernel = None           # compiled cpu_kernels module
     max_quant_rows = 0
+    fast_weight = None      # bfloat16 copy of weight when ModelConfig.matmul_dtype is bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None and x.shape[0] <= self.max_quant_rows:
             return quant_linear(x, self.quant, self.kernel, self.bias)
+        if self.fast_weight is not None:
+            return fast_linear(x, self.fast_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (float32) @ weight.T in weight's (lower) dtype; the result comes back as float32."""
+    out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    return out if bias is None else out.add_(bias)
 
 
 def quant_linear(x: torch.Tensor, quant, kernel, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,6 +118,11 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+    def forward(self, x: torch.Tensor, kernel=None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if kernel is not None:
+            act = torch.empty(x.shape[0], self.intermediate_size, dtype=x.dtype, device=x.device)
+            kernel.silu_mul(act, gate_up)
+            return self.down_proj(act)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
-from lmserve.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, quant_linear
+from lmserve.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, fast_linear, quant_linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,14 +28,27 @@ class Attention(nn.Module):
 
     def forward(self, positions, x, meta: AttentionMetadata, kv_cache: KVCache):
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if meta.kernel is not None:
+            # one fused C++ pass: RoPE on q and k, k and v into the cache
+            q = torch.empty(num_tokens, self.num_heads, self.head_dim, dtype=x.dtype)
+            meta.kernel.rope_write_kv(q, qkv, meta.rope_cos, meta.rope_sin, kv_cache[0], kv_cache[1],
+                                      meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q = self._rope_write_kv(qkv, meta, kv_cache)
+        o = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)   # [num_tokens, heads, head_dim]
+        return self.o_proj(o.reshape(num_tokens, self.q_size))
+
+    def _rope_write_kv(self, qkv, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        """The PyTorch reference of the fused kernel."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = RotaryEmbedding.apply(q, k, meta.rope_cos, meta.rope_sin)
         write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
-        o = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)   # [num_tokens, heads, head_dim]
-        return self.o_proj(o.reshape(num_tokens, self.q_size))
+        return q
 
 
 class DecoderLayer(nn.Module):
@@ -46,9 +59,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, positions, x, meta, kv_cache):
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, meta, kv_cache):
+        """-> (this layer's MLP output, residual stream before it); the next layer's norm adds the two."""
+        kernel = meta.kernel
+        if residual is None:
+            x, residual = self.input_layernorm(x, kernel=kernel), x
+        else:
+            x, residual = self.input_layernorm(x, residual, kernel=kernel)
+        x = self.self_attn(positions, x, meta, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual, kernel=kernel)
+        return self.mlp(x, kernel=kernel), residual
 
 
 class LlamaModel(nn.Module):
@@ -67,6 +87,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_quant = None      # QuantWeight of the output projection, see attach_quantized
+        self.logits_fast = None       # its bfloat16 copy, see attach_fast
         self.kernel = None
         self.max_quant_rows = 0
 
@@ -75,15 +96,26 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens] -> final normed hidden states [num_tokens, hidden]."""
         x = self.model.embed_tokens(input_ids)
         meta.rope_cos, meta.rope_sin = self.model.rotary.lookup(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(positions, x, meta, kv_cache)
-        return self.model.norm(x)
+            x, residual = layer(positions, x, residual, meta, kv_cache)
+        return self.model.norm(x, residual, kernel=meta.kernel)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab] fp32
         if self.logits_quant is not None and hidden.shape[0] <= self.max_quant_rows:
             return quant_linear(hidden, self.logits_quant, self.kernel)
+        if self.logits_fast is not None:
+            return fast_linear(hidden, self.logits_fast)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return (hidden @ weight.t()).float()
+
+    def attach_fast(self, dtype: torch.dtype) -> None:
+        """Give every linear layer (and the output projection) a lower-precision copy for large matmuls."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.fast_weight = module.weight.detach().to(dtype)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.logits_fast = weight.detach().to(dtype)
 
     def attach_quantized(self, quant: dict, kernel, max_rows: int) -> int:
         """Give linear layers their quantized twins (HF names -> QuantWeight). Returns how many were attached."""
@@ -108,11 +140,11 @@ class LlamaForCausalLM(nn.Module):
         return attached
 
     def detach_quantized(self) -> None:
-        """Drop quantized twins (after a live weight update they would be stale)."""
+        """Drop quantized and lower-precision twins (after a live weight update they would be stale)."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.quant = None
-        self.logits_quant = None
+                module.quant = module.fast_weight = None
+        self.logits_quant = self.logits_fast = None
 
     # ---- weights -------------------------------------------------------------------------------------
     def load_weights(self, weights: dict[str, torch.Tensor]) -> list[str]:
