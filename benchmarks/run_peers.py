@@ -112,12 +112,14 @@ class Peer:
         raise NotImplementedError
 
 
+@dataclass
 class LmservePeer(Peer):
-    extra_args: ClassVar[list[str]] = []
+    extra_args: ClassVar[list[str]] = []    # --lmserve-args, for every lmserve variant
+    flags: tuple[str, ...] = ()             # this variant's own flags
 
     def command(self, gguf, port, level):
         return ([sys.executable, "-m", "lmserve", "serve", "api_server", gguf, "--server-name", "127.0.0.1",
-                 "--server-port", str(port), "--log-level", "WARNING", *self.extra_args], {})
+                 "--server-port", str(port), "--log-level", "WARNING", *self.flags, *self.extra_args], {})
 
 
 class LlamaServerPeer(Peer):
@@ -162,8 +164,8 @@ def _venv_has(python: str, module: str) -> bool:
 def discover(gguf: str) -> dict[str, Peer]:
     eos = {str(t): -100 for t in gguf_eos_ids(gguf)}
     peers = [
-        LmservePeer("lmserve", importlib.util.find_spec("lmserve.server.app") is not None,
-                    "lmserve.server.app not built yet"),
+        LmservePeer("lmserve", True),
+        LmservePeer("lmserve-bf16", True, flags=("--matmul-dtype", "bfloat16")),
         LlamaServerPeer("llama-server", os.access(LlamaServerPeer.binary, os.X_OK),
                         f"{LlamaServerPeer.binary} not built", restart_per_level=True, startup_s=120),
         # NOTE: llama-cpp-python ignores ignore_eos; a logit bias against EOS holds the output length instead.
@@ -309,20 +311,22 @@ def summarize(results: dict[str, dict], inproc: dict | None, levels: list[int]) 
         print(row + ttft + dec)
     if inproc:
         print(f"{'llamacpp-inproc':<18}single-stream decode {inproc['decode_tok_s']:.1f} tok/s")
-    ratios = {}
-    if "lmserve" in table:
-        ours = table["lmserve"]
+    all_ratios = {}
+    for our_name in (n for n in table if n.startswith("lmserve")):
+        ours, ratios = table[our_name], {}
         for name, lv in table.items():
-            if name == "lmserve":
+            if name.startswith("lmserve"):
                 continue
             ratios[name] = {c: ours[c]["output_throughput"] / lv[c]["output_throughput"]
                             for c in levels if c in ours and c in lv and lv[c]["output_throughput"] > 0}
         if inproc and 1 in ours:
             ratios["single_stream_vs_llamacpp_inproc"] = ours[1]["mean_decode_tok_s_per_request"] / inproc["decode_tok_s"]
-        print("\nlmserve output throughput / peer's:")
+        print(f"\n{our_name} output throughput / peer's:")
         for name, r in ratios.items():
             print(f"  {name}: " + (", ".join(f"c={c}: {v:.2f}x" for c, v in r.items()) if isinstance(r, dict)
                                    else f"{r:.2f}x"))
+        all_ratios[our_name] = ratios
+    ratios = all_ratios
     return {"levels": levels, "output_throughput": {n: {c: m["output_throughput"] for c, m in lv.items()}
                                                     for n, lv in table.items()},
             "ttft_p99_ms": {n: {c: m["ttft_ms"]["p99"] for c, m in lv.items()} for n, lv in table.items()},

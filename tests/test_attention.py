@@ -40,7 +40,9 @@ def reference(q, kc, vc, ctx, tables, window):
 
 
 @pytest.mark.parametrize("num_kv_heads,group,head_dim,window", [(3, 3, 64, None), (2, 2, 32, None),
-                                                                (4, 1, 16, None), (2, 4, 64, 20)])
+                                                                (4, 1, 16, None), (2, 4, 64, 20),
+                                                                (1, 8, 64, None), (2, 3, 128, 37),
+                                                                (2, 7, 128, None)])
 def test_kernel_matches_reference(num_kv_heads, group, head_dim, window):
     q, kc, vc, ctx, tables = random_case(9, num_kv_heads, group, head_dim, seed=head_dim + group)
     max_blocks = max(len(t) for t in tables)

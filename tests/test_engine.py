@@ -256,6 +256,7 @@ def test_bfloat16_matmuls_close_to_float32(smol_hf, prompt_ids):
                                     cache=CacheConfig(num_blocks=256)))
     linears = [m for m in engine.runner.model.modules() if getattr(m, "fast_weight", None) is not None]
     assert linears and all(m.fast_weight.dtype == torch.bfloat16 for m in linears)
+    assert engine.runner.model.logits_fast.dtype == torch.bfloat16
     ids = prompt_ids[2]
     ours = _prompt_logprobs(engine, ids)
     with torch.no_grad():

@@ -18,8 +18,9 @@ from lmserve.model.registry import get_model_class
 from lmserve.outputs import TokenLogprob
 
 logger = logging.getLogger(__name__)
-# with --matmul-dtype bfloat16: batches up to this many rows still use the quantized kernel (faster up to ~10 rows)
-BF16_QUANT_KERNEL_MAX_ROWS = 8
+# Where packed oneDNN GEMMs overtake the quantized-weight kernel (batch rows; benchmarks/decode_steps.py and
+# docs/benchmarks.md): --quant-kernel-max-rows is capped at this when packed weights are in use.
+PACKED_CROSSOVER_ROWS = {"float32": 10, "bfloat16": 4}
 
 
 @dataclass
@@ -78,24 +79,29 @@ class ModelRunner:
     def attach_kernels(self) -> None:
         """Weight twins for the fast paths: GGUF blocks for the quantized kernel, a bfloat16 copy for GEMMs."""
         mc = self.model_config
-        fast = mc.matmul_dtype == "bfloat16" and self.dtype == torch.float32
         max_rows = mc.quant_kernel_max_rows
-        if fast:
-            # NOTE: bfloat16 GEMM overtakes the quantized kernel from a few rows on (docs/benchmarks.md)
-            max_rows = min(max_rows, BF16_QUANT_KERNEL_MAX_ROWS)
-            self.model.attach_fast(torch.bfloat16)
-            logger.info("bfloat16 matmuls for batches of > %d rows", max_rows)
+        self._attach_fast()
+        head = self.model.logits_fast
+        if head is not None and head.is_mkldnn:
+            max_rows = min(max_rows, PACKED_CROSSOVER_ROWS[mc.matmul_dtype])
         if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path):
             return
         from lmserve.model.quant import load_gguf_quantized
         n = self.model.attach_quantized(load_gguf_quantized(self.model_path), self.kernel, max_rows)
         logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows)", n, max_rows)
 
+    def _attach_fast(self) -> None:
+        if self.dtype != torch.float32:
+            return
+        fast = torch.bfloat16 if self.model_config.matmul_dtype == "bfloat16" else torch.float32
+        self.model.attach_fast(fast)
+        logger.info("%s matmuls on %s weights", fast, "packed" if self.model.logits_fast is not None and
+                    self.model.logits_fast.is_mkldnn else "plain")
+
     def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_weights(weights)   # all-or-nothing
-        self.model.detach_quantized()      # the quantized copies are stale now
-        if self.model_config.matmul_dtype == "bfloat16" and self.dtype == torch.float32:
-            self.model.attach_fast(torch.bfloat16)
+        self.model.detach_quantized()      # the quantized and packed copies are stale now
+        self._attach_fast()
 
     def _kv_block_bytes(self) -> int:
         a = self.arch

@@ -128,6 +128,123 @@ static void decode_task(float* __restrict oh, const float* __restrict qh, const 
   std::copy(acc.begin(), acc.end(), oh);
 }
 
+
+#ifdef LMSERVE_AVX512
+// Sums of 16 vectors at once: lane j of the result = sum of the lanes of v[j]. A shuffle tree (4 levels, ~3
+// instructions per vector instead of a full horizontal reduction each); its lane order is fixed up by one
+// permutation, found once by running the tree on known inputs.
+static inline __m512 hsum16_tree(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+static __m512i hsum16_order() {
+  alignas(64) __m512 v[16];
+  for (int j = 0; j < 16; ++j) v[j] = _mm512_set1_ps((float)j / 16.f);   // lane sum = j
+  alignas(64) float r[16];
+  _mm512_store_ps(r, hsum16_tree(v));
+  alignas(64) int32_t idx[16];
+  for (int i = 0; i < 16; ++i) idx[(int)std::lround(r[i])] = i;
+  return _mm512_load_si512(idx);
+}
+
+static inline __m512 hsum16(const __m512* v) {
+  static const __m512i order = hsum16_order();
+  return _mm512_permutexvar_ps(order, hsum16_tree(v));
+}
+
+// decode_task for head_dim = 16 * NV and G query heads per kv head, with explicit AVX-512: dot products leave
+// 16-lane partials that hsum16 reduces 16 positions at a time; V is accumulated in G x NV registers.
+template <int G, int NV>
+static void decode_task_avx(float* __restrict oh, const float* __restrict qh, const float* kp, const float* vp,
+                            const int64_t* bt, int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads,
+                            int64_t h, float scale, std::vector<float>& scores) {
+  constexpr int64_t hd = 16 * NV;
+  const int64_t n = ctx - start, npad = (n + 15) / 16 * 16;
+  scores.resize(G * npad);
+  const int64_t row_stride = num_kv_heads * hd;
+  __m512 qv[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NV; ++i) qv[g][i] = _mm512_loadu_ps(qh + g * hd + 16 * i);
+  alignas(64) __m512 part[G][16];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int cnt = 0;
+  int64_t base = 0;
+  for (int64_t pos = start; pos < ctx;) {
+    const int64_t blk = pos / block_size, off = pos % block_size;
+    const int64_t count = std::min(block_size - off, ctx - pos);
+    const float* kr = kp + (bt[blk] * block_size + off) * row_stride + h * hd;
+    for (int64_t t = 0; t < count; ++t, kr += row_stride) {
+      __m512 kv[NV];
+      for (int i = 0; i < NV; ++i) kv[i] = _mm512_loadu_ps(kr + 16 * i);
+      for (int g = 0; g < G; ++g) {
+        __m512 p = _mm512_mul_ps(qv[g][0], kv[0]);
+        for (int i = 1; i < NV; ++i) p = _mm512_fmadd_ps(qv[g][i], kv[i], p);
+        part[g][cnt] = p;
+      }
+      if (++cnt == 16) {
+        for (int g = 0; g < G; ++g) _mm512_storeu_ps(scores.data() + g * npad + base, _mm512_mul_ps(hsum16(part[g]), vscale));
+        base += 16;
+        cnt = 0;
+      }
+    }
+    pos += count;
+  }
+  if (cnt > 0) {
+    for (int g = 0; g < G; ++g) {
+      for (int j = cnt; j < 16; ++j) part[g][j] = _mm512_setzero_ps();
+      _mm512_storeu_ps(scores.data() + g * npad + base, _mm512_mul_ps(hsum16(part[g]), vscale));
+    }
+  }
+  for (int g = 0; g < G; ++g) softmax_inplace(scores.data() + g * npad, n);
+  __m512 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (int64_t pos = start; pos < ctx;) {
+    const int64_t blk = pos / block_size, off = pos % block_size;
+    const int64_t count = std::min(block_size - off, ctx - pos);
+    const float* vr = vp + (bt[blk] * block_size + off) * row_stride + h * hd;
+    for (int64_t t = 0; t < count; ++t, vr += row_stride, ++j) {
+      __m512 vv[NV];
+      for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(vr + 16 * i);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[g * npad + j]);
+        for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
+      }
+    }
+    pos += count;
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(oh + g * hd + 16 * i, acc[g][i]);
+}
+
+// true if an AVX-512 specialisation handled this task
+static inline bool decode_task_fast(float* oh, const float* qh, const float* kp, const float* vp, const int64_t* bt,
+                                    int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads, int64_t h,
+                                    int64_t group, int64_t head_dim, float scale, std::vector<float>& scores) {
+#define LMSERVE_TASK(G, NV) decode_task_avx<G, NV>(oh, qh, kp, vp, bt, ctx, start, block_size, num_kv_heads, h, scale, scores); return true
+  if (head_dim == 64) {
+    switch (group) {
+      case 1: LMSERVE_TASK(1, 4); case 2: LMSERVE_TASK(2, 4); case 3: LMSERVE_TASK(3, 4); case 4: LMSERVE_TASK(4, 4);
+      case 5: LMSERVE_TASK(5, 4); case 6: LMSERVE_TASK(6, 4); case 7: LMSERVE_TASK(7, 4); case 8: LMSERVE_TASK(8, 4);
+    }
+  } else if (head_dim == 128) {
+    switch (group) {
+      case 1: LMSERVE_TASK(1, 8); case 2: LMSERVE_TASK(2, 8); case 3: LMSERVE_TASK(3, 8); case 4: LMSERVE_TASK(4, 8);
+    }
+  }
+#undef LMSERVE_TASK
+  return false;
+}
+#endif
+
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
                             double scale, int64_t window) {
@@ -153,6 +270,10 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       const float* qh = qp + (s * num_heads + h * group) * head_dim;
       float* oh = op + (s * num_heads + h * group) * head_dim;
       const int64_t* sbt = bt + s * max_blocks;
+#ifdef LMSERVE_AVX512
+      if (decode_task_fast(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores))
+        continue;
+#endif
       if (head_dim == 64)
         decode_task<64>(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores, acc);
       else if (head_dim == 128)
@@ -188,25 +309,29 @@ static void qmatmul_rows(float* out, const float* x, const void* qv, const float
   const int64_t K = nb * 32;
 #ifdef LMSERVE_AVX512
   // NOTE: q * d then + m as two roundings (not one FMA) so each weight equals the loader's float32 value.
-  const __m128i low4 = _mm_set1_epi8(0x0F);
+  // Q4: the group's 16 possible weights d * k + m (k = 0..15) form one register; vpermps picks them by the
+  // nibble (it reads only the low 4 bits of each index lane, so the high nibble needs just a shift).
+  const __m512 ks = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc0[R], acc1[R];
     for (int r = 0; r < R; ++r) { acc0[r] = _mm512_setzero_ps(); acc1[r] = _mm512_setzero_ps(); }
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t g = n * nb + b;
       const __m512 vd = _mm512_set1_ps(d[g]), vm = _mm512_set1_ps(m[g]);
-      __m512i q0, q1;
+      __m512 w0, w1;
       if (Q4) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(qv) + g * 16));
-        q0 = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4));
-        q1 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+        const __m512 table = _mm512_add_ps(_mm512_mul_ps(ks, vd), vm);
+        const __m512i idx = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(qv) + g * 16)));
+        w0 = _mm512_permutexvar_ps(idx, table);
+        w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
       } else {
         const int8_t* qb = static_cast<const int8_t*>(qv) + g * 32;
-        q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)));
-        q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16)));
+        const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)));
+        const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16)));
+        w0 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q0), vd), vm);
+        w1 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q1), vd), vm);
       }
-      const __m512 w0 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q0), vd), vm);
-      const __m512 w1 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q1), vd), vm);
       for (int r = 0; r < R; ++r) {
         const float* xr = x + r * K + b * 32;
         acc0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, acc0[r]);

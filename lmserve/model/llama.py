@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
-from lmserve.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, fast_linear, quant_linear
+from lmserve.model.layers import (GatedMLP, Linear, RMSNorm, RotaryEmbedding, fast_linear, make_fast_weight,
+                                  quant_linear)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -87,7 +88,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_quant = None      # QuantWeight of the output projection, see attach_quantized
-        self.logits_fast = None       # its bfloat16 copy, see attach_fast
+        self.logits_fast = None       # its packed copy, see attach_fast
         self.kernel = None
         self.max_quant_rows = 0
 
@@ -110,12 +111,12 @@ class LlamaForCausalLM(nn.Module):
         return (hidden @ weight.t()).float()
 
     def attach_fast(self, dtype: torch.dtype) -> None:
-        """Give every linear layer (and the output projection) a lower-precision copy for large matmuls."""
+        """Give every linear layer (and the output projection) a packed / lower-precision copy for large matmuls."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.fast_weight = module.weight.detach().to(dtype)
+                module.fast_weight = make_fast_weight(module.weight, dtype)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.logits_fast = weight.detach().to(dtype)
+        self.logits_fast = make_fast_weight(weight, dtype)
 
     def attach_quantized(self, quant: dict, kernel, max_rows: int) -> int:
         """Give linear layers their quantized twins (HF names -> QuantWeight). Returns how many were attached."""
