@@ -180,7 +180,13 @@ static void decode_task_avx(float* __restrict oh, const float* __restrict qh, co
     const int64_t blk = pos / block_size, off = pos % block_size;
     const int64_t count = std::min(block_size - off, ctx - pos);
     const float* kr = kp + (bt[blk] * block_size + off) * row_stride + h * hd;
+    // NOTE: blocks are scattered, so the hardware prefetcher loses the stream at every block edge; fetch the
+    // next block's rows while this one is computed (same for V below)
+    const int64_t nblk_pos = (blk + 1) * block_size;
+    const float* nk = nblk_pos < ctx ? kp + bt[blk + 1] * block_size * row_stride + h * hd : nullptr;
     for (int64_t t = 0; t < count; ++t, kr += row_stride) {
+      if (nk != nullptr)
+        for (int i = 0; i < NV; ++i) _mm_prefetch(reinterpret_cast<const char*>(nk + (off + t) * row_stride + 16 * i), _MM_HINT_T0);
       __m512 kv[NV];
       for (int i = 0; i < NV; ++i) kv[i] = _mm512_loadu_ps(kr + 16 * i);
       for (int g = 0; g < G; ++g) {
@@ -211,7 +217,11 @@ static void decode_task_avx(float* __restrict oh, const float* __restrict qh, co
     const int64_t blk = pos / block_size, off = pos % block_size;
     const int64_t count = std::min(block_size - off, ctx - pos);
     const float* vr = vp + (bt[blk] * block_size + off) * row_stride + h * hd;
+    const int64_t nblk_pos = (blk + 1) * block_size;
+    const float* nv = nblk_pos < ctx ? vp + bt[blk + 1] * block_size * row_stride + h * hd : nullptr;
     for (int64_t t = 0; t < count; ++t, vr += row_stride, ++j) {
+      if (nv != nullptr)
+        for (int i = 0; i < NV; ++i) _mm_prefetch(reinterpret_cast<const char*>(nv + (off + t) * row_stride + 16 * i), _MM_HINT_T0);
       __m512 vv[NV];
       for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(vr + 16 * i);
       for (int g = 0; g < G; ++g) {
