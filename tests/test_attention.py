@@ -43,8 +43,10 @@ def reference(q, kc, vc, ctx, tables, window):
                                                                 (4, 1, 16, None), (2, 4, 64, 20),
                                                                 (1, 8, 64, None), (2, 3, 128, 37),
                                                                 (2, 7, 128, None)])
-def test_kernel_matches_reference(num_kv_heads, group, head_dim, window):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference(num_kv_heads, group, head_dim, window, cache_dtype):
     q, kc, vc, ctx, tables = random_case(9, num_kv_heads, group, head_dim, seed=head_dim + group)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)   # the reference widens a bfloat16 cache the same way
     max_blocks = max(len(t) for t in tables)
     decode = DecodeBatch(None, torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]), torch.tensor(ctx))
     meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [], decode, BS, window, kernel)
@@ -100,7 +102,8 @@ def test_silu_mul_matches_reference():
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
 
 
-def test_rope_write_kv_matches_reference():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_matches_reference(cache_dtype):
     from lmserve.model.layers import RotaryEmbedding
     g = torch.Generator().manual_seed(2)
     nh, nkv, hd, T = 6, 2, 64, 11
@@ -109,14 +112,14 @@ def test_rope_write_kv_matches_reference():
     cos, sin = rope.lookup(pos, torch.float32)
     qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=g)
     slots = torch.randperm(64, generator=g)[:T]
-    kc, vc = torch.zeros(64, nkv, hd), torch.zeros(64, nkv, hd)
+    kc, vc = torch.zeros(64, nkv, hd, dtype=cache_dtype), torch.zeros(64, nkv, hd, dtype=cache_dtype)
     q = torch.empty(T, nh, hd)
     kernel.rope_write_kv(q, qkv, cos, sin, kc, vc, slots, nh, nkv, hd)
     rq, rk, rv = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
     rq, rk = RotaryEmbedding.apply(rq.reshape(T, nh, hd), rk.reshape(T, nkv, hd), cos, sin)
     torch.testing.assert_close(q, rq, rtol=0, atol=0)
-    torch.testing.assert_close(kc[slots], rk, rtol=0, atol=0)
-    torch.testing.assert_close(vc[slots], rv.reshape(T, nkv, hd), rtol=0, atol=0)
+    torch.testing.assert_close(kc[slots], rk.to(cache_dtype), rtol=0, atol=0)
+    torch.testing.assert_close(vc[slots], rv.reshape(T, nkv, hd).to(cache_dtype), rtol=0, atol=0)
     untouched = torch.ones(64, dtype=torch.bool)
     untouched[slots] = False
     assert not kc[untouched].any() and not vc[untouched].any()

@@ -265,3 +265,13 @@ def test_bfloat16_matmuls_close_to_float32(smol_hf, prompt_ids):
     diff = (ours - ref).abs()
     assert diff.max() < 0.5 and diff.mean() < 0.1
     assert diff.max() > 1e-5      # the bfloat16 path did run (float32 agrees to ~1e-5)
+    # decoding reads the bfloat16 KV cache through the C++ kernel; score the continuation with transformers
+    assert engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    outs = engine.generate(prompt_ids[:4], greedy(16, logprobs=0))
+    for p, out in zip(prompt_ids[:4], outs):
+        full = p + out.outputs[0].token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(smol_hf(torch.tensor([full])).logits[0].float(), dim=-1)
+        got = torch.tensor([lp.logprob for lp in out.outputs[0].logprobs])
+        want = ref[torch.arange(len(p) - 1, len(full) - 1), torch.tensor(out.outputs[0].token_ids)]
+        assert (got - want).abs().max() < 0.5 and (got - want).abs().mean() < 0.1

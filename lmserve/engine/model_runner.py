@@ -41,6 +41,9 @@ class ModelRunner:
         if model_config.num_threads:
             torch.set_num_threads(model_config.num_threads)
         self.dtype = model_config.torch_dtype
+        # --matmul-dtype bfloat16 also halves the KV cache (decode attention at large batch is bound by reading it)
+        self.kv_dtype = torch.bfloat16 if (model_config.matmul_dtype == "bfloat16" and self.dtype == torch.float32) \
+            else self.dtype
         self.arch: ArchConfig = load_arch_config(model_path)
         self.block_size = cache_config.block_size
         self.max_model_len = min(max_model_len or self.arch.max_position_embeddings,
@@ -105,7 +108,7 @@ class ModelRunner:
 
     def _kv_block_bytes(self) -> int:
         a = self.arch
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         return 2 * a.num_hidden_layers * self.block_size * a.num_key_value_heads * a.head_dim * elem
 
     def _decide_num_blocks(self) -> int:
@@ -132,13 +135,13 @@ class ModelRunner:
         for _ in range(a.num_hidden_layers):
             # NOTE: empty, not zeros: pages are touched only when used. Only the null block must be zero,
             # because padded gathers read it and 0-weight * NaN garbage would still be NaN.
-            k, v = torch.empty(shape, dtype=self.dtype, device=self.device), \
-                torch.empty(shape, dtype=self.dtype, device=self.device)
+            k, v = torch.empty(shape, dtype=self.kv_dtype, device=self.device), \
+                torch.empty(shape, dtype=self.kv_dtype, device=self.device)
             k[:self.block_size].zero_()
             v[:self.block_size].zero_()
             self.kv_caches.append((k, v))
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
-                    self.num_blocks * self._kv_block_bytes() / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens, %s (%.1f MiB)", self.num_blocks, self.block_size,
+                    self.kv_dtype, self.num_blocks * self._kv_block_bytes() / 2**20)
 
     def free_kv_cache(self) -> None:
         self.kv_caches = []

@@ -46,8 +46,8 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -67,8 +67,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[d.token_rows] = od
     for g in meta.groups:
         qg = q[g.token_index].transpose(1, 2)            # [num_seqs, num_heads, q_len, head_dim]
-        kg = k_cache[g.kv_slots].transpose(1, 2)         # [num_seqs, num_kv_heads, kv_len, head_dim]
-        vg = v_cache[g.kv_slots].transpose(1, 2)
+        # [num_seqs, num_kv_heads, kv_len, head_dim]; a bfloat16 cache is widened to the query's dtype
+        kg = k_cache[g.kv_slots].to(q.dtype).transpose(1, 2)
+        vg = v_cache[g.kv_slots].to(q.dtype).transpose(1, 2)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
                                             enable_gqa=qg.shape[1] != kg.shape[1])
         out[g.token_index.reshape(-1)] = og.transpose(1, 2).reshape(-1, *q.shape[1:])

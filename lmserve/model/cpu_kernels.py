@@ -48,6 +48,16 @@ static inline __m512 exp512(__m512 x) {
 }
 #endif
 
+// K/V caches hold float32 or (with --matmul-dtype bfloat16) bfloat16; reads widen to float32
+static inline float to_f(float x) { return x; }
+static inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+#ifdef LMSERVE_AVX512
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
 // in place: x[0:n] = exp(x - max(x)) / sum
 static inline void softmax_inplace(float* x, int64_t n) {
 #ifdef LMSERVE_AVX512
@@ -83,8 +93,8 @@ static inline void softmax_inplace(float* x, int64_t n) {
 // block_tables: [num_seqs, max_blocks] int64; context_lens: [num_seqs] int64; out like q.
 // One task per (sequence, kv head): scores for its `group` query heads, exact softmax, weighted sum of V.
 // Positions are walked block by block, so there is no division per position.
-template <int D>
-static void decode_task(float* __restrict oh, const float* __restrict qh, const float* kp, const float* vp,
+template <int D, typename T>
+static void decode_task(float* __restrict oh, const float* __restrict qh, const T* kp, const T* vp,
                         const int64_t* bt, int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads,
                         int64_t h, int64_t group, int64_t head_dim, float scale, std::vector<float>& scores,
                         std::vector<float>& acc) {
@@ -97,13 +107,13 @@ static void decode_task(float* __restrict oh, const float* __restrict qh, const 
   for (int64_t pos = start; pos < ctx;) {
     const int64_t blk = pos / block_size, off = pos % block_size;
     const int64_t count = std::min(block_size - off, ctx - pos);
-    const float* kr = kp + (bt[blk] * block_size + off) * row_stride + h * hd;
+    const T* kr = kp + (bt[blk] * block_size + off) * row_stride + h * hd;
     for (int64_t t = 0; t < count; ++t, kr += row_stride) {
       for (int64_t g = 0; g < group; ++g) {
         const float* __restrict qr = qh + g * hd;
         float dot = 0.f;
         #pragma omp simd reduction(+:dot)
-        for (int64_t d = 0; d < hd; ++d) dot += qr[d] * kr[d];
+        for (int64_t d = 0; d < hd; ++d) dot += qr[d] * to_f(kr[d]);
         scores[g * n + (pos - start) + t] = dot * scale;
       }
     }
@@ -114,13 +124,13 @@ static void decode_task(float* __restrict oh, const float* __restrict qh, const 
   for (int64_t pos = start; pos < ctx;) {
     const int64_t blk = pos / block_size, off = pos % block_size;
     const int64_t count = std::min(block_size - off, ctx - pos);
-    const float* vr = vp + (bt[blk] * block_size + off) * row_stride + h * hd;
+    const T* vr = vp + (bt[blk] * block_size + off) * row_stride + h * hd;
     for (int64_t t = 0; t < count; ++t, vr += row_stride) {
       for (int64_t g = 0; g < group; ++g) {
         const float p = scores[g * n + (pos - start) + t];
         float* __restrict a = acc.data() + g * hd;
         #pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) a[d] += p * vr[d];
+        for (int64_t d = 0; d < hd; ++d) a[d] += p * to_f(vr[d]);
       }
     }
     pos += count;
@@ -161,8 +171,8 @@ static inline __m512 hsum16(const __m512* v) {
 
 // decode_task for head_dim = 16 * NV and G query heads per kv head, with explicit AVX-512: dot products leave
 // 16-lane partials that hsum16 reduces 16 positions at a time; V is accumulated in G x NV registers.
-template <int G, int NV>
-static void decode_task_avx(float* __restrict oh, const float* __restrict qh, const float* kp, const float* vp,
+template <int G, int NV, typename T>
+static void decode_task_avx(float* __restrict oh, const float* __restrict qh, const T* kp, const T* vp,
                             const int64_t* bt, int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads,
                             int64_t h, float scale, std::vector<float>& scores) {
   constexpr int64_t hd = 16 * NV;
@@ -179,16 +189,16 @@ static void decode_task_avx(float* __restrict oh, const float* __restrict qh, co
   for (int64_t pos = start; pos < ctx;) {
     const int64_t blk = pos / block_size, off = pos % block_size;
     const int64_t count = std::min(block_size - off, ctx - pos);
-    const float* kr = kp + (bt[blk] * block_size + off) * row_stride + h * hd;
+    const T* kr = kp + (bt[blk] * block_size + off) * row_stride + h * hd;
     // NOTE: blocks are scattered, so the hardware prefetcher loses the stream at every block edge; fetch the
     // next block's rows while this one is computed (same for V below)
     const int64_t nblk_pos = (blk + 1) * block_size;
-    const float* nk = nblk_pos < ctx ? kp + bt[blk + 1] * block_size * row_stride + h * hd : nullptr;
+    const T* nk = nblk_pos < ctx ? kp + bt[blk + 1] * block_size * row_stride + h * hd : nullptr;
     for (int64_t t = 0; t < count; ++t, kr += row_stride) {
       if (nk != nullptr)
-        for (int i = 0; i < NV; ++i) _mm_prefetch(reinterpret_cast<const char*>(nk + (off + t) * row_stride + 16 * i), _MM_HINT_T0);
+        for (int64_t b = 0; b < hd * (int64_t)sizeof(T); b += 64) _mm_prefetch(reinterpret_cast<const char*>(nk + (off + t) * row_stride) + b, _MM_HINT_T0);
       __m512 kv[NV];
-      for (int i = 0; i < NV; ++i) kv[i] = _mm512_loadu_ps(kr + 16 * i);
+      for (int i = 0; i < NV; ++i) kv[i] = load16(kr + 16 * i);
       for (int g = 0; g < G; ++g) {
         __m512 p = _mm512_mul_ps(qv[g][0], kv[0]);
         for (int i = 1; i < NV; ++i) p = _mm512_fmadd_ps(qv[g][i], kv[i], p);
@@ -216,14 +226,14 @@ static void decode_task_avx(float* __restrict oh, const float* __restrict qh, co
   for (int64_t pos = start; pos < ctx;) {
     const int64_t blk = pos / block_size, off = pos % block_size;
     const int64_t count = std::min(block_size - off, ctx - pos);
-    const float* vr = vp + (bt[blk] * block_size + off) * row_stride + h * hd;
+    const T* vr = vp + (bt[blk] * block_size + off) * row_stride + h * hd;
     const int64_t nblk_pos = (blk + 1) * block_size;
-    const float* nv = nblk_pos < ctx ? vp + bt[blk + 1] * block_size * row_stride + h * hd : nullptr;
+    const T* nv = nblk_pos < ctx ? vp + bt[blk + 1] * block_size * row_stride + h * hd : nullptr;
     for (int64_t t = 0; t < count; ++t, vr += row_stride, ++j) {
       if (nv != nullptr)
-        for (int i = 0; i < NV; ++i) _mm_prefetch(reinterpret_cast<const char*>(nv + (off + t) * row_stride + 16 * i), _MM_HINT_T0);
+        for (int64_t b = 0; b < hd * (int64_t)sizeof(T); b += 64) _mm_prefetch(reinterpret_cast<const char*>(nv + (off + t) * row_stride) + b, _MM_HINT_T0);
       __m512 vv[NV];
-      for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(vr + 16 * i);
+      for (int i = 0; i < NV; ++i) vv[i] = load16(vr + 16 * i);
       for (int g = 0; g < G; ++g) {
         const __m512 p = _mm512_set1_ps(scores[g * npad + j]);
         for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
@@ -236,10 +246,11 @@ static void decode_task_avx(float* __restrict oh, const float* __restrict qh, co
 }
 
 // true if an AVX-512 specialisation handled this task
-static inline bool decode_task_fast(float* oh, const float* qh, const float* kp, const float* vp, const int64_t* bt,
+template <typename T>
+static inline bool decode_task_fast(float* oh, const float* qh, const T* kp, const T* vp, const int64_t* bt,
                                     int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads, int64_t h,
                                     int64_t group, int64_t head_dim, float scale, std::vector<float>& scores) {
-#define LMSERVE_TASK(G, NV) decode_task_avx<G, NV>(oh, qh, kp, vp, bt, ctx, start, block_size, num_kv_heads, h, scale, scores); return true
+#define LMSERVE_TASK(G, NV) decode_task_avx<G, NV, T>(oh, qh, kp, vp, bt, ctx, start, block_size, num_kv_heads, h, scale, scores); return true
   if (head_dim == 64) {
     switch (group) {
       case 1: LMSERVE_TASK(1, 4); case 2: LMSERVE_TASK(2, 4); case 3: LMSERVE_TASK(3, 4); case 4: LMSERVE_TASK(4, 4);
@@ -255,18 +266,17 @@ static inline bool decode_task_fast(float* oh, const float* qh, const float* kp,
 }
 #endif
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
-                            double scale, int64_t window) {
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous());
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32);
+template <typename T>
+static void paged_decode_attention_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                        torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
+                                        double scale, int64_t window) {
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1);
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_tables.size(1);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* cl = context_lens.data_ptr<int64_t>();
@@ -285,13 +295,26 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
         continue;
 #endif
       if (head_dim == 64)
-        decode_task<64>(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores, acc);
+        decode_task<64, T>(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores, acc);
       else if (head_dim == 128)
-        decode_task<128>(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores, acc);
+        decode_task<128, T>(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores, acc);
       else
-        decode_task<0>(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores, acc);
+        decode_task<0, T>(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores, acc);
     }
   });
+}
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
+                            double scale, int64_t window) {
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous());
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == v_cache.scalar_type());
+  if (k_cache.scalar_type() == torch::kBFloat16)
+    paged_decode_attention_impl<c10::BFloat16>(out, q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window);
+  else {
+    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "paged_decode_attention: cache must be float32 or bfloat16");
+    paged_decode_attention_impl<float>(out, q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window);
+  }
 }
 
 // out[M, N] = x[M, K] @ W^T with W kept in 32-element groups, w = d * q + m (see quant.py for the formats).
@@ -422,38 +445,53 @@ void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, doub
   });
 }
 
-static inline void rotate_half(float* __restrict dst, const float* __restrict src, const float* __restrict c,
+template <typename T>
+static inline void rotate_half(T* __restrict dst, const float* __restrict src, const float* __restrict c,
                                const float* __restrict s, int64_t half) {
   #pragma omp simd
   for (int64_t j = 0; j < half; ++j) {
     const float x1 = src[j], x2 = src[j + half];
-    dst[j] = x1 * c[j] - x2 * s[j];
-    dst[j + half] = x2 * c[j] + x1 * s[j];
+    dst[j] = T(x1 * c[j] - x2 * s[j]);
+    dst[j + half] = T(x2 * c[j] + x1 * s[j]);
   }
 }
 
 // qkv: [T, (nh + 2 * nkv) * hd]; cos, sin: [T, hd / 2]. Writes RoPE(q) to q_out [T, nh, hd], RoPE(k) and v to
 // the cache slots given by slot_mapping [T] (caches [num_slots, nkv, hd]).
-void rope_write_kv(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
-                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
-                   int64_t nh, int64_t nkv, int64_t hd) {
+template <typename KV>
+static void rope_write_kv_impl(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                               torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                               int64_t nh, int64_t nkv, int64_t hd) {
   TORCH_CHECK(qkv.is_contiguous() && q_out.is_contiguous() && cos.is_contiguous() && sin.is_contiguous());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && qkv.scalar_type() == torch::kFloat32);
-  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && slot_mapping.scalar_type() == torch::kInt64);
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64);
   const int64_t T = qkv.size(0), W = qkv.size(1), half = hd / 2;
   TORCH_CHECK(W == (nh + 2 * nkv) * hd, "rope_write_kv: qkv width mismatch");
   const float* qp = qkv.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
-  float* qo = q_out.data_ptr<float>(); float* kc = k_cache.data_ptr<float>(); float* vc = v_cache.data_ptr<float>();
+  float* qo = q_out.data_ptr<float>(); KV* kc = k_cache.data_ptr<KV>(); KV* vc = v_cache.data_ptr<KV>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* row = qp + t * W; const float* c = cp + t * half; const float* s = sp + t * half;
-      for (int64_t h = 0; h < nh; ++h) rotate_half(qo + (t * nh + h) * hd, row + h * hd, c, s, half);
+      for (int64_t h = 0; h < nh; ++h) rotate_half<float>(qo + (t * nh + h) * hd, row + h * hd, c, s, half);
       const int64_t slot = slots[t];
-      for (int64_t h = 0; h < nkv; ++h) rotate_half(kc + (slot * nkv + h) * hd, row + (nh + h) * hd, c, s, half);
-      std::copy(row + (nh + nkv) * hd, row + W, vc + slot * nkv * hd);
+      for (int64_t h = 0; h < nkv; ++h) rotate_half<KV>(kc + (slot * nkv + h) * hd, row + (nh + h) * hd, c, s, half);
+      KV* vdst = vc + slot * nkv * hd;
+      for (int64_t j = 0; j < nkv * hd; ++j) vdst[j] = KV(row[(nh + nkv) * hd + j]);
     }
   });
+}
+
+void rope_write_kv(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                   int64_t nh, int64_t nkv, int64_t hd) {
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type());
+  if (k_cache.scalar_type() == torch::kBFloat16)
+    rope_write_kv_impl<c10::BFloat16>(q_out, qkv, cos, sin, k_cache, v_cache, slot_mapping, nh, nkv, hd);
+  else {
+    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "rope_write_kv: cache must be float32 or bfloat16");
+    rope_write_kv_impl<float>(q_out, qkv, cos, sin, k_cache, v_cache, slot_mapping, nh, nkv, hd);
+  }
 }
 
 // out [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]
