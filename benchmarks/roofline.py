@@ -53,8 +53,8 @@ def flops_per_token(s: dict, context: int) -> tuple[float, int]:
     return 2.0 * weights + attention, weights
 
 
-def gemm_gflops(m: int, k: int, n: int, seconds: float = 1.0) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def gemm_gflops(m: int, k: int, n: int, seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(3):
         torch.matmul(a, b)
     iters, t0 = 0, time.perf_counter()
@@ -104,11 +104,17 @@ def main() -> None:
         decode[m] = {"mlp_up": mlp, "lm_head": head}
         print(f"batch {m:>3}: MLP GEMM {mlp:7.1f} GFLOP/s, lm_head GEMM {head:7.1f} GFLOP/s")
     peak = max(list(square.values()) + [v for d in decode.values() for v in d.values()])
+    # bfloat16 inputs, float32 accumulation (--matmul-dtype bfloat16)
+    bf16 = {n: gemm_gflops(n, n, n, dtype=torch.bfloat16) for n in (512, 1024, 2048)}
+    for n, g in bf16.items():
+        print(f"bf16 GEMM {n}x{n}x{n}: {g:7.1f} GFLOP/s")
+    peak_bf16 = max(bf16.values())
     bw = bandwidth_gb_s()
     print(f"memory copy bandwidth: {bw:.1f} GB/s")
 
     compute_ceiling = peak * 1e9 / flops
     print(f"\ncompute ceiling: {peak:.1f} GFLOP/s / {flops / 1e9:.3f} GFLOP = {compute_ceiling:.0f} output tokens/s")
+    print(f"compute ceiling, bf16 matmuls: {peak_bf16:.1f} GFLOP/s -> {peak_bf16 * 1e9 / flops:.0f} output tokens/s")
     mem = {}
     for name, bytes_per_weight in (("fp32", 4.0), ("bf16", 2.0), ("int8", 1.0625), ("q4_1", 0.625)):
         mem[name] = bw * 1e9 / (num_weights * bytes_per_weight)
@@ -119,7 +125,9 @@ def main() -> None:
             json.dump({"model": shape, "flops_per_token": flops, "num_matmul_weights": num_weights,
                        "threads": torch.get_num_threads(), "gemm_square_gflops": square,
                        "gemm_decode_gflops": decode, "peak_gflops": peak, "bandwidth_gb_s": bw,
-                       "compute_ceiling_tok_s": compute_ceiling, "memory_ceiling_tok_s": mem}, f, indent=2)
+                       "compute_ceiling_tok_s": compute_ceiling, "memory_ceiling_tok_s": mem,
+                       "gemm_bf16_gflops": bf16, "peak_bf16_gflops": peak_bf16,
+                       "compute_ceiling_bf16_tok_s": peak_bf16 * 1e9 / flops}, f, indent=2)
         print(f"saved {args.save_result}")
 
 
