@@ -220,6 +220,8 @@ def bench(peer: Peer, base_url: str, level: int, num_prompts: int, args, out_jso
            str(num_prompts), "--label", peer.name, "--save-result", out_json]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
+    if args.request_rate:
+        cmd += ["--request-rate", str(args.request_rate)]
     if peer.extra_body:
         cmd += ["--extra-body", json.dumps(peer.extra_body)]
     subprocess.run(cmd, check=True, cwd=REPO)
@@ -348,6 +350,8 @@ def main() -> int:
     ap.add_argument("--min-prompts", type=int, default=8)
     ap.add_argument("--num-prompts", type=int, default=None, help="fixed prompts per level (overrides factors)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--request-rate", type=float, default=None,
+                    help="Poisson arrivals (req/s) under the --levels concurrency cap; default: all at once")
     ap.add_argument("--lmserve-args", default="", help="extra `lmserve serve api_server` flags, one string")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--smoke", action="store_true", help="levels 1,2; 2 prompts of 32 -> 8 tokens: scripts work?")
