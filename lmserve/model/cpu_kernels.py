@@ -89,10 +89,32 @@ static inline void softmax_inplace(float* x, int64_t n) {
 #endif
 }
 
-// q: [num_seqs, num_heads, head_dim]; caches: [num_slots, num_kv_heads, head_dim] (float32, contiguous)
+// Calls fn(row, j) for positions start + j < ctx of one head, where row points at that position's K or V row
+// (base = cache + h * head_dim). Positions are walked block by block, so there is no division per position.
+// With Prefetch, the next block's rows are fetched while this block is computed: blocks are scattered, so the
+// hardware prefetcher loses the stream at every block edge.
+template <bool Prefetch, typename T, typename F>
+static inline void walk_rows(const T* base, const int64_t* bt, int64_t start, int64_t ctx, int64_t block_size,
+                             int64_t row_stride, int64_t row_bytes, F&& fn) {
+  int64_t idx = 0;
+  for (int64_t pos = start; pos < ctx;) {
+    const int64_t blk = pos / block_size, off = pos % block_size;
+    const int64_t count = std::min(block_size - off, ctx - pos);
+    const T* row = base + (bt[blk] * block_size + off) * row_stride;
+    const T* next = Prefetch && (blk + 1) * block_size < ctx ? base + bt[blk + 1] * block_size * row_stride : nullptr;
+    for (int64_t t = 0; t < count; ++t, row += row_stride, ++idx) {
+      if (Prefetch && next != nullptr)
+        for (int64_t b = 0; b < row_bytes; b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(next + (off + t) * row_stride) + b, 0, 3);
+      fn(row, idx);
+    }
+    pos += count;
+  }
+}
+
+// q: [num_seqs, num_heads, head_dim] float32; caches: [num_slots, num_kv_heads, head_dim] float32 or bfloat16
 // block_tables: [num_seqs, max_blocks] int64; context_lens: [num_seqs] int64; out like q.
 // One task per (sequence, kv head): scores for its `group` query heads, exact softmax, weighted sum of V.
-// Positions are walked block by block, so there is no division per position.
 template <int D, typename T>
 static void decode_task(float* __restrict oh, const float* __restrict qh, const T* kp, const T* vp,
                         const int64_t* bt, int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads,
@@ -104,37 +126,25 @@ static void decode_task(float* __restrict oh, const float* __restrict qh, const 
   acc.assign(group * hd, 0.f);
   const int64_t row_stride = num_kv_heads * hd;
   // pass 1: scores
-  for (int64_t pos = start; pos < ctx;) {
-    const int64_t blk = pos / block_size, off = pos % block_size;
-    const int64_t count = std::min(block_size - off, ctx - pos);
-    const T* kr = kp + (bt[blk] * block_size + off) * row_stride + h * hd;
-    for (int64_t t = 0; t < count; ++t, kr += row_stride) {
-      for (int64_t g = 0; g < group; ++g) {
-        const float* __restrict qr = qh + g * hd;
-        float dot = 0.f;
-        #pragma omp simd reduction(+:dot)
-        for (int64_t d = 0; d < hd; ++d) dot += qr[d] * to_f(kr[d]);
-        scores[g * n + (pos - start) + t] = dot * scale;
-      }
+  walk_rows<false>(kp + h * hd, bt, start, ctx, block_size, row_stride, 0, [&](const T* kr, int64_t j) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float* __restrict qr = qh + g * hd;
+      float dot = 0.f;
+      #pragma omp simd reduction(+:dot)
+      for (int64_t d = 0; d < hd; ++d) dot += qr[d] * to_f(kr[d]);
+      scores[g * n + j] = dot * scale;
     }
-    pos += count;
-  }
+  });
   for (int64_t g = 0; g < group; ++g) softmax_inplace(scores.data() + g * n, n);
   // pass 2: weighted sum of V
-  for (int64_t pos = start; pos < ctx;) {
-    const int64_t blk = pos / block_size, off = pos % block_size;
-    const int64_t count = std::min(block_size - off, ctx - pos);
-    const T* vr = vp + (bt[blk] * block_size + off) * row_stride + h * hd;
-    for (int64_t t = 0; t < count; ++t, vr += row_stride) {
-      for (int64_t g = 0; g < group; ++g) {
-        const float p = scores[g * n + (pos - start) + t];
-        float* __restrict a = acc.data() + g * hd;
-        #pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) a[d] += p * to_f(vr[d]);
-      }
+  walk_rows<false>(vp + h * hd, bt, start, ctx, block_size, row_stride, 0, [&](const T* vr, int64_t j) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * n + j];
+      float* __restrict a = acc.data() + g * hd;
+      #pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) a[d] += p * to_f(vr[d]);
     }
-    pos += count;
-  }
+  });
   std::copy(acc.begin(), acc.end(), oh);
 }
 
@@ -186,32 +196,21 @@ static void decode_task_avx(float* __restrict oh, const float* __restrict qh, co
   const __m512 vscale = _mm512_set1_ps(scale);
   int cnt = 0;
   int64_t base = 0;
-  for (int64_t pos = start; pos < ctx;) {
-    const int64_t blk = pos / block_size, off = pos % block_size;
-    const int64_t count = std::min(block_size - off, ctx - pos);
-    const T* kr = kp + (bt[blk] * block_size + off) * row_stride + h * hd;
-    // NOTE: blocks are scattered, so the hardware prefetcher loses the stream at every block edge; fetch the
-    // next block's rows while this one is computed (same for V below)
-    const int64_t nblk_pos = (blk + 1) * block_size;
-    const T* nk = nblk_pos < ctx ? kp + bt[blk + 1] * block_size * row_stride + h * hd : nullptr;
-    for (int64_t t = 0; t < count; ++t, kr += row_stride) {
-      if (nk != nullptr)
-        for (int64_t b = 0; b < hd * (int64_t)sizeof(T); b += 64) _mm_prefetch(reinterpret_cast<const char*>(nk + (off + t) * row_stride) + b, _MM_HINT_T0);
-      __m512 kv[NV];
-      for (int i = 0; i < NV; ++i) kv[i] = load16(kr + 16 * i);
-      for (int g = 0; g < G; ++g) {
-        __m512 p = _mm512_mul_ps(qv[g][0], kv[0]);
-        for (int i = 1; i < NV; ++i) p = _mm512_fmadd_ps(qv[g][i], kv[i], p);
-        part[g][cnt] = p;
-      }
-      if (++cnt == 16) {
-        for (int g = 0; g < G; ++g) _mm512_storeu_ps(scores.data() + g * npad + base, _mm512_mul_ps(hsum16(part[g]), vscale));
-        base += 16;
-        cnt = 0;
-      }
+  const int64_t row_bytes = hd * (int64_t)sizeof(T);
+  walk_rows<true>(kp + h * hd, bt, start, ctx, block_size, row_stride, row_bytes, [&](const T* kr, int64_t) {
+    __m512 kv[NV];
+    for (int i = 0; i < NV; ++i) kv[i] = load16(kr + 16 * i);
+    for (int g = 0; g < G; ++g) {
+      __m512 p = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int i = 1; i < NV; ++i) p = _mm512_fmadd_ps(qv[g][i], kv[i], p);
+      part[g][cnt] = p;
     }
-    pos += count;
-  }
+    if (++cnt == 16) {
+      for (int g = 0; g < G; ++g) _mm512_storeu_ps(scores.data() + g * npad + base, _mm512_mul_ps(hsum16(part[g]), vscale));
+      base += 16;
+      cnt = 0;
+    }
+  });
   if (cnt > 0) {
     for (int g = 0; g < G; ++g) {
       for (int j = cnt; j < 16; ++j) part[g][j] = _mm512_setzero_ps();
@@ -222,25 +221,14 @@ static void decode_task_avx(float* __restrict oh, const float* __restrict qh, co
   __m512 acc[G][NV];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (int64_t pos = start; pos < ctx;) {
-    const int64_t blk = pos / block_size, off = pos % block_size;
-    const int64_t count = std::min(block_size - off, ctx - pos);
-    const T* vr = vp + (bt[blk] * block_size + off) * row_stride + h * hd;
-    const int64_t nblk_pos = (blk + 1) * block_size;
-    const T* nv = nblk_pos < ctx ? vp + bt[blk + 1] * block_size * row_stride + h * hd : nullptr;
-    for (int64_t t = 0; t < count; ++t, vr += row_stride, ++j) {
-      if (nv != nullptr)
-        for (int64_t b = 0; b < hd * (int64_t)sizeof(T); b += 64) _mm_prefetch(reinterpret_cast<const char*>(nv + (off + t) * row_stride) + b, _MM_HINT_T0);
-      __m512 vv[NV];
-      for (int i = 0; i < NV; ++i) vv[i] = load16(vr + 16 * i);
-      for (int g = 0; g < G; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[g * npad + j]);
-        for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
-      }
+  walk_rows<true>(vp + h * hd, bt, start, ctx, block_size, row_stride, row_bytes, [&](const T* vr, int64_t j) {
+    __m512 vv[NV];
+    for (int i = 0; i < NV; ++i) vv[i] = load16(vr + 16 * i);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * npad + j]);
+      for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
     }
-    pos += count;
-  }
+  });
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < NV; ++i) _mm512_storeu_ps(oh + g * hd + 16 * i, acc[g][i]);
 }
