@@ -60,8 +60,8 @@ class ModelConfig:
     quant_kernel_max_rows: int = 64
     num_threads: int | None = None     # torch intra-op threads on CPU; None = torch's default (physical cores)
     # "bfloat16": matmuls too large for the quantized kernel run in bfloat16 (float32 accumulation) on a
-    # bfloat16 copy of the weights; ~2x the float32 GEMM rate on CPUs with AVX512_BF16/AMX. Not bit-exact to
-    # float32 (see docs/benchmarks.md for the measured agreement), so float32 stays the default.
+    # bfloat16 copy of the weights, and the KV cache is bfloat16; ~2x the float32 GEMM rate on CPUs with
+    # AVX512_BF16/AMX. Not bit-exact to float32 (docs/benchmarks.md, "Precision"), so float32 is the default.
     matmul_dtype: str = "float32"
 
     def __post_init__(self):

@@ -80,7 +80,7 @@ class ModelRunner:
         self.model.load_weights(weights)
 
     def attach_kernels(self) -> None:
-        """Weight twins for the fast paths: GGUF blocks for the quantized kernel, a bfloat16 copy for GEMMs."""
+        """Weight twins for the fast paths: GGUF blocks for the quantized kernel, packed copies for GEMMs."""
         mc = self.model_config
         max_rows = mc.quant_kernel_max_rows
         self._attach_fast()

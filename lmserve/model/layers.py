@@ -82,7 +82,8 @@ class Linear(nn.Linear):
     """nn.Linear that may also hold its weight in a quantized kernel format (model/quant.py).
 
     NOTE: small batches (decode) are memory-bound, so they use the quantized kernel, which reads ~5x fewer bytes;
-    large ones (prefill, big decode batches) are compute-bound and use float32 GEMM. Both use the same weights.
+    large ones (prefill, big decode batches) are compute-bound and use a packed GEMM copy (fast_weight; bfloat16
+    with --matmul-dtype bfloat16), else plain float32 GEMM. All hold the same weights.
     """
     quant = None            # QuantWeight | None
     kernel = None           # compiled cpu_kernels module
@@ -110,8 +111,8 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def make_fast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """A copy of a [out, in] weight for fast_linear, in `dtype`, on CPU pre-packed in oneDNN's blocked layout
-    when this torch build offers it: 1.2-2.6x MKL's float32 GEMM rate at decode/prefill sizes, and 10-20% (2x
-    on the wide output projection) for bfloat16 (docs/benchmarks.md). Without packing: a plain lower-precision
+    when this torch build offers it: 1.15-1.6x MKL's float32 GEMM rate at decode/prefill sizes (2.6x on the wide
+    output projection), 1.2-1.4x for bfloat16 (docs/benchmarks.md). Without packing: a plain lower-precision
     copy, or None when that would merely duplicate the weight."""
     w = weight.detach().to(dtype).contiguous()
     plain = None if dtype == weight.dtype else w
