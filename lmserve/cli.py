@@ -102,6 +102,20 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="requests waiting for admission; beyond this the server answers 429")
     p.add_argument("--proxy-url", default=None, help="register this server with the proxy at this URL")
+    g = p.add_argument_group("request limits (docs/operations.md)")
+    g.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                   help="larger request bodies get 413 (POST /update_weights is exempt)")
+    g.add_argument("--body-read-timeout", type=float, default=d.body_read_timeout,
+                   help="seconds a client may take to send its request body, else 408")
+    g.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                   help="seconds an idle keep-alive connection stays open")
+    g.add_argument("--max-n", type=int, default=d.max_n, help="largest n / best_of")
+    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="largest logprobs / top_logprobs")
+    g.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences,
+                   help="most stop strings (and stop_token_ids) in one request")
+    g.add_argument("--max-logit-bias", type=int, default=d.max_logit_bias, help="most logit_bias entries")
+    g.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                   help="most prompts in one completions request / inputs in one embeddings request")
     p.add_argument("--allow-terminate-by-client", action="store_true", help="enable GET /terminate")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG|INFO|WARNING|ERROR")
 
@@ -115,7 +129,11 @@ def build_server_config(args: argparse.Namespace):
                         allow_headers=tuple(args.allow_headers),
                         max_concurrent_requests=args.max_concurrent_requests,
                         max_queued_requests=args.max_queued_requests, proxy_url=args.proxy_url,
-                        log_level=args.log_level.upper())
+                        log_level=args.log_level.upper(), max_request_body_bytes=args.max_request_body_bytes,
+                        body_read_timeout=args.body_read_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                        max_n=args.max_n, max_logprobs=args.max_logprobs,
+                        max_stop_sequences=args.max_stop_sequences, max_logit_bias=args.max_logit_bias,
+                        max_prompts=args.max_prompts)
 
 
 def _run_api_server(args) -> int:

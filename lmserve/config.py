@@ -137,9 +137,25 @@ class ServerConfig:
     max_queued_requests: int = 256      # waiting for admission beyond that; then 429
     proxy_url: str | None = None
     log_level: str = "INFO"
+    # Bounds on one request, checked at the edge before any work is queued (docs/operations.md lists them).
+    max_request_body_bytes: int = 16 << 20   # 413 beyond; /update_weights (admin, weights) is exempt
+    body_read_timeout: float = 30.0     # seconds to receive a whole request body, else 408 (slow clients)
+    keep_alive_timeout: float = 5.0     # seconds an idle keep-alive connection is kept open
+    max_n: int = 64                     # n (and best_of): completions per prompt
+    max_logprobs: int = 20              # logprobs / top_logprobs
+    max_stop_sequences: int = 64        # stop strings, and stop_token_ids
+    max_logit_bias: int = 1024          # logit_bias entries
+    max_prompts: int = 256              # prompts in one /v1/completions list, inputs in one embeddings list
 
     def __post_init__(self):
         if self.max_concurrent_requests < 1:
             raise ValueError("max_concurrent_requests must be >= 1")
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
+        for name in ("max_request_body_bytes", "max_n", "max_stop_sequences", "max_logit_bias", "max_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0 <= self.max_logprobs <= 20:
+            raise ValueError("max_logprobs must be in [0, 20]")
+        if self.body_read_timeout <= 0 or self.keep_alive_timeout <= 0:
+            raise ValueError("body_read_timeout and keep_alive_timeout must be > 0")

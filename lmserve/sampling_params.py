@@ -1,9 +1,13 @@
 """SamplingParams: per-request generation settings, validated with errors that name the offending field."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# int64, as vLLM takes it: torch.Generator.manual_seed(seed + i) must fit [-2**63, 2**64) for every choice i
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 class SamplingParamsError(ValueError):
@@ -50,6 +54,9 @@ class SamplingParams:
         def bad(param: str, msg: str):
             raise SamplingParamsError(param, msg)
 
+        for name in _FLOAT_FIELDS:
+            if not math.isfinite(getattr(self, name)):
+                bad(name, f"{name} must be a finite number, got {getattr(self, name)}")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"n must be at least 1, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -78,10 +85,12 @@ class SamplingParams:
                 bad(name, f"{name} must be between 0 and {MAX_LOGPROBS}, got {v}")
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
-                if not -100 <= bias <= 100:
+                if not -100 <= bias <= 100:     # NOTE: also false for NaN
                     bad("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "seed must be an integer")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            bad("seed", f"seed must be a 64-bit signed integer, in [-2**63, 2**63 - 1], got {self.seed}")
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Checks that need the model: token ids inside the vocabulary."""

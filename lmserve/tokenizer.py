@@ -6,6 +6,7 @@ from there afterwards.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -34,6 +35,13 @@ class Tokenizer:
         self.bos_token_id: int | None = hf.bos_token_id
         self.vocab_size = len(hf)                      # includes added tokens
         self.chat_template = chat_template
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token decodes to (the longest vocabulary entry: byte-level and
+        SentencePiece pieces spell each byte or space with at least one character), so a text longer than
+        max_model_len * max_token_chars cannot fit the session, and is refused without tokenizing it."""
+        return max(1, max((len(t) for t in self.hf.get_vocab()), default=1))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)

@@ -178,6 +178,11 @@ class AsyncEngine:
             self.is_sleeping = False
         await self._call(_wake)
 
+    @property
+    def weights_released(self) -> bool:
+        """True after sleep(level=2) until wakeup(): there is no model to load weights into."""
+        return self.engine.runner.model is None
+
     async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         def _update():
             self.engine.runner.update_weights(named_tensors)

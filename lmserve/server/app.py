@@ -93,7 +93,7 @@ def lmdeploy_router() -> APIRouter:
     @router.post("/v1/encode", response_model=EncodeResponse)
     async def encode(req: EncodeRequest, state: ServerState = Depends(get_state)):
         """Tokenize: text -> input_ids."""
-        return _json(serving_embedding.encode(state, req))
+        return _json(await serving_embedding.encode(state, req))
 
     @router.post("/pooling", response_model=PoolingResponse)
     async def pooling(req: PoolingRequest, raw: Request, state: ServerState = Depends(get_state)):

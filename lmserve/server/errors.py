@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+    409: "invalid_request_error", 413: "invalid_request_error",
     429: "rate_limit_error", 503: "service_unavailable_error",
 }
 
@@ -38,7 +39,13 @@ def not_supported(param: str, what: str | None = None) -> APIError:
     return APIError(400, f"{what or param} is not supported yet", param=param, code="not_supported")
 
 
+def _printable(text: str | None) -> str | None:
+    # NOTE: messages may quote client text; a lone surrogate in it would make the error itself unencodable
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else text
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    message, param = _printable(message), _printable(param)
     err = ErrorInfo(message=message, type=_TYPES.get(status, "server_error" if status >= 500 else "api_error"),
                     param=param, code=code if code is not None else HTTPStatus(status).phrase.lower().replace(" ", "_"))
     return ErrorResponse(error=err).model_dump(exclude_none=True)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
+import threading
 
 import httpx
 import uvicorn
@@ -61,10 +64,31 @@ async def deregister_from_proxy(config: ServerConfig) -> None:
         logger.warning("could not deregister from the proxy: %s", e)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's Server, except that SIGINT/SIGTERM only ask for a graceful stop.
+
+    NOTE: uvicorn re-raises the captured signal once serve() returns; for SIGTERM that kills the process before
+    our clean-up (deregistering from the proxy) runs, and the exit status says "killed". A signal here means
+    "stop": serve() returns, the clean-up runs, and the process exits with 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 async def serve(app, config: ServerConfig) -> None:
     uv_config = uvicorn.Config(app, host=config.server_name, port=config.server_port,
-                               log_level=config.log_level.lower(), timeout_keep_alive=30)
-    server = uvicorn.Server(uv_config)
+                               log_level=config.log_level.lower(), timeout_keep_alive=config.keep_alive_timeout)
+    server = _Server(uv_config)
     state = app.state.server
     state.request_shutdown = lambda: setattr(server, "should_exit", True)
     registration = None

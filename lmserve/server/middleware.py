@@ -1,13 +1,17 @@
 """One pure-ASGI middleware, so it spans the whole response (streams included):
 
 1. API keys: `Authorization: Bearer <key>` on every path but /health, /metrics and the docs.
-2. Bounded admission for generation requests: --max-concurrent-requests in flight, --max-queued-requests
+2. Request bodies: at most --max-request-body-bytes (413; POST /update_weights is exempt), received within
+   --body-read-timeout seconds (408). The body is read whole here, before admission, so a client that sends
+   its body slowly holds a connection but never an admission slot.
+3. Bounded admission for generation requests: --max-concurrent-requests in flight, --max-queued-requests
    waiting; beyond that 429 with Retry-After. While terminating, 503.
-3. Clean-up: when the HTTP exchange ends however it ends, engine requests it started that are still running
+4. Clean-up: when the HTTP exchange ends however it ends, engine requests it started that are still running
    (a client gone before its stream began) are aborted and the sessions it held are released.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
@@ -17,7 +21,8 @@ from lmserve.server.state import ServerState
 logger = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/v1/chat/interactive",
-                              "/v1/embeddings", "/pooling"})
+                              "/v1/embeddings", "/pooling", "/v1/encode"})
+UNBOUNDED_BODY_PATHS = frozenset({"/update_weights"})    # weights: an admin request, as large as the model
 OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
 RETRY_AFTER_S = 1
 
@@ -45,7 +50,14 @@ class ServerMiddleware:
             response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
-        if method != "POST" or path not in GENERATION_PATHS:
+        if method != "POST":
+            return await self.app(scope, receive, send)
+        if path not in UNBOUNDED_BODY_PATHS:
+            body = await self._read_body(scope, receive)
+            if not isinstance(body, bytes):
+                return await body(scope, receive, send)
+            receive = _replay(body, receive)
+        if path not in GENERATION_PATHS:
             return await self.app(scope, receive, send)
 
         state = self.state
@@ -68,3 +80,56 @@ class ServerMiddleware:
                 await state.end_http_request(request_ids)
             except Exception:   # noqa: BLE001 - clean-up must not mask the response's own outcome
                 logger.exception("clean-up after %s failed", path)
+
+    async def _read_body(self, scope, receive):
+        """The whole body, or the error response to send instead (413 too large, 408 too slow)."""
+        config = self.state.config
+        limit = config.max_request_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return _too_large(limit)
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(config.body_read_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return _Gone()
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return _too_large(limit)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            logger.info("%s %s: body not received within %.0f s", scope["method"], scope["path"],
+                        config.body_read_timeout)
+            return error_response(408, f"the request body was not received within {config.body_read_timeout:g} s "
+                                       "(--body-read-timeout)", code="request_timeout",
+                                  headers={"Connection": "close"})
+
+
+def _too_large(limit: int):
+    return error_response(413, f"the request body is larger than {limit} bytes (--max-request-body-bytes)",
+                          code="request_too_large", headers={"Connection": "close"})
+
+
+class _Gone:
+    """The client left while sending its body: nothing to answer."""
+
+    async def __call__(self, scope, receive, send):
+        return None
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app the body already read, then the client's later messages (disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay

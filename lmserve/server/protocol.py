@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
 
 FinishReasonStr = Literal["stop", "length", "abort", "tool_calls"]
 
@@ -311,7 +311,7 @@ class CompletionStreamResponse(_Model):
 # ---- /generate (LMDeploy native) -------------------------------------------------------------------------------
 class GenerateRequest(_Model):
     prompt: str | None = None
-    input_ids: list[int] | None = None
+    input_ids: list[StrictInt] | None = None    # NOTE: strict: JSON true/false are not token ids
     image_data: str | dict[str, Any] | list[str | dict[str, Any]] | None = None
     session_id: int | None = Field(default=-1, description="keep the session's KV cache on the server")
     sequence_start: bool | None = Field(default=True, description="false: continue the session; prompt/input_ids "
@@ -383,7 +383,7 @@ class ChatInteractiveResponse(_Model):
 
 
 # ---- embeddings / pooling / encode --------------------------------------------------------------------------
-EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+EmbeddingInput = str | list[str] | list[StrictInt] | list[list[StrictInt]]    # strict: no true/false as ids
 
 
 class EmbeddingsRequest(_Model):

@@ -69,6 +69,9 @@ def decode_named_tensors(req: UpdateParamsRequest) -> dict[str, Any]:
 
 
 async def update_weights(state: ServerState, req: UpdateParamsRequest) -> dict:
+    if state.engine.weights_released:
+        raise APIError(409, "the weights were released by POST /sleep?level=2; POST /wakeup before "
+                            "/update_weights (or sleep with level=1, which keeps them)", code="weights_released")
     named = await asyncio.to_thread(decode_named_tensors, req)
     try:
         await state.engine.update_weights(named)

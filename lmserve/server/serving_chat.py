@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.outputs import RequestOutput
 from lmserve.server.errors import APIError, not_supported
+from lmserve.server.limits import check_limits
 from lmserve.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                      ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
                                      DeltaMessage)
@@ -64,7 +65,7 @@ def render_chat(state: ServerState, messages: list[dict[str, Any]], template_kwa
         raise APIError(400, f"the chat template rejected the conversation: {exc}", param=param) from exc
 
 
-def _check_request(req: ChatCompletionRequest) -> None:
+def _check_request(state: ServerState, req: ChatCompletionRequest) -> None:
     reject_if_set(req, _UNSUPPORTED)
     if req.response_format is not None and req.response_format.type != "text":
         raise not_supported("response_format", f"response_format of type {req.response_format.type!r}")
@@ -74,13 +75,17 @@ def _check_request(req: ChatCompletionRequest) -> None:
         raise not_supported("tool_choice")
     if req.modalities not in (None, ["text"]):
         raise not_supported("modalities", "output modalities other than ['text']")
-    if req.top_logprobs is not None and not req.logprobs:
+    # NOTE: only a positive top_logprobs needs logprobs (as in OpenAI and LMDeploy): LMDeploy's APIClient sends
+    # "logprobs": false, "top_logprobs": 0 by default
+    if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    check_limits(state.config, n=req.n, logprobs=req.top_logprobs, logprobs_param="top_logprobs", stop=req.stop,
+                 logit_bias=req.logit_bias)
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
     state.check_model(req.model)
-    _check_request(req)
+    _check_request(state, req)
     state.check_available()
     template_kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
@@ -92,15 +97,16 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     session = state.sessions.get(req.session_id) if use_session else None
     if isinstance(req.messages, str) and not req.do_preprocess:
         prompt_text, messages = None, None
-        prompt_ids = state.tokenizer.encode(req.messages, add_special_tokens=True)
+        prompt_ids = await state.encode(req.messages, "messages", add_special_tokens=True)
     else:
         if req.do_preprocess is False:
             raise APIError(400, "do_preprocess=false needs messages to be a string (the raw prompt)",
                            param="do_preprocess")
         messages = [{"role": "user", "content": req.messages}] if isinstance(req.messages, str) else req.messages
         prompt_text = render_chat(state, normalize_messages(messages), template_kwargs)
+        state.check_text_fits(prompt_text, "messages")
         prompt_ids = state.sessions.continue_chat(session, prompt_text) or \
-            state.tokenizer.encode(prompt_text, add_special_tokens=False)
+            await state.encode(prompt_text, "messages", add_special_tokens=False)
     state.check_prompt_len(len(prompt_ids), "messages")
 
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.server.errors import APIError, not_supported
+from lmserve.server.limits import check_limits, check_num_prompts
 from lmserve.server.protocol import (CompletionRequest, CompletionResponse, CompletionResponseChoice,
                                      CompletionStreamResponse)
 from lmserve.server.serving_common import (SSE_DONE, completion_logprobs, last_output, make_params, merge_streams,
@@ -21,10 +22,10 @@ from lmserve.server.serving_common import (SSE_DONE, completion_logprobs, last_o
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
 
 
-def parse_prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
+async def parse_prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
     """str | list[str] | list[int] | list[list[int]] -> [(text or None, token ids)]."""
-    def from_text(text: str) -> tuple[str, list[int]]:
-        return text, state.tokenizer.encode(text, add_special_tokens=True)
+    async def from_text(text: str, where: str) -> tuple[str, list[int]]:
+        return text, await state.encode(text, where, add_special_tokens=True)
 
     def from_ids(ids: list, where: str) -> tuple[None, list[int]]:
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -36,13 +37,15 @@ def parse_prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int
         return None, list(ids)
 
     if isinstance(prompt, str):
-        return [from_text(prompt)]
+        return [await from_text(prompt, "prompt")]
     if not isinstance(prompt, list) or not prompt:
         raise APIError(400, "prompt must be a string, a list of strings, token ids or a list of token-id lists",
                        param="prompt")
     if all(isinstance(p, str) for p in prompt):
-        return [from_text(p) for p in prompt]
+        check_num_prompts(state.config, len(prompt), "prompt")
+        return [await from_text(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
     if all(isinstance(p, list) for p in prompt):
+        check_num_prompts(state.config, len(prompt), "prompt")
         return [from_ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
     return [from_ids(prompt, "prompt")]
 
@@ -52,10 +55,12 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     if req.suffix is not None:
         raise not_supported("suffix")
     n = req.n if req.n is not None else 1
+    check_limits(state.config, n=req.n, best_of=req.best_of, logprobs=req.logprobs, stop=req.stop,
+                 logit_bias=req.logit_bias)
     if req.best_of is not None and req.best_of != n:
         raise not_supported("best_of", "best_of other than n")
     state.check_available()
-    prompts = parse_prompts(state, req.prompt)
+    prompts = await parse_prompts(state, req.prompt)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     score_only = requested == 0 and bool(req.echo)     # prompt scoring: sample one token, return none

@@ -15,13 +15,18 @@ from typing import Any
 from fastapi import Request
 
 from lmserve.server.errors import APIError, not_supported
+from lmserve.server.limits import check_num_prompts, check_text
 from lmserve.server.protocol import (EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, EncodeRequest,
                                      EncodeResponse, PoolingData, PoolingRequest, PoolingResponse, UsageInfo)
 from lmserve.server.serving_chat import render_chat
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
 
 
-def _inputs(state: ServerState, value: Any) -> list[list[int]]:
+def _is_token_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)     # NOTE: JSON true/false are not token ids
+
+
+async def _inputs(state: ServerState, value: Any) -> list[list[int]]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -29,11 +34,12 @@ def _inputs(state: ServerState, value: Any) -> list[list[int]]:
                        param="input")
     if all(isinstance(v, int) for v in value):
         value = [value]
+    check_num_prompts(state.config, len(value), "input")
     out = []
     for i, v in enumerate(value):
         where = "input" if len(value) == 1 else f"input[{i}]"
-        ids = state.tokenizer.encode(v, add_special_tokens=True) if isinstance(v, str) else v
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        ids = await state.encode(v, where, add_special_tokens=True) if isinstance(v, str) else v
+        if not isinstance(ids, list) or not all(_is_token_id(t) for t in ids):
             raise APIError(400, f"{where} must be a string or a list of token ids", param=where)
         if not ids:
             raise APIError(400, f"{where} is empty", param=where)
@@ -56,7 +62,7 @@ async def _embed(state: ServerState, raw: Request, model: str | None, value: Any
                  dimensions: int | None) -> tuple[list[list[float]], UsageInfo]:
     state.check_model(model)
     state.check_available()
-    inputs = _inputs(state, value)
+    inputs = await _inputs(state, value)
     vectors = await run_until_disconnect(raw, asyncio.gather(*[state.engine.encode(ids) for ids in inputs]))
     if dimensions is not None and vectors and dimensions != len(vectors[0]):
         raise not_supported("dimensions", f"dimensions other than the model's hidden size ({len(vectors[0])})")
@@ -76,15 +82,17 @@ async def create_pooling(state: ServerState, req: PoolingRequest, raw: Request) 
     return PoolingResponse(id=random_id("pool"), model=state.model_name, data=data, usage=usage)
 
 
-def encode(state: ServerState, req: EncodeRequest) -> EncodeResponse:
-    def one(text: str) -> list[int]:
+async def encode(state: ServerState, req: EncodeRequest) -> EncodeResponse:
+    async def one(text: str, where: str) -> list[int]:
         if req.do_preprocess:
-            text = render_chat(state, [{"role": "user", "content": text}], {}, "input")
-            return state.tokenizer.encode(text, add_special_tokens=False)
-        return state.tokenizer.encode(text, add_special_tokens=bool(req.add_bos))
+            check_text(text, where)
+            text = render_chat(state, [{"role": "user", "content": text}], {}, where)
+            return await state.encode(text, where, add_special_tokens=False)
+        return await state.encode(text, where, add_special_tokens=bool(req.add_bos))
 
     if isinstance(req.input, str):
-        ids = one(req.input)
+        ids = await one(req.input, "input")
         return EncodeResponse(input_ids=ids, length=len(ids))
-    all_ids = [one(t) for t in req.input]
+    check_num_prompts(state.config, len(req.input), "input")
+    all_ids = [await one(t, f"input[{i}]") for i, t in enumerate(req.input)]
     return EncodeResponse(input_ids=all_ids, length=[len(ids) for ids in all_ids])

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.server.errors import APIError
+from lmserve.server.limits import check_limits
 from lmserve.server.protocol import GenerateMetaInfo, GenerateRequest, GenerateResponse
 from lmserve.server.serving_common import (SSE_DONE, clamp_logprob, last_output, make_params, reject_if_set, sse,
                                            sse_error)
@@ -35,6 +36,7 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
     reject_if_set(req, ("image_data", "mm_processor_kwargs", "return_routed_experts"))
     if (req.prompt is None) == (req.input_ids is None):
         raise APIError(400, "give exactly one of prompt or input_ids", param="prompt")
+    check_limits(state.config, stop=req.stop, stop_token_ids=req.stop_token_ids)
     state.check_available()
     use_session = req.session_id is not None and req.session_id >= 0
     continuing = use_session and req.sequence_start is False
@@ -44,7 +46,7 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="input_ids")
         new_ids = list(req.input_ids)
     else:
-        new_ids = state.tokenizer.encode(req.prompt, add_special_tokens=not continuing)
+        new_ids = await state.encode(req.prompt, "prompt", add_special_tokens=not continuing)
     prompt_param = "input_ids" if req.input_ids is not None else "prompt"
 
     request_id = random_id("gen")

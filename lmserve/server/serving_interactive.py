@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.outputs import RequestOutput
+from lmserve.server.limits import check_limits
 from lmserve.server.protocol import ChatInteractiveRequest, ChatInteractiveResponse
 from lmserve.server.serving_chat import normalize_messages, render_chat
 from lmserve.server.serving_common import last_output, make_params, reject_if_set
@@ -36,6 +37,7 @@ def _reply(req: ChatInteractiveRequest, resp: ChatInteractiveResponse):
 
 async def chat_interactive(state: ServerState, req: ChatInteractiveRequest, raw: Request):
     reject_if_set(req, ("image_url", "adapter_name"))
+    check_limits(state.config, stop=req.stop)
     if req.cancel:
         if req.session_id >= 0:
             await state.abort_session(req.session_id)
@@ -60,8 +62,9 @@ async def chat_interactive(state: ServerState, req: ChatInteractiveRequest, raw:
         history = session.token_ids if session else []
         messages = (session.messages if session else []) + new
         prompt_text = render_chat(state, messages, {}, "prompt")
+        state.check_text_fits(prompt_text, "prompt")
         prompt_ids = state.sessions.continue_chat(session, prompt_text) or \
-            state.tokenizer.encode(prompt_text, add_special_tokens=False)
+            await state.encode(prompt_text, "prompt", add_special_tokens=False)
         num_input = max(0, len(prompt_ids) - len(history))
         if session is not None and history and len(prompt_ids) + 1 > state.max_model_len:
             state.sessions.release(session)

@@ -25,10 +25,13 @@ from lmserve.engine.async_engine import AsyncEngine, EngineDeadError
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams, SamplingParamsError
 from lmserve.server.errors import APIError
+from lmserve.server.limits import check_text
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.sessions import SessionManager
 
 logger = logging.getLogger(__name__)
+
+OFFLOAD_CHARS = 16_384     # texts at least this long are tokenized in a worker thread
 
 
 class Admission:
@@ -99,6 +102,8 @@ class ServerState:
 
     # ---- checks --------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
+        if name is not None:
+            check_text(name, "model")
         if name is not None and name != self.model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
@@ -120,6 +125,22 @@ class ServerState:
 
     def token_str(self, token_id: int) -> str:
         return self._token_str(int(token_id))
+
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Client text -> token ids. Refused before tokenizing when it cannot be text or cannot fit the session;
+        a long text is tokenized off the event loop (the fast tokenizer releases the GIL), so one big prompt
+        does not stall every other client."""
+        self.check_text_fits(text, param)
+        if len(text) < OFFLOAD_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    def check_text_fits(self, text: str, param: str) -> None:
+        check_text(text, param)
+        if len(text) > self.max_model_len * self.tokenizer.max_token_chars:
+            raise APIError(400, f"{param} has {len(text)} characters, more than any text that fits the session "
+                                f"length of {self.max_model_len} tokens (--session-len)", param=param,
+                           code="context_length_exceeded")
 
     def check_prompt_len(self, num_prompt_tokens: int, param: str, num_new: int = 1) -> None:
         if num_prompt_tokens == 0:
