@@ -44,6 +44,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: large matmuls (prefill, batched decode) in bfloat16 with float32 accumulation, "
                         "~2x faster on CPUs with AVX512_BF16 but not bit-exact; float32 (default) is exact")
+    p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
+                   help="embed: serve /v1/embeddings and /pooling only (an encoder runs with its own pooling); "
+                        "auto: embed for encoder checkpoints (BERT family), else generate")
 
 
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -52,7 +55,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                           chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
                           attention_backend=args.attn_backend, quant_kernel_max_rows=args.quant_kernel_max_rows,
-                          num_threads=args.num_threads, matmul_dtype=args.matmul_dtype),
+                          num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
                           num_blocks=args.cache_block_count,
                           enable_prefix_caching=not args.disable_prefix_caching),

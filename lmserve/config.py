@@ -63,6 +63,9 @@ class ModelConfig:
     # bfloat16 copy of the weights, and the KV cache is bfloat16; ~2x the float32 GEMM rate on CPUs with
     # AVX512_BF16/AMX. Not bit-exact to float32 (docs/benchmarks.md, "Precision"), so float32 is the default.
     matmul_dtype: str = "float32"
+    # "generate" (chat/completions; embeddings by mean pooling), "embed" (embeddings only; an encoder checkpoint
+    # runs with its own pooling) or "auto": "embed" for encoder checkpoints (BERT family), else "generate"
+    task: str = "auto"
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 16:
@@ -71,6 +74,8 @@ class ModelConfig:
             raise ValueError("attention_backend must be one of auto, torch, cpp")
         if self.matmul_dtype not in ("float32", "bfloat16"):
             raise ValueError("matmul_dtype must be float32 or bfloat16")
+        if self.task not in ("auto", "generate", "embed"):
+            raise ValueError("task must be one of auto, generate, embed")
 
     @property
     def torch_device(self) -> "torch.device":

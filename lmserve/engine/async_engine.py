@@ -63,6 +63,9 @@ class AsyncEngine:
         self.model_path = engine.model_path
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
+        self.task = engine.task
+        self.embedding_dimensions = engine.embedding_dimensions
+        self.embedding_size = engine.embedding_size
         self.is_sleeping = False
         self._streams: dict[str, _Stream] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -167,10 +170,7 @@ class AsyncEngine:
         def _wake():
             runner = self.engine.runner
             if runner.model is None:
-                from lmserve.model.loader import load_state_dict
-                runner.model = runner._build_model()
-                runner.load_weights(load_state_dict(runner.model_path, dtype=runner.dtype))
-                runner.attach_kernels()
+                runner.reload_model()
             if not runner.kv_caches:
                 runner.allocate_kv_cache()
                 bm = self.engine.block_manager

@@ -11,10 +11,12 @@ import torch
 from lmserve.config import EngineConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.encoder_runner import EncoderRunner
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
 from lmserve.model.loader import resolve_model_path
+from lmserve.model.registry import is_encoder, resolve_task
 from lmserve.outputs import (CompletionOutput, EmbeddingOutput, FinishReason, RequestMetrics, RequestOutput)
 from lmserve.sampling_params import SamplingParams
 from lmserve.tokenizer import load_tokenizer
@@ -60,7 +62,9 @@ class LLMEngine:
         self.model_path = resolve_model_path(config.model.model)
         mc = config.model
         self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, mc.chat_template)
-        self.runner = ModelRunner(mc, config.cache, self.model_path, config.scheduler.max_num_seqs, mc.max_model_len)
+        self.task = resolve_task(mc.task, self.model_path)
+        runner_cls = EncoderRunner if is_encoder(self.model_path) else ModelRunner
+        self.runner = runner_cls(mc, config.cache, self.model_path, config.scheduler.max_num_seqs, mc.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
@@ -69,7 +73,15 @@ class LLMEngine:
         self.max_model_len = min(self.runner.max_model_len, capacity)
         if self.max_model_len < self.runner.max_model_len:
             logger.warning("session length capped at %d tokens by the KV cache size", self.max_model_len)
+        if self.runner.is_encoder and config.scheduler.max_num_batched_tokens < self.max_model_len:
+            # a whole input is computed in one step, so it must fit the step's token budget
+            self.max_model_len = config.scheduler.max_num_batched_tokens
+            logger.warning("encoder inputs capped at %d tokens by the step's token budget (--max-prefill-token-num)",
+                           self.max_model_len)
         self.vocab_size = self.runner.arch.vocab_size
+        # `dimensions` of an embedding request: None = not allowed, () = any size, else these sizes
+        self.embedding_dimensions = self.runner.pooling.matryoshka_dimensions if self.runner.is_encoder else None
+        self.embedding_size = self.runner.arch.hidden_size
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.runner.arch.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.sessions: dict[int, list[int]] = {}     # session_id -> pinned block ids
@@ -107,6 +119,8 @@ class LLMEngine:
                     session_id: int | None = None, arrival_time: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
+        if self.task == "embed":
+            raise ValueError("this engine serves embeddings only (task 'embed'); it does not generate")
         ids = self.prepare_prompt(prompt, params)
         seqs = []
         for i in range(params.n):
@@ -127,6 +141,7 @@ class LLMEngine:
         ids = self.prepare_prompt(prompt_token_ids, None)
         seq = Sequence(next(self._seq_ids), request_id, ids, SamplingParams(max_tokens=1))
         seq.pooling = True
+        seq.needs_whole_prompt = self.runner.is_encoder
         self.requests[request_id] = _Request(request_id, [seq], ids, None)
         self.scheduler.add(seq)
 
@@ -232,9 +247,8 @@ class LLMEngine:
 
     def _make_embedding(self, req: _Request) -> EmbeddingOutput:
         seq = req.seqs[0]
-        mean = seq.pooled_sum / seq.num_prompt_tokens
         return EmbeddingOutput(req.request_id, req.prompt_token_ids,
-                               torch.nn.functional.normalize(mean, dim=0).tolist())
+                               self.runner.pooled_embedding(seq.pooled_sum, seq.num_prompt_tokens))
 
     def _record_throughput(self, t0: float, num_prefill: int, num_decode: int) -> None:
         now = time.monotonic()

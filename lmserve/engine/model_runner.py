@@ -32,6 +32,8 @@ class RunnerOutput:
 
 
 class ModelRunner:
+    is_encoder = False
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, model_path: str,
                  max_num_seqs: int, max_model_len: int | None = None):
         self.model_config = model_config
@@ -78,6 +80,12 @@ class ModelRunner:
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_weights(weights)
+
+    def reload_model(self) -> None:
+        """Build the model and load its weights again (after a level-2 sleep dropped it)."""
+        self.model = self._build_model()
+        self.load_weights(load_state_dict(self.model_path, dtype=self.dtype))
+        self.attach_kernels()
 
     def attach_kernels(self) -> None:
         """Weight twins for the fast paths: GGUF blocks for the quantized kernel, packed copies for GEMMs."""
@@ -210,6 +218,11 @@ class ModelRunner:
                 if result.logprobs is not None and result.logprobs[i] is not None:
                     out.logprobs[seq.seq_id] = result.logprobs[i]
         return out
+
+    def pooled_embedding(self, pooled_sum: torch.Tensor, num_tokens: int) -> list[float]:
+        """A decoder's embedding: the mean of the final hidden states over the prompt (summed step by step, so
+        chunked prompts pool the same), L2-normalised."""
+        return torch.nn.functional.normalize(pooled_sum / num_tokens, dim=0).tolist()
 
     def _attention_metadata(self, slot_mapping, decode_rows, decode_ctx, decode_tables, prefill,
                             num_tokens) -> AttentionMetadata:

@@ -100,6 +100,8 @@ class Scheduler:
                 cached = bm.find_cached_prefix(seq)
             num_cached_tokens = len(cached) * bm.block_size
             num_new = min(seq.num_tokens - num_cached_tokens, budget)
+            if seq.needs_whole_prompt and num_new < seq.num_tokens:
+                break   # waits for a step with room for all of it (its length is capped at the full budget)
             if not bm.allocate(seq, num_cached_tokens + num_new, cached):
                 break   # NOTE: FCFS: a later, smaller request does not jump the queue
             self.waiting.popleft()

@@ -63,6 +63,8 @@ class Sequence:
         # pooling (embedding) requests compute the prompt only and sum its final hidden states
         self.pooling = False
         self.pooled_sum: torch.Tensor | None = None
+        # NOTE: an encoder attends both ways, so its prompt cannot be split into chunks: scheduled whole or not
+        self.needs_whole_prompt = False
         self.session_id: int | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: float | None = None

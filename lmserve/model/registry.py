@@ -1,8 +1,12 @@
 """Architecture name -> model class. Adding an architecture is one file plus one line here."""
 from __future__ import annotations
 
+import json
+import os
+
 from torch import nn
 
+from lmserve.model.bert import BertModel
 from lmserve.model.llama import LlamaForCausalLM
 
 _REGISTRY: dict[str, type[nn.Module]] = {
@@ -11,9 +15,43 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "mistral": LlamaForCausalLM,   # + sliding window (ArchConfig.sliding_window, applied in the attention mask)
 }
 
+# Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py
+_ENCODERS: dict[str, type[nn.Module]] = {
+    "bert": BertModel,
+}
+
+TASKS = ("auto", "generate", "embed")
+
 
 def get_model_class(architecture: str) -> type[nn.Module]:
     try:
         return _REGISTRY[architecture]
     except KeyError:
         raise ValueError(f"architecture {architecture!r} is not supported; supported: {sorted(_REGISTRY)}") from None
+
+
+def get_encoder_class(architecture: str) -> type[nn.Module]:
+    try:
+        return _ENCODERS[architecture]
+    except KeyError:
+        raise ValueError(f"encoder architecture {architecture!r} is not supported; supported: "
+                         f"{sorted(_ENCODERS)}") from None
+
+
+def is_encoder(model_path: str) -> bool:
+    """True for an HF directory whose config.json names an encoder architecture (GGUF files are decoders)."""
+    config = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return json.load(f).get("model_type") in _ENCODERS
+
+
+def resolve_task(task: str, model_path: str) -> str:
+    """"auto" -> "embed" for an encoder checkpoint, else "generate". An encoder cannot generate."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}")
+    encoder = is_encoder(model_path)
+    if task == "generate" and encoder:
+        raise ValueError(f"task: {model_path} is an encoder (embedding) model; it cannot generate (use --task embed)")
+    return "embed" if task == "embed" or encoder else "generate"

@@ -1,14 +1,17 @@
 """POST /v1/embeddings and /pooling: one vector per input from the served model, and /v1/encode (LMDeploy's
 tokenization endpoint: text -> input_ids).
 
-Pooling: the mean of the final hidden states (after the last norm) over all prompt tokens, L2-normalised; the
-model's hidden size is the vector's length. Inputs are tokenized with the tokenizer's special tokens (BOS where
-the model uses one); token-id inputs are used as given.
+Pooling: an embedding model (--task embed, e.g. a BERT-family encoder) pools as its checkpoint declares (mean or
+CLS, normalised or not: model/pooling.py); a generative model gives the mean of its final hidden states (after
+the last norm) over all prompt tokens, L2-normalised. Inputs are tokenized with the tokenizer's special tokens
+(BOS, or BERT's [CLS] ... [SEP]); token-id inputs are used as given. `dimensions` truncates and renormalises, for
+models trained for it (Matryoshka: `matryoshka_dimensions` / `is_matryoshka` in config.json).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import struct
 from typing import Any
 
@@ -58,14 +61,34 @@ def _format(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
+def _check_dimensions(state: ServerState, dimensions: int | None) -> None:
+    size, allowed = state.engine.embedding_size, state.engine.embedding_dimensions
+    if dimensions is None or dimensions == size:
+        return
+    if allowed is None:
+        raise not_supported("dimensions", f"dimensions other than the model's embedding size ({size}) on a model "
+                                          "not trained for truncation (Matryoshka)")
+    if not 1 <= dimensions <= size or (allowed and dimensions not in allowed):
+        sizes = ", ".join(map(str, allowed)) if allowed else f"1 to {size}"
+        raise APIError(400, f"dimensions must be one of the sizes this model was trained for ({sizes}); got "
+                            f"{dimensions}", param="dimensions")
+
+
+def _truncate(vector: list[float], dimensions: int) -> list[float]:
+    vector = vector[:dimensions]
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
 async def _embed(state: ServerState, raw: Request, model: str | None, value: Any,
                  dimensions: int | None) -> tuple[list[list[float]], UsageInfo]:
     state.check_model(model)
     state.check_available()
+    _check_dimensions(state, dimensions)
     inputs = await _inputs(state, value)
     vectors = await run_until_disconnect(raw, asyncio.gather(*[state.engine.encode(ids) for ids in inputs]))
-    if dimensions is not None and vectors and dimensions != len(vectors[0]):
-        raise not_supported("dimensions", f"dimensions other than the model's hidden size ({len(vectors[0])})")
+    if dimensions is not None and dimensions != state.engine.embedding_size:
+        vectors = [_truncate(v, dimensions) for v in vectors]
     num_tokens = sum(len(ids) for ids in inputs)
     return vectors, UsageInfo(prompt_tokens=num_tokens, total_tokens=num_tokens)
 

@@ -116,6 +116,11 @@ class ServerState:
         if not self.engine.is_healthy:
             raise APIError(503, "the engine is unhealthy", code="engine_unhealthy")
 
+    def check_generative(self) -> None:
+        if self.engine.task == "embed":
+            raise APIError(400, f"the model '{self.model_name}' is an embedding model (--task embed); it serves "
+                                "/v1/embeddings and /pooling, not generation", param="model", code="wrong_model_task")
+
     def new_session_id(self) -> int:
         return next(self._session_ids)
 
@@ -166,6 +171,7 @@ class ServerState:
         `session_id` pins the request's KV blocks for the session in the engine; `abort_key` (default: the
         session id) is the id POST /abort_request {"session_id": ...} finds it by."""
         self.check_available()
+        self.check_generative()
         params.validate_vocab(self.engine.vocab_size)
         stream = self.engine.generate(request_id, prompt_token_ids, params, session_id=session_id)
         self.inflight[request_id] = session_id if session_id is not None else abort_key
