@@ -226,10 +226,18 @@ class ModelRunner:
 
     def _attention_metadata(self, slot_mapping, decode_rows, decode_ctx, decode_tables, prefill,
                             num_tokens) -> AttentionMetadata:
-        dev, bs = self.device, self.block_size
-        window = self.arch.sliding_window
+        dev, bs, arch = self.device, self.block_size, self.arch
+        windows = {arch.layer_window(i) for i in range(arch.num_hidden_layers)}
+        window = max((w for w in windows if w is not None), default=None)
+        mixed = window is not None and None in windows      # some layers slide, some attend to everything
         groups: list[AttentionGroup] = []
         decode = None
+
+        def masks(mask, q_pos, kv_pos):
+            """(mask with the window where there is one, the full causal mask when layers differ)"""
+            if window is None:
+                return mask, None
+            return mask & (kv_pos > q_pos - window), (mask if mixed else None)
         if decode_rows and self.kernel is not None:
             max_blocks = max(len(t) for t in decode_tables)
             decode = DecodeBatch(
@@ -246,21 +254,19 @@ class ModelRunner:
             ctx = torch.tensor(decode_ctx, device=dev).unsqueeze(1)       # [num_seqs, 1]
             valid = pos.unsqueeze(0) < ctx                                  # [num_seqs, max_ctx]
             slots = tables[:, pos // bs] * bs + pos % bs
-            mask = valid
-            if window is not None:
-                mask = mask & (pos.unsqueeze(0) > ctx - 1 - window)
+            mask, full = masks(valid, ctx - 1, pos.unsqueeze(0))
             groups.append(AttentionGroup(token_index=torch.tensor(decode_rows, device=dev).unsqueeze(1),
-                                         kv_slots=torch.where(valid, slots, 0), mask=mask[:, None, None, :]))
+                                         kv_slots=torch.where(valid, slots, 0), mask=mask[:, None, None, :],
+                                         full_mask=None if full is None else full[:, None, None, :]))
         for row, n, start, bt in prefill:
             kv_len = start + n
             pos = torch.arange(kv_len, device=dev)
             table = torch.tensor(bt, dtype=torch.long, device=dev)
             slots = table[pos // bs] * bs + pos % bs
             q_pos = torch.arange(start, kv_len, device=dev).unsqueeze(1)   # [n, 1]
-            mask = pos.unsqueeze(0) <= q_pos                                 # [n, kv_len]
-            if window is not None:
-                mask = mask & (pos.unsqueeze(0) > q_pos - window)
+            mask, full = masks(pos.unsqueeze(0) <= q_pos, q_pos, pos.unsqueeze(0))   # [n, kv_len]
             groups.append(AttentionGroup(token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
-                                         kv_slots=slots.unsqueeze(0), mask=mask[None, None]))
+                                         kv_slots=slots.unsqueeze(0), mask=mask[None, None],
+                                         full_mask=None if full is None else full[None, None]))
         return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, decode,
                                  block_size=bs, sliding_window=window, kernel=self.kernel)

@@ -22,6 +22,8 @@ class AttentionGroup:
     token_index: torch.Tensor   # [num_seqs, q_len] rows of the flat token batch
     kv_slots: torch.Tensor      # [num_seqs, kv_len] cache slots (padding points at the null block)
     mask: torch.Tensor          # [num_seqs, 1, q_len, kv_len] bool, True = may attend
+    # the same without the sliding window, for full-attention layers of models that mix both (gemma3)
+    full_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -38,7 +40,7 @@ class AttentionMetadata:
     groups: list[AttentionGroup]        # handled by the reference path
     decode: DecodeBatch | None = None   # handled by the kernel
     block_size: int = 16
-    sliding_window: int | None = None
+    sliding_window: int | None = None     # the window of sliding layers; `mask` applies it already
     kernel: object | None = None
     rope_cos: torch.Tensor | None = None   # [num_tokens, 1, head_dim / 2], set by the model once per step
     rope_sin: torch.Tensor | None = None
@@ -51,26 +53,30 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
+                    meta: AttentionMetadata, scale: float, full_attention: bool = False) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
+
+    full_attention: this layer ignores meta.sliding_window (the global layers of gemma3)."""
     d = meta.decode
+    window = 0 if full_attention else (meta.sliding_window or 0)
     if d is not None and d.token_rows is None and not meta.groups:
         out = torch.empty_like(q)
         meta.kernel.paged_decode_attention(out, q.contiguous(), k_cache, v_cache, d.block_tables, d.context_lens,
-                                           meta.block_size, scale, meta.sliding_window or 0)
+                                           meta.block_size, scale, window)
         return out
     out = torch.empty_like(q)
     if d is not None:
         od = torch.empty((d.token_rows.shape[0], *q.shape[1:]), dtype=q.dtype, device=q.device)
         meta.kernel.paged_decode_attention(od, q[d.token_rows].contiguous(), k_cache, v_cache, d.block_tables,
-                                           d.context_lens, meta.block_size, scale, meta.sliding_window or 0)
+                                           d.context_lens, meta.block_size, scale, window)
         out[d.token_rows] = od
     for g in meta.groups:
         qg = q[g.token_index].transpose(1, 2)            # [num_seqs, num_heads, q_len, head_dim]
         # [num_seqs, num_kv_heads, kv_len, head_dim]; a bfloat16 cache is widened to the query's dtype
         kg = k_cache[g.kv_slots].to(q.dtype).transpose(1, 2)
         vg = v_cache[g.kv_slots].to(q.dtype).transpose(1, 2)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
+        mask = g.full_mask if full_attention and g.full_mask is not None else g.mask
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
                                             enable_gqa=qg.shape[1] != kg.shape[1])
         out[g.token_index.reshape(-1)] = og.transpose(1, 2).reshape(-1, *q.shape[1:])
     return out

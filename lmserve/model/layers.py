@@ -45,6 +45,24 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _longrope_freqs(t: torch.Tensor, inv_freq: torch.Tensor, scaling: dict, max_position: int):
+    """LongRoPE (Phi-3): per-frequency divisors, `short_factor` within the original context, `long_factor` beyond,
+    and cos/sin scaled by an attention factor.
+
+    NOTE: transformers picks one factor set for the whole forward from its longest position, so a prompt that
+    crosses the original length re-rotates every earlier token; with a KV cache the keys already written keep
+    theirs, so here the choice is per position (as a cached decode in transformers does it token by token).
+    """
+    orig = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or max_position / orig
+    mscale = scaling.get("attention_factor")
+    if mscale is None:
+        mscale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    short = torch.outer(t, inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float64))
+    long = torch.outer(t, inv_freq / torch.tensor(scaling["long_factor"], dtype=torch.float64))
+    return torch.where((t < orig).unsqueeze(1), short, long), mscale
+
+
 class RotaryEmbedding(nn.Module):
     """HF-style (rotate_half) RoPE with a precomputed cos/sin table indexed by absolute position."""
 
@@ -56,12 +74,15 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         elif rope_type == "linear":
             inv_freq = inv_freq / scaling["factor"]
-        elif rope_type not in (None, "default"):
+        elif rope_type not in (None, "default", "longrope"):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported")
         t = torch.arange(max_position, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq)                        # [max_position, head_dim / 2]
-        self.register_buffer("cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        mscale = 1.0
+        if rope_type == "longrope":
+            freqs, mscale = _longrope_freqs(t, inv_freq, scaling, max_position)
+        self.register_buffer("cos", (freqs.cos() * mscale).float(), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * mscale).float(), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for these positions: [num_tokens, 1, head_dim / 2]. Done once per step, not per layer."""
@@ -74,8 +95,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    rot = 2 * cos.shape[-1]                  # < head_dim with partial rotary (phi-4-mini): the rest passes through
+    x1, x2 = x[..., :rot].chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot:]), dim=-1)
 
 
 class Linear(nn.Linear):
@@ -134,20 +156,31 @@ def quant_linear(x: torch.Tensor, quant, kernel, bias: torch.Tensor | None = Non
     return out if bias is None else out.add_(bias)
 
 
-class GatedMLP(nn.Module):
-    """SwiGLU MLP with gate and up projections fused into one matmul."""
+_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+
+def activation(name: str):
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise NotImplementedError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") from None
+
+
+class GatedMLP(nn.Module):
+    """Gated MLP (SwiGLU, or GeGLU with act="gelu_pytorch_tanh") with gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
         self.intermediate_size = intermediate_size
+        self.act_name, self.act = act, activation(act)
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, kernel=None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if kernel is not None:
+        if kernel is not None and self.act_name == "silu":
             act = torch.empty(x.shape[0], self.intermediate_size, dtype=x.dtype, device=x.device)
             kernel.silu_mul(act, gate_up)
             return self.down_proj(act)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)

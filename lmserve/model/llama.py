@@ -1,4 +1,6 @@
-"""Llama-family decoder (Llama, Qwen2, Mistral): one class, differences come from ArchConfig.
+"""Llama-family decoder (Llama 2/3.x, Qwen2, Mistral): one class, differences come from ArchConfig. The shared
+base of the other decoders too: each subclass swaps a part (`Attention.norm_qk`, `DecoderLayer.make_mlp`,
+`LlamaForCausalLM.layer_cls`, `map_weight`) and keeps the rest.
 
 Parameters use Hugging Face names, except that q/k/v and gate/up are fused into one matmul each;
 `load_weights` maps HF names onto the fused tensors (also used by live weight updates).
@@ -16,28 +18,35 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.is_full_attention = cfg.layer_window(layer_idx) is None
+        self.partial_rotary = cfg.partial_rotary_factor < 1.0
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+
+    def norm_qk(self, qkv: torch.Tensor) -> None:
+        """Hook before RoPE (in place on the fused [num_tokens, q + k + v] projection); none here."""
 
     def forward(self, positions, x, meta: AttentionMetadata, kv_cache: KVCache):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        if meta.kernel is not None:
+        self.norm_qk(qkv)
+        if meta.kernel is not None and not self.partial_rotary:
             # one fused C++ pass: RoPE on q and k, k and v into the cache
             q = torch.empty(num_tokens, self.num_heads, self.head_dim, dtype=x.dtype)
             meta.kernel.rope_write_kv(q, qkv, meta.rope_cos, meta.rope_sin, kv_cache[0], kv_cache[1],
                                       meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
         else:
             q = self._rope_write_kv(qkv, meta, kv_cache)
-        o = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)   # [num_tokens, heads, head_dim]
+        # [num_tokens, heads, head_dim]
+        o = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, full_attention=self.is_full_attention)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
     def _rope_write_kv(self, qkv, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
@@ -53,12 +62,17 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg):
+    attn_cls = Attention
+
+    def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = self.attn_cls(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = self.make_mlp(cfg, layer_idx)
+
+    def make_mlp(self, cfg, layer_idx: int) -> nn.Module:
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, positions, x, residual, meta, kv_cache):
         """-> (this layer's MLP output, residual stream before it); the next layer's norm adds the two."""
@@ -73,19 +87,22 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_cls: type[nn.Module] = DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        self.rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(layer_cls(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_cls = DecoderLayer
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.model = LlamaModel(cfg)
+        self.model = LlamaModel(cfg, self.layer_cls)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_quant = None      # QuantWeight of the output projection, see attach_quantized
         self.logits_fast = None       # its packed copy, see attach_fast
@@ -132,8 +149,9 @@ class LlamaForCausalLM(nn.Module):
             p = f"model.layers.{i}."
             attach(layer.self_attn.qkv_proj, cat_rows([quant.get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
             attach(layer.self_attn.o_proj, quant.get(p + "self_attn.o_proj.weight"))
-            attach(layer.mlp.gate_up_proj, cat_rows([quant.get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]))
-            attach(layer.mlp.down_proj, quant.get(p + "mlp.down_proj.weight"))
+            if isinstance(layer.mlp, GatedMLP):     # MoE experts stay float (one fused tensor per layer)
+                attach(layer.mlp.gate_up_proj, cat_rows([quant.get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]))
+                attach(layer.mlp.down_proj, quant.get(p + "mlp.down_proj.weight"))
         head = quant.get("model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight")
         if head is not None:
             self.logits_quant, self.kernel, self.max_quant_rows = head, kernel, max_rows
@@ -148,32 +166,43 @@ class LlamaForCausalLM(nn.Module):
         self.logits_quant = self.logits_fast = None
 
     # ---- weights -------------------------------------------------------------------------------------
+    def fused_slices(self) -> dict[str, tuple[str, int, int]]:
+        """HF projection name -> (our fused parameter's module name, first row, rows)."""
+        cfg = self.cfg
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        return {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+                "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
+                "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size)}
+
+    def map_weight(self, name: str, tensor: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An HF-named tensor -> (the view of our parameter it fills, the value), or None to skip it."""
+        if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+            return None   # computed, or tied to the embedding
+        target, start, size = name, None, None
+        parts = name.split(".")
+        fused = self.fused_slices()
+        if len(parts) >= 2 and parts[-2] in fused:
+            fused_name, start, size = fused[parts[-2]]
+            target = ".".join(parts[:-2] + [fused_name, parts[-1]])
+        if target not in params:
+            raise KeyError(f"unexpected weight {name!r}")
+        return (params[target] if start is None else params[target].narrow(0, start, size)), tensor
+
     def load_weights(self, weights: dict[str, torch.Tensor]) -> list[str]:
         """Copy HF-named tensors into the (fused) parameters. Returns the names loaded.
 
         All names and shapes are checked before anything is copied, so a bad update changes nothing."""
         params = dict(self.named_parameters())
-        cfg = self.cfg
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
-                 "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
-                 "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size)}
         plan = []
         for name, tensor in weights.items():
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
-                continue   # computed, or tied to the embedding
-            target, start, size = name, None, None
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in fused:
-                fused_name, start, size = fused[parts[-2]]
-                target = ".".join(parts[:-2] + [fused_name, parts[-1]])
-            if target not in params:
-                raise KeyError(f"unexpected weight {name!r}")
-            dst = params[target] if start is None else params[target].narrow(0, start, size)
-            if dst.shape != tensor.shape:
-                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-            plan.append((name, dst, tensor))
+            mapped = self.map_weight(name, tensor, params)
+            if mapped is None:
+                continue
+            dst, value = mapped
+            if dst.shape != value.shape:
+                raise ValueError(f"weight {name!r}: shape {tuple(value.shape)} != expected {tuple(dst.shape)}")
+            plan.append((name, dst, value))
         with torch.no_grad():
-            for _, dst, tensor in plan:
-                dst.copy_(tensor)
+            for _, dst, value in plan:
+                dst.copy_(value)
         return [name for name, _, _ in plan]

@@ -11,13 +11,15 @@ import importlib.util
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from gguf import GGUFReader, GGUFValueType
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+from lmserve.model.arch_extras import hf_arch_extras
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "mixtral", "gemma3", "phi3")
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,6 +43,25 @@ class ArchConfig:
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # ---- what newer architectures add (model/arch_extras.py reads them from config.json / GGUF metadata)
+    qk_norm: bool = False                   # RMSNorm over each q and k head before RoPE (qwen3, gemma3)
+    layer_types: tuple[str, ...] | None = None   # per layer "sliding_attention" | "full_attention"; None = all
+    rope_local_theta: float | None = None   # RoPE base of sliding-window layers (gemma3)
+    query_pre_attn_scalar: float | None = None   # attention scale = this ** -0.5 (gemma3); None = head_dim
+    hidden_act: str = "silu"                # gated MLP activation: silu | gelu_pytorch_tanh
+    final_logit_softcapping: float | None = None
+    num_experts: int = 0                    # MoE: routed experts per MoE layer (0 = dense model)
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True             # renormalise the top-k router probabilities to sum to 1
+    dense_layers: tuple[int, ...] = ()      # MoE models: layers with a plain MLP instead (qwen3_moe)
+    partial_rotary_factor: float = 1.0      # fraction of head_dim that RoPE rotates (phi3 / phi-4-mini)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None = full attention)."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
 
 
 # ---- paths ------------------------------------------------------------------------------------------------
@@ -356,7 +377,7 @@ def _hf_arch_config(path: str) -> ArchConfig:
     cfg = _read_json(os.path.join(path, "config.json"))
     if not cfg:
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory or a GGUF file)")
-    arch = cfg.get("model_type")
+    arch = {"gemma3_text": "gemma3"}.get(cfg.get("model_type"), cfg.get("model_type"))
     if arch not in SUPPORTED_ARCHS:
         raise NotImplementedError(f"{path}: model_type {arch!r} is not supported; supported: {SUPPORTED_ARCHS}")
     if cfg.get("mlp_bias"):
@@ -371,10 +392,10 @@ def _hf_arch_config(path: str) -> ArchConfig:
     gen = _read_json(os.path.join(path, "generation_config.json"))
     bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
     sliding = cfg.get("sliding_window")
-    if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         sliding = None
     hidden, num_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    return ArchConfig(
+    return replace(ArchConfig(
         architecture=arch,
         hidden_size=hidden,
         num_hidden_layers=cfg["num_hidden_layers"],
@@ -392,7 +413,7 @@ def _hf_arch_config(path: str) -> ArchConfig:
         sliding_window=sliding,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=load_eos_token_ids(path),
-    )
+    ), **hf_arch_extras(arch, cfg))
 
 
 def _safetensors_files(path: str) -> list[str]:

@@ -8,11 +8,17 @@ from torch import nn
 
 from lmserve.model.bert import BertModel
 from lmserve.model.llama import LlamaForCausalLM
+from lmserve.model.mixtral import MixtralForCausalLM
+from lmserve.model.qwen3 import Qwen3ForCausalLM
+from lmserve.model.qwen3_moe import Qwen3MoeForCausalLM
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,     # + q/k/v bias (ArchConfig.attention_bias)
     "mistral": LlamaForCausalLM,   # + sliding window (ArchConfig.sliding_window, applied in the attention mask)
+    "qwen3": Qwen3ForCausalLM,     # + q/k RMSNorm per head
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "mixtral": MixtralForCausalLM,
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py

@@ -1,0 +1,84 @@
+"""What architectures beyond the Llama family add to ArchConfig, read from a Hugging Face config.json.
+
+`hf_arch_extras(arch, config_json)` returns ArchConfig field overrides; the loader applies them on top of the
+fields every decoder has. Adding an architecture means adding its branch here and its model file.
+"""
+from __future__ import annotations
+
+
+def _rope_dict(rope: dict | None) -> tuple[float | None, dict | None]:
+    """One HF rope dict -> (theta, scaling dict or None for plain RoPE)."""
+    rope = dict(rope or {})
+    theta = rope.pop("rope_theta", None)
+    rope.pop("partial_rotary_factor", None)
+    if "type" in rope:
+        rope.setdefault("rope_type", rope.pop("type"))
+    if rope.get("rope_type") == "su":                     # the old name of longrope (Phi-3)
+        rope["rope_type"] = "longrope"
+    return theta, (rope if rope.get("rope_type", "default") != "default" else None)
+
+
+def _moe(cfg: dict, num_experts_key: str, intermediate_key: str) -> dict:
+    # transformers 5 writes num_local_experts for every MoE model; older Qwen3-MoE files say num_experts
+    num_experts = cfg.get(num_experts_key, cfg.get("num_local_experts"))
+    return dict(num_experts=int(num_experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                moe_intermediate_size=int(cfg[intermediate_key]))
+
+
+def hf_arch_extras(arch: str, cfg: dict) -> dict:
+    extras: dict = {}
+    if arch in ("qwen3", "qwen3_moe"):
+        extras["qk_norm"] = True
+        extras["attention_bias"] = bool(cfg.get("attention_bias", False))
+    if arch == "qwen3_moe":
+        extras.update(_moe(cfg, "num_experts", "moe_intermediate_size"))
+        extras["norm_topk_prob"] = bool(cfg.get("norm_topk_prob", False))   # transformers' default
+        step, n = int(cfg.get("decoder_sparse_step", 1) or 1), cfg["num_hidden_layers"]
+        only = set(cfg.get("mlp_only_layers") or [])
+        # transformers: layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+        extras["dense_layers"] = tuple(i for i in range(n) if i in only or (i + 1) % step != 0)
+    if arch == "mixtral":
+        extras.update(_moe(cfg, "num_local_experts", "intermediate_size"))
+        extras["norm_topk_prob"] = True
+    if arch == "gemma3":
+        extras.update(_gemma3(cfg))
+    if arch == "phi3":
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        extras["partial_rotary_factor"] = float(rope.get("partial_rotary_factor",
+                                                         cfg.get("partial_rotary_factor", 1.0)))
+        _, scaling = _rope_dict(rope)
+        if scaling is not None and scaling["rope_type"] == "longrope":
+            scaling.setdefault("original_max_position_embeddings",
+                               cfg.get("original_max_position_embeddings", cfg.get("max_position_embeddings")))
+        extras["rope_scaling"] = scaling
+        extras["hidden_act"] = cfg.get("hidden_act", "silu")
+    return extras
+
+
+def _gemma3(cfg: dict) -> dict:
+    n = cfg["num_hidden_layers"]
+    pattern = int(cfg.get("sliding_window_pattern", 6))
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    rope = cfg.get("rope_parameters") or {}
+    if "full_attention" in rope:                            # transformers >= 5: one rope dict per layer type
+        theta, scaling = _rope_dict(rope["full_attention"])
+        local_theta, _ = _rope_dict(rope.get("sliding_attention"))
+    else:                                                   # 4.x: rope_theta, rope_scaling, rope_local_base_freq
+        theta, scaling = cfg.get("rope_theta"), _rope_dict(cfg.get("rope_scaling"))[1]
+        local_theta = cfg.get("rope_local_base_freq")
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise NotImplementedError("gemma3: attn_logit_softcapping is not supported")
+    if cfg.get("use_bidirectional_attention"):
+        raise NotImplementedError("gemma3: use_bidirectional_attention (an encoder variant) is not supported")
+    return dict(
+        qk_norm=True, layer_types=tuple(layer_types),
+        rope_theta=float(theta if theta is not None else 1_000_000.0), rope_scaling=scaling,
+        rope_local_theta=float(local_theta if local_theta is not None else 10_000.0),
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+        hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh",
+        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+    )

@@ -1,0 +1,21 @@
+"""Mixtral: the Llama decoder with a sparse MoE MLP (softmax router, top-k renormalised) in every layer."""
+from __future__ import annotations
+
+from lmserve.model.llama import DecoderLayer, LlamaForCausalLM
+from lmserve.model.moe import map_expert_weight, moe_block
+
+_EXPERT_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
+
+
+class MixtralDecoderLayer(DecoderLayer):
+    def make_mlp(self, cfg, layer_idx: int):
+        return moe_block(cfg)
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    layer_cls = MixtralDecoderLayer
+
+    def map_weight(self, name, tensor, params):
+        name = name.replace(".block_sparse_moe.", ".mlp.")     # the pre-transformers-5 module name
+        dst = map_expert_weight(name, params, _EXPERT_NAMES)
+        return (dst, tensor) if dst is not None else super().map_weight(name, tensor, params)

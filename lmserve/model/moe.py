@@ -1,0 +1,90 @@
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): a top-k router and experts run grouped by expert.
+
+Parameters follow transformers 5's fused layout: `gate.weight` [num_experts, hidden] (the router),
+`experts.gate_up_proj` [num_experts, 2 * intermediate, hidden], `experts.down_proj` [num_experts, hidden,
+intermediate]. Checkpoints with one tensor per expert are mapped onto them by `expert_weight_slice`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.model.layers import Linear, activation
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu"):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.act = activation(act)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, hidden]; expert_ids, weights: [num_tokens, top_k] -> [num_tokens, hidden].
+
+        The (token, expert) pairs are sorted by expert so each expert runs one matmul over a contiguous slice of
+        its tokens; the loop is over experts that got tokens, never over tokens.
+        """
+        top_k = expert_ids.shape[1]
+        flat = expert_ids.reshape(-1)                                     # [num_tokens * top_k]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of = order // top_k                                          # source row of each sorted pair
+        xs = x[token_of]                                                   # [num_pairs, hidden], grouped by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            gate, up = F.linear(xs[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            ys[start:end] = F.linear(self.act(gate) * up, self.down_proj[expert])
+            start = end
+        ys.mul_(weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype))
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (softmax over experts, top-k, optionally renormalised) + grouped experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 norm_topk_prob: bool, act: str = "silu"):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.gate = Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, act)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [num_tokens, hidden] -> (expert ids, weights), each [num_tokens, top_k]."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)              # [num_tokens, num_experts] fp32
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return expert_ids, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, kernel=None) -> torch.Tensor:
+        return self.experts(x, *self.route(x))
+
+
+def map_expert_weight(name: str, params: dict, names: dict[str, str]) -> torch.Tensor | None:
+    """A per-expert checkpoint tensor ('...experts.3.w1.weight') -> the view of the fused parameter it fills, or
+    None when `name` is not one. `names` maps the checkpoint's projection names to gate / up / down."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[-4] != "experts" or not parts[-3].isdigit() or parts[-2] not in names:
+        return None
+    expert, kind = int(parts[-3]), names[parts[-2]]
+    prefix = ".".join(parts[:-4] + ["experts"])
+    if f"{prefix}.down_proj" not in params:
+        raise KeyError(f"unexpected weight {name!r}")
+    if kind == "down":
+        return params[f"{prefix}.down_proj"][expert]
+    fused = params[f"{prefix}.gate_up_proj"][expert]                      # [2 * intermediate, hidden]
+    half = fused.shape[0] // 2
+    return fused.narrow(0, half if kind == "up" else 0, half)
+
+
+def moe_block(cfg) -> SparseMoeBlock:
+    return SparseMoeBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                          cfg.norm_topk_prob, cfg.hidden_act)
