@@ -3,7 +3,7 @@ endpoints it routes; all state lives on `app.state` (registry, strategy, session
 
 Wire contract: LMDeploy's "Proxy Server API" (/nodes/add, /nodes/remove, /nodes/status, /nodes/terminate,
 /nodes/terminate_all, /v1/models, /v1/chat/completions, /v1/completions) plus /generate, /v1/embeddings,
-/v1/encode, /pooling, /health and /metrics. Errors the proxy makes use the OpenAI error shape.
+/v1/encode, /pooling, /health and /metrics; the web page (chat + node dashboard) at /. Errors the proxy makes use the OpenAI error shape.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from lmserve.proxy.nodes import NodeRegistry, normalize_url
 from lmserve.proxy.strategies import PrefixAware, SessionTable, make_strategy
 from lmserve.server.errors import APIError, install_error_handlers
 from lmserve.server.protocol import ModelCard, ModelList, NodeRequest
+from lmserve.web import mount_web
 
 logger = logging.getLogger("lmserve.proxy")
 
@@ -202,4 +203,5 @@ def build_app(config: ProxyConfig | None = None) -> FastAPI:
     app.include_router(health_router())
     app.include_router(nodes_router())
     app.include_router(api_router())
+    mount_web(app)
     return app

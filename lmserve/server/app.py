@@ -2,7 +2,7 @@
 
 Routers: OpenAI (/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings), LMDeploy (/generate,
 /v1/chat/interactive, /v1/encode, /pooling, /abort_request), MLC (/stats, /verbose_stats, /chat/reset) and
-operations (/health, /metrics, /sleep, /wakeup, /is_sleeping, /update_weights, /terminate).
+operations (/health, /metrics, /sleep, /wakeup, /is_sleeping, /update_weights, /terminate); the web page at /.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from lmserve.server.serving_completion import create_completion
 from lmserve.server.serving_generate import generate
 from lmserve.server.serving_interactive import chat_interactive
 from lmserve.server.state import ServerState
+from lmserve.web import mount_web
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
@@ -196,6 +197,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, *,
     install_error_handlers(app)
     for router in (openai_router(), lmdeploy_router(), mlc_router(), operations_router()):
         app.include_router(router)
+    mount_web(app)
     app.add_middleware(ServerMiddleware, state=state)
     if config.allow_origins:
         # NOTE: added last, so it is the outermost layer and answers CORS preflights before the key check.

@@ -1,6 +1,6 @@
 """One pure-ASGI middleware, so it spans the whole response (streams included):
 
-1. API keys: `Authorization: Bearer <key>` on every path but /health, /metrics and the docs.
+1. API keys: `Authorization: Bearer <key>` on every path but /health, /metrics, the docs and the web page.
 2. Request bodies: at most --max-request-body-bytes (413; POST /update_weights is exempt), received within
    --body-read-timeout seconds (408). The body is read whole here, before admission, so a client that sends
    its body slowly holds a connection but never an admission slot.
@@ -17,6 +17,7 @@ import logging
 
 from lmserve.server.errors import error_response
 from lmserve.server.state import ServerState
+from lmserve.web import is_web_path
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class ServerMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
-        if self.api_keys and path not in OPEN_PATHS and method != "OPTIONS" and not self._authorized(scope):
+        if (self.api_keys and path not in OPEN_PATHS and not is_web_path(path) and method != "OPTIONS"
+                and not self._authorized(scope)):
             response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
