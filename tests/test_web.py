@@ -110,9 +110,7 @@ def send(page, text: str) -> None:
 
 
 def wait_reply_done(page, timeout: float = 180) -> None:
-    page.wait_for_function("() => { const s = [...document.querySelectorAll('.msg.assistant .stats')].at(-1);"
-                           " return s && document.getElementById('stop').hidden && s.textContent !== ''; }",
-                           timeout=timeout * 1000)
+    page.wait_for_selector("#messages[aria-busy=false] .msg.assistant", timeout=timeout * 1000)
 
 
 def chat_bodies(page) -> list[dict]:
@@ -198,6 +196,8 @@ def test_chat_streams_settings_stop_regenerate_reload(browser, api_server_url, a
     assert page.locator("#conversations li").count() == 1
     screenshot(page, artifacts, "web_chat_desktop.png")
     page.set_viewport_size(PHONE)
+    page.reload()     # at phone width the settings start folded
+    page.wait_for_selector(".msg.assistant")
     screenshot(page, artifacts, "web_chat_phone.png")
     assert not page.errors, page.errors
 

@@ -127,6 +127,7 @@ function render() {
   box.replaceChildren(...current.messages.map(messageNode));
   box.scrollTop = box.scrollHeight;
   renderList();
+  box.setAttribute('aria-busy', String(!!controller));
   $('send').hidden = !!controller;
   $('stop').hidden = !controller;
 }

@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
 const HISTORY_S = 300;        // what the charts show
 const LATENCY_WINDOW_S = 60;  // TTFT / ITL percentiles are over this window
+const RATE_WINDOW_S = 5;
 const P = 'lmserve:';
 
 const fmt = {
@@ -44,10 +45,11 @@ function tile(id, title, spec) {
 // Each tile: series = [{label, color, value(snapshotIndex) -> number|null}], text(latest values) -> string.
 function serverTiles() {
   const at = (i, name) => scalar(snapshots[i].metrics, P + name);
-  const rate = (i, name) => {
-    if (i === 0) return null;
-    const dt = snapshots[i].t - snapshots[i - 1].t;
-    return dt > 0 ? Math.max(0, at(i, name) - at(i - 1, name)) / dt : null;
+  const rate = (i, name) => {     // over the last RATE_WINDOW_S: per-second deltas are too spiky to read
+    let j = i;
+    while (j > 0 && snapshots[i].t - snapshots[j - 1].t <= RATE_WINDOW_S) j -= 1;
+    const dt = snapshots[i].t - snapshots[j].t;
+    return dt > 0 ? Math.max(0, at(i, name) - at(j, name)) / dt : null;
   };
   const windowStart = (i) => {
     let j = i;
@@ -69,7 +71,7 @@ function serverTiles() {
     series: [{ label: 'hits / prompt tokens looked up', color: '--c4', value: (i) => at(i, 'prefix_cache_hit_rate') }],
     text: ([r]) => fmt.pct(r), format: fmt.pct, minMax: 1,
   });
-  tile('throughput', 'Output tokens/s', {
+  tile('throughput', `Output tokens/s (${RATE_WINDOW_S} s average)`, {
     series: [{ label: 'generated tokens per second', color: '--c1', value: (i) => rate(i, 'generation_tokens_total') }],
     text: ([r]) => `${fmt.rate(r)} tok/s · ${fmt.int(at(snapshots.length - 1, 'generation_tokens_total'))} total`,
     format: fmt.rate,
