@@ -47,6 +47,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
                    help="embed: serve /v1/embeddings and /pooling only (an encoder runs with its own pooling); "
                         "auto: embed for encoder checkpoints (BERT family), else generate")
+    p.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
+                   help="sampling defaults for fields a request leaves out: auto = the model's "
+                        "generation_config.json / GGUF metadata / model card; none = the API's own defaults; "
+                        "PATH = a generation_config.json or its directory")
 
 
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -55,7 +59,8 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                           chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
                           attention_backend=args.attn_backend, quant_kernel_max_rows=args.quant_kernel_max_rows,
-                          num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task),
+                          num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task,
+                          generation_config=args.generation_config),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
                           num_blocks=args.cache_block_count,
                           enable_prefix_caching=not args.disable_prefix_caching),
@@ -70,8 +75,8 @@ def _add_chat(sub) -> None:
     p = sub.add_parser("chat", help="terminal chat with an in-process engine")
     add_engine_args(p)
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=None, help="default: the model's (--generation-config)")
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's (--generation-config)")
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=_run_chat)
 

@@ -66,6 +66,9 @@ class ModelConfig:
     # "generate" (chat/completions; embeddings by mean pooling), "embed" (embeddings only; an encoder checkpoint
     # runs with its own pooling) or "auto": "embed" for encoder checkpoints (BERT family), else "generate"
     task: str = "auto"
+    # sampling defaults for fields a request leaves out (vLLM's --generation-config): "auto" = from the model
+    # (lmserve/generation_config.py), "none" = the API's own defaults, or a generation_config.json path
+    generation_config: str = "auto"
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 16:

@@ -33,6 +33,8 @@ PROMPT = ">>> "
 EXIT_COMMANDS = ("exit", "quit")
 RESET_COMMAND = "reset"
 LOCAL_SESSION_ID = 0
+# under the model's generation defaults (--generation-config); the console's defaults before those existed
+CONSOLE_SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}
 SESSION_FULL_HINT = "[the conversation reached the session length; type 'reset' to start a new one]"
 
 
@@ -246,9 +248,13 @@ def run_local_chat(engine_config: EngineConfig, args: argparse.Namespace) -> int
     max_model_len = engine.engine.max_model_len
     system = [{"role": "system", "content": args.system}] if getattr(args, "system", None) else []
     messages: list[dict[str, str]] = list(system)
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    # the console's own defaults, the model's generation defaults (--generation-config) over them, then the flags
+    given = {"temperature": args.temperature, "top_p": args.top_p}
+    sampling = {**CONSOLE_SAMPLING_DEFAULTS, **engine.engine.generation_defaults,
+                **{k: v for k, v in given.items() if v is not None}}
+    params = SamplingParams(max_tokens=args.max_new_tokens, **sampling)
     _info(f"model: {engine.engine.model_path} (session length {max_model_len}); "
-          f"type 'reset' to start over, 'exit' to quit")
+          f"sampling {', '.join(f'{k}={v}' for k, v in sampling.items())}; type 'reset' to start over, 'exit' to quit")
 
     def on_finish(output: RequestOutput) -> None:
         completion = output.outputs[0]

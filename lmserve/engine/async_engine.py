@@ -62,6 +62,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_path = engine.model_path
         self.max_model_len = engine.max_model_len
+        self.generation_defaults = engine.generation_defaults
         self.vocab_size = engine.vocab_size
         self.task = engine.task
         self.embedding_dimensions = engine.embedding_dimensions

@@ -15,6 +15,8 @@ from lmserve.engine.encoder_runner import EncoderRunner
 from lmserve.engine.model_runner import ModelRunner
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
+from lmserve.generation_config import describe as describe_generation_defaults
+from lmserve.generation_config import load_generation_defaults
 from lmserve.model.loader import resolve_model_path
 from lmserve.model.registry import is_encoder, resolve_task
 from lmserve.outputs import (CompletionOutput, EmbeddingOutput, FinishReason, RequestMetrics, RequestOutput)
@@ -61,6 +63,9 @@ class LLMEngine:
         self.config = config
         self.model_path = resolve_model_path(config.model.model)
         mc = config.model
+        # NOTE: read before the weights, so a bad --generation-config path fails in a second, not a minute
+        self.generation_defaults, source = load_generation_defaults(self.model_path, mc.generation_config)
+        logger.info(describe_generation_defaults(self.generation_defaults, source))
         self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, mc.chat_template)
         self.task = resolve_task(mc.task, self.model_path)
         runner_cls = EncoderRunner if is_encoder(self.model_path) else ModelRunner

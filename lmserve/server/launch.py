@@ -109,7 +109,10 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, *,
     from lmserve.engine.async_engine import AsyncEngine
     from lmserve.server.app import build_app
 
-    engine = AsyncEngine.from_config(engine_config)     # blocking: weights + tokenizer, before binding the port
+    try:
+        engine = AsyncEngine.from_config(engine_config)  # blocking: weights + tokenizer, before binding the port
+    except (ValueError, FileNotFoundError) as e:           # bad settings or paths: one line, not a traceback
+        raise SystemExit(f"api_server: {e}") from None
     app = build_app(engine, server_config, allow_terminate_by_client=allow_terminate_by_client)
     logger.info("serving %s on http://%s:%d (docs at /docs)", app.state.server.model_name,
                 server_config.server_name, server_config.server_port)

@@ -69,6 +69,8 @@ class ModelCard(_Model):
     parent: str | None = None
     max_model_len: int | None = None
     permission: list[ModelPermission] = Field(default_factory=list)
+    # lmserve: the sampling settings requests get for fields they leave out (--generation-config)
+    generation_defaults: dict[str, float | int] | None = None
 
 
 class ModelList(_Model):

@@ -16,7 +16,7 @@ from lmserve.server.protocol import (ChatCompletionRequest, ChatCompletionRespon
                                      ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
                                      DeltaMessage)
 from lmserve.server.serving_common import (SSE_DONE, chat_logprobs, last_output, make_params, parse_logit_bias,
-                                           reject_if_set, sse, sse_error, usage_of)
+                                           reject_if_set, sse, sse_error, usage_of, with_generation_defaults)
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
 
 _UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "mm_processor_kwargs")
@@ -84,6 +84,7 @@ def _check_request(state: ServerState, req: ChatCompletionRequest) -> None:
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
+    req = with_generation_defaults(req, state.generation_defaults)
     state.check_model(req.model)
     _check_request(state, req)
     state.check_available()

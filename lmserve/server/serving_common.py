@@ -47,6 +47,14 @@ def make_params(rename: dict[str, str] | None = None, **kwargs: Any) -> Sampling
         raise APIError(400, message, param=param) from exc
 
 
+def with_generation_defaults(req: _Model, defaults: dict[str, Any]) -> _Model:
+    """The request with the model's generation defaults in the sampling fields it left out or sent as null;
+    a field the client set always wins."""
+    fill = {name: value for name, value in defaults.items()
+            if name in type(req).model_fields and (name not in req.model_fields_set or getattr(req, name) is None)}
+    return req.model_copy(update=fill) if fill else req
+
+
 def parse_logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
     if not logit_bias:
         return None

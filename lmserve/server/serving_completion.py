@@ -18,7 +18,8 @@ from lmserve.server.limits import check_limits, check_num_prompts
 from lmserve.server.protocol import (CompletionRequest, CompletionResponse, CompletionResponseChoice,
                                      CompletionStreamResponse)
 from lmserve.server.serving_common import (SSE_DONE, completion_logprobs, last_output, make_params, merge_streams,
-                                           open_all, parse_logit_bias, sse, sse_error, usage_of)
+                                           open_all, parse_logit_bias, sse, sse_error, usage_of,
+                                           with_generation_defaults)
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
 
 
@@ -51,6 +52,7 @@ async def parse_prompts(state: ServerState, prompt) -> list[tuple[str | None, li
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request):
+    req = with_generation_defaults(req, state.generation_defaults)
     state.check_model(req.model)
     if req.suffix is not None:
         raise not_supported("suffix")

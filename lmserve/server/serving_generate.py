@@ -17,7 +17,7 @@ from lmserve.server.errors import APIError
 from lmserve.server.limits import check_limits
 from lmserve.server.protocol import GenerateMetaInfo, GenerateRequest, GenerateResponse
 from lmserve.server.serving_common import (SSE_DONE, clamp_logprob, last_output, make_params, reject_if_set, sse,
-                                           sse_error)
+                                           sse_error, with_generation_defaults)
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
 
 
@@ -33,6 +33,7 @@ def finish_reason_dict(o: CompletionOutput) -> dict | None:
 
 
 async def generate(state: ServerState, req: GenerateRequest, raw: Request):
+    req = with_generation_defaults(req, state.generation_defaults)
     reject_if_set(req, ("image_data", "mm_processor_kwargs", "return_routed_experts"))
     if (req.prompt is None) == (req.input_ids is None):
         raise APIError(400, "give exactly one of prompt or input_ids", param="prompt")

@@ -19,7 +19,7 @@ from lmserve.outputs import RequestOutput
 from lmserve.server.limits import check_limits
 from lmserve.server.protocol import ChatInteractiveRequest, ChatInteractiveResponse
 from lmserve.server.serving_chat import normalize_messages, render_chat
-from lmserve.server.serving_common import last_output, make_params, reject_if_set
+from lmserve.server.serving_common import last_output, make_params, reject_if_set, with_generation_defaults
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
 
 _NDJSON = "application/x-ndjson"
@@ -36,6 +36,7 @@ def _reply(req: ChatInteractiveRequest, resp: ChatInteractiveResponse):
 
 
 async def chat_interactive(state: ServerState, req: ChatInteractiveRequest, raw: Request):
+    req = with_generation_defaults(req, state.generation_defaults)
     reject_if_set(req, ("image_url", "adapter_name"))
     check_limits(state.config, stop=req.stop)
     if req.cancel:

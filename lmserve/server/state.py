@@ -86,6 +86,7 @@ class ServerState:
         self.config = config
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.generation_defaults = engine.generation_defaults    # --generation-config; request fields win
         self.model_name = config.model_name or _default_model_name(engine.model_path)
         self.created = int(time.time())
         self.start_time = time.monotonic()

@@ -1,0 +1,92 @@
+"""Generation defaults from the model (vLLM's `--generation-config`): the sampling settings a request gets for the
+fields it does not set itself.
+
+- `auto`: an HF directory's `generation_config.json` (temperature, top_p, top_k, min_p, repetition_penalty);
+  a GGUF's `general.sampling.*` metadata (llama.cpp's keys for the same settings) or, when it has none, the
+  settings its model card recommends (`MODEL_CARD_DEFAULTS`, keyed by `general.basename`).
+- `none`: no model defaults; requests get the request models' own defaults (LMDeploy's api_server's).
+- a path: a `generation_config.json` file, or a directory holding one.
+
+Explicit request fields always win; a model default only fills a field the request left out (or sent as null).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+# Field names as the request models and SamplingParams spell them.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+# llama.cpp's GGUF keys (gguf.Keys.General.SAMPLING_*) -> our field names.
+_GGUF_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+              "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+              "general.sampling.penalty_repeat": "repetition_penalty"}
+
+# GGUFs without sampling metadata: the settings the model card's usage example recommends.
+# SmolLM2 (HuggingFaceTB/SmolLM2-{135M,360M,1.7B}-Instruct): `model.generate(..., temperature=0.2, top_p=0.9,
+# do_sample=True)`. At the protocol's 0.7 (and the OpenAI default 1.0) the 135M model often drifts into French or
+# repeats itself on a plain "What is the capital of France?" (docs/benchmarks.md, "First answers").
+MODEL_CARD_DEFAULTS: dict[str, dict[str, float]] = {
+    "smollm2": {"temperature": 0.2, "top_p": 0.9},
+}
+
+
+def _clean(raw: dict) -> dict:
+    out = {}
+    for name in SAMPLING_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[name] = int(value) if name == "top_k" else float(value)
+    return out
+
+
+def _read_json_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"generation_config: cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"generation_config: {path} does not hold a JSON object")
+    return data
+
+
+def _from_gguf(model_path: str) -> tuple[dict, str]:
+    from lmserve.model.loader import _gguf_metadata, _gguf_reader
+    meta = _gguf_metadata(_gguf_reader(model_path))
+    embedded = _clean({name: meta[key] for key, name in _GGUF_KEYS.items() if key in meta})
+    if embedded:
+        return embedded, "the GGUF's general.sampling metadata"
+    basename = str(meta.get("general.basename") or "").lower()
+    if basename in MODEL_CARD_DEFAULTS:
+        return dict(MODEL_CARD_DEFAULTS[basename]), f"the {basename} model card"
+    return {}, "none (the GGUF carries no sampling defaults)"
+
+
+def load_generation_defaults(model_path: str, spec: str = "auto") -> tuple[dict, str]:
+    """(defaults, where they came from) for `--generation-config spec` on the model at `model_path`."""
+    if spec == "none":
+        return {}, "none (--generation-config none)"
+    if spec != "auto":
+        path = os.path.expanduser(spec)
+        if os.path.isdir(path):
+            path = os.path.join(path, "generation_config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"generation_config: {spec!r} is not auto, none, a generation_config.json file "
+                             "or a directory holding one")
+        return _clean(_read_json_file(path)), path
+    from lmserve.model.loader import is_gguf
+    if is_gguf(model_path):
+        return _from_gguf(model_path)
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}, "none (the model has no generation_config.json)"
+    return _clean(_read_json_file(path)), path
+
+
+def describe(defaults: dict, source: str) -> str:
+    if not defaults:
+        return f"generation defaults: {source}; requests get the API's own defaults"
+    shown = ", ".join(f"{k}={v}" for k, v in defaults.items())
+    return f"generation defaults from {source}: {shown} (fields a request sets win; --generation-config none: off)"
