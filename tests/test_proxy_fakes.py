@@ -29,14 +29,18 @@ ROUTED = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/embedding
 def fake_node_app(name: str, model: str = "fake-model") -> FastAPI:
     app = FastAPI()
     app.state.behavior = {"health_status": 200, "fail_status": None, "die_before_first_chunk": False,
-                          "die_after_chunks": None, "num_chunks": 4, "chunk_delay": 0.0, "first_delay": 0.0}
+                          "die_after_chunks": None, "num_chunks": 4, "chunk_delay": 0.0, "first_delay": 0.0,
+                          "busy_health_delay": 0.0}
     app.state.requests = []        # (path, body, headers) of every routed request
     app.state.num_active = 0       # streams in progress
+    app.state.num_inflight = 0     # requests being handled (before their response starts)
     app.state.num_cancelled = 0    # streams the client (the proxy) went away from
     app.state.terminated = False
 
     @app.get("/health")
     async def health():
+        if app.state.num_inflight and app.state.behavior["busy_health_delay"]:
+            await asyncio.sleep(app.state.behavior["busy_health_delay"])    # too busy to answer in time
         return JSONResponse({}, status_code=app.state.behavior["health_status"])
 
     @app.get("/v1/models")
@@ -56,7 +60,11 @@ def fake_node_app(name: str, model: str = "fake-model") -> FastAPI:
             return JSONResponse({"error": {"message": "busy", "type": "x", "param": None, "code": None}},
                                 status_code=b["fail_status"])
         if b["first_delay"]:
-            await asyncio.sleep(b["first_delay"])
+            app.state.num_inflight += 1
+            try:
+                await asyncio.sleep(b["first_delay"])
+            finally:
+                app.state.num_inflight -= 1
         if not body.get("stream"):
             if b["die_before_first_chunk"]:
                 raise RuntimeError("fake node crash")

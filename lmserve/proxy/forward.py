@@ -6,6 +6,8 @@ Lifecycle of one request through the proxy:
   3. Send it and wait for the status line and the first body chunk. A connection error, a timeout, a 429/5xx
      or a dropped connection before that first chunk means nothing has reached the client yet: try another node
      (at most `max_retries` more). A node that failed to answer leaves the rotation until a health check passes.
+     A connection dropped before any byte may be a pooled keep-alive connection the node had closed, not a dead
+     node: that node may be tried once more (on a new connection) and stays in rotation (a soft failure).
   4. Streams (text/event-stream, or LMDeploy's NDJSON lines of /v1/chat/interactive) are relayed chunk by chunk
      as they arrive; other responses are read whole and returned. A node that dies mid-stream ends the client's
      stream with an OpenAI-shaped error event (an SSE `data:` event, or an NDJSON line).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import NamedTuple
 
 import anyio
 import httpx
@@ -35,6 +38,13 @@ _DROP_REQUEST_HEADERS = frozenset({"host", "content-length", "connection", "keep
 _DROP_RESPONSE_HEADERS = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding",
                                     "content-encoding", "date", "server"})
 NODE_HEADER = "x-lmserve-node"  # response header naming the node that served the request
+# Dropped before the first byte: a stale pooled connection or a node that just died; a new connection tells which
+_SOFT_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class Failure(NamedTuple):
+    message: str
+    soft: bool
 
 
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
@@ -112,16 +122,20 @@ class Forwarder:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
         headers["accept-encoding"] = "identity"  # relay bytes as the node sent them
         tried: set[str] = set()
+        retried: set[str] = set()     # nodes given a second chance after a soft failure
         last_error, last_response = "", None
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(self.max_retries + 2):
             nodes = [n for n in self.registry.candidates(route.model) if n.url not in tried]
-            if not nodes:
+            if not nodes or attempt > self.max_retries + len(retried):
                 break
             node = self.choose(nodes, route)
-            tried.add(node.url)
             if attempt:
                 self.num_failovers += 1
             result = await self._send(node, path, raw, headers)
+            if isinstance(result, Failure) and result.soft and node.url not in retried:
+                retried.add(node.url)
+            else:
+                tried.add(node.url)
             if isinstance(result, Response):
                 # NOTE: a session's history lives on its node: a busy or failing answer from it goes back to the
                 # client rather than moving the session. Only a node that cannot be reached loses its sessions.
@@ -129,7 +143,7 @@ class Forwarder:
                     return result
                 last_response, last_error = result, f"{node.url} answered {result.status_code}"
             else:
-                last_error = result
+                last_error = result.message
             logger.warning("request to %s failed before the first byte (%s); %s", node.url, last_error,
                            "trying another node" if attempt < self.max_retries else "giving up")
         if last_response is not None:
@@ -137,8 +151,8 @@ class Forwarder:
         raise APIError(503, f"No api_server could serve the request; last error: {last_error}",
                        code="no_available_node")
 
-    async def _send(self, node: Node, path: str, raw: bytes, headers: dict) -> Response | str:
-        """Response once the node's first body chunk is here, or a string saying why the node failed first."""
+    async def _send(self, node: Node, path: str, raw: bytes, headers: dict) -> Response | Failure:
+        """Response once the node's first body chunk is here, or why the node failed first."""
         node.num_unfinished += 1
         start = time.perf_counter()
         resp = None
@@ -158,9 +172,10 @@ class Forwarder:
             content = first + b"".join([c async for c in chunks])
         except (httpx.HTTPError, OSError) as e:
             error = f"{type(e).__name__}: {e}".rstrip(": ")
-            node.mark_failed(f"request: {error}")
+            soft = isinstance(e, _SOFT_ERRORS)
+            node.mark_failed(f"request: {error}", soft=soft)
             await self._finish(node, resp, start, ok=False)
-            return f"{node.url}: {error}"
+            return Failure(f"{node.url}: {error}", soft)
         await self._finish(node, resp, start, ok=resp.status_code < 400)
         return Response(content, status_code=resp.status_code, headers=out_headers)
 
@@ -189,4 +204,5 @@ class Forwarder:
         node.num_unfinished -= 1
         if ok:
             node.num_served += 1
+            node.num_soft_failures = 0      # served: alive, whatever a late health check said
             node.latency.append(time.perf_counter() - start)

@@ -1,6 +1,7 @@
 """Async health checks: every `interval` seconds, GET /health (and /v1/models) on each node, with a timeout.
 
-A node that fails a check (or a request, see forward.py) leaves the rotation at once; it returns when a check
+A node that fails a check (or a request, see forward.py) leaves the rotation at once, except for soft failures
+(a check that timed out: nodes.SOFT_FAILURE_LIMIT in a row, with no request served in between); it returns when a check
 passes again. Newly added nodes that are not up yet are probed quickly (`watch`) so they join within a fraction
 of a second of listening, rather than at the next round.
 """
@@ -42,7 +43,9 @@ class HealthChecker:
                 raise RuntimeError(f"/v1/models answered {r.status_code}")
         except Exception as e:  # noqa: BLE001 - any failure means "not healthy"; the reason is kept for /nodes/status
             if self.registry.get(node.url) is node:
-                node.mark_failed(f"health check: {type(e).__name__}: {e}".rstrip(": "))
+                # NOTE: a timeout is soft: a node busy with requests may answer /health late (nodes.py)
+                node.mark_failed(f"health check: {type(e).__name__}: {e}".rstrip(": "),
+                                 soft=isinstance(e, httpx.TimeoutException) and node.is_healthy)
             return False
         if self.registry.get(node.url) is node:  # it may have been removed while we waited
             if node.models:

@@ -19,6 +19,10 @@ from urllib.parse import urlsplit
 logger = logging.getLogger("lmserve.proxy")
 
 LATENCY_WINDOW = 32  # recent request latencies kept per node
+# Soft failures (a health check that timed out, a pooled keep-alive connection the node had closed) in a row
+# before a node leaves the rotation. A busy node answers /health late but still serves; a served request
+# resets the count. Hard failures (connection refused, an error status) take a node out at once.
+SOFT_FAILURE_LIMIT = 3
 
 
 def normalize_url(url: str) -> str:
@@ -42,6 +46,7 @@ class Node:
     num_unfinished: int = 0             # requests this proxy has in flight on the node
     num_served: int = 0
     num_failures: int = 0               # consecutive failed health checks or requests
+    num_soft_failures: int = 0          # consecutive soft failures (see SOFT_FAILURE_LIMIT)
     last_error: str | None = None
     latency: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # seconds, recent requests
 
@@ -53,7 +58,14 @@ class Node:
     def mean_latency(self) -> float | None:
         return statistics.fmean(self.latency) if self.latency else None
 
-    def mark_failed(self, error: str) -> None:
+    def mark_failed(self, error: str, soft: bool = False) -> None:
+        if soft:
+            self.num_soft_failures += 1
+            if self.num_soft_failures < SOFT_FAILURE_LIMIT:
+                self.last_error = error
+                logger.info("node %s: %s (%d/%d before it leaves the rotation)", self.url, error,
+                            self.num_soft_failures, SOFT_FAILURE_LIMIT)
+                return
         if self.is_healthy:
             logger.warning("node %s leaves the rotation: %s", self.url, error)
         self.is_healthy = False
@@ -65,6 +77,7 @@ class Node:
             logger.info("node %s is in rotation (models: %s)", self.url, ", ".join(self.models) or "unknown")
         self.is_healthy = True
         self.num_failures = 0
+        self.num_soft_failures = 0
         self.last_error = None
 
     def status(self) -> dict:
