@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from lmserve.config import EngineConfig
+from lmserve.engine.cpu_threads import ThreadGovernor
 from lmserve.engine.llm_engine import EngineStats, LLMEngine, PromptTooLongError  # noqa: F401 (re-export)
 from lmserve.outputs import EmbeddingOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
@@ -211,10 +212,22 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine stopped after an error: {self._error!r}")
 
     # ---- the engine thread ---------------------------------------------------------------------------------
+    def _thread_governor(self) -> ThreadGovernor | None:
+        """Adaptive CPU threads (engine/cpu_threads.py), unless --num-threads fixed the count."""
+        runner = self.engine.runner
+        if runner.device.type != "cpu" or runner.model_config.num_threads:
+            return None
+        governor = ThreadGovernor()
+        governor.start()
+        return governor
+
     def _run(self) -> None:
         engine = self.engine
         try:
+            governor = self._thread_governor()
             while not self._stopping:
+                if governor is not None:
+                    governor.maybe_adjust()
                 block = not engine.has_unfinished()
                 while True:
                     try:

@@ -9,6 +9,7 @@ import psutil
 import torch
 
 from lmserve.config import CacheConfig, ModelConfig
+from lmserve.engine.cpu_threads import available_cpus
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.model import cpu_kernels
@@ -42,6 +43,9 @@ class ModelRunner:
         self.device = model_config.torch_device
         if model_config.num_threads:
             torch.set_num_threads(model_config.num_threads)
+        elif self.device.type == "cpu":
+            # NOTE: torch counts the host's cores; a cgroup quota or an affinity mask may allow fewer
+            torch.set_num_threads(available_cpus())
         self.dtype = model_config.torch_dtype
         # --matmul-dtype bfloat16 also halves the KV cache (decode attention at large batch is bound by reading it)
         self.kv_dtype = torch.bfloat16 if (model_config.matmul_dtype == "bfloat16" and self.dtype == torch.float32) \
