@@ -31,14 +31,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(extra: list[str], log) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lmserve", "serve", "api_server", "--server-name", "127.0.0.1",
                              "--server-port", str(port), "--log-level", "WARNING", "--session-len", "1024",
-                             "--cache-block-count", "512", *extra], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             "--cache-block-count", "512", *extra], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900     # a first start may compile the CPU kernels
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -84,10 +83,12 @@ def main() -> int:
     ap.add_argument("--num-requests", type=int, default=48)
     ap.add_argument("--settle", type=float, default=3.0, help="seconds after starting the neighbour")
     ap.add_argument("--save-result", default=None)
+    ap.add_argument("--server-log", default=os.devnull, help="api_server output goes here")
     args = ap.parse_args()
+    log = open(args.server_log, "a")
     rows = []
     for cfg in args.configs:
-        proc, url = start_server(shlex.split(cfg))
+        proc, url = start_server(shlex.split(cfg), log)
         try:
             idle = measure(url, args.output_len, args.short_len, args.num_requests)
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
