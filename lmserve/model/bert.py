@@ -3,7 +3,7 @@
 An encoder differs from the decoders in three ways that matter to the engine: attention is bidirectional, so a
 sequence is computed whole in one step (no chunked prefill, no KV cache); positions are learned embeddings; and
 norms are post-residual LayerNorms. The batch arrives packed ([num_tokens, hidden], sequences back to back);
-attention runs on a padded [num_seqs, heads, max_len, head_dim] view with a key-padding mask.
+attention runs on a padded [num_seqs, heads, max_len, head_dim] copy with a key-padding mask.
 """
 from __future__ import annotations
 
@@ -67,11 +67,11 @@ class PaddedLayout:
         valid = torch.arange(self.max_len, device=device).unsqueeze(0) < lens.unsqueeze(1)    # [num_seqs, max_len]
         self.mask = None if self.num_seqs == 1 else valid[:, None, None, :]
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:       # [num_tokens, heads, d] -> [num_seqs, heads, max_len, d]
+    def pad(self, x: torch.Tensor) -> torch.Tensor:       # [num_tokens, width] -> [num_seqs, max_len, width]
         if self.num_seqs == 1:
-            return x.unsqueeze(0).transpose(1, 2)
-        grid = x.new_zeros(self.num_seqs * self.max_len, *x.shape[1:]).index_copy_(0, self.rows, x)
-        return grid.view(self.num_seqs, self.max_len, *x.shape[1:]).transpose(1, 2)
+            return x.unsqueeze(0)
+        grid = x.new_zeros(self.num_seqs * self.max_len, x.shape[1]).index_copy_(0, self.rows, x)
+        return grid.view(self.num_seqs, self.max_len, x.shape[1])
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:     # [num_seqs, heads, max_len, d] -> [num_tokens, heads * d]
         x = x.transpose(1, 2).reshape(self.num_seqs * self.max_len, -1)
@@ -92,8 +92,9 @@ class EncoderLayer(nn.Module):
         self.gelu_approximate = cfg.gelu_approximate
 
     def forward(self, x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:   # [num_tokens, hidden]
-        q, k, v = self.qkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        attn = F.scaled_dot_product_attention(layout.pad(q), layout.pad(k), layout.pad(v), attn_mask=layout.mask)
+        qkv = layout.pad(self.qkv(x))                                       # [num_seqs, max_len, 3 * hidden]
+        qkv = qkv.view(*qkv.shape[:2], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=layout.mask)
         x = self.attn_norm(x + self.attn_out(layout.unpad(attn)))
         return self.mlp_norm(x + self.down(F.gelu(self.up(x), approximate=self.gelu_approximate)))
 
