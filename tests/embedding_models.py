@@ -19,8 +19,9 @@ def minilm_path() -> str | None:
 
 
 def make_tiny_bert(path: str, *, pooling: str | None = "mean", normalize: bool = True, seed: int = 0,
-                   **config) -> str:
-    """A 2-layer BERT (hidden 32) with random weights and a small WordPiece vocabulary, saved to `path`.
+                   arch: str = "bert", **config) -> str:
+    """A 2-layer BERT (hidden 32; arch "roberta": a RoBERTa) with random weights and a small WordPiece vocabulary,
+    saved to `path`.
 
     pooling: sentence-transformers Pooling mode ("mean", "cls", "max"); None writes no sentence-transformers files
     (the checkpoint is then a bare BertModel). Extra keyword arguments go to transformers' BertConfig."""
@@ -36,7 +37,11 @@ def make_tiny_bert(path: str, *, pooling: str | None = "mean", normalize: bool =
                   intermediate_size=64, max_position_embeddings=128, hidden_act="gelu")
     kwargs.update(config)
     torch.manual_seed(seed)
-    model = transformers.BertModel(transformers.BertConfig(**kwargs), add_pooling_layer=False)
+    if arch == "roberta":   # [PAD] is id 0 here; RoBERTa numbers positions from pad_token_id + 1
+        kwargs.update(pad_token_id=0, type_vocab_size=1)
+        model = transformers.RobertaModel(transformers.RobertaConfig(**kwargs), add_pooling_layer=False)
+    else:
+        model = transformers.BertModel(transformers.BertConfig(**kwargs), add_pooling_layer=False)
     # default init leaves LayerNorms at identity and biases at 0: randomise them so the test can see them
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -63,7 +68,7 @@ def reference_embeddings(path: str, token_ids: list[list[int]], pooling: str, no
     """transformers' BertModel on each sequence alone, pooled as sentence-transformers would."""
     import torch
     import transformers
-    model = transformers.BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    model = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
     out = []
     with torch.no_grad():
         for ids in token_ids:

@@ -52,6 +52,15 @@ def test_tiny_bert_equals_transformers(tmp_path, pooling, normalize):
         torch.testing.assert_close(got.norm(dim=1), torch.ones(len(token_ids)))
 
 
+def test_tiny_roberta_equals_transformers(tmp_path):
+    path = make_tiny_bert(str(tmp_path / "roberta"), arch="roberta", pooling="mean")
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=path)))
+    assert engine.max_model_len == 128 - 1                   # the position table's first row is the pad slot
+    token_ids = _token_ids(engine)
+    got, _ = _embed_all(engine, token_ids)
+    torch.testing.assert_close(got, reference_embeddings(path, token_ids, "mean", True), atol=2e-5, rtol=1e-4)
+
+
 def test_encoder_refuses_generation_and_too_long_input(tmp_path):
     path = make_tiny_bert(str(tmp_path / "bert"))
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=path)))

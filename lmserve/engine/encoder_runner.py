@@ -36,7 +36,7 @@ class EncoderRunner:
         self.pooling: PoolingConfig = load_pooling_config(model_path)
         # NOTE: sentence-transformers truncates at max_seq_length; we refuse longer inputs instead (a 400), so the
         # vectors we return are always of the whole text
-        limit = min(self.arch.max_position_embeddings, self.pooling.max_seq_length or self.arch.max_position_embeddings)
+        limit = min(self.arch.max_len, self.pooling.max_seq_length or self.arch.max_len)
         self.max_model_len = min(max_model_len or limit, limit)
         self.block_size = cache_config.block_size
         self.num_blocks = max_num_seqs * -(-self.max_model_len // self.block_size) + 1

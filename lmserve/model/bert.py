@@ -1,4 +1,4 @@
-"""BERT-family encoders (BERT, MiniLM, BGE, E5, ...) for embeddings.
+"""BERT-family encoders (BERT, MiniLM, BGE, E5; RoBERTa and XLM-RoBERTa, e.g. multilingual E5) for embeddings.
 
 An encoder differs from the decoders in three ways that matter to the engine: attention is bidirectional, so a
 sequence is computed whole in one step (no chunked prefill, no KV cache); positions are learned embeddings; and
@@ -17,6 +17,7 @@ from torch import nn
 
 from lmserve.model.layers import Linear, make_fast_weight
 
+_ROBERTA = ("roberta", "xlm-roberta")
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 
 
@@ -32,11 +33,18 @@ class EncoderConfig:
     type_vocab_size: int
     layer_norm_eps: float
     gelu_approximate: str               # torch's F.gelu(approximate=...): "none" (erf) or "tanh"
+    # RoBERTa numbers positions from padding_idx + 1 (its position table has rows for the pad slots)
+    position_offset: int = 0
     eos_token_ids: tuple[int, ...] = ()  # encoders generate nothing; here for the engine's common checks
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_len(self) -> int:
+        """The longest input the position table covers."""
+        return self.max_position_embeddings - self.position_offset
 
 
 def load_encoder_config(path: str) -> EncoderConfig:
@@ -52,7 +60,8 @@ def load_encoder_config(path: str) -> EncoderConfig:
         num_attention_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
         vocab_size=cfg["vocab_size"], max_position_embeddings=cfg.get("max_position_embeddings", 512),
         type_vocab_size=cfg.get("type_vocab_size", 2), layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
-        gelu_approximate=_ACTIVATIONS[act])
+        gelu_approximate=_ACTIVATIONS[act],
+        position_offset=cfg.get("pad_token_id", 1) + 1 if cfg["model_type"] in _ROBERTA else 0)
 
 
 class PaddedLayout:
@@ -113,7 +122,8 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
         """input_ids, positions: [num_tokens] (sequences packed back to back) -> [num_tokens, hidden]."""
         # NOTE: every token has segment (token type) 0, as sentence-transformers encodes a single text
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        pos = positions + self.cfg.position_offset if self.cfg.position_offset else positions
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings.weight[0]
         x = self.embed_norm(x)
         layout = PaddedLayout(seq_lens, x.device)
         for layer in self.layers:
@@ -152,7 +162,7 @@ class BertModel(nn.Module):
         return names
 
     def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = False) -> list[str]:
-        """HF-named tensors (bare `BertModel` names or with a `bert.` prefix) -> parameters; all checked before
+        """HF-named tensors (bare names or with a `bert.` / `roberta.` prefix) -> parameters; all checked before
         anything is copied. Heads a checkpoint may carry (pooler, MLM/NSP) are not used for embeddings: skipped.
         `strict`: every parameter must be given (loading a checkpoint, not a partial update)."""
         params = dict(self.named_parameters())
@@ -160,9 +170,9 @@ class BertModel(nn.Module):
         h = self.cfg.hidden_size
         plan = []
         for name, tensor in weights.items():
-            bare = name.removeprefix("bert.").removeprefix("model.")
+            bare = name.removeprefix("bert.").removeprefix("roberta.").removeprefix("model.")
             if bare not in names:
-                if bare.startswith(("pooler.", "cls.", "embeddings.position_ids")):
+                if bare.startswith(("pooler.", "cls.", "lm_head.", "embeddings.position_ids")):
                     continue
                 raise KeyError(f"unexpected weight {name!r}")
             target, start = names[bare]

@@ -24,6 +24,8 @@ _REGISTRY: dict[str, type[nn.Module]] = {
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py
 _ENCODERS: dict[str, type[nn.Module]] = {
     "bert": BertModel,
+    "roberta": BertModel,          # + positions from padding_idx + 1 (EncoderConfig.position_offset)
+    "xlm-roberta": BertModel,
 }
 
 TASKS = ("auto", "generate", "embed")
