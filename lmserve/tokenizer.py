@@ -14,6 +14,7 @@ import shutil
 import tempfile
 
 from lmserve.model.loader import is_gguf, load_eos_token_ids
+from lmserve.startup import phase
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def _load_gguf_tokenizer(path: str, cache_dir: str | None):
     cached = tokenizer_cache_path(path, cache_dir)
     if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(cached)
-    logger.info("converting the GGUF tokenizer of %s (cached in %s)", path, cached)
-    hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    with phase(logger, "converting the GGUF tokenizer (once)", done=f"cached in {cached}"):
+        hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
     try:
         # NOTE: write to a temp dir and rename, so concurrent processes never see a half-written cache entry.
         os.makedirs(os.path.dirname(cached), exist_ok=True)

@@ -1,6 +1,7 @@
 """--generation-config auto|none|PATH: sampling defaults from the model fill the fields a request leaves out, on
 every endpoint that samples; a field the request sets always wins."""
 import json
+import re
 import subprocess
 import sys
 
@@ -87,7 +88,7 @@ def server(tmp_path_factory, tiny_models):
     gen = tmp_path_factory.mktemp("gen") / "generation_config.json"
     gen.write_text(json.dumps({"temperature": 1.0, "top_k": 1}))
     srv = start_api_server(tmp_path_factory.mktemp("server"), tiny_models["llama"], "--generation-config",
-                           str(gen), "--cache-block-count", "128")
+                           str(gen), "--cache-block-count", "128", "--log-level", "INFO")
     yield srv
     srv.stop()
 
@@ -95,6 +96,19 @@ def server(tmp_path_factory, tiny_models):
 @pytest.fixture(scope="module")
 def oai(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+
+
+def test_start_up_says_what_it_is_doing(server):
+    log = server.log_tail(100_000)
+    port = server.url.rsplit(":", 1)[1]
+    assert "generation defaults from " in log and "temperature=1.0, top_k=1" in log
+    for line in (r"loading the tokenizer \(\d+\.\d s\)", r"loading weights: \d+M parameters, torch.float32 on cpu \(\d+\.\d s\)",
+                 r"allocating the KV cache \(\d+\.\d s\)",
+                 rf"ready at http://127.0.0.1:{port} .*start-up took \d+\.\d s"):
+        assert re.search(line, log), (line, log)
+    # the phases come in the order they run
+    order = [log.index(s) for s in ("generation defaults", "loading the tokenizer", "loading weights", "ready at")]
+    assert order == sorted(order)
 
 
 def test_models_shows_the_defaults(oai):

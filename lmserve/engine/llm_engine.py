@@ -21,6 +21,7 @@ from lmserve.model.loader import resolve_model_path
 from lmserve.model.registry import is_encoder, resolve_task
 from lmserve.outputs import (CompletionOutput, EmbeddingOutput, FinishReason, RequestMetrics, RequestOutput)
 from lmserve.sampling_params import SamplingParams
+from lmserve.startup import phase
 from lmserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class LLMEngine:
         # NOTE: read before the weights, so a bad --generation-config path fails in a second, not a minute
         self.generation_defaults, source = load_generation_defaults(self.model_path, mc.generation_config)
         logger.info(describe_generation_defaults(self.generation_defaults, source))
-        self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, mc.chat_template)
+        with phase(logger, "loading the tokenizer"):
+            self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, mc.chat_template)
         self.task = resolve_task(mc.task, self.model_path)
         runner_cls = EncoderRunner if is_encoder(self.model_path) else ModelRunner
         self.runner = runner_cls(mc, config.cache, self.model_path, config.scheduler.max_num_seqs, mc.max_model_len)

@@ -17,6 +17,7 @@ from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBat
 from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict
 from lmserve.model.registry import get_model_class
 from lmserve.outputs import TokenLogprob
+from lmserve.startup import phase
 
 logger = logging.getLogger(__name__)
 # Where packed oneDNN GEMMs overtake the quantized-weight kernel (batch rows; benchmarks/decode_steps.py and
@@ -57,12 +58,17 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.sampler = Sampler()
         self.kernel = self._load_kernel()
-        self.model = self._build_model()
-        self.load_weights(load_state_dict(model_path, dtype=self.dtype))
-        self.attach_kernels()
+        with phase(logger, "loading weights", ticker=not is_gguf(model_path)) as done:
+            self.model = self._build_model()
+            self.load_weights(load_state_dict(model_path, dtype=self.dtype))
+            num_params = sum(p.numel() for p in self.model.parameters())
+            done["done"] = f"{num_params / 1e6:.0f}M parameters, {self.dtype} on {self.device}"
+        with phase(logger, "preparing the fast matmul paths"):
+            self.attach_kernels()
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.allocate_kv_cache()
+        with phase(logger, "allocating the KV cache"):
+            self.allocate_kv_cache()
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:

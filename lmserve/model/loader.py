@@ -6,6 +6,7 @@ tests, and exports a GGUF to a Hugging Face directory so peers (vLLM, transforme
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
@@ -18,6 +19,7 @@ import torch
 from gguf import GGUFReader, GGUFValueType
 
 from lmserve.model.arch_extras import hf_arch_extras
+from lmserve.startup import progress
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "mixtral", "gemma3", "phi3")
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -118,6 +120,14 @@ class _GGUFReader(GGUFReader):
 
 
 def _gguf_reader(path: str) -> GGUFReader:
+    # NOTE: start-up reads the same GGUF 5 times (generation defaults, arch, eos ids, weights, quantized
+    # twins); parsing its metadata is ~0.7 s each, so readers are shared while the file is unchanged.
+    st = os.stat(path)
+    return _cached_reader(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> GGUFReader:
     return _GGUFReader(path)
 
 
@@ -345,7 +355,7 @@ def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _gguf_state_dict(reader, cfg: ArchConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = {}
-    for t in reader.tensors:
+    for t in progress(reader.tensors, "loading weights", unit="tensor"):
         name = _hf_name(t.name)
         if name is None:
             continue

@@ -13,6 +13,7 @@ import uvicorn
 
 from lmserve.config import EngineConfig, ServerConfig
 from lmserve.server.protocol import NodeRequest, NodeStatus
+from lmserve.startup import process_age_s
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +86,29 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+async def announce_ready(config: ServerConfig, model_name: str, server: uvicorn.Server) -> None:
+    """The last start-up line: where to send requests, and how long the whole start took (imports included)."""
+    while not server.started:
+        await asyncio.sleep(0.05)
+    host = "localhost" if config.server_name in ("0.0.0.0", "::", "") else config.server_name
+    logger.info("ready at http://%s:%d (model %s; API docs at /docs); start-up took %.1f s", host,
+                config.server_port, model_name, process_age_s())
+
+
 async def serve(app, config: ServerConfig) -> None:
     uv_config = uvicorn.Config(app, host=config.server_name, port=config.server_port,
                                log_level=config.log_level.lower(), timeout_keep_alive=config.keep_alive_timeout)
     server = _Server(uv_config)
     state = app.state.server
     state.request_shutdown = lambda: setattr(server, "should_exit", True)
+    ready = asyncio.ensure_future(announce_ready(config, state.model_name, server))
     registration = None
     if config.proxy_url:
         registration = asyncio.ensure_future(register_with_proxy(config, state.model_name, server))
     try:
         await server.serve()
     finally:
+        ready.cancel()
         if registration is not None:
             registration.cancel()
             await deregister_from_proxy(config)
@@ -114,7 +126,6 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, *,
     except (ValueError, FileNotFoundError) as e:           # bad settings or paths: one line, not a traceback
         raise SystemExit(f"api_server: {e}") from None
     app = build_app(engine, server_config, allow_terminate_by_client=allow_terminate_by_client)
-    logger.info("serving %s on http://%s:%d (docs at /docs)", app.state.server.model_name,
-                server_config.server_name, server_config.server_port)
+    logger.info("starting the HTTP server on %s:%d", server_config.server_name, server_config.server_port)
     asyncio.run(serve(app, server_config))
     return 0
