@@ -17,6 +17,7 @@ from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.model.bert import EncoderConfig, load_encoder_config, load_encoder_weights
 from lmserve.model.pooling import PoolingConfig, load_pooling_config, pool
 from lmserve.model.registry import get_encoder_class
+from lmserve.startup import phase
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ class EncoderRunner:
         self.num_blocks = max_num_seqs * -(-self.max_model_len // self.block_size) + 1
         self.kv_caches: list = []
         self.model = None
-        self.reload_model()
+        with phase(logger, "loading weights") as done:
+            self.reload_model()
+            num_params = sum(p.numel() for p in self.model.parameters())
+            done["done"] = f"{num_params / 1e6:.0f}M parameters, {self.dtype} on {self.device}"
         logger.info("encoder %s: %s pooling%s, inputs up to %d tokens", self.arch.architecture, self.pooling.mode,
                     ", normalised" if self.pooling.normalize else "", self.max_model_len)
 
