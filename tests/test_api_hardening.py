@@ -113,7 +113,7 @@ def test_oversized_body_is_413_and_never_stalls_health(url, model):
     for t in threads:
         t.join()
     assert sorted(code for code, _ in results) == [400, 400, 400, 413, 413], results
-    assert max(health, default=0) < 2.0, health
+    assert max(health, default=0) < 4.0, health     # on a busy shared CI machine; main stalled for 10 s+
     err = error_of(post_raw(url, "/v1/completions", {"model": model, "prompt": big}), 413)
     assert "--max-request-body-bytes" in err["message"]
     err = error_of(post_raw(url, "/v1/encode", {"input": fits_body}), 400, "input")
