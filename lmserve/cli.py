@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, TPConfigError
 
 
 # ---- engine arguments (shared by api_server, chat, bench throughput) -------------------------------------
@@ -33,12 +33,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=256, help="max sequences running at once")
     p.add_argument("--max-prefill-token-num", type=int, default=512,
                    help="token budget per engine step (chunked prefill)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (only 1 is supported)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: processes each holding 1/tp of the weights and KV cache (gloo on "
+                        "CPU, NCCL and one GPU per rank on CUDA)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines the tp ranks are spread over")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this machine's index; node 0 serves HTTP, the others only run their ranks")
+    p.add_argument("--master-addr", default=None, help="node 0's address for the rendezvous (default 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port (default: a free one; required with --nnodes > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
                    help="decode attention: auto = C++ kernel on CPU float32 when it builds, else PyTorch")
     p.add_argument("--num-threads", type=int, default=None,
-                   help="CPU compute threads for the model (default: torch's choice, the physical cores)")
+                   help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
     p.add_argument("--quant-kernel-max-rows", type=int, default=64,
                    help="GGUF Q4/Q8 weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
     p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -66,8 +74,34 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
                           enable_prefix_caching=not args.disable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_batch_size,
                                   max_num_batched_tokens=args.max_prefill_token_num),
-        tp=args.tp,
+        tp=_env_int("WORLD_SIZE", args.tp) if _launched() else args.tp,
+        distributed=_distributed_config(args),
     )
+
+
+def _launched() -> bool:
+    import os
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _env_int(name: str, default):
+    import os
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _distributed_config(args: argparse.Namespace):
+    """Flags, or a launcher's environment (torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which then
+    makes this process exactly one rank."""
+    import os
+
+    from lmserve.config import DistributedConfig
+    launcher = _launched()
+    return DistributedConfig(
+        nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1",
+        master_port=args.master_port or _env_int("MASTER_PORT", None),
+        rank=_env_int("RANK", None) if launcher else None)
 
 
 # ---- lmserve chat -----------------------------------------------------------------------------------------
@@ -149,8 +183,17 @@ def _run_api_server(args) -> int:
         engine_config, server_config = build_engine_config(args), build_server_config(args)
     except ValueError as e:
         raise SystemExit(f"api_server: {e}") from None
-    from lmserve.server.launch import run_api_server
-    return run_api_server(engine_config, server_config, allow_terminate_by_client=args.allow_terminate_by_client)
+    from lmserve.engine.distributed import DistributedInitError
+    try:
+        if not engine_config.is_driver:     # another node's (or a launcher's) rank: no HTTP, only the model
+            from lmserve.engine.worker import run_worker_node
+            from lmserve.model.loader import resolve_model_path
+            return run_worker_node(engine_config, resolve_model_path(engine_config.model.model))
+        from lmserve.server.launch import run_api_server
+        return run_api_server(engine_config, server_config,
+                              allow_terminate_by_client=args.allow_terminate_by_client)
+    except (DistributedInitError, TPConfigError) as e:
+        raise SystemExit(f"api_server: {e}") from None
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------

@@ -20,6 +20,10 @@ _DTYPES = {
 }
 
 
+class TPConfigError(ValueError):
+    """The model cannot be split the requested number of ways (model/parallel.py validate_tp)."""
+
+
 def resolve_device(device: str = "auto") -> "torch.device":
     import torch
     if device == "auto":
@@ -120,15 +124,50 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Where the tensor-parallel ranks meet (torch.distributed rendezvous). With one node the engine spawns its
+    workers and picks a free port; several nodes each start `lmserve serve api_server ... --nnodes N --node-rank
+    K`, node 0 serving HTTP. `rank` is set when a launcher such as torchrun started one process per rank (env
+    RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, read by the CLI)."""
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None     # None: a free port (one node only)
+    rank: int | None = None            # this process is exactly this rank (launcher mode); None: spawn per node
+
+    def __post_init__(self):
+        if self.nnodes < 1:
+            raise ValueError("nnodes must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes})")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError("master_port must be in (0, 65536)")
+        if (self.nnodes > 1 or self.rank is not None) and self.master_port is None:
+            raise ValueError("master_port: several nodes (or launcher ranks) must agree on one; pass --master-port")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    tp: int = 1
+    tp: int = 1                        # tensor-parallel ranks (processes), engine/executor.py
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        if self.tp != 1:
-            raise ValueError("tp: tensor parallelism is not supported yet; only --tp 1")
+        if self.tp < 1:
+            raise ValueError("tp must be >= 1")
+        d = self.distributed
+        if self.tp % d.nnodes:
+            raise ValueError(f"tp: {self.tp} ranks cannot be spread evenly over {d.nnodes} nodes")
+        if d.rank is not None and not 0 <= d.rank < self.tp:
+            raise ValueError(f"rank {d.rank} is outside the {self.tp} tensor-parallel ranks (WORLD_SIZE must be tp)")
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 schedules, samples and serves; other ranks only run the model (engine/worker.py)."""
+        d = self.distributed
+        return d.rank == 0 if d.rank is not None else d.node_rank == 0
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,16 @@ class Pipeline:
         self.engine = engine
         self.tokenizer = engine.tokenizer
 
+    def close(self) -> None:
+        """Stop tensor-parallel workers (also done at interpreter exit)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
@@ -99,15 +109,18 @@ def _response(out: RequestOutput) -> Response:
 def pipeline(model_path: str | None = None, *, session_len: int | None = None, dtype: str = "auto",
              device: str = "auto", cache_max_entry_count: float | None = None, cache_block_count: int | None = None,
              max_batch_size: int = 256, enable_prefix_caching: bool = True, chat_template: str | None = None,
-             config: EngineConfig | None = None) -> Pipeline:
-    """Build an offline pipeline. `config` overrides every other keyword."""
+             tp: int = 1, config: EngineConfig | None = None) -> Pipeline:
+    """Build an offline pipeline. `config` overrides every other keyword.
+
+    tp > 1 spawns tp - 1 worker processes (multiprocessing "spawn"): call it under `if __name__ == "__main__":`
+    in a script, and `pipe.close()` (or exit) to stop them."""
     if config is None:
         config = EngineConfig(
             model=ModelConfig(model=model_path, dtype=dtype, device=device, chat_template=chat_template,
                               max_model_len=session_len),
             cache=CacheConfig(cache_max_entry_count=cache_max_entry_count, num_blocks=cache_block_count,
                               enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_batch_size))
+            scheduler=SchedulerConfig(max_num_seqs=max_batch_size), tp=tp)
     return Pipeline(LLMEngine(config))
 
 

@@ -77,6 +77,7 @@ class AsyncEngine:
         self._stopping = False
         self._ids = itertools.count()
         self._stats = engine.get_stats()
+        engine.executor.on_failure = self._on_executor_failure
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None) -> "AsyncEngine":
@@ -96,10 +97,19 @@ class AsyncEngine:
         self._commands.put(("wake",))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        await asyncio.to_thread(self.engine.shutdown)      # stops tensor-parallel workers
 
     @property
     def is_healthy(self) -> bool:
-        return self._error is None and (self._thread is None or self._thread.is_alive())
+        return self._error is None and self.engine.executor.error is None and \
+            (self._thread is None or self._thread.is_alive())
+
+    def _on_executor_failure(self, message: str) -> None:
+        """A tensor-parallel rank died (called from the executor's watchdog thread): fail everything in flight
+        now, even if the engine thread is still blocked in a collective."""
+        self._error = self._error or RuntimeError(message)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine error: {message}"))
 
     # ---- requests -----------------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
@@ -162,19 +172,13 @@ class AsyncEngine:
             self.engine.abort_all()
             self.engine.block_manager.reset_prefix_cache()
             self.engine.sessions.clear()
-            self.engine.runner.free_kv_cache()
-            if level == 2:
-                self.engine.runner.model = None
+            self.engine.executor.sleep(level)
             self.is_sleeping = True
         await self._call(_sleep)
 
     async def wakeup(self) -> None:
         def _wake():
-            runner = self.engine.runner
-            if runner.model is None:
-                runner.reload_model()
-            if not runner.kv_caches:
-                runner.allocate_kv_cache()
+            if self.engine.executor.wakeup():      # the KV cache was reallocated: every block is free again
                 bm = self.engine.block_manager
                 bm.__init__(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
             self.is_sleeping = False
@@ -187,7 +191,7 @@ class AsyncEngine:
 
     async def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         def _update():
-            self.engine.runner.update_weights(named_tensors)
+            self.engine.executor.update_weights(named_tensors)
             # cached KV was computed with the old weights
             self.engine.block_manager.reset_prefix_cache()
         await self._call(_update)

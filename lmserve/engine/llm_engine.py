@@ -11,8 +11,7 @@ import torch
 from lmserve.config import EngineConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
-from lmserve.engine.encoder_runner import EncoderRunner
-from lmserve.engine.model_runner import ModelRunner
+from lmserve.engine.executor import make_executor
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
 from lmserve.generation_config import describe as describe_generation_defaults
@@ -70,8 +69,7 @@ class LLMEngine:
         with phase(logger, "loading the tokenizer"):
             self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, mc.chat_template)
         self.task = resolve_task(mc.task, self.model_path)
-        runner_cls = EncoderRunner if is_encoder(self.model_path) else ModelRunner
-        self.runner = runner_cls(mc, config.cache, self.model_path, config.scheduler.max_num_seqs, mc.max_model_len)
+        self.executor = make_executor(config, self.model_path)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
@@ -96,6 +94,14 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self._window: list[tuple[float, int, int]] = []   # (time, prefill tokens, decode tokens) per step
+
+    @property
+    def runner(self):
+        """This process's ModelRunner (rank 0's shard under tensor parallelism)."""
+        return self.executor.runner
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None, **kwargs) -> "LLMEngine":
@@ -177,7 +183,7 @@ class LLMEngine:
         if sched.is_empty:
             return []
         t0 = time.monotonic()
-        result = self.runner.execute(sched)
+        result = self.executor.execute(sched)
         self.scheduler.update_after_step(sched)
         touched: dict[str, _Request] = {}
         num_prefill = num_decode = 0

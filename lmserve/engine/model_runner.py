@@ -2,11 +2,13 @@
 samples. Everything device- or tensor-shaped in the engine happens here."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import psutil
 import torch
+import torch.distributed
 
 from lmserve.config import CacheConfig, ModelConfig
 from lmserve.engine.cpu_threads import available_cpus
@@ -15,6 +17,7 @@ from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.model import cpu_kernels
 from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
 from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict
+from lmserve.model.parallel import num_local_kv_heads, validate_tp
 from lmserve.model.registry import get_model_class
 from lmserve.outputs import TokenLogprob
 from lmserve.startup import phase
@@ -33,15 +36,40 @@ class RunnerOutput:
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)            # seq_id -> sum of hidden states
 
 
+@dataclass
+class StepBatch:
+    """One forward pass's input as plain ints: what every tensor-parallel rank needs (engine/executor.py sends it)."""
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    decode_rows: list[int] = field(default_factory=list)          # rows of single-token (decode) sequences
+    decode_ctx: list[int] = field(default_factory=list)           # their context lengths
+    decode_tables: list[list[int]] = field(default_factory=list)  # their block tables
+    prefill: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (row, n, start, block table)
+    logit_rows: list[int] = field(default_factory=list)           # rows whose logits are needed
+
+
+@dataclass
+class StepPlan:
+    """The driver's side of a step: which logits rows belong to which sequence."""
+    samplers: list = field(default_factory=list)     # (seq, logits row)
+    prompt_lp: list = field(default_factory=list)    # (seq, first logits row, first position, count)
+    pool: list = field(default_factory=list)         # (seq, start row, count)
+
+
 class ModelRunner:
     is_encoder = False
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, model_path: str,
-                 max_num_seqs: int, max_model_len: int | None = None):
+                 max_num_seqs: int, max_model_len: int | None = None, tp_rank: int = 0, tp_size: int = 1,
+                 device: torch.device | None = None):
+        """tp_rank / tp_size: this process's tensor-parallel shard (the process group is set up by the executor);
+        device: overrides the config's (one GPU per rank)."""
         self.model_config = model_config
         self.cache_config = cache_config
         self.model_path = model_path
-        self.device = model_config.torch_device
+        self.device = device or model_config.torch_device
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         if model_config.num_threads:
             torch.set_num_threads(model_config.num_threads)
         elif self.device.type == "cpu":
@@ -51,7 +79,9 @@ class ModelRunner:
         # --matmul-dtype bfloat16 also halves the KV cache (decode attention at large batch is bound by reading it)
         self.kv_dtype = torch.bfloat16 if (model_config.matmul_dtype == "bfloat16" and self.dtype == torch.float32) \
             else self.dtype
-        self.arch: ArchConfig = load_arch_config(model_path)
+        arch = load_arch_config(model_path)
+        validate_tp(arch, tp_size)
+        self.arch: ArchConfig = dataclasses.replace(arch, tp_rank=tp_rank, tp_size=tp_size)
         self.block_size = cache_config.block_size
         self.max_model_len = min(max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
@@ -66,6 +96,10 @@ class ModelRunner:
         with phase(logger, "preparing the fast matmul paths"):
             self.attach_kernels()
         self.num_blocks = self._decide_num_blocks()
+        if tp_size > 1:   # every rank must hold the same number of blocks: the smallest one fits all
+            n = torch.tensor([self.num_blocks], device=self.device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            self.num_blocks = int(n.item())
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         with phase(logger, "allocating the KV cache"):
             self.allocate_kv_cache()
@@ -105,8 +139,8 @@ class ModelRunner:
         head = self.model.logits_fast
         if head is not None and head.is_mkldnn:
             max_rows = min(max_rows, PACKED_CROSSOVER_ROWS[mc.matmul_dtype])
-        if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path):
-            return
+        if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path) or self.tp_size > 1:
+            return   # NOTE: GGUF blocks are not sliced per rank yet: tp > 1 runs dequantized weights
         from lmserve.model.quant import load_gguf_quantized
         n = self.model.attach_quantized(load_gguf_quantized(self.model_path), self.kernel, max_rows)
         logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows)", n, max_rows)
@@ -127,7 +161,7 @@ class ModelRunner:
     def _kv_block_bytes(self) -> int:
         a = self.arch
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
-        return 2 * a.num_hidden_layers * self.block_size * a.num_key_value_heads * a.head_dim * elem
+        return 2 * a.num_hidden_layers * self.block_size * num_local_kv_heads(a) * a.head_dim * elem
 
     def _decide_num_blocks(self) -> int:
         cc = self.cache_config
@@ -148,7 +182,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self) -> None:
         a = self.arch
-        shape = (self.num_blocks * self.block_size, a.num_key_value_heads, a.head_dim)
+        shape = (self.num_blocks * self.block_size, num_local_kv_heads(a), a.head_dim)   # this rank's heads
         self.kv_caches = []
         for _ in range(a.num_hidden_layers):
             # NOTE: empty, not zeros: pages are touched only when used. Only the null block must be zero,
@@ -167,60 +201,70 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        out = RunnerOutput()
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        logit_rows: list[int] = []                 # rows of the flat batch whose logits are needed
-        samplers = []                              # (seq, logits row index)
-        prompt_lp = []                             # (seq, first logits row index, first position, count)
-        pool = []                                  # (seq, start row, count)
-        decode_rows, decode_ctx, decode_tables = [], [], []
-        prefill = []                               # (start row, num_new, start position, block_table)
+        batch, plan = self.prepare(sched)
+        hidden, logits = self.forward(batch)
+        return self.sample(plan, hidden, logits)
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[StepBatch, StepPlan]:
+        """SchedulerOutput -> the forward pass's plain-int input (the same on every tensor-parallel rank) and
+        the driver's per-sequence bookkeeping for sampling."""
+        b, plan = StepBatch(), StepPlan()
         bs = self.block_size
         for s in sched.scheduled:
             seq, n = s.seq, s.num_new_tokens
-            start, row = seq.num_computed_tokens, len(input_ids)
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
+            start, row = seq.num_computed_tokens, len(b.input_ids)
+            b.input_ids.extend(seq.token_ids[start:start + n])
+            b.positions.extend(range(start, start + n))
             bt = seq.block_table
-            slot_mapping.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
+            b.slot_mapping.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
             if n == 1:
-                decode_rows.append(row)
-                decode_ctx.append(start + 1)
-                decode_tables.append(bt)
+                b.decode_rows.append(row)
+                b.decode_ctx.append(start + 1)
+                b.decode_tables.append(bt)
             else:
-                prefill.append((row, n, start, bt))
+                b.prefill.append((row, n, start, bt))
             if seq.pooling:
-                pool.append((seq, row, n))
+                plan.pool.append((seq, row, n))
                 continue
             if seq.wants_prompt_logprobs:
                 # logits at position p score prompt token p + 1
                 last_scored = min(start + n, seq.num_prompt_tokens - 1)
                 if last_scored > start:
-                    prompt_lp.append((seq, len(logit_rows), start, last_scored - start))
-                    logit_rows.extend(range(row, row + last_scored - start))
+                    plan.prompt_lp.append((seq, len(b.logit_rows), start, last_scored - start))
+                    b.logit_rows.extend(range(row, row + last_scored - start))
             if s.samples:
-                samplers.append((seq, len(logit_rows)))
-                logit_rows.append(row + n - 1)
+                plan.samplers.append((seq, len(b.logit_rows)))
+                b.logit_rows.append(row + n - 1)
+        return b, plan
+
+    @torch.inference_mode()
+    def forward(self, b: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> final hidden states [num_tokens, hidden], logits [len(logit_rows), vocab] fp32 (None if no rows).
+        Every tensor-parallel rank runs this on the same batch (its collectives must match)."""
         dev = self.device
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        meta = self._attention_metadata(slot_mapping, decode_rows, decode_ctx, decode_tables, prefill,
-                                        len(input_ids))
+        ids_t = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(b.positions, dtype=torch.long, device=dev)
+        meta = self._attention_metadata(b.slot_mapping, b.decode_rows, b.decode_ctx, b.decode_tables, b.prefill,
+                                        len(b.input_ids))
         hidden = self.model(ids_t, pos_t, meta, self.kv_caches)      # [num_tokens, hidden]
-        for seq, row, n in pool:
+        logits = self.model.compute_logits(hidden[b.logit_rows]) if b.logit_rows else None
+        return hidden, logits
+
+    @torch.inference_mode()
+    def sample(self, plan: StepPlan, hidden: torch.Tensor, logits: torch.Tensor | None) -> RunnerOutput:
+        out = RunnerOutput()
+        dev = self.device
+        for seq, row, n in plan.pool:
             out.pooled[seq.seq_id] = hidden[row:row + n].float().sum(0)
-        if not logit_rows:
+        if logits is None:
             return out
-        logits = self.model.compute_logits(hidden[logit_rows])      # [num_rows, vocab] fp32
-        for seq, first, start, count in prompt_lp:
+        for seq, first, start, count in plan.prompt_lp:
             targets = torch.tensor(seq.token_ids[start + 1:start + 1 + count], device=dev)
             out.prompt_logprobs[seq.seq_id] = compute_logprobs(logits[first:first + count], targets,
                                                                seq.params.prompt_logprobs)
-        if samplers:
-            seqs = [seq for seq, _ in samplers]
-            rows = logits[[r for _, r in samplers]]
+        if plan.samplers:
+            seqs = [seq for seq, _ in plan.samplers]
+            rows = logits[[r for _, r in plan.samplers]]
             metadata = SamplingMetadata.from_sequences(seqs, rows.shape[-1], dev)
             result = self.sampler(rows, metadata)
             for i, seq in enumerate(seqs):
@@ -280,3 +324,20 @@ class ModelRunner:
                                          full_mask=None if full is None else full[None, None]))
         return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, decode,
                                  block_size=bs, sliding_window=window, kernel=self.kernel)
+
+
+def sleep_runner(runner, level: int) -> None:
+    """Free the KV cache (level 1) and the weights too (level 2)."""
+    runner.free_kv_cache()
+    if level == 2:
+        runner.model = None
+
+
+def wakeup_runner(runner) -> bool:
+    """Rebuild what sleep freed. -> True when the KV cache was reallocated (all blocks free again)."""
+    realloc = not runner.kv_caches
+    if runner.model is None:
+        runner.reload_model()
+    if realloc:
+        runner.allocate_kv_cache()
+    return realloc

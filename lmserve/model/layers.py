@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
@@ -120,6 +121,25 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class RowParallelLinear(Linear):
+    """Linear whose input features are split over tensor-parallel ranks (model/parallel.py): each rank computes a
+    partial sum, one all-reduce adds them. With tp_size 1 it is a plain Linear.
+
+    NOTE: a bias would be added tp_size times; the architectures here have none on o_proj / down_proj."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_size: int = 1):
+        super().__init__(in_features, out_features, bias=bias)
+        if bias and tp_size > 1:
+            raise ValueError("RowParallelLinear: a bias is not supported with tensor parallelism")
+        self.tp_size = tp_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.tp_size > 1:
+            torch.distributed.all_reduce(out)
+        return out
+
+
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (float32) @ weight.T in weight's dtype (float32 or lower); the result comes back as float32."""
     xl = x.to(weight.dtype)
@@ -169,12 +189,13 @@ def activation(name: str):
 class GatedMLP(nn.Module):
     """Gated MLP (SwiGLU, or GeGLU with act="gelu_pytorch_tanh") with gate and up fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", tp_size: int = 1):
+        """intermediate_size: this tensor-parallel rank's share (the full size / tp_size)."""
         super().__init__()
         self.intermediate_size = intermediate_size
         self.act_name, self.act = act, activation(act)
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, tp_size=tp_size)
 
     def forward(self, x: torch.Tensor, kernel=None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)

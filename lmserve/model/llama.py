@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
-from lmserve.model.layers import (GatedMLP, Linear, RMSNorm, RotaryEmbedding, fast_linear, make_fast_weight,
-                                  quant_linear)
+from lmserve.model.layers import (GatedMLP, Linear, RMSNorm, RotaryEmbedding, RowParallelLinear, fast_linear,
+                                  make_fast_weight, quant_linear)
+from lmserve.model.parallel import (VocabParallelEmbedding, gather_vocab, local_intermediate, num_local_heads,
+                                    num_local_kv_heads, shard_tensor)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -20,8 +22,9 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        # this tensor-parallel rank's heads (all of them when tp_size is 1)
+        self.num_heads = num_local_heads(cfg)
+        self.num_kv_heads = num_local_kv_heads(cfg)
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -29,7 +32,7 @@ class Attention(nn.Module):
         self.is_full_attention = cfg.layer_window(layer_idx) is None
         self.partial_rotary = cfg.partial_rotary_factor < 1.0
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, bias=False, tp_size=cfg.tp_size)
 
     def norm_qk(self, qkv: torch.Tensor) -> None:
         """Hook before RoPE (in place on the fused [num_tokens, q + k + v] projection); none here."""
@@ -72,7 +75,7 @@ class DecoderLayer(nn.Module):
         self.mlp = self.make_mlp(cfg, layer_idx)
 
     def make_mlp(self, cfg, layer_idx: int) -> nn.Module:
-        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        return GatedMLP(cfg.hidden_size, local_intermediate(cfg), cfg.hidden_act, cfg.tp_size)
 
     def forward(self, positions, x, residual, meta, kv_cache):
         """-> (this layer's MLP output, residual stream before it); the next layer's norm adds the two."""
@@ -89,7 +92,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg, layer_cls: type[nn.Module] = DecoderLayer):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg)
         rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
         self.rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(layer_cls(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -103,7 +106,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg, self.layer_cls)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # NOTE: split over the vocabulary like the embedding (the same rows when tied)
+        self.lm_head = None if cfg.tie_word_embeddings else \
+            nn.Linear(cfg.hidden_size, self.model.embed_tokens.weight.shape[0], bias=False)
         self.logits_quant = None      # QuantWeight of the output projection, see attach_quantized
         self.logits_fast = None       # its packed copy, see attach_fast
         self.kernel = None
@@ -120,6 +125,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x, residual, kernel=meta.kernel)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab] fp32
+        return gather_vocab(self._local_logits(hidden), self.cfg)
+
+    def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab / tp] fp32
         if self.logits_quant is not None and hidden.shape[0] <= self.max_quant_rows:
             return quant_linear(hidden, self.logits_quant, self.kernel)
         if self.logits_fast is not None:
@@ -167,17 +175,18 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights -------------------------------------------------------------------------------------
     def fused_slices(self) -> dict[str, tuple[str, int, int]]:
-        """HF projection name -> (our fused parameter's module name, first row, rows)."""
+        """HF projection name -> (our fused parameter's module name, first row, rows): this rank's rows."""
         cfg = self.cfg
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        q, kv = num_local_heads(cfg) * cfg.head_dim, num_local_kv_heads(cfg) * cfg.head_dim
+        inter = local_intermediate(cfg)
         return {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
-                "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
-                "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size)}
+                "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter)}
 
     def map_weight(self, name: str, tensor: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """An HF-named tensor -> (the view of our parameter it fills, the value), or None to skip it."""
         if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
             return None   # computed, or tied to the embedding
+        tensor = shard_tensor(name, tensor, self.cfg)     # this tensor-parallel rank's slice (no-op at tp 1)
         target, start, size = name, None, None
         parts = name.split(".")
         fused = self.fused_slices()

@@ -59,6 +59,10 @@ class ArchConfig:
     dense_layers: tuple[int, ...] = ()      # MoE models: layers with a plain MLP instead (qwen3_moe)
     partial_rotary_factor: float = 1.0      # fraction of head_dim that RoPE rotates (phi3 / phi-4-mini)
 
+    # tensor parallelism: this process's shard (model/parallel.py); the fields above always describe the full model
+    tp_rank: int = 0
+    tp_size: int = 1
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of one layer (None = full attention)."""
         if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):

@@ -53,8 +53,8 @@ def openai_router() -> APIRouter:
     async def available_models(state: ServerState = Depends(get_state)):
         """Show available models."""
         card = ModelCard(id=state.model_name, created=state.created, root=state.engine.model_path,
-                         max_model_len=state.max_model_len, permission=[ModelPermission()],
-                         generation_defaults=state.generation_defaults)
+                         max_model_len=state.max_model_len, tp=state.engine.config.tp,
+                         permission=[ModelPermission()], generation_defaults=state.generation_defaults)
         return _json(ModelList(data=[card]))
 
     @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,

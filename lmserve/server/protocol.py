@@ -68,6 +68,7 @@ class ModelCard(_Model):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    tp: int | None = None              # tensor-parallel ranks serving it (lmserve extension)
     permission: list[ModelPermission] = Field(default_factory=list)
     # lmserve: the sampling settings requests get for fields they leave out (--generation-config)
     generation_defaults: dict[str, float | int] | None = None

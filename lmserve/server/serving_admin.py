@@ -96,7 +96,8 @@ async def wakeup(state: ServerState) -> dict:
 
 def stats(state: ServerState) -> str:
     s = state.engine.get_stats()
-    return f"prefill: {s.prefill_throughput:.1f} tok/s, decode: {s.decode_throughput:.1f} tok/s"
+    return f"prefill: {s.prefill_throughput:.1f} tok/s, decode: {s.decode_throughput:.1f} tok/s, " \
+        f"tp: {state.engine.config.tp}"
 
 
 def verbose_stats(state: ServerState) -> dict:
@@ -119,6 +120,7 @@ def verbose_stats(state: ServerState) -> dict:
         "api_requests_in_flight": state.admission.num_running,
         "api_requests_queued": state.admission.num_queued,
         "uptime_s": time.monotonic() - state.start_time,
+        "tp": state.engine.config.tp,                     # tensor-parallel ranks
     }
 
 
