@@ -79,6 +79,24 @@ def test_shards_cover_the_full_tensors(tiny_models):
         validate_tp(cfg, 3)
 
 
+def test_loader_reads_only_each_ranks_slice(tiny_models):
+    """Sliced reads (safetensors get_slice) give exactly the slices of the full tensors, padding included."""
+    import dataclasses
+
+    import torch
+    from lmserve.model.loader import load_state_dict
+    from lmserve.model.parallel import shard_tensor
+    path = tiny_models["qwen2"]                          # tied embedding, q/k/v biases
+    full, cfg = load_state_dict(path), load_arch_config(path)
+    for rank in range(2):
+        part = load_state_dict(path, torch.float32, rank, 2)
+        c = dataclasses.replace(cfg, tp_rank=rank, tp_size=2)
+        assert part.keys() == full.keys()
+        for name, tensor in full.items():
+            assert torch.equal(part[name], shard_tensor(name, tensor, c)), name
+    assert part["model.layers.0.self_attn.q_proj.weight"].shape[0] == 2 * cfg.head_dim
+
+
 def test_distributed_config_errors():
     with pytest.raises(ValueError, match="nodes"):
         EngineConfig(tp=3, distributed=DistributedConfig(nnodes=2, master_port=29500))

@@ -90,7 +90,7 @@ class ModelRunner:
         self.kernel = self._load_kernel()
         with phase(logger, "loading weights", ticker=not is_gguf(model_path)) as done:
             self.model = self._build_model()
-            self.load_weights(load_state_dict(model_path, dtype=self.dtype))
+            self.load_weights(load_state_dict(model_path, self.dtype, tp_rank, tp_size))
             num_params = sum(p.numel() for p in self.model.parameters())
             done["done"] = f"{num_params / 1e6:.0f}M parameters, {self.dtype} on {self.device}"
         with phase(logger, "preparing the fast matmul paths"):
@@ -128,7 +128,7 @@ class ModelRunner:
     def reload_model(self) -> None:
         """Build the model and load its weights again (after a level-2 sleep dropped it)."""
         self.model = self._build_model()
-        self.load_weights(load_state_dict(self.model_path, dtype=self.dtype))
+        self.load_weights(load_state_dict(self.model_path, self.dtype, self.tp_rank, self.tp_size))
         self.attach_kernels()
 
     def attach_kernels(self) -> None:

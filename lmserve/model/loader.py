@@ -6,6 +6,7 @@ tests, and exports a GGUF to a Hugging Face directory so peers (vLLM, transforme
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import importlib.util
@@ -19,6 +20,7 @@ import torch
 from gguf import GGUFReader, GGUFValueType
 
 from lmserve.model.arch_extras import hf_arch_extras
+from lmserve.model.parallel import shard_spec, slice_padded
 from lmserve.startup import progress
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "mixtral", "gemma3", "phi3")
@@ -357,18 +359,37 @@ def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _gguf_slice(t, spec: tuple[int, int, int] | None) -> torch.Tensor:
+    """Dequantize a GGUF tensor, or only a tensor-parallel slice of it: rows are whole runs of blocks, and a
+    column range aligned to the block size is a range of blocks, so neither dequantizes the rest."""
+    shape = tuple(int(x) for x in reversed(t.shape))
+    type_name = t.tensor_type.name
+    if spec is None:
+        return dequantize(t.data, type_name, shape)
+    dim, start, size = spec
+    end = min(start + size, shape[dim])
+    elems, nbytes = _QUANTS[type_name][:2] if type_name in _QUANTS else (1, None)
+    raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1)     # [rows, bytes per row]
+    if dim == 0:
+        w = dequantize(raw[start:end], type_name, (max(0, end - start), *shape[1:]))
+    elif len(shape) == 2 and start % elems == 0 and end % elems == 0:
+        per_block = nbytes or raw.shape[1] // shape[1]
+        blocks = raw.reshape(shape[0], -1, per_block)[:, start // elems:end // elems]
+        w = dequantize(blocks, type_name, (shape[0], end - start))
+    else:
+        w = dequantize(t.data, type_name, shape).narrow(dim, start, end - start)
+    return slice_padded(w, dim, 0, size)
+
+
 def _gguf_state_dict(reader, cfg: ArchConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = {}
     for t in progress(reader.tensors, "loading weights", unit="tensor"):
         name = _hf_name(t.name)
         if name is None:
             continue
-        w = dequantize(t.data, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape)))
-        if cfg.architecture in ("llama", "mistral"):
-            if ".q_proj." in name:
-                w = _unpermute(w, cfg.num_attention_heads)
-            elif ".k_proj." in name:
-                w = _unpermute(w, cfg.num_key_value_heads)
+        w = _gguf_slice(t, shard_spec(name, cfg))
+        if cfg.architecture in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+            w = _unpermute(w, w.shape[0] // cfg.head_dim)     # per head, so a slice of whole heads works too
         state[name] = w.to(dtype)
     return state
 
@@ -448,10 +469,21 @@ def _hf_state_dict(path: str, cfg: ArchConfig, dtype: torch.dtype) -> dict[str, 
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
-                state[name] = f.get_tensor(name).to(dtype)
+                spec = shard_spec(name, cfg)
+                state[name] = (f.get_tensor(name) if spec is None else _safetensors_slice(f, name, spec)).to(dtype)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
+
+
+def _safetensors_slice(f, name: str, spec: tuple[int, int, int]) -> torch.Tensor:
+    """Read only a tensor-parallel rank's slice from the file."""
+    dim, start, size = spec
+    sl = f.get_slice(name)
+    full = sl.get_shape()[dim]
+    index = [slice(None)] * len(sl.get_shape())
+    index[dim] = slice(min(start, full), min(start + size, full))
+    return slice_padded(sl[tuple(index)], dim, 0, size)
 
 
 # ---- public entry points --------------------------------------------------------------------------------------
@@ -470,12 +502,16 @@ def load_eos_token_ids(path: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(_as_ids(gen.get("eos_token_id")) + _as_ids(cfg.get("eos_token_id"))))
 
 
-def load_state_dict(path: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """HF parameter names -> tensors of `dtype`. `lm_head.weight` is omitted when embeddings are tied."""
+def load_state_dict(path: str, dtype: torch.dtype = torch.float32, tp_rank: int = 0,
+                    tp_size: int = 1) -> dict[str, torch.Tensor]:
+    """HF parameter names -> tensors of `dtype`. `lm_head.weight` is omitted when embeddings are tied.
+    With tp_size > 1, tensors that tensor parallelism splits are read as this rank's slice only."""
     if is_gguf(path):
         reader = _gguf_reader(path)
-        return _gguf_state_dict(reader, _gguf_arch_config(reader), dtype)
-    return _hf_state_dict(path, _hf_arch_config(path), dtype)
+        cfg = dataclasses.replace(_gguf_arch_config(reader), tp_rank=tp_rank, tp_size=tp_size)
+        return _gguf_state_dict(reader, cfg, dtype)
+    cfg = dataclasses.replace(_hf_arch_config(path), tp_rank=tp_rank, tp_size=tp_size)
+    return _hf_state_dict(path, cfg, dtype)
 
 
 def _hf_config(cfg: ArchConfig):
