@@ -123,6 +123,22 @@ def test_tp2_matches_tp1(tiny_models, arch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen3", "llama3"])
+def test_tp2_matches_tp1_more_archs(arch, tmp_path):
+    """qwen3: q/k norms per head; llama3: llama3 RoPE scaling, a 128256-token tied vocabulary."""
+    from tests.arch_models import make_arch_model
+    path = make_arch_model(arch, str(tmp_path / arch))
+    _assert_same(_generate(path, 1), _generate(path, 2))
+
+
+def test_tp_refuses_an_architecture_it_does_not_split(tmp_path):
+    from tests.arch_models import make_arch_model
+    path = make_arch_model("mixtral", str(tmp_path / "mixtral"))
+    with pytest.raises(TPConfigError, match="mixtral models are not split yet"):
+        _generate(path, 2)
+
+
+@pytest.mark.slow
 def test_tp2_replicates_a_single_kv_head(tmp_path):
     path = make_random_model("llama", str(tmp_path / "kv1"), num_key_value_heads=1, seed=3)
     _assert_same(_generate(path, 1), _generate(path, 2))

@@ -25,14 +25,20 @@ from torch import nn
 from lmserve.config import TPConfigError
 
 
+# NOTE: an architecture joins once a tp=2 == tp=1 test covers it (tests/test_tensor_parallel.py): its weight names
+# must be ones shard_spec knows, and anything it adds must be per head or replicated.
+TP_ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3")
+
+
 def validate_tp(cfg, tp_size: int) -> None:
     """One clear error when this model cannot be split tp_size ways."""
     if tp_size < 1:
         raise ValueError("tp must be >= 1")
     if tp_size == 1:
         return
-    if getattr(cfg, "num_experts", 0):
-        raise TPConfigError("tp: mixture-of-experts models are not split yet; use --tp 1")
+    if cfg.architecture not in TP_ARCHITECTURES or getattr(cfg, "num_experts", 0):
+        raise TPConfigError(f"tp: {cfg.architecture} models are not split yet (tensor parallelism supports "
+                            f"{', '.join(TP_ARCHITECTURES)}); use --tp 1")
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     if heads % tp_size:
         raise TPConfigError(f"tp: {tp_size} does not divide the model's {heads} attention heads")
