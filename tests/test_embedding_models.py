@@ -93,3 +93,21 @@ def test_pooling_config_from_sentence_transformers_files(tmp_path):
     if minilm is not None:
         cfg = load_pooling_config(minilm)
         assert (cfg.mode, cfg.normalize, cfg.max_seq_length) == ("mean", True, 256)
+
+
+def test_encoder_sleep_wake_and_weight_update(tmp_path):
+    path = make_tiny_bert(str(tmp_path / "bert"))
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=path)))
+    token_ids = _token_ids(engine)[:3]
+    before, _ = _embed_all(engine, token_ids)
+    engine.executor.sleep(2)
+    assert engine.runner.model is None
+    engine.executor.wakeup()
+    torch.testing.assert_close(_embed_all(engine, token_ids)[0], before, atol=0, rtol=0)
+    # a partial update (one tensor, HF name) changes the vectors; the packed matmul copies follow it
+    name = "encoder.layer.0.intermediate.dense.weight"
+    engine.executor.update_weights({name: torch.zeros(64, 32)})
+    after, _ = _embed_all(engine, token_ids)
+    assert not torch.allclose(after, before, atol=1e-3)
+    with pytest.raises(KeyError):
+        engine.executor.update_weights({"encoder.layer.9.output.dense.weight": torch.zeros(32, 64)})
