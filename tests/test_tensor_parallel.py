@@ -160,9 +160,10 @@ def test_smollm2_gguf_tp3_matches_tp1(smollm2_path):
     """SmolLM2-135M has 9 query and 3 KV heads: 2 does not divide them, 3 does (3 processes on 2 cores: slow)."""
     prompts = PROMPTS[:4]
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=2, ignore_eos=True)
-    # tp > 1 runs dequantized weights, so the reference does too
-    ref = _generate(smollm2_path, 1, prompts, params, quant_kernel_max_rows=0)
-    _assert_same(ref, _generate(smollm2_path, 3, prompts, params))
+    # both with the quantized-weight kernel (each rank on its own Q4 blocks) and without it
+    for rows in (64, 0):
+        ref = _generate(smollm2_path, 1, prompts, params, quant_kernel_max_rows=rows)
+        _assert_same(ref, _generate(smollm2_path, 3, prompts, params, quant_kernel_max_rows=rows))
 
 
 # ---- the HTTP server --------------------------------------------------------------------------------------------
@@ -282,6 +283,40 @@ def test_two_nodes_on_loopback_form_one_engine(tiny_models, tmp_path):
         assert _completion(one.url, "The capital of France is", 8)["text"] == out["text"]
     finally:
         one.stop()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_form_one_engine(tiny_models, tmp_path):
+    """One process per rank from a launcher: RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from torchrun."""
+    port, http_port = _free_port(), _free_port()
+    log = open(tmp_path / "torchrun.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(port), "-m", "lmserve", "serve", "api_server", tiny_models["llama"],
+         "--server-name", "127.0.0.1", "--server-port", str(http_port), *API_SERVER_ARGS],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["tp"] == 2
+        assert _completion(url, "The capital of France is", 8)["text"]
+    finally:
+        ranks = _descendants(proc)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert not _wait_gone(ranks)
 
 
 def test_master_port_in_use_is_one_clear_line(tiny_models, tmp_path):

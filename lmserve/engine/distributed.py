@@ -60,9 +60,10 @@ def rank_model_config(config: EngineConfig):
 def init_process_group(config: EngineConfig, rank: int, master_port: int) -> None:
     backend = "nccl" if rank_device(config, rank).type == "cuda" else "gloo"
     addr = config.distributed.master_addr
+    # NOTE: under a launcher (torchrun) its agent may already host the store on MASTER_PORT; env:// joins it
+    init = "env://" if config.distributed.rank is not None else f"tcp://{addr}:{master_port}"
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{master_port}", world_size=config.tp,
-                                rank=rank, timeout=PG_TIMEOUT)
+        dist.init_process_group(backend, init_method=init, world_size=config.tp, rank=rank, timeout=PG_TIMEOUT)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedInitError(f"tensor parallelism: rank {rank} cannot join {addr}:{master_port} ({backend}): "

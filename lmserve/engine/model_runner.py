@@ -139,10 +139,13 @@ class ModelRunner:
         head = self.model.logits_fast
         if head is not None and head.is_mkldnn:
             max_rows = min(max_rows, PACKED_CROSSOVER_ROWS[mc.matmul_dtype])
-        if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path) or self.tp_size > 1:
-            return   # NOTE: GGUF blocks are not sliced per rank yet: tp > 1 runs dequantized weights
-        from lmserve.model.quant import load_gguf_quantized
-        n = self.model.attach_quantized(load_gguf_quantized(self.model_path), self.kernel, max_rows)
+        if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path):
+            return
+        from lmserve.model.quant import load_gguf_quantized, shard_quantized
+        quant = load_gguf_quantized(self.model_path)
+        if self.tp_size > 1:
+            quant = shard_quantized(quant, self.arch)       # this rank's blocks
+        n = self.model.attach_quantized(quant, self.kernel, max_rows)
         logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows)", n, max_rows)
 
     def _attach_fast(self) -> None:

@@ -97,6 +97,30 @@ def quantized_tensor(raw: np.ndarray, type_name: str, shape: tuple[int, int]) ->
                        m.float().reshape(n, nb).contiguous())
 
 
+def shard_quantized(quant: dict[str, QuantWeight], cfg) -> dict[str, QuantWeight]:
+    """This tensor-parallel rank's slices (model/parallel.py): rows as they are, input columns as whole groups of
+    32. A weight whose column split does not fall on a group boundary is left out (it stays on the float path)."""
+    from lmserve.model.parallel import shard_spec
+    out = {}
+    for name, qw in quant.items():
+        spec = shard_spec(name, cfg)
+        if spec is None:
+            out[name] = qw
+            continue
+        dim, start, size = spec
+        if dim == 0:
+            end = min(start + size, qw.q.shape[0])
+            parts = [t[start:end] for t in (qw.q, qw.d, qw.m)]
+            if end - start < size:      # the padded end of a vocabulary split: zero weights
+                parts = [torch.cat([t, t.new_zeros(size - (end - start), *t.shape[1:])]) for t in parts]
+        elif start % 32 == 0 and size % 32 == 0:
+            parts = [t[:, start // 32:(start + size) // 32] for t in (qw.q, qw.d, qw.m)]
+        else:
+            continue
+        out[name] = QuantWeight(qw.fmt, *(t.contiguous() for t in parts))
+    return out
+
+
 def load_gguf_quantized(path: str) -> dict[str, QuantWeight]:
     """HF parameter name -> QuantWeight for every 2-D GGUF tensor with a kernel format (Q/K rows unpermuted)."""
     reader = loader._gguf_reader(path)
