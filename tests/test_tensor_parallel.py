@@ -139,6 +139,35 @@ def test_tp_refuses_an_architecture_it_does_not_split(tmp_path):
 
 
 @pytest.mark.slow
+def test_tp2_control_messages_reach_every_rank(tiny_models):
+    """sleep (level 2) / wakeup and weight updates run on every rank: afterwards tp=2 still equals tp=1."""
+    import torch
+    gen = torch.Generator().manual_seed(1)
+    update = {"model.norm.weight": torch.rand(64, generator=gen) + 0.5,
+              "model.layers.1.mlp.down_proj.weight": torch.randn(64, 128, generator=gen) * 0.1,   # row-parallel
+              "model.layers.0.self_attn.k_proj.weight": torch.randn(32, 64, generator=gen) * 0.1}  # split heads
+    results = {}
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=tiny_models["llama"]),
+                                        cache=CacheConfig(num_blocks=64), tp=tp))
+        try:
+            before = engine.generate(PROMPTS[:3], GREEDY)
+            engine.executor.sleep(2)
+            engine.executor.wakeup()
+            engine.block_manager.reset_prefix_cache()
+            _assert_same(before, engine.generate(PROMPTS[:3], GREEDY))
+            with pytest.raises(KeyError):
+                engine.executor.update_weights({"model.no_such.weight": torch.zeros(3)})
+            engine.executor.update_weights(update)
+            engine.block_manager.reset_prefix_cache()
+            results[tp] = engine.generate(PROMPTS[:3], GREEDY)
+            assert [o.outputs[0].token_ids for o in results[tp]] != [o.outputs[0].token_ids for o in before]
+        finally:
+            engine.shutdown()
+    _assert_same(results[1], results[2])
+
+
+@pytest.mark.slow
 def test_tp2_replicates_a_single_kv_head(tmp_path):
     path = make_random_model("llama", str(tmp_path / "kv1"), num_key_value_heads=1, seed=3)
     _assert_same(_generate(path, 1), _generate(path, 2))
