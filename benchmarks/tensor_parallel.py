@@ -73,6 +73,39 @@ def run(model: str, tp: int, threads: int, tokens: int, concurrency: int) -> dic
                 comm_n=comm_n)
 
 
+def _allreduce_rank(rank: int, port: int, hidden: int, iters: int, out) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    x = torch.randn(1, hidden)
+    for _ in range(20):
+        dist.all_reduce(x)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        times.sort()
+        out.put((times[len(times) // 2], sum(times) / len(times)))
+    dist.destroy_process_group()
+
+
+def allreduce_latency(hidden: int = 576, iters: int = 2000) -> tuple[float, float]:
+    """(median, mean) seconds of one all-reduce of a [1, hidden] float32 tensor between 2 gloo processes."""
+    import multiprocessing as mp
+
+    from lmserve.engine.distributed import free_port
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, port, hidden, iters, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    result = out.get()
+    for p in procs:
+        p.join()
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -80,7 +113,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="total CPU threads; each of tp ranks gets threads / tp")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--allreduce-only", action="store_true", help="only time one [1, 576] gloo all-reduce")
     args = ap.parse_args()
+    median, mean = allreduce_latency()
+    print(f"one gloo all-reduce of [1, 576] float32, 2 processes: median {median * 1e6:.0f} us, "
+          f"mean {mean * 1e6:.0f} us")
+    if args.allreduce_only:
+        return
     model = args.model or default_model()
     dist.all_reduce, dist.all_gather = _timed(dist.all_reduce), _timed(dist.all_gather)
     print(f"model {model}, {os.cpu_count()} CPUs, torch {torch.__version__}")
