@@ -21,7 +21,7 @@ from lmserve.model.registry import is_encoder, resolve_task
 from lmserve.outputs import (CompletionOutput, EmbeddingOutput, FinishReason, RequestMetrics, RequestOutput)
 from lmserve.sampling_params import SamplingParams
 from lmserve.startup import phase
-from lmserve.tokenizer import load_tokenizer
+from lmserve.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,12 @@ class LLMEngine:
         # NOTE: read before the weights, so a bad --generation-config path fails in a second, not a minute
         self.generation_defaults, source = load_generation_defaults(self.model_path, mc.generation_config)
         logger.info(describe_generation_defaults(self.generation_defaults, source))
-        with phase(logger, "loading the tokenizer"):
-            self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, mc.chat_template)
         self.task = resolve_task(mc.task, self.model_path)
+        # NOTE: encoders have no chat template and need none (only /v1/encode's do_preprocess renders one): no
+        # warning about falling back to ChatML
+        template = mc.chat_template or (CHATML_TEMPLATE if is_encoder(self.model_path) else None)
+        with phase(logger, "loading the tokenizer"):
+            self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, template)
         self.executor = make_executor(config, self.model_path)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
