@@ -348,6 +348,14 @@ def test_torchrun_ranks_form_one_engine(tiny_models, tmp_path):
     assert not _wait_gone(ranks)
 
 
+def test_tp_not_dividing_the_heads_is_one_clear_line(tiny_models):
+    r = subprocess.run([sys.executable, "-m", "lmserve", "serve", "api_server", tiny_models["llama"], "--tp", "3",
+                        "--server-port", str(_free_port()), *API_SERVER_ARGS], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "api_server: tp: 3 does not divide the model's 4 attention heads"
+
+
 def test_master_port_in_use_is_one_clear_line(tiny_models, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
