@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 from conftest import start_api_server
+from test_api_errors import _error as error_of
 from test_proxy_fakes import ServerThread
 
 from lmserve.proxy.app import build_app as build_proxy_app
@@ -48,15 +49,6 @@ def post_raw(url: str, path: str, body: dict, timeout: float = 60) -> httpx.Resp
     """JSON with ASCII escapes (so lone surrogates and NaN travel as clients send them)."""
     return httpx.post(f"{url}{path}", content=json.dumps(body).encode(), timeout=timeout,
                       headers={"content-type": "application/json"})
-
-
-def error_of(resp: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    return err
 
 
 def test_lmdeploy_api_client_default_payloads_are_accepted(url, model):
