@@ -1,4 +1,4 @@
-"""How far each --matmul-dtype is from the float32 reference (Hugging Face transformers on the same weights).
+"""How far each precision mode (--dtype auto's choice on this CPU, exact float32) is from the float32 reference (Hugging Face transformers on the same weights).
 
     python benchmarks/precision.py [--model GGUF] [--save-result FILE.json]
 
@@ -21,11 +21,28 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-CONFIGS = {
-    "float32 (default)": dict(matmul_dtype="float32"),
-    "bfloat16": dict(matmul_dtype="bfloat16"),
-    "float32, no C++ kernels": dict(matmul_dtype="float32", attention_backend="torch", quant_kernel_max_rows=0),
-}
+
+
+def configs() -> dict[str, dict]:
+    """--dtype auto as this CPU resolves it, the exact float32 mode, and bfloat16 where auto did not pick it."""
+    from lmserve.config import ModelConfig, cpu_bf16_feature
+    auto = ModelConfig(device="cpu").matmul_precision
+    out = {
+        f"--dtype auto (default): {auto} on this CPU (bf16: {cpu_bf16_feature() or 'none'})": {},
+        "--dtype float32 (exact)": dict(dtype="float32"),
+        "float32, no C++ kernels": dict(dtype="float32", attention_backend="torch", quant_kernel_max_rows=0),
+    }
+    if auto != "bfloat16":
+        out["--matmul-dtype bfloat16"] = dict(matmul_dtype="bfloat16")
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 def text_ids(tokenizer, n: int) -> list[int]:
@@ -56,7 +73,8 @@ def main() -> int:
                                               dtype=torch.float32).eval()
     results = {}
     ref_lp = ref_greedy = None
-    for name, kw in CONFIGS.items():
+    print(f"CPU: {cpu_model()}", flush=True)
+    for name, kw in configs().items():
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, **kw), cache=CacheConfig(num_blocks=1024),
                                         scheduler=SchedulerConfig(max_num_batched_tokens=2048)))
         ids = text_ids(engine.tokenizer, args.tokens)
@@ -92,13 +110,13 @@ def main() -> int:
             "greedy_identical_of_8": identical, "greedy_same_tokens_of_512": same_tokens,
             "greedy_first_divergence": first_div}
         r = results[name]
-        print(f"{name:26s} mean|dlp| {r['mean_abs_delta_logprob']:.2e} max {r['max_abs_delta_logprob']:.2e} "
+        print(f"{name:60s} mean|dlp| {r['mean_abs_delta_logprob']:.2e} max {r['max_abs_delta_logprob']:.2e} "
               f"top1 {r['top1_agreement']:.4f} KL {r['kl_top20']:.2e} ppl {r['ppl']:.3f} (ref {r['ppl_reference']:.3f}) "
               f"greedy identical {identical}/8, first divergence {first_div}", flush=True)
         del engine
     if args.save_result:
         with open(args.save_result, "w") as f:
-            json.dump({"model": path, "tokens": len(ids), "results": results}, f, indent=2)
+            json.dump({"model": path, "cpu": cpu_model(), "tokens": len(ids), "results": results}, f, indent=2)
     return 0
 
 

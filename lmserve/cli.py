@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, TPConfigError
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig, TPConfigError
 
 
 # ---- engine arguments (shared by api_server, chat, bench throughput) -------------------------------------
@@ -21,7 +21,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="GGUF file, Hugging Face directory or hub id (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16 (auto: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto|float32|float16|bfloat16. auto on CPU: bfloat16 matmuls (float32 accumulation) and "
+                        "KV cache where the CPU has native bf16 (AVX512_BF16/AMX), else float32; bf16 on CUDA. "
+                        "float32: the exact mode")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
     p.add_argument("--chat-template", default=None, help="Jinja chat template string or file")
     p.add_argument("--session-len", type=int, default=None, help="max tokens per session (prompt + output)")
@@ -49,9 +52,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
     p.add_argument("--quant-kernel-max-rows", type=int, default=64,
                    help="GGUF Q4/Q8 weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
-    p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16: large matmuls (prefill, batched decode) in bfloat16 with float32 accumulation, "
-                        "~2x faster on CPUs with AVX512_BF16 but not bit-exact; float32 (default) is exact")
+                        "~2x faster on CPUs with AVX512_BF16 but not bit-exact; float32 is exact; auto (default) "
+                        "follows --dtype's precision policy")
     p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
                    help="embed: serve /v1/embeddings and /pooling only (an encoder runs with its own pooling); "
                         "auto: embed for encoder checkpoints (BERT family), else generate")
@@ -59,6 +63,27 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sampling defaults for fields a request leaves out: auto = the model's "
                         "generation_config.json / GGUF metadata / model card; none = the API's own defaults; "
                         "PATH = a generation_config.json or its directory")
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding: ngram = prompt lookup (drafts copied from the sequence itself; "
+                        "no draft model); draft = a draft model (--speculative-model; not implemented yet)")
+    p.add_argument("--speculative-model", default=None,
+                   help="draft model path (implies --speculative-method draft); 'ngram' = --speculative-method ngram")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per step")
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix n-gram looked up")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix n-gram looked up")
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=8,
+                   help="no proposals in steps with more decoding sequences than this (compute-bound batches)")
+
+
+def _speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
+    method, model = args.speculative_method, args.speculative_model
+    if model == "ngram":       # vLLM's older spelling
+        method, model = "ngram", None
+    elif model is not None and method is None:
+        method = "draft"
+    return SpeculativeConfig(method=method, model=model, num_speculative_tokens=args.num_speculative_tokens,
+                             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+                             disable_by_batch_size=args.speculative_disable_by_batch_size)
 
 
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -74,6 +99,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
                           enable_prefix_caching=not args.disable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_batch_size,
                                   max_num_batched_tokens=args.max_prefill_token_num),
+        speculative=_speculative_config(args),
         tp=_env_int("WORLD_SIZE", args.tp) if _launched() else args.tp,
         distributed=_distributed_config(args),
     )

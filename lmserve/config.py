@@ -6,6 +6,7 @@ Each component receives only the sub-config it needs. The CLI maps arguments to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,16 +35,51 @@ def resolve_device(device: str = "auto") -> "torch.device":
     return dev
 
 
+@cache
+def cpu_bf16_feature() -> str | None:
+    """The CPU's native bfloat16 instruction set ("amx_bf16" or "avx512_bf16"), or None where it has none.
+
+    Read at run time: machines of one kind come with different CPUs, and a wheel's build flags say nothing about
+    the host. torch's cpuinfo probe first; /proc/cpuinfo flags where torch lacks it.
+    """
+    import torch
+    probe = getattr(torch, "cpu", None)
+    amx, avx = getattr(probe, "_is_amx_tile_supported", None), getattr(probe, "_is_avx512_bf16_supported", None)
+    if amx is not None and avx is not None:
+        return "amx_bf16" if amx() else "avx512_bf16" if avx() else None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
+
+
 def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
     import torch
     if dtype == "auto":
-        # NOTE: CPUs here have AVX-512 but no native bf16, where bf16 matmuls run 4-5x slower than fp32.
+        # NOTE: on CPU, activations, norms and sampling stay float32 even in auto mode; only the big matmuls and the
+        # KV cache go bfloat16, where the CPU has native bf16 (resolve_matmul_dtype).
         if device.type == "cpu":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
     return getattr(torch, _DTYPES[dtype])
+
+
+def resolve_matmul_dtype(matmul_dtype: str, dtype: str, device: "torch.device") -> str:
+    """The precision policy for large matmuls and the KV cache on a float32 CPU model.
+
+    Explicit --matmul-dtype wins. Else, with --dtype auto, bfloat16 (float32 accumulation, bf16 KV cache) on a CPU
+    with native bf16 (AVX512_BF16 or AMX), where it is ~2.5x the float32 GEMM rate; float32 everywhere else, where
+    bf16 has no hardware path and runs slower than float32. An explicit --dtype float32 is the exact mode.
+    """
+    if matmul_dtype != "auto":
+        return matmul_dtype
+    if dtype == "auto" and device.type == "cpu" and cpu_bf16_feature() is not None:
+        return "bfloat16"
+    return "float32"
 
 
 @dataclass(frozen=True)
@@ -65,8 +101,9 @@ class ModelConfig:
     num_threads: int | None = None     # torch intra-op threads on CPU; None = torch's default (physical cores)
     # "bfloat16": matmuls too large for the quantized kernel run in bfloat16 (float32 accumulation) on a
     # bfloat16 copy of the weights, and the KV cache is bfloat16; ~2x the float32 GEMM rate on CPUs with
-    # AVX512_BF16/AMX. Not bit-exact to float32 (docs/benchmarks.md, "Precision"), so float32 is the default.
-    matmul_dtype: str = "float32"
+    # AVX512_BF16/AMX. Not bit-exact to float32 (docs/benchmarks.md, "Precision"). "auto": bfloat16 where the CPU
+    # has native bf16 and dtype is "auto", else float32 (resolve_matmul_dtype; read `matmul_precision`).
+    matmul_dtype: str = "auto"
     # "generate" (chat/completions; embeddings by mean pooling), "embed" (embeddings only; an encoder checkpoint
     # runs with its own pooling) or "auto": "embed" for encoder checkpoints (BERT family), else "generate"
     task: str = "auto"
@@ -79,8 +116,8 @@ class ModelConfig:
             raise ValueError("max_model_len (session_len) must be >= 16")
         if self.attention_backend not in ("auto", "torch", "cpp"):
             raise ValueError("attention_backend must be one of auto, torch, cpp")
-        if self.matmul_dtype not in ("float32", "bfloat16"):
-            raise ValueError("matmul_dtype must be float32 or bfloat16")
+        if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("matmul_dtype must be auto, float32 or bfloat16")
         if self.task not in ("auto", "generate", "embed"):
             raise ValueError("task must be one of auto, generate, embed")
 
@@ -91,6 +128,11 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> "torch.dtype":
         return resolve_dtype(self.dtype, self.torch_device)
+
+    @property
+    def matmul_precision(self) -> str:
+        """"float32" or "bfloat16": matmul_dtype with "auto" resolved for this CPU."""
+        return resolve_matmul_dtype(self.matmul_dtype, self.dtype, self.torch_device)
 
 
 @dataclass(frozen=True)
@@ -147,10 +189,36 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/spec_decode.py). method None = off; "ngram" = prompt lookup, no draft model;
+    "draft" = a small draft model (`model`), designed in but not implemented yet."""
+    method: str | None = None
+    model: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4         # longest suffix n-gram looked up in the sequence
+    prompt_lookup_min: int = 2
+    # steps with more decoding sequences than this propose nothing (the batch is compute-bound)
+    disable_by_batch_size: int = 8
+
+    def __post_init__(self):
+        if self.method not in (None, "ngram", "draft"):
+            raise ValueError("speculative_method must be ngram or draft")
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative_model: the draft method needs a draft model path")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max")
+        if self.disable_by_batch_size < 0:
+            raise ValueError("speculative_disable_by_batch_size must be >= 0")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     tp: int = 1                        # tensor-parallel ranks (processes), engine/executor.py
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

@@ -38,7 +38,8 @@ from dataclasses import dataclass as _dataclass  # noqa: E402
 import httpx as _httpx  # noqa: E402
 
 # Small enough for 2 CPU cores: 512 blocks x 16 tokens of KV cache, sessions of at most 2048 tokens.
-API_SERVER_ARGS = ("--cache-block-count", "512", "--session-len", "2048", "--max-concurrent-requests", "32",
+# --dtype float32: the exact mode (see start_api_server); also for servers started without start_api_server
+API_SERVER_ARGS = ("--dtype", "float32", "--cache-block-count", "512", "--session-len", "2048", "--max-concurrent-requests", "32",
                    "--max-queued-requests", "128")
 
 
@@ -70,6 +71,10 @@ def _free_port() -> int:
 
 def start_api_server(log_dir, *args: str, timeout: float = 300, health_headers: dict | None = None) -> ApiServer:
     """`lmserve serve api_server` on a free 127.0.0.1 port, waited on until /health answers 200."""
+    if "--dtype" not in args:
+        # NOTE: the exact mode; tests compare texts and logprobs with transformers and across batch shapes, which
+        # --dtype auto (bfloat16 matmuls on a CPU with native bf16) does not keep bit for bit
+        args = ("--dtype", "float32", *args)
     port = _free_port()
     log_path = _os.path.join(str(log_dir), f"api_server_{port}.log")
     log = open(log_path, "w")

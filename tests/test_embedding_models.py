@@ -38,7 +38,7 @@ def _token_ids(engine: LLMEngine) -> list[list[int]]:
 @pytest.mark.parametrize("pooling, normalize", [("mean", True), ("cls", False), ("max", True), (None, True)])
 def test_tiny_bert_equals_transformers(tmp_path, pooling, normalize):
     path = make_tiny_bert(str(tmp_path / "bert"), pooling=pooling, normalize=normalize)
-    engine = LLMEngine(EngineConfig(model=ModelConfig(model=path),
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, dtype="float32"),   # exact mode
                                     scheduler=SchedulerConfig(max_num_batched_tokens=64)))
     assert engine.task == "embed" and engine.max_model_len == 64
     token_ids = _token_ids(engine)
@@ -54,7 +54,7 @@ def test_tiny_bert_equals_transformers(tmp_path, pooling, normalize):
 
 def test_tiny_roberta_equals_transformers(tmp_path):
     path = make_tiny_bert(str(tmp_path / "roberta"), arch="roberta", pooling="mean")
-    engine = LLMEngine(EngineConfig(model=ModelConfig(model=path)))
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, dtype="float32")))   # exact mode
     assert engine.max_model_len == 128 - 1                   # the position table's first row is the pad slot
     token_ids = _token_ids(engine)
     got, _ = _embed_all(engine, token_ids)

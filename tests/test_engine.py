@@ -27,7 +27,7 @@ PROMPTS = [
 def make_engine(model: str, num_blocks: int = 512, prefix: bool = True, max_num_seqs: int = 64,
                 budget: int = 256, block_size: int = 16) -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model=ModelConfig(model=model),
+        model=ModelConfig(model=model, dtype="float32"),   # exact mode: compared with transformers
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)))
 
@@ -239,7 +239,7 @@ def _prompt_logprobs(engine, ids) -> torch.Tensor:
 
 def test_cpp_fast_path_matches_pytorch_reference(smol_engine, prompt_ids):
     """Fused C++ kernels + quantized matmul vs the pure-PyTorch path, on a 4-sequence batch with decode."""
-    ref = LLMEngine(EngineConfig(model=ModelConfig(attention_backend="torch", quant_kernel_max_rows=0),
+    ref = LLMEngine(EngineConfig(model=ModelConfig(attention_backend="torch", quant_kernel_max_rows=0, dtype="float32"),
                                  cache=CacheConfig(num_blocks=256)))
     assert ref.runner.kernel is None and smol_engine.runner.kernel is not None
     ids = prompt_ids[:4]

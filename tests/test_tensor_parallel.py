@@ -31,6 +31,7 @@ GREEDY = SamplingParams(max_tokens=32, temperature=0, logprobs=2, ignore_eos=Tru
 
 
 def _generate(path: str, tp: int, prompts=PROMPTS, params=GREEDY, **model_kw):
+    model_kw = {"dtype": "float32", **model_kw}   # exact mode: tp=2 must equal tp=1 to 1e-4
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, **model_kw), cache=CacheConfig(num_blocks=64),
                                     tp=tp))
     try:
@@ -148,7 +149,7 @@ def test_tp2_control_messages_reach_every_rank(tiny_models):
               "model.layers.0.self_attn.k_proj.weight": torch.randn(32, 64, generator=gen) * 0.1}  # split heads
     results = {}
     for tp in (1, 2):
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=tiny_models["llama"]),
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=tiny_models["llama"], dtype="float32"),
                                         cache=CacheConfig(num_blocks=64), tp=tp))
         try:
             before = engine.generate(PROMPTS[:3], GREEDY)

@@ -64,7 +64,7 @@ class EncoderRunner:
 
     def _attach_fast(self) -> None:
         if self.dtype == torch.float32:
-            fast = torch.bfloat16 if self.model_config.matmul_dtype == "bfloat16" else torch.float32
+            fast = torch.bfloat16 if self.model_config.matmul_precision == "bfloat16" else torch.float32
             self.model.attach_fast(fast)
 
     def update_weights(self, weights: dict[str, torch.Tensor]) -> None:

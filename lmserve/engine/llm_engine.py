@@ -14,6 +14,7 @@ from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.executor import make_executor
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
+from lmserve.engine.spec_decode import SpecDecoder, check_supported
 from lmserve.generation_config import describe as describe_generation_defaults
 from lmserve.generation_config import load_generation_defaults
 from lmserve.model.loader import resolve_model_path
@@ -48,6 +49,11 @@ class EngineStats:
     num_preemptions_total: int
     prefill_throughput: float
     decode_throughput: float
+    # speculative decoding (zeros when off): drafts proposed / accepted, tokens made by verification steps
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_emitted_tokens: int = 0
+    spec_num_verify_steps: int = 0
 
 
 class _Request:
@@ -61,6 +67,7 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        check_supported(config.speculative)
         self.model_path = resolve_model_path(config.model.model)
         mc = config.model
         # NOTE: read before the weights, so a bad --generation-config path fails in a second, not a minute
@@ -76,6 +83,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.spec = None
+        if config.speculative.method is not None and not self.runner.is_encoder:
+            self.spec = SpecDecoder(config.speculative, self.block_manager, config.scheduler.max_num_batched_tokens)
         # NOTE: a sequence longer than the whole cache could never be scheduled; cap the session length there.
         capacity = self.block_manager.num_usable_blocks * config.cache.block_size
         self.max_model_len = min(self.runner.max_model_len, capacity)
@@ -185,6 +195,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        if self.spec is not None:
+            self.spec.propose(sched)
         t0 = time.monotonic()
         result = self.executor.execute(sched)
         self.scheduler.update_after_step(sched)
@@ -192,7 +204,7 @@ class LLMEngine:
         num_prefill = num_decode = 0
         for s in sched.scheduled:
             seq = s.seq
-            if s.num_new_tokens > 1 or seq.num_output_tokens == 0:
+            if s.num_new_tokens - len(s.spec_token_ids) > 1 or seq.num_output_tokens == 0:
                 num_prefill += s.num_new_tokens
             else:
                 num_decode += s.num_new_tokens
@@ -213,22 +225,23 @@ class LLMEngine:
                 first = s.seq.num_computed_tokens - s.num_new_tokens + 1
                 seq.prompt_logprobs.extend(new_prompt_lps[max(0, have - first):])
                 touched[req.request_id] = req
+            verified = result.verified.get(seq.seq_id)
+            if verified is not None:
+                self.spec.record(len(s.spec_token_ids), verified)
+                lps = verified.logprobs or [None] * len(verified.token_ids)
+                for i, (token, lp) in enumerate(zip(verified.token_ids, lps)):
+                    if i:   # the previous token was an accepted draft: its KV is already in the cache
+                        seq.num_computed_tokens += 1
+                    if self._append(seq, token, lp):
+                        break
+                self.block_manager.cache_full_blocks(seq)
+                touched[req.request_id] = req
+                continue
             token = result.sampled_token_ids.get(seq.seq_id)
             if token is None:
                 continue
-            if seq.first_token_time is None:
-                seq.first_token_time = time.monotonic()
-                self.num_prompt_tokens_total += seq.num_prompt_tokens
-            self.num_generation_tokens_total += 1
-            seq.append_token(token, result.logprobs.get(seq.seq_id))
+            self._append(seq, token, result.logprobs.get(seq.seq_id))
             touched[req.request_id] = req
-            stop_str = seq.detokenizer.update([token])
-            if stop_str is not None:
-                seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_str
-                self._finish(seq)
-            elif seq.check_stop_token():
-                seq.detokenizer.finish()
-                self._finish(seq)
         self._record_throughput(t0, num_prefill, num_decode)
         outputs = []
         for req in touched.values():
@@ -237,6 +250,24 @@ class LLMEngine:
             if done:
                 del self.requests[req.request_id]
         return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob) -> bool:
+        """Append one generated token; check stop strings and stop tokens. True when seq finished."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+            self.num_prompt_tokens_total += seq.num_prompt_tokens
+        self.num_generation_tokens_total += 1
+        seq.append_token(token, logprob)
+        stop_str = seq.detokenizer.update([token])
+        if stop_str is not None:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_str
+            self._finish(seq)
+            return True
+        if seq.check_stop_token():
+            seq.detokenizer.finish()
+            self._finish(seq)
+            return True
+        return False
 
     def _finish(self, seq: Sequence) -> None:
         if seq.session_id is not None and self.block_manager.enable_prefix_caching:
@@ -285,7 +316,15 @@ class LLMEngine:
             num_generation_tokens_total=self.num_generation_tokens_total,
             num_preemptions_total=sch.num_preemptions_total,
             prefill_throughput=sum(w[1] for w in self._window) / span,
-            decode_throughput=sum(w[2] for w in self._window) / span)
+            decode_throughput=sum(w[2] for w in self._window) / span,
+            **self._spec_stats())
+
+    def _spec_stats(self) -> dict[str, int]:
+        sp = self.spec
+        if sp is None:
+            return {}
+        return dict(spec_num_draft_tokens=sp.num_draft_tokens, spec_num_accepted_tokens=sp.num_accepted_tokens,
+                    spec_num_emitted_tokens=sp.num_emitted_tokens, spec_num_verify_steps=sp.num_verify_steps)
 
     def abort_all(self) -> list[RequestOutput]:
         return [o for rid in list(self.requests) if (o := self.abort(rid)) is not None]

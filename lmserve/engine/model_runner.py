@@ -10,10 +10,11 @@ import psutil
 import torch
 import torch.distributed
 
-from lmserve.config import CacheConfig, ModelConfig
+from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
 from lmserve.engine.cpu_threads import available_cpus
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
+from lmserve.engine.spec_decode import VerifyResult, verify
 from lmserve.model import cpu_kernels
 from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
 from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict
@@ -31,6 +32,7 @@ PACKED_CROSSOVER_ROWS = {"float32": 10, "bfloat16": 4}
 @dataclass
 class RunnerOutput:
     sampled_token_ids: dict[int, int] = field(default_factory=dict)          # seq_id -> token
+    verified: dict[int, VerifyResult] = field(default_factory=dict)          # seq_id -> speculative step's tokens
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)          # seq_id -> sampled token's logprobs
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # seq_id -> new prompt entries
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)            # seq_id -> sum of hidden states
@@ -55,6 +57,7 @@ class StepPlan:
     samplers: list = field(default_factory=list)     # (seq, logits row)
     prompt_lp: list = field(default_factory=list)    # (seq, first logits row, first position, count)
     pool: list = field(default_factory=list)         # (seq, start row, count)
+    verifiers: list = field(default_factory=list)    # (seq, first logits row, draft tokens)
 
 
 class ModelRunner:
@@ -76,9 +79,14 @@ class ModelRunner:
             # NOTE: torch counts the host's cores; a cgroup quota or an affinity mask may allow fewer
             torch.set_num_threads(available_cpus())
         self.dtype = model_config.torch_dtype
-        # --matmul-dtype bfloat16 also halves the KV cache (decode attention at large batch is bound by reading it)
-        self.kv_dtype = torch.bfloat16 if (model_config.matmul_dtype == "bfloat16" and self.dtype == torch.float32) \
+        # bfloat16 matmuls also halve the KV cache (decode attention at large batch is bound by reading it)
+        self.matmul_precision = model_config.matmul_precision
+        self.kv_dtype = torch.bfloat16 if (self.matmul_precision == "bfloat16" and self.dtype == torch.float32) \
             else self.dtype
+        if self.device.type == "cpu":
+            logger.info("precision: %s model, %s matmuls, %s KV cache (--dtype %s, --matmul-dtype %s; CPU bf16: %s)",
+                        self.dtype, self.matmul_precision, self.kv_dtype, model_config.dtype,
+                        model_config.matmul_dtype, cpu_bf16_feature() or "none")
         arch = load_arch_config(model_path)
         validate_tp(arch, tp_size)
         self.arch: ArchConfig = dataclasses.replace(arch, tp_rank=tp_rank, tp_size=tp_size)
@@ -138,7 +146,7 @@ class ModelRunner:
         self._attach_fast()
         head = self.model.logits_fast
         if head is not None and head.is_mkldnn:
-            max_rows = min(max_rows, PACKED_CROSSOVER_ROWS[mc.matmul_dtype])
+            max_rows = min(max_rows, PACKED_CROSSOVER_ROWS[self.matmul_precision])
         if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path):
             return
         from lmserve.model.quant import load_gguf_quantized, shard_quantized
@@ -151,7 +159,7 @@ class ModelRunner:
     def _attach_fast(self) -> None:
         if self.dtype != torch.float32:
             return
-        fast = torch.bfloat16 if self.model_config.matmul_dtype == "bfloat16" else torch.float32
+        fast = torch.bfloat16 if self.matmul_precision == "bfloat16" else torch.float32
         self.model.attach_fast(fast)
         logger.info("%s matmuls on %s weights", fast, "packed" if self.model.logits_fast is not None and
                     self.model.logits_fast.is_mkldnn else "plain")
@@ -216,7 +224,9 @@ class ModelRunner:
         for s in sched.scheduled:
             seq, n = s.seq, s.num_new_tokens
             start, row = seq.num_computed_tokens, len(b.input_ids)
-            b.input_ids.extend(seq.token_ids[start:start + n])
+            draft = s.spec_token_ids
+            b.input_ids.extend(seq.token_ids[start:start + n - len(draft)])
+            b.input_ids.extend(draft)
             b.positions.extend(range(start, start + n))
             bt = seq.block_table
             b.slot_mapping.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
@@ -235,7 +245,10 @@ class ModelRunner:
                 if last_scored > start:
                     plan.prompt_lp.append((seq, len(b.logit_rows), start, last_scored - start))
                     b.logit_rows.extend(range(row, row + last_scored - start))
-            if s.samples:
+            if draft:
+                plan.verifiers.append((seq, len(b.logit_rows), draft))
+                b.logit_rows.extend(range(row + n - 1 - len(draft), row + n))
+            elif s.samples:
                 plan.samplers.append((seq, len(b.logit_rows)))
                 b.logit_rows.append(row + n - 1)
         return b, plan
@@ -265,6 +278,8 @@ class ModelRunner:
             targets = torch.tensor(seq.token_ids[start + 1:start + 1 + count], device=dev)
             out.prompt_logprobs[seq.seq_id] = compute_logprobs(logits[first:first + count], targets,
                                                                seq.params.prompt_logprobs)
+        for seq, first, draft in plan.verifiers:
+            out.verified[seq.seq_id] = verify(logits[first:first + len(draft) + 1], draft, seq)
         if plan.samplers:
             seqs = [seq for seq, _ in plan.samplers]
             rows = logits[[r for _, r in plan.samplers]]

@@ -244,6 +244,12 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> None:
 
 def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """logits: [num_random, vocab] of the sampled rows (modified in place) -> token ids [num_random]."""
+    return _random_sample(processed_probs(logits, md), md.generators)
+
+
+def processed_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """The distribution sampled from: temperature -> top-k/top-p -> min-p -> softmax (in place on logits).
+    Speculative decoding verifies drafts against exactly this distribution."""
     if md.temperature is not None:
         logits.div_(md.temperature)
     if md.top_p is not None:
@@ -253,8 +259,7 @@ def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     if md.log_min_p is not None:
         # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
         logits.masked_fill_(logits < logits.max(dim=-1, keepdim=True).values + md.log_min_p, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return _random_sample(probs, md.generators)
+    return logits.softmax(dim=-1)
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:

@@ -20,12 +20,14 @@ from lmserve.outputs import FinishReason
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int          # tokens computed this step, starting at seq.num_computed_tokens
+    num_new_tokens: int          # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
+    # speculative drafts computed after the sequence's last token (engine/spec_decode.py); not in seq.token_ids
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the sequence, so the model's last logits give a new token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.spec_token_ids) == self.seq.num_tokens
 
 
 @dataclass
@@ -138,7 +140,8 @@ class Scheduler:
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance computed-token counts and register newly full blocks. Sampled tokens are appended by the engine."""
         for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            # NOTE: drafts count once accepted (the engine moves num_computed_tokens over them)
+            s.seq.num_computed_tokens += s.num_new_tokens - len(s.spec_token_ids)
             self.block_manager.cache_full_blocks(s.seq)
 
     def finish(self, seq: Sequence, reason: FinishReason | None = None) -> None:

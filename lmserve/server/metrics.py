@@ -54,6 +54,16 @@ class _EngineCollector:
         yield counter("num_preemptions", "Preempted sequences", s.num_preemptions_total)
         yield gauge("prefill_throughput_tokens_per_second", "Recent prefill throughput", s.prefill_throughput)
         yield gauge("decode_throughput_tokens_per_second", "Recent decode throughput", s.decode_throughput)
+        yield counter("spec_decode_num_draft_tokens", "Speculative draft tokens proposed", s.spec_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted",
+                      s.spec_num_accepted_tokens)
+        yield counter("spec_decode_num_emitted_tokens", "Tokens made by speculative verification steps",
+                      s.spec_num_emitted_tokens)
+        yield gauge("spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens since start",
+                    s.spec_num_accepted_tokens / s.spec_num_draft_tokens if s.spec_num_draft_tokens else 0.0)
+        yield gauge("spec_decode_tokens_per_step", "Tokens per verification step of a sequence since start "
+                    "(1 = no gain)", s.spec_num_emitted_tokens / s.spec_num_verify_steps if s.spec_num_verify_steps
+                    else 0.0)
         yield gauge("is_sleeping", "1 while the engine sleeps", int(self.engine.is_sleeping))
         yield gauge("api_requests_in_flight", "HTTP generation requests admitted", self.state.admission.num_running)
         yield gauge("api_requests_queued", "HTTP generation requests waiting for admission",
