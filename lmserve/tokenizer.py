@@ -27,6 +27,23 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Gemma's turn format, for GGUF files that carry no template (llama.cpp's GGUF-my-repo conversions of Gemma 3):
+# roles user / model, a system message folded into the first user turn, BOS written by the template.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% set content = message['content'] if message['content'] is string else "
+    "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = content + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if message['role'] == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ content | trim + '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
 class Tokenizer:
@@ -103,6 +120,9 @@ def _resolve_chat_template(override: str | None, hf) -> str:
         return override
     if getattr(hf, "chat_template", None):
         return hf.chat_template
+    if "<start_of_turn>" in hf.get_vocab():
+        logger.info("the model has no chat template; using Gemma's turn format")
+        return GEMMA_TEMPLATE
     logger.warning("the model has no chat template; using a plain ChatML template (override with chat_template)")
     return CHATML_TEMPLATE
 

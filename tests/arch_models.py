@@ -23,6 +23,12 @@ ARCHS = {
                                                      short_factor=[1.0 + 0.1 * i for i in range(8)],
                                                      long_factor=[2.0 + 0.5 * i for i in range(8)],
                                                      original_max_position_embeddings=64))),
+    # Phi-4-mini style: RoPE on half of each head (partial_rotary_factor), the rest passes through
+    "phi3_partial_rotary": ("Phi3Config", dict(
+        pad_token_id=2, max_position_embeddings=256, original_max_position_embeddings=64,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+                             short_factor=[1.0 + 0.1 * i for i in range(4)], long_factor=[2.0 + 0.5 * i for i in range(4)],
+                             original_max_position_embeddings=64))),
 }
 BASE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, initializer_range=0.1,

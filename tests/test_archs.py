@@ -72,7 +72,7 @@ BACKENDS = ["cpp", pytest.param("torch", marks=pytest.mark.slow)]   # torch: the
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ["qwen3", "llama3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama3", "gemma3", "mixtral", "qwen3_moe", "phi3", "phi3_partial_rotary"])
 def test_greedy_and_logprobs_match_transformers(arch, backend, arch_paths):
     check_against_transformers(arch_paths(arch), backend)
 
@@ -125,3 +125,34 @@ def test_moe_block_grouped_equals_transformers(arch, arch_paths):
     assert counts.max() >= 2 and (counts == 0).any()        # shared experts and an idle one in this batch
     with torch.no_grad():
         torch.testing.assert_close(block(x), hf_block(x.unsqueeze(0))[0], atol=1e-5, rtol=1e-5)
+
+
+# ---- Gemma 3 ----------------------------------------------------------------------------------------------------
+def test_gemma3_sliding_window_matters(arch_paths):
+    """The tiny Gemma's prompts + outputs cross its 12-token window; attending past it would change the output."""
+    from lmserve.model.loader import load_arch_config
+    cfg = load_arch_config(arch_paths("gemma3"))
+    assert cfg.sliding_window == 12 and cfg.layer_window(0) == 12 and cfg.layer_window(1) is None
+    engine = make_engine(arch_paths("gemma3"), "cpp")
+    ids = engine.tokenizer.encode(PROMPTS[2])
+    assert len(ids) + NUM_TOKENS > 2 * cfg.sliding_window
+
+
+# ---- Phi-3 ------------------------------------------------------------------------------------------------------
+def test_phi3_longrope_tables_match_transformers(arch_paths):
+    """Short factors inside the original context, long factors beyond, both scaled by the attention factor."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lmserve.model.layers import RotaryEmbedding
+    from lmserve.model.loader import load_arch_config
+    path = arch_paths("phi3")
+    cfg, hf_cfg = load_arch_config(path), AutoConfig.from_pretrained(path)
+    short, scale = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, "cpu")
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, "cpu", seq_len=cfg.max_position_embeddings)
+    assert scale > 1.0 and not torch.allclose(short, long)
+    ours = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+    for pos, inv_freq in [(10, short), (63, short), (64, long), (200, long)]:
+        angle = pos * inv_freq.double()
+        torch.testing.assert_close(ours.cos[pos], (angle.cos() * scale).float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.sin[pos], (angle.sin() * scale).float(), atol=1e-5, rtol=0)

@@ -321,3 +321,17 @@ def test_export_hf_runs_in_transformers(smollm2_path, smollm2_state, hf_smollm2,
         ref = hf_smollm2(ids).logits
         got = _hf_model(out)(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype,scale_offsets", [(QT.Q5_0, (0,)), (QT.Q5_1, (0, 2))])
+def test_dequantize_q5_legacy_matches_gguf_reference(qtype, scale_offsets):
+    """Q5_0 / Q5_1 (in llama.cpp's Q4_K_M mixes, e.g. Gemma 3 270M): random blocks, gguf-py dequantizes them."""
+    rng = np.random.default_rng(int(qtype))
+    block_bytes = {QT.Q5_0: 22, QT.Q5_1: 24}[qtype]
+    raw = rng.integers(0, 256, size=(6 * 512 // 32, block_bytes), dtype=np.uint8)
+    for off in scale_offsets:
+        raw[:, off:off + 2] = (rng.standard_normal((raw.shape[0], 1)) * 0.01).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(6, -1)
+    ref = gguf.quants.dequantize(raw, qtype)
+    ours = dequantize(raw, qtype.name, (6, 512))
+    assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)))

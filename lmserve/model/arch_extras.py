@@ -82,3 +82,36 @@ def _gemma3(cfg: dict) -> dict:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
     )
+
+
+# ---- GGUF metadata (llama.cpp's names) -----------------------------------------------------------------------
+def _gguf_token_id(reader, token: str, guess: int) -> int | None:
+    """The id of `token` when the vocabulary has it at `guess` (reading one entry, not the 262k list)."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None or guess >= len(field.data):
+        return None
+    return guess if bytes(field.parts[field.data[guess]]).decode(errors="replace") == token else None
+
+
+def gguf_arch_extras(arch: str, meta: dict, reader) -> dict:
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+    extras: dict = {}
+    if arch in ("qwen3", "qwen3_moe"):
+        extras["qk_norm"] = True
+    if arch == "gemma3":
+        n, hidden = int(get("block_count")), int(get("embedding_length"))
+        head_dim, num_heads = int(get("attention.key_length")), int(get("attention.head_count"))
+        # llama.cpp fixes what GGUF does not carry: every 6th layer global, local RoPE base 10000, and the query
+        # scale 1/sqrt(head_dim) except for the 27B model (62 layers), which uses hidden / heads
+        extras.update(
+            qk_norm=True, sliding_window=int(get("attention.sliding_window", 4096)),
+            layer_types=tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)),
+            rope_local_theta=10000.0, hidden_act="gelu_pytorch_tanh",
+            query_pre_attn_scalar=float(hidden // num_heads if n == 62 else head_dim),
+            final_logit_softcapping=get("final_logit_softcapping"))
+        # <end_of_turn> ends a chat turn (Gemma's generation_config lists it with <eos>)
+        end_of_turn = _gguf_token_id(reader, "<end_of_turn>", 106)
+        eos = tuple(int(i) for i in [meta.get("tokenizer.ggml.eos_token_id"), end_of_turn] if i is not None)
+        extras["eos_token_ids"] = tuple(dict.fromkeys(eos))
+    return extras

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from gguf import GGUFReader, GGUFValueType
 
-from lmserve.model.arch_extras import hf_arch_extras
+from lmserve.model.arch_extras import gguf_arch_extras, hf_arch_extras
 from lmserve.model.parallel import shard_spec, slice_padded
 from lmserve.startup import progress
 
@@ -214,7 +214,7 @@ def _gguf_arch_config(reader) -> ArchConfig:
     elif scaling_type not in (None, "none"):
         raise NotImplementedError(f"GGUF rope scaling type {scaling_type!r} is not supported")
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    return ArchConfig(
+    return replace(ArchConfig(
         architecture=arch,
         hidden_size=hidden,
         num_hidden_layers=int(get("block_count")),
@@ -232,7 +232,7 @@ def _gguf_arch_config(reader) -> ArchConfig:
         sliding_window=None,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=_gguf_eos_ids(meta),
-    )
+    ), **gguf_arch_extras(arch, meta, reader))
 
 
 # ---- dequantization (layouts: gguf/quants.py and llama.cpp ggml-quants.c) --------------------------------------
@@ -281,6 +281,20 @@ def _dq_q4_1(b):
     return q.mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
+def _dq_q5_0(b):
+    n = b.shape[0]
+    qh = _bits(b[:, 2:6], 1, tuple(range(8)), 1).transpose(1, 2).reshape(n, 32)   # bit j of the 32-bit qh
+    q = _nibbles(b[:, 6:], 1).view(n, 32).bitwise_or_(qh.bitwise_left_shift_(4))
+    return q.float().sub_(16).mul_(_f16(b, 0))
+
+
+def _dq_q5_1(b):
+    n = b.shape[0]
+    qh = _bits(b[:, 4:8], 1, tuple(range(8)), 1).transpose(1, 2).reshape(n, 32)
+    q = _nibbles(b[:, 8:], 1).view(n, 32).bitwise_or_(qh.bitwise_left_shift_(4))
+    return q.float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+
+
 def _dq_q4_k(b):
     n = b.shape[0]
     sc, mn = _k_scales(b[:, 4:16])
@@ -309,6 +323,7 @@ def _dq_q6_k(b):
 # type name -> (elements per block, bytes per block, dequantizer of [n_blocks, bytes] uint8 -> [n_blocks, elems])
 _QUANTS = {
     "Q8_0": (32, 34, _dq_q8_0), "Q4_0": (32, 18, _dq_q4_0), "Q4_1": (32, 20, _dq_q4_1),
+    "Q5_0": (32, 22, _dq_q5_0), "Q5_1": (32, 24, _dq_q5_1),
     "Q4_K": (256, 144, _dq_q4_k), "Q5_K": (256, 176, _dq_q5_k), "Q6_K": (256, 210, _dq_q6_k),
 }
 SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", *_QUANTS)
@@ -341,11 +356,19 @@ _GGUF_LAYER_NAMES = {
 _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _hf_name(gguf_name: str) -> str | None:
+# Gemma 3 norms around both attention and MLP; llama.cpp's "ffn_norm" is its pre-feed-forward norm
+_GGUF_ARCH_LAYER_NAMES = {"gemma3": {
+    **_GGUF_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm"}}
+
+
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     base, _, suffix = gguf_name.rpartition(".")           # suffix: weight | bias
     parts = base.split(".")
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{suffix}"
+    layer_names = _GGUF_ARCH_LAYER_NAMES.get(arch, _GGUF_LAYER_NAMES)
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{suffix}"
     if base in _GGUF_GLOBAL_NAMES:
         return f"{_GGUF_GLOBAL_NAMES[base]}.{suffix}"
     if base == "rope_freqs":                               # folded into ArchConfig.rope_scaling
@@ -384,10 +407,12 @@ def _gguf_slice(t, spec: tuple[int, int, int] | None) -> torch.Tensor:
 def _gguf_state_dict(reader, cfg: ArchConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = {}
     for t in progress(reader.tensors, "loading weights", unit="tensor"):
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, cfg.architecture)
         if name is None:
             continue
         w = _gguf_slice(t, shard_spec(name, cfg))
+        if cfg.architecture == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1      # llama.cpp stores Gemma's norm multiplier 1 + w; HF names mean w
         if cfg.architecture in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
             w = _unpermute(w, w.shape[0] // cfg.head_dim)     # per head, so a slice of whole heads works too
         state[name] = w.to(dtype)

@@ -127,7 +127,7 @@ def load_gguf_quantized(path: str) -> dict[str, QuantWeight]:
     cfg = loader._gguf_arch_config(reader)
     out = {}
     for t in reader.tensors:
-        name = loader._hf_name(t.name)
+        name = loader._hf_name(t.name, cfg.architecture)
         if name is None or len(t.shape) != 2:
             continue
         qw = quantized_tensor(t.data, t.tensor_type.name, (int(t.shape[1]), int(t.shape[0])))

@@ -7,8 +7,10 @@ import os
 from torch import nn
 
 from lmserve.model.bert import BertModel
+from lmserve.model.gemma3 import Gemma3ForCausalLM
 from lmserve.model.llama import LlamaForCausalLM
 from lmserve.model.mixtral import MixtralForCausalLM
+from lmserve.model.phi3 import Phi3ForCausalLM
 from lmserve.model.qwen3 import Qwen3ForCausalLM
 from lmserve.model.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -19,6 +21,8 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "qwen3": Qwen3ForCausalLM,     # + q/k RMSNorm per head
     "qwen3_moe": Qwen3MoeForCausalLM,
     "mixtral": MixtralForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py

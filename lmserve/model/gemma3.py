@@ -1,0 +1,70 @@
+"""Gemma 3 (text): embeddings scaled by sqrt(hidden), GeGLU MLP, RMSNorm scaling by (1 + weight), norms before
+and after both attention and MLP, q/k norms, and sliding-window (local) layers interleaved with global ones, each
+kind with its own RoPE base.
+
+NOTE: checkpoints store a norm's weight as w with the multiplier 1 + w; the parameters here hold 1 + w, so the
+shared RMSNorm (and its C++ kernel) runs unchanged. `map_weight` adds the 1.
+"""
+from __future__ import annotations
+
+import torch
+
+from lmserve.model.attention import AttentionMetadata
+from lmserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from lmserve.model.llama import LlamaForCausalLM
+from lmserve.model.qwen3 import QKNormAttention
+
+
+class Gemma3DecoderLayer(torch.nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        hidden, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.is_sliding = cfg.layer_window(layer_idx) is not None
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = QKNormAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.mlp = GatedMLP(hidden, cfg.intermediate_size, cfg.hidden_act)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+
+    def forward(self, positions, x, residual, meta, kv_cache):
+        """-> (this layer's normed MLP output, residual stream before it), like the Llama layer."""
+        kernel = meta.kernel
+        if residual is None:
+            x, residual = self.input_layernorm(x, kernel=kernel), x
+        else:
+            x, residual = self.input_layernorm(x, residual, kernel=kernel)
+        x = self.post_attention_layernorm(self.self_attn(positions, x, meta, kv_cache), kernel=kernel)
+        x, residual = self.pre_feedforward_layernorm(x, residual, kernel=kernel)
+        return self.post_feedforward_layernorm(self.mlp(x, kernel=kernel), kernel=kernel), residual
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    layer_cls = Gemma3DecoderLayer
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.local_rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_local_theta)
+        # transformers multiplies by sqrt(hidden) rounded to the weights' dtype
+        self.embed_scale = cfg.hidden_size ** 0.5
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches) -> torch.Tensor:
+        emb = self.model.embed_tokens(input_ids)
+        x = emb * torch.tensor(self.embed_scale, dtype=emb.dtype)
+        ropes = {False: self.model.rotary.lookup(positions, x.dtype), True: self.local_rotary.lookup(positions, x.dtype)}
+        residual = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            meta.rope_cos, meta.rope_sin = ropes[layer.is_sliding]
+            x, residual = layer(positions, x, residual, meta, kv_cache)
+        return self.model.norm(x, residual, kernel=meta.kernel)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def map_weight(self, name, tensor, params):
+        if name.endswith("norm.weight"):
+            tensor = tensor + 1
+        return super().map_weight(name, tensor, params)
