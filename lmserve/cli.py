@@ -170,6 +170,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="requests waiting for admission; beyond this the server answers 429")
     p.add_argument("--proxy-url", default=None, help="register this server with the proxy at this URL")
+    p.add_argument("--tool-call-parser", default=None,
+                   help="hermes|qwen|llama3|mistral|internlm2 (default: picked from the chat template)")
+    p.add_argument("--reasoning-parser", default=None,
+                   help="think (<think>...</think>, Qwen3 / DeepSeek-R1): message.reasoning_content")
     g = p.add_argument_group("request limits (docs/operations.md)")
     g.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
                    help="larger request bodies get 413 (POST /update_weights is exempt)")
@@ -191,12 +195,19 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def build_server_config(args: argparse.Namespace):
     """The one place CLI arguments become server config."""
     from lmserve.config import ServerConfig
+    from lmserve.server.reasoning_parsers import REASONING_PARSERS
+    from lmserve.server.tool_parsers import TOOL_PARSERS
+    for flag, value, choices in (("--tool-call-parser", args.tool_call_parser, TOOL_PARSERS),
+                                 ("--reasoning-parser", args.reasoning_parser, REASONING_PARSERS)):
+        if value is not None and value not in choices:
+            raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     return ServerConfig(server_name=args.server_name, server_port=args.server_port, model_name=args.model_name,
                         api_keys=tuple(args.api_keys or ()), allow_origins=tuple(args.allow_origins or ()),
                         allow_credentials=args.allow_credentials, allow_methods=tuple(args.allow_methods),
                         allow_headers=tuple(args.allow_headers),
                         max_concurrent_requests=args.max_concurrent_requests,
                         max_queued_requests=args.max_queued_requests, proxy_url=args.proxy_url,
+                        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                         log_level=args.log_level.upper(), max_request_body_bytes=args.max_request_body_bytes,
                         body_read_timeout=args.body_read_timeout, keep_alive_timeout=args.keep_alive_timeout,
                         max_n=args.max_n, max_logprobs=args.max_logprobs,

@@ -251,6 +251,8 @@ class ServerConfig:
     max_concurrent_requests: int = 256  # requests in flight in the engine
     max_queued_requests: int = 256      # waiting for admission beyond that; then 429
     proxy_url: str | None = None
+    tool_call_parser: str | None = None  # server/tool_parsers; None = picked from the chat template
+    reasoning_parser: str | None = None  # server/reasoning_parsers; None = reasoning stays in content
     log_level: str = "INFO"
     # Bounds on one request, checked at the edge before any work is queued (docs/operations.md lists them).
     max_request_body_bytes: int = 16 << 20   # 413 beyond; /update_weights (admin, weights) is exempt

@@ -18,6 +18,34 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class GuidedDecodingParams:
+    """A grammar the output must follow (exactly one of json / json_object / regex / choice / grammar).
+
+    `param` is the request field it came from, so a bad schema is reported against that field. With
+    `start_after` the constraint starts once that text has been generated (the answer after a reasoning block).
+    """
+    json: str | None = None               # a JSON schema, as JSON text
+    json_object: bool = False             # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None            # EBNF (GBNF-style, as xgrammar reads it)
+    param: str = "response_format"
+    start_after: str | None = None
+
+    def __post_init__(self):
+        kinds = sum(x is not None for x in (self.json, self.regex, self.choice, self.grammar)) + self.json_object
+        if kinds != 1:
+            raise SamplingParamsError(self.param, f"{self.param}: give exactly one guided decoding constraint")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamsError(self.param, f"{self.param} must be a non-empty list of non-empty strings")
+
+    @property
+    def key(self) -> tuple:
+        """What the compiled grammar depends on (start_after and param do not change it)."""
+        return (self.json, self.json_object, self.regex, self.choice, self.grammar)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -40,6 +68,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None    # None = off; k >= 0 = each prompt token's logprob + k alternatives
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    guided: GuidedDecodingParams | None = None   # constrained decoding (engine/guided.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -118,6 +118,9 @@ class AsyncEngine:
         if self.is_sleeping:
             raise EngineDeadError("the engine is sleeping; POST /wakeup first")
         prompt_ids = self.engine.prepare_prompt(prompt, params)
+        if params.guided is not None:
+            # compile off the engine thread and the event loop; a bad grammar raises here, before queueing
+            await asyncio.to_thread(self.engine.grammars.compile, params.guided)
         async for out in self._submit(request_id, ("add", request_id, prompt_ids, params, session_id)):
             yield out
 

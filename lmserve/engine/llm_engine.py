@@ -12,6 +12,7 @@ from lmserve.config import EngineConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.executor import make_executor
+from lmserve.engine.guided import GrammarCache
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
 from lmserve.engine.spec_decode import SpecDecoder, check_supported
@@ -101,6 +102,7 @@ class LLMEngine:
         self.embedding_dimensions = self.runner.pooling.matryoshka_dimensions if self.runner.is_encoder else None
         self.embedding_size = self.runner.arch.hidden_size
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.runner.arch.eos_token_ids)
+        self.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.sessions: dict[int, list[int]] = {}     # session_id -> pinned block ids
         self._seq_ids = itertools.count()
@@ -155,6 +157,9 @@ class LLMEngine:
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params)
+            if params.guided is not None:
+                # compiled already (AsyncEngine compiles off this thread); here it is a cache hit
+                seq.guided = self.grammars.new_state(params.guided)
             seq.session_id = session_id if params.n == 1 else None
             if i > 0 and self.block_manager.enable_prefix_caching and params.prompt_logprobs is None:
                 seq.wait_for = seqs[0]
@@ -259,6 +264,8 @@ class LLMEngine:
         self.num_generation_tokens_total += 1
         seq.append_token(token, logprob)
         stop_str = seq.detokenizer.update([token])
+        if seq.guided is not None:
+            seq.guided.accept(token, seq.detokenizer.output_text)
         if stop_str is not None:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_str
             self._finish(seq)

@@ -1,6 +1,6 @@
 """Sampler: batched logits processing and sampling, driven by per-row SamplingMetadata.
 
-Order (as vLLM): penalties -> logit_bias -> min_tokens -> greedy rows take the argmax; sampled rows go on
+Order (as vLLM): grammar bitmask (guided rows only) -> penalties -> logit_bias -> min_tokens -> greedy rows take the argmax; sampled rows go on
 through temperature -> top-k -> top-p -> min-p -> sample. Reported logprobs come from the RAW logits
 (log_softmax before any processing), so they can be checked against a reference model.
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmserve.engine.guided import GuidedState, apply_bitmask
 from lmserve.engine.sequence import Sequence
 from lmserve.outputs import TokenLogprob
 
@@ -49,6 +50,8 @@ class SamplingMetadata:
     # --- sparse edits over the whole batch: (row ids, token ids[, values]) ---
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None      # set to -inf this step
+    # --- guided decoding: (row, grammar state) of the constrained rows; None when no row is constrained ---
+    guided: list[tuple[int, GuidedState]] | None = None
     # --- logprobs ---
     num_logprobs: list[int | None] = field(default_factory=list)          # per row; None = not requested
     logprob_rows: torch.Tensor | None = None                # [num_lp] long; None when all rows (or none)
@@ -86,8 +89,11 @@ class SamplingMetadata:
         ban_rows, ban_ids = [], []
         num_logprobs: list[int | None] = []
         lp_rows: list[int] = []
+        guided: list[tuple[int, GuidedState]] = []
         for i, seq in enumerate(seqs):
             p = seq.params
+            if seq.guided is not None:
+                guided.append((i, seq.guided))
             if p.temperature >= _SAMPLING_EPS and p.top_k != 1:
                 if seq.generator is not None:
                     generators[len(random_rows)] = seq.generator
@@ -120,7 +126,7 @@ class SamplingMetadata:
             return torch.tensor(values, dtype=dtype, device=device)
 
         md = cls(num_seqs=n, vocab_size=vocab_size, num_random=len(random_rows), generators=generators,
-                 num_logprobs=num_logprobs)
+                 num_logprobs=num_logprobs, guided=guided or None)
         if random_rows:
             if len(random_rows) < n:
                 md.random_rows = t(random_rows, torch.long)
@@ -197,6 +203,8 @@ class Sampler:
             lp_logits = logits if md.logprob_rows is None else logits[md.logprob_rows]
             raw_logprobs = torch.log_softmax(lp_logits, dim=-1)              # [num_lp, vocab]
 
+        if md.guided is not None:
+            apply_bitmask(logits, md.guided)
         if not md.no_penalties:
             apply_penalties(logits, md)
         if md.logit_bias is not None:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import torch
 
     from lmserve.engine.detokenizer import IncrementalDetokenizer
+    from lmserve.engine.guided import GuidedState
 
 
 class SequenceStatus(enum.Enum):
@@ -57,6 +58,7 @@ class Sequence:
             [None] if params.prompt_logprobs is not None else None)
         self.generator: torch.Generator | None = None   # set by the engine when params.seed is given
         self.detokenizer: IncrementalDetokenizer | None = None
+        self.guided: GuidedState | None = None            # grammar matcher when params.guided is set
         # NOTE: a child of an n > 1 request waits until its first sibling has computed the prompt, so it
         # reuses those KV blocks through the prefix cache instead of computing the prompt again.
         self.wait_for: Sequence | None = None

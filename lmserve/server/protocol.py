@@ -129,7 +129,17 @@ class ToolChoice(_Model):
     function: ToolChoiceFuncName
 
 
-class ChatCompletionRequest(_Model):
+class GuidedFields(_Model):
+    """Structured-output extras that vLLM users send in the body (server/structured.py reads them)."""
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = Field(default=None, description="EBNF grammar")
+    structured_outputs: dict[str, Any] | None = Field(
+        default=None, description="vLLM: one of json, regex, choice, grammar, json_object")
+
+
+class ChatCompletionRequest(GuidedFields):
     model: str
     messages: str | list[dict[str, Any]] = Field(examples=[[{"role": "user", "content": "hi"}]])
     temperature: float | None = 0.7
@@ -166,8 +176,8 @@ class ChatCompletionRequest(_Model):
     return_token_ids: bool | None = False
     do_preprocess: bool | None = True
     mm_processor_kwargs: dict[str, Any] | None = None
-    # OpenAI fields that are not supported yet: 400 when set
     parallel_tool_calls: bool | None = None
+    # OpenAI fields that are not supported yet: 400 when set
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -176,10 +186,23 @@ class ChatCompletionRequest(_Model):
     web_search_options: dict[str, Any] | None = None
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str                              # JSON text
+
+
+class ToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
     _keep_none = ("content",)
     role: str
     content: str | None = None
+    reasoning_content: str | None = None        # with --reasoning-parser
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(_Model):
@@ -217,9 +240,23 @@ class ChatCompletionResponse(_Model):
     prompt_token_ids: list[int] | None = None   # with return_token_ids
 
 
+class DeltaFunctionCall(_Model):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Model):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(_Model):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionResponseStreamChoice(_Model):
@@ -241,7 +278,7 @@ class ChatCompletionStreamResponse(_Model):
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------------------
-class CompletionRequest(_Model):
+class CompletionRequest(GuidedFields):
     model: str
     prompt: str | list[Any] = Field(description="a string, a list of strings, token ids or a list of token-id lists")
     suffix: str | None = None
@@ -273,6 +310,7 @@ class CompletionRequest(_Model):
     min_new_tokens: int | None = None
     include_stop_str_in_output: bool | None = False
     return_token_ids: bool | None = False
+    response_format: ResponseFormat | None = None
 
 
 class CompletionLogprobs(_Model):
@@ -336,6 +374,7 @@ class GenerateRequest(_Model):
     spaces_between_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     return_routed_experts: bool | None = False
+    response_format: ResponseFormat | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
 
 

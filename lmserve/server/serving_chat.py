@@ -2,6 +2,7 @@
 or SSE chunks. With `session_id` the conversation's KV cache stays on the server between turns."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import GuidedDecodingParams
+from lmserve.server.chat_output import ChatOutput
+from lmserve.server.chat_tools import ToolCalls, message_for_template, template_renders_tools
 from lmserve.server.errors import APIError, not_supported
 from lmserve.server.limits import check_limits
 from lmserve.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
@@ -18,22 +22,26 @@ from lmserve.server.protocol import (ChatCompletionRequest, ChatCompletionRespon
 from lmserve.server.serving_common import (SSE_DONE, chat_logprobs, last_output, make_params, parse_logit_bias,
                                            reject_if_set, sse, sse_error, usage_of, with_generation_defaults)
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
+from lmserve.server.structured import guided_from_request
 
 _UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "mm_processor_kwargs")
 
 
-def normalize_messages(messages: list[dict[str, Any]], param: str = "messages") -> list[dict[str, Any]]:
-    """OpenAI messages -> what chat templates expect: text content parts joined; images and tools refused."""
+def normalize_messages(messages: list[dict[str, Any]], param: str = "messages",
+                       renders_tools: bool = True) -> list[dict[str, Any]]:
+    """OpenAI messages -> what chat templates expect: text content parts joined; images refused; assistant
+    tool calls and `tool` results rendered as the template can (server/chat_tools.py)."""
     out = []
     for i, msg in enumerate(messages):
         role = msg.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            if role in ("tool", "function"):
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            if role == "function":
                 raise not_supported(f"{param}[{i}].role", f"messages with role {role!r}")
-            raise APIError(400, f"{param}[{i}].role must be system, user or assistant, got {role!r}",
+            raise APIError(400, f"{param}[{i}].role must be system, user, assistant or tool, got {role!r}",
                            param=f"{param}[{i}].role")
-        if msg.get("tool_calls"):
-            raise not_supported(f"{param}[{i}].tool_calls")
+        if msg.get("tool_calls") is not None and (role != "assistant" or not isinstance(msg["tool_calls"], list)):
+            raise APIError(400, f"{param}[{i}].tool_calls must be a list on an assistant message",
+                           param=f"{param}[{i}].tool_calls")
         content = msg.get("content")
         if isinstance(content, list):
             texts = []
@@ -51,7 +59,12 @@ def normalize_messages(messages: list[dict[str, Any]], param: str = "messages") 
         elif not isinstance(content, str):
             raise APIError(400, f"{param}[{i}].content must be a string or a list of parts",
                            param=f"{param}[{i}].content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        norm = {"role": "system" if role == "developer" else role, "content": content}
+        if msg.get("tool_calls"):
+            norm["tool_calls"] = msg["tool_calls"]
+        if role == "tool":
+            norm["tool_call_id"] = msg.get("tool_call_id")
+        out.append(message_for_template(norm, renders_tools))
     if not out:
         raise APIError(400, f"{param} must not be empty", param=param)
     return out
@@ -67,12 +80,8 @@ def render_chat(state: ServerState, messages: list[dict[str, Any]], template_kwa
 
 def _check_request(state: ServerState, req: ChatCompletionRequest) -> None:
     reject_if_set(req, _UNSUPPORTED)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise not_supported("response_format", f"response_format of type {req.response_format.type!r}")
-    if req.tools and req.tool_choice != "none":
-        raise not_supported("tools", "tool calling (tools with tool_choice other than 'none')")
     if not req.tools and req.tool_choice not in (None, "auto", "none"):
-        raise not_supported("tool_choice")
+        raise APIError(400, "tool_choice other than 'auto' or 'none' needs tools", param="tool_choice")
     if req.modalities not in (None, ["text"]):
         raise not_supported("modalities", "output modalities other than ['text']")
     # NOTE: only a positive top_logprobs needs logprobs (as in OpenAI and LMDeploy): LMDeploy's APIClient sends
@@ -83,11 +92,28 @@ def _check_request(state: ServerState, req: ChatCompletionRequest) -> None:
                  logit_bias=req.logit_bias)
 
 
+def _guided(state: ServerState, req: ChatCompletionRequest, tools: ToolCalls, template_kwargs: dict[str, Any],
+            prompt_text: str | None) -> GuidedDecodingParams | None:
+    """The grammar of the answer: tool_choice required/named, else response_format / guided_*. With a reasoning
+    parser it starts after the reasoning block, unless thinking is switched off."""
+    from_format = guided_from_request(req)
+    from_tools = tools.guided()
+    if from_format is not None and from_tools is not None:
+        raise APIError(400, f"{from_format.param} cannot be combined with tool_choice {tools.mode!r}",
+                       param=from_format.param)
+    guided = from_tools or from_format
+    if guided is not None and state.reasoning_parser is not None and template_kwargs.get("enable_thinking", True) \
+            is not False and prompt_text is not None:
+        guided = dataclasses.replace(guided, start_after=state.reasoning_parser.end)
+    return guided
+
+
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
     req = with_generation_defaults(req, state.generation_defaults)
     state.check_model(req.model)
     _check_request(state, req)
     state.check_available()
+    tools = ToolCalls(req, state.tool_parser)
     template_kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         template_kwargs.setdefault("enable_thinking", req.enable_thinking)
@@ -104,7 +130,10 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
             raise APIError(400, "do_preprocess=false needs messages to be a string (the raw prompt)",
                            param="do_preprocess")
         messages = [{"role": "user", "content": req.messages}] if isinstance(req.messages, str) else req.messages
-        prompt_text = render_chat(state, normalize_messages(messages), template_kwargs)
+        template = state.tokenizer.chat_template
+        messages = normalize_messages(messages, renders_tools=template_renders_tools(template))
+        messages, tool_kwargs = tools.prepare_messages(messages, template)
+        prompt_text = render_chat(state, messages, {**template_kwargs, **tool_kwargs})
         state.check_text_fits(prompt_text, "messages")
         prompt_ids = state.sessions.continue_chat(session, prompt_text) or \
             await state.encode(prompt_text, "messages", add_special_tokens=False)
@@ -123,7 +152,9 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         frequency_penalty=req.frequency_penalty, logit_bias=parse_logit_bias(req.logit_bias), seed=req.seed,
         stop=req.stop, include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        skip_special_tokens=req.skip_special_tokens, spaces_between_special_tokens=req.spaces_between_special_tokens)
+        skip_special_tokens=False if tools.active and tools.parser.keeps_special_tokens else req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+        guided=_guided(state, req, tools, template_kwargs, prompt_text))
 
     request_id = random_id("chatcmpl")
     if use_session:
@@ -139,7 +170,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     if use_session:
         stream = state.sessions.track(session, stream, prompt_ids, prompt_text=prompt_text)
 
-    view = _ChatView(state, req, request_id, len(prompt_ids))
+    starts_in_reasoning = prompt_text is not None and prompt_text.rstrip().endswith("<think>")
+    view = _ChatView(state, req, request_id, len(prompt_ids), tools, starts_in_reasoning)
     if req.stream:
         return StreamingResponse(view.stream(stream), media_type="text/event-stream")
     final = await run_until_disconnect(raw, last_output(stream))
@@ -149,7 +181,9 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
 class _ChatView:
     """RequestOutput -> OpenAI chat JSON (one response, or the chunks of a stream)."""
 
-    def __init__(self, state: ServerState, req: ChatCompletionRequest, request_id: str, num_prompt_tokens: int):
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, request_id: str, num_prompt_tokens: int,
+                 tools: ToolCalls, starts_in_reasoning: bool):
+        self.output = ChatOutput(tools, state.reasoning_parser, starts_in_reasoning)
         self.state = state
         self.req = req
         self.request_id = request_id
@@ -161,9 +195,9 @@ class _ChatView:
         choices = []
         for o in out.outputs:
             choices.append(ChatCompletionResponseChoice(
-                index=o.index, message=ChatMessage(role="assistant", content=o.text),
+                index=o.index, message=self.output.message(o.text),
                 logprobs=chat_logprobs(self.state, o.logprobs or [], self.num_top) if self.req.logprobs else None,
-                finish_reason=o.finish_reason.value if o.finish_reason else None,
+                finish_reason=self.output.finish_reason(o.text, o.finish_reason.value if o.finish_reason else None),
                 token_ids=list(o.token_ids) if self.req.return_token_ids else None))
         return ChatCompletionResponse(
             id=self.request_id, created=self.created, model=self.state.model_name, choices=choices,
@@ -176,6 +210,7 @@ class _ChatView:
     async def stream(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
         n = self.req.n or 1
         sent_chars, sent_tokens, done = [0] * n, [0] * n, [False] * n
+        streamers = [self.output.streamer() for _ in range(n)]
         yield self._chunk([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                                          content=""))
                            for i in range(n)])
@@ -197,12 +232,30 @@ class _ChatView:
                                                  self.num_top)
                     sent_chars[i], sent_tokens[i] = len(o.text), len(o.token_ids)
                     done[i] = o.finished
-                    choices.append(ChatCompletionResponseStreamChoice(
-                        index=i, delta=DeltaMessage(content=text) if text else DeltaMessage(), logprobs=logprobs,
-                        finish_reason=o.finish_reason.value if o.finish_reason else None,
-                        token_ids=list(new_ids) if self.req.return_token_ids else None))
-                if choices:
-                    yield self._chunk(choices)
+                    finish = o.finish_reason.value if o.finish_reason else None
+                    if self.output.is_plain:
+                        deltas = [DeltaMessage(content=text) if text else DeltaMessage()]
+                    else:
+                        deltas = streamers[i].deltas(o.text, o.finished)
+                        finish = self.output.finish_reason(o.text, finish)
+                        if not deltas:      # held back by a parser: only worth a chunk if it carries something
+                            if not (o.finished or self.req.logprobs or self.req.return_token_ids):
+                                continue
+                            deltas = [DeltaMessage()]
+                    for k, delta in enumerate(deltas):
+                        last_one = k == len(deltas) - 1
+                        choices.append(ChatCompletionResponseStreamChoice(
+                            index=i, delta=delta, logprobs=logprobs if last_one else None,
+                            finish_reason=finish if last_one else None,
+                            token_ids=list(new_ids) if self.req.return_token_ids and last_one else None))
+                # NOTE: one delta per choice per chunk: several deltas of a choice go out as consecutive chunks
+                while choices:
+                    seen, now, later = set(), [], []
+                    for ch in choices:
+                        (later if ch.index in seen else now).append(ch)
+                        seen.add(ch.index)
+                    yield self._chunk(now)
+                    choices = later
         except Exception as exc:   # noqa: BLE001 - the stream has started: report in-band
             yield sse_error(exc)
         opts = self.req.stream_options

@@ -21,6 +21,7 @@ from lmserve.server.serving_common import (SSE_DONE, completion_logprobs, last_o
                                            open_all, parse_logit_bias, sse, sse_error, usage_of,
                                            with_generation_defaults)
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
+from lmserve.server.structured import guided_from_request
 
 
 async def parse_prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
@@ -77,7 +78,8 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
         frequency_penalty=req.frequency_penalty, logit_bias=parse_logit_bias(req.logit_bias), seed=req.seed,
         stop=req.stop, include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
         logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
-        skip_special_tokens=req.skip_special_tokens, spaces_between_special_tokens=req.spaces_between_special_tokens)
+        skip_special_tokens=req.skip_special_tokens, spaces_between_special_tokens=req.spaces_between_special_tokens,
+        guided=guided_from_request(req))
 
     request_id = random_id("cmpl")
     request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]

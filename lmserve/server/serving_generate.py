@@ -19,6 +19,7 @@ from lmserve.server.protocol import GenerateMetaInfo, GenerateRequest, GenerateR
 from lmserve.server.serving_common import (SSE_DONE, clamp_logprob, last_output, make_params, reject_if_set, sse,
                                            sse_error, with_generation_defaults)
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
+from lmserve.server.structured import guided_from_request
 
 
 def finish_reason_dict(o: CompletionOutput) -> dict | None:
@@ -71,7 +72,7 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
             ignore_eos=req.ignore_eos, stop=req.stop, stop_token_ids=req.stop_token_ids, seed=req.seed,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=0 if req.return_logprob else None,
             skip_special_tokens=req.skip_special_tokens,
-            spaces_between_special_tokens=req.spaces_between_special_tokens)
+            spaces_between_special_tokens=req.spaces_between_special_tokens, guided=guided_from_request(req))
         keep = use_session and not req.sequence_end
         stream = await state.open_generation(raw, request_id, prompt_ids, params,
                                              session_id=req.session_id if keep else None,

@@ -27,7 +27,9 @@ from lmserve.sampling_params import SamplingParams, SamplingParamsError
 from lmserve.server.errors import APIError
 from lmserve.server.limits import check_text
 from lmserve.server.metrics import ServerMetrics
+from lmserve.server.reasoning_parsers import get_reasoning_parser
 from lmserve.server.sessions import SessionManager
+from lmserve.server.tool_parsers import get_tool_parser, pick_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ class ServerState:
         self.background_tasks: set[asyncio.Task] = set()
         self._session_ids = itertools.count(1 << 40)   # server-assigned ids, far above what clients pick
         self._token_str = lru_cache(maxsize=1 << 16)(self._decode_token)
+        self.tool_parser = get_tool_parser(config.tool_call_parser or pick_tool_parser(self.tokenizer.chat_template))
+        self.reasoning_parser = get_reasoning_parser(config.reasoning_parser) if config.reasoning_parser else None
 
     # ---- checks --------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
