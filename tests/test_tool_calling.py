@@ -24,6 +24,13 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
+def client(url):
+    import openai
+    # NOTE: constrained outputs run to the end of the grammar; on a busy 2-core machine that can take minutes
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="module")
 def model(client) -> str:
     return client.models.list().data[0].id
 
@@ -107,11 +114,11 @@ def test_auto_lets_the_model_choose(client, model):
 ])
 def test_bad_tools_are_400_naming_the_field(url, model, extra, param):
     body = {"model": model, "messages": MESSAGES, "max_tokens": 2, **extra}
-    resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
     assert httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": MESSAGES, "max_tokens": 2},
-                      timeout=60).status_code == 200
+                      timeout=300).status_code == 200
 
 
 # ---- reasoning ---------------------------------------------------------------------------------------------------
@@ -124,7 +131,7 @@ def reasoning_server(tmp_path_factory, smollm2_path):
 
 def test_reasoning_content_is_split_and_streamed(reasoning_server):
     import openai
-    client = openai.OpenAI(base_url=f"{reasoning_server.url}/v1", api_key="x", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{reasoning_server.url}/v1", api_key="x", max_retries=0, timeout=600)
     model = client.models.list().data[0].id
     # the 135M model does not think on its own: a regex makes it write a reasoning block, then an answer
     kw = dict(model=model, messages=MESSAGES, temperature=1.0, seed=3, max_tokens=30,

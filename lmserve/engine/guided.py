@@ -145,7 +145,8 @@ def apply_bitmask(logits: torch.Tensor, rows: list[tuple[int, GuidedState]]) -> 
     if not active:
         return
     vocab = logits.shape[-1]
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)          # [num_seqs, ceil(vocab / 32)]
+    # NOTE: empty, not xgr.allocate_token_bitmask's torch.full: only the filled rows are read
+    bitmask = torch.empty((logits.shape[0], (vocab + 31) // 32), dtype=torch.int32)   # [num_seqs, words]
     for r, st in active:
         st.matcher.fill_next_token_bitmask(bitmask, r)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=[r for r, _ in active])

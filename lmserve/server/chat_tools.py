@@ -145,8 +145,9 @@ def message_for_template(msg: dict[str, Any], renders_tools: bool) -> dict[str, 
                           "function": {"name": fn.get("name"), "arguments": args}})
         if renders_tools:
             return dict(msg, tool_calls=calls)
-        text = "".join(f'<tool_call>{json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})}'
-                       "</tool_call>" for c in calls)
+        text = "".join("<tool_call>" + json.dumps({"name": c["function"]["name"],
+                                                   "arguments": c["function"]["arguments"]}) + "</tool_call>"
+                       for c in calls)
         return {"role": "assistant", "content": (msg.get("content") or "") + text}
     if role == "tool":
         if renders_tools:

@@ -17,7 +17,7 @@ from lmserve.server.chat_tools import ToolCalls, message_for_template, template_
 from lmserve.server.errors import APIError, not_supported
 from lmserve.server.limits import check_limits
 from lmserve.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
-                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse, ChatMessage,
+                                     ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse,
                                      DeltaMessage)
 from lmserve.server.serving_common import (SSE_DONE, chat_logprobs, last_output, make_params, parse_logit_bias,
                                            reject_if_set, sse, sse_error, usage_of, with_generation_defaults)
