@@ -186,6 +186,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences,
                    help="most stop strings (and stop_token_ids) in one request")
     g.add_argument("--max-logit-bias", type=int, default=d.max_logit_bias, help="most logit_bias entries")
+    g.add_argument("--max-tool-calls", type=int, default=d.max_tool_calls,
+                   help="most tool calls in one message when tool_choice is required (small models repeat calls)")
     g.add_argument("--max-prompts", type=int, default=d.max_prompts,
                    help="most prompts in one completions request / inputs in one embeddings request")
     p.add_argument("--allow-terminate-by-client", action="store_true", help="enable GET /terminate")
@@ -212,7 +214,7 @@ def build_server_config(args: argparse.Namespace):
                         body_read_timeout=args.body_read_timeout, keep_alive_timeout=args.keep_alive_timeout,
                         max_n=args.max_n, max_logprobs=args.max_logprobs,
                         max_stop_sequences=args.max_stop_sequences, max_logit_bias=args.max_logit_bias,
-                        max_prompts=args.max_prompts)
+                        max_prompts=args.max_prompts, max_tool_calls=args.max_tool_calls)
 
 
 def _run_api_server(args) -> int:

@@ -263,13 +263,15 @@ class ServerConfig:
     max_stop_sequences: int = 64        # stop strings, and stop_token_ids
     max_logit_bias: int = 1024          # logit_bias entries
     max_prompts: int = 256              # prompts in one /v1/completions list, inputs in one embeddings list
+    max_tool_calls: int = 16            # calls in one message under tool_choice=required (the grammar's bound)
 
     def __post_init__(self):
         if self.max_concurrent_requests < 1:
             raise ValueError("max_concurrent_requests must be >= 1")
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
-        for name in ("max_request_body_bytes", "max_n", "max_stop_sequences", "max_logit_bias", "max_prompts"):
+        for name in ("max_request_body_bytes", "max_n", "max_stop_sequences", "max_logit_bias", "max_prompts",
+                     "max_tool_calls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not 0 <= self.max_logprobs <= 20:

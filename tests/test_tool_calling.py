@@ -62,7 +62,9 @@ def _reassemble(stream):
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_constrained_calls_parse_validate_and_stream_the_same(client, model, tool_choice):
-    kw = dict(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, max_tokens=80)
+    # NOTE: one call per message here: the 135M model tends to repeat calls up to --max-tool-calls
+    kw = dict(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, max_tokens=120,
+              parallel_tool_calls=False)
     for seed in (1, 2):
         c = client.chat.completions.create(**kw, temperature=1.0, seed=seed).choices[0]
         assert c.finish_reason == "tool_calls"
@@ -75,6 +77,17 @@ def test_constrained_calls_parse_validate_and_stream_the_same(client, model, too
     assert [(c["name"], c["arguments"]) for c in calls] == [(t.function.name, t.function.arguments)
                                                             for t in whole.tool_calls]
     assert all(c["headers"] == 1 for c in calls)       # id and name once per call
+
+
+def test_parallel_calls_stream_like_the_whole_message(client, model):
+    kw = dict(model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=1.0, seed=2,
+              max_tokens=700)       # room for --max-tool-calls (16) calls
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    _check_calls(whole.message)
+    content, calls, finish = _reassemble(client.chat.completions.create(**kw, stream=True))
+    assert finish == "tool_calls" and [(c["name"], c["arguments"]) for c in calls] == [
+        (t.function.name, t.function.arguments) for t in whole.message.tool_calls]
 
 
 def test_parallel_tool_calls_false_gives_one_call(client, model):

@@ -37,7 +37,7 @@ def template_renders_tools(chat_template: str | None) -> bool:
 class ToolCalls:
     """The tool-calling side of one chat request."""
 
-    def __init__(self, req: ChatCompletionRequest, parser: ToolParser):
+    def __init__(self, req: ChatCompletionRequest, parser: ToolParser, max_calls: int = 16):
         self.tools = {t.function.name: t for t in (req.tools or [])}
         choice = req.tool_choice if req.tools else "none"
         self.named: str | None = None
@@ -50,6 +50,7 @@ class ToolCalls:
                                param="tool_choice")
         self.mode = choice                                 # none | auto | required | named
         self.parallel = req.parallel_tool_calls is not False
+        self.max_calls = max_calls if self.parallel else 1
         self.parser = parser
         self._check_schemas()
 
@@ -75,9 +76,7 @@ class ToolCalls:
             return None
         one_of = [{"type": "object", "properties": {"name": {"const": name}, "parameters": self._schema(name)},
                    "required": ["name", "parameters"], "additionalProperties": False} for name in self.tools]
-        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
-        if not self.parallel:
-            schema["maxItems"] = 1
+        schema = {"type": "array", "minItems": 1, "maxItems": self.max_calls, "items": {"anyOf": one_of}}
         return GuidedDecodingParams(json=json.dumps(schema, sort_keys=True), param="tools")
 
     def prepare_messages(self, messages: list[dict[str, Any]], chat_template: str | None

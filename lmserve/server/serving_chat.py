@@ -113,7 +113,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     state.check_model(req.model)
     _check_request(state, req)
     state.check_available()
-    tools = ToolCalls(req, state.tool_parser)
+    tools = ToolCalls(req, state.tool_parser, state.config.max_tool_calls)
     template_kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         template_kwargs.setdefault("enable_thinking", req.enable_thinking)
