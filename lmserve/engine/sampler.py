@@ -1,7 +1,7 @@
 """Sampler: batched logits processing and sampling, driven by per-row SamplingMetadata.
 
-Order (as vLLM): grammar bitmask (guided rows only) -> penalties -> logit_bias -> min_tokens -> greedy rows take the argmax; sampled rows go on
-through temperature -> top-k -> top-p -> min-p -> sample. Reported logprobs come from the RAW logits
+Order (as vLLM): grammar bitmask (guided rows only, engine/guided.py) -> penalties -> logit_bias -> min_tokens ->
+greedy rows take the argmax; sampled rows go on through temperature -> top-k -> top-p -> min-p -> sample. Reported logprobs come from the RAW logits
 (log_softmax before any processing), so they can be checked against a reference model.
 
 Every stage is skipped when no row in the batch needs it, and each stage is one batched tensor op; the only
