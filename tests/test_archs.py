@@ -156,3 +156,31 @@ def test_phi3_longrope_tables_match_transformers(arch_paths):
         angle = pos * inv_freq.double()
         torch.testing.assert_close(ours.cos[pos], (angle.cos() * scale).float(), atol=1e-5, rtol=0)
         torch.testing.assert_close(ours.sin[pos], (angle.sin() * scale).float(), atol=1e-5, rtol=0)
+
+
+# ---- Qwen3 GGUF ---------------------------------------------------------------------------------------------------
+def test_qwen3_gguf_matches_transformers_on_the_source(arch_paths, tmp_path):
+    """A Qwen3 GGUF as llama.cpp writes one (attn_q_norm / attn_k_norm, key_length, no Q/K permutation) runs like
+    the HF model it came from."""
+    from transformers import AutoModelForCausalLM
+
+    from lmserve.model.loader import load_arch_config, load_state_dict
+    from test_loader import _expected_after_gguf, _write_gguf
+    src = arch_paths("qwen3")
+    cfg, state = load_arch_config(src), load_state_dict(src)
+    path = str(tmp_path / "qwen3.gguf")
+    _write_gguf(path, cfg, state)
+    got = load_arch_config(path)
+    assert got.architecture == "qwen3" and got.qk_norm and got.head_dim == cfg.head_dim
+    loaded = load_state_dict(path)
+    assert set(loaded) == set(state)
+    # transformers on the same (GGUF-rounded) weights
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    hf.load_state_dict({k: _expected_after_gguf(k, v) for k, v in state.items()}, strict=False)
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, tokenizer=src, dtype="float32"),
+                                    cache=CacheConfig(block_size=8, num_blocks=256),
+                                    scheduler=SchedulerConfig(max_num_batched_tokens=24)))
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS[:2]]
+    outs = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True))
+    for p, out in zip(ids, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, NUM_TOKENS)

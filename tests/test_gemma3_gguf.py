@@ -49,7 +49,8 @@ def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 
 
 def test_gemma3_270m_greedy_matches_transformers(gemma_path, hf_gemma):
-    engine = LLMEngine(EngineConfig(model=ModelConfig(model=gemma_path), cache=CacheConfig(num_blocks=128),
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=gemma_path, dtype="float32"),   # exact mode
+                                    cache=CacheConfig(num_blocks=128),
                                     scheduler=SchedulerConfig(max_num_batched_tokens=32)))   # chunked prefill
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     assert ids[0][0] == 2                                    # <bos>, as Gemma expects
@@ -71,7 +72,8 @@ def test_gemma3_270m_served_with_chat_template(gemma_path, hf_gemma, tmp_path):
         "<start_of_turn>model\n")
     ref = hf_greedy(hf_gemma, prompt_ids, 24)
     end = next((i for i, t in enumerate(ref) if t in (1, 106)), len(ref))   # <eos> / <end_of_turn>
-    server = start_api_server(tmp_path, gemma_path, "--cache-block-count", "128", "--session-len", "1024")
+    server = start_api_server(tmp_path, gemma_path, "--dtype", "float32", "--cache-block-count", "128",
+                              "--session-len", "1024")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
         resp = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages,

@@ -357,10 +357,12 @@ _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.
 
 
 # Gemma 3 norms around both attention and MLP; llama.cpp's "ffn_norm" is its pre-feed-forward norm
-_GGUF_ARCH_LAYER_NAMES = {"gemma3": {
-    **_GGUF_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm"}}
+_QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GGUF_ARCH_LAYER_NAMES = {
+    "gemma3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+    "qwen3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES},
+}
 
 
 def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
