@@ -16,13 +16,14 @@ def random_blocks(type_name: str, n_blocks: int, seed: int) -> np.ndarray:
     _, size, _ = loader._QUANTS[type_name]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
-    scale_offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2]}[type_name]
+    scale_offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+                     "Q6_K": [208]}[type_name]
     for off in scale_offsets:
         raw[:, off:off + 2] = rng.uniform(0.001, 0.05, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_decomposition_is_bit_identical_to_loader(type_name):
     per_block = loader._QUANTS[type_name][0]
     n, k = 24, 512
@@ -40,12 +41,13 @@ def test_smollm2_quantized_weights_match_state_dict(smollm2_path):
 
 
 def test_unsupported_types_stay_float():
-    assert quant.quantized_tensor(np.zeros(210 * 4, np.uint8), "Q6_K", (4, 256)) is None
+    # (Q6_K used to stay float; it has a kernel format now: two scales per group of 32)
+    assert quant.quantized_tensor(np.zeros(210 * 4, np.uint8), "Q6_K", (4, 256)).d.shape == (4, 16)
     assert quant.quantized_tensor(np.zeros(64, np.uint8), "F16", (2, 16)) is None
 
 
 @pytest.mark.skipif(kernel is None, reason="C++ kernel could not be built here")
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_quant_matmul_matches_float(type_name, rows):
     per_block = loader._QUANTS[type_name][0]
@@ -58,3 +60,28 @@ def test_quant_matmul_matches_float(type_name, rows):
     ref = x @ qw.dequantize().t()
     # summation order differs from MKL's; random K-quant scales give large weights, so compare relative to scale
     torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)
+
+
+def test_cat_rows_needs_one_layout():
+    """Fusing q/k/v rows works only when the parts share a layout: a Q6_K part (two scales per group) does not fuse
+    with a Q5_K part (one), though both are int8 "q8"."""
+    q5 = quant.quantized_tensor(random_blocks("Q5_K", 4, seed=1), "Q5_K", (4, 256))
+    q6 = quant.quantized_tensor(random_blocks("Q6_K", 4, seed=2), "Q6_K", (4, 256))
+    assert q5.fmt == q6.fmt == "q8" and quant.cat_rows([q5, q6]) is None
+    both = quant.cat_rows([q6, q6])
+    assert torch.equal(both.dequantize(), torch.cat([q6.dequantize(), q6.dequantize()]))
+
+
+@pytest.mark.parametrize("type_name", ["Q5_K", "Q6_K"])
+def test_tensor_parallel_column_shard_keeps_each_groups_scales(type_name):
+    """down_proj splits its input columns across ranks; a Q6_K weight has two scales per group of 32, so its
+    scales must be cut at twice the group index."""
+    from types import SimpleNamespace
+    n, k = 8, 512
+    qw = quant.quantized_tensor(random_blocks(type_name, n * k // 256, seed=5), type_name, (n, k))
+    full = qw.dequantize()
+    for rank in (0, 1):
+        cfg = SimpleNamespace(tp_size=2, tp_rank=rank, intermediate_size=k, head_dim=16)
+        shard = quant.shard_quantized({"model.layers.0.mlp.down_proj.weight": qw}, cfg)
+        got = shard["model.layers.0.mlp.down_proj.weight"].dequantize()
+        assert torch.equal(got, full[:, rank * k // 2:(rank + 1) * k // 2])

@@ -7,9 +7,10 @@ blocks in one of two kernel formats, both with groups of 32 along the input dime
   "q4": q = uint8 [N, K/32, 16], element j of a group in the low nibble of byte j, element j+16 in the high one
   "q8": q = int8  [N, K/32, 32]
 
-with d, m float32 [N, K/32]. Q4_0, Q4_1 and Q4_K map to q4; Q8_0 and Q5_K to q8; the decomposition reproduces
-the loader's float32 dequantization bit for bit (tested), so outputs do not depend on which path ran.
-Other types (e.g. Q6_K, F16) simply stay on the float32 path.
+with d, m float32 [N, K/32], or [N, K/16] when each half-group of 16 has its own scale (Q6_K's sub-blocks).
+Q4_0, Q4_1 and Q4_K map to q4; Q8_0, Q5_K and Q6_K to q8; the decomposition reproduces the loader's float32
+dequantization bit for bit (tested), so outputs do not depend on which path ran. Other types (e.g. F16) simply
+stay on the float32 path.
 """
 from __future__ import annotations
 
@@ -25,27 +26,30 @@ from lmserve.model import loader
 class QuantWeight:
     fmt: str              # "q4" | "q8"
     q: torch.Tensor       # see module docstring
-    d: torch.Tensor       # [N, K / 32] float32
-    m: torch.Tensor       # [N, K / 32] float32
+    d: torch.Tensor       # [N, K / 32] float32 ([N, K / 16]: a scale per half-group)
+    m: torch.Tensor       # like d
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape[0], self.q.shape[1] * 32
 
     def dequantize(self) -> torch.Tensor:
-        n, nb = self.d.shape
+        n, nb = self.q.shape[:2]
         if self.fmt == "q4":
             q = torch.cat([self.q & 0x0F, self.q >> 4], dim=-1).float()         # [N, nb, 32]
         else:
             q = self.q.float()
-        return q.mul_(self.d.unsqueeze(-1)).add_(self.m.unsqueeze(-1)).view(n, nb * 32)
+        s = self.d.shape[1] // nb                                               # scales per group: 1 or 2
+        q = q.view(n, nb, s, 32 // s)
+        return q.mul_(self.d.view(n, nb, s, 1)).add_(self.m.view(n, nb, s, 1)).view(n, nb * 32)
 
     def row_slice(self, rows) -> "QuantWeight":
         return QuantWeight(self.fmt, self.q[rows], self.d[rows], self.m[rows])
 
 
 def cat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
-    if any(p is None for p in parts) or len({p.fmt for p in parts}) != 1:
+    # NOTE: parts fuse only when their layouts agree (a Q6_K v_proj has two scales per group, a Q5_K k_proj one)
+    if any(p is None for p in parts) or len({(p.fmt, p.d.shape[1]) for p in parts}) != 1:
         return None
     return QuantWeight(parts[0].fmt, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]),
                        torch.cat([p.m for p in parts]))
@@ -81,20 +85,28 @@ def _from_blocks(type_name: str, b: torch.Tensor):
         qh = loader._bits(b[:, 16:48], 1, tuple(range(8)), 1)
         q = loader._nibbles(b[:, 48:], 4).bitwise_or_(qh.bitwise_left_shift_(4)).reshape(n * 8, 32)
         return "q8", q.to(torch.int8), d, m
+    if type_name == "Q6_K":
+        # 16 sub-blocks of 16 with an int8 scale each: two scales per group of 32, m = 0; q - 32 fits int8
+        n = b.shape[0]
+        d = (f16(b, 208) * b[:, 192:208].view(torch.int8).float()).view(n * 16)
+        ql = loader._nibbles(b[:, :128], 2).view(n, 8, 32)
+        qh = loader._bits(b[:, 128:192], 2, (0, 2, 4, 6), 3).view(n, 8, 32)
+        q = ql.bitwise_or_(qh.bitwise_left_shift_(4)).view(torch.int8).sub_(32).reshape(n * 8, 32)
+        return "q8", q, d, torch.zeros_like(d)
     return None
 
 
 def quantized_tensor(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight | None:
     """Raw GGUF tensor bytes of an [N, K] weight -> QuantWeight, or None for types without a kernel format."""
-    if type_name not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K") or shape[1] % 32:
+    if type_name not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K") or shape[1] % 32:
         return None
     _, type_size, _ = loader._QUANTS[type_name]
     data = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1).copy())
     fmt, q, d, m = _from_blocks(type_name, data.view(-1, type_size))
     n, nb = shape[0], shape[1] // 32
     # NOTE: the -0.0 vs +0.0 of a zero m is irrelevant; m must be float32 like the loader's arithmetic
-    return QuantWeight(fmt, q.reshape(n, nb, -1).contiguous(), d.float().reshape(n, nb).contiguous(),
-                       m.float().reshape(n, nb).contiguous())
+    return QuantWeight(fmt, q.reshape(n, nb, -1).contiguous(), d.float().reshape(n, -1).contiguous(),
+                       m.float().reshape(n, -1).contiguous())
 
 
 def shard_quantized(quant: dict[str, QuantWeight], cfg) -> dict[str, QuantWeight]:
@@ -114,7 +126,9 @@ def shard_quantized(quant: dict[str, QuantWeight], cfg) -> dict[str, QuantWeight
             if end - start < size:      # the padded end of a vocabulary split: zero weights
                 parts = [torch.cat([t, t.new_zeros(size - (end - start), *t.shape[1:])]) for t in parts]
         elif start % 32 == 0 and size % 32 == 0:
-            parts = [t[:, start // 32:(start + size) // 32] for t in (qw.q, qw.d, qw.m)]
+            s = qw.d.shape[1] // qw.q.shape[1]          # scales per group (2 for Q6_K)
+            g0, g1 = start // 32, (start + size) // 32
+            parts = [qw.q[:, g0:g1], qw.d[:, g0 * s:g1 * s], qw.m[:, g0 * s:g1 * s]]
         else:
             continue
         out[name] = QuantWeight(qw.fmt, *(t.contiguous() for t in parts))
