@@ -62,14 +62,21 @@ def test_quant_matmul_matches_float(type_name, rows):
     torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)
 
 
-def test_cat_rows_needs_one_layout():
-    """Fusing q/k/v rows works only when the parts share a layout: a Q6_K part (two scales per group) does not fuse
-    with a Q5_K part (one), though both are int8 "q8"."""
-    q5 = quant.quantized_tensor(random_blocks("Q5_K", 4, seed=1), "Q5_K", (4, 256))
-    q6 = quant.quantized_tensor(random_blocks("Q6_K", 4, seed=2), "Q6_K", (4, 256))
-    assert q5.fmt == q6.fmt == "q8" and quant.cat_rows([q5, q6]) is None
-    both = quant.cat_rows([q6, q6])
-    assert torch.equal(both.dequantize(), torch.cat([q6.dequantize(), q6.dequantize()]))
+def test_cat_rows_widens_mixed_layouts():
+    """A Q4_K_M file fuses q/k (Q4_K: nibbles, one scale per group) with v (Q6_K: int8, two scales): the fused
+    weight is widened, still bit-identical, and the kernel computes with it."""
+    parts = [quant.quantized_tensor(random_blocks(t, 4, seed=i), t, (4, 256))
+             for i, t in enumerate(("Q4_K", "Q5_K", "Q6_K"))]
+    fused = quant.cat_rows(parts)
+    assert (fused.fmt, fused.d.shape) == ("q8", (12, 16))
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert quant.cat_rows(parts[:1] * 2).fmt == "q4"        # same layouts stay as they are
+    if kernel is not None:
+        x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+        out = torch.empty(3, 12)
+        kernel.quant_matmul(out, x, fused.q, fused.d, fused.m)
+        ref = x @ fused.dequantize().t()
+        torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("type_name", ["Q5_K", "Q6_K"])

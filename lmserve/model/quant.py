@@ -47,11 +47,27 @@ class QuantWeight:
         return QuantWeight(self.fmt, self.q[rows], self.d[rows], self.m[rows])
 
 
+def _widen(p: QuantWeight, fmt: str, scales: int) -> QuantWeight:
+    """The same weights in a wider layout (q4 -> q8, one -> two scales per group): exact, the kernel computes
+    d * q + m on the same float values."""
+    q, d, m = p.q, p.d, p.m
+    if p.fmt == "q4" and fmt == "q8":
+        q = torch.cat([q & 0x0F, q >> 4], dim=-1).to(torch.int8)
+    own = d.shape[1] // q.shape[1]
+    if own != scales:
+        d, m = d.repeat_interleave(scales // own, dim=1), m.repeat_interleave(scales // own, dim=1)
+    return QuantWeight(fmt, q, d, m)
+
+
 def cat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
-    # NOTE: parts fuse only when their layouts agree (a Q6_K v_proj has two scales per group, a Q5_K k_proj one)
-    if any(p is None for p in parts) or len({(p.fmt, p.d.shape[1]) for p in parts}) != 1:
+    """Fuse row blocks (q/k/v, gate/up) into one weight. NOTE: parts in different layouts (a Q4_K_M file keeps
+    q/k in Q4_K and v in Q6_K) are widened to the widest first, so the fused matmul still runs on the kernel."""
+    if any(p is None for p in parts):
         return None
-    return QuantWeight(parts[0].fmt, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]),
+    fmt = "q8" if any(p.fmt == "q8" for p in parts) else "q4"
+    scales = max(p.d.shape[1] // p.q.shape[1] for p in parts)
+    parts = [_widen(p, fmt, scales) for p in parts]
+    return QuantWeight(fmt, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]),
                        torch.cat([p.m for p in parts]))
 
 
