@@ -1,6 +1,7 @@
 """Speculative decoding (n-gram prompt lookup) on vs off, on an input-grounded "edit this text" workload.
 
-    python benchmarks/spec_decode.py [--model GGUF] [--concurrency 1,16] [--output-len 96] [--save-result F.json]
+    python benchmarks/spec_decode.py [--model GGUF] [--concurrency 1,16] [--output-len 96] [--dtype auto|float32]
+                                     [--save-result F.json]
 
 In-process LLMEngine (no HTTP), greedy, the same prompts for both settings in the same run: each prompt asks the
 model to rewrite a paragraph with one word changed, so the answer mostly copies its input. Reports output tok/s,
@@ -35,12 +36,12 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
     return out
 
 
-def run(model, spec: bool, concurrency: int, output_len: int, threads: int | None) -> dict:
+def run(model, spec: bool, concurrency: int, output_len: int, threads: int | None, dtype: str) -> dict:
     from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
     from lmserve.engine.llm_engine import LLMEngine
     from lmserve.sampling_params import SamplingParams
     engine = LLMEngine(EngineConfig(
-        model=ModelConfig(model=model, num_threads=threads), cache=CacheConfig(num_blocks=1024),
+        model=ModelConfig(model=model, num_threads=threads, dtype=dtype), cache=CacheConfig(num_blocks=1024),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512),
         speculative=SpeculativeConfig(method="ngram", disable_by_batch_size=64) if spec else SpeculativeConfig()))
     ids = prompts(engine.tokenizer, concurrency)
@@ -63,12 +64,13 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--output-len", type=int, default=96)
     ap.add_argument("--num-threads", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", help="auto (the default precision policy) or float32 (exact)")
     ap.add_argument("--save-result", default=None)
     args = ap.parse_args()
     rows = []
     for c in (int(x) for x in args.concurrency.split(",")):
-        off = run(args.model, False, c, args.output_len, args.num_threads)
-        on = run(args.model, True, c, args.output_len, args.num_threads)
+        off = run(args.model, False, c, args.output_len, args.num_threads, args.dtype)
+        on = run(args.model, True, c, args.output_len, args.num_threads, args.dtype)
         same = off["outputs"] == on["outputs"]
         for r in (off, on):
             r.pop("outputs")

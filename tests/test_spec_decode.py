@@ -141,3 +141,30 @@ def test_draft_model_path_is_a_clear_error():
     with pytest.raises(ValueError, match="not implemented"):
         LLMEngine(EngineConfig(model=ModelConfig(dtype="float32"),
                                speculative=SpeculativeConfig(method="draft", model="/nonexistent")))
+
+
+def test_metrics_and_greedy_over_http(tmp_path, tiny_models):
+    """A server with --speculative-method ngram: the same greedy text as the offline engine without speculation,
+    and the acceptance counters in /metrics."""
+    import httpx
+    import openai
+
+    from tests.conftest import API_SERVER_ARGS, start_api_server
+    prompt = "one two three four one two three four one two three four one two"
+    want = LLMEngine(EngineConfig(model=ModelConfig(model=tiny_models["llama"], dtype="float32"))).generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0].outputs[0].text
+    server = start_api_server(tmp_path, tiny_models["llama"], "--speculative-method", "ngram", *API_SERVER_ARGS)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        metrics = httpx.get(f"{server.url}/metrics").text
+        values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("lmserve:spec_decode")}
+        assert values["lmserve:spec_decode_num_draft_tokens_total"] > 0
+        assert "lmserve:spec_decode_draft_acceptance_rate" in values
+        assert values["lmserve:spec_decode_tokens_per_step"] >= 1.0
+    finally:
+        server.stop()

@@ -230,10 +230,13 @@ class ModelRunner:
             b.positions.extend(range(start, start + n))
             bt = seq.block_table
             b.slot_mapping.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
-                b.decode_rows.append(row)
-                b.decode_ctx.append(start + 1)
-                b.decode_tables.append(bt)
+            if n == 1 or draft:
+                # NOTE: a speculative step's rows are decode queries of growing context: row i attends to the
+                # positions up to start + i, whose K/V this forward writes before attention (the decode kernel, so
+                # verification reads the cache exactly as plain decoding would)
+                b.decode_rows.extend(range(row, row + n))
+                b.decode_ctx.extend(range(start + 1, start + n + 1))
+                b.decode_tables.extend([bt] * n)
             else:
                 b.prefill.append((row, n, start, bt))
             if seq.pooling:
