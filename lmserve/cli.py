@@ -47,7 +47,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="rendezvous port (default: a free one; required with --nnodes > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
-                   help="decode attention: auto = C++ kernel on CPU float32 when it builds, else PyTorch")
+                   help="auto = C++ kernels on CPU float32 when they build, else PyTorch; torch = no C++ kernels; "
+                        "cpp = require them")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch"],
+                   help="auto = the fastest implementation of each op that applies here; torch = the PyTorch "
+                        "references end to end (no C++ kernels, no packed or quantized weight copies)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
     p.add_argument("--quant-kernel-max-rows", type=int, default=64,
@@ -91,7 +95,8 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                           chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
-                          attention_backend=args.attn_backend, quant_kernel_max_rows=args.quant_kernel_max_rows,
+                          attention_backend=args.attn_backend, kernels=args.kernels,
+                          quant_kernel_max_rows=args.quant_kernel_max_rows,
                           num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task,
                           generation_config=args.generation_config),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,

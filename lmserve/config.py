@@ -95,6 +95,9 @@ class ModelConfig:
     # decode attention: "auto" = the C++ kernel on CPU/float32 when it builds, else PyTorch; "torch" = always
     # the pure-PyTorch reference; "cpp" = require the kernel
     attention_backend: str = "auto"
+    # every op (norms, activations, RoPE, attention, quantized matmul, packed GEMM weights): "auto" = kernels where
+    # they apply and build (lmserve/ops), "torch" = the PyTorch references end to end (the test oracle)
+    kernels: str = "auto"
     # GGUF Q4/Q8 weights also kept in their quantized form; matmuls with at most this many rows (decode at
     # small batch, memory-bound) use the C++ quantized kernel on CPU. 0 = off.
     quant_kernel_max_rows: int = 64
@@ -116,6 +119,8 @@ class ModelConfig:
             raise ValueError("max_model_len (session_len) must be >= 16")
         if self.attention_backend not in ("auto", "torch", "cpp"):
             raise ValueError("attention_backend must be one of auto, torch, cpp")
+        if self.kernels not in ("auto", "torch"):
+            raise ValueError("kernels must be one of auto, torch")
         if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError("matmul_dtype must be auto, float32 or bfloat16")
         if self.task not in ("auto", "generate", "embed"):

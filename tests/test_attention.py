@@ -1,13 +1,15 @@
-"""The C++ decode kernel against the pure-PyTorch reference (the oracle), on random paged caches."""
+"""The C++ kernels (lmserve/ops CPU arms) against the pure-PyTorch references (the oracle), on random paged caches."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmserve.model import cpu_kernels
+from lmserve import ops
 from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch, paged_attention
+from lmserve.ops import cpu_kernels
 
 kernel = cpu_kernels.load()
+CPU_OPS = ops.select("cpu", torch.float32, "auto", lib=kernel) if kernel is not None else None
 pytestmark = pytest.mark.skipif(kernel is None, reason="C++ kernel could not be built here")
 
 BS = 16
@@ -49,8 +51,9 @@ def test_kernel_matches_reference(num_kv_heads, group, head_dim, window, cache_d
     kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)   # the reference widens a bfloat16 cache the same way
     max_blocks = max(len(t) for t in tables)
     decode = DecodeBatch(None, torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]), torch.tensor(ctx))
-    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [], decode, BS, window, kernel)
-    out = paged_attention(q, kc, vc, meta, head_dim ** -0.5)
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [], decode, BS, window)
+    with ops.use(CPU_OPS):
+        out = paged_attention(q, kc, vc, meta, head_dim ** -0.5)
     torch.testing.assert_close(out, reference(q, kc, vc, ctx, tables, window), atol=1e-5, rtol=1e-5)
 
 
@@ -72,8 +75,9 @@ def test_kernel_on_subset_of_rows_mixed_with_groups():
     valid = pos[None] < c
     group = AttentionGroup(torch.tensor(other).unsqueeze(1), torch.where(valid, tab[:, pos // BS] * BS + pos % BS, 0),
                            valid[:, None, None, :])
-    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [group], decode, BS, None, kernel)
-    out = paged_attention(q, kc, vc, meta, 32 ** -0.5)
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [group], decode, BS, None)
+    with ops.use(CPU_OPS):
+        out = paged_attention(q, kc, vc, meta, 32 ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -85,9 +89,11 @@ def test_rms_norm_kernels_match_reference():
     norm.weight.data = torch.randn(576, generator=g)
     x, res = torch.randn(37, 576, generator=g) * 3, torch.randn(37, 576, generator=g)
     ref = norm(x)
-    torch.testing.assert_close(norm(x, kernel=kernel), ref, rtol=1e-5, atol=1e-5)
+    with ops.use(CPU_OPS):
+        torch.testing.assert_close(norm(x), ref, rtol=1e-5, atol=1e-5)
     ref_out, ref_res = norm(x, res)
-    out, new_res = norm(x.clone(), res.clone(), kernel=kernel)
+    with ops.use(CPU_OPS):
+        out, new_res = norm(x.clone(), res.clone())
     torch.testing.assert_close(new_res, ref_res, rtol=0, atol=0)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
 
@@ -123,3 +129,49 @@ def test_rope_write_kv_matches_reference(cache_dtype):
     untouched = torch.ones(64, dtype=torch.bool)
     untouched[slots] = False
     assert not kc[untouched].any() and not vc[untouched].any()
+
+
+# ---- the op layer: selection and the references that have no kernel to be checked against ---------------------
+def test_select_picks_kernels_or_references():
+    assert set(CPU_OPS.arms) >= {"rms_norm", "add_rms_norm", "silu_mul", "gelu_mul", "rope_write_kv", "quant_matmul",
+                                 "decode_attention", "prefill_attention"}
+    assert CPU_OPS.arms["decode_attention"] == "cpu" and CPU_OPS.arms["gelu_mul"] == "native"
+    forced = ops.select("cpu", torch.float32, "torch")
+    assert set(forced.arms.values()) == {"native"} and forced.lib is None
+    assert set(ops.select("cpu", torch.bfloat16, "auto").arms.values()) == {"native"}   # CPU arms are float32 only
+    assert ops.current().arms["rms_norm"] == "native"             # nothing activated: the references
+    with ops.use(CPU_OPS):
+        assert ops.current() is CPU_OPS
+    assert ops.current().arms["rms_norm"] == "native"
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_native_decode_attention_equals_group_reference(window):
+    q, kc, vc, ctx, tables = random_case(6, 2, 3, 32, seed=11)
+    max_blocks = max(len(t) for t in tables) + 2       # tables may be wider than the context needs
+    decode = DecodeBatch(None, torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]), torch.tensor(ctx))
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [], decode, BS, window)
+    out = paged_attention(q, kc, vc, meta, 32 ** -0.5)        # no table active: ops.decode_attention reference
+    torch.testing.assert_close(out, reference(q, kc, vc, ctx, tables, window), atol=1e-6, rtol=1e-6)
+
+
+def test_quant_matmul_kernel_matches_reference():
+    from lmserve.model.quant import QuantWeight
+    g = torch.Generator().manual_seed(3)
+    for fmt, q in (("q4", torch.randint(0, 256, (40, 4, 16), generator=g, dtype=torch.uint8)),
+                   ("q8", torch.randint(-128, 128, (40, 4, 32), generator=g).to(torch.int8))):
+        qw = QuantWeight(fmt, q, torch.rand(40, 4, generator=g) * 0.1, torch.randn(40, 4, generator=g) * 0.01)
+        x, bias = torch.randn(5, 128, generator=g), torch.randn(40, generator=g)
+        ref = ops.quant_matmul(x, qw, bias)
+        torch.testing.assert_close(ref, x @ qw.dequantize().t() + bias, rtol=1e-5, atol=1e-5)
+        with ops.use(CPU_OPS):
+            torch.testing.assert_close(ops.quant_matmul(x, qw, bias), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gelu_mul_matches_transformers_activation():
+    from transformers.activations import ACT2FN
+    g = torch.Generator().manual_seed(4)
+    gate_up = torch.randn(7, 2 * 48, generator=g) * 4
+    gate, up = gate_up.split(48, dim=-1)
+    torch.testing.assert_close(ops.gelu_mul(gate_up), ACT2FN["gelu_pytorch_tanh"](gate) * up, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ops.gelu_mul(gate_up, "none"), ACT2FN["gelu"](gate) * up, rtol=1e-6, atol=1e-6)

@@ -25,9 +25,9 @@ PROMPTS = [
 
 
 def make_engine(model: str, num_blocks: int = 512, prefix: bool = True, max_num_seqs: int = 64,
-                budget: int = 256, block_size: int = 16) -> LLMEngine:
+                budget: int = 256, block_size: int = 16, kernels: str = "auto") -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model=ModelConfig(model=model, dtype="float32"),   # exact mode: compared with transformers
+        model=ModelConfig(model=model, dtype="float32", kernels=kernels),   # exact mode: compared with transformers
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)))
 
@@ -69,6 +69,15 @@ def test_greedy_matches_transformers_smollm2(smol_engine, smol_hf, prompt_ids):
         assert out.outputs[0].token_ids == hf_greedy(smol_hf, ids, 24)
 
 
+def test_greedy_matches_transformers_smollm2_reference_ops(smol_hf, prompt_ids):
+    """--kernels torch: every op on its PyTorch reference, no packed or quantized weight copies."""
+    engine = make_engine(default_model_path(), num_blocks=256, kernels="torch")
+    assert engine.runner.kernel is None and set(engine.runner.ops.arms.values()) == {"native"}
+    ids = prompt_ids[:4]
+    for p, out in zip(ids, engine.generate(ids, greedy(16))):
+        assert out.outputs[0].token_ids == hf_greedy(smol_hf, p, 16)
+
+
 def test_chat_prompt_matches_transformers(smol_engine, smol_hf):
     ids = smol_engine.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     out = smol_engine.generate([ids], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
@@ -98,11 +107,13 @@ def test_logprobs_match_transformers(smol_engine, smol_hf, prompt_ids):
         assert abs(lp.logprob - ref[j - 1, ids[j]].item()) < 1e-3
 
 
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_greedy_matches_transformers_tiny_random(arch, tmp_path_factory):
+def test_greedy_matches_transformers_tiny_random(arch, kernels, tmp_path_factory):
     from transformers import AutoModelForCausalLM
     path = make_random_model(arch, str(tmp_path_factory.mktemp(arch)), num_hidden_layers=2)
-    engine = make_engine(path, num_blocks=256, block_size=8, budget=64)   # small budget: chunked prefill
+    # small budget: chunked prefill
+    engine = make_engine(path, num_blocks=256, block_size=8, budget=64, kernels=kernels)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = [engine.tokenizer.encode(p) for p in PROMPTS[:4]]
     outs = engine.generate(ids, greedy(16, logprobs=2))

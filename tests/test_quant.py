@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmserve.model import cpu_kernels, loader, quant
+from lmserve.model import loader, quant
+from lmserve.ops import cpu_kernels
 
 kernel = cpu_kernels.load()
 

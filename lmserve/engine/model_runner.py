@@ -15,7 +15,8 @@ from lmserve.engine.cpu_threads import available_cpus
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.engine.spec_decode import VerifyResult, verify
-from lmserve.model import cpu_kernels
+from lmserve import ops
+from lmserve.ops import cpu_kernels
 from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
 from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
@@ -95,7 +96,8 @@ class ModelRunner:
                                  self.arch.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         self.sampler = Sampler()
-        self.kernel = self._load_kernel()
+        self.ops = self._select_ops()
+        self.kernel = self.ops.lib     # the compiled CPU kernel module in use; None = PyTorch references only
         with phase(logger, "loading weights", ticker=not is_gguf(model_path)) as done:
             self.model = self._build_model()
             self.load_weights(load_state_dict(model_path, self.dtype, tp_rank, tp_size))
@@ -119,16 +121,23 @@ class ModelRunner:
             model = cls(self.arch).to(self.dtype)
         return model.eval().requires_grad_(False)
 
-    def _load_kernel(self):
-        backend = self.model_config.attention_backend
-        if backend == "torch" or self.device.type != "cpu" or self.dtype != torch.float32:
-            if backend == "cpp":
-                raise ValueError("attention_backend: the C++ kernel needs device cpu and dtype float32")
-            return None
-        kernel = cpu_kernels.load()
-        if kernel is None and backend == "cpp":
+    def _select_ops(self) -> ops.OpTable:
+        """Which implementation each op uses for this model: decided once, here (lmserve/ops)."""
+        mc = self.model_config
+        backend = mc.attention_backend
+        cpp_possible = mc.kernels == "auto" and self.device.type == "cpu" and self.dtype == torch.float32
+        if backend == "cpp" and not cpp_possible:
+            raise ValueError("attention_backend: the C++ kernel needs device cpu, dtype float32 and kernels auto")
+        # --attn-backend torch keeps its meaning: no C++ kernel at all (--kernels torch also drops packed GEMMs)
+        kernels = "torch" if backend == "torch" else mc.kernels
+        lib = cpu_kernels.load() if kernels == "auto" and cpp_possible else None
+        table = ops.select(self.device, self.dtype, kernels, lib=lib)
+        if table.lib is None and backend == "cpp":
             raise RuntimeError("attention_backend: the C++ CPU attention kernel failed to build")
-        return kernel
+        kernel_ops = sorted(name for name, arm in table.arms.items() if arm != "native")
+        logger.info("ops: %s kernels for %s; PyTorch references for the rest",
+                    "no" if not kernel_ops else "C++", ", ".join(kernel_ops) or "none")
+        return table
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_weights(weights)
@@ -147,20 +156,20 @@ class ModelRunner:
         head = self.model.logits_fast
         if head is not None and head.is_mkldnn:
             max_rows = min(max_rows, PACKED_CROSSOVER_ROWS[self.matmul_precision])
-        if max_rows <= 0 or self.kernel is None or not is_gguf(self.model_path):
+        if max_rows <= 0 or self.ops.is_native("quant_matmul") or not is_gguf(self.model_path):
             return
         from lmserve.model.quant import load_gguf_quantized, shard_quantized
         quant = load_gguf_quantized(self.model_path)
         if self.tp_size > 1:
             quant = shard_quantized(quant, self.arch)       # this rank's blocks
-        n = self.model.attach_quantized(quant, self.kernel, max_rows)
+        n = self.model.attach_quantized(quant, max_rows)
         logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows)", n, max_rows)
 
     def _attach_fast(self) -> None:
         if self.dtype != torch.float32:
             return
         fast = torch.bfloat16 if self.matmul_precision == "bfloat16" else torch.float32
-        self.model.attach_fast(fast)
+        self.model.attach_fast(fast, pack=self.model_config.kernels != "torch")
         logger.info("%s matmuls on %s weights", fast, "packed" if self.model.logits_fast is not None and
                     self.model.logits_fast.is_mkldnn else "plain")
 
@@ -265,8 +274,9 @@ class ModelRunner:
         pos_t = torch.tensor(b.positions, dtype=torch.long, device=dev)
         meta = self._attention_metadata(b.slot_mapping, b.decode_rows, b.decode_ctx, b.decode_tables, b.prefill,
                                         len(b.input_ids))
-        hidden = self.model(ids_t, pos_t, meta, self.kv_caches)      # [num_tokens, hidden]
-        logits = self.model.compute_logits(hidden[b.logit_rows]) if b.logit_rows else None
+        with ops.use(self.ops):
+            hidden = self.model(ids_t, pos_t, meta, self.kv_caches)      # [num_tokens, hidden]
+            logits = self.model.compute_logits(hidden[b.logit_rows]) if b.logit_rows else None
         return hidden, logits
 
     @torch.inference_mode()
@@ -313,26 +323,13 @@ class ModelRunner:
             if window is None:
                 return mask, None
             return mask & (kv_pos > q_pos - window), (mask if mixed else None)
-        if decode_rows and self.kernel is not None:
+        if decode_rows:
             max_blocks = max(len(t) for t in decode_tables)
             decode = DecodeBatch(
                 token_rows=None if len(decode_rows) == num_tokens else torch.tensor(decode_rows, device=dev),
                 block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
                                           dtype=torch.long, device=dev),
                 context_lens=torch.tensor(decode_ctx, dtype=torch.long, device=dev))
-        elif decode_rows:
-            max_ctx = max(decode_ctx)
-            max_blocks = -(-max_ctx // bs)
-            tables = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in decode_tables],
-                                  dtype=torch.long, device=dev)            # [num_seqs, max_blocks]
-            pos = torch.arange(max_ctx, device=dev)
-            ctx = torch.tensor(decode_ctx, device=dev).unsqueeze(1)       # [num_seqs, 1]
-            valid = pos.unsqueeze(0) < ctx                                  # [num_seqs, max_ctx]
-            slots = tables[:, pos // bs] * bs + pos % bs
-            mask, full = masks(valid, ctx - 1, pos.unsqueeze(0))
-            groups.append(AttentionGroup(token_index=torch.tensor(decode_rows, device=dev).unsqueeze(1),
-                                         kv_slots=torch.where(valid, slots, 0), mask=mask[:, None, None, :],
-                                         full_mask=None if full is None else full[:, None, None, :]))
         for row, n, start, bt in prefill:
             kv_len = start + n
             pos = torch.arange(kv_len, device=dev)
@@ -344,7 +341,7 @@ class ModelRunner:
                                          kv_slots=slots.unsqueeze(0), mask=mask[None, None],
                                          full_mask=None if full is None else full[None, None]))
         return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, decode,
-                                 block_size=bs, sliding_window=window, kernel=self.kernel)
+                                 block_size=bs, sliding_window=window)
 
 
 def sleep_runner(runner, level: int) -> None:

@@ -3,7 +3,7 @@ and after both attention and MLP, q/k norms, and sliding-window (local) layers i
 kind with its own RoPE base.
 
 NOTE: checkpoints store a norm's weight as w with the multiplier 1 + w; the parameters here hold 1 + w, so the
-shared RMSNorm (and its C++ kernel) runs unchanged. `map_weight` adds the 1.
+shared RMSNorm (ops.rms_norm, reference or kernel) runs unchanged. `map_weight` adds the 1.
 """
 from __future__ import annotations
 
@@ -29,14 +29,13 @@ class Gemma3DecoderLayer(torch.nn.Module):
 
     def forward(self, positions, x, residual, meta, kv_cache):
         """-> (this layer's normed MLP output, residual stream before it), like the Llama layer."""
-        kernel = meta.kernel
         if residual is None:
-            x, residual = self.input_layernorm(x, kernel=kernel), x
+            x, residual = self.input_layernorm(x), x
         else:
-            x, residual = self.input_layernorm(x, residual, kernel=kernel)
-        x = self.post_attention_layernorm(self.self_attn(positions, x, meta, kv_cache), kernel=kernel)
-        x, residual = self.pre_feedforward_layernorm(x, residual, kernel=kernel)
-        return self.post_feedforward_layernorm(self.mlp(x, kernel=kernel), kernel=kernel), residual
+            x, residual = self.input_layernorm(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(positions, x, meta, kv_cache))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
@@ -57,7 +56,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             meta.rope_cos, meta.rope_sin = ropes[layer.is_sliding]
             x, residual = layer(positions, x, residual, meta, kv_cache)
-        return self.model.norm(x, residual, kernel=meta.kernel)[0]
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)

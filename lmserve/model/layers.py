@@ -1,4 +1,6 @@
-"""Small building blocks of Llama-family decoders: RMSNorm, rotary embedding, gated MLP."""
+"""Small building blocks of decoders: RMSNorm, rotary embedding, Linear (with quantized / packed twins), gated MLP.
+
+Tensor math goes through lmserve.ops, which picks the implementation (reference or kernel) per model."""
 from __future__ import annotations
 
 import math
@@ -8,6 +10,8 @@ import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve import ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
@@ -15,21 +19,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, kernel=None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x: [num_tokens, hidden] -> rms_norm(x); with a residual -> (rms_norm(x + residual), x + residual).
 
-        With the C++ kernel (CPU, float32) the residual form works in place on x and residual."""
-        if kernel is not None:
-            if residual is None:
-                out = torch.empty_like(x)
-                kernel.rms_norm(out, x.contiguous(), self.weight, self.eps)
-                return out
-            kernel.add_rms_norm(x, residual, self.weight, self.eps)
-            return x, residual
+        The residual form may work in place on x and residual (ops.add_rms_norm)."""
         if residual is None:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        residual = x + residual
-        return F.rms_norm(residual, (x.shape[-1],), self.weight, self.eps), residual
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -92,13 +88,7 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    rot = 2 * cos.shape[-1]                  # < head_dim with partial rotary (phi-4-mini): the rest passes through
-    x1, x2 = x[..., :rot].chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot:]), dim=-1)
+        return ops.apply_rope(q, k, cos, sin)
 
 
 class Linear(nn.Linear):
@@ -108,14 +98,13 @@ class Linear(nn.Linear):
     large ones (prefill, big decode batches) are compute-bound and use a packed GEMM copy (fast_weight; bfloat16
     with --matmul-dtype bfloat16), else plain float32 GEMM. All hold the same weights.
     """
-    quant = None            # QuantWeight | None
-    kernel = None           # compiled cpu_kernels module
+    quant = None            # QuantWeight | None (attached only when ops.quant_matmul has a kernel)
     max_quant_rows = 0
     fast_weight = None      # packed (and, with --matmul-dtype bfloat16, lower-precision) copy for large batches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None and x.shape[0] <= self.max_quant_rows:
-            return quant_linear(x, self.quant, self.kernel, self.bias)
+            return ops.quant_matmul(x, self.quant, self.bias)
         if self.fast_weight is not None:
             return fast_linear(x, self.fast_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -151,14 +140,14 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out if bias is None else out.add_(bias)
 
 
-def make_fast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def make_fast_weight(weight: torch.Tensor, dtype: torch.dtype, pack: bool = True) -> torch.Tensor | None:
     """A copy of a [out, in] weight for fast_linear, in `dtype`, on CPU pre-packed in oneDNN's blocked layout
     when this torch build offers it: 1.15-1.6x MKL's float32 GEMM rate at decode/prefill sizes (2.6x on the wide
     output projection), 1.2-1.4x for bfloat16 (docs/benchmarks.md). Without packing: a plain lower-precision
-    copy, or None when that would merely duplicate the weight."""
+    copy, or None when that would merely duplicate the weight. pack=False (--kernels torch): never packed."""
     w = weight.detach().to(dtype).contiguous()
     plain = None if dtype == weight.dtype else w
-    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if not pack or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return plain
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
@@ -170,20 +159,15 @@ def make_fast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
         return plain
 
 
-def quant_linear(x: torch.Tensor, quant, kernel, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = torch.empty(x.shape[0], quant.q.shape[0], dtype=x.dtype, device=x.device)   # [rows, out_features]
-    kernel.quant_matmul(out, x.contiguous(), quant.q, quant.d, quant.m)
-    return out if bias is None else out.add_(bias)
+_GATED = {"silu": ops.silu_mul, "gelu_pytorch_tanh": lambda gate_up: ops.gelu_mul(gate_up, "tanh")}
 
 
-_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-def activation(name: str):
+def gated_activation(name: str):
+    """HF hidden_act name -> fn(gate_up [T, 2I]) = act(gate) * up, through lmserve.ops."""
     try:
-        return _ACTIVATIONS[name]
+        return _GATED[name]
     except KeyError:
-        raise NotImplementedError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") from None
+        raise NotImplementedError(f"activation {name!r} is not supported; supported: {sorted(_GATED)}") from None
 
 
 class GatedMLP(nn.Module):
@@ -193,15 +177,9 @@ class GatedMLP(nn.Module):
         """intermediate_size: this tensor-parallel rank's share (the full size / tp_size)."""
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.act_name, self.act = act, activation(act)
+        self.act_name, self.act = act, gated_activation(act)
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, tp_size=tp_size)
 
-    def forward(self, x: torch.Tensor, kernel=None) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if kernel is not None and self.act_name == "silu":
-            act = torch.empty(x.shape[0], self.intermediate_size, dtype=x.dtype, device=x.device)
-            kernel.silu_mul(act, gate_up)
-            return self.down_proj(act)
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
+from lmserve import ops
+from lmserve.model.attention import AttentionMetadata, paged_attention
 from lmserve.model.layers import (GatedMLP, Linear, RMSNorm, RotaryEmbedding, RowParallelLinear, fast_linear,
-                                  make_fast_weight, quant_linear)
+                                  make_fast_weight)
 from lmserve.model.parallel import (VocabParallelEmbedding, gather_vocab, local_intermediate, num_local_heads,
                                     num_local_kv_heads, shard_tensor)
 
@@ -30,7 +31,6 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
         self.is_full_attention = cfg.layer_window(layer_idx) is None
-        self.partial_rotary = cfg.partial_rotary_factor < 1.0
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, bias=False, tp_size=cfg.tp_size)
 
@@ -41,27 +41,12 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         self.norm_qk(qkv)
-        if meta.kernel is not None and not self.partial_rotary:
-            # one fused C++ pass: RoPE on q and k, k and v into the cache
-            q = torch.empty(num_tokens, self.num_heads, self.head_dim, dtype=x.dtype)
-            meta.kernel.rope_write_kv(q, qkv, meta.rope_cos, meta.rope_sin, kv_cache[0], kv_cache[1],
-                                      meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
-        else:
-            q = self._rope_write_kv(qkv, meta, kv_cache)
+        # RoPE on q and k, k and v into the cache: one fused pass
+        q = ops.rope_write_kv(qkv, meta.rope_cos, meta.rope_sin, kv_cache[0], kv_cache[1], meta.slot_mapping,
+                              self.num_heads, self.num_kv_heads, self.head_dim)
         # [num_tokens, heads, head_dim]
         o = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, full_attention=self.is_full_attention)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
-
-    def _rope_write_kv(self, qkv, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        """The PyTorch reference of the fused kernel."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, k, meta.rope_cos, meta.rope_sin)
-        write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
-        return q
 
 
 class DecoderLayer(nn.Module):
@@ -79,14 +64,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual, meta, kv_cache):
         """-> (this layer's MLP output, residual stream before it); the next layer's norm adds the two."""
-        kernel = meta.kernel
         if residual is None:
-            x, residual = self.input_layernorm(x, kernel=kernel), x
+            x, residual = self.input_layernorm(x), x
         else:
-            x, residual = self.input_layernorm(x, residual, kernel=kernel)
+            x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, meta, kv_cache)
-        x, residual = self.post_attention_layernorm(x, residual, kernel=kernel)
-        return self.mlp(x, kernel=kernel), residual
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -111,7 +95,6 @@ class LlamaForCausalLM(nn.Module):
             nn.Linear(cfg.hidden_size, self.model.embed_tokens.weight.shape[0], bias=False)
         self.logits_quant = None      # QuantWeight of the output projection, see attach_quantized
         self.logits_fast = None       # its packed copy, see attach_fast
-        self.kernel = None
         self.max_quant_rows = 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -122,28 +105,28 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x, residual = layer(positions, x, residual, meta, kv_cache)
-        return self.model.norm(x, residual, kernel=meta.kernel)[0]
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab] fp32
         return gather_vocab(self._local_logits(hidden), self.cfg)
 
     def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab / tp] fp32
         if self.logits_quant is not None and hidden.shape[0] <= self.max_quant_rows:
-            return quant_linear(hidden, self.logits_quant, self.kernel)
+            return ops.quant_matmul(hidden, self.logits_quant)
         if self.logits_fast is not None:
             return fast_linear(hidden, self.logits_fast)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return (hidden @ weight.t()).float()
 
-    def attach_fast(self, dtype: torch.dtype) -> None:
+    def attach_fast(self, dtype: torch.dtype, pack: bool = True) -> None:
         """Give every linear layer (and the output projection) a packed / lower-precision copy for large matmuls."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.fast_weight = make_fast_weight(module.weight, dtype)
+                module.fast_weight = make_fast_weight(module.weight, dtype, pack)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.logits_fast = make_fast_weight(weight, dtype)
+        self.logits_fast = make_fast_weight(weight, dtype, pack)
 
-    def attach_quantized(self, quant: dict, kernel, max_rows: int) -> int:
+    def attach_quantized(self, quant: dict, max_rows: int) -> int:
         """Give linear layers their quantized twins (HF names -> QuantWeight). Returns how many were attached."""
         from lmserve.model.quant import cat_rows
         attached = 0
@@ -151,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
         def attach(module, qw):
             nonlocal attached
             if qw is not None and tuple(qw.shape) == tuple(module.weight.shape):
-                module.quant, module.kernel, module.max_quant_rows = qw, kernel, max_rows
+                module.quant, module.max_quant_rows = qw, max_rows
                 attached += 1
         for i, layer in enumerate(self.model.layers):
             p = f"model.layers.{i}."
@@ -162,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
                 attach(layer.mlp.down_proj, quant.get(p + "mlp.down_proj.weight"))
         head = quant.get("model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight")
         if head is not None:
-            self.logits_quant, self.kernel, self.max_quant_rows = head, kernel, max_rows
+            self.logits_quant, self.max_quant_rows = head, max_rows
             attached += 1
         return attached
 

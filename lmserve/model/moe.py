@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.model.layers import Linear, activation
+from lmserve.model.layers import Linear, gated_activation
 
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.act = activation(act)
+        self.act = gated_activation(act)      # act(gate) * up
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
@@ -39,8 +39,8 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            gate, up = F.linear(xs[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            ys[start:end] = F.linear(self.act(gate) * up, self.down_proj[expert])
+            ys[start:end] = F.linear(self.act(F.linear(xs[start:end], self.gate_up_proj[expert])),
+                                     self.down_proj[expert])
             start = end
         ys.mul_(weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype))
         return torch.zeros_like(x).index_add_(0, token_of, ys)
@@ -64,7 +64,7 @@ class SparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return expert_ids, weights.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, kernel=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, *self.route(x))
 
 

@@ -1,4 +1,4 @@
-"""GGUF-quantized weights kept quantized, for the CPU matmul kernels in cpu_kernels.py.
+"""GGUF-quantized weights kept quantized, for ops.quant_matmul (its CPU kernel in ops/cpu_kernels.py).
 
 Decoding a token at small batch is memory-bound: float32 weights are 4 bytes each, Q4 blocks ~0.6. So besides
 the float32 weights (used by MKL for large batches), linear layers of a GGUF model may keep their original

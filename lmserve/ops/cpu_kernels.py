@@ -4,7 +4,7 @@ Decode attention over the paged cache is the one place where pure PyTorch wastes
 it must gather every sequence's K/V into a padded tensor (a full copy of the context, per layer, per step)
 before a batched SDPA. The kernel below reads K/V in place through the block table, one (sequence, kv-head)
 pair per task, with an exact (not online) softmax. If compilation fails (no compiler, no ninja), callers fall
-back to the pure-PyTorch reference in attention.py, which stays the test oracle.
+back to the pure-PyTorch references in lmserve/ops (forward_native), which stay the test oracle.
 """
 from __future__ import annotations
 

@@ -1,0 +1,69 @@
+"""The op layer: every tensor op a model file needs beyond plain matmuls, with one PyTorch reference each and
+optional device kernels (CPU C++ today, CUDA later), picked once per model (see base.py).
+
+Model code calls these functions and never sees which implementation runs:
+
+    x = ops.rms_norm(x, self.weight, self.eps)
+
+| op                | call                                                                  | returns / notes                    |
+|-------------------|-----------------------------------------------------------------------|------------------------------------|
+| rms_norm          | rms_norm(x [T, H], weight [H], eps)                                   | [T, H], new tensor                 |
+| add_rms_norm      | add_rms_norm(x [T, H], residual [T, H], weight, eps)                  | (rms_norm(x + residual), x + residual); MAY overwrite x and residual in place |
+| silu_mul          | silu_mul(gate_up [T, 2I])                                             | silu(gate) * up, [T, I]            |
+| gelu_mul          | gelu_mul(gate_up [T, 2I], approximate="tanh")                         | gelu(gate) * up, [T, I]            |
+| apply_rope        | apply_rope(q [T, h, d], k [T, kvh, d], cos, sin [T, 1, d/2])           | (q, k) rotated (HF rotate_half)    |
+| write_kv          | write_kv(k_cache, v_cache, k [T, kvh, d], v, slot_mapping [T])        | None; rows cast to the cache dtype |
+| rope_write_kv     | rope_write_kv(qkv [T, (h+2kvh)d], cos, sin, k_cache, v_cache, slot_mapping, h, kvh, d) | q [T, h, d] rotated; k rotated and v written to the cache |
+| quant_matmul      | quant_matmul(x [T, K], qweight: QuantWeight [N, K], bias=None)        | x @ W.T (+ bias), [T, N]           |
+| decode_attention  | decode_attention(q [S, h, d], k_cache, v_cache, decode: DecodeBatch, block_size, scale, sliding_window=None) | [S, h, d] |
+| prefill_attention | prefill_attention(q [T, h, d], k_cache, v_cache, group: AttentionGroup, scale) | [S * q_len, h, d], rows of group.token_index |
+
+Caches: [num_blocks * block_size, kv_heads, head_dim] in float32 or bfloat16 (reads widen to q's dtype).
+
+Choosing: `table = ops.select(device, dtype, kernels="auto" | "torch")` once at model load; `with ops.use(table):`
+around the forward pass (the model runner does both). With no table active the references run.
+"""
+from __future__ import annotations
+
+from lmserve.ops import activation, attention, linear, norm, rope  # noqa: F401  (registers the ops)
+from lmserve.ops.base import CustomOp, OpTable, current, register, select, use  # noqa: F401
+
+
+def rms_norm(x, weight, eps):
+    return current().rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    return current().add_rms_norm(x, residual, weight, eps)
+
+
+def silu_mul(gate_up):
+    return current().silu_mul(gate_up)
+
+
+def gelu_mul(gate_up, approximate: str = "tanh"):
+    return current().gelu_mul(gate_up, approximate)
+
+
+def apply_rope(q, k, cos, sin):
+    return current().apply_rope(q, k, cos, sin)
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping):
+    return current().write_kv(k_cache, v_cache, k, v, slot_mapping)
+
+
+def rope_write_kv(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
+    return current().rope_write_kv(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+
+
+def quant_matmul(x, qweight, bias=None):
+    return current().quant_matmul(x, qweight, bias)
+
+
+def decode_attention(q, k_cache, v_cache, decode, block_size, scale, sliding_window=None):
+    return current().decode_attention(q, k_cache, v_cache, decode, block_size, scale, sliding_window)
+
+
+def prefill_attention(q, k_cache, v_cache, group, scale):
+    return current().prefill_attention(q, k_cache, v_cache, group, scale)
