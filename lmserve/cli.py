@@ -52,6 +52,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "torch"],
                    help="auto = the fastest implementation of each op that applies here; torch = the PyTorch "
                         "references end to end (no C++ kernels, no packed or quantized weight copies)")
+    p.add_argument("--kernel-build-timeout", type=float, default=600.0,
+                   help="seconds start-up waits for the C++ kernels to compile (first start only) before serving "
+                        "on the PyTorch references")
     p.add_argument("--num-threads", type=int, default=None,
                    help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
     p.add_argument("--quant-kernel-max-rows", type=int, default=64,
@@ -96,6 +99,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                           chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
                           attention_backend=args.attn_backend, kernels=args.kernels,
+                          kernel_build_timeout=args.kernel_build_timeout,
                           quant_kernel_max_rows=args.quant_kernel_max_rows,
                           num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task,
                           generation_config=args.generation_config),

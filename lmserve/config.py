@@ -98,6 +98,9 @@ class ModelConfig:
     # every op (norms, activations, RoPE, attention, quantized matmul, packed GEMM weights): "auto" = kernels where
     # they apply and build (lmserve/ops), "torch" = the PyTorch references end to end (the test oracle)
     kernels: str = "auto"
+    # start-up waits at most this long for the C++ kernels to compile (first start) or for another process that
+    # is compiling them; after that it serves on the PyTorch references
+    kernel_build_timeout: float = 600.0
     # GGUF Q4/Q8 weights also kept in their quantized form; matmuls with at most this many rows (decode at
     # small batch, memory-bound) use the C++ quantized kernel on CPU. 0 = off.
     quant_kernel_max_rows: int = 64
@@ -121,6 +124,8 @@ class ModelConfig:
             raise ValueError("attention_backend must be one of auto, torch, cpp")
         if self.kernels not in ("auto", "torch"):
             raise ValueError("kernels must be one of auto, torch")
+        if self.kernel_build_timeout <= 0:
+            raise ValueError("kernel_build_timeout must be > 0 seconds")
         if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError("matmul_dtype must be auto, float32 or bfloat16")
         if self.task not in ("auto", "generate", "embed"):

@@ -130,7 +130,7 @@ class ModelRunner:
             raise ValueError("attention_backend: the C++ kernel needs device cpu, dtype float32 and kernels auto")
         # --attn-backend torch keeps its meaning: no C++ kernel at all (--kernels torch also drops packed GEMMs)
         kernels = "torch" if backend == "torch" else mc.kernels
-        lib = cpu_kernels.load() if kernels == "auto" and cpp_possible else None
+        lib = cpu_kernels.load(mc.kernel_build_timeout) if kernels == "auto" and cpp_possible else None
         table = ops.select(self.device, self.dtype, kernels, lib=lib)
         if table.lib is None and backend == "cpp":
             raise RuntimeError("attention_backend: the C++ CPU attention kernel failed to build")

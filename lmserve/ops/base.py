@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from lmserve.ops import cpu_kernels
+
 _REGISTRY: dict[str, "CustomOp"] = {}
 
 
@@ -38,8 +40,7 @@ def register(cls: type[CustomOp]) -> type[CustomOp]:
 
 def cpu_lib():
     """The compiled CPU kernel module (built on first use), or None."""
-    from lmserve.ops import cpu_kernels
-    return cpu_kernels.load()
+    return cpu_kernels._module or cpu_kernels.load()
 
 
 @dataclass

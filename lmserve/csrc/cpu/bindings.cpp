@@ -1,0 +1,15 @@
+// Python bindings of the CPU kernel library.
+#include <torch/extension.h>
+#include "ops.h"
+
+// NOTE: the GIL is released inside every kernel so the server's event loop (another thread of this process)
+// can run while the engine thread computes.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention, nogil);
+  m.def("quant_matmul", &quant_matmul, nogil);
+  m.def("rms_norm", &rms_norm, nogil);
+  m.def("add_rms_norm", &add_rms_norm, nogil);
+  m.def("rope_write_kv", &rope_write_kv, nogil);
+  m.def("silu_mul", &silu_mul, nogil);
+}

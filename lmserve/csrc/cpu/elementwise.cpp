@@ -1,0 +1,111 @@
+// Fused elementwise ops: rms_norm, add_rms_norm, rope_write_kv, silu_mul.
+#include "ops.h"
+#include "vec.h"
+
+// ---- fused elementwise ops: one call instead of several small PyTorch ops per layer ------------------------
+// Rounding follows the PyTorch reference op by op (-ffp-contract=off), except reductions, whose order differs.
+static inline void rms_row(float* __restrict o, const float* __restrict x, const float* __restrict w, int64_t H,
+                           float eps) {
+  float ss = 0.f;
+  #pragma omp simd reduction(+:ss)
+  for (int64_t j = 0; j < H; ++j) ss += x[j] * x[j];
+  const float r = 1.f / std::sqrt(ss / (float)H + eps);
+  #pragma omp simd
+  for (int64_t j = 0; j < H; ++j) o[j] = (x[j] * r) * w[j];
+}
+
+// out = rms_norm(x) * w; x, out: [T, H]
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && w.is_contiguous() && x.scalar_type() == torch::kFloat32);
+  const int64_t T = x.size(0), H = x.size(1);
+  float* op = out.data_ptr<float>(); const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rms_row(op + t * H, xp + t * H, wp, H, (float)eps);
+  });
+}
+
+// residual += x; x = rms_norm(residual) * w  (both in place)
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && w.is_contiguous() && x.scalar_type() == torch::kFloat32);
+  const int64_t T = x.size(0), H = x.size(1);
+  float* xp = x.data_ptr<float>(); float* rp = residual.data_ptr<float>(); const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* __restrict r = rp + t * H; const float* __restrict xi = xp + t * H;
+      #pragma omp simd
+      for (int64_t j = 0; j < H; ++j) r[j] = xi[j] + r[j];
+      rms_row(xp + t * H, r, wp, H, (float)eps);
+    }
+  });
+}
+
+template <typename T>
+static inline void rotate_half(T* __restrict dst, const float* __restrict src, const float* __restrict c,
+                               const float* __restrict s, int64_t half) {
+  #pragma omp simd
+  for (int64_t j = 0; j < half; ++j) {
+    const float x1 = src[j], x2 = src[j + half];
+    dst[j] = T(x1 * c[j] - x2 * s[j]);
+    dst[j + half] = T(x2 * c[j] + x1 * s[j]);
+  }
+}
+
+// qkv: [T, (nh + 2 * nkv) * hd]; cos, sin: [T, hd / 2]. Writes RoPE(q) to q_out [T, nh, hd], RoPE(k) and v to
+// the cache slots given by slot_mapping [T] (caches [num_slots, nkv, hd]).
+template <typename KV>
+static void rope_write_kv_impl(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                               torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                               int64_t nh, int64_t nkv, int64_t hd) {
+  TORCH_CHECK(qkv.is_contiguous() && q_out.is_contiguous() && cos.is_contiguous() && sin.is_contiguous());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && qkv.scalar_type() == torch::kFloat32);
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64);
+  const int64_t T = qkv.size(0), W = qkv.size(1), half = hd / 2;
+  TORCH_CHECK(W == (nh + 2 * nkv) * hd, "rope_write_kv: qkv width mismatch");
+  const float* qp = qkv.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
+  float* qo = q_out.data_ptr<float>(); KV* kc = k_cache.data_ptr<KV>(); KV* vc = v_cache.data_ptr<KV>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* row = qp + t * W; const float* c = cp + t * half; const float* s = sp + t * half;
+      for (int64_t h = 0; h < nh; ++h) rotate_half<float>(qo + (t * nh + h) * hd, row + h * hd, c, s, half);
+      const int64_t slot = slots[t];
+      for (int64_t h = 0; h < nkv; ++h) rotate_half<KV>(kc + (slot * nkv + h) * hd, row + (nh + h) * hd, c, s, half);
+      KV* vdst = vc + slot * nkv * hd;
+      for (int64_t j = 0; j < nkv * hd; ++j) vdst[j] = KV(row[(nh + nkv) * hd + j]);
+    }
+  });
+}
+
+void rope_write_kv(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                   int64_t nh, int64_t nkv, int64_t hd) {
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type());
+  if (k_cache.scalar_type() == torch::kBFloat16)
+    rope_write_kv_impl<c10::BFloat16>(q_out, qkv, cos, sin, k_cache, v_cache, slot_mapping, nh, nkv, hd);
+  else {
+    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "rope_write_kv: cache must be float32 or bfloat16");
+    rope_write_kv_impl<float>(q_out, qkv, cos, sin, k_cache, v_cache, slot_mapping, nh, nkv, hd);
+  }
+}
+
+// out [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]
+void silu_mul(torch::Tensor out, torch::Tensor gate_up) {
+  TORCH_CHECK(out.is_contiguous() && gate_up.is_contiguous() && gate_up.scalar_type() == torch::kFloat32);
+  const int64_t T = out.size(0), I = out.size(1);
+  float* op = out.data_ptr<float>(); const float* gp = gate_up.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* __restrict g = gp + t * 2 * I; const float* __restrict u = g + I; float* __restrict o = op + t * I;
+      int64_t j = 0;
+#ifdef LMSERVE_AVX512
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; j + 16 <= I; j += 16) {
+        const __m512 x = _mm512_loadu_ps(g + j);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
+      }
+#endif
+      for (; j < I; ++j) o[j] = (g[j] / (1.f + std::exp(-g[j]))) * u[j];
+    }
+  });
+}

@@ -1,0 +1,18 @@
+// Entry points of the CPU kernel library (bound in bindings.cpp, called by lmserve/ops forward_cpu arms).
+// Every tensor is contiguous; activations are float32; K/V caches float32 or bfloat16.
+#pragma once
+#include <torch/types.h>
+
+// attention.cpp
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
+                            double scale, int64_t window);
+// quant_matmul.cpp
+void quant_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor m);
+// elementwise.cpp
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
+void rope_write_kv(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t nh,
+                   int64_t nkv, int64_t hd);
+void silu_mul(torch::Tensor out, torch::Tensor gate_up);
