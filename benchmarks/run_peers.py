@@ -67,7 +67,7 @@ def export_hf_dir(gguf_path: str, out_dir: str) -> str:
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     try:
-        from lmserve.model.loader import export_hf
+        from lmserve.model.gguf_export import export_hf
     except ImportError:
         export_hf = None
     if export_hf is not None:

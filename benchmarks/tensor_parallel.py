@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -19,8 +20,11 @@ import torch.distributed as dist
 
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig
 from lmserve.engine.llm_engine import LLMEngine
-from lmserve.model.loader import make_random_model
 from lmserve.sampling_params import SamplingParams
+
+# the tiny-model builder is a test helper, outside the package
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from model_builders import make_random_model  # noqa: E402
 
 _comm = {"s": 0.0, "n": 0}
 

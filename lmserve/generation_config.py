@@ -53,7 +53,7 @@ def _read_json_file(path: str) -> dict:
 
 
 def _from_gguf(model_path: str) -> tuple[dict, str]:
-    from lmserve.model.loader import _gguf_metadata, _gguf_reader
+    from lmserve.model.gguf import gguf_metadata as _gguf_metadata, gguf_reader as _gguf_reader
     meta = _gguf_metadata(_gguf_reader(model_path))
     embedded = _clean({name: meta[key] for key, name in _GGUF_KEYS.items() if key in meta})
     if embedded:

@@ -38,7 +38,8 @@ BASE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 def make_arch_model(arch: str, path: str, seed: int = 0, **overrides) -> str:
     import transformers
 
-    from lmserve.model.loader import _make_portable, default_model_path
+    from lmserve.model.gguf_export import make_portable as _make_portable
+    from lmserve.model.loader import default_model_path
     from lmserve.tokenizer import load_tokenizer
     cls_name, arch_kwargs = ARCHS[arch]
     kwargs = {**BASE, **arch_kwargs, **overrides}

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmserve.model.loader import default_model_path, make_random_model
+from model_builders import make_random_model
+
+from lmserve.model.loader import default_model_path
 
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 

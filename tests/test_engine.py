@@ -9,7 +9,8 @@ import torch
 
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmserve.engine.llm_engine import LLMEngine
-from lmserve.model.loader import default_model_path, make_random_model
+from lmserve.model.loader import default_model_path
+from model_builders import make_random_model
 from lmserve.sampling_params import SamplingParams
 
 PROMPTS = [

@@ -13,10 +13,13 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from safetensors.torch import save_file
 
+from model_builders import make_random_model
+
+from lmserve.model import gguf as gguf_file
 from lmserve.model import loader
-from lmserve.model.loader import (
-    ArchConfig, dequantize, export_hf, is_gguf, load_arch_config, load_state_dict, make_random_model,
-    resolve_model_path)
+from lmserve.model.gguf import dequantize
+from lmserve.model.gguf_export import export_hf
+from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict, resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def test_missing_default_model_names_the_package(monkeypatch):
 
 # ---- dequantization -----------------------------------------------------------------------------------------
 def test_dequantize_matches_gguf_on_smollm2_tensors(smollm2_path):
-    reader = loader._gguf_reader(smollm2_path)
+    reader = gguf_file.gguf_reader(smollm2_path)
     seen = set()
     for t in reader.tensors:
         if not (t.name.startswith("blk.0.") or t.name in ("token_embd.weight", "output_norm.weight")):
@@ -299,7 +302,7 @@ def test_gguf_roundtrip_of_tiny_model(tiny_models, tmp_path, arch):
 
 def test_llama3_rope_scaling_fit_with_other_factors():
     f = _llama3_freq_factors(128, 5e5, factor=8.0, low=2.0, high=6.0)
-    rs = loader._llama3_rope_scaling(f, 5e5, 128)
+    rs = gguf_file.llama3_rope_scaling(f, 5e5, 128)
     assert rs["factor"] == 8.0
     assert rs["low_freq_factor"] == pytest.approx(2.0, rel=1e-3)
     assert rs["high_freq_factor"] == pytest.approx(6.0, rel=1e-3)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmserve.model import loader, quant
+from lmserve.model import gguf as loader
+from lmserve.model import loader as model_loader, quant
 from lmserve.ops import cpu_kernels
 
 kernel = cpu_kernels.load()
@@ -14,7 +15,7 @@ kernel = cpu_kernels.load()
 
 def random_blocks(type_name: str, n_blocks: int, seed: int) -> np.ndarray:
     """Random raw blocks with sane float16 scales in the places each layout keeps them."""
-    _, size, _ = loader._QUANTS[type_name]
+    _, size, _ = loader.QUANTS[type_name]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     scale_offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
@@ -26,7 +27,7 @@ def random_blocks(type_name: str, n_blocks: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_decomposition_is_bit_identical_to_loader(type_name):
-    per_block = loader._QUANTS[type_name][0]
+    per_block = loader.QUANTS[type_name][0]
     n, k = 24, 512
     raw = random_blocks(type_name, n * k // per_block, seed=len(type_name))
     qw = quant.quantized_tensor(raw, type_name, (n, k))
@@ -35,7 +36,7 @@ def test_decomposition_is_bit_identical_to_loader(type_name):
 
 def test_smollm2_quantized_weights_match_state_dict(smollm2_path):
     qws = quant.load_gguf_quantized(smollm2_path)
-    state = loader.load_state_dict(smollm2_path)
+    state = model_loader.load_state_dict(smollm2_path)
     assert len(qws) == 211   # 210 Q4_1 linear weights + the Q8_0 embedding
     for name, qw in qws.items():
         assert torch.equal(qw.dequantize(), state[name]), name
@@ -51,7 +52,7 @@ def test_unsupported_types_stay_float():
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_quant_matmul_matches_float(type_name, rows):
-    per_block = loader._QUANTS[type_name][0]
+    per_block = loader.QUANTS[type_name][0]
     n, k = 40, 768
     raw = random_blocks(type_name, n * k // per_block, seed=rows)
     qw = quant.quantized_tensor(raw, type_name, (n, k))

@@ -21,9 +21,10 @@ from lmserve.config import CacheConfig, DistributedConfig, EngineConfig, ModelCo
 from lmserve.engine.distributed import decode_batch, encode_batch
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.model_runner import StepBatch
-from lmserve.model.loader import load_arch_config, make_random_model
+from lmserve.model.loader import load_arch_config
 from lmserve.model.parallel import kv_head_start, num_local_kv_heads, shard_spec, validate_tp
 from lmserve.sampling_params import SamplingParams
+from model_builders import make_random_model
 from tests.conftest import API_SERVER_ARGS, start_api_server
 
 PROMPTS = [[1, 5 + i, 17 * i + 3, 99, 1000 + i, 7 * i + 200] for i in range(8)]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from lmserve.model.loader import _gguf_reader
+from lmserve.model.gguf import gguf_reader as _gguf_reader
 from lmserve.tokenizer import CHATML_TEMPLATE, load_tokenizer, tokenizer_cache_path
 
 TEXTS = [

@@ -1,4 +1,4 @@
-"""GGUF-quantized weights kept quantized, for ops.quant_matmul (its CPU kernel in ops/cpu_kernels.py).
+"""GGUF-quantized weights kept quantized, for the CPU matmul kernels in cpu_kernels.py.
 
 Decoding a token at small batch is memory-bound: float32 weights are 4 bytes each, Q4 blocks ~0.6. So besides
 the float32 weights (used by MKL for large batches), linear layers of a GGUF model may keep their original
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmserve.model import loader
+from lmserve.model import gguf
 
 
 @dataclass
@@ -78,35 +78,35 @@ def _pack_q4(q: torch.Tensor) -> torch.Tensor:
 
 def _from_blocks(type_name: str, b: torch.Tensor):
     """[n_blocks, bytes] uint8 -> (fmt, q [n_groups, 16 or 32], d [n_groups], m [n_groups]), groups of 32."""
-    f16 = loader._f16
+    f16 = gguf.f16
     if type_name == "Q4_1":
         return "q4", b[:, 4:].contiguous(), f16(b, 0)[:, 0], f16(b, 2)[:, 0]
     if type_name == "Q4_0":
         d = f16(b, 0)[:, 0]
         # NOTE: the loader computes (q - 8) * d; d * q + (-8 * d) is not bit-identical, so shift q instead
         # and keep it in int8 form.
-        q = loader._nibbles(b[:, 2:], 1).view(-1, 32).to(torch.int8) - 8
+        q = gguf.nibbles(b[:, 2:], 1).view(-1, 32).to(torch.int8) - 8
         return "q8", q, d, torch.zeros_like(d)
     if type_name == "Q8_0":
         d = f16(b, 0)[:, 0]
         return "q8", b[:, 2:].contiguous().view(torch.int8), d, torch.zeros_like(d)
     if type_name in ("Q4_K", "Q5_K"):
         n = b.shape[0]
-        sc, mn = loader._k_scales(b[:, 4:16])                                      # [n, 8, 1]
+        sc, mn = gguf.k_scales(b[:, 4:16])                                      # [n, 8, 1]
         d = (f16(b, 0).unsqueeze(-1) * sc).view(n * 8)
         m = -(f16(b, 2).unsqueeze(-1) * mn).view(n * 8)
         if type_name == "Q4_K":
-            q = loader._nibbles(b[:, 16:], 4).reshape(n * 8, 32)
+            q = gguf.nibbles(b[:, 16:], 4).reshape(n * 8, 32)
             return "q4", _pack_q4(q), d, m
-        qh = loader._bits(b[:, 16:48], 1, tuple(range(8)), 1)
-        q = loader._nibbles(b[:, 48:], 4).bitwise_or_(qh.bitwise_left_shift_(4)).reshape(n * 8, 32)
+        qh = gguf.bits(b[:, 16:48], 1, tuple(range(8)), 1)
+        q = gguf.nibbles(b[:, 48:], 4).bitwise_or_(qh.bitwise_left_shift_(4)).reshape(n * 8, 32)
         return "q8", q.to(torch.int8), d, m
     if type_name == "Q6_K":
         # 16 sub-blocks of 16 with an int8 scale each: two scales per group of 32, m = 0; q - 32 fits int8
         n = b.shape[0]
         d = (f16(b, 208) * b[:, 192:208].view(torch.int8).float()).view(n * 16)
-        ql = loader._nibbles(b[:, :128], 2).view(n, 8, 32)
-        qh = loader._bits(b[:, 128:192], 2, (0, 2, 4, 6), 3).view(n, 8, 32)
+        ql = gguf.nibbles(b[:, :128], 2).view(n, 8, 32)
+        qh = gguf.bits(b[:, 128:192], 2, (0, 2, 4, 6), 3).view(n, 8, 32)
         q = ql.bitwise_or_(qh.bitwise_left_shift_(4)).view(torch.int8).sub_(32).reshape(n * 8, 32)
         return "q8", q, d, torch.zeros_like(d)
     return None
@@ -116,7 +116,7 @@ def quantized_tensor(raw: np.ndarray, type_name: str, shape: tuple[int, int]) ->
     """Raw GGUF tensor bytes of an [N, K] weight -> QuantWeight, or None for types without a kernel format."""
     if type_name not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K") or shape[1] % 32:
         return None
-    _, type_size, _ = loader._QUANTS[type_name]
+    _, type_size, _ = gguf.QUANTS[type_name]
     data = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1).copy())
     fmt, q, d, m = _from_blocks(type_name, data.view(-1, type_size))
     n, nb = shape[0], shape[1] // 32
@@ -153,11 +153,11 @@ def shard_quantized(quant: dict[str, QuantWeight], cfg) -> dict[str, QuantWeight
 
 def load_gguf_quantized(path: str) -> dict[str, QuantWeight]:
     """HF parameter name -> QuantWeight for every 2-D GGUF tensor with a kernel format (Q/K rows unpermuted)."""
-    reader = loader._gguf_reader(path)
-    cfg = loader._gguf_arch_config(reader)
+    reader = gguf.gguf_reader(path)
+    cfg = gguf.gguf_arch_config(reader)
     out = {}
     for t in reader.tensors:
-        name = loader._hf_name(t.name, cfg.architecture)
+        name = gguf.hf_name(t.name, cfg.architecture)
         if name is None or len(t.shape) != 2:
             continue
         qw = quantized_tensor(t.data, t.tensor_type.name, (int(t.shape[1]), int(t.shape[0])))
@@ -167,7 +167,7 @@ def load_gguf_quantized(path: str) -> dict[str, QuantWeight]:
             heads = (cfg.num_attention_heads if ".q_proj." in name else
                      cfg.num_key_value_heads if ".k_proj." in name else None)
             if heads:
-                qw = QuantWeight(qw.fmt, loader._unpermute(qw.q, heads), loader._unpermute(qw.d, heads),
-                                 loader._unpermute(qw.m, heads))
+                qw = QuantWeight(qw.fmt, gguf.unpermute(qw.q, heads), gguf.unpermute(qw.d, heads),
+                                 gguf.unpermute(qw.m, heads))
         out[name] = qw
     return out

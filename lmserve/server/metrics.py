@@ -5,15 +5,16 @@ observed by the server when a request ends, from the engine's RequestMetrics (mo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lmserve.outputs import RequestOutput
 
-if TYPE_CHECKING:
-    from lmserve.server.state import ServerState
+# () -> (HTTP requests admitted, HTTP requests queued for admission, interactive sessions): the server's own gauges.
+# NOTE: a callable rather than the ServerState, so metrics does not import the state that owns it.
+ServerGauges = Callable[[], tuple[int, int, int]]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                     40.0, 80.0, 160.0, 320.0)
@@ -23,9 +24,9 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 class _EngineCollector:
     """Scrape-time view of the engine and the admission queue."""
 
-    def __init__(self, engine, state: ServerState):
+    def __init__(self, engine, server_gauges: ServerGauges):
         self.engine = engine
-        self.state = state
+        self.server_gauges = server_gauges
 
     def collect(self):
         s = self.engine.get_stats()
@@ -65,16 +66,16 @@ class _EngineCollector:
                     "(1 = no gain)", s.spec_num_emitted_tokens / s.spec_num_verify_steps if s.spec_num_verify_steps
                     else 0.0)
         yield gauge("is_sleeping", "1 while the engine sleeps", int(self.engine.is_sleeping))
-        yield gauge("api_requests_in_flight", "HTTP generation requests admitted", self.state.admission.num_running)
-        yield gauge("api_requests_queued", "HTTP generation requests waiting for admission",
-                    self.state.admission.num_queued)
-        yield gauge("num_sessions", "Interactive sessions kept on the server", len(self.state.sessions))
+        in_flight, queued, sessions = self.server_gauges()
+        yield gauge("api_requests_in_flight", "HTTP generation requests admitted", in_flight)
+        yield gauge("api_requests_queued", "HTTP generation requests waiting for admission", queued)
+        yield gauge("num_sessions", "Interactive sessions kept on the server", sessions)
 
 
 class ServerMetrics:
-    def __init__(self, engine, state: ServerState):
+    def __init__(self, engine, server_gauges: ServerGauges):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineCollector(engine, state))
+        self.registry.register(_EngineCollector(engine, server_gauges))
         r = self.registry
         self.ttft = Histogram("lmserve:time_to_first_token_seconds", "Arrival to first output token",
                               buckets=_LATENCY_BUCKETS, registry=r)

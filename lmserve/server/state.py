@@ -96,7 +96,8 @@ class ServerState:
         self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
         self.sessions = SessionManager(engine)
         self.inflight: dict[str, int | None] = {}     # request_id -> session_id (None: no session)
-        self.metrics = ServerMetrics(engine, self)
+        self.metrics = ServerMetrics(engine, lambda: (self.admission.num_running, self.admission.num_queued,
+                                                      len(self.sessions)))
         self.is_terminating = False
         self.request_shutdown = None                   # set by launch.py: asks uvicorn to exit gracefully
         self.background_tasks: set[asyncio.Task] = set()
