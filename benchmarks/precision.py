@@ -58,6 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--skip-reference-path", action="store_true", help="leave out the pure-PyTorch float32 row")
     ap.add_argument("--save-result", default=None)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -75,6 +76,8 @@ def main() -> int:
     ref_lp = ref_greedy = None
     print(f"CPU: {cpu_model()}", flush=True)
     for name, kw in configs().items():
+        if args.skip_reference_path and kw.get("attention_backend") == "torch":
+            continue
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, **kw), cache=CacheConfig(num_blocks=1024),
                                         scheduler=SchedulerConfig(max_num_batched_tokens=2048)))
         ids = text_ids(engine.tokenizer, args.tokens)
