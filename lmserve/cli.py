@@ -58,7 +58,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-threads", type=int, default=None,
                    help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
     p.add_argument("--quant-kernel-max-rows", type=int, default=64,
-                   help="GGUF Q4/Q8 and Q4_K/Q5_K/Q6_K weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
+                   help="GGUF Q4/Q5/Q8 and Q4_K/Q5_K/Q6_K weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
     p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16: large matmuls (prefill, batched decode) in bfloat16 with float32 accumulation, "
                         "~2x faster on CPUs with AVX512_BF16 but not bit-exact; float32 is exact; auto (default) "

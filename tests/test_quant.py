@@ -18,14 +18,14 @@ def random_blocks(type_name: str, n_blocks: int, seed: int) -> np.ndarray:
     _, size, _ = loader.QUANTS[type_name]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
-    scale_offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+    scale_offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
                      "Q6_K": [208]}[type_name]
     for off in scale_offsets:
         raw[:, off:off + 2] = rng.uniform(0.001, 0.05, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_decomposition_is_bit_identical_to_loader(type_name):
     per_block = loader.QUANTS[type_name][0]
     n, k = 24, 512
@@ -49,7 +49,7 @@ def test_unsupported_types_stay_float():
 
 
 @pytest.mark.skipif(kernel is None, reason="C++ kernel could not be built here")
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_quant_matmul_matches_float(type_name, rows):
     per_block = loader.QUANTS[type_name][0]

@@ -8,7 +8,7 @@ blocks in one of two kernel formats, both with groups of 32 along the input dime
   "q8": q = int8  [N, K/32, 32]
 
 with d, m float32 [N, K/32], or [N, K/16] when each half-group of 16 has its own scale (Q6_K's sub-blocks).
-Q4_0, Q4_1 and Q4_K map to q4; Q8_0, Q5_K and Q6_K to q8; the decomposition reproduces the loader's float32
+Q4_0, Q4_1 and Q4_K map to q4; Q5_0, Q5_1, Q8_0, Q5_K and Q6_K to q8; the decomposition reproduces the loader's float32
 dequantization bit for bit (tested), so outputs do not depend on which path ran. Other types (e.g. F16) simply
 stay on the float32 path.
 """
@@ -87,6 +87,15 @@ def _from_blocks(type_name: str, b: torch.Tensor):
         # and keep it in int8 form.
         q = gguf.nibbles(b[:, 2:], 1).view(-1, 32).to(torch.int8) - 8
         return "q8", q, d, torch.zeros_like(d)
+    if type_name in ("Q5_0", "Q5_1"):
+        # 5-bit values: low nibbles + one high bit each from a 32-bit mask; Q5_0 is (q - 16) * d, Q5_1 d * q + m
+        n, off = b.shape[0], 2 if type_name == "Q5_0" else 4
+        qh = loader._bits(b[:, off:off + 4], 1, tuple(range(8)), 1).transpose(1, 2).reshape(n, 32)
+        q = loader._nibbles(b[:, off + 4:], 1).view(n, 32).bitwise_or_(qh.bitwise_left_shift_(4)).to(torch.int8)
+        d = f16(b, 0)[:, 0]
+        if type_name == "Q5_0":
+            return "q8", q - 16, d, torch.zeros_like(d)
+        return "q8", q, d, f16(b, 2)[:, 0]
     if type_name == "Q8_0":
         d = f16(b, 0)[:, 0]
         return "q8", b[:, 2:].contiguous().view(torch.int8), d, torch.zeros_like(d)
@@ -114,7 +123,7 @@ def _from_blocks(type_name: str, b: torch.Tensor):
 
 def quantized_tensor(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight | None:
     """Raw GGUF tensor bytes of an [N, K] weight -> QuantWeight, or None for types without a kernel format."""
-    if type_name not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K") or shape[1] % 32:
+    if type_name not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K") or shape[1] % 32:
         return None
     _, type_size, _ = gguf.QUANTS[type_name]
     data = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1).copy())
