@@ -90,8 +90,8 @@ def _from_blocks(type_name: str, b: torch.Tensor):
     if type_name in ("Q5_0", "Q5_1"):
         # 5-bit values: low nibbles + one high bit each from a 32-bit mask; Q5_0 is (q - 16) * d, Q5_1 d * q + m
         n, off = b.shape[0], 2 if type_name == "Q5_0" else 4
-        qh = loader._bits(b[:, off:off + 4], 1, tuple(range(8)), 1).transpose(1, 2).reshape(n, 32)
-        q = loader._nibbles(b[:, off + 4:], 1).view(n, 32).bitwise_or_(qh.bitwise_left_shift_(4)).to(torch.int8)
+        qh = gguf.bits(b[:, off:off + 4], 1, tuple(range(8)), 1).transpose(1, 2).reshape(n, 32)
+        q = gguf.nibbles(b[:, off + 4:], 1).view(n, 32).bitwise_or_(qh.bitwise_left_shift_(4)).to(torch.int8)
         d = f16(b, 0)[:, 0]
         if type_name == "Q5_0":
             return "q8", q - 16, d, torch.zeros_like(d)
