@@ -1,0 +1,144 @@
+"""Engine flags (shared by api_server, launch, chat and bench throughput) and the one place they become
+`EngineConfig`, including the only environment variables read anywhere (a launcher's RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT)."""
+from __future__ import annotations
+
+import argparse
+
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+
+
+# ---- engine arguments (shared by api_server, chat, bench throughput) -------------------------------------
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file, Hugging Face directory or hub id (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto|float32|float16|bfloat16. auto on CPU: bfloat16 matmuls (float32 accumulation) and "
+                        "KV cache where the CPU has native bf16 (AVX512_BF16/AMX), else float32; bf16 on CUDA. "
+                        "float32: the exact mode")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template string or file")
+    p.add_argument("--session-len", type=int, default=None, help="max tokens per session (prompt + output)")
+    p.add_argument("--cache-max-entry-count", type=float, default=None,
+                   help="fraction of free memory for the KV cache (default 0.8 on CUDA, 0.1 on CPU)")
+    p.add_argument("--cache-block-count", type=int, default=None, help="explicit number of KV cache blocks")
+    p.add_argument("--cache-block-seq-len", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--disable-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    p.add_argument("--max-batch-size", type=int, default=256, help="max sequences running at once")
+    p.add_argument("--max-prefill-token-num", type=int, default=512,
+                   help="token budget per engine step (chunked prefill)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: processes each holding 1/tp of the weights and KV cache (gloo on "
+                        "CPU, NCCL and one GPU per rank on CUDA)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines the tp ranks are spread over")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this machine's index; node 0 serves HTTP, the others only run their ranks")
+    p.add_argument("--master-addr", default=None, help="node 0's address for the rendezvous (default 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port (default: a free one; required with --nnodes > 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
+                   help="auto = C++ kernels on CPU float32 when they build, else PyTorch; torch = no C++ kernels; "
+                        "cpp = require them")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch"],
+                   help="auto = the fastest implementation of each op that applies here; torch = the PyTorch "
+                        "references end to end (no C++ kernels, no packed or quantized weight copies)")
+    p.add_argument("--kernel-build-timeout", type=float, default=600.0,
+                   help="seconds start-up waits for the C++ kernels to compile (first start only) before serving "
+                        "on the PyTorch references")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
+    p.add_argument("--quant-kernel-max-rows", type=int, default=64,
+                   help="GGUF Q4/Q5/Q8 and Q4_K/Q5_K/Q6_K weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
+    p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="bfloat16: large matmuls (prefill, batched decode) in bfloat16 with float32 accumulation, "
+                        "~2x faster on CPUs with AVX512_BF16 but not bit-exact; float32 is exact; auto (default) "
+                        "follows --dtype's precision policy")
+    p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
+                   help="embed: serve /v1/embeddings and /pooling only (an encoder runs with its own pooling); "
+                        "auto: embed for encoder checkpoints (BERT family), else generate")
+    p.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
+                   help="sampling defaults for fields a request leaves out: auto = the model's "
+                        "generation_config.json / GGUF metadata / model card; none = the API's own defaults; "
+                        "PATH = a generation_config.json or its directory")
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding: ngram = prompt lookup (drafts copied from the sequence itself; "
+                        "no draft model); draft = a draft model (--speculative-model; not implemented yet)")
+    p.add_argument("--speculative-model", default=None,
+                   help="draft model path (implies --speculative-method draft); 'ngram' = --speculative-method ngram")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per step")
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix n-gram looked up")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix n-gram looked up")
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=8,
+                   help="no proposals in steps with more decoding sequences than this (compute-bound batches)")
+
+
+def _speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
+    method, model = args.speculative_method, args.speculative_model
+    if model == "ngram":       # vLLM's older spelling
+        method, model = "ngram", None
+    elif model is not None and method is None:
+        method = "draft"
+    return SpeculativeConfig(method=method, model=model, num_speculative_tokens=args.num_speculative_tokens,
+                             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+                             disable_by_batch_size=args.speculative_disable_by_batch_size)
+
+
+def build_engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The one place CLI arguments become engine config."""
+    return EngineConfig(
+        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                          chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
+                          attention_backend=args.attn_backend, kernels=args.kernels,
+                          kernel_build_timeout=args.kernel_build_timeout,
+                          quant_kernel_max_rows=args.quant_kernel_max_rows,
+                          num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task,
+                          generation_config=args.generation_config),
+        cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
+                          num_blocks=args.cache_block_count,
+                          enable_prefix_caching=not args.disable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_batch_size,
+                                  max_num_batched_tokens=args.max_prefill_token_num),
+        speculative=_speculative_config(args),
+        tp=_env_int("WORLD_SIZE", args.tp) if _launched() else args.tp,
+        distributed=_distributed_config(args),
+    )
+
+
+def _launched() -> bool:
+    import os
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _env_int(name: str, default):
+    import os
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _distributed_config(args: argparse.Namespace):
+    """Flags, or a launcher's environment (torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which then
+    makes this process exactly one rank."""
+    import os
+
+    from lmserve.config import DistributedConfig
+    launcher = _launched()
+    return DistributedConfig(
+        nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1",
+        master_port=args.master_port or _env_int("MASTER_PORT", None),
+        rank=_env_int("RANK", None) if launcher else None)
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine options in `args` that differ from their defaults, as api_server arguments (for launch)."""
+    ref = argparse.ArgumentParser()
+    add_engine_args(ref)
+    argv = [args.model] if args.model else []
+    for action in ref._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        argv += [action.option_strings[0]] if isinstance(value, bool) else [action.option_strings[0], str(value)]
+    return argv
