@@ -104,8 +104,9 @@ def _compile(path: str, deadline: float):
         if fresh:
             logger.warning("compiling CPU kernels (once, ~1-2 min) into %s ...", path)
         t0 = time.monotonic()
-        kw = dict(name=os.path.basename(path), extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=path,
-                  verbose=False)
+        # copies: torch's load() appends to the flag lists it is given, which would change build_name()
+        kw = dict(name=os.path.basename(path), extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                  build_directory=path, verbose=False)
         try:
             module = load(sources=sources(), **kw)
         except ImportError:
