@@ -119,6 +119,13 @@ def url(api_server_url) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(url):
+def client(request, url):
+    """A module may set CLIENT_TIMEOUT (seconds) when its requests legitimately run long."""
     import openai
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    timeout = getattr(request.module, "CLIENT_TIMEOUT", 120)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id

@@ -13,14 +13,8 @@ import struct
 
 import httpx
 import openai
-import pytest
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
 
 
 def _sse_events(resp: httpx.Response) -> list[str]:
