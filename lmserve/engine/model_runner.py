@@ -11,6 +11,7 @@ import torch
 import torch.distributed
 
 from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
+from lmserve.ops.onednn import packed_gemm_implementation, uses_amx
 from lmserve.engine.cpu_threads import available_cpus
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
@@ -170,8 +171,13 @@ class ModelRunner:
             return
         fast = torch.bfloat16 if self.matmul_precision == "bfloat16" else torch.float32
         self.model.attach_fast(fast, pack=self.model_config.kernels != "torch")
-        logger.info("%s matmuls on %s weights", fast, "packed" if self.model.logits_fast is not None and
-                    self.model.logits_fast.is_mkldnn else "plain")
+        packed = self.model.logits_fast is not None and self.model.logits_fast.is_mkldnn
+        impl = packed_gemm_implementation(fast) if packed else None
+        logger.info("%s matmuls on %s weights%s", fast, "packed" if packed else "plain",
+                    f" (oneDNN {impl})" if impl else "")
+        if fast == torch.bfloat16 and cpu_bf16_feature() == "amx_bf16" and impl and not uses_amx(impl):
+            logger.warning("the CPU has AMX but oneDNN runs bf16 GEMMs with %s: AMX tiles unused (kernel too old "
+                           "to grant AMX permission?); expect ~half the prefill speed", impl)
 
     def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_weights(weights)   # all-or-nothing
