@@ -1,6 +1,6 @@
 """The machine's roofline for the default model: fp32 GEMM GFLOP/s, memory bandwidth, and the tokens/s ceilings.
 
-    python benchmarks/roofline.py [--model FILE.gguf] [--save-result roofline.json]
+    python benchmarks/roofline.py [--model FILE.gguf] [--shapes] [--save-result roofline.json]
 
 Compute ceiling: peak GEMM GFLOP/s / (model FLOPs per token), where FLOPs per token = 2 x the matmul weights
 (attention projections, MLP, lm_head) + the attention score/value work at the benchmark's mean context.
@@ -64,6 +64,45 @@ def gemm_gflops(m: int, k: int, n: int, seconds: float = 1.0, dtype: torch.dtype
     return 2.0 * m * k * n * iters / elapsed / 1e9
 
 
+def model_gemms(s: dict) -> dict[str, tuple[int, int]]:
+    """The model's matmul weights as (out, in), the way the engine fuses them (qkv, gate_up)."""
+    q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    return {"qkv": (q + 2 * kv, s["hidden"]), "o": (s["hidden"], q), "gate_up": (2 * s["intermediate"], s["hidden"]),
+            "down": (s["hidden"], s["intermediate"]), "lm_head": (s["vocab"], s["hidden"])}
+
+
+def engine_gemm_gflops(m: int, out_f: int, in_f: int, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """GFLOP/s of the engine's own path (fast_linear on a weight packed by make_fast_weight), float32 in and out."""
+    from lmserve.model.layers import fast_linear, make_fast_weight
+    w = make_fast_weight(torch.randn(out_f, in_f), dtype)
+    w = torch.randn(out_f, in_f) if w is None else w
+    x = torch.randn(m, in_f)
+    for _ in range(3):
+        fast_linear(x, w)
+    iters, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        fast_linear(x, w)
+        iters += 1
+    return 2.0 * m * out_f * in_f * iters / elapsed / 1e9
+
+
+def shape_table(shape: dict, peak: dict[str, float], rows=(1, 4, 16, 64, 256, 512, 2048)) -> dict:
+    """Each model GEMM at each batch size, as GFLOP/s and as a fraction of that dtype's square-GEMM peak."""
+    from lmserve.config import cpu_bf16_feature
+    from lmserve.ops.onednn import packed_gemm_implementation
+    dtypes = {"float32": torch.float32} | ({"bfloat16": torch.bfloat16} if cpu_bf16_feature() else {})
+    table = {}
+    for name, dt in dtypes.items():
+        print(f"\n{name} GEMMs through the engine's packed path (oneDNN {packed_gemm_implementation(dt)}), "
+              f"GFLOP/s and % of the {peak[name]:.0f} GFLOP/s peak:")
+        print("rows  " + "".join(f"{g:>17}" for g in model_gemms(shape)))
+        for m in rows:
+            cells = {g: engine_gemm_gflops(m, o, i, dt) for g, (o, i) in model_gemms(shape).items()}
+            table.setdefault(name, {})[m] = cells
+            print(f"{m:>4}  " + "".join(f"{v:9.1f} ({100 * v / peak[name]:3.0f}%)" for v in cells.values()))
+    return table
+
+
 def bandwidth_gb_s(mbytes: int = 256, seconds: float = 1.0) -> float:
     """Read+write bandwidth of a large copy (what streaming weights through the cores costs)."""
     src = torch.empty(mbytes * 2**20 // 4)
@@ -81,6 +120,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="GGUF file (default: bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--context", type=int, default=192, help="mean tokens of history per decode step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--shapes", action="store_true",
+                    help="also time each of the model's GEMM shapes through the engine's packed path at 1-2048 rows")
     ap.add_argument("--save-result", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -109,6 +150,7 @@ def main() -> None:
     for n, g in bf16.items():
         print(f"bf16 GEMM {n}x{n}x{n}: {g:7.1f} GFLOP/s")
     peak_bf16 = max(bf16.values())
+    shapes = shape_table(shape, {"float32": peak, "bfloat16": peak_bf16}) if args.shapes else None
     bw = bandwidth_gb_s()
     print(f"memory copy bandwidth: {bw:.1f} GB/s")
 
@@ -127,7 +169,8 @@ def main() -> None:
                        "gemm_decode_gflops": decode, "peak_gflops": peak, "bandwidth_gb_s": bw,
                        "compute_ceiling_tok_s": compute_ceiling, "memory_ceiling_tok_s": mem,
                        "gemm_bf16_gflops": bf16, "peak_bf16_gflops": peak_bf16,
-                       "compute_ceiling_bf16_tok_s": peak_bf16 * 1e9 / flops}, f, indent=2)
+                       "compute_ceiling_bf16_tok_s": peak_bf16 * 1e9 / flops, "engine_gemm_gflops": shapes},
+                      f, indent=2)
         print(f"saved {args.save_result}")
 
 
