@@ -3,19 +3,24 @@
 Each peer that is present is started on a free 127.0.0.1 port, measured with `lmserve bench serve` at each
 concurrency level, and stopped. Peers live outside this repository (see docs/benchmarks.md for how to build them):
 
-  lmserve           python -m lmserve serve api_server (this checkout)
+  lmserve           python -m lmserve serve api_server (this checkout), its default (--dtype auto)
+  lmserve-fp32      the same with --dtype float32 (the exact mode)
+  lmserve-bf16      the same with --matmul-dtype bfloat16 (bf16 even where the CPU lacks native bf16)
   llama-server      llama.cpp's C++ server, continuous batching (--parallel = the level; restarted per level)
   llama-cpp-python  llama-cpp-python[server] in its own venv (serves one request at a time)
-  vllm              vLLM's CPU build in its own venv, on an HF export of the same weights
+  vllm              vLLM's CPU build in its own venv, on an HF export of the same weights, in its default dtype
+  vllm-fp32         the same with --dtype float32
   hf                benchmarks/hf_server.py: transformers, one request at a time (FastChat-style)
-  llamacpp-inproc   not a server: llama.cpp's in-process single-stream decode speed (llama-cpp-python)
+  llamacpp-inproc   not a server: llama.cpp's in-process single-stream decode speed (llama-cpp-python's
+                    bindings when its venv exists, else llama.cpp's own llama-bench)
 
-    python benchmarks/run_peers.py                          # everything present, levels 1,16,32,64
-    python benchmarks/run_peers.py --peers lmserve,llama-server --levels 1,16
+    python benchmarks/run_peers.py                          # everything present, levels 1,16,64
+    python benchmarks/run_peers.py --peers lmserve,lmserve-fp32 # rerun two rows; the others stay in summary.json
     python benchmarks/run_peers.py --smoke                   # a few short requests per peer: do the scripts work?
 
-Results: OUT_DIR/<peer>.json (the `bench serve --save-result` format, one run per level), OUT_DIR/summary.json,
-OUT_DIR/peers.png, and a table with lmserve's ratios. Run it on an otherwise idle machine.
+Results: OUT_DIR/<peer>.json (the `bench serve --save-result` format, one run per level), OUT_DIR/summary.json
+(merged: a run replaces only the (peer, level) entries it measured; --fresh starts a new table), OUT_DIR/peers.png,
+and a table with lmserve's ratios. Run it on an otherwise idle machine, under the shared bench lock.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import ClassVar
+
+import peers_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.environ.get("LMSERVE_PEERS_DIR", "/work/peers")
@@ -63,37 +70,11 @@ def gguf_eos_ids(path: str) -> list[int]:
 
 # ---- HF export of the GGUF weights (for vLLM) ----------------------------------------------------------------
 def export_hf_dir(gguf_path: str, out_dir: str) -> str:
-    """An HF directory of the same weights; lmserve's own exporter when it exists, else via transformers."""
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        return out_dir
-    try:
+    """An HF directory (safetensors + config + tokenizer) of the same weights, made once by lmserve's exporter."""
+    if not os.path.exists(os.path.join(out_dir, "config.json")):
         from lmserve.model.gguf_export import export_hf
-    except ImportError:
-        export_hf = None
-    if export_hf is not None:
-        export_hf(gguf_path, out_dir)
-        return out_dir
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d, f = os.path.dirname(gguf_path), os.path.basename(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    os.makedirs(out_dir, exist_ok=True)
-    # NOTE: save_pretrained refuses GGUF-loaded models; write the tensors ourselves, without the tied lm_head.
-    sd = model.state_dict()
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["architectures"] = ["LlamaForCausalLM"]
-    cfg["torch_dtype"] = "float32"
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(cfg, fh, indent=2)
-    tok.save_pretrained(out_dir)
+        export_hf(gguf_path, out_dir)
     return out_dir
 
 
@@ -139,14 +120,18 @@ class LlamaCppPythonPeer(Peer):
                  "--n_ctx", "2048", "--n_threads", "2", "--n_threads_batch", "2"], {})
 
 
+@dataclass
 class VllmPeer(Peer):
-    python = os.path.join(PEERS_DIR, "vllm-venv", "bin", "python")
-    hf_dir = os.path.join(PEERS_DIR, "smollm2-hf")
+    python: ClassVar[str] = os.path.join(PEERS_DIR, "vllm-venv", "bin", "python")
+    hf_dir: ClassVar[str] = os.path.join(PEERS_DIR, "smollm2-hf")
+    dtype: str | None = None    # None: vLLM's own default (what a user comparing defaults gets)
 
     def command(self, gguf, port, level):
         export_hf_dir(gguf, self.hf_dir)
-        env = {"VLLM_CPU_KVCACHE_SPACE": "4"}
-        return ([self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.hf_dir, "--dtype", "float32",
+        # HF_HUB_OFFLINE: the model is a local directory; nothing may be fetched from a hub.
+        env = {"VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        dtype = ["--dtype", self.dtype] if self.dtype else []
+        return ([self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.hf_dir, *dtype,
                  "--max-model-len", "2048", "--port", str(port), "--host", "127.0.0.1"], env)
 
 
@@ -163,15 +148,18 @@ def _venv_has(python: str, module: str) -> bool:
 
 def discover(gguf: str) -> dict[str, Peer]:
     eos = {str(t): -100 for t in gguf_eos_ids(gguf)}
+    vllm_ok = _venv_has(VllmPeer.python, "vllm")
     peers = [
-        LmservePeer("lmserve", True),
+        LmservePeer("lmserve", True, flags=("--dtype", "auto")),
+        LmservePeer("lmserve-fp32", True, flags=("--dtype", "float32")),
         LmservePeer("lmserve-bf16", True, flags=("--matmul-dtype", "bfloat16")),
         LlamaServerPeer("llama-server", os.access(LlamaServerPeer.binary, os.X_OK),
                         f"{LlamaServerPeer.binary} not built", restart_per_level=True, startup_s=120),
         # NOTE: llama-cpp-python ignores ignore_eos; a logit bias against EOS holds the output length instead.
         LlamaCppPythonPeer("llama-cpp-python", _venv_has(LlamaCppPythonPeer.python, "llama_cpp.server"),
                            "llamacpp-venv missing", serial=True, startup_s=120, extra_body={"logit_bias": eos}),
-        VllmPeer("vllm", _venv_has(VllmPeer.python, "vllm"), "vllm-venv missing", startup_s=900),
+        VllmPeer("vllm", vllm_ok, "vllm-venv missing", startup_s=900),
+        VllmPeer("vllm-fp32", vllm_ok, "vllm-venv missing", startup_s=900, dtype="float32"),
         HfPeer("hf", True, serial=True, startup_s=300),
     ]
     return {p.name: p for p in peers}
@@ -230,11 +218,12 @@ def bench(peer: Peer, base_url: str, level: int, num_prompts: int, args, out_jso
 
 
 def run_peer(peer: Peer, gguf: str, levels: list[int], args) -> dict | None:
+    """Measure one peer at each level; OUT_DIR/<peer>.json keeps its runs at levels not measured now."""
     log_path = os.path.join(args.out_dir, f"{peer.name}.log")
-    merged = None
+    runs = []
     proc = None
     try:
-        for i, level in enumerate(levels):
+        for level in levels:
             if proc is None or peer.restart_per_level:
                 if proc is not None:
                     stop(proc)
@@ -242,28 +231,38 @@ def run_peer(peer: Peer, gguf: str, levels: list[int], args) -> dict | None:
             factor = args.serial_prompts_factor if peer.serial else args.prompts_factor
             num_prompts = args.num_prompts or max(int(factor * level), args.min_prompts)
             level_json = os.path.join(args.out_dir, f".{peer.name}-{level}.json")
+            prov = peers_summary.provenance(REPO)     # load average just before this level, not after it
             res = bench(peer, base_url, level, num_prompts, args, level_json)
             os.remove(level_json)
-            if merged is None:
-                merged = res
-            else:
-                merged["runs"] += res["runs"]
+            for r in res["runs"]:
+                r["provenance"] = prov
+            runs += res["runs"]
     except (RuntimeError, subprocess.CalledProcessError) as e:
         print(f"!! {peer.name}: {e}", file=sys.stderr)
     finally:
         if proc is not None:
             stop(proc)
-    if merged is not None:
-        with open(os.path.join(args.out_dir, f"{peer.name}.json"), "w") as f:
-            json.dump(merged, f, indent=2)
-    return merged
-
-
-def llamacpp_inprocess(gguf: str, args) -> dict | None:
-    """llama.cpp's own single-stream decode speed, in process (no HTTP), via llama-cpp-python's bindings."""
-    python = LlamaCppPythonPeer.python
-    if not _venv_has(python, "llama_cpp"):
+    if not runs:
         return None
+    path = os.path.join(args.out_dir, f"{peer.name}.json")
+    kept = []
+    if os.path.exists(path) and not args.fresh:
+        with open(path) as f:
+            new_levels = {r["metrics"]["max_concurrency"] for r in runs}
+            kept = [r for r in json.load(f).get("runs", []) if r["metrics"]["max_concurrency"] not in new_levels]
+    merged = {**res, "runs": sorted(kept + runs, key=lambda r: r["metrics"]["max_concurrency"])}
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=2)
+    return {"levels": {r["metrics"]["max_concurrency"]: peers_summary.level_entry(r["metrics"], r["provenance"])
+                       for r in runs}}
+
+
+LLAMA_BENCH = os.path.join(PEERS_DIR, "llama-bench")
+
+
+def _inproc_bindings(gguf: str, args) -> dict | None:
+    """llama-cpp-python's bindings: 128-token prompt, then greedy decode with EOS masked; best of 3."""
+    python = LlamaCppPythonPeer.python
     n = args.output_len
     code = f"""
 import json, time
@@ -291,48 +290,45 @@ print(json.dumps(out))
         return None
     reps = json.loads(proc.stdout.strip().splitlines()[-1])
     best = max(reps, key=lambda r: r["decode_tok_s"])
-    result = {"label": "llamacpp-inproc", "input_len": args.input_len, "output_len": n, "reps": reps,
-              "decode_tok_s": best["decode_tok_s"], "prefill_s": best["ttft_s"]}
+    return {"method": "llama-cpp-python bindings, best of 3", "reps": reps, "decode_tok_s": best["decode_tok_s"],
+            "prefill_s": best["ttft_s"]}
+
+
+def _inproc_llama_bench(gguf: str, args) -> dict | None:
+    """llama.cpp's own benchmark: args.output_len generated tokens after a context of args.input_len (-d), 2
+    threads, 3 repetitions; its mean tok/s is the figure (as lmserve's c=1 row is a mean over requests)."""
+    cmd = [LLAMA_BENCH, "-m", gguf, "-p", "0", "-n", str(args.output_len), "-d", str(args.input_len), "-t", "2",
+           "-r", "3", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"!! llamacpp-inproc: {' '.join(cmd)}: {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    rows = [r for r in json.loads(proc.stdout) if r.get("n_gen", 0) > 0]
+    if not rows:
+        return None
+    r = rows[0]
+    return {"method": f"llama-bench -p 0 -n {args.output_len} -d {args.input_len} -t 2 -r 3 (mean)",
+            "decode_tok_s": r["avg_ts"], "stddev_tok_s": r["stddev_ts"], "samples_ts": r.get("samples_ts"),
+            "build_commit": r.get("build_commit"), "cpu_info": r.get("cpu_info"), "type_k": r.get("type_k"),
+            "command": " ".join(cmd)}
+
+
+def llamacpp_inprocess(gguf: str, args) -> dict | None:
+    """llama.cpp's single-stream decode speed in process (no HTTP): the bindings if built, else llama-bench."""
+    prov = peers_summary.provenance(REPO)
+    if _venv_has(LlamaCppPythonPeer.python, "llama_cpp"):
+        result = _inproc_bindings(gguf, args)
+    elif os.access(LLAMA_BENCH, os.X_OK):
+        result = _inproc_llama_bench(gguf, args)
+    else:
+        print(f"-- skipping llamacpp-inproc: neither llamacpp-venv nor {LLAMA_BENCH}")
+        return None
+    if result is None:
+        return None
+    result = {"label": "llamacpp-inproc", "input_len": args.input_len, "output_len": args.output_len, **result, **prov}
     with open(os.path.join(args.out_dir, "llamacpp-inproc.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
-
-
-def summarize(results: dict[str, dict], inproc: dict | None, levels: list[int]) -> dict:
-    def by_level(res):
-        return {r["metrics"]["max_concurrency"]: r["metrics"] for r in res["runs"]}
-
-    table = {name: by_level(res) for name, res in results.items()}
-    print(f"\n{'peer':<18}" + "".join(f"{'c=' + str(c) + ' tok/s':>14}" for c in levels)
-          + f"{'TTFT p99@16':>13}{'decode@1':>10}")
-    for name, lv in table.items():
-        row = f"{name:<18}" + "".join(f"{lv[c]['output_throughput']:>14.1f}" if c in lv else f"{'-':>14}"
-                                      for c in levels)
-        ttft = f"{lv[16]['ttft_ms']['p99'] / 1000:>12.2f}s" if 16 in lv else f"{'-':>13}"
-        dec = f"{lv[1]['mean_decode_tok_s_per_request']:>10.1f}" if 1 in lv else f"{'-':>10}"
-        print(row + ttft + dec)
-    if inproc:
-        print(f"{'llamacpp-inproc':<18}single-stream decode {inproc['decode_tok_s']:.1f} tok/s")
-    all_ratios = {}
-    for our_name in (n for n in table if n.startswith("lmserve")):
-        ours, ratios = table[our_name], {}
-        for name, lv in table.items():
-            if name.startswith("lmserve"):
-                continue
-            ratios[name] = {c: ours[c]["output_throughput"] / lv[c]["output_throughput"]
-                            for c in levels if c in ours and c in lv and lv[c]["output_throughput"] > 0}
-        if inproc and 1 in ours:
-            ratios["single_stream_vs_llamacpp_inproc"] = ours[1]["mean_decode_tok_s_per_request"] / inproc["decode_tok_s"]
-        print(f"\n{our_name} output throughput / peer's:")
-        for name, r in ratios.items():
-            print(f"  {name}: " + (", ".join(f"c={c}: {v:.2f}x" for c, v in r.items()) if isinstance(r, dict)
-                                   else f"{r:.2f}x"))
-        all_ratios[our_name] = ratios
-    ratios = all_ratios
-    return {"levels": levels, "output_throughput": {n: {c: m["output_throughput"] for c, m in lv.items()}
-                                                    for n, lv in table.items()},
-            "ttft_p99_ms": {n: {c: m["ttft_ms"]["p99"] for c, m in lv.items()} for n, lv in table.items()},
-            "llamacpp_inproc_decode_tok_s": inproc["decode_tok_s"] if inproc else None, "lmserve_ratios": ratios}
 
 
 def main() -> int:
@@ -341,7 +337,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="GGUF file (default: bundled SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--peers", default=None, help="comma list (default: all present, plus llamacpp-inproc)")
-    ap.add_argument("--levels", default="1,16,32,64", help="max-concurrency levels")
+    ap.add_argument("--levels", default="1,16,64", help="max-concurrency levels")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--prompts-factor", type=float, default=2.0, help="prompts per level = factor x level")
@@ -353,11 +349,16 @@ def main() -> int:
     ap.add_argument("--request-rate", type=float, default=None,
                     help="Poisson arrivals (req/s) under the --levels concurrency cap; default: all at once")
     ap.add_argument("--lmserve-args", default="", help="extra `lmserve serve api_server` flags, one string")
-    ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--out-dir", default=None,
+                    help="default benchmarks/results/peers (--smoke: a temporary directory, never the results)")
+    ap.add_argument("--fresh", action="store_true", help="start a new summary.json instead of merging into it")
     ap.add_argument("--smoke", action="store_true", help="levels 1,2; 2 prompts of 32 -> 8 tokens: scripts work?")
     args = ap.parse_args()
     if args.smoke:
         args.levels, args.num_prompts, args.input_len, args.output_len = "1,2", 2, 32, 8
+    if args.out_dir is None:
+        args.out_dir = (os.path.join("/tmp", "run_peers-smoke") if args.smoke
+                        else os.path.join(REPO, "benchmarks", "results", "peers"))
     levels = [int(x) for x in args.levels.split(",")]
     gguf = args.model or default_gguf()
     os.makedirs(args.out_dir, exist_ok=True)
@@ -368,7 +369,7 @@ def main() -> int:
     unknown = set(wanted) - set(peers) - {"llamacpp-inproc"}
     if unknown:
         raise SystemExit(f"unknown peers: {sorted(unknown)}; known: {sorted(peers)} + llamacpp-inproc")
-    results = {}
+    new = {}
     for name in wanted:
         if name == "llamacpp-inproc":
             continue
@@ -377,24 +378,35 @@ def main() -> int:
             print(f"-- skipping {name}: {peer.why_absent}")
             continue
         print(f"== {name}: levels {levels}", flush=True)
-        res = run_peer(peer, gguf, levels, args)
-        if res is not None:
-            results[name] = res
-    inproc = llamacpp_inprocess(gguf, args) if "llamacpp-inproc" in wanted else None
+        entry = run_peer(peer, gguf, levels, args)
+        if entry is not None:
+            new[name] = entry
+    if "llamacpp-inproc" in wanted:
+        print("== llamacpp-inproc", flush=True)
+        inproc = llamacpp_inprocess(gguf, args)
+        if inproc is not None:
+            new["llamacpp-inproc"] = {"inproc": inproc}
 
-    summary = summarize(results, inproc, levels)
-    summary.update(model=gguf, input_len=args.input_len, output_len=args.output_len,
-                   date=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    summary_path = os.path.join(args.out_dir, "summary.json")
+    table = peers_summary.merge({} if args.fresh else peers_summary.load(summary_path), new)
+    peers_summary.write(summary_path, table, {"model": gguf, "input_len": args.input_len,
+                                              "output_len": args.output_len, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    print("\n" + peers_summary.table(table))
+    # the plot shows every served peer of the merged table, not only those measured now
+    results = []
+    for name in (n for n, e in table.items() if "levels" in e):
+        path = os.path.join(args.out_dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
     if results:
         try:
             from lmserve.bench.plot import plot_results
-            plot_results(list(results.values()), os.path.join(args.out_dir, "peers.png"))
+            plot_results(results, os.path.join(args.out_dir, "peers.png"))
         except SystemExit as e:
             print(e)
     print(f"results in {args.out_dir}")
-    return 0 if results else 1
+    return 0 if new else 1
 
 
 if __name__ == "__main__":
