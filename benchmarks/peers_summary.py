@@ -137,3 +137,40 @@ def write(path: str, peers: dict, extra: dict) -> dict:
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def markdown(summary: dict) -> str:
+    """The docs table of a summary.json: output tok/s per level, TTFT p99 at the top level, single-stream decode,
+    each row's commit(s) and load average(s) before it ran, then lmserve's ratios."""
+    peers, levels = summary["peers"], summary["levels"]
+    top = max(levels)
+    out = ["| peer | " + " | ".join(f"c={c} tok/s" for c in levels) + f" | TTFT p99 @{top} | single-stream decode "
+           "| commit | load (1 min) |", "|---|" + "---:|" * (len(levels) + 2) + "---|---|"]
+    for name, e in peers.items():
+        if "levels" in e:
+            lv = e["levels"]
+            cells = [f"{lv[str(c)]['output_throughput']:.1f}" if str(c) in lv else "" for c in levels]
+            ttft = f"{lv[str(top)]['ttft_ms']['p99'] / 1000:.2f} s" if str(top) in lv else ""
+            one = lv.get("1", {}).get("mean_decode_tok_s_per_request")
+            commits = ", ".join(sorted({v["commit"] for v in lv.values()}))
+            loads = ", ".join(f"{lv[str(c)]['loadavg'][0]:.2f}" for c in levels if str(c) in lv)
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {ttft} | {f'{one:.1f} tok/s' if one else ''} "
+                       f"| {commits} | {loads} |")
+        elif "inproc" in e:
+            i = e["inproc"]
+            load = f"{i['loadavg'][0]:.2f}" if "loadavg" in i else ""
+            out.append(f"| {name} | " + " | ".join("" for _ in levels) + f" | | {i['decode_tok_s']:.1f} tok/s "
+                       f"| {i.get('commit', '')} | {load} |")
+    out.append("")
+    for ours, r in summary["lmserve_ratios"].items():
+        parts = [f"{name} " + " / ".join(f"{v:.2f}x" for v in x.values()) + " (c=" + "/".join(x) + ")"
+                 if isinstance(x, dict) else f"{name} {x:.2f}x" for name, x in r.items() if x]
+        out.append(f"- {ours}: " + "; ".join(parts))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    with open(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/peers/summary.json") as f:
+        print(markdown(json.load(f)))

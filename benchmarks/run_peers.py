@@ -20,7 +20,7 @@ concurrency level, and stopped. Peers live outside this repository (see docs/ben
 
 Results: OUT_DIR/<peer>.json (the `bench serve --save-result` format, one run per level), OUT_DIR/summary.json
 (merged: a run replaces only the (peer, level) entries it measured; --fresh starts a new table), OUT_DIR/peers.png,
-and a table with lmserve's ratios. Run it on an otherwise idle machine, under the shared bench lock.
+and a table with lmserve's ratios (`python benchmarks/peers_summary.py OUT_DIR/summary.json`: as markdown). Run it on an otherwise idle machine, under the shared bench lock.
 """
 from __future__ import annotations
 

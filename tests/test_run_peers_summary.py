@@ -45,6 +45,9 @@ def test_rerun_replaces_only_its_own_levels_and_ratios_follow(tmp_path):
     assert on_disk["levels"] == [1, 64]
     text = peers_summary.table(table)
     assert "aaa,bbb" in text and "vllm: c=1: 4.00x, c=64: 3.00x" in text
+    md = peers_summary.markdown(summary)
+    assert "| lmserve | 80.0 | 600.0 | 0.20 s | 88.0 tok/s | aaa, bbb |" in md
+    assert "- lmserve: vllm 4.00x / 3.00x (c=1/64); single_stream_vs_llamacpp_inproc 0.88x" in md
 
 
 def test_an_older_summary_without_peer_entries_starts_a_new_table(tmp_path):
