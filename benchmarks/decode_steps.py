@@ -1,6 +1,6 @@
 """Pure-decode step time of the engine at several batch sizes, float32 (MKL) vs the quantized-weight kernel.
 
-    python benchmarks/decode_steps.py [--batches 1,4,8,16,64] [--rows 0,64]
+    python benchmarks/decode_steps.py [--batches 1,4,8,16,64] [--rows 0,64] [--matmul-dtype bfloat16 --int8-dot on,off]
 
 For each --quant-kernel-max-rows value in --rows (0 = float32 MKL for every matmul) and each batch size B:
 B requests with 128-token prompts are prefilled, then 10 decode steps are timed.
@@ -28,8 +28,13 @@ def main():
     ap.add_argument("--rows", default="0,64", help="quant_kernel_max_rows values to compare")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--int8-dot", default="on", help="on,off: int8-activation VNNI quantized kernel (bf16 only); "
+                    "several values run interleaved per batch size")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of the whole comparison (interleaved)")
     args = ap.parse_args()
-    for rows in (int(r) for r in args.rows.split(",")):
+    configs = [(int(r), i8) for _ in range(args.repeat) for r in args.rows.split(",") for i8 in args.int8_dot.split(",")]
+    for rows, int8 in configs:
+        os.environ["LMSERVE_INT8_DOT"] = "1" if int8 == "on" else "0"
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, quant_kernel_max_rows=rows,
                                                                    matmul_dtype=args.matmul_dtype),
                                         cache=CacheConfig(num_blocks=4096)))
@@ -45,7 +50,7 @@ def main():
             for _ in range(args.steps):
                 engine.step()
             dt = (time.perf_counter() - t0) / args.steps
-            print(f"matmul_dtype={args.matmul_dtype} quant_kernel_max_rows={rows:3d} batch={batch:3d}: step {dt * 1000:7.1f} ms "
+            print(f"matmul_dtype={args.matmul_dtype} int8_dot={int8:3s} quant_kernel_max_rows={rows:3d} batch={batch:3d}: step {dt * 1000:7.1f} ms "
                   f"{batch / dt:7.1f} tok/s", flush=True)
             engine.abort_all()
 

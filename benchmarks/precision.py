@@ -34,6 +34,15 @@ def configs() -> dict[str, dict]:
     }
     if auto != "bfloat16":
         out["--matmul-dtype bfloat16"] = dict(matmul_dtype="bfloat16")
+    # The rows above score with large matmuls (1024-token prefill, 8-sequence decode batches), which the bf16 GEMMs
+    # take. Decode at batch <= 4 runs the quantized kernel instead, with int8 activations (VNNI) in the bf16 modes:
+    # these rows force every matmul onto it (4-token prefill chunks, at most 4 sequences per step).
+    small = dict(max_num_batched_tokens=4, max_num_seqs=4)
+    tag = "int8 activations x VNNI" if auto == "bfloat16" else "exact"
+    out[f"--dtype auto, small-batch path (<= 4 rows: quantized kernel, {tag})"] = dict(_sched=small)
+    if auto == "bfloat16":
+        out["--dtype auto, small-batch path, LMSERVE_INT8_DOT=0 (float32 activations)"] = dict(
+            _sched=small, _env={"LMSERVE_INT8_DOT": "0"})
     return out
 
 
@@ -60,6 +69,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--skip-reference-path", action="store_true", help="leave out the pure-PyTorch float32 row")
     ap.add_argument("--save-result", default=None)
+    ap.add_argument("--only", default=None, help="run only the rows whose name contains this text")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -78,8 +88,13 @@ def main() -> int:
     for name, kw in configs().items():
         if args.skip_reference_path and kw.get("attention_backend") == "torch":
             continue
+        if args.only and args.only not in name:
+            continue
+        kw = dict(kw)
+        sched = kw.pop("_sched", dict(max_num_batched_tokens=2048))
+        os.environ.update(kw.pop("_env", {"LMSERVE_INT8_DOT": "1"}))
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, **kw), cache=CacheConfig(num_blocks=1024),
-                                        scheduler=SchedulerConfig(max_num_batched_tokens=2048)))
+                                        scheduler=SchedulerConfig(**sched)))
         ids = text_ids(engine.tokenizer, args.tokens)
         if ref_lp is None:
             with torch.no_grad():

@@ -52,3 +52,40 @@ def test_governor_drops_a_thread_for_a_busy_neighbour_and_takes_it_back(fake_pro
     fake_proc(others=0.0)
     gov.maybe_adjust()
     assert gov.num_threads == 2 and torch.get_num_threads() == 2
+
+
+def fake_sysfs(tmp_path, siblings: dict[int, str]):
+    for cpu, text in siblings.items():
+        d = tmp_path / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "thread_siblings_list").write_text(text + "\n")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("siblings,allowed,quota,want", [
+    ({0: "0-1", 1: "0-1"}, [0, 1], None, 1),                      # a 2-vCPU VM = one core's two SMT siblings
+    ({0: "0", 1: "1"}, [0, 1], None, 2),                          # one thread per core (this machine): unchanged
+    ({0: "0,4", 1: "1,5", 2: "2,6", 3: "3,7", 4: "0,4", 5: "1,5", 6: "2,6", 7: "3,7"},
+     list(range(8)), None, 4),                                    # 4 cores x 2 threads, Linux's sibling numbering
+    ({0: "0,4", 1: "1,5", 2: "2,6", 3: "3,7", 4: "0,4", 5: "1,5", 6: "2,6", 7: "3,7"},
+     [0, 4, 1], None, 2),                                         # an affinity mask covering 2 of the cores
+    ({0: "0,4", 1: "1,5", 2: "2,6", 3: "3,7", 4: "0,4", 5: "1,5", 6: "2,6", 7: "3,7"},
+     list(range(8)), 2.5, 3),                                     # a cgroup quota below the core count wins
+    ({}, [0, 1, 2], None, 3),                                     # no topology in sysfs: one core per CPU
+])
+def test_default_threads_counts_physical_cores(tmp_path, monkeypatch, siblings, allowed, quota, want):
+    monkeypatch.setattr(cpu_threads, "allowed_cpus", lambda: allowed)
+    monkeypatch.setattr(cpu_threads, "_cgroup_cpu_limit", lambda: quota)
+    n, why = cpu_threads.default_threads(fake_sysfs(tmp_path, siblings))
+    assert n == want, why
+    assert ("quota" in why) == (quota is not None and quota < len(allowed))
+
+
+def test_default_threads_on_this_machine_is_one_per_core():
+    n, _ = cpu_threads.default_threads()
+    cores = {open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read()
+             for c in os.sched_getaffinity(0)
+             if os.path.exists(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list")}
+    assert 1 <= n <= available_cpus()
+    if cores and len(cores) == len(os.sched_getaffinity(0)) and cpu_threads._cgroup_cpu_limit() is None:
+        assert n == available_cpus()          # no SMT: the same count as before

@@ -55,6 +55,36 @@ def available_cpus() -> int:
     return max(1, n)
 
 
+def _siblings(cpu: int, sysfs: str) -> frozenset[int]:
+    """The hardware threads sharing `cpu`'s core (sysfs thread_siblings_list: "0,4" or "0-1"); {cpu} if unknown."""
+    try:
+        with open(f"{sysfs}/cpu{cpu}/topology/thread_siblings_list") as f:
+            text = f.read().strip()
+    except OSError:
+        return frozenset({cpu})
+    out = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(out)
+
+
+def default_threads(sysfs: str = "/sys/devices/system/cpu") -> tuple[int, str]:
+    """(threads, why): one per physical core among the CPUs we may use, capped by the cgroup quota.
+
+    Why cores, not CPUs: a batch-1 decode step is ~200 tiny parallel regions, each waiting for its slowest thread.
+    Two SMT siblings of one core share its load/FMA ports and caches, so splitting a small matmul across both
+    mostly adds synchronisation (a 2-vCPU VM is often exactly one core's two siblings); llama.cpp also defaults to
+    the physical core count. With one thread per core (no SMT) this is the CPU count, as before."""
+    cpus = allowed_cpus()
+    cores = {_siblings(c, sysfs) & frozenset(cpus) for c in cpus}
+    n, why = len(cores), f"{len(cores)} physical cores among {len(cpus)} allowed CPUs"
+    quota = _cgroup_cpu_limit()
+    if quota is not None and math.ceil(quota) < n:
+        n, why = max(1, math.ceil(quota)), f"cgroup CPU quota {quota:g} ({why})"
+    return max(1, n), why
+
+
 def _busy_jiffies(cpus: set[int]) -> int | None:
     """Non-idle time (in clock ticks) summed over `cpus`, from /proc/stat."""
     try:
@@ -80,7 +110,7 @@ class ThreadGovernor:
 
     def __init__(self, max_threads: int | None = None, interval: float = 0.5):
         self.cpus = set(allowed_cpus())
-        self.max_threads = max_threads or available_cpus()
+        self.max_threads = max_threads or default_threads()[0]
         self.interval = interval
         self.num_threads = self.max_threads
         self._last_time = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 
 import psutil
@@ -12,7 +13,7 @@ import torch.distributed
 
 from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
 from lmserve.ops.onednn import packed_gemm_implementation, uses_amx
-from lmserve.engine.cpu_threads import available_cpus
+from lmserve.engine.cpu_threads import default_threads
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.engine.spec_decode import VerifyResult, verify
@@ -78,8 +79,10 @@ class ModelRunner:
         if model_config.num_threads:
             torch.set_num_threads(model_config.num_threads)
         elif self.device.type == "cpu":
-            # NOTE: torch counts the host's cores; a cgroup quota or an affinity mask may allow fewer
-            torch.set_num_threads(available_cpus())
+            # NOTE: torch counts the host's cores; a cgroup quota, an affinity mask or SMT siblings may mean fewer
+            threads, why = default_threads()
+            torch.set_num_threads(threads)
+            logger.info("CPU threads: %d (%s; --num-threads overrides)", threads, why)
         self.dtype = model_config.torch_dtype
         # bfloat16 matmuls also halve the KV cache (decode attention at large batch is bound by reading it)
         self.matmul_precision = model_config.matmul_precision
@@ -164,7 +167,24 @@ class ModelRunner:
         if self.tp_size > 1:
             quant = shard_quantized(quant, self.arch)       # this rank's blocks
         n = self.model.attach_quantized(quant, max_rows)
-        logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows)", n, max_rows)
+        int8 = self._use_int8_dot()
+        if int8:
+            for module in self.model.modules():
+                if getattr(module, "quant", None) is not None:
+                    module.quant = module.quant.for_int8_dot()
+            if getattr(self.model, "logits_quant", None) is not None:
+                self.model.logits_quant = self.model.logits_quant.for_int8_dot()
+        logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows), %s", n, max_rows,
+                    "int8 activations x AVX512-VNNI dot products" if int8 else "float32 activations (exact)")
+
+    def _use_int8_dot(self) -> bool:
+        """int8 activations for the quantized kernel (llama.cpp's Q8 x Qn dot products): only in the non-exact bf16
+        modes (--dtype float32 stays bit-exact), only where the CPU has AVX512-VNNI (checked at run time by the
+        kernel library, not by how it was compiled). LMSERVE_INT8_DOT=0 turns it off (A/B benchmarks)."""
+        if self.matmul_precision != "bfloat16" or os.environ.get("LMSERVE_INT8_DOT", "1") == "0":
+            return False
+        lib = self.ops.lib
+        return lib is not None and hasattr(lib, "cpu_has_int8_dot") and lib.cpu_has_int8_dot()
 
     def _attach_fast(self) -> None:
         if self.dtype != torch.float32:

@@ -8,6 +8,9 @@ blocks in one of two kernel formats, both with groups of 32 along the input dime
   "q8": q = int8  [N, K/32, 32]
 
 with d, m float32 [N, K/32], or [N, K/16] when each half-group of 16 has its own scale (Q6_K's sub-blocks).
+In the non-exact precision modes (bf16 matmuls) on CPUs with AVX512-VNNI, `for_int8_dot()` gives the twin that
+csrc/cpu/quant_dot_vnni.cpp multiplies with int8-quantized activations: "q4" unchanged, "q8" as "q8u" (uint8 q + 128,
+the unsigned operand vpdpbusd needs).
 Q4_0, Q4_1 and Q4_K map to q4; Q5_0, Q5_1, Q8_0, Q5_K and Q6_K to q8; the decomposition reproduces the loader's float32
 dequantization bit for bit (tested), so outputs do not depend on which path ran. Other types (e.g. F16) simply
 stay on the float32 path.
@@ -24,10 +27,12 @@ from lmserve.model import gguf
 
 @dataclass
 class QuantWeight:
-    fmt: str              # "q4" | "q8"
+    fmt: str              # "q4" | "q8" | "q8u" (q8 as uint8 q + 128, int8-dot kernel only)
     q: torch.Tensor       # see module docstring
     d: torch.Tensor       # [N, K / 32] float32 ([N, K / 16]: a scale per half-group)
     m: torch.Tensor       # like d
+    int8_dot: bool = False  # run on quant_matmul_int8 (activations quantized to int8: not exact)
+    has_m: bool = True      # False when every m is 0 (Q4_0, Q5_0, Q8_0, Q6_K): the kernel skips that term
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -37,6 +42,8 @@ class QuantWeight:
         n, nb = self.q.shape[:2]
         if self.fmt == "q4":
             q = torch.cat([self.q & 0x0F, self.q >> 4], dim=-1).float()         # [N, nb, 32]
+        elif self.fmt == "q8u":
+            q = self.q.float() - 128
         else:
             q = self.q.float()
         s = self.d.shape[1] // nb                                               # scales per group: 1 or 2
@@ -44,7 +51,15 @@ class QuantWeight:
         return q.mul_(self.d.view(n, nb, s, 1)).add_(self.m.view(n, nb, s, 1)).view(n, nb * 32)
 
     def row_slice(self, rows) -> "QuantWeight":
-        return QuantWeight(self.fmt, self.q[rows], self.d[rows], self.m[rows])
+        return QuantWeight(self.fmt, self.q[rows], self.d[rows], self.m[rows], self.int8_dot, self.has_m)
+
+    def for_int8_dot(self) -> "QuantWeight":
+        """This weight for the int8-activation VNNI kernel (same values; q8 re-biased to uint8)."""
+        q = self.q
+        if self.fmt == "q8":
+            q = q.view(torch.uint8).bitwise_xor(0x80)       # two's complement q + 128 == q XOR 0x80
+        return QuantWeight("q4" if self.fmt == "q4" else "q8u", q.contiguous(), self.d, self.m, True,
+                           bool(self.m.any()))
 
 
 def _widen(p: QuantWeight, fmt: str, scales: int) -> QuantWeight:

@@ -51,7 +51,10 @@ def _cpu_model() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu += next((line for line in f if line.startswith("model name")), "")
+            lines = f.readlines()
+        # NOTE: the flags too: VMs of different CPU generations often share one generic model name
+        cpu += next((line for line in lines if line.startswith("model name")), "")
+        cpu += next((line for line in lines if line.startswith("flags")), "")
     except OSError:
         pass
     return cpu

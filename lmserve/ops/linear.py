@@ -18,5 +18,9 @@ class QuantMatmulOp(CustomOp):
 
     def forward_cpu(self, x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty(x.shape[0], qweight.q.shape[0], dtype=x.dtype, device=x.device)   # [rows, out_features]
-        cpu_lib().quant_matmul(out, x.contiguous(), qweight.q, qweight.d, qweight.m)
+        if qweight.int8_dot:     # bf16 modes on VNNI CPUs (model/quant.py for_int8_dot): activations as int8
+            cpu_lib().quant_matmul_int8(out, x.contiguous(), qweight.q, qweight.d, qweight.m, qweight.fmt == "q4",
+                                        qweight.has_m)
+        else:
+            cpu_lib().quant_matmul(out, x.contiguous(), qweight.q, qweight.d, qweight.m)
         return out if bias is None else out.add_(bias)
