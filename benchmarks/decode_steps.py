@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from engine_vs_hf import make_prompts  # noqa: E402
@@ -30,6 +32,7 @@ def main():
     ap.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--int8-dot", default="on", help="on,off: int8-activation VNNI quantized kernel (bf16 only); "
                     "several values run interleaved per batch size")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the whole comparison (interleaved)")
     args = ap.parse_args()
     configs = [(int(r), i8) for _ in range(args.repeat) for r in args.rows.split(",") for i8 in args.int8_dot.split(",")]
@@ -38,6 +41,8 @@ def main():
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, quant_kernel_max_rows=rows,
                                                                    matmul_dtype=args.matmul_dtype),
                                         cache=CacheConfig(num_blocks=4096)))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         for batch in (int(b) for b in args.batches.split(",")):
             for i, p in enumerate(make_prompts(engine.tokenizer, batch, 128)):
                 engine.add_request(f"{rows}-{batch}-{i}", p,
@@ -50,7 +55,7 @@ def main():
             for _ in range(args.steps):
                 engine.step()
             dt = (time.perf_counter() - t0) / args.steps
-            print(f"matmul_dtype={args.matmul_dtype} int8_dot={int8:3s} quant_kernel_max_rows={rows:3d} batch={batch:3d}: step {dt * 1000:7.1f} ms "
+            print(f"threads={torch.get_num_threads()} matmul_dtype={args.matmul_dtype} int8_dot={int8:3s} quant_kernel_max_rows={rows:3d} batch={batch:3d}: step {dt * 1000:7.1f} ms "
                   f"{batch / dt:7.1f} tok/s", flush=True)
             engine.abort_all()
 
