@@ -168,3 +168,18 @@ def test_metrics_and_greedy_over_http(tmp_path, tiny_models):
         assert values["lmserve:spec_decode_tokens_per_step"] >= 1.0
     finally:
         server.stop()
+
+
+def test_draft_length_adapts_to_acceptance():
+    """A rejection shrinks the next draft to one more than was accepted; a fully accepted one doubles it, up to
+    num_speculative_tokens; a draft cut short by the match's end says nothing against longer ones."""
+    from lmserve.engine.spec_decode import SpecDecoder, VerifyResult
+    spec = SpecDecoder(SpeculativeConfig(method="ngram", num_speculative_tokens=6), block_manager=None,
+                       max_num_batched_tokens=256)
+    seq = _seq(temperature=0.0)
+    ks = []
+    for num_draft, accepted in ((6, 0), (1, 1), (2, 2), (4, 1), (2, 2), (4, 4), (6, 6), (2, 2)):
+        spec.record(seq, num_draft, VerifyResult([0] * (accepted + 1), None, accepted))
+        ks.append(seq.spec_k)
+    assert ks == [1, 2, 4, 2, 4, 6, 6, 6]
+    assert spec.num_draft_tokens == 27 and spec.num_accepted_tokens == 18 and spec.num_verify_steps == 8

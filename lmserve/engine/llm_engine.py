@@ -232,7 +232,7 @@ class LLMEngine:
                 touched[req.request_id] = req
             verified = result.verified.get(seq.seq_id)
             if verified is not None:
-                self.spec.record(len(s.spec_token_ids), verified)
+                self.spec.record(seq, len(s.spec_token_ids), verified)
                 lps = verified.logprobs or [None] * len(verified.token_ids)
                 for i, (token, lp) in enumerate(zip(verified.token_ids, lps)):
                     if i:   # the previous token was an accepted draft: its KV is already in the cache

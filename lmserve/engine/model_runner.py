@@ -27,9 +27,11 @@ from lmserve.outputs import TokenLogprob
 from lmserve.startup import phase
 
 logger = logging.getLogger(__name__)
-# Where packed oneDNN GEMMs overtake the quantized-weight kernel (batch rows; benchmarks/decode_steps.py and
-# docs/benchmarks.md): --quant-kernel-max-rows is capped at this when packed weights are in use.
-PACKED_CROSSOVER_ROWS = {"float32": 10, "bfloat16": 4}
+# Where packed oneDNN GEMMs overtake the quantized-weight kernel (batch rows; benchmarks/quant_crossover.py and
+# docs/benchmarks.md): --quant-kernel-max-rows is capped at this when packed weights are in use. NOTE: bfloat16
+# was 4, which sent every 5-row speculative verification step to the 2-byte bf16 weights; measured again with
+# the whole forward's matmuls, the Q4 kernel still wins at 10 rows (36.5 vs 48.3 ms).
+PACKED_CROSSOVER_ROWS = {"float32": 10, "bfloat16": 10}
 
 
 @dataclass

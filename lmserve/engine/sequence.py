@@ -59,6 +59,7 @@ class Sequence:
         self.generator: torch.Generator | None = None   # set by the engine when params.seed is given
         self.detokenizer: IncrementalDetokenizer | None = None
         self.guided: GuidedState | None = None            # grammar matcher when params.guided is set
+        self.spec_k: int | None = None     # speculative draft length for the next step (engine/spec_decode.py)
         # NOTE: a child of an n > 1 request waits until its first sibling has computed the prompt, so it
         # reuses those KV blocks through the prefix cache instead of computing the prompt again.
         self.wait_for: Sequence | None = None

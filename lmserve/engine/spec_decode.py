@@ -14,6 +14,12 @@ The flow, per engine step (no separate phase: verification rides in the same for
    num_computed_tokens over the accepted drafts, whose KV is already in the cache. A rejected draft's KV slot is
    overwritten by the next step, and only blocks covered by num_computed_tokens are hashed for the prefix cache.
 
+Adaptive k (per sequence, `seq.spec_k`): a verification step costs more with every draft row (the quantized kernel
+reads the weights once per group of rows), and n-gram drafts are either right for a long run (copying the input)
+or wrong from the start (past the edit). So the draft length shrinks to one more than the drafts accepted when the
+last verification rejected one, and doubles (up to num_speculative_tokens) when all were accepted: a copying run
+pays for full-length drafts, a diverging one verifies a single cheap guess until it copies again.
+
 Auto-off: with more than `disable_by_batch_size` decoding sequences a step proposes nothing; the batch is then
 compute-bound and verifying guesses would cost more than it saves. Requests whose sampling depends on their own
 output so far (penalties, min_tokens), on a private random stream (seed) or on a grammar are never speculated.
@@ -143,7 +149,7 @@ class SpecDecoder:
                 break
             if not can_speculate(seq):
                 continue
-            k = min(cfg.num_speculative_tokens, room, self._max_new(seq) - 1)
+            k = min(seq.spec_k or cfg.num_speculative_tokens, room, self._max_new(seq) - 1)
             if k <= 0:
                 continue
             draft = ngram_propose(seq.token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
@@ -163,7 +169,13 @@ class SpecDecoder:
             left = min(left, seq.params.max_tokens - seq.num_output_tokens)
         return left
 
-    def record(self, num_draft: int, result: VerifyResult) -> None:
+    def record(self, seq: Sequence, num_draft: int, result: VerifyResult) -> None:
+        """Count one verification and set the sequence's next draft length (adaptive k, module docstring)."""
+        k_max = self.config.num_speculative_tokens
+        if result.num_accepted == num_draft:   # a short draft (the match ran out) says nothing against longer ones
+            seq.spec_k = min(2 * max(num_draft, seq.spec_k or k_max), k_max)
+        else:
+            seq.spec_k = result.num_accepted + 1
         self.num_draft_tokens += num_draft
         self.num_accepted_tokens += result.num_accepted
         self.num_emitted_tokens += len(result.token_ids)
