@@ -34,8 +34,12 @@ def main() -> int:
     model = runner.model
     model.attach_quantized(load_gguf_quantized(runner.model_path), 1 << 30)
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.quant is not None]
+    int8 = runner._use_int8_dot()    # the bf16 modes' int8-activation path, as the runner would pick it
+    if int8:
+        for m in linears:
+            m.quant = m.quant.for_int8_dot()
+        model.logits_quant = model.logits_quant.for_int8_dot()
     head_q, head_f = model.logits_quant, model.logits_fast
-    torch.set_num_threads(torch.get_num_threads())
 
     def quant_pass(x_by_k):
         for m in linears:
@@ -48,7 +52,7 @@ def main() -> int:
         fast_linear(x_by_k[model.cfg.hidden_size], head_f)
 
     print(f"{len(linears)} linear layers + output projection; matmul dtype {args.matmul_dtype}; "
-          f"{torch.get_num_threads()} threads")
+          f"quantized kernel with {'int8' if int8 else 'float32'} activations; {torch.get_num_threads()} threads")
     with torch.inference_mode(), ops.use(runner.ops):
         for rows in (int(r) for r in args.rows.split(",")):
             xs = {k: torch.randn(rows, k) for k in {m.in_features for m in linears} | {model.cfg.hidden_size}}
