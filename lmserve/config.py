@@ -166,13 +166,26 @@ class CacheConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256            # LMDeploy's max_batch_size
-    max_num_batched_tokens: int = 512  # token budget per step (chunked prefill)
+    max_num_batched_tokens: int = 512  # token budget per step (chunked prefill); bounds decoders' ITL
+    # prefill priority: while prompts wait and at most `burst_max_decodes` sequences are decoding, a step may
+    # take up to `max_burst_batched_tokens` (a burst is prefilled in fewer steps; only those few decoders see
+    # the longer step). None = 4 x max_num_batched_tokens; equal to it turns the policy off.
+    max_burst_batched_tokens: int | None = None
+    burst_max_decodes: int = 4
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs (max_batch_size) must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_burst_batched_tokens is not None and self.max_burst_batched_tokens < self.max_num_batched_tokens:
+            raise ValueError("max_burst_batched_tokens must be >= max_num_batched_tokens")
+        if self.burst_max_decodes < 0:
+            raise ValueError("burst_max_decodes must be >= 0")
+
+    @property
+    def burst_budget(self) -> int:
+        return self.max_burst_batched_tokens or 4 * self.max_num_batched_tokens
 
 
 @dataclass(frozen=True)

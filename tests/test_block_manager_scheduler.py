@@ -19,9 +19,10 @@ def make_seq(tokens, max_tokens=8, **kw) -> Sequence:
     return Sequence(next(_ids), f"r{next(_ids)}", list(tokens), SamplingParams(max_tokens=max_tokens, **kw))
 
 
-def make(num_blocks=16, max_num_seqs=8, budget=64, prefix=True):
+def make(num_blocks=16, max_num_seqs=8, budget=64, prefix=True, burst=None):
     bm = BlockManager(num_blocks, BS, prefix)
-    return bm, Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), bm)
+    return bm, Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                                         max_burst_batched_tokens=burst), bm)
 
 
 def run_step(sched: Scheduler, token=7):
@@ -107,7 +108,7 @@ def test_hash_collision_guard_compares_tokens():
 
 # ---- scheduler ----------------------------------------------------------------------------------------------
 def test_chunked_prefill_respects_budget_and_decodes_keep_running():
-    bm, sched = make(num_blocks=64, budget=8)
+    bm, sched = make(num_blocks=64, budget=8, burst=8)   # prefill priority off: chunking alone is tested here
     short = make_seq(range(3), max_tokens=50)
     sched.add(short)
     run_step(sched)                                  # short prefilled and sampled

@@ -26,8 +26,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-block-seq-len", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--disable-prefix-caching", action="store_true", help="turn automatic prefix caching off")
     p.add_argument("--max-batch-size", type=int, default=256, help="max sequences running at once")
-    p.add_argument("--max-prefill-token-num", type=int, default=512,
-                   help="token budget per engine step (chunked prefill)")
+    p.add_argument("--max-prefill-token-num", "--max-num-batched-tokens", dest="max_prefill_token_num", type=int,
+                   default=512, help="token budget per engine step (chunked prefill); bounds the inter-token "
+                   "gap of decoding requests while prompts are prefilled")
+    p.add_argument("--max-burst-batched-tokens", type=int, default=None,
+                   help="prefill priority: the step budget while prompts wait and at most --burst-max-decodes "
+                        "requests are decoding (default 4 x --max-prefill-token-num; equal to it turns this off)")
+    p.add_argument("--burst-max-decodes", type=int, default=4,
+                   help="largest decode batch that still gets the burst budget (see --max-burst-batched-tokens)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: processes each holding 1/tp of the weights and KV cache (gloo on "
                         "CPU, NCCL and one GPU per rank on CUDA)")
@@ -99,7 +105,9 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
                           num_blocks=args.cache_block_count,
                           enable_prefix_caching=not args.disable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_batch_size,
-                                  max_num_batched_tokens=args.max_prefill_token_num),
+                                  max_num_batched_tokens=args.max_prefill_token_num,
+                                  max_burst_batched_tokens=args.max_burst_batched_tokens,
+                                  burst_max_decodes=args.burst_max_decodes),
         speculative=_speculative_config(args),
         tp=_env_int("WORLD_SIZE", args.tp) if _launched() else args.tp,
         distributed=_distributed_config(args),

@@ -358,7 +358,11 @@ class ModelRunner:
                 block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
                                           dtype=torch.long, device=dev),
                 context_lens=torch.tensor(decode_ctx, dtype=torch.long, device=dev))
+        whole: dict[int, list[tuple[int, list[int]]]] = {}   # prompt length -> (row, block table)
         for row, n, start, bt in prefill:
+            if start == 0 and window is None:
+                whole.setdefault(n, []).append((row, bt))
+                continue
             kv_len = start + n
             pos = torch.arange(kv_len, device=dev)
             table = torch.tensor(bt, dtype=torch.long, device=dev)
@@ -368,6 +372,14 @@ class ModelRunner:
             groups.append(AttentionGroup(token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
                                          kv_slots=slots.unsqueeze(0), mask=mask[None, None],
                                          full_mask=None if full is None else full[None, None]))
+        # NOTE: whole prompts of one length (a burst) attend as one batched causal call: no per-prompt mask and
+        # one kernel launch per layer instead of one per prompt
+        for n, members in whole.items():
+            pos = torch.arange(n, device=dev)
+            tables = torch.tensor([bt[:(n + bs - 1) // bs] for _, bt in members], dtype=torch.long, device=dev)
+            groups.append(AttentionGroup(
+                token_index=torch.tensor([row for row, _ in members], device=dev).unsqueeze(1) + pos,
+                kv_slots=tables[:, pos // bs] * bs + pos % bs, mask=None))
         return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, decode,
                                  block_size=bs, sliding_window=window)
 

@@ -4,6 +4,12 @@ There are no prefill and decode phases: each step gives every scheduled sequence
 `min(uncomputed tokens, remaining budget)` tokens, so chunked prefill, prefix-cache hits and
 preemption-by-recompute all go through one code path. Running sequences are served first (oldest first);
 when blocks run out, the newest running sequence is preempted (its blocks freed, recomputed later).
+
+The budget is `max_num_batched_tokens`, which bounds how long a step (so a decoder's inter-token gap) gets.
+Prefill priority: while prompts wait and the decode batch is small (<= `burst_max_decodes` sequences), the
+budget rises to `max_burst_batched_tokens`, so a burst of prompts is prefilled in fewer steps with fewer decode
+rows in between (its last prompt's first token comes sooner) and only those few decoders see the longer step.
+Decodes are still in every step and prompts still go in arrival order.
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ class Scheduler:
     # ---- schedule -----------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = self.step_budget()
         bm = self.block_manager
         # 1. running sequences, oldest first
         scheduled_running: list[Sequence] = []
@@ -88,6 +94,22 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
         return out
+
+    def step_budget(self) -> int:
+        """This step's token budget (module docstring: prefill priority while the decode batch is small)."""
+        cfg = self.config
+        if cfg.burst_budget <= cfg.max_num_batched_tokens:
+            return cfg.max_num_batched_tokens   # the policy is off
+        decoding = 0
+        prefilling = bool(self.waiting)
+        for seq in self.running:
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                decoding += 1
+            else:
+                prefilling = True
+        if prefilling and decoding <= cfg.burst_max_decodes:
+            return cfg.burst_budget + decoding    # the burst budget is for prompt tokens; those few decodes ride along
+        return cfg.max_num_batched_tokens
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager

@@ -22,7 +22,9 @@ class AttentionGroup:
     """Sequences attended together (prefill): queries padded to q_len, keys gathered to kv_len."""
     token_index: torch.Tensor   # [num_seqs, q_len] rows of the flat token batch
     kv_slots: torch.Tensor      # [num_seqs, kv_len] cache slots (padding points at the null block)
-    mask: torch.Tensor          # [num_seqs, 1, q_len, kv_len] bool, True = may attend
+    # [num_seqs, 1, q_len, kv_len] bool, True = may attend; None = plain causal with q_len == kv_len (whole
+    # prompts of one length from position 0, no window): SDPA's is_causal path, a fused kernel, no mask tensor
+    mask: torch.Tensor | None
     # the same without the sliding window, for full-attention layers of models that mix both (gemma3)
     full_mask: torch.Tensor | None = None
 

@@ -13,11 +13,13 @@ from lmserve.ops.base import CustomOp, cpu_lib, register
 
 
 def _sdpa(q, k_cache, v_cache, kv_slots, mask, scale) -> torch.Tensor:
-    """q: [S, heads, q_len, hd]; kv_slots: [S, kv_len]; mask: [S, 1, q_len, kv_len] -> [S, heads, q_len, hd]."""
+    """q: [S, heads, q_len, hd]; kv_slots: [S, kv_len]; mask: [S, 1, q_len, kv_len] or None
+    (causal, q_len == kv_len) -> [S, heads, q_len, hd]."""
     # [S, kv_heads, kv_len, head_dim]; a bfloat16 cache is widened to the query's dtype
     k = k_cache[kv_slots].to(q.dtype).transpose(1, 2)
     v = v_cache[kv_slots].to(q.dtype).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _decode_gather(decode, block_size: int, window: int | None):
