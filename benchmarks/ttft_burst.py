@@ -73,6 +73,22 @@ def warm(base_url: str, args) -> None:
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
+def floor_s(num_prompts: int, input_len: int) -> tuple[float, float]:
+    """(bf16 GEMM peak GFLOP/s measured now, compute floor in s of prefilling num_prompts x input_len tokens at
+    that peak): matmul FLOPs without the output projection (one logits row per prompt is noise) plus causal
+    attention over a mean context of input_len / 2."""
+    import torch
+
+    from benchmarks.roofline import flops_per_token, gemm_gflops, model_shape
+    from lmserve.model.loader import default_model_path
+
+    shape = model_shape(default_model_path())
+    per_token, _ = flops_per_token(shape, input_len // 2)
+    per_token -= 2.0 * shape["hidden"] * shape["vocab"]
+    peak = max(gemm_gflops(n, n, n, dtype=torch.bfloat16) for n in (1024, 2048))
+    return peak, num_prompts * input_len * per_token / (peak * 1e9)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkout", action="append", required=True, metavar="LABEL=PATH")
@@ -86,6 +102,9 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     checkouts = [c.split("=", 1) for c in args.checkout]
     load_before = os.getloadavg()
+    peak, floor16 = floor_s(16, args.input_len)
+    print(f"bf16 GEMM peak {peak:.0f} GFLOP/s: compute floor of a burst of 16 x {args.input_len} = {floor16:.2f} s, "
+          f"of 64 = {4 * floor16:.2f} s", flush=True)
     servers = {}
     try:
         for label, path in checkouts:
@@ -103,7 +122,9 @@ def main() -> None:
     finally:
         for proc, _ in servers.values():
             stop(proc)
-    print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    peak_after, _ = floor_s(16, args.input_len)
+    print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; bf16 GEMM peak before "
+          f"{peak:.0f}, after {peak_after:.0f} GFLOP/s")
     print("\n| workload | checkout | TTFT p50 | TTFT p99 | ITL p99 | output tok/s |\n|---|---|---:|---:|---:|---:|")
     for workload, label, m in rows:
         print(f"| {workload} | {label} | {m['ttft_ms']['median'] / 1e3:.2f} s | {m['ttft_ms']['p99'] / 1e3:.2f} s "
