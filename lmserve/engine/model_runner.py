@@ -372,14 +372,11 @@ class ModelRunner:
             groups.append(AttentionGroup(token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
                                          kv_slots=slots.unsqueeze(0), mask=mask[None, None],
                                          full_mask=None if full is None else full[None, None]))
-        # NOTE: whole prompts of one length (a burst) attend as one batched causal call: no per-prompt mask and
-        # one kernel launch per layer instead of one per prompt
-        for n, members in whole.items():
+        for n, members in whole.items():   # NOTE: a burst's prompts of one length: one causal call, no mask
             pos = torch.arange(n, device=dev)
             tables = torch.tensor([bt[:(n + bs - 1) // bs] for _, bt in members], dtype=torch.long, device=dev)
-            groups.append(AttentionGroup(
-                token_index=torch.tensor([row for row, _ in members], device=dev).unsqueeze(1) + pos,
-                kv_slots=tables[:, pos // bs] * bs + pos % bs, mask=None))
+            groups.append(AttentionGroup(torch.tensor([r for r, _ in members], device=dev).unsqueeze(1) + pos,
+                                         tables[:, pos // bs] * bs + pos % bs, mask=None))
         return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, decode,
                                  block_size=bs, sliding_window=window)
 
