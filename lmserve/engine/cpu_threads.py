@@ -108,15 +108,16 @@ class ThreadGovernor:
 
     Call `maybe_adjust()` from the thread that runs the model (OpenMP thread counts are per calling thread)."""
 
-    def __init__(self, max_threads: int | None = None, interval: float = 0.5):
+    def __init__(self, max_threads: int | None = None, interval: float = 0.5, drop_after: float = 6.0):
         self.cpus = set(allowed_cpus())
         self.max_threads = max_threads or default_threads()[0]
         self.interval = interval
+        self.drop_after = drop_after
         self.num_threads = self.max_threads
         self._last_time = time.monotonic()
         self._last_busy = _busy_jiffies(self.cpus)
         self._last_own = time.process_time()
-        self._pending: int | None = None
+        self._lower_since: float | None = None
         self.enabled = self._last_busy is not None and self.max_threads > 1
 
     def start(self) -> None:
@@ -133,10 +134,16 @@ class ThreadGovernor:
         others = max(0.0, (busy - self._last_busy) / _CLK_TCK - (own - self._last_own)) / elapsed
         self._last_time, self._last_busy, self._last_own = now, busy, own
         want = max(1, min(self.max_threads, round(len(self.cpus) - others)))
-        # NOTE: two samples in a row must agree, so a short burst next door does not make us flap
-        if want != self.num_threads and want == self._pending:
+        # NOTE: give threads up slowly, take them back at once. Neighbours that are busy for a few seconds (a load
+        # generator's start-up: ~4 s of a full CPU for `bench serve`, an import, a health check) cost less than
+        # running a burst's prefill on half the cores; only contention that lasts drop_after seconds counts.
+        if want >= self.num_threads:
+            self._lower_since = None
+        elif self._lower_since is None:
+            self._lower_since = now
+        if want > self.num_threads or (want < self.num_threads and now - self._lower_since >= self.drop_after):
             logger.info("other processes use %.1f of %d CPUs: model threads %d -> %d", others, len(self.cpus),
                         self.num_threads, want)
             self.num_threads = want
             torch.set_num_threads(want)
-        self._pending = want
+            self._lower_since = None
