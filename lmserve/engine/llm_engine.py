@@ -1,6 +1,7 @@
 """LLMEngine: add_request / abort / step. Single-threaded; AsyncEngine drives it from a background thread."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -83,7 +84,10 @@ class LLMEngine:
         self.executor = make_executor(config, self.model_path)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        sched = config.scheduler
+        if self.runner.is_encoder:   # prefill priority protects decodes, and encoders have none: keep the plain cap
+            sched = dataclasses.replace(sched, max_burst_batched_tokens=sched.max_num_batched_tokens)
+        self.scheduler = Scheduler(sched, self.block_manager)
         self.spec = None
         if config.speculative.method is not None and not self.runner.is_encoder:
             self.spec = SpecDecoder(config.speculative, self.block_manager, config.scheduler.max_num_batched_tokens)
