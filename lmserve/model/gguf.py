@@ -14,6 +14,8 @@ from gguf import GGUFReader, GGUFValueType
 from lmserve.model.arch_config import SUPPORTED_ARCHS, ArchConfig
 from lmserve.model.arch_extras import gguf_arch_extras
 from lmserve.model.parallel import shard_spec, slice_padded
+from lmserve.ops.gguf_blocks import (QUANTS, SUPPORTED_GGML_TYPES, bits, dequantize, f16,  # noqa: F401
+                                     k_scales, nibbles)
 from lmserve.startup import progress
 
 
@@ -138,118 +140,6 @@ def gguf_arch_config(reader) -> ArchConfig:
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=gguf_eos_ids(meta),
     ), **gguf_arch_extras(arch, meta, reader))
-
-
-# ---- dequantization (layouts: gguf/quants.py and llama.cpp ggml-quants.c) --------------------------------------
-def f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()   # [n_blocks, 1]
-
-
-def bits(qs: torch.Tensor, groups: int, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
-    """[n, groups * k] bytes -> [n, groups * len(shifts), k]: per group, (qs >> shift) & mask for each shift.
-
-    NOTE: one elementwise op per shift into a preallocated output; broadcasting a tensor of shifts over uint8
-    takes a slow path in torch (15x slower on the SmolLM2 load).
-    """
-    n = qs.shape[0]
-    qs = qs.reshape(n, groups, -1)
-    out = torch.empty(n, groups, len(shifts), qs.shape[-1], dtype=torch.uint8)
-    for i, shift in enumerate(shifts):
-        torch.bitwise_and(qs >> shift if shift else qs, mask, out=out[:, :, i])
-    return out.view(n, groups * len(shifts), -1)
-
-
-def nibbles(qs: torch.Tensor, groups: int) -> torch.Tensor:
-    """Low nibbles then high nibbles of each group: [n, groups * k] -> [n, 2 * groups, k]."""
-    return bits(qs, groups, (0, 4), 0x0F)
-
-
-def k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, each [n, 8, 1] float32."""
-    d, m, m_d = scales.reshape(-1, 3, 4).unbind(1)
-    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc.float().unsqueeze(-1), mn.float().unsqueeze(-1)
-
-
-def _dq_q8_0(b):
-    return b[:, 2:].view(torch.int8).float().mul_(f16(b, 0))
-
-
-def _dq_q4_0(b):
-    q = nibbles(b[:, 2:], 1).view(b.shape[0], 32).float().sub_(8)
-    return q.mul_(f16(b, 0))
-
-
-def _dq_q4_1(b):
-    q = nibbles(b[:, 4:], 1).view(b.shape[0], 32).float()
-    return q.mul_(f16(b, 0)).add_(f16(b, 2))
-
-
-def _dq_q5_0(b):
-    n = b.shape[0]
-    qh = bits(b[:, 2:6], 1, tuple(range(8)), 1).transpose(1, 2).reshape(n, 32)   # bit j of the 32-bit qh
-    q = nibbles(b[:, 6:], 1).view(n, 32).bitwise_or_(qh.bitwise_left_shift_(4))
-    return q.float().sub_(16).mul_(f16(b, 0))
-
-
-def _dq_q5_1(b):
-    n = b.shape[0]
-    qh = bits(b[:, 4:8], 1, tuple(range(8)), 1).transpose(1, 2).reshape(n, 32)
-    q = nibbles(b[:, 8:], 1).view(n, 32).bitwise_or_(qh.bitwise_left_shift_(4))
-    return q.float().mul_(f16(b, 0)).add_(f16(b, 2))
-
-
-def _dq_q4_k(b):
-    n = b.shape[0]
-    sc, mn = k_scales(b[:, 4:16])
-    d, dm = f16(b, 0).unsqueeze(-1) * sc, f16(b, 2).unsqueeze(-1) * mn    # [n, 8, 1]
-    return nibbles(b[:, 16:], 4).float().mul_(d).sub_(dm).view(n, 256)
-
-
-def _dq_q5_k(b):
-    n = b.shape[0]
-    sc, mn = k_scales(b[:, 4:16])
-    d, dm = f16(b, 0).unsqueeze(-1) * sc, f16(b, 2).unsqueeze(-1) * mn
-    qh = bits(b[:, 16:48], 1, tuple(range(8)), 1)                           # [n, 8, 32]: bit 4 of each q
-    q = nibbles(b[:, 48:], 4).bitwise_or_(qh.bitwise_left_shift_(4))
-    return q.float().mul_(d).sub_(dm).view(n, 256)
-
-
-def _dq_q6_k(b):
-    n = b.shape[0]
-    d = (f16(b, 208) * b[:, 192:208].view(torch.int8).float()).view(n, 16, 1)
-    ql = nibbles(b[:, :128], 2).view(n, 8, 32)
-    qh = bits(b[:, 128:192], 2, (0, 2, 4, 6), 3).view(n, 8, 32)
-    q = ql.bitwise_or_(qh.bitwise_left_shift_(4)).view(torch.int8).float().sub_(32)
-    return q.view(n, 16, 16).mul_(d).view(n, 256)
-
-
-# type name -> (elements per block, bytes per block, dequantizer of [n_blocks, bytes] uint8 -> [n_blocks, elems])
-QUANTS = {
-    "Q8_0": (32, 34, _dq_q8_0), "Q4_0": (32, 18, _dq_q4_0), "Q4_1": (32, 20, _dq_q4_1),
-    "Q5_0": (32, 22, _dq_q5_0), "Q5_1": (32, 24, _dq_q5_1),
-    "Q4_K": (256, 144, _dq_q4_k), "Q5_K": (256, 176, _dq_q5_k), "Q6_K": (256, 210, _dq_q6_k),
-}
-SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", *QUANTS)
-
-
-def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Raw GGUF tensor bytes (any numpy dtype/shape) -> float32 tensor of `shape` (row-major, HF order)."""
-    data = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1).copy())
-    if type_name == "F32":
-        out = data.view(torch.float32)
-    elif type_name == "F16":
-        out = data.view(torch.float16).float()
-    elif type_name == "BF16":
-        out = data.view(torch.bfloat16).float()
-    elif type_name in QUANTS:
-        _, type_size, fn = QUANTS[type_name]
-        out = fn(data.view(-1, type_size))
-    else:
-        raise NotImplementedError(
-            f"GGUF tensor type {type_name} is not supported; supported: {', '.join(SUPPORTED_GGML_TYPES)}")
-    return out.reshape(shape)
 
 
 # ---- GGUF tensors -> HF names ---------------------------------------------------------------------------------
