@@ -2,12 +2,27 @@
 from __future__ import annotations
 
 import math
+import numbers
+import struct
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 # int64, as vLLM takes it: torch.Generator.manual_seed(seed + i) must fit [-2**63, 2**64) for every choice i
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+_INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "logprobs", "prompt_logprobs")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def as_float32(x: float) -> float:
+    """x as the engine's float32 tensors hold it: rounded, and +-inf past float32's range."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _f32_note(value, held: float) -> str:
+    return "" if held == value else f" (as float32, which the engine computes in, it is {held!r})"
 
 
 class SamplingParamsError(ValueError):
@@ -83,9 +98,23 @@ class SamplingParams:
         def bad(param: str, msg: str):
             raise SamplingParamsError(param, msg)
 
+        # NOTE: every range is checked on the value the engine will hold (float32), not on the float64 the
+        # client sent: top_p=1e-300 is > 0 but becomes 0.0 in a tensor, and temperature=1e300 becomes inf
+        # (issue 25). The same rule serves every door: OpenAI, LMDeploy, /generate, interactive, pipeline.
+        held: dict[str, float] = {}
         for name in _FLOAT_FIELDS:
-            if not math.isfinite(getattr(self, name)):
-                bad(name, f"{name} must be a finite number, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real):
+                bad(name, f"{name} must be a number, got {value!r}")
+            held[name] = as_float32(value)
+            if not math.isfinite(held[name]):
+                bad(name, f"{name} must be a finite number{_f32_note(value, held[name])}, got {value}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, numbers.Integral):
+                bad(name, f"{name} must be an integer, got {value!r}")
+        if not all(isinstance(t, numbers.Integral) for t in self.stop_token_ids):
+            bad("stop_token_ids", "stop_token_ids must be a list of integer token ids")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"n must be at least 1, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -94,16 +123,17 @@ class SamplingParams:
             bad("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        if self.temperature < 0:
+        if held["temperature"] < 0:
             bad("temperature", f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < held["top_p"] <= 1:
+            bad("top_p", f"top_p must be in (0, 1]{_f32_note(self.top_p, held['top_p'])}, got {self.top_p}")
         if self.top_k < 0:
             bad("top_k", f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
+        if not 0 <= held["min_p"] <= 1:
             bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if held["repetition_penalty"] <= 0:
+            bad("repetition_penalty", f"repetition_penalty must be > 0"
+                f"{_f32_note(self.repetition_penalty, held['repetition_penalty'])}, got {self.repetition_penalty}")
         if not -2 <= self.presence_penalty <= 2:
             bad("presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
@@ -114,7 +144,8 @@ class SamplingParams:
                 bad(name, f"{name} must be between 0 and {MAX_LOGPROBS}, got {v}")
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
-                if not -100 <= bias <= 100:     # NOTE: also false for NaN
+                if not isinstance(bias, numbers.Real) or not -100 <= bias <= 100:
+                    # NOTE: also false for NaN; in range here means in range in float32 too
                     bad("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "seed must be an integer")
@@ -124,7 +155,7 @@ class SamplingParams:
     def validate_vocab(self, vocab_size: int) -> None:
         """Checks that need the model: token ids inside the vocabulary."""
         for tok in (self.logit_bias or {}):
-            if not 0 <= int(tok) < vocab_size:
+            if not isinstance(tok, numbers.Integral) or not 0 <= tok < vocab_size:
                 raise SamplingParamsError("logit_bias", f"logit_bias token id {tok} is outside [0, {vocab_size})")
         for tok in self.stop_token_ids:
             if not 0 <= tok < vocab_size:

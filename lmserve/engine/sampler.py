@@ -324,7 +324,9 @@ def _nucleus_threshold(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tenso
     # keep a token while the mass strictly above it is < top_p, so the best token always stays
     mass_above = probs.cumsum(dim=-1).sub_(probs)
     num_kept = (mass_above < top_p.unsqueeze(1)).sum(dim=-1)                   # [n]
-    num_kept = torch.minimum(torch.where(top_p >= 1.0, vocab, num_kept), k)
+    # NOTE: at least one token: a top_p that is 0 in float32 (or NaN probabilities) would otherwise gather
+    # index -1 and take the engine down (issue 25); validation rejects such top_p, this is the second guard
+    num_kept = torch.minimum(torch.where(top_p >= 1.0, vocab, num_kept), k).clamp_(min=1)
     # decided: the normaliser is right, and the cut falls inside the view (or nothing is cut)
     decided = ((k <= width) | (k >= vocab)) & ((num_kept < width) | (num_kept == k))
     thresh = vals.gather(1, (num_kept.clamp(max=width) - 1).unsqueeze(1))     # [n, 1]
