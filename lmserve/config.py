@@ -267,6 +267,7 @@ class ServerConfig:
     server_port: int = 23333
     model_name: str | None = None       # name served in /v1/models; defaults to the model path's stem
     api_keys: tuple[str, ...] = ()
+    admin_api_keys: tuple[str, ...] = ()  # control endpoints (server/auth.py); none: loopback callers only
     allow_origins: tuple[str, ...] = ()
     allow_credentials: bool = False
     allow_methods: tuple[str, ...] = ("*",)
@@ -274,6 +275,10 @@ class ServerConfig:
     max_concurrent_requests: int = 256  # requests in flight in the engine
     max_queued_requests: int = 256      # waiting for admission beyond that; then 429
     proxy_url: str | None = None
+    proxy_admin_key: str | None = None  # sent to the proxy's /nodes/add; default: our first admin key
+    ssl_keyfile: str | None = None      # TLS (HTTPS) when both files are given
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None     # require client certificates signed by this CA (e.g. the proxy's)
     tool_call_parser: str | None = None  # server/tool_parsers; None = picked from the chat template
     reasoning_parser: str | None = None  # server/reasoning_parsers; None = reasoning stays in content
     log_level: str = "INFO"

@@ -232,7 +232,7 @@ def test_api_keys(cluster):
     assert_openai_error(httpx.post(f"{proxy.url}/nodes/add", json={"url": "http://x:1"}), 401)
     r = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer k2"})
     assert r.status_code == 200
-    assert nodes[0].app.state.requests[-1][2]["authorization"] == "Bearer k2"   # forwarded to the node
+    assert "authorization" not in nodes[0].app.state.requests[-1][2]   # a client's key never reaches a node
     out = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="k1").models.list()
     assert [m.id for m in out.data] == ["fake-model"]
 

@@ -4,6 +4,24 @@ from __future__ import annotations
 import argparse
 
 
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("roles and TLS (docs/operations.md)")
+    g.add_argument("--admin-api-keys", nargs="*", default=None,
+                   help="keys for control endpoints (terminate, sleep, weights, /nodes/add ...); client keys never "
+                        "authorize them; without admin keys they answer only to loopback clients")
+    g.add_argument("--ssl", action="store_true",
+                   help="serve HTTPS with the SSL_KEYFILE / SSL_CERTFILE (/ SSL_CA_CERTS) environment variables")
+    g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+    g.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    g.add_argument("--ssl-ca-certs", default=None,
+                   help="require client certificates signed by this CA (e.g. between proxy and nodes)")
+
+
+def _tls(args: argparse.Namespace):
+    from lmserve.server.tls import resolve_tls
+    return resolve_tls(args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs, use_env=args.ssl)
+
+
 # ---- lmserve serve api_server (owned by the server package) ---------------------------------------------
 def add_server_args(p: argparse.ArgumentParser) -> None:
     from lmserve.config import ServerConfig
@@ -21,6 +39,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="requests waiting for admission; beyond this the server answers 429")
     p.add_argument("--proxy-url", default=None, help="register this server with the proxy at this URL")
+    p.add_argument("--proxy-admin-key", default=None,
+                   help="admin key the proxy wants on /nodes/add (default: our first --admin-api-keys)")
+    _add_security_args(p)
     p.add_argument("--tool-call-parser", default=None,
                    help="hermes|qwen|llama3|mistral|internlm2 (default: picked from the chat template)")
     p.add_argument("--reasoning-parser", default=None,
@@ -54,6 +75,7 @@ def build_server_config(args: argparse.Namespace):
                                  ("--reasoning-parser", args.reasoning_parser, REASONING_PARSERS)):
         if value is not None and value not in choices:
             raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    tls = _tls(args)
     return ServerConfig(server_name=args.server_name, server_port=args.server_port, model_name=args.model_name,
                         api_keys=tuple(args.api_keys or ()), allow_origins=tuple(args.allow_origins or ()),
                         allow_credentials=args.allow_credentials, allow_methods=tuple(args.allow_methods),
@@ -65,7 +87,9 @@ def build_server_config(args: argparse.Namespace):
                         body_read_timeout=args.body_read_timeout, keep_alive_timeout=args.keep_alive_timeout,
                         max_n=args.max_n, max_logprobs=args.max_logprobs,
                         max_stop_sequences=args.max_stop_sequences, max_logit_bias=args.max_logit_bias,
-                        max_prompts=args.max_prompts, max_tool_calls=args.max_tool_calls)
+                        max_prompts=args.max_prompts, max_tool_calls=args.max_tool_calls,
+                        admin_api_keys=tuple(args.admin_api_keys or ()), proxy_admin_key=args.proxy_admin_key,
+                        ssl_keyfile=tls.keyfile, ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs)
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------
@@ -82,6 +106,19 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-retries", type=int, default=d.max_retries,
                    help="other nodes tried when a node fails before the first byte")
     p.add_argument("--node-file", default=None, help="JSON file the node list is saved to and restored from")
+    p.add_argument("--allowed-node-hosts", nargs="*", default=None,
+                   help="CIDRs / hostnames the proxy may ever connect to as nodes (default: any)")
+    p.add_argument("--node-ca-certs", default=None, help="CA that https:// nodes' certificates must chain to")
+    p.add_argument("--node-ssl-certfile", default=None,
+                   help="client certificate shown to nodes (default: --ssl-certfile)")
+    p.add_argument("--node-ssl-keyfile", default=None, help="its key (default: --ssl-keyfile)")
+    p.add_argument("--breaker-threshold", type=int, default=d.breaker_threshold,
+                   help="consecutive failures of a node that open its circuit breaker")
+    p.add_argument("--breaker-cooldown", type=float, default=d.breaker_cooldown,
+                   help="seconds an open breaker waits before a half-open probe")
+    p.add_argument("--retry-backoff", type=float, default=d.retry_backoff,
+                   help="seconds before the first retry; doubled per retry (with jitter)")
+    _add_security_args(p)
     p.add_argument("--balance-factor", type=float, default=d.balance_factor,
                    help="prefix_aware: max outstanding requests on a node, as a multiple of the mean")
     p.add_argument("--log-level", default="INFO")
@@ -90,8 +127,15 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
 def build_proxy_config(args: argparse.Namespace):
     """The one place CLI arguments become proxy config."""
     from lmserve.proxy.config import ProxyConfig
+    tls = _tls(args)
     return ProxyConfig(server_name=args.server_name, server_port=args.server_port, strategy=args.strategy,
                        api_keys=tuple(args.api_keys or ()), node_file=args.node_file or None,
                        health_check_interval=args.health_check_interval,
                        health_check_timeout=args.health_check_timeout, request_timeout=args.request_timeout,
-                       max_retries=args.max_retries, balance_factor=args.balance_factor, log_level=args.log_level)
+                       max_retries=args.max_retries, balance_factor=args.balance_factor, log_level=args.log_level,
+                       admin_api_keys=tuple(args.admin_api_keys or ()),
+                       allowed_node_hosts=tuple(args.allowed_node_hosts or ()), node_ca_certs=args.node_ca_certs,
+                       node_ssl_certfile=args.node_ssl_certfile or tls.certfile,
+                       node_ssl_keyfile=args.node_ssl_keyfile or tls.keyfile, ssl_keyfile=tls.keyfile,
+                       ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs, breaker_threshold=args.breaker_threshold,
+                       breaker_cooldown=args.breaker_cooldown, retry_backoff=args.retry_backoff)

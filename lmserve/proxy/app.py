@@ -4,25 +4,31 @@ endpoints it routes; all state lives on `app.state` (registry, strategy, session
 Wire contract: LMDeploy's "Proxy Server API" (/nodes/add, /nodes/remove, /nodes/status, /nodes/terminate,
 /nodes/terminate_all, /v1/models, /v1/chat/completions, /v1/completions) plus /generate, /v1/embeddings,
 /v1/encode, /pooling, /health and /metrics; the web page (chat + node dashboard) at /. Errors the proxy makes use the OpenAI error shape.
+
+Trust: /nodes/add|remove|terminate|terminate_all are control endpoints (server/auth.py: the admin key, or loopback
+callers when the proxy has no admin keys); nodes must live inside --allowed-node-hosts; each node is called with
+its own key (the `api_key` of /nodes/add), never a client's key.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import PlainTextResponse, Response
 
+from lmserve.proxy.allowlist import NodeHostPolicy
 from lmserve.proxy.config import ProxyConfig
 from lmserve.proxy.forward import Forwarder
 from lmserve.proxy.health import HealthChecker
 from lmserve.proxy.nodes import NodeRegistry, normalize_url
 from lmserve.proxy.strategies import PrefixAware, SessionTable, make_strategy
+from lmserve.server.auth import AccessPolicy, ControlGuard
 from lmserve.server.errors import APIError, install_error_handlers
+from lmserve.server.tls import client_context
 from lmserve.server.protocol import ModelCard, ModelList, NodeRequest
 from lmserve.web import mount_web
 
@@ -35,12 +41,7 @@ ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/emb
 
 
 def _check_api_key(request: Request) -> None:
-    keys = request.app.state.config.api_keys
-    if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    if not any(secrets.compare_digest(token, k) for k in keys):
+    if not request.app.state.access.client_ok(request.scope):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
@@ -66,9 +67,12 @@ def nodes_router() -> APIRouter:
             url = normalize_url(node.url)
         except ValueError as e:
             raise APIError(400, str(e), "url", "invalid_url") from None
+        if not await asyncio.to_thread(state.node_hosts.allows, url):
+            logger.warning("refused /nodes/add of %s: outside --allowed-node-hosts", url)
+            raise APIError(403, f"{url} is outside --allowed-node-hosts", "url", "node_host_not_allowed")
         status = node.status
         entry = state.registry.add(url, models=status.models if status else None,
-                                   speed=status.speed if status else None)
+                                   speed=status.speed if status else None, api_key=node.api_key)
         # NOTE: an api_server registers itself while starting, before it listens: if this first check fails the
         # node is added anyway, out of rotation, and probed every 0.25 s until it answers.
         if not await state.health.check(entry):
@@ -90,9 +94,9 @@ def nodes_router() -> APIRouter:
 
     async def terminate(request: Request, url: str) -> bool:
         state = request.app.state
-        state.registry.remove(url)
+        node = state.registry.remove(url)
         try:  # LMDeploy's api_server exits on GET /terminate
-            r = await state.client.get(f"{url}/terminate", headers=state.node_headers,
+            r = await state.client.get(f"{url}/terminate", headers=node.headers if node else {},
                                        timeout=state.config.health_check_timeout)
             ok = r.status_code == 200
         except httpx.HTTPError as e:
@@ -158,7 +162,9 @@ def health_router() -> APIRouter:
                       f"lmserve_proxy_prefix_routed_total {state.strategy.num_prefix_routed}",
                       "# TYPE lmserve_proxy_prefix_load_spilled_total counter",
                       f"lmserve_proxy_prefix_load_spilled_total {state.strategy.num_load_spilled}"]
-        for name, kind in (("num_unfinished", "gauge"), ("num_served", "counter"), ("is_healthy", "gauge")):
+        # breaker_state: 0 closed, 1 half-open, 2 open (proxy/breaker.py)
+        for name, kind in (("num_unfinished", "gauge"), ("num_served", "counter"), ("is_healthy", "gauge"),
+                           ("breaker_state", "gauge"), ("breaker_opens", "counter")):
             metric = f"lmserve_proxy_node_{name}" + ("_total" if kind == "counter" else "")
             lines.append(f"# TYPE {metric} {kind}")
             lines += [f'{metric}{{node="{n.url}"}} {int(getattr(n, name))}' for n in state.registry.nodes.values()]
@@ -174,12 +180,15 @@ def build_app(config: ProxyConfig | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state = app.state
+        # NOTE: https nodes are verified (--node-ca-certs, else the system store) and shown our client certificate
         state.client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.request_timeout, connect=config.connect_timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            verify=client_context(config.node_ca_certs, config.node_ssl_certfile, config.node_ssl_keyfile))
         state.health = HealthChecker(state.registry, state.client, config.health_check_interval,
-                                     config.health_check_timeout, state.node_headers)
-        state.forwarder = Forwarder(state.registry, state.strategy, state.sessions, state.client, config.max_retries)
+                                     config.health_check_timeout)
+        state.forwarder = Forwarder(state.registry, state.strategy, state.sessions, state.client, config.max_retries,
+                                    (config.retry_backoff, config.retry_backoff_max))
         await state.health.check_all()  # nodes restored from the node file rejoin before the first request
         state.health.start()
         state.started_at = time.time()
@@ -191,17 +200,21 @@ def build_app(config: ProxyConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="lmserve proxy", lifespan=lifespan)
     app.state.config = config
-    app.state.registry = NodeRegistry(config.node_file)
+    app.state.registry = NodeRegistry(config.node_file, config.breaker_threshold, config.breaker_cooldown)
+    app.state.node_hosts = NodeHostPolicy(config.allowed_node_hosts)
+    for url in [u for u in app.state.registry.nodes if not app.state.node_hosts.allows(u)]:
+        logger.warning("node %s from the node file is outside --allowed-node-hosts: dropped", url)
+        app.state.registry.nodes.pop(url)
     app.state.strategy = make_strategy(config.strategy, config)
     app.state.sessions = SessionTable(config.max_sessions)
     app.state.registry.removal_listeners += [app.state.strategy.forget_node, app.state.sessions.forget_node]
-    # NOTE: the proxy's first API key is also sent to the nodes' /health and /v1/models (nodes started by
-    # `lmserve serve launch` share the proxy's keys).
-    app.state.node_headers = {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {}
+    app.state.access = AccessPolicy(config.api_keys, config.admin_api_keys, "proxy")
+    logger.info("%s", app.state.access.startup_message())
 
     install_error_handlers(app)
     app.include_router(health_router())
     app.include_router(nodes_router())
     app.include_router(api_router())
     mount_web(app)
+    app.add_middleware(ControlGuard, policy=app.state.access)
     return app

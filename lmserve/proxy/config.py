@@ -21,7 +21,20 @@ class ProxyConfig:
     health_check_timeout: float = 2.0     # per-node timeout of one check
     connect_timeout: float = 5.0          # proxy -> node connection timeout
     request_timeout: float = 600.0        # max seconds between two bytes from a node (read timeout)
-    max_retries: int = 2                  # extra nodes tried when a node fails before the first byte
+    max_retries: int = 3                  # extra attempts when a node fails before the first byte
+    retry_backoff: float = 0.05           # seconds before the first retry; doubled per retry, jittered (retry.py)
+    retry_backoff_max: float = 1.0
+    breaker_threshold: int = 3            # consecutive failures that open a node's circuit breaker (breaker.py)
+    breaker_cooldown: float = 5.0         # seconds open before a half-open probe may close it
+    # trust boundaries (server/auth.py, server/tls.py)
+    admin_api_keys: tuple[str, ...] = ()  # guard /nodes/add|remove|terminate*; none: loopback callers only
+    allowed_node_hosts: tuple[str, ...] = ()  # CIDRs / hostnames nodes may live at; empty: any (allowlist.py)
+    node_ca_certs: str | None = None      # CA for https:// nodes (default: the system store)
+    node_ssl_certfile: str | None = None  # client certificate presented to nodes
+    node_ssl_keyfile: str | None = None
+    ssl_keyfile: str | None = None        # the proxy serves HTTPS when both are given
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None       # require client certificates signed by this CA
     # prefix_aware: the leading `prefix_max_chars` characters of a prompt, hashed in blocks of `prefix_block_chars`
     prefix_block_chars: int = 128
     prefix_max_chars: int = 8192
@@ -41,6 +54,10 @@ class ProxyConfig:
             raise ValueError("health_check_timeout must be > 0")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if self.retry_backoff < 0 or self.retry_backoff_max < 0:
+            raise ValueError("retry_backoff must be >= 0")
+        if self.breaker_threshold < 1 or self.breaker_cooldown < 0:
+            raise ValueError("breaker_threshold must be >= 1 and breaker_cooldown >= 0")
         if self.prefix_block_chars < 1 or self.prefix_max_chars < self.prefix_block_chars:
             raise ValueError("prefix_block_chars must be >= 1 and <= prefix_max_chars")
         if self.balance_factor < 1.0:

@@ -5,7 +5,8 @@ Lifecycle of one request through the proxy:
   2. Pick a node: the session's pinned node if the body has a `session_id`, else the routing strategy's choice.
   3. Send it and wait for the status line and the first body chunk. A connection error, a timeout, a 429/5xx
      or a dropped connection before that first chunk means nothing has reached the client yet: try another node
-     (at most `max_retries` more). A node that failed to answer leaves the rotation until a health check passes.
+     (at most `max_retries` more, after a jittered exponential backoff: retry.py). A node that failed to answer
+     leaves the rotation until a health check passes; its circuit breaker (breaker.py) counts the failure.
      A connection dropped before any byte may be a pooled keep-alive connection the node had closed, not a dead
      node: that node may be tried once more (on a new connection) and stays in rotation (a soft failure).
   4. Streams (text/event-stream, or LMDeploy's NDJSON lines of /v1/chat/interactive) are relayed chunk by chunk
@@ -25,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from lmserve.proxy.nodes import Node, NodeRegistry
+from lmserve.proxy.retry import sleep_before_retry
 from lmserve.proxy.strategies import RouteRequest, RoutingStrategy, SessionTable
 from lmserve.server.errors import APIError, error_body
 
@@ -33,8 +35,10 @@ logger = logging.getLogger("lmserve.proxy")
 # NOTE: the node answered but could not take the request (500: it crashed on it). Retried on another node, as
 # nothing has reached the client yet; a request that fails on every node gets the last node's answer.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# NOTE: a client's credentials stay at the proxy; each node gets its own key (Node.headers)
 _DROP_REQUEST_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding",
-                                   "accept-encoding", "upgrade", "te", "proxy-authorization"})
+                                   "accept-encoding", "upgrade", "te", "proxy-authorization", "authorization",
+                                   "x-api-key", "cookie"})
 _DROP_RESPONSE_HEADERS = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding",
                                     "content-encoding", "date", "server"})
 NODE_HEADER = "x-lmserve-node"  # response header naming the node that served the request
@@ -75,10 +79,11 @@ class RelayResponse(StreamingResponse):
 
 class Forwarder:
     def __init__(self, registry: NodeRegistry, strategy: RoutingStrategy, sessions: SessionTable,
-                 client: httpx.AsyncClient, max_retries: int = 2):
+                 client: httpx.AsyncClient, max_retries: int = 3, backoff: tuple[float, float] = (0.05, 1.0)):
         self.registry, self.strategy, self.sessions = registry, strategy, sessions
         self.client = client
         self.max_retries = max_retries
+        self.backoff = backoff
         self.num_failovers = 0
         self.num_stream_errors = 0
 
@@ -128,6 +133,11 @@ class Forwarder:
             nodes = [n for n in self.registry.candidates(route.model) if n.url not in tried]
             if not nodes or attempt > self.max_retries + len(retried):
                 break
+            if attempt:
+                await sleep_before_retry(attempt, *self.backoff)
+                nodes = [n for n in self.registry.candidates(route.model) if n.url not in tried]
+                if not nodes:
+                    break
             node = self.choose(nodes, route)
             if attempt:
                 self.num_failovers += 1
@@ -154,10 +164,11 @@ class Forwarder:
     async def _send(self, node: Node, path: str, raw: bytes, headers: dict) -> Response | Failure:
         """Response once the node's first body chunk is here, or why the node failed first."""
         node.num_unfinished += 1
+        node.breaker.on_attempt()
         start = time.perf_counter()
         resp = None
         try:
-            req = self.client.build_request("POST", node.url + path, content=raw, headers=headers)
+            req = self.client.build_request("POST", node.url + path, content=raw, headers={**headers, **node.headers})
             resp = await self.client.send(req, stream=True)
             chunks = resp.aiter_raw()
             first = await anext(chunks, b"")
@@ -174,9 +185,13 @@ class Forwarder:
             error = f"{type(e).__name__}: {e}".rstrip(": ")
             soft = isinstance(e, _SOFT_ERRORS)
             node.mark_failed(f"request: {error}", soft=soft)
+            if not soft:
+                self._breaker_failure(node, error)
             await self._finish(node, resp, start, ok=False)
             return Failure(f"{node.url}: {error}", soft)
         await self._finish(node, resp, start, ok=resp.status_code < 400)
+        if resp.status_code >= 500:
+            self._breaker_failure(node, f"answered {resp.status_code}")
         return Response(content, status_code=resp.status_code, headers=out_headers)
 
     async def _relay(self, node: Node, first: bytes, chunks, outcome: dict, content_type: str):
@@ -190,9 +205,16 @@ class Forwarder:
             self.num_stream_errors += 1
             error = f"{type(e).__name__}: {e}".rstrip(": ")
             node.mark_failed(f"stream: {error}")
+            self._breaker_failure(node, f"stream: {error}")
             logger.warning("node %s failed mid-stream: %s", node.url, error)
             yield stream_error_chunk(content_type,
                                      f"The api_server serving this request failed mid-stream ({error}).")
+
+    @staticmethod
+    def _breaker_failure(node: Node, error: str) -> None:
+        if node.breaker.record_failure():
+            logger.warning("node %s: circuit breaker open after %d consecutive failure(s) (%s); retried in %.1f s",
+                           node.url, node.breaker.failures, error, node.breaker.cooldown)
 
     @staticmethod
     async def _finish(node: Node, resp: httpx.Response | None, start: float, ok: bool) -> None:
@@ -202,7 +224,9 @@ class Forwarder:
             if resp is not None:
                 await resp.aclose()
         node.num_unfinished -= 1
+        node.breaker.on_done()
         if ok:
+            node.breaker.record_success()
             node.num_served += 1
             node.num_soft_failures = 0      # served: alive, whatever a late health check said
             node.latency.append(time.perf_counter() - start)

@@ -30,11 +30,12 @@ class HealthChecker:
 
     async def check(self, node: Node) -> bool:
         """One check of one node; updates its health and model list. Never raises."""
+        headers = {**self.headers, **node.headers}     # each node gets its own key (given at /nodes/add)
         try:
-            r = await self.client.get(f"{node.url}/health", headers=self.headers, timeout=self.timeout)
+            r = await self.client.get(f"{node.url}/health", headers=headers, timeout=self.timeout)
             if r.status_code != 200:
                 raise RuntimeError(f"/health answered {r.status_code}")
-            r = await self.client.get(f"{node.url}/v1/models", headers=self.headers, timeout=self.timeout)
+            r = await self.client.get(f"{node.url}/v1/models", headers=headers, timeout=self.timeout)
             if r.status_code == 200:
                 models = [m["id"] for m in r.json().get("data", []) if isinstance(m, dict) and "id" in m]
                 if models:
@@ -49,6 +50,7 @@ class HealthChecker:
             return False
         if self.registry.get(node.url) is node:  # it may have been removed while we waited
             if node.models:
+                node.breaker.on_health_ok()     # the half-open probe; an open breaker waits out its cool-down
                 node.mark_healthy()
             else:
                 node.mark_failed("health check: node lists no models")

@@ -21,9 +21,12 @@ def run_proxy(config: ProxyConfig) -> int:
 
     from lmserve.proxy.app import build_app
 
+    from lmserve.server.tls import TLSFiles, uvicorn_ssl_kwargs
+
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tls = TLSFiles(config.ssl_keyfile, config.ssl_certfile, config.ssl_ca_certs)
     uvicorn.run(build_app(config), host=config.server_name, port=config.server_port,
-                log_level=config.log_level.lower(), timeout_graceful_shutdown=5)
+                log_level=config.log_level.lower(), timeout_graceful_shutdown=5, **uvicorn_ssl_kwargs(tls))
     return 0
 
 
@@ -35,6 +38,16 @@ def proxy_argv(config: ProxyConfig) -> list[str]:
         argv += ["--api-keys", *config.api_keys]
     if config.node_file:
         argv += ["--node-file", config.node_file]
+    for flag, values in (("--admin-api-keys", config.admin_api_keys),
+                         ("--allowed-node-hosts", config.allowed_node_hosts)):
+        if values:
+            argv += [flag, *values]
+    for flag, value in (("--ssl-keyfile", config.ssl_keyfile), ("--ssl-certfile", config.ssl_certfile),
+                        ("--ssl-ca-certs", config.ssl_ca_certs), ("--node-ca-certs", config.node_ca_certs)):
+        if value:
+            argv += [flag, value]
+    argv += ["--max-retries", str(config.max_retries), "--breaker-threshold", str(config.breaker_threshold),
+             "--breaker-cooldown", str(config.breaker_cooldown)]
     return argv
 
 
@@ -92,6 +105,8 @@ def launch(config: ProxyConfig, num_servers: int, server_argv: list[str], base_p
                     "--server-port", str(base_port + i), "--proxy-url", proxy_url, "--allow-terminate-by-client"]
             if config.api_keys:
                 argv += ["--api-keys", *config.api_keys]
+            if config.admin_api_keys:
+                argv += ["--proxy-admin-key", config.admin_api_keys[0]]
             logger.info("starting api_server %d/%d: lmserve %s", i + 1, num_servers, " ".join(argv))
             servers.append(subprocess.Popen(python + argv))
         ready = _wait_until(f"{proxy_url}/health", [proxy, *servers], startup_timeout,

@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from lmserve.proxy.breaker import STATE_CODES, CircuitBreaker
+
 logger = logging.getLogger("lmserve.proxy")
 
 LATENCY_WINDOW = 32  # recent request latencies kept per node
@@ -49,10 +51,25 @@ class Node:
     num_soft_failures: int = 0          # consecutive soft failures (see SOFT_FAILURE_LIMIT)
     last_error: str | None = None
     latency: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # seconds, recent requests
+    # NOTE: the key the proxy shows this node (given at /nodes/add); never a client's key, never echoed
+    api_key: str | None = field(default=None, repr=False)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     @property
     def is_routable(self) -> bool:
-        return self.is_healthy and bool(self.models)
+        return self.is_healthy and bool(self.models) and self.breaker.allows()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def breaker_state(self) -> int:
+        return STATE_CODES[self.breaker.state]
+
+    @property
+    def breaker_opens(self) -> int:
+        return self.breaker.num_opened
 
     @property
     def mean_latency(self) -> float | None:
@@ -84,14 +101,16 @@ class Node:
         """LMDeploy's `Status` fields (models, speed, unfinished, latency, role) plus our health fields."""
         return {"models": list(self.models), "speed": self.speed, "unfinished": self.num_unfinished,
                 "latency": list(self.latency), "role": self.role, "is_healthy": self.is_healthy,
-                "num_served": self.num_served, "num_failures": self.num_failures, "last_error": self.last_error}
+                "num_served": self.num_served, "num_failures": self.num_failures, "last_error": self.last_error,
+                "breaker": self.breaker.status(), "has_api_key": self.api_key is not None}
 
 
 class NodeRegistry:
     """url -> Node. Every add/remove is written to `node_file` (atomically) when one is given."""
 
-    def __init__(self, node_file: str | None = None):
+    def __init__(self, node_file: str | None = None, breaker_threshold: int = 3, breaker_cooldown: float = 5.0):
         self.node_file = node_file
+        self.breaker_args = (breaker_threshold, breaker_cooldown)
         self.nodes: dict[str, Node] = {}
         self.removal_listeners: list = []  # callables(url) told when a node leaves (strategy tables, sessions)
         if node_file and os.path.exists(node_file):
@@ -103,11 +122,17 @@ class NodeRegistry:
     def get(self, url: str) -> Node | None:
         return self.nodes.get(url)
 
-    def add(self, url: str, models: list[str] | None = None, speed: float | None = None, role: int = 1) -> Node:
+    def _new_node(self, url: str, **kw) -> Node:
+        return Node(url=url, breaker=CircuitBreaker(*self.breaker_args), **kw)
+
+    def add(self, url: str, models: list[str] | None = None, speed: float | None = None, role: int = 1,
+            api_key: str | None = None) -> Node:
         url = normalize_url(url)
         node = self.nodes.get(url)
         if node is None:
-            node = self.nodes[url] = Node(url=url)
+            node = self.nodes[url] = self._new_node(url)
+        # NOTE: re-adding a node replaces its key (an admin-only call); a node restarted with a new key re-registers
+        node.api_key = api_key
         if models:
             node.models = list(models)
         if speed is not None:
@@ -143,8 +168,9 @@ class NodeRegistry:
             with open(self.node_file) as f:
                 entries = json.load(f).get("nodes", [])
             for e in entries:
-                self.nodes[normalize_url(e["url"])] = Node(url=normalize_url(e["url"]), models=e.get("models", []),
-                                                          speed=e.get("speed"), role=e.get("role", 1))
+                url = normalize_url(e["url"])
+                self.nodes[url] = self._new_node(url, models=e.get("models", []), speed=e.get("speed"),
+                                                 role=e.get("role", 1), api_key=e.get("api_key"))
             logger.info("restored %d node(s) from %s", len(self.nodes), self.node_file)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             logger.error("could not read node file %s (%s); starting with no nodes", self.node_file, e)
@@ -153,11 +179,12 @@ class NodeRegistry:
         if not self.node_file:
             return
         data = {"saved_at": time.time(),
-                "nodes": [{"url": n.url, "models": n.models, "speed": n.speed, "role": n.role}
+                "nodes": [{"url": n.url, "models": n.models, "speed": n.speed, "role": n.role, "api_key": n.api_key}
                           for n in self.nodes.values()]}
         directory = os.path.dirname(os.path.abspath(self.node_file))
         os.makedirs(directory, exist_ok=True)
-        # NOTE: write-then-rename so a crash mid-write never leaves a truncated node file behind.
+        # NOTE: write-then-rename so a crash mid-write never leaves a truncated node file behind. mkstemp makes
+        # the file 0600: it holds the nodes' keys.
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nodes-", suffix=".json")
         try:
             with os.fdopen(fd, "w") as f:

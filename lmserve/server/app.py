@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmserve.config import ServerConfig
 from lmserve.server import serving_admin, serving_embedding
+from lmserve.server.auth import AccessPolicy, ControlGuard
 from lmserve.server.errors import APIError, install_error_handlers
 from lmserve.server.middleware import ServerMiddleware
 from lmserve.server.protocol import (AbortRequest, ChatCompletionRequest, ChatCompletionResponse,
@@ -199,6 +200,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, *,
     for router in (openai_router(), lmdeploy_router(), mlc_router(), operations_router()):
         app.include_router(router)
     mount_web(app)
+    app.state.access = AccessPolicy(config.api_keys, config.admin_api_keys, "api_server")
+    app.add_middleware(ControlGuard, policy=app.state.access)     # inside the client-key gate below
     app.add_middleware(ServerMiddleware, state=state)
     if config.allow_origins:
         # NOTE: added last, so it is the outermost layer and answers CORS preflights before the key check.

@@ -30,17 +30,37 @@ def _host_ip() -> str:
 
 def public_url(config: ServerConfig) -> str:
     host = _host_ip() if config.server_name in ("0.0.0.0", "::", "") else config.server_name
-    return f"http://{host}:{config.server_port}"
+    scheme = "https" if config.ssl_keyfile and config.ssl_certfile else "http"
+    return f"{scheme}://{host}:{config.server_port}"
+
+
+def _proxy_headers(config: ServerConfig) -> dict[str, str]:
+    """What we show the proxy's control endpoints: its admin key (--proxy-admin-key, else our first admin key),
+    else our first client key (a proxy without admin keys takes loopback callers that pass its client gate)."""
+    key = config.proxy_admin_key or (config.admin_api_keys[0] if config.admin_api_keys else None) or \
+        (config.api_keys[0] if config.api_keys else None)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _proxy_client(config: ServerConfig, timeout: float) -> httpx.AsyncClient:
+    # NOTE: an https proxy is verified against --ssl-ca-certs (one CA for the whole deployment), else the
+    # system store; our certificate is shown as a client certificate when we have one.
+    from lmserve.server.tls import client_context
+    verify = client_context(config.ssl_ca_certs, config.ssl_certfile, config.ssl_keyfile) \
+        if config.proxy_url and config.proxy_url.startswith("https") else True
+    return httpx.AsyncClient(timeout=timeout, verify=verify)
 
 
 async def register_with_proxy(config: ServerConfig, model_name: str, server: uvicorn.Server) -> None:
     """POST {proxy}/nodes/add once the server accepts connections; retried while the proxy is not up."""
     while not server.started:
         await asyncio.sleep(0.1)
-    node = NodeRequest(url=public_url(config), status=NodeStatus(models=[model_name]))
-    headers = {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {}
+    # the proxy authenticates to us with our own first client key, given here (never echoed by the proxy)
+    node = NodeRequest(url=public_url(config), status=NodeStatus(models=[model_name]),
+                       api_key=config.api_keys[0] if config.api_keys else None)
+    headers = _proxy_headers(config)
     delay = 1.0
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with _proxy_client(config, 10) as client:
         while True:
             try:
                 r = await client.post(f"{config.proxy_url.rstrip('/')}/nodes/add", json=node.model_dump(),
@@ -56,9 +76,9 @@ async def register_with_proxy(config: ServerConfig, model_name: str, server: uvi
 
 
 async def deregister_from_proxy(config: ServerConfig) -> None:
-    headers = {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {}
+    headers = _proxy_headers(config)
     try:
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with _proxy_client(config, 5) as client:
             await client.post(f"{config.proxy_url.rstrip('/')}/nodes/remove", json={"url": public_url(config)},
                               headers=headers)
     except httpx.HTTPError as e:
@@ -91,13 +111,17 @@ async def announce_ready(config: ServerConfig, model_name: str, server: uvicorn.
     while not server.started:
         await asyncio.sleep(0.05)
     host = "localhost" if config.server_name in ("0.0.0.0", "::", "") else config.server_name
-    logger.info("ready at http://%s:%d (model %s; API docs at /docs); start-up took %.1f s", host,
+    scheme = "https" if config.ssl_certfile else "http"
+    logger.info("ready at %s://%s:%d (model %s; API docs at /docs); start-up took %.1f s", scheme, host,
                 config.server_port, model_name, process_age_s())
 
 
 async def serve(app, config: ServerConfig) -> None:
+    from lmserve.server.tls import TLSFiles, uvicorn_ssl_kwargs
+    tls = TLSFiles(config.ssl_keyfile, config.ssl_certfile, config.ssl_ca_certs)
     uv_config = uvicorn.Config(app, host=config.server_name, port=config.server_port,
-                               log_level=config.log_level.lower(), timeout_keep_alive=config.keep_alive_timeout)
+                               log_level=config.log_level.lower(), timeout_keep_alive=config.keep_alive_timeout,
+                               **uvicorn_ssl_kwargs(tls))
     server = _Server(uv_config)
     state = app.state.server
     state.request_shutdown = lambda: setattr(server, "should_exit", True)
@@ -126,6 +150,8 @@ def run_api_server(engine_config: EngineConfig, server_config: ServerConfig, *,
     except (ValueError, FileNotFoundError) as e:           # bad settings or paths: one line, not a traceback
         raise SystemExit(f"api_server: {e}") from None
     app = build_app(engine, server_config, allow_terminate_by_client=allow_terminate_by_client)
-    logger.info("starting the HTTP server on %s:%d", server_config.server_name, server_config.server_port)
+    logger.info("starting the HTTP%s server on %s:%d", "S" if server_config.ssl_certfile else "",
+                server_config.server_name, server_config.server_port)
+    logger.info("%s", app.state.access.startup_message())
     asyncio.run(serve(app, server_config))
     return 0

@@ -1,6 +1,7 @@
 """One pure-ASGI middleware, so it spans the whole response (streams included):
 
-1. API keys: `Authorization: Bearer <key>` on every path but /health, /metrics, the docs and the web page.
+1. API keys: `Authorization: Bearer <key>` on every path but /health, /metrics, the docs and the web page (an
+   admin key passes too). Control endpoints are guarded further inside, by auth.ControlGuard.
 2. Request bodies: at most --max-request-body-bytes (413; POST /update_weights is exempt), received within
    --body-read-timeout seconds (408). The body is read whole here, before admission, so a client that sends
    its body slowly holds a connection but never an admission slot.
@@ -12,9 +13,9 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
+from lmserve.server.auth import AccessPolicy
 from lmserve.server.errors import error_response
 from lmserve.server.state import ServerState
 from lmserve.web import is_web_path
@@ -32,23 +33,15 @@ class ServerMiddleware:
     def __init__(self, app, state: ServerState):
         self.app = app
         self.state = state
-        self.api_keys = tuple(k.encode() for k in state.config.api_keys)
-
-    def _authorized(self, scope) -> bool:
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    token = token.strip()
-                    return any(hmac.compare_digest(token, key) for key in self.api_keys)
-        return False
+        self.policy = AccessPolicy(state.config.api_keys, state.config.admin_api_keys)
+        self.api_keys = self.policy.api_keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
         if (self.api_keys and path not in OPEN_PATHS and not is_web_path(path) and method != "OPTIONS"
-                and not self._authorized(scope)):
+                and not self.policy.client_ok(scope)):
             response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)

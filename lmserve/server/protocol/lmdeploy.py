@@ -115,3 +115,4 @@ class NodeStatus(_Model):
 class NodeRequest(_Model):
     url: str
     status: NodeStatus | None = None
+    api_key: str | None = None      # the key the proxy sends this node; stored, never echoed
