@@ -14,9 +14,8 @@ import time
 
 import httpx
 import pytest
-import uvicorn
-from test_proxy_fakes import ServerThread, fake_node_app, free_port
-from tls_certs import CertAuthority
+from test_proxy_fakes import ServerThread, fake_node_app
+from tls_certs import CertAuthority, TLSServerThread
 
 from lmserve.proxy.app import build_app
 from lmserve.proxy.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
@@ -28,21 +27,6 @@ pytestmark = pytest.mark.timeout(120)
 CONTROL = (("POST", "/nodes/add", {"url": "http://127.0.0.1:9"}), ("POST", "/nodes/remove", {"url": "http://127.0.0.1:9"}),
            ("POST", "/nodes/terminate", {"url": "http://127.0.0.1:9"}), ("GET", "/nodes/terminate_all", None))
 ADMIN, CLIENT, NODE_KEY = "admin-secret-1", "client-secret-1", "node-secret-1"
-
-
-class TLSServerThread(ServerThread):
-    """ServerThread with uvicorn's ssl arguments (and a chosen host)."""
-
-    def __init__(self, app, host: str = "127.0.0.1", **ssl_kwargs):
-        self.app, self.port, self.host = app, free_port(), host
-        self.scheme = "https" if ssl_kwargs else "http"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="error",
-                                                    timeout_graceful_shutdown=1, **ssl_kwargs))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
 
 
 @pytest.fixture

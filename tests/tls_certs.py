@@ -1,15 +1,20 @@
 """A throw-away PKI for the TLS tests, made with `cryptography`: a CA, certificates it signs for 127.0.0.1 (server
-and client use), and a second, untrusted CA for "wrong certificate" cases. No test functions here."""
+and client use), and a second, untrusted CA for "wrong certificate" cases; a uvicorn-in-a-thread runner with TLS. No test functions
+here."""
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
+import threading
+
+import uvicorn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from test_proxy_fakes import ServerThread, free_port
 
 
 def _name(cn: str) -> x509.Name:
@@ -66,3 +71,18 @@ class CertAuthority:
                                critical=False)
                 .sign(self.key, hashes.SHA256()))
         return _write(self.directory, stem, key, cert)
+
+
+class TLSServerThread(ServerThread):
+    """test_proxy_fakes.ServerThread with uvicorn's ssl arguments (https when given) and a chosen host."""
+
+    def __init__(self, app, host: str = "127.0.0.1", **ssl_kwargs):
+        self.app, self.port, self.host = app, free_port(), host
+        self.scheme = "https" if ssl_kwargs else "http"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="error",
+                                                    timeout_graceful_shutdown=1, **ssl_kwargs))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"

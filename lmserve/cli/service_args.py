@@ -115,7 +115,7 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--breaker-threshold", type=int, default=d.breaker_threshold,
                    help="consecutive failures of a node that open its circuit breaker")
     p.add_argument("--breaker-cooldown", type=float, default=d.breaker_cooldown,
-                   help="seconds an open breaker waits before a half-open probe")
+                   help="seconds an open breaker waits before a half-open probe (default: --health-check-interval)")
     p.add_argument("--retry-backoff", type=float, default=d.retry_backoff,
                    help="seconds before the first retry; doubled per retry (with jitter)")
     _add_security_args(p)

@@ -200,7 +200,7 @@ def build_app(config: ProxyConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="lmserve proxy", lifespan=lifespan)
     app.state.config = config
-    app.state.registry = NodeRegistry(config.node_file, config.breaker_threshold, config.breaker_cooldown)
+    app.state.registry = NodeRegistry(config.node_file, config.breaker_threshold, config.breaker_cooldown_s)
     app.state.node_hosts = NodeHostPolicy(config.allowed_node_hosts)
     for url in [u for u in app.state.registry.nodes if not app.state.node_hosts.allows(u)]:
         logger.warning("node %s from the node file is outside --allowed-node-hosts: dropped", url)

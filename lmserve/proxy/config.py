@@ -25,7 +25,9 @@ class ProxyConfig:
     retry_backoff: float = 0.05           # seconds before the first retry; doubled per retry, jittered (retry.py)
     retry_backoff_max: float = 1.0
     breaker_threshold: int = 3            # consecutive failures that open a node's circuit breaker (breaker.py)
-    breaker_cooldown: float = 5.0         # seconds open before a half-open probe may close it
+    # seconds open before a half-open probe may close it; None: one health interval, so a restarted node is back
+    # in rotation within one health interval of answering again
+    breaker_cooldown: float | None = None
     # trust boundaries (server/auth.py, server/tls.py)
     admin_api_keys: tuple[str, ...] = ()  # guard /nodes/add|remove|terminate*; none: loopback callers only
     allowed_node_hosts: tuple[str, ...] = ()  # CIDRs / hostnames nodes may live at; empty: any (allowlist.py)
@@ -56,8 +58,12 @@ class ProxyConfig:
             raise ValueError("max_retries must be >= 0")
         if self.retry_backoff < 0 or self.retry_backoff_max < 0:
             raise ValueError("retry_backoff must be >= 0")
-        if self.breaker_threshold < 1 or self.breaker_cooldown < 0:
+        if self.breaker_threshold < 1 or (self.breaker_cooldown is not None and self.breaker_cooldown < 0):
             raise ValueError("breaker_threshold must be >= 1 and breaker_cooldown >= 0")
+
+    @property
+    def breaker_cooldown_s(self) -> float:
+        return self.health_check_interval if self.breaker_cooldown is None else self.breaker_cooldown
         if self.prefix_block_chars < 1 or self.prefix_max_chars < self.prefix_block_chars:
             raise ValueError("prefix_block_chars must be >= 1 and <= prefix_max_chars")
         if self.balance_factor < 1.0:

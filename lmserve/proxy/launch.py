@@ -46,8 +46,9 @@ def proxy_argv(config: ProxyConfig) -> list[str]:
                         ("--ssl-ca-certs", config.ssl_ca_certs), ("--node-ca-certs", config.node_ca_certs)):
         if value:
             argv += [flag, value]
-    argv += ["--max-retries", str(config.max_retries), "--breaker-threshold", str(config.breaker_threshold),
-             "--breaker-cooldown", str(config.breaker_cooldown)]
+    argv += ["--max-retries", str(config.max_retries), "--breaker-threshold", str(config.breaker_threshold)]
+    if config.breaker_cooldown is not None:
+        argv += ["--breaker-cooldown", str(config.breaker_cooldown)]
     return argv
 
 
