@@ -14,6 +14,7 @@ Prints one JSON object (and writes it with --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -184,10 +185,16 @@ def chaos(args) -> dict:
                 restarts.append({"node": node.name, "ready": False})
                 continue
             ready = time.monotonic()
+            if args.proxy == "lmdeploy":
+                # LMDeploy's proxy drops a node that stops answering; its api_server re-registers on restart
+                # (--proxy-url), which this stands in for. lmserve's proxy keeps the node and health-checks it.
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.post(f"{proxy}/nodes/add", json={"url": node.url}, timeout=10)
             back = None
             while time.monotonic() < ready + max(30.0, 4 * args.health_interval):
                 s = proxy_status(proxy).get(node.url, {})
-                if s.get("is_healthy") and s.get("breaker", {}).get("state", "closed") == "closed":
+                routable = s.get("is_healthy", bool(s)) and s.get("breaker", {}).get("state", "closed") == "closed"
+                if routable:
                     back = time.monotonic() - ready
                     break
                 time.sleep(0.05)

@@ -1,5 +1,5 @@
 """Chaos, bounded (the full 3-minute run is benchmarks/chaos.py, results in docs/benchmarks.md): three fake nodes
-(subprocesses, so they can be SIGKILLed) behind a real `lmserve serve proxy`, 8 concurrent clients for 20 s,
+(subprocesses, so they can be SIGKILLed) behind a real `lmserve serve proxy`, 8 concurrent clients for 16 s,
 mixed streaming and not, sessions, shared prefixes; one node SIGKILLed and restarted every 4 s in turn."""
 from __future__ import annotations
 
@@ -33,6 +33,6 @@ def test_proxy_loses_nothing_while_nodes_die(tmp_path):
 def _args(tmp_path):
     import argparse
     return argparse.Namespace(nodes="fake", proxy="lmserve", proxy_python=sys.executable, strategy="prefix_aware",
-                              num_nodes=3, clients=8, duration=20.0, kill_every=4.0,
+                              num_nodes=3, clients=8, duration=16.0, kill_every=4.0,
                               health_interval=HEALTH_INTERVAL, timeout=30.0, start_timeout=60.0,
                               log_dir=str(tmp_path), out=None)

@@ -2,8 +2,8 @@
 
 A node that fails a check (or a request, see forward.py) leaves the rotation at once, except for soft failures
 (a check that timed out: nodes.SOFT_FAILURE_LIMIT in a row, with no request served in between); it returns when a check
-passes again. Newly added nodes that are not up yet are probed quickly (`watch`) so they join within a fraction
-of a second of listening, rather than at the next round.
+passes again. Newly added nodes that are not up yet, and nodes that fail a check, are probed quickly (`watch`) so
+they (re)join within a fraction of a second of answering, rather than at the next round.
 """
 from __future__ import annotations
 
@@ -47,6 +47,10 @@ class HealthChecker:
                 # NOTE: a timeout is soft: a node busy with requests may answer /health late (nodes.py)
                 node.mark_failed(f"health check: {type(e).__name__}: {e}".rstrip(": "),
                                  soft=isinstance(e, httpx.TimeoutException) and node.is_healthy)
+                if not node.is_healthy:
+                    # NOTE: a node out of rotation is probed quickly, so a restarted node is back within a
+                    # fraction of a second of answering (once its breaker's cool-down is over), not a round later
+                    self.watch(node)
             return False
         if self.registry.get(node.url) is node:  # it may have been removed while we waited
             if node.models:
