@@ -160,7 +160,7 @@ def chaos(args) -> dict:
     try:
         for n in nodes:
             n.start()
-        assert wait_ok(f"{proxy}/nodes/status", 60), "the proxy did not start"
+        assert wait_ok(f"{proxy}/nodes/status", 300), "the proxy did not start"
         for n in nodes:
             assert wait_ok(f"{n.url}/health", args.start_timeout), f"{n.name} did not start"
             httpx.post(f"{proxy}/nodes/add", json={"url": n.url}, timeout=10).raise_for_status()
