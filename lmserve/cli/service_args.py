@@ -41,6 +41,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="most tool calls in one message when tool_choice is required (small models repeat calls)")
     g.add_argument("--max-prompts", type=int, default=d.max_prompts,
                    help="most prompts in one completions request / inputs in one embeddings request")
+    g.add_argument("--responses-store-size", type=int, default=d.responses_store_size,
+                   help="responses kept in memory for previous_response_id (/v1/responses, store=true; LRU)")
     p.add_argument("--allow-terminate-by-client", action="store_true", help="enable GET /terminate")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG|INFO|WARNING|ERROR")
 
@@ -65,7 +67,8 @@ def build_server_config(args: argparse.Namespace):
                         body_read_timeout=args.body_read_timeout, keep_alive_timeout=args.keep_alive_timeout,
                         max_n=args.max_n, max_logprobs=args.max_logprobs,
                         max_stop_sequences=args.max_stop_sequences, max_logit_bias=args.max_logit_bias,
-                        max_prompts=args.max_prompts, max_tool_calls=args.max_tool_calls)
+                        max_prompts=args.max_prompts, max_tool_calls=args.max_tool_calls,
+                        responses_store_size=args.responses_store_size)
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------
@@ -81,6 +84,8 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
                    help="max seconds to wait for the next byte from a node")
     p.add_argument("--max-retries", type=int, default=d.max_retries,
                    help="other nodes tried when a node fails before the first byte")
+    p.add_argument("--max-response-routes", type=int, default=d.max_response_routes,
+                   help="response ids remembered with their node, for previous_response_id (LRU)")
     p.add_argument("--node-file", default=None, help="JSON file the node list is saved to and restored from")
     p.add_argument("--balance-factor", type=float, default=d.balance_factor,
                    help="prefix_aware: max outstanding requests on a node, as a multiple of the mean")
@@ -94,4 +99,5 @@ def build_proxy_config(args: argparse.Namespace):
                        api_keys=tuple(args.api_keys or ()), node_file=args.node_file or None,
                        health_check_interval=args.health_check_interval,
                        health_check_timeout=args.health_check_timeout, request_timeout=args.request_timeout,
-                       max_retries=args.max_retries, balance_factor=args.balance_factor, log_level=args.log_level)
+                       max_retries=args.max_retries, balance_factor=args.balance_factor, log_level=args.log_level,
+                       max_response_routes=args.max_response_routes)

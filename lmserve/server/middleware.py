@@ -1,6 +1,6 @@
 """One pure-ASGI middleware, so it spans the whole response (streams included):
 
-1. API keys: `Authorization: Bearer <key>` on every path but /health, /metrics, the docs and the web page.
+1. API keys: `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on every path but /health, /metrics, the docs and the web page.
 2. Request bodies: at most --max-request-body-bytes (413; POST /update_weights is exempt), received within
    --body-read-timeout seconds (408). The body is read whole here, before admission, so a client that sends
    its body slowly holds a connection but never an admission slot.
@@ -22,7 +22,7 @@ from lmserve.web import is_web_path
 logger = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/v1/chat/interactive",
-                              "/v1/embeddings", "/pooling", "/v1/encode"})
+                              "/v1/embeddings", "/pooling", "/v1/encode", "/v1/responses", "/v1/messages"})
 UNBOUNDED_BODY_PATHS = frozenset({"/update_weights"})    # weights: an admin request, as large as the model
 OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
 RETRY_AFTER_S = 1
@@ -36,6 +36,8 @@ class ServerMiddleware:
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", ()):
+            if name == b"x-api-key":
+                return any(hmac.compare_digest(value.strip(), key) for key in self.api_keys)
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() == b"bearer":
