@@ -16,6 +16,8 @@ WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
                             "required": ["city"], "additionalProperties": False}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# NOTE: this anthropic SDK has no temperature / top_p / top_k arguments; the wire fields still work, in extra_body
+GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +31,14 @@ def model(agent_url) -> str:
 
 
 def test_create_text(claude, model):
-    m = claude.messages.create(model=model, max_tokens=12, system="You are terse.", temperature=0,
+    m = claude.messages.create(model=model, max_tokens=12, system="You are terse.", extra_body=GREEDY,
                                messages=[{"role": "user", "content": "Say hello."}])
     assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
     assert m.content[0].type == "text" and m.content[0].text
     assert m.stop_reason in ("end_turn", "max_tokens") and 0 < m.usage.output_tokens <= 12
     short = claude.messages.create(model=model, max_tokens=2, messages=[{"role": "user", "content": "Count."}])
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 2
-    stopped = claude.messages.create(model=model, max_tokens=40, temperature=0, stop_sequences=["e"],
+    stopped = claude.messages.create(model=model, max_tokens=40, extra_body=GREEDY, stop_sequences=["e"],
                                      messages=[{"role": "user", "content": "Describe the sea."}])
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "e"
 
@@ -52,7 +54,8 @@ def test_count_tokens_matches_usage(claude, model):
 
 
 def test_stream_text_matches_create(claude, model):
-    kw = dict(model=model, max_tokens=20, temperature=0, messages=[{"role": "user", "content": "Tell me a fact."}])
+    kw = dict(model=model, max_tokens=20, extra_body=GREEDY,
+              messages=[{"role": "user", "content": "Tell me a fact."}])
     whole = claude.messages.create(**kw)
     kinds, text = [], ""
     with claude.messages.stream(**kw) as stream:
@@ -69,7 +72,7 @@ def test_stream_text_matches_create(claude, model):
 
 
 def test_tool_use_stream_and_round_trip(claude, model):
-    kw = dict(model=model, max_tokens=60, temperature=0, tools=[WEATHER], messages=ASK,
+    kw = dict(model=model, max_tokens=60, extra_body=GREEDY, tools=[WEATHER], messages=ASK,
               tool_choice={"type": "any", "disable_parallel_tool_use": True})
     m = claude.messages.create(**kw)
     assert m.stop_reason == "tool_use"
@@ -81,7 +84,7 @@ def test_tool_use_stream_and_round_trip(claude, model):
     named = claude.messages.create(**dict(kw, tool_choice={"type": "tool", "name": "get_weather"}))
     assert named.content[-1].type == "tool_use" and named.content[-1].name == "get_weather"
     # the result goes back as a tool_result block
-    answer = claude.messages.create(model=model, max_tokens=16, temperature=0, tools=[WEATHER], messages=[
+    answer = claude.messages.create(model=model, max_tokens=16, extra_body=GREEDY, tools=[WEATHER], messages=[
         *ASK, {"role": "assistant", "content": [b.model_dump() for b in m.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id,
                                       "content": json.dumps({"temperature_c": 21})}]}])
@@ -124,7 +127,7 @@ def test_thinking_blocks_and_x_api_key(thinking_url):
     model = httpx.get(f"{thinking_url}/v1/models", headers={"x-api-key": "sk-i22"}).json()["data"][0]["id"]
     # the prompt ends inside <think>: what the model writes is reasoning until it closes the block (a 135M model
     # does not, within a few tokens), so it comes back as a thinking block
-    kw = dict(model=model, max_tokens=12, temperature=0, messages=ASK,
+    kw = dict(model=model, max_tokens=12, extra_body=GREEDY, messages=ASK,
               thinking={"type": "enabled", "budget_tokens": 1024})
     m = client.messages.create(**kw)
     assert m.content[0].type == "thinking" and m.content[0].thinking and m.stop_reason == "max_tokens"

@@ -1,6 +1,7 @@
 """One pure-ASGI middleware, so it spans the whole response (streams included):
 
-1. API keys: `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on every path but /health, /metrics, the docs and the web page.
+1. API keys: `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on every path but /health,
+   /metrics, the docs and the web page.
 2. Request bodies: at most --max-request-body-bytes (413; POST /update_weights is exempt), received within
    --body-read-timeout seconds (408). The body is read whole here, before admission, so a client that sends
    its body slowly holds a connection but never an admission slot.
