@@ -152,3 +152,19 @@ def agent_cluster(tmp_path_factory, api_server):
 def agent_url(request, api_server_url) -> str:
     """The base url of the agent-API suites: an api_server, or the two-node proxy in front of it."""
     return api_server_url if request.param == "direct" else request.getfixturevalue("agent_cluster")[0]
+
+
+# SmolLM2's template with a Qwen3-style thinking switch: the generation prompt opens a reasoning block
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                     "{% if enable_thinking is not defined or enable_thinking %}<think>\n{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def thinking_url(tmp_path_factory, smollm2_path):
+    """An api_server whose prompts open a <think> block (--reasoning-parser think) and that wants API key sk-i22."""
+    server = start_api_server(tmp_path_factory.mktemp("thinking"), *API_SERVER_ARGS, "--reasoning-parser", "think",
+                              "--chat-template", THINKING_TEMPLATE, "--api-keys", "sk-i22",
+                              health_headers={"x-api-key": "sk-i22"})
+    yield server.url
+    server.stop()

@@ -106,22 +106,6 @@ def test_errors_are_anthropic_shaped(claude, model, agent_url):
     assert "max_tokens" in r.json()["error"]["message"]       # required, as Anthropic requires it
 
 
-# SmolLM2's template with a Qwen3-style thinking switch: the generation prompt opens a reasoning block
-THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                     "{% if add_generation_prompt %}<|im_start|>assistant\n"
-                     "{% if enable_thinking is not defined or enable_thinking %}<think>\n{% endif %}{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def thinking_url(tmp_path_factory, smollm2_path):
-    from conftest import API_SERVER_ARGS, start_api_server
-    server = start_api_server(tmp_path_factory.mktemp("thinking"), *API_SERVER_ARGS, "--reasoning-parser", "think",
-                              "--chat-template", THINKING_TEMPLATE, "--api-keys", "sk-i22",
-                              health_headers={"x-api-key": "sk-i22"})
-    yield server.url
-    server.stop()
-
-
 def test_thinking_blocks_and_x_api_key(thinking_url):
     client = anthropic.Anthropic(base_url=thinking_url, api_key="sk-i22", max_retries=0, timeout=CLIENT_TIMEOUT)
     model = httpx.get(f"{thinking_url}/v1/models", headers={"x-api-key": "sk-i22"}).json()["data"][0]["id"]

@@ -194,3 +194,20 @@ def test_agents_sdk_runs_an_agent_with_a_function_tool(agent_url, model):
     assert isinstance(result.final_output, str) and result.final_output
     kinds = [item.type for item in result.new_items]
     assert kinds[0] == "tool_call_item" and "tool_call_output_item" in kinds and kinds[-1] == "message_output_item"
+
+
+def test_reasoning_items_from_the_reasoning_parser(thinking_url):
+    client = openai.OpenAI(base_url=f"{thinking_url}/v1", api_key="sk-i22", max_retries=0, timeout=CLIENT_TIMEOUT)
+    model = client.models.list().data[0].id
+    # the prompt ends inside <think>: a 135M model does not close the block within a few tokens, so its output is
+    # all reasoning
+    kw = dict(model=model, input="Why is the sky blue?", max_output_tokens=10, temperature=0)
+    r = client.responses.create(**kw)
+    assert r.output[0].type == "reasoning" and r.output[0].content[0].type == "reasoning_text"
+    reasoning = r.output[0].content[0].text
+    assert reasoning and r.usage.output_tokens_details.reasoning_tokens > 0
+    streamed = "".join(ev.delta for ev in client.responses.create(stream=True, **kw)
+                       if ev.type == "response.reasoning_text.delta")
+    assert streamed == reasoning
+    plain = client.responses.create(**kw, reasoning={"effort": "none"})
+    assert [o.type for o in plain.output] == ["message"] and plain.output_text

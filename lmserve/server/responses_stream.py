@@ -139,9 +139,10 @@ async def stream_events(run: ResponseRun) -> AsyncIterator[str]:
                                                                                             "response.failed")
         yield ev.event(kind, response=response)
     except Exception as exc:   # noqa: BLE001 - the stream has started: report in-band
-        run.state.responses.finished(run.id)
         message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
         code = (exc.code if isinstance(exc, APIError) else None) or "server_error"
         yield ev.event("error", code=code, message=message, param=None)
         yield ev.event("response.failed", response=run.response("failed", ev.items,
                                                                  error={"code": code, "message": message}))
+    finally:      # also when the client went away mid-stream (the generator is closed, not raised into)
+        run.state.responses.finished(run.id)
