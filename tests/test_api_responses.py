@@ -6,7 +6,6 @@ endpoints, and 400s for what is not supported. `agent_url` runs the suite direct
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import openai

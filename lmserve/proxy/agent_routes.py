@@ -27,7 +27,8 @@ _DROP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive",
 
 
 class ResponseRoutes:
-    """response id -> url of the node that stored it (LRU, at most `max_size`)."""
+    """response id -> url of the node that stored it (LRU, at most `max_size`). Not cleared when a node leaves:
+    a request for one of its responses must hear that its node is gone."""
 
     def __init__(self, max_size: int = 100_000):
         self.max_size = max_size
@@ -41,9 +42,6 @@ class ResponseRoutes:
 
     def lookup(self, response_id: str) -> str | None:
         return self._urls.get(response_id)
-
-    def forget_node(self, url: str) -> None:
-        """Kept on purpose: a request for a response of a removed node must hear that its node is gone."""
 
 
 def check_api_key(request: Request) -> None:

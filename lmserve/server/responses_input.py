@@ -110,10 +110,9 @@ def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
 
 
 def check_request(req: ResponsesRequest) -> None:
-    reject_if_set(req, UNSUPPORTED_FIELDS)
-    for name in ("include",):
-        if getattr(req, name):
-            raise not_supported(name)
+    # NOTE: `include` asks for extra output data (logprobs, encrypted reasoning, ...); none is produced, so a
+    # non-empty list is refused rather than silently ignored (the Agents SDK sends an empty one)
+    reject_if_set(req, (*UNSUPPORTED_FIELDS, "include"))
 
 
 def to_chat_request(req: ResponsesRequest, model: str, history: list[dict[str, Any]]

@@ -5,7 +5,7 @@ ends. Nothing survives a restart; an evicted id is a 404 like an unknown one."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lmserve.server.errors import APIError
@@ -18,7 +18,6 @@ class StoredResponse:
     history: list[dict[str, Any]]            # chat messages of the whole conversation, this turn's output included
     request_id: str | None = None            # engine request id while generating
     is_cancelled: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ResponsesStore:

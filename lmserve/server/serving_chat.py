@@ -119,8 +119,8 @@ class ChatJob:
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
     req = with_generation_defaults(req, state.generation_defaults)
-    job, tools = await start_chat(state, req, raw, random_id("chatcmpl"))
-    view = _ChatView(state, req, job, tools)
+    job = await start_chat(state, req, raw, random_id("chatcmpl"))
+    view = _ChatView(state, req, job)
     if req.stream:
         return StreamingResponse(view.stream(job.stream), media_type="text/event-stream")
     final = await run_until_disconnect(raw, last_output(job.stream))
@@ -128,7 +128,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
 
 
 async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Request | None,
-                     request_id: str) -> tuple[ChatJob, ToolCalls]:
+                     request_id: str) -> ChatJob:
     """Checks, chat template, tokens, SamplingParams; starts the engine request (the first output is in)."""
     state.check_model(req.model)
     _check_request(state, req)
@@ -191,13 +191,13 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
 
     starts_in_reasoning = prompt_text is not None and prompt_text.rstrip().endswith("<think>")
     output = ChatOutput(tools, state.reasoning_parser, starts_in_reasoning)
-    return ChatJob(request_id, len(prompt_ids), output, stream), tools
+    return ChatJob(request_id, len(prompt_ids), output, stream)
 
 
 class _ChatView:
     """RequestOutput -> OpenAI chat JSON (one response, or the chunks of a stream)."""
 
-    def __init__(self, state: ServerState, req: ChatCompletionRequest, job: ChatJob, tools: ToolCalls):
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, job: ChatJob):
         self.output = job.output
         self.state = state
         self.req = req

@@ -131,7 +131,7 @@ class _MessageView:
 async def create_message(state: ServerState, req: MessagesRequest, raw: Request):
     state.check_model(req.model)
     chat = with_generation_defaults(to_chat_request(req, state.model_name), state.generation_defaults)
-    job, _ = await start_chat(state, chat, raw, new_id("msg"))
+    job = await start_chat(state, chat, raw, new_id("msg"))
     view = _MessageView(state, req, job)
     if req.stream:
         return StreamingResponse(view.stream(), media_type="text/event-stream")

@@ -105,7 +105,7 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     chat_req, conversation = to_chat_request(req, state.model_name, history)
     chat_req = with_generation_defaults(chat_req, state.generation_defaults)
     response_id = new_id("resp")
-    job, _ = await start_chat(state, chat_req, raw, response_id)
+    job = await start_chat(state, chat_req, raw, response_id)
     run = ResponseRun(state, req, job, conversation, response_id)
     run.entry = StoredResponse(run.response("in_progress"), _input_items(req), conversation, request_id=response_id)
     state.responses.put(response_id, run.entry, keep=req.store is not False)
