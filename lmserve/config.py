@@ -292,6 +292,7 @@ class ServerConfig:
     max_logit_bias: int = 1024          # logit_bias entries
     max_prompts: int = 256              # prompts in one /v1/completions list, inputs in one embeddings list
     max_tool_calls: int = 16            # calls in one message under tool_choice=required (the grammar's bound)
+    responses_store_size: int = 1024    # /v1/responses kept for previous_response_id (LRU, in memory)
 
     def __post_init__(self):
         if self.max_concurrent_requests < 1:
@@ -299,7 +300,7 @@ class ServerConfig:
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
         for name in ("max_request_body_bytes", "max_n", "max_stop_sequences", "max_logit_bias", "max_prompts",
-                     "max_tool_calls"):
+                     "max_tool_calls", "responses_store_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not 0 <= self.max_logprobs <= 20:

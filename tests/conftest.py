@@ -129,3 +129,42 @@ def client(request, url):
 @pytest.fixture(scope="module")
 def model(client) -> str:
     return client.models.list().data[0].id
+
+
+# ---- the agent APIs (Responses, Anthropic Messages, /tokenize) directly and through a two-node proxy -------------
+@pytest.fixture(scope="session")
+def agent_cluster(tmp_path_factory, api_server):
+    """An in-process proxy over two api_server nodes: the shared `api_server` and one more."""
+    from test_proxy_fakes import ServerThread
+
+    from lmserve.proxy.app import build_app
+    from lmserve.proxy.config import ProxyConfig
+    second = start_api_server(tmp_path_factory.mktemp("agent_node"), *API_SERVER_ARGS)
+    proxy = ServerThread(build_app(ProxyConfig(server_name="127.0.0.1", health_check_interval=1.0))).start()
+    for node in (api_server, second):
+        assert _httpx.post(f"{proxy.url}/nodes/add", json={"url": node.url}).status_code == 200
+    yield proxy.url, [api_server.url, second.url]
+    proxy.stop(force=True)
+    second.stop()
+
+
+@pytest.fixture(scope="module", params=["direct", pytest.param("proxy", marks=pytest.mark.slow)])
+def agent_url(request, api_server_url) -> str:
+    """The base url of the agent-API suites: an api_server, or the two-node proxy in front of it."""
+    return api_server_url if request.param == "direct" else request.getfixturevalue("agent_cluster")[0]
+
+
+# SmolLM2's template with a Qwen3-style thinking switch: the generation prompt opens a reasoning block
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                     "{% if enable_thinking is not defined or enable_thinking %}<think>\n{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def thinking_url(tmp_path_factory, smollm2_path):
+    """An api_server whose prompts open a <think> block (--reasoning-parser think) and that wants API key sk-i22."""
+    server = start_api_server(tmp_path_factory.mktemp("thinking"), *API_SERVER_ARGS, "--reasoning-parser", "think",
+                              "--chat-template", THINKING_TEMPLATE, "--api-keys", "sk-i22",
+                              health_headers={"x-api-key": "sk-i22"})
+    yield server.url
+    server.stop()

@@ -62,6 +62,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="most tool calls in one message when tool_choice is required (small models repeat calls)")
     g.add_argument("--max-prompts", type=int, default=d.max_prompts,
                    help="most prompts in one completions request / inputs in one embeddings request")
+    g.add_argument("--responses-store-size", type=int, default=d.responses_store_size,
+                   help="responses kept in memory for previous_response_id (/v1/responses, store=true; LRU)")
     p.add_argument("--allow-terminate-by-client", action="store_true", help="enable GET /terminate")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG|INFO|WARNING|ERROR")
 
@@ -89,7 +91,8 @@ def build_server_config(args: argparse.Namespace):
                         max_stop_sequences=args.max_stop_sequences, max_logit_bias=args.max_logit_bias,
                         max_prompts=args.max_prompts, max_tool_calls=args.max_tool_calls,
                         admin_api_keys=tuple(args.admin_api_keys or ()), proxy_admin_key=args.proxy_admin_key,
-                        ssl_keyfile=tls.keyfile, ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs)
+                        ssl_keyfile=tls.keyfile, ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs,
+                        responses_store_size=args.responses_store_size)
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------
@@ -105,6 +108,8 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
                    help="max seconds to wait for the next byte from a node")
     p.add_argument("--max-retries", type=int, default=d.max_retries,
                    help="other nodes tried when a node fails before the first byte")
+    p.add_argument("--max-response-routes", type=int, default=d.max_response_routes,
+                   help="response ids remembered with their node, for previous_response_id (LRU)")
     p.add_argument("--node-file", default=None, help="JSON file the node list is saved to and restored from")
     p.add_argument("--allowed-node-hosts", nargs="*", default=None,
                    help="CIDRs / hostnames the proxy may ever connect to as nodes (default: any)")
@@ -138,4 +143,5 @@ def build_proxy_config(args: argparse.Namespace):
                        node_ssl_certfile=args.node_ssl_certfile or tls.certfile,
                        node_ssl_keyfile=args.node_ssl_keyfile or tls.keyfile, ssl_keyfile=tls.keyfile,
                        ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs, breaker_threshold=args.breaker_threshold,
-                       breaker_cooldown=args.breaker_cooldown, retry_backoff=args.retry_backoff)
+                       breaker_cooldown=args.breaker_cooldown, retry_backoff=args.retry_backoff,
+                       max_response_routes=args.max_response_routes)

@@ -21,12 +21,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import PlainTextResponse, Response
 
 from lmserve.proxy.allowlist import NodeHostPolicy
+from lmserve.proxy.agent_routes import ResponseRoutes, agent_router
 from lmserve.proxy.config import ProxyConfig
 from lmserve.proxy.forward import Forwarder
 from lmserve.proxy.health import HealthChecker
 from lmserve.proxy.nodes import NodeRegistry, normalize_url
 from lmserve.proxy.strategies import PrefixAware, SessionTable, make_strategy
 from lmserve.server.auth import AccessPolicy, ControlGuard
+from lmserve.server.anthropic_errors import AnthropicErrors
 from lmserve.server.errors import APIError, install_error_handlers
 from lmserve.server.tls import client_context
 from lmserve.server.protocol import ModelCard, ModelList, NodeRequest
@@ -215,6 +217,9 @@ def build_app(config: ProxyConfig | None = None) -> FastAPI:
     app.include_router(health_router())
     app.include_router(nodes_router())
     app.include_router(api_router())
+    app.include_router(agent_router())      # Responses, Anthropic Messages, /tokenize (proxy/agent_routes.py)
+    app.state.response_routes = ResponseRoutes(config.max_response_routes)
+    app.add_middleware(AnthropicErrors)
     mount_web(app)
     app.add_middleware(ControlGuard, policy=app.state.access)
     return app

@@ -45,6 +45,7 @@ class ProxyConfig:
     # prefix_aware: a node with more than `balance_factor` x the mean outstanding requests is not given more work
     balance_factor: float = 1.5
     max_sessions: int = 100_000           # session_id -> node pins remembered (LRU)
+    max_response_routes: int = 100_000    # /v1/responses id -> node remembered for previous_response_id (LRU)
     log_level: str = "INFO"
 
     def __post_init__(self):

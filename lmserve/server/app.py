@@ -19,6 +19,7 @@ from lmserve.server import serving_admin, serving_embedding
 from lmserve.server.auth import AccessPolicy, ControlGuard
 from lmserve.server.errors import APIError, install_error_handlers
 from lmserve.server.middleware import ServerMiddleware
+from lmserve.server.anthropic_errors import AnthropicErrors
 from lmserve.server.protocol import (AbortRequest, ChatCompletionRequest, ChatCompletionResponse,
                                      ChatInteractiveRequest, ChatInteractiveResponse, CompletionRequest,
                                      CompletionResponse, EmbeddingsRequest, EmbeddingsResponse, EncodeRequest,
@@ -29,6 +30,7 @@ from lmserve.server.serving_chat import create_chat_completion
 from lmserve.server.serving_completion import create_completion
 from lmserve.server.serving_generate import generate
 from lmserve.server.serving_interactive import chat_interactive
+from lmserve.server.routers_agents import agent_routers
 from lmserve.server.state import ServerState
 from lmserve.web import mount_web
 
@@ -199,10 +201,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, *,
     install_error_handlers(app)
     for router in (openai_router(), lmdeploy_router(), mlc_router(), operations_router()):
         app.include_router(router)
+    for router in agent_routers():      # Responses, Anthropic Messages, /tokenize (server/routers_agents.py)
+        app.include_router(router)
     mount_web(app)
     app.state.access = AccessPolicy(config.api_keys, config.admin_api_keys, "api_server")
     app.add_middleware(ControlGuard, policy=app.state.access)     # inside the client-key gate below
     app.add_middleware(ServerMiddleware, state=state)
+    app.add_middleware(AnthropicErrors)     # outside ServerMiddleware: its 401/413/429 get reshaped too
     if config.allow_origins:
         # NOTE: added last, so it is the outermost layer and answers CORS preflights before the key check.
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origins),

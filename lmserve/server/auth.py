@@ -46,8 +46,11 @@ def is_loopback(host: str | None) -> bool:
 
 
 def bearer_token(headers) -> bytes | None:
-    """The token of `Authorization: Bearer <token>` from ASGI scope headers [(b"name", b"value"), ...]."""
+    """The token of `Authorization: Bearer <token>` (or Anthropic's `x-api-key: <token>`) from ASGI scope headers
+    [(b"name", b"value"), ...]."""
     for name, value in headers:
+        if name == b"x-api-key":
+            return value.strip()
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
             return token.strip() if scheme.lower() == b"bearer" else None

@@ -1,7 +1,8 @@
 """One pure-ASGI middleware, so it spans the whole response (streams included):
 
-1. API keys: `Authorization: Bearer <key>` on every path but /health, /metrics, the docs and the web page (an
-   admin key passes too). Control endpoints are guarded further inside, by auth.ControlGuard.
+1. API keys: `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on every path but /health, /metrics,
+   the docs and the web page (an admin key passes too). Control endpoints are guarded further inside, by
+   auth.ControlGuard.
 2. Request bodies: at most --max-request-body-bytes (413; POST /update_weights is exempt), received within
    --body-read-timeout seconds (408). The body is read whole here, before admission, so a client that sends
    its body slowly holds a connection but never an admission slot.
@@ -23,7 +24,7 @@ from lmserve.web import is_web_path
 logger = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/v1/chat/interactive",
-                              "/v1/embeddings", "/pooling", "/v1/encode"})
+                              "/v1/embeddings", "/pooling", "/v1/encode", "/v1/responses", "/v1/messages"})
 UNBOUNDED_BODY_PATHS = frozenset({"/update_weights"})    # weights: an admin request, as large as the model
 OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
 RETRY_AFTER_S = 1

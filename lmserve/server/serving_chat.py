@@ -108,8 +108,28 @@ def _guided(state: ServerState, req: ChatCompletionRequest, tools: ToolCalls, te
     return guided
 
 
+@dataclasses.dataclass
+class ChatJob:
+    """A chat request started in the engine: what the Responses and Messages APIs build their answers from."""
+    request_id: str
+    num_prompt_tokens: int
+    output: ChatOutput
+    stream: AsyncIterator[RequestOutput]
+
+
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
     req = with_generation_defaults(req, state.generation_defaults)
+    job = await start_chat(state, req, raw, random_id("chatcmpl"))
+    view = _ChatView(state, req, job)
+    if req.stream:
+        return StreamingResponse(view.stream(job.stream), media_type="text/event-stream")
+    final = await run_until_disconnect(raw, last_output(job.stream))
+    return JSONResponse(view.response(final).model_dump(exclude_none=True))
+
+
+async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Request | None,
+                     request_id: str) -> ChatJob:
+    """Checks, chat template, tokens, SamplingParams; starts the engine request (the first output is in)."""
     state.check_model(req.model)
     _check_request(state, req)
     state.check_available()
@@ -156,7 +176,6 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         guided=_guided(state, req, tools, template_kwargs, prompt_text))
 
-    request_id = random_id("chatcmpl")
     if use_session:
         session = state.sessions.begin(req.session_id, request_id)
     try:
@@ -171,24 +190,20 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         stream = state.sessions.track(session, stream, prompt_ids, prompt_text=prompt_text)
 
     starts_in_reasoning = prompt_text is not None and prompt_text.rstrip().endswith("<think>")
-    view = _ChatView(state, req, request_id, len(prompt_ids), tools, starts_in_reasoning)
-    if req.stream:
-        return StreamingResponse(view.stream(stream), media_type="text/event-stream")
-    final = await run_until_disconnect(raw, last_output(stream))
-    return JSONResponse(view.response(final).model_dump(exclude_none=True))
+    output = ChatOutput(tools, state.reasoning_parser, starts_in_reasoning)
+    return ChatJob(request_id, len(prompt_ids), output, stream)
 
 
 class _ChatView:
     """RequestOutput -> OpenAI chat JSON (one response, or the chunks of a stream)."""
 
-    def __init__(self, state: ServerState, req: ChatCompletionRequest, request_id: str, num_prompt_tokens: int,
-                 tools: ToolCalls, starts_in_reasoning: bool):
-        self.output = ChatOutput(tools, state.reasoning_parser, starts_in_reasoning)
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, job: ChatJob):
+        self.output = job.output
         self.state = state
         self.req = req
-        self.request_id = request_id
+        self.request_id = job.request_id
         self.created = int(time.time())
-        self.num_prompt_tokens = num_prompt_tokens
+        self.num_prompt_tokens = job.num_prompt_tokens
         self.num_top = req.top_logprobs or 0
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:

@@ -28,6 +28,7 @@ from lmserve.server.errors import APIError
 from lmserve.server.limits import check_text
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.reasoning_parsers import get_reasoning_parser
+from lmserve.server.responses_store import ResponsesStore
 from lmserve.server.sessions import SessionManager
 from lmserve.server.tool_parsers import get_tool_parser, pick_tool_parser
 
@@ -95,6 +96,7 @@ class ServerState:
         self.allow_terminate = allow_terminate
         self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
         self.sessions = SessionManager(engine)
+        self.responses = ResponsesStore(config.responses_store_size)   # /v1/responses with store=true
         self.inflight: dict[str, int | None] = {}     # request_id -> session_id (None: no session)
         self.metrics = ServerMetrics(engine, lambda: (self.admission.num_running, self.admission.num_queued,
                                                       len(self.sessions)))
