@@ -1,11 +1,20 @@
 """Shared session fixtures. Models come from local files only: the bundled SmolLM2 GGUF and tiny random models."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from model_builders import make_random_model
+# NOTE: before anything imports lmserve, and in os.environ so every server a test starts inherits it: the suite
+# compiles the CPU kernels into the repo's own cache (once, kept across runs), never the user's ~/.cache, where a
+# suite rebuilding them would make the user's servers wait. LMSERVE_TEST_KERNEL_CACHE points it elsewhere (CI).
+KERNEL_CACHE = os.environ.get("LMSERVE_TEST_KERNEL_CACHE") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".kernel-cache")
+os.environ["LMSERVE_KERNEL_CACHE"] = KERNEL_CACHE
 
-from lmserve.model.loader import default_model_path
+from model_builders import make_random_model  # noqa: E402
+
+from lmserve.model.loader import default_model_path  # noqa: E402
 
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 

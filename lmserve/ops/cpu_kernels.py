@@ -11,13 +11,13 @@ sources, the compiler flags, the CPU model and the torch version.
 
 NOTE: a process killed while compiling leaves torch's `lock` file behind, and torch then waits for it forever
 (FileBaton.wait). So every build here first takes an flock on `<dir>.flock`, which the kernel releases when its
-holder dies; whoever holds it knows any `lock` file is stale and removes it. Waiting for another live builder is
+holder dies; whoever holds it knows any `lock` file is stale and removes it. The holder writes its pid and start
+time into that file, and a process that must wait logs them at once (ops/build_lock.py). Waiting is
 bounded too (`timeout`), and so is the build itself: it runs in a thread, and start-up goes on with the
 references if it has not finished in time (the next start finds the finished build).
 """
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import logging
@@ -28,6 +28,8 @@ import threading
 import time
 
 import torch
+
+from lmserve.ops import build_lock
 
 logger = logging.getLogger(__name__)
 
@@ -77,24 +79,10 @@ def build_dir() -> str:
     return path
 
 
-def _acquire(flock_path: str, deadline: float):
-    """An exclusive flock on flock_path, or None if another live process still holds it at the deadline."""
-    f = open(flock_path, "a+")
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return f
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                f.close()
-                return None
-            time.sleep(0.2)
-
-
 def _compile(path: str, deadline: float):
     """Build (or load the cached build of) the library in `path`; raises on failure or when the lock times out."""
     from torch.utils.cpp_extension import load
-    holder = _acquire(path + ".flock", deadline)
+    holder = build_lock.acquire(path + ".flock", deadline)
     if holder is None:
         raise TimeoutError("another process is still compiling the CPU kernels")
     try:
@@ -123,7 +111,7 @@ def _compile(path: str, deadline: float):
             logger.warning("compiled CPU kernels in %.1f s", time.monotonic() - t0)
         return module
     finally:
-        holder.close()
+        build_lock.release(holder)
 
 
 def build(timeout: float = DEFAULT_TIMEOUT_S):
