@@ -85,7 +85,8 @@ def bench(base_url: str, gguf: str, repo: str, level: int, num_prompts: int, inp
 def measure_server(name: str, cmd: list[str], env: dict, port: int, gguf: str, args, log_path: str) -> dict:
     row: dict = {"server": name, "command": " ".join(cmd), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     try:
-        with server_probe.Server(cmd, env, port, log_path, args.max_rss_gib, args.startup_s) as srv:
+        with server_probe.Server(cmd, env, port, log_path, args.max_rss_gib, args.startup_s,
+                                 args.min_free_gib) as srv:
             row["startup_s"] = round(srv.startup_s, 1)
             row["mem_after_start"] = srv.memory()
             tmp = os.path.join(args.out_dir, f".{name}.json")
@@ -168,6 +169,8 @@ def main() -> int:
     ap.add_argument("--c16-prompts", type=int, default=16, help="0 skips the c=16 run")
     ap.add_argument("--c16-output", type=int, default=64)
     ap.add_argument("--max-rss-gib", type=float, default=14.0, help="kill a server whose RSS passes this")
+    ap.add_argument("--min-free-gib", type=float, default=1.5,
+                    help="kill the server when the machine's available memory falls below this")
     ap.add_argument("--startup-s", type=float, default=900.0)
     ap.add_argument("--bandwidth-gib", type=float, default=2.0)
     ap.add_argument("--out-dir", default=os.path.join(REPO, "bench_results", "real_size"))

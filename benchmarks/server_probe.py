@@ -43,8 +43,12 @@ def llama_cpp_version(peers_dir: str) -> str:
         return "unknown"
 
 
+# a first start compiles lmserve's kernels in child processes: their memory is the compiler's, not the server's
+BUILD_TOOLS = {"cc1plus", "cc1", "c++", "g++", "gcc", "as", "ld", "collect2", "ninja", "sh"}
+
+
 def tree_memory(pid: int) -> dict:
-    """RSS / PSS / USS in bytes, summed over the process and its descendants."""
+    """RSS / PSS / USS in bytes, summed over the process and its descendants (build tools left out)."""
     total = {"rss": 0, "pss": 0, "uss": 0}
     try:
         procs = [psutil.Process(pid)]
@@ -53,6 +57,8 @@ def tree_memory(pid: int) -> dict:
         return total
     for p in procs:
         try:
+            if p.pid != pid and p.name() in BUILD_TOOLS:
+                continue
             m = p.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -62,13 +68,16 @@ def tree_memory(pid: int) -> dict:
 
 
 class Server:
-    def __init__(self, cmd: list[str], env: dict, port: int, log_path: str, max_rss_gib: float, startup_s: float):
+    def __init__(self, cmd: list[str], env: dict, port: int, log_path: str, max_rss_gib: float, startup_s: float,
+                 min_free_gib: float = 1.5):
         self.cmd, self.env, self.log_path = cmd, env, log_path
         self.url = f"http://127.0.0.1:{port}"
         self.max_rss = max_rss_gib * GIB
+        self.min_free = min_free_gib * GIB
         self.startup_s = startup_s
         self.peak_rss = 0
         self.killed_for_memory = None
+        self.kill_reason = ""
         self.proc = None
         self._stop = threading.Event()
 
@@ -79,8 +88,12 @@ class Server:
         while not self._stop.wait(0.2):
             rss = tree_memory(self.proc.pid)["rss"]
             self.peak_rss = max(self.peak_rss, rss)
-            if rss > self.max_rss and self.proc.poll() is None:
+            # NOTE: also when the machine runs short: it is shared, and the OOM killer might pick someone else
+            short = psutil.virtual_memory().available < self.min_free
+            if (rss > self.max_rss or short) and self.proc.poll() is None:
                 self.killed_for_memory = rss
+                self.kill_reason = (f"machine short of memory (available < {self.min_free / GIB:.1f} GiB)" if short
+                                    else f"RSS passed --max-rss-gib {self.max_rss / GIB:.0f}")
                 self._kill(signal.SIGKILL)
                 return
 
@@ -116,7 +129,7 @@ class Server:
     def _fail(self, what: str):
         self.__exit__(None, None, None)
         if self.killed_for_memory:
-            what = f"killed: RSS {self.killed_for_memory / GIB:.1f} GiB passed --max-rss-gib {self.max_rss / GIB:.0f}"
+            what = f"killed at RSS {self.killed_for_memory / GIB:.1f} GiB: {self.kill_reason}"
         with open(self.log_path, errors="replace") as f:
             tail = f.read()[-600:]
         raise ServerError(f"{what}; log {self.log_path}: ...{tail}")
@@ -131,6 +144,5 @@ class Server:
                 self._kill(signal.SIGKILL)
                 self.proc.wait(30)
         if exc and exc[0] is not None and self.killed_for_memory:
-            raise ServerError(f"killed: RSS {self.killed_for_memory / GIB:.1f} GiB passed --max-rss-gib "
-                              f"{self.max_rss / GIB:.0f}") from exc[1]
+            raise ServerError(f"killed at RSS {self.killed_for_memory / GIB:.1f} GiB: {self.kill_reason}") from exc[1]
         return False
