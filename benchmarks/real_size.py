@@ -75,7 +75,10 @@ def bench(base_url: str, gguf: str, repo: str, level: int, num_prompts: int, inp
            "--seed", str(level * 1000 + input_len), "--max-concurrency", str(level), "--num-prompts",
            str(num_prompts), "--tokenizer", gguf, "--save-result", out_json, "--disable-tqdm"]
     # the client is always this checkout's, whichever lmserve is being measured
-    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise server_probe.ServerError(f"bench c={level} in={input_len} failed: {(proc.stdout + proc.stderr)[-1500:]}")
     with open(out_json) as f:
         m = json.load(f)["runs"][-1]["metrics"]
     os.remove(out_json)
@@ -102,7 +105,7 @@ def measure_server(name: str, cmd: list[str], env: dict, port: int, gguf: str, a
                 row["c16_failed"] = m16["failed"]
             row["mem_after_run"] = srv.memory()
             row["peak_rss"] = srv.peak_rss
-    except (server_probe.ServerError, subprocess.CalledProcessError, KeyError) as e:
+    except (server_probe.ServerError, KeyError) as e:
         row["error"] = str(e)[-800:]
         print(f"!! {name}: {row['error']}", file=sys.stderr)
     row["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -112,6 +112,14 @@ class Server:
                                      start_new_session=True)
         log.close()
         threading.Thread(target=self._watch, daemon=True).start()
+        try:
+            self._wait_healthy(t0)
+        except BaseException:
+            self.__exit__(None, None, None)     # a start interrupted (SIGTERM, ^C) leaves no server behind
+            raise
+        return self
+
+    def _wait_healthy(self, t0: float) -> None:
         while True:
             if self.proc.poll() is not None:
                 self._fail(f"exited with {self.proc.returncode} during start-up")
@@ -124,7 +132,6 @@ class Server:
                 self._fail(f"not healthy after {self.startup_s:.0f} s")
             time.sleep(0.3)
         self.startup_s = time.monotonic() - t0
-        return self
 
     def _fail(self, what: str):
         self.__exit__(None, None, None)
