@@ -29,8 +29,6 @@ import time
 
 import torch
 
-from lmserve.ops import build_lock
-
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu")
@@ -82,6 +80,8 @@ def build_dir() -> str:
 def _compile(path: str, deadline: float):
     """Build (or load the cached build of) the library in `path`; raises on failure or when the lock times out."""
     from torch.utils.cpp_extension import load
+
+    from lmserve.ops import build_lock
     holder = build_lock.acquire(path + ".flock", deadline)
     if holder is None:
         raise TimeoutError("another process is still compiling the CPU kernels")
