@@ -87,9 +87,9 @@ def bench(base_url: str, gguf: str, repo: str, level: int, num_prompts: int, inp
 
 def measure_server(name: str, cmd: list[str], env: dict, port: int, gguf: str, args, log_path: str) -> dict:
     row: dict = {"server": name, "command": " ".join(cmd), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    srv = server_probe.Server(cmd, env, port, log_path, args.max_rss_gib, args.startup_s, args.min_free_gib)
     try:
-        with server_probe.Server(cmd, env, port, log_path, args.max_rss_gib, args.startup_s,
-                                 args.min_free_gib) as srv:
+        with srv:
             row["startup_s"] = round(srv.startup_s, 1)
             row["mem_after_start"] = srv.memory()
             tmp = os.path.join(args.out_dir, f".{name}.json")
@@ -104,10 +104,10 @@ def measure_server(name: str, cmd: list[str], env: dict, port: int, gguf: str, a
                 row["c16_output_tok_s"] = m16["output_throughput"]
                 row["c16_failed"] = m16["failed"]
             row["mem_after_run"] = srv.memory()
-            row["peak_rss"] = srv.peak_rss
     except (server_probe.ServerError, KeyError) as e:
         row["error"] = str(e)[-800:]
         print(f"!! {name}: {row['error']}", file=sys.stderr)
+    row["peak_rss"] = srv.peak_rss
     row["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return row
 
