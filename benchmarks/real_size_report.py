@@ -65,7 +65,7 @@ def markdown(data: dict) -> str:
         for server in dict.fromkeys(r["server"] for r in model["runs"]):
             b = best([r for r in model["runs"] if r["server"] == server])
             by_server[server] = b
-            err = f" ({b['errors'][0][:120]})" if b["errors"] else ""
+            err = f" ({b['errors'][0].splitlines()[0][:120]})" if b["errors"] else ""
             lines.append(
                 f"| {name} | {server}{err} | {_f(b['c1_decode_tok_s'])} | "
                 f"{_f(b['c1_decode_tok_s'] and 100 * b['c1_decode_tok_s'] / bound, '{:.0f}%')} | "
