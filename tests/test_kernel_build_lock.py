@@ -53,7 +53,7 @@ def test_a_start_waiting_for_another_build_names_the_holder(tmp_path):
     assert "REFERENCES" in proc.stdout, out
     line = next((x for x in out.splitlines() if "waiting for another process" in x), None)
     assert line is not None, out
-    assert f"pid {os.getpid()}" in line and "building since" in line and "UTC" in line, line
+    assert f"pid {os.getpid()}," in line and "holding it since" in line and "UTC" in line, line
     assert waited < 60, out
     # the lock is free again and says nobody holds it
     assert (tmp_path / (path.name + ".flock")).read_text() == ""
@@ -72,7 +72,7 @@ def test_the_wait_is_logged_at_once_and_the_lock_taken_when_freed(tmp_path, capl
     if kind == "silent" and not os.path.exists("/proc/locks"):
         pytest.skip("no /proc/locks")
     lock = str(tmp_path / "x.flock")
-    code = f"import time\nLOCK = {lock!r}\n" + HOLDERS[kind] + "print('HELD', flush=True); time.sleep(2.5)\nf.close()"
+    code = f"import time\nLOCK = {lock!r}\n" + HOLDERS[kind] + "print('HELD', flush=True); time.sleep(5)\nf.close()"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=ROOT))
     try:
@@ -86,9 +86,9 @@ def test_the_wait_is_logged_at_once_and_the_lock_taken_when_freed(tmp_path, capl
         holder.wait(30)
     waits = [r for r in caplog.records if "waiting for another process" in r.getMessage()]
     assert len(waits) == 1 and f"pid {holder.pid}," in waits[0].getMessage(), caplog.text
-    assert "building since" in waits[0].getMessage(), caplog.text
-    # "at once": logged within the first second or two, long before the holder let go
-    assert waits[0].created - w0 < 1.8, caplog.text
+    assert "holding it since" in waits[0].getMessage(), caplog.text
+    # "at once": logged after the 1 s grace (3 s allows for a loaded machine), long before the holder let go
+    assert waits[0].created - w0 < 3.0, caplog.text
     assert any("finished after" in r.getMessage() for r in caplog.records), caplog.text
 
 

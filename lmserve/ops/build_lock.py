@@ -2,8 +2,9 @@
 
 A start that finds the CPU kernels being compiled by another process used to sit silently for minutes. The
 holder now writes its pid, its start time and its command into the lock file as soon as it has the lock, and a
-waiter logs that at once ("waiting for pid 1234, building since 11:20:03 UTC (42 s): python -m lmserve ..."),
-then again every `REMIND_S` while it waits.
+waiter logs that within a second ("waiting for another process to finish compiling the CPU kernels: pid 1234,
+holding it since 11:20:03 UTC (42 s): python -m lmserve ..."), then again every `REMIND_S` while it waits. A
+holder that wrote nothing (an older lmserve) is found in /proc/locks.
 
 The flock itself is what excludes (the kernel drops it when its holder dies, so a killed build never leaves a
 lock anyone waits on); the text is only the explanation, and a stale text from a dead holder is overwritten by
@@ -22,8 +23,7 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.2
 REMIND_S = 30.0
-# NOTE: the holder writes its line right after taking the flock; a waiter that looks in between sees an empty
-# file, so it gives the holder this long to write before logging an anonymous wait
+# how long a waiter waits before it says so; also gives a new holder time to write its line
 _HOLDER_GRACE_S = 1.0
 
 
@@ -75,7 +75,7 @@ def describe_holder(info: dict | None) -> str:
         return "another process (it has not said which)"
     since = info.get("since", 0.0)
     stamp = time.strftime("%H:%M:%S UTC", time.gmtime(since))
-    return f"pid {info.get('pid')}, building since {stamp} ({time.time() - since:.0f} s): {info.get('cmd', '?')}"
+    return f"pid {info.get('pid')}, holding it since {stamp} ({time.time() - since:.0f} s): {info.get('cmd', '?')}"
 
 
 def acquire(lock_path: str, deadline: float, what: str = "the CPU kernels"):
@@ -90,15 +90,14 @@ def acquire(lock_path: str, deadline: float, what: str = "the CPU kernels"):
             break
         except BlockingIOError:
             now = time.monotonic()
-            if next_log is None or now >= next_log:
-                info = read_holder(f)
-                if not info and now - t0 >= _HOLDER_GRACE_S:
-                    info = holder_from_proc_locks(f)
-                if info or now - t0 >= _HOLDER_GRACE_S:
-                    verb = "waiting" if next_log is None else "still waiting"
-                    logger.warning("%s for another process to finish compiling %s: %s (lock %s; giving up in "
-                                   "%.0f s)", verb, what, describe_holder(info), lock_path, max(deadline - now, 0))
-                    next_log = now + REMIND_S
+            # NOTE: after a grace period, not on the first miss: a holder that only loads a finished build keeps
+            # the lock for a moment, which is no wait worth a warning
+            if now - t0 >= _HOLDER_GRACE_S and (next_log is None or now >= next_log):
+                info = read_holder(f) or holder_from_proc_locks(f)
+                verb = "waiting" if next_log is None else "still waiting"
+                logger.warning("%s for another process to finish compiling %s: %s (lock %s; giving up in %.0f s)",
+                               verb, what, describe_holder(info), lock_path, max(deadline - now, 0))
+                next_log = now + REMIND_S
             if now >= deadline:
                 f.close()
                 return None
