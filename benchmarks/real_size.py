@@ -87,7 +87,10 @@ def bench(base_url: str, gguf: str, repo: str, level: int, num_prompts: int, inp
 
 def measure_server(name: str, cmd: list[str], env: dict, port: int, gguf: str, args, log_path: str) -> dict:
     row: dict = {"server": name, "command": " ".join(cmd), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
-    srv = server_probe.Server(cmd, env, port, log_path, args.max_rss_gib, args.startup_s, args.min_free_gib)
+    # NOTE: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: lmserve runs from its
+    # checkout, or it would import whichever lmserve the caller's directory holds
+    cwd = args.lmserve_repo if name == "lmserve" else None
+    srv = server_probe.Server(cmd, env, port, log_path, args.max_rss_gib, args.startup_s, args.min_free_gib, cwd)
     try:
         with srv:
             row["startup_s"] = round(srv.startup_s, 1)

@@ -69,11 +69,12 @@ def tree_memory(pid: int) -> dict:
 
 class Server:
     def __init__(self, cmd: list[str], env: dict, port: int, log_path: str, max_rss_gib: float, startup_s: float,
-                 min_free_gib: float = 1.5):
+                 min_free_gib: float = 1.5, cwd: str | None = None):
         self.cmd, self.env, self.log_path = cmd, env, log_path
         self.url = f"http://127.0.0.1:{port}"
         self.max_rss = max_rss_gib * GIB
         self.min_free = min_free_gib * GIB
+        self.cwd = cwd
         self.startup_s = startup_s
         self.peak_rss = 0
         self.killed_for_memory = None
@@ -109,7 +110,7 @@ class Server:
         log.flush()
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=self.cwd)
         log.close()
         threading.Thread(target=self._watch, daemon=True).start()
         try:
