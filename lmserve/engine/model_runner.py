@@ -91,8 +91,7 @@ class ModelRunner:
         self.kv_dtype = torch.bfloat16 if (self.matmul_precision == "bfloat16" and self.dtype == torch.float32) \
             else self.dtype
         # ops.gguf_matmul's activation precision for every quantized layer (--quant-activations)
-        self.gguf_int8 = self.device.type == "cpu" and int8_activations(model_config.quant_activations,
-                                                                        model_config.dtype)
+        self.gguf_int8 = int8_activations(model_config.quant_activations, model_config.dtype)
         if self.device.type == "cpu":
             logger.info("precision: %s model, %s matmuls, %s KV cache (--dtype %s, --matmul-dtype %s; CPU bf16: %s)",
                         self.dtype, self.matmul_precision, self.kv_dtype, model_config.dtype,
