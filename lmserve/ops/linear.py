@@ -20,9 +20,9 @@ from lmserve.ops.gguf_blocks import GGUFWeight
 # C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple
 QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 _QTYPE_ID = {name: i for i, name in enumerate(QTYPES)}
-# Above this many rows the matmul is compute-bound: dequantized tiles of W and a float GEMM (benchmarks/
-# gguf_kernels.py measured the crossover; docs/benchmarks.md)
-DOT_MAX_ROWS = 16
+# Above this many rows the matmul is compute-bound: dequantized tiles of W and a float GEMM. Crossovers measured
+# with benchmarks/gguf_kernels.py --crossover (docs/benchmarks.md): ~14 rows for the float dot, ~32 for int8.
+DOT_MAX_ROWS = {False: 16, True: 32}    # int8 activations? -> rows
 QUANT_ACTIVATIONS = ("auto", "int8", "float")
 
 
@@ -66,7 +66,7 @@ class GGUFMatmulOp(CustomOp):
                        int8: bool = False) -> torch.Tensor:
         _check(x, w)
         xf = x.float()
-        if int8 and x.shape[0] <= DOT_MAX_ROWS:
+        if int8 and x.shape[0] <= DOT_MAX_ROWS[True]:
             xf = quantize_activations(xf)
         return F.linear(xf, w.dequantize(), None if bias is None else bias.float()).to(x.dtype)
 
@@ -75,7 +75,7 @@ class GGUFMatmulOp(CustomOp):
         _check(x, w)
         xf = x.float().contiguous()
         out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-        cpu_lib().gguf_matmul(out, xf, w.data, _QTYPE_ID[w.qtype], int8, DOT_MAX_ROWS)
+        cpu_lib().gguf_matmul(out, xf, w.data, _QTYPE_ID[w.qtype], int8, DOT_MAX_ROWS[bool(int8)])
         if bias is not None:
             out.add_(bias)
         return out if x.dtype == torch.float32 else out.to(x.dtype)

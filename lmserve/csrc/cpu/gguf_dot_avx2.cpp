@@ -37,23 +37,23 @@ ALWAYS_INLINE __m256i high_bits32(const uint8_t* p) {  // bit j of a little-endi
 
 ALWAYS_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// Sub-block s (32 values) of a block: q (signed unless kHasMin), the scale of each int32 lane, the min
+// Sub-block s (32 values) of a block: q (signed unless kHasMin), the scales of values 0-15 and 16-31, the min
 template <int QT>
-ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, __m256& sc, float& mn) {
+ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, float& s1, float& mn) {
   if constexpr (QT == Q4_0 || QT == Q4_1) {
     q = nibbles16(b + (QT == Q4_0 ? 2 : 4));
     if (QT == Q4_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-    sc = _mm256_set1_ps(f16(b));
+    s0 = s1 = f16(b);
     mn = QT == Q4_1 ? f16(b + 2) : 0.f;
   } else if constexpr (QT == Q5_0 || QT == Q5_1) {
     constexpr int h = QT == Q5_0 ? 2 : 4;
     q = _mm256_or_si256(nibbles16(b + h + 4), high_bits32(b + h));
     if (QT == Q5_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
-    sc = _mm256_set1_ps(f16(b));
+    s0 = s1 = f16(b);
     mn = QT == Q5_1 ? f16(b + 2) : 0.f;
   } else if constexpr (QT == Q8_0) {
     q = load32(b + 2);
-    sc = _mm256_set1_ps(f16(b));
+    s0 = s1 = f16(b);
     mn = 0.f;
   } else if constexpr (QT == Q4_K || QT == Q5_K) {
     const __m256i v = load32(b + (QT == Q4_K ? 16 : 48) + (s / 2) * 32);
@@ -65,7 +65,7 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, __m256& sc, fl
     }
     int sci, mni;
     scale_min_k4(b + 4, s, sci, mni);
-    sc = _mm256_set1_ps(f16(b) * static_cast<float>(sci));
+    s0 = s1 = f16(b) * static_cast<float>(sci);
     mn = -(f16(b + 2) * static_cast<float>(mni));
   } else {  // Q6_K
     const int h = s / 4, i = s % 4;
@@ -76,8 +76,8 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, __m256& sc, fl
     q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(qh, 4)), _mm256_set1_epi8(32));
     const float d = f16(b + 208);
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    sc = _mm256_set_m128(_mm_set1_ps(d * static_cast<float>(scales[2 * s + 1])),
-                         _mm_set1_ps(d * static_cast<float>(scales[2 * s])));
+    s0 = d * static_cast<float>(scales[2 * s]);
+    s1 = d * static_cast<float>(scales[2 * s + 1]);
     mn = 0.f;
   }
 }
@@ -113,9 +113,9 @@ void rows_int8(const DotArgs& p, int64_t m0, int64_t n0, int64_t n1) {
       #pragma GCC unroll 8
       for (int s = 0; s < NS; ++s) {
         __m256i q;
-        __m256 sc;
-        float mn;
-        sub_block<QT>(blk, s, q, sc, mn);
+        float s0, s1, mn;
+        sub_block<QT>(blk, s, q, s0, s1, mn);
+        const __m256 sc = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));   // lanes 4-7: values 16-31
         const int64_t g = b * NS + s;
         for (int r = 0; r < R; ++r) {
           const __m256i xv = load32(reinterpret_cast<const uint8_t*>(qx + r * K + g * 32));
@@ -129,25 +129,58 @@ void rows_int8(const DotArgs& p, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
+// 32 int8 values -> 4 x 8 float32 weights q * scale (+ min): the reference's roundings
+template <bool HAS_MIN>
+ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, __m256* w) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+  const __m256 m = _mm256_set1_ps(mn);
+  for (int i = 0; i < 4; ++i) {
+    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), _mm256_set1_ps(i < 2 ? s0 : s1));
+    w[i] = HAS_MIN ? _mm256_add_ps(v, m) : v;
+  }
+}
+
 template <int QT, int R>
 void rows_float(const DotArgs& p, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT];
+  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
   const int64_t K = p.K, nb = K / BE;
-  alignas(32) float wf[BE];
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     const uint8_t* row = p.w + n * p.ws;
     for (int64_t b = 0; b < nb; ++b) {
-      dequant_block(QT, row + b * BB, wf);
-      for (int r = 0; r < R; ++r) {
-        const float* xr = p.x + (m0 + r) * K + b * BE;
-        #pragma GCC unroll 8
-        for (int e = 0; e < BE; e += 8)
-          acc[r] = _mm256_fmadd_ps(_mm256_load_ps(wf + e), _mm256_loadu_ps(xr + e), acc[r]);
+      const uint8_t* blk = row + b * BB;
+      #pragma GCC unroll 8
+      for (int s = 0; s < NS; ++s) {
+        __m256i q;
+        float s0, s1, mn;
+        sub_block<QT>(blk, s, q, s0, s1, mn);
+        __m256 w[4];
+        widen<kHasMin[QT]>(q, s0, s1, mn, w);
+        for (int r = 0; r < R; ++r) {
+          const float* xr = p.x + (m0 + r) * K + b * BE + s * 32;
+          for (int i = 0; i < 4; ++i) acc[r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r]);
+        }
       }
     }
     for (int r = 0; r < R; ++r) p.out[(m0 + r) * p.N + n] = hsum(acc[r]);
+  }
+}
+
+template <int QT>
+void dequant_type(const uint8_t* row, int64_t nb, float* out) {
+  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
+  for (int64_t b = 0; b < nb; ++b) {
+    #pragma GCC unroll 8
+    for (int s = 0; s < NS; ++s) {
+      __m256i q;
+      float s0, s1, mn;
+      sub_block<QT>(row + b * BB, s, q, s0, s1, mn);
+      __m256 w[4];
+      widen<kHasMin[QT]>(q, s0, s1, mn, w);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * BE + s * 32 + 8 * i, w[i]);
+    }
   }
 }
 
@@ -170,6 +203,20 @@ void dot_type(const DotArgs& p, int64_t n0, int64_t n1) {
 }
 
 }  // namespace
+
+void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out) {
+  switch (qt) {
+    case Q4_0: return dequant_type<Q4_0>(row, nb, out);
+    case Q4_1: return dequant_type<Q4_1>(row, nb, out);
+    case Q5_0: return dequant_type<Q5_0>(row, nb, out);
+    case Q5_1: return dequant_type<Q5_1>(row, nb, out);
+    case Q8_0: return dequant_type<Q8_0>(row, nb, out);
+    case Q4_K: return dequant_type<Q4_K>(row, nb, out);
+    case Q5_K: return dequant_type<Q5_K>(row, nb, out);
+    case Q6_K: return dequant_type<Q6_K>(row, nb, out);
+    default: return;
+  }
+}
 
 void dot_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
   switch (p.qt) {

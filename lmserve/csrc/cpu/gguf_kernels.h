@@ -32,6 +32,7 @@ void dot_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define LMSERVE_GGUF_AVX2 1
 void dot_avx2(const DotArgs& p, int64_t n0, int64_t n1);
+void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out);   // nb blocks -> float32, as the reference
 #endif
 
 }  // namespace gguf

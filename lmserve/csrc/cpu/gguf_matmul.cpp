@@ -57,20 +57,24 @@ int isa_level() {
 
 constexpr int64_t TILE_N = 64;
 
+// nb blocks of one row -> float32 (bit-identical to the reference on every path)
+void dequant_row(int qt, const uint8_t* row, int64_t nb, float* out) {
+#ifdef LMSERVE_GGUF_AVX2
+  if (isa_level() >= ISA_AVX2) return dequant_avx2(qt, row, nb, out);
+#endif
+  for (int64_t b = 0; b < nb; ++b) dequant_block(qt, row + b * kBlockBytes[qt], out + b * kBlockElems[qt]);
+}
+
 void gemm_tiles(float* out, const at::Tensor& x, const uint8_t* w, int64_t ws, int qt, int64_t M, int64_t N,
                 int64_t K) {
   const int64_t nb = K / kBlockElems[qt];
-  const int64_t bb = kBlockBytes[qt], be = kBlockElems[qt];
   at::Tensor tile = at::empty({TILE_N, K}, x.options());
   at::Tensor res = at::empty({M, TILE_N}, x.options());
   float* t = tile.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += TILE_N) {
     const int64_t tn = std::min(TILE_N, N - n0);
-    at::parallel_for(0, tn * nb, 64, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t r = i / nb, b = i % nb;
-        dequant_block(qt, w + (n0 + r) * ws + b * bb, t + r * K + b * be);
-      }
+    at::parallel_for(0, tn, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) dequant_row(qt, w + (n0 + r) * ws, nb, t + r * K);
     });
     at::Tensor rv = res.narrow(1, 0, tn);
     at::mm_out(rv, x, tile.narrow(0, 0, tn).t());
@@ -212,9 +216,7 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
   float* op = out.data_ptr<float>();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* row = wp + (use_rows ? rp[r] : r) * ws;
-      for (int64_t b = 0; b < nb; ++b)
-        dequant_block(qt, row + b * kBlockBytes[qt], op + r * K + b * kBlockElems[qt]);
+      dequant_row(qt, wp + (use_rows ? rp[r] : r) * ws, nb, op + r * K);
     }
   });
 }
