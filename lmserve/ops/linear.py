@@ -49,6 +49,18 @@ def int8_activations(setting: str, dtype_flag: str) -> bool:
     return cpu_isa.isa() != "scalar"
 
 
+_CHUNK_ELEMS = 1 << 22    # float elements the references dequantize at a time
+
+
+def _row_chunks(w: GGUFWeight):
+    """(first row, GGUFWeight of the next rows) pieces of w, each at most _CHUNK_ELEMS floats once dequantized."""
+    n, k = w.shape
+    step = max(1, _CHUNK_ELEMS // k)
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        yield n0, GGUFWeight(w.qtype, w.data[n0:n1], (n1 - n0, k))
+
+
 def _check(x: torch.Tensor, w: GGUFWeight) -> None:
     n, k = w.shape
     if x.dim() != 2 or x.shape[1] != k:
@@ -68,7 +80,12 @@ class GGUFMatmulOp(CustomOp):
         xf = x.float()
         if int8 and x.shape[0] <= DOT_MAX_ROWS[True]:
             xf = quantize_activations(xf)
-        return F.linear(xf, w.dequantize(), None if bias is None else bias.float()).to(x.dtype)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+        for n0, part in _row_chunks(w):     # bounded scratch, never a float copy of the whole matrix
+            out[:, n0:n0 + part.shape[0]] = xf @ part.dequantize().to(x.device).t()
+        if bias is not None:
+            out.add_(bias.float())
+        return out.to(x.dtype)
 
     def forward_cpu(self, x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None,
                     int8: bool = False) -> torch.Tensor:
@@ -88,7 +105,12 @@ class GGUFDequantizeOp(CustomOp):
     name = "gguf_dequantize"
 
     def forward_native(self, w: GGUFWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return w.dequantize(rows)
+        if rows is not None:
+            return w.dequantize(rows.to("cpu"))
+        out = torch.empty(w.shape, dtype=torch.float32)
+        for n0, part in _row_chunks(w):
+            out[n0:n0 + part.shape[0]] = part.dequantize()
+        return out
 
     def forward_cpu(self, w: GGUFWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
         if w.qtype not in _QTYPE_ID:
