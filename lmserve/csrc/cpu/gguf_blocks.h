@@ -10,6 +10,9 @@
 #include <c10/util/Half.h>
 #include <cstdint>
 #include <cstring>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 namespace gguf {
 
@@ -19,10 +22,14 @@ constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210};
 // types whose values are unsigned with an offset per 32 (the min term); the others are signed, min = 0
 constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false};
 
-static inline float f16(const uint8_t* p) {
+static inline float f16(const uint8_t* p) {   // exact either way; F16C is one instruction (K-quants read 16/block)
   uint16_t h;
   std::memcpy(&h, p, 2);
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
   return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
 }
 
 // Q4_K / Q5_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes
