@@ -167,3 +167,20 @@ def test_cache_built_for_a_missing_isa_is_rebuilt_not_imported(tmp_path, monkeyp
     assert not any(flag.startswith("-mavx") for flag in seen["cflags"])
     assert seen["isa"] == 0                                                  # and the library runs scalar code
     assert open(f"{path}/{cpu_kernels.BASELINE_FILE}").read() == "generic"
+
+
+def test_activation_precision_rule(monkeypatch):
+    from lmserve.cli.engine_args import add_engine_args, build_engine_config
+    from lmserve.config import ModelConfig
+    from lmserve.ops.linear import int8_activations
+    assert int8_activations("auto", "float32") is False          # the exact mode, whatever the CPU
+    assert int8_activations("int8", "float32") is True and int8_activations("float", "auto") is False
+    assert int8_activations("auto", "auto") is (cpu_isa.isa() != "scalar")
+    monkeypatch.setenv(cpu_isa.ENV, "scalar")                     # no integer dot path: float
+    assert int8_activations("auto", "auto") is False
+    with pytest.raises(ValueError, match="quant_activations"):
+        ModelConfig(quant_activations="int4")
+    import argparse
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert build_engine_config(p.parse_args(["--quant-activations", "float"])).model.quant_activations == "float"
