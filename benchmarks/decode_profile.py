@@ -90,8 +90,8 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     args = ap.parse_args()
     for int8 in args.int8_dot.split(","):
-        os.environ["LMSERVE_INT8_DOT"] = "1" if int8 == "on" else "0"
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype),
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype,
+                                                          quant_activations="int8" if int8 == "on" else "float"),
                                         cache=CacheConfig(num_blocks=512)))
         instrument(engine)
         for threads in (int(n) for n in args.threads.split(",")):

@@ -37,9 +37,9 @@ def main():
     args = ap.parse_args()
     configs = [(int(r), i8) for _ in range(args.repeat) for r in args.rows.split(",") for i8 in args.int8_dot.split(",")]
     for rows, int8 in configs:
-        os.environ["LMSERVE_INT8_DOT"] = "1" if int8 == "on" else "0"
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, quant_kernel_max_rows=rows,
-                                                                   matmul_dtype=args.matmul_dtype),
+                                                          quant_activations="int8" if int8 == "on" else "float",
+                                                          matmul_dtype=args.matmul_dtype),
                                         cache=CacheConfig(num_blocks=4096)))
         if args.threads:
             torch.set_num_threads(args.threads)

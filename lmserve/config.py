@@ -110,6 +110,10 @@ class ModelConfig:
     # AVX512_BF16/AMX. Not bit-exact to float32 (docs/benchmarks.md, "Precision"). "auto": bfloat16 where the CPU
     # has native bf16 and dtype is "auto", else float32 (resolve_matmul_dtype; read `matmul_precision`).
     matmul_dtype: str = "auto"
+    # GGUF quantized matmuls of decode size: "int8" = activations quantized to int8 per 32 (llama.cpp's integer
+    # dot products, not exact), "float" = exact float32 activations, "auto" = int8 where the CPU kernels have an
+    # integer dot path unless --dtype float32 was given (ops/linear.py int8_activations)
+    quant_activations: str = "auto"
     # "generate" (chat/completions; embeddings by mean pooling), "embed" (embeddings only; an encoder checkpoint
     # runs with its own pooling) or "auto": "embed" for encoder checkpoints (BERT family), else "generate"
     task: str = "auto"
@@ -128,6 +132,8 @@ class ModelConfig:
             raise ValueError("kernel_build_timeout must be > 0 seconds")
         if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError("matmul_dtype must be auto, float32 or bfloat16")
+        if self.quant_activations not in ("auto", "int8", "float"):
+            raise ValueError("quant_activations must be one of auto, int8, float")
         if self.task not in ("auto", "generate", "embed"):
             raise ValueError("task must be one of auto, generate, embed")
 

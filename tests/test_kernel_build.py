@@ -24,7 +24,7 @@ def test_each_source_compiles_with_warnings_as_errors(source):
     from torch.utils.cpp_extension import include_paths
     # -isystem: warnings in torch's own headers are not ours to fix
     incs = [a for p in include_paths() + [sysconfig.get_paths()["include"]] for a in ("-isystem", p)]
-    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", *cpu_kernels.CFLAGS, *incs,
+    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", *cpu_kernels.cflags(), *incs,
            "-DTORCH_EXTENSION_NAME=lmserve_check", os.path.join(cpu_kernels.SOURCE_DIR, source)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -61,6 +61,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="bfloat16: large matmuls (prefill, batched decode) in bfloat16 with float32 accumulation, "
                         "~2x faster on CPUs with AVX512_BF16 but not bit-exact; float32 is exact; auto (default) "
                         "follows --dtype's precision policy")
+    p.add_argument("--quant-activations", default="auto", choices=["auto", "int8", "float"],
+                   help="GGUF quantized matmuls at decode size: int8 = activations quantized to int8 (integer dot "
+                        "products, llama.cpp's approach; not exact), float = exact; auto = int8 where the CPU has an "
+                        "integer dot path (AVX2 or better) unless --dtype float32 is given")
     p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
                    help="embed: serve /v1/embeddings and /pooling only (an encoder runs with its own pooling); "
                         "auto: embed for encoder checkpoints (BERT family), else generate")
@@ -100,6 +104,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
                           kernel_build_timeout=args.kernel_build_timeout,
                           quant_kernel_max_rows=args.quant_kernel_max_rows,
                           num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task,
+                          quant_activations=args.quant_activations,
                           generation_config=args.generation_config),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
                           num_blocks=args.cache_block_count,

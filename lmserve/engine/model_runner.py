@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 
 import psutil
@@ -19,6 +18,7 @@ from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.engine.spec_decode import VerifyResult, verify
 from lmserve import ops
 from lmserve.ops import cpu_kernels
+from lmserve.ops.linear import int8_activations
 from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
 from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
@@ -90,6 +90,8 @@ class ModelRunner:
         self.matmul_precision = model_config.matmul_precision
         self.kv_dtype = torch.bfloat16 if (self.matmul_precision == "bfloat16" and self.dtype == torch.float32) \
             else self.dtype
+        # ops.gguf_matmul's activation precision for every quantized layer (--quant-activations)
+        self.gguf_int8 = int8_activations(model_config.quant_activations, model_config.dtype)
         if self.device.type == "cpu":
             logger.info("precision: %s model, %s matmuls, %s KV cache (--dtype %s, --matmul-dtype %s; CPU bf16: %s)",
                         self.dtype, self.matmul_precision, self.kv_dtype, model_config.dtype,
@@ -180,10 +182,10 @@ class ModelRunner:
                     "int8 activations x AVX512-VNNI dot products" if int8 else "float32 activations (exact)")
 
     def _use_int8_dot(self) -> bool:
-        """int8 activations for the quantized kernel (llama.cpp's Q8 x Qn dot products): only in the non-exact bf16
-        modes (--dtype float32 stays bit-exact), only where the CPU has AVX512-VNNI (checked at run time by the
-        kernel library, not by how it was compiled). LMSERVE_INT8_DOT=0 turns it off (A/B benchmarks)."""
-        if self.matmul_precision != "bfloat16" or os.environ.get("LMSERVE_INT8_DOT", "1") == "0":
+        """int8 activations for the old QuantWeight kernel (AVX512-VNNI only, checked at run time by the kernel
+        library): --quant-activations int8, or auto in the non-exact bf16 modes."""
+        setting = self.model_config.quant_activations
+        if setting == "float" or (setting == "auto" and self.matmul_precision != "bfloat16"):
             return False
         lib = self.ops.lib
         return lib is not None and hasattr(lib, "cpu_has_int8_dot") and lib.cpu_has_int8_dot()

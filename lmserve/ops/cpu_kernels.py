@@ -7,7 +7,10 @@ elementwise ops and keep GGUF weights quantized. If the build fails (no compiler
 the start-up bound, callers use the pure-PyTorch references in lmserve/ops (forward_native), the test oracle.
 
 Builds are cached under ~/.cache/lmserve/kernels (LMSERVE_KERNEL_CACHE overrides), one directory per hash of the
-sources, the compiler flags, the CPU model and the torch version.
+sources, the compiler flags, the build baseline and the torch version. The baseline is portable (cpu_isa.py: AVX2 +
+FMA + F16C on x86-64, plain code elsewhere; never -march=native), so one build serves every x86 CPU kind and
+faster ISA variants are picked at run time; the CPU model is not in the key. A build records its baseline
+(BASELINE_FILE) and is never imported where the CPU lacks it: it is rebuilt instead.
 
 NOTE: a process killed while compiling leaves torch's `lock` file behind, and torch then waits for it forever
 (FileBaton.wait). So every build here first takes an flock on `<dir>.flock`, which the kernel releases when its
@@ -29,12 +32,15 @@ import time
 
 import torch
 
+from lmserve.ops import cpu_isa
+
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu")
 # NOTE: -ffp-contract=off keeps `q * d + m` two roundings, as the loader computes it (explicit FMA intrinsics are
-# unaffected). -march=native code is specific to this CPU, hence the CPU model in the cache key.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+# unaffected). The ISA flags come from the baseline (cflags()).
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+BASELINE_FILE = "BASELINE"
 LDFLAGS = ["-fopenmp"]
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -47,26 +53,45 @@ def sources() -> list[str]:
     return sorted(glob.glob(os.path.join(SOURCE_DIR, "*.cpp")))
 
 
-def _cpu_model() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.readlines()
-        # NOTE: the flags too: VMs of different CPU generations often share one generic model name
-        cpu += next((line for line in lines if line.startswith("model name")), "")
-        cpu += next((line for line in lines if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return cpu
+def cflags(baseline: str | None = None) -> list[str]:
+    """Compiler flags for a baseline (default: the one this CPU, as LMSERVE_CPU_ISA may lower it, can run)."""
+    return CFLAGS + cpu_isa.BASELINES[baseline or cpu_isa.baseline()]
 
 
 def build_name() -> str:
+    baseline = cpu_isa.baseline()
     h = hashlib.sha1()
     for path in sorted(glob.glob(os.path.join(SOURCE_DIR, "*"))):
         with open(path, "rb") as f:
             h.update(os.path.basename(path).encode() + f.read())
-    h.update((" ".join(CFLAGS + LDFLAGS) + _cpu_model() + torch.__version__).encode())
-    return f"lmserve_cpu_{h.hexdigest()[:12]}"
+    h.update((" ".join(cflags(baseline) + LDFLAGS) + platform.machine() + torch.__version__).encode())
+    return f"lmserve_cpu_{baseline}_{h.hexdigest()[:12]}"
+
+
+def _check_baseline(path: str) -> None:
+    """Before anything imports a library from `path`: a build for a baseline this CPU lacks (a cache copied from
+    another machine, or LMSERVE_CPU_ISA lowered) is removed, so it is rebuilt rather than run into SIGILL."""
+    try:
+        with open(os.path.join(path, BASELINE_FILE)) as f:
+            built = f.read().strip()
+    except OSError:
+        built = None
+    if built is None and not glob.glob(os.path.join(path, "*.so")):
+        return
+    want = cpu_isa.baseline()
+    if built != want:
+        logger.warning("kernel cache %s was built for baseline %s but this CPU runs %s (%s=%s); rebuilding", path,
+                       built or "unknown", want, cpu_isa.ENV, os.environ.get(cpu_isa.ENV, ""))
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+
+
+def _apply_isa(module) -> None:
+    """Tell the library which ISA level to run at (cpu_isa.isa(), capped by its build)."""
+    level = cpu_isa.isa()
+    if module.built_baseline() == "generic":
+        level = "scalar"
+    module.gguf_set_isa(list(cpu_isa.LEVELS).index(level))
 
 
 def build_dir() -> str:
@@ -86,6 +111,7 @@ def _compile(path: str, deadline: float):
     if holder is None:
         raise TimeoutError("another process is still compiling the CPU kernels")
     try:
+        _check_baseline(path)
         stale = os.path.join(path, "lock")
         if os.path.exists(stale):
             # we hold the flock, so no live lmserve process is building here: a killed build left this behind
@@ -96,7 +122,7 @@ def _compile(path: str, deadline: float):
             logger.warning("compiling CPU kernels (once, ~1-2 min) into %s ...", path)
         t0 = time.monotonic()
         # copies: torch's load() appends to the flag lists it is given, which would change build_name()
-        kw = dict(name=os.path.basename(path), extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+        kw = dict(name=os.path.basename(path), extra_cflags=cflags(), extra_ldflags=list(LDFLAGS),
                   build_directory=path, verbose=False)
         try:
             module = load(sources=sources(), **kw)
@@ -109,6 +135,9 @@ def _compile(path: str, deadline: float):
             module = load(sources=sources(), **kw)
         if fresh:
             logger.warning("compiled CPU kernels in %.1f s", time.monotonic() - t0)
+        with open(os.path.join(path, BASELINE_FILE), "w") as f:
+            f.write(cpu_isa.baseline())
+        _apply_isa(module)
         return module
     finally:
         build_lock.release(holder)

@@ -1,14 +1,130 @@
-"""quant_matmul: x @ W.T with W kept in a GGUF-derived block format (lmserve/model/quant.py's QuantWeight)."""
+"""Matmuls on quantized weights: `gguf_matmul` / `gguf_dequantize` on GGUF blocks (ops/gguf_blocks.py's
+GGUFWeight, the loader/kernel contract), and the older `quant_matmul` on model/quant.py's QuantWeight.
+
+gguf_matmul has two activation precisions, chosen once per model (`int8_activations`) and passed per call:
+- float (exact): each weight is the reference dequantizer's float32 value, accumulated in float32;
+- int8 (llama.cpp's Q8 x Qn dot products, not exact): each row of x is quantized in groups of 32 to int8 with a
+  float32 scale (`quantize_activations`), the block dot products are integer. Only matmuls of at most
+  DOT_MAX_ROWS rows (decode) do this; larger ones (prefill) dequantize tiles of W and run a float GEMM, so the
+  flag changes nothing there. The reference below follows the same rule, so both arms agree to float rounding.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from lmserve.ops import cpu_isa
 from lmserve.ops.base import CustomOp, cpu_lib, register
+from lmserve.ops.gguf_blocks import GGUFWeight
+
+# C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple
+QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+_QTYPE_ID = {name: i for i, name in enumerate(QTYPES)}
+# Above this many rows the matmul is compute-bound: dequantized tiles of W and a float GEMM. Crossovers measured
+# with benchmarks/gguf_kernels.py --crossover (docs/benchmarks.md): ~14 rows for the float dot, ~32 for int8.
+DOT_MAX_ROWS = {False: 16, True: 32}    # int8 activations? -> rows
+QUANT_ACTIVATIONS = ("auto", "int8", "float")
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """float32 [M, K] -> what the int8 path sees: per group of 32, q = round(x / dx) in int8, dx = amax / 127;
+    returns q * dx. (Round half to even, as the kernel's cvtps; x * (1 / dx) as the kernel computes it.)"""
+    m, k = x.shape
+    g = x.reshape(m, k // 32, 32)
+    dx = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
+    return torch.round(g * inv).mul_(dx).reshape(m, k)
+
+
+def int8_activations(setting: str, dtype_flag: str) -> bool:
+    """The activation precision of gguf_matmul for a model: setting is --quant-activations (auto|int8|float),
+    dtype_flag the --dtype the user gave. auto: int8 where the CPU kernels have an integer dot path (AVX2
+    maddubs or better), except in the exact mode (--dtype float32 given explicitly)."""
+    if setting not in QUANT_ACTIVATIONS:
+        raise ValueError(f"quant_activations must be one of {', '.join(QUANT_ACTIVATIONS)}, not {setting!r}")
+    if setting != "auto":
+        return setting == "int8"
+    if dtype_flag == "float32":
+        return False
+    return cpu_isa.isa() != "scalar"
+
+
+_CHUNK_ELEMS = 1 << 22    # float elements the references dequantize at a time
+
+
+def _row_chunks(w: GGUFWeight):
+    """(first row, GGUFWeight of the next rows) pieces of w, each at most _CHUNK_ELEMS floats once dequantized."""
+    n, k = w.shape
+    step = max(1, _CHUNK_ELEMS // k)
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        yield n0, GGUFWeight(w.qtype, w.data[n0:n1], (n1 - n0, k))
+
+
+def _check(x: torch.Tensor, w: GGUFWeight) -> None:
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"gguf_matmul: x must be [M, {k}], got {list(x.shape)}")
+    if w.qtype not in _QTYPE_ID:
+        raise ValueError(f"gguf_matmul: no kernel for GGUF type {w.qtype}; supported: {', '.join(QTYPES)}")
+
+
+@register
+class GGUFMatmulOp(CustomOp):
+    """gguf_matmul(x [M, K] float32 or bf16, w: GGUFWeight [N, K], bias=None, int8=False) -> x @ W.T, [M, N]."""
+    name = "gguf_matmul"
+
+    def forward_native(self, x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None,
+                       int8: bool = False) -> torch.Tensor:
+        _check(x, w)
+        xf = x.float()
+        if int8 and x.shape[0] <= DOT_MAX_ROWS[True]:
+            xf = quantize_activations(xf)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+        for n0, part in _row_chunks(w):     # bounded scratch, never a float copy of the whole matrix
+            out[:, n0:n0 + part.shape[0]] = xf @ part.dequantize().to(x.device).t()
+        if bias is not None:
+            out.add_(bias.float())
+        return out.to(x.dtype)
+
+    def forward_cpu(self, x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None,
+                    int8: bool = False) -> torch.Tensor:
+        _check(x, w)
+        xf = x.float().contiguous()
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        cpu_lib().gguf_matmul(out, xf, w.data, _QTYPE_ID[w.qtype], int8, DOT_MAX_ROWS[bool(int8)])
+        if bias is not None:
+            out.add_(bias)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+@register
+class GGUFDequantizeOp(CustomOp):
+    """gguf_dequantize(w: GGUFWeight, rows: LongTensor | None = None) -> float32 [len(rows) or N, K]
+    (embedding lookups, --weights float)."""
+    name = "gguf_dequantize"
+
+    def forward_native(self, w: GGUFWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            return w.dequantize(rows.to("cpu"))
+        out = torch.empty(w.shape, dtype=torch.float32)
+        for n0, part in _row_chunks(w):
+            out[n0:n0 + part.shape[0]] = part.dequantize()
+        return out
+
+    def forward_cpu(self, w: GGUFWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if w.qtype not in _QTYPE_ID:
+            return w.dequantize(rows)
+        n_out = w.shape[0] if rows is None else rows.numel()
+        out = torch.empty(n_out, w.shape[1], dtype=torch.float32)
+        idx = torch.empty(0, dtype=torch.long) if rows is None else rows.reshape(-1).long().contiguous()
+        cpu_lib().gguf_dequantize(out, w.data, _QTYPE_ID[w.qtype], idx, rows is not None)
+        return out
 
 
 @register
 class QuantMatmulOp(CustomOp):
+    """quant_matmul: x @ W.T with W in lmserve/model/quant.py's QuantWeight format (being replaced by gguf_matmul)."""
     name = "quant_matmul"
 
     def forward_native(self, x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,3 +140,4 @@ class QuantMatmulOp(CustomOp):
         else:
             cpu_lib().quant_matmul(out, x.contiguous(), qweight.q, qweight.d, qweight.m)
         return out if bias is None else out.add_(bias)
+

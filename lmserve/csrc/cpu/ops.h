@@ -2,6 +2,7 @@
 // Every tensor is contiguous; activations are float32; K/V caches float32 or bfloat16.
 #pragma once
 #include <torch/types.h>
+#include <string>
 
 // attention.cpp
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -20,3 +21,10 @@ void rope_write_kv(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, to
                    torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t nh,
                    int64_t nkv, int64_t hd);
 void silu_mul(torch::Tensor out, torch::Tensor gate_up);
+// gguf_matmul.cpp: GGUF blocks in place (lmserve/ops/linear.py); qtype = index in linear.py QTYPES
+void gguf_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor w, int64_t qtype, bool int8,
+                 int64_t max_dot_rows);
+void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::Tensor rows, bool use_rows);
+int64_t gguf_isa();                      // the ISA level the kernels run at (cpu_isa.py LEVELS index)
+int64_t gguf_set_isa(int64_t level);     // raises if this CPU or build cannot run it
+std::string built_baseline();            // "avx2" or "generic": what the library was compiled for

@@ -1,0 +1,137 @@
+// GGUF quantized blocks read in place (layouts: gguf-py quants.py, llama.cpp ggml-quants.c; the torch reference is
+// lmserve/ops/gguf_blocks.py). Type ids follow lmserve/ops/linear.py QTYPES.
+//
+// Every supported type decodes to one form: int8 values q, a float scale per 16 values and a float offset per 32,
+//   w[e] = q[e] * scale[e / 16] + min[e / 32]
+// computed in float32 exactly as the reference dequantizer does (two roundings: the build uses -ffp-contract=off),
+// so the float path multiplies by the reference's weights bit for bit. The int8 path uses q directly:
+//   sum_e w[e] x[e] ~ sum_16 scale * dx * (sum q qx) + sum_32 min * dx * (sum qx).
+#pragma once
+#include <c10/util/Half.h>
+#include <cstdint>
+#include <cstring>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+namespace gguf {
+
+enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, NUM_QTYPES };
+constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256};
+constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210};
+// types whose values are unsigned with an offset per 32 (the min term); the others are signed, min = 0
+constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false};
+
+static inline float f16(const uint8_t* p) {   // exact either way; F16C is one instruction (K-quants read 16/block)
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// Q4_K / Q5_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes
+static inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+struct Decoded {
+  int8_t q[256];
+  float scale[16];
+  float min[8];
+};
+
+// one block -> (q, scale, min); the portable reference every faster path must agree with
+static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
+  switch (qt) {
+    case Q4_0: case Q4_1: {
+      const uint8_t* qs = b + (qt == Q4_0 ? 2 : 4);
+      const int off = qt == Q4_0 ? 8 : 0;
+      for (int j = 0; j < 16; ++j) {
+        o.q[j] = static_cast<int8_t>((qs[j] & 15) - off);
+        o.q[j + 16] = static_cast<int8_t>((qs[j] >> 4) - off);
+      }
+      o.scale[0] = o.scale[1] = f16(b);
+      o.min[0] = qt == Q4_1 ? f16(b + 2) : 0.f;
+      break;
+    }
+    case Q5_0: case Q5_1: {
+      const int h = qt == Q5_0 ? 2 : 4;
+      uint32_t qh;
+      std::memcpy(&qh, b + h, 4);
+      const uint8_t* qs = b + h + 4;
+      const int off = qt == Q5_0 ? 16 : 0;
+      for (int j = 0; j < 16; ++j) {
+        o.q[j] = static_cast<int8_t>(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - off);
+        o.q[j + 16] = static_cast<int8_t>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
+      }
+      o.scale[0] = o.scale[1] = f16(b);
+      o.min[0] = qt == Q5_1 ? f16(b + 2) : 0.f;
+      break;
+    }
+    case Q8_0:
+      std::memcpy(o.q, b + 2, 32);
+      o.scale[0] = o.scale[1] = f16(b);
+      o.min[0] = 0.f;
+      break;
+    case Q4_K: case Q5_K: {
+      const float d = f16(b), dmin = f16(b + 2);
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (qt == Q4_K ? 16 : 48);
+      for (int s = 0; s < 8; ++s) {
+        int sc, mn;
+        scale_min_k4(b + 4, s, sc, mn);
+        o.scale[2 * s] = o.scale[2 * s + 1] = d * static_cast<float>(sc);
+        o.min[s] = -(dmin * static_cast<float>(mn));
+        const uint8_t* g = qs + (s / 2) * 32;
+        for (int l = 0; l < 32; ++l) {
+          int v = (s & 1) ? (g[l] >> 4) : (g[l] & 15);
+          if (qt == Q5_K) v |= ((qh[l] >> s) & 1) << 4;
+          o.q[s * 32 + l] = static_cast<int8_t>(v);
+        }
+      }
+      break;
+    }
+    case Q6_K: {
+      const float d = f16(b + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      for (int i = 0; i < 16; ++i) o.scale[i] = d * static_cast<float>(sc[i]);
+      for (int s = 0; s < 8; ++s) {
+        const int h = s / 4, i = s % 4;
+        const uint8_t* ql = b + h * 64 + (i & 1) * 32;
+        const uint8_t* qh = b + 128 + h * 32;
+        for (int l = 0; l < 32; ++l) {
+          const int lo = i >= 2 ? (ql[l] >> 4) : (ql[l] & 15);
+          o.q[s * 32 + l] = static_cast<int8_t>((lo | (((qh[l] >> (2 * i)) & 3) << 4)) - 32);
+        }
+        o.min[s] = 0.f;
+      }
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// one block -> float32 weights, bit-identical to the reference dequantizer
+static inline void dequant_block(int qt, const uint8_t* b, float* __restrict w) {
+  Decoded o;
+  decode_block(qt, b, o);
+  const int n = kBlockElems[qt];
+  for (int e = 0; e < n; ++e) {
+    const float v = static_cast<float>(o.q[e]) * o.scale[e / 16];
+    // NOTE: types without an offset must not add one: x + 0.f turns -0.f into +0.f (harmless) but, more to the
+    // point, the reference computes these as a single product
+    w[e] = kHasMin[qt] ? v + o.min[e / 32] : v;
+  }
+}
+
+}  // namespace gguf

@@ -1,0 +1,38 @@
+// Internal interface of the GGUF matmul kernels (gguf_matmul.cpp: entry points, scalar reference, GEMM tiles;
+// gguf_dot_avx2.cpp: the AVX2 dot products).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace gguf {
+
+// ISA levels, as lmserve/ops/cpu_isa.py LEVELS (in that order)
+enum Isa { ISA_SCALAR = 0, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512, ISA_AVX512VNNI };
+
+// Activations quantized for the int8 path: per row, per group of 32, q = round(x / dx), dx = amax / 127.
+struct Act {
+  std::vector<int8_t> q;   // [M, K]
+  std::vector<float> dx;   // [M, K / 32]
+  std::vector<float> sx;   // [M, K / 32]: dx * sum(q) over the group (the min term of unsigned types)
+};
+void quantize_act(Act& a, const float* x, int64_t M, int64_t K);
+
+// Decode-size matmul for rows m0..m0+R and outputs n0..n1 (out[m, n], row stride N). w: row n at w + n * ws.
+// int8: a holds the quantized activations; else x (float32 [M, K]) is read.
+struct DotArgs {
+  int qt;
+  bool int8;
+  float* out;
+  const float* x;
+  const Act* a;
+  const uint8_t* w;
+  int64_t ws, M, N, K;
+};
+void dot_scalar(const DotArgs& p, int64_t n0, int64_t n1);
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#define LMSERVE_GGUF_AVX2 1
+void dot_avx2(const DotArgs& p, int64_t n0, int64_t n1);
+void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out);   // nb blocks -> float32, as the reference
+#endif
+
+}  // namespace gguf

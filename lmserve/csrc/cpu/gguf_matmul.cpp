@@ -1,0 +1,230 @@
+// gguf_matmul / gguf_dequantize on GGUF blocks in place (lmserve/ops/linear.py), the ISA level they run at, the
+// portable scalar reference and the large-M path.
+//
+// M <= max_dot_rows (decode, memory-bound): dot products on the blocks (gguf_dot_avx2.cpp, or the scalar code
+// below), threads over output rows. Larger M (prefill, compute-bound): tiles of TILE_N rows of W are dequantized
+// into a float buffer that stays in cache and multiplied with at::mm (MKL / oneDNN), so no dequantized copy of
+// the whole matrix ever exists.
+#include "ops.h"
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include "gguf_blocks.h"
+#include "gguf_kernels.h"
+
+namespace gguf {
+namespace {
+
+std::atomic<int> g_isa{-1};
+
+// whether this CPU can run code of `level` (the same rule as cpu_isa.py supports())
+bool cpu_supports(int level) {
+  if (level == ISA_SCALAR) return true;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  switch (level) {
+    case ISA_AVX2: return avx2;
+    case ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
+    case ISA_AVX512: return avx512;
+    case ISA_AVX512VNNI: return avx512 && __builtin_cpu_supports("avx512vnni");
+    default: return false;
+  }
+#else
+  return false;
+#endif
+}
+
+int cpu_best_isa() {
+  int best = ISA_SCALAR;
+  for (int level = ISA_AVX2; level <= ISA_AVX512VNNI; ++level)
+    if (cpu_supports(level)) best = level;
+  return best;
+}
+
+// the level the kernels run at: set by Python (cpu_isa.isa()) and never above what this build and CPU can run
+int isa_level() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = cpu_best_isa();
+    g_isa.store(v);
+  }
+  return v;
+}
+
+constexpr int64_t TILE_N = 64;
+
+// nb blocks of one row -> float32 (bit-identical to the reference on every path)
+void dequant_row(int qt, const uint8_t* row, int64_t nb, float* out) {
+#ifdef LMSERVE_GGUF_AVX2
+  if (isa_level() >= ISA_AVX2) return dequant_avx2(qt, row, nb, out);
+#endif
+  for (int64_t b = 0; b < nb; ++b) dequant_block(qt, row + b * kBlockBytes[qt], out + b * kBlockElems[qt]);
+}
+
+void gemm_tiles(float* out, const at::Tensor& x, const uint8_t* w, int64_t ws, int qt, int64_t M, int64_t N,
+                int64_t K) {
+  const int64_t nb = K / kBlockElems[qt];
+  at::Tensor tile = at::empty({TILE_N, K}, x.options());
+  at::Tensor res = at::empty({M, TILE_N}, x.options());
+  float* t = tile.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += TILE_N) {
+    const int64_t tn = std::min(TILE_N, N - n0);
+    at::parallel_for(0, tn, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) dequant_row(qt, w + (n0 + r) * ws, nb, t + r * K);
+    });
+    at::Tensor rv = res.narrow(1, 0, tn);
+    at::mm_out(rv, x, tile.narrow(0, 0, tn).t());
+    const float* rp = rv.data_ptr<float>();
+    const int64_t rs = rv.stride(0);
+    at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) std::copy(rp + m * rs, rp + m * rs + tn, out + m * N + n0);
+    });
+  }
+}
+
+}  // namespace
+
+void quantize_act(Act& a, const float* x, int64_t M, int64_t K) {
+  const int64_t ng = K / 32;
+  a.q.resize(M * K);
+  a.dx.resize(M * ng);
+  a.sx.resize(M * ng);
+  at::parallel_for(0, M * ng, 256, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const float* xg = x + g * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xg[j]));
+      const float d = amax / 127.f;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        // round half to even (the default rounding mode), as torch.round in the reference
+        const int v = static_cast<int>(std::nearbyint(xg[j] * inv));
+        a.q[g * 32 + j] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      a.dx[g] = d;
+      a.sx[g] = d * static_cast<float>(sum);
+    }
+  });
+}
+
+// The portable reference: decode each block to (q, scale, min) and accumulate in plain scalar order
+void dot_scalar(const DotArgs& p, int64_t n0, int64_t n1) {
+  const int be = kBlockElems[p.qt], bb = kBlockBytes[p.qt];
+  const int64_t nb = p.K / be, ng = p.K / 32;
+  Decoded o;
+  alignas(32) float wf[256];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = p.w + n * p.ws + b * bb;
+        if (p.int8) {
+          decode_block(p.qt, blk, o);
+          for (int s = 0; s < be / 32; ++s) {
+            const int64_t g = m * ng + b * (be / 32) + s;
+            const int8_t* qx = p.a->q.data() + g * 32;
+            for (int h = 0; h < 2; ++h) {
+              int isum = 0;
+              for (int j = 0; j < 16; ++j) isum += o.q[s * 32 + h * 16 + j] * qx[h * 16 + j];
+              acc += o.scale[s * 2 + h] * p.a->dx[g] * static_cast<float>(isum);
+            }
+            if (kHasMin[p.qt]) acc += o.min[s] * p.a->sx[g];
+          }
+        } else {
+          dequant_block(p.qt, blk, wf);
+          const float* xr = p.x + m * p.K + b * be;
+          for (int e = 0; e < be; ++e) acc += wf[e] * xr[e];
+        }
+      }
+      p.out[m * p.N + n] = acc;
+    }
+  }
+}
+
+}  // namespace gguf
+
+using namespace gguf;
+
+int64_t gguf_isa() { return isa_level(); }
+
+int64_t gguf_set_isa(int64_t level) {
+  TORCH_CHECK(level >= ISA_SCALAR && level <= ISA_AVX512VNNI, "gguf_set_isa: unknown level ", level);
+  // refuse rather than crash later: a level the CPU lacks would hit an illegal instruction
+  TORCH_CHECK(cpu_supports(static_cast<int>(level)), "gguf_set_isa: this CPU does not support ISA level ", level,
+              " (best: ", cpu_best_isa(), ")");
+#ifndef LMSERVE_GGUF_AVX2
+  TORCH_CHECK(level == ISA_SCALAR, "gguf_set_isa: this build has only the portable code (no AVX2 baseline)");
+#endif
+  g_isa.store(static_cast<int>(level));
+  return level;
+}
+
+static int check_w(const torch::Tensor& w, int64_t qtype, int64_t K) {
+  TORCH_CHECK(qtype >= 0 && qtype < NUM_QTYPES, "gguf: unknown type id ", qtype);
+  const int qt = static_cast<int>(qtype);
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.stride(1) == 1, "gguf: blocks must be uint8 "
+              "[N, row_bytes] with contiguous rows");
+  TORCH_CHECK(K % kBlockElems[qt] == 0 && w.size(1) == K / kBlockElems[qt] * kBlockBytes[qt],
+              "gguf: row bytes ", w.size(1), " do not hold K=", K, " values of this type");
+  return qt;
+}
+
+void gguf_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor w, int64_t qtype, bool int8,
+                 int64_t max_dot_rows) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.scalar_type() == torch::kFloat32 &&
+              out.scalar_type() == torch::kFloat32 && x.dim() == 2);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int qt = check_w(w, qtype, K);
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N, "gguf_matmul: out must be [M, N]");
+  if (M == 0 || N == 0) return;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  if (M > max_dot_rows) {
+    gemm_tiles(out.data_ptr<float>(), x, wp, w.stride(0), qt, M, N, K);
+    return;
+  }
+  Act act;
+  if (int8) quantize_act(act, x.data_ptr<float>(), M, K);
+  const DotArgs p{qt, int8, out.data_ptr<float>(), x.data_ptr<float>(), &act, wp, w.stride(0), M, N, K};
+  [[maybe_unused]] const int level = isa_level();
+  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+#ifdef LMSERVE_GGUF_AVX2
+    if (level >= ISA_AVX2) return dot_avx2(p, n0, n1);
+#endif
+    dot_scalar(p, n0, n1);
+  });
+}
+
+void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::Tensor rows, bool use_rows) {
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.dim() == 2);
+  const int64_t K = out.size(1), R = out.size(0);
+  const int qt = check_w(w, qtype, K);
+  TORCH_CHECK(!use_rows || (rows.scalar_type() == torch::kInt64 && rows.is_contiguous() && rows.numel() == R),
+              "gguf_dequantize: rows must be int64 [len(out)]");
+  TORCH_CHECK(use_rows || R == w.size(0), "gguf_dequantize: out must be [N, K]");
+  const int64_t N = w.size(0), nb = K / kBlockElems[qt], ws = w.stride(0);
+  const int64_t* rp = use_rows ? rows.data_ptr<int64_t>() : nullptr;
+  if (use_rows) {
+    for (int64_t i = 0; i < R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < N, "gguf_dequantize: row out of range");
+  }
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      dequant_row(qt, wp + (use_rows ? rp[r] : r) * ws, nb, op + r * K);
+    }
+  });
+}
+
+std::string built_baseline() {
+#ifdef LMSERVE_GGUF_AVX2
+  return "avx2";
+#else
+  return "generic";
+#endif
+}

@@ -1,0 +1,186 @@
+"""ops.gguf_matmul / ops.gguf_dequantize on GGUF blocks: every quant type x batch sizes x each ISA path this CPU
+has (the scalar reference and AVX2 here) x float and int8 activations, against dequantize-then-matmul in float64.
+
+Tolerances, as bounds on |y - y64| relative to s = |x| @ |W|.T (the size of the terms summed, so cancellation
+cannot make a correct result look wrong):
+- float activations: 1e-5 * s (float32 accumulation of exact float32 weights);
+- int8 activations: against float64 of the activations as the int8 path sees them (linear.quantize_activations):
+  1e-5 * s; and against the exact float result: the quantization bound sum_j |w_j| * dx_j / 2 (each activation
+  moves by at most half a step dx = amax / 127 of its group of 32) plus 1e-5 * s.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmserve import ops
+from lmserve.ops import cpu_isa, cpu_kernels, linear
+from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight
+from lmserve.ops.linear import DOT_MAX_ROWS, QTYPES, quantize_activations
+
+lib = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be built here")
+
+ISAS = [level for level in ("scalar", "avx2") if cpu_isa.supports(level, cpu_isa.detected())]
+SCALE_OFFSETS = {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_weight(qtype: str, n: int, k: int, seed: int, pad: int = 0) -> GGUFWeight:
+    """Random valid blocks (random bytes, small finite fp16 scales); pad > 0 leaves extra bytes after each row,
+    as a view into a larger buffer (rows not contiguous with each other)."""
+    be, bs, _ = QUANTS[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n * k // be, bs), dtype=np.uint8)
+    for off in SCALE_OFFSETS.get(qtype, [0]):
+        raw[:, off:off + 2] = rng.uniform(0.001, 0.05, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    data = torch.from_numpy(raw.reshape(n, -1))
+    if pad:
+        data = torch.cat([data, torch.zeros(n, pad, dtype=torch.uint8)], 1)[:, :-pad]
+    return GGUFWeight(qtype, data, (n, k))
+
+
+@pytest.fixture
+def isa_level():
+    """Run the kernels at a forced ISA level; restores the process's level afterwards."""
+    before = lib.gguf_isa()
+
+    def force(level: str) -> None:
+        lib.gguf_set_isa(list(cpu_isa.LEVELS).index(level))
+
+    yield force
+    lib.gguf_set_isa(before)
+
+
+def cpu_table():
+    return ops.select("cpu", torch.float32, lib=lib)
+
+
+def odd_k(qtype: str) -> int:
+    return QUANTS[qtype][0] * 3   # 96 or 768: whole blocks, but not a multiple of 64 / 256-wide tiles of sub-blocks
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_gguf_matmul_matches_float64(qtype, isa, isa_level):
+    isa_level(isa)
+    n, k = 70, odd_k(qtype)                                  # n: a 64-row GEMM tile plus a tail, 16-row chunks + 6
+    w = random_weight(qtype, n, k, seed=len(qtype), pad=5)
+    w64 = w.dequantize().double()
+    table = cpu_table()
+    for rows in (1, 3, 16, 64, 300):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        for int8 in (False, True):
+            with ops.use(table):
+                y = ops.gguf_matmul(x, w, None, int8).double()
+            seen = quantize_activations(x) if int8 and rows <= DOT_MAX_ROWS[True] else x
+            s = seen.double().abs() @ w64.abs().T
+            err = (y - seen.double() @ w64.T).abs()
+            assert (err <= 1e-5 * s + 1e-30).all(), (qtype, isa, rows, int8, (err / s).max().item())
+            if int8:
+                dx = x.reshape(rows, -1, 32).abs().amax(-1).repeat_interleave(32, 1) / 127   # [rows, k]
+                bound = (dx.double() / 2) @ w64.abs().T + 1e-5 * (x.double().abs() @ w64.abs().T)
+                assert ((y - x.double() @ w64.T).abs() <= bound).all(), (qtype, isa, rows)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_cpu_arm_agrees_with_the_reference_and_bias_and_bf16(qtype, monkeypatch):
+    monkeypatch.setattr(linear, "_CHUNK_ELEMS", 5000)     # the reference dequantizes a few rows at a time
+    n, k = 37, odd_k(qtype)
+    w = random_weight(qtype, n, k, seed=3)
+    bias = torch.randn(n)
+    for rows in (1, 5, DOT_MAX_ROWS[True] + 1):
+        x = torch.randn(rows, k)
+        for int8 in (False, True):
+            ref = ops.gguf_matmul(x, w, bias, int8)                      # no table active: the reference
+            with ops.use(cpu_table()):
+                got = ops.gguf_matmul(x, w, bias, int8)
+            s = x.abs() @ w.dequantize().abs().T + bias.abs()
+            assert ((got - ref).abs() <= 2e-5 * s).all(), (qtype, rows, int8)
+    xb = torch.randn(4, k).bfloat16()
+    with ops.use(cpu_table()):
+        yb = ops.gguf_matmul(xb, w)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), ops.gguf_matmul(xb, w).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):
+    isa_level(isa)
+    w = random_weight(qtype, 21, odd_k(qtype), seed=7, pad=3)
+    ref = w.dequantize()
+    rows = torch.tensor([20, 0, 5, 5])
+    with ops.use(cpu_table()):
+        assert torch.equal(ops.gguf_dequantize(w), ref)
+        assert torch.equal(ops.gguf_dequantize(w, rows), ref[rows])
+
+
+def test_bad_shapes_are_errors_not_crashes():
+    w = random_weight("Q4_0", 8, 64, seed=1)
+    with ops.use(cpu_table()), pytest.raises(ValueError, match="x must be"):
+        ops.gguf_matmul(torch.randn(2, 96), w)
+    with pytest.raises(RuntimeError, match="row bytes"):
+        lib.gguf_matmul(torch.empty(2, 8), torch.randn(2, 96), w.data, QTYPES.index("Q4_0"), False, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        lib.gguf_dequantize(torch.empty(1, 64), w.data, 0, torch.tensor([8]), True)
+
+
+def test_isa_levels_the_cpu_lacks_are_refused(isa_level, monkeypatch):
+    best = cpu_isa.detected()
+    for i, level in enumerate(cpu_isa.LEVELS):
+        if cpu_isa.supports(level, best):
+            assert lib.gguf_set_isa(i) == i
+        else:
+            with pytest.raises(RuntimeError, match="does not support"):
+                lib.gguf_set_isa(i)
+    # the environment override lowers the level, never raises it
+    monkeypatch.setenv(cpu_isa.ENV, "scalar")
+    assert cpu_isa.isa() == "scalar" and cpu_isa.baseline() == "generic"
+    monkeypatch.setenv(cpu_isa.ENV, "avx512vnni")
+    assert cpu_isa.isa() == best
+
+
+def test_cache_built_for_a_missing_isa_is_rebuilt_not_imported(tmp_path, monkeypatch):
+    """A cached build whose baseline this CPU lacks (simulated: LMSERVE_CPU_ISA=scalar against an AVX2 build) is
+    removed before anything imports it, and rebuilt with the portable flags."""
+    monkeypatch.setenv("LMSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv(cpu_isa.ENV, "scalar")
+    path = cpu_kernels.build_dir()
+    assert "generic" in path and "avx2" not in path      # the baseline is part of the cache key
+    with open(f"{path}/{cpu_kernels.BASELINE_FILE}", "w") as f:
+        f.write("avx2")
+    with open(f"{path}/{path.rsplit('/', 1)[1]}.so", "wb") as f:
+        f.write(b"an AVX2 build: importing it here would be an illegal instruction")
+    seen = {}
+
+    def fake_load(sources, **kw):
+        seen["files"] = sorted(p.name for p in tmp_path.glob("*/*"))
+        seen["cflags"] = kw["extra_cflags"]
+        return type("Lib", (), {"built_baseline": staticmethod(lambda: "generic"),
+                                "gguf_set_isa": staticmethod(lambda level: seen.setdefault("isa", level))})
+
+    import torch.utils.cpp_extension
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    cpu_kernels._compile(path, deadline=float("inf"))
+    assert not any(name.endswith(".so") for name in seen["files"])          # the stale build was gone before
+    assert not any(flag.startswith("-mavx") for flag in seen["cflags"])
+    assert seen["isa"] == 0                                                  # and the library runs scalar code
+    assert open(f"{path}/{cpu_kernels.BASELINE_FILE}").read() == "generic"
+
+
+def test_activation_precision_rule(monkeypatch):
+    from lmserve.cli.engine_args import add_engine_args, build_engine_config
+    from lmserve.config import ModelConfig
+    from lmserve.ops.linear import int8_activations
+    assert int8_activations("auto", "float32") is False          # the exact mode, whatever the CPU
+    assert int8_activations("int8", "float32") is True and int8_activations("float", "auto") is False
+    assert int8_activations("auto", "auto") is (cpu_isa.isa() != "scalar")
+    monkeypatch.setenv(cpu_isa.ENV, "scalar")                     # no integer dot path: float
+    assert int8_activations("auto", "auto") is False
+    with pytest.raises(ValueError, match="quant_activations"):
+        ModelConfig(quant_activations="int4")
+    import argparse
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert build_engine_config(p.parse_args(["--quant-activations", "float"])).model.quant_activations == "float"
