@@ -13,7 +13,7 @@ import openai
 import pytest
 from conftest import start_api_server
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 # the sampler fault fires once the request has 2 tokens (mid-stream); the others at its first step
 FAULTS = "sampler:ZQSAMPLE@2,forward:ZQFORWARD,loop:ZQLOOP"
@@ -27,7 +27,8 @@ def server(tmp_path_factory, smollm2_path):
     os.environ["LMSERVE_ENABLE_TEST_HOOKS"] = "1"       # start_api_server hands the environment on
     try:
         s = start_api_server(tmp_path_factory.mktemp("faults"), "--cache-block-count", "256", "--session-len", "512",
-                             "--max-concurrent-requests", "16", "--test-fault-injection", FAULTS)
+                             "--max-concurrent-requests", "16", "--test-fault-injection", FAULTS,
+                             "--kernel-build-timeout", "60", timeout=600)
     finally:
         if env_before is None:
             os.environ.pop("LMSERVE_ENABLE_TEST_HOOKS", None)
@@ -45,7 +46,7 @@ def model(client) -> str:
     return client.models.list().data[0].id
 
 
-def stream_text(client, prompt: str, max_tokens: int = 10) -> str:
+def stream_text(client, prompt: str, max_tokens: int = 6) -> str:
     chunks = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=max_tokens,
                                             messages=[{"role": "user", "content": prompt}], temperature=0.0,
                                             stream=True)

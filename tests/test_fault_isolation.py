@@ -93,7 +93,7 @@ def test_offline_generate_raises_after_the_others_finish(engine):
 def test_recover_frees_the_kv_fails_in_flight_and_keeps_the_queue(engine, solo):
     engine.add_request("running", PROMPTS[0], greedy())
     engine.step()                                    # prefilled: in flight
-    engine.add_request("queued", PROMPTS[1], greedy())
+    engine.add_request("queued", PROMPTS[2], greedy())
     errors = recover(engine, RuntimeError("test"))
     assert [e.request_id for e in errors] == ["running"]
     assert list(engine.requests) == ["queued"]
@@ -104,7 +104,7 @@ def test_recover_frees_the_kv_fails_in_flight_and_keeps_the_queue(engine, solo):
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
-    assert done == {"queued": solo[PROMPTS[1]]}
+    assert done == {"queued": solo[PROMPTS[2]]}
 
 
 def test_fault_injection_is_refused_without_the_test_flag(monkeypatch):

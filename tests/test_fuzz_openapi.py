@@ -27,7 +27,7 @@ SEED = 42
 def server(tmp_path_factory, smollm2_path):
     s = start_api_server(tmp_path_factory.mktemp("fuzz"), "--cache-block-count", "128", "--session-len", "256",
                          "--max-n", "2", "--max-prompts", "2", "--max-concurrent-requests", "4",
-                         "--max-queued-requests", "8")
+                         "--max-queued-requests", "8", "--kernel-build-timeout", "60", timeout=600)
     yield s
     s.stop()
 
