@@ -13,6 +13,8 @@ _LENGTH_FIELDS = {           # path -> the request fields that bound how many to
     "/v1/completions": ("max_tokens",),
     "/generate": ("max_tokens",),
     "/v1/chat/interactive": ("request_output_len",),
+    "/v1/responses": ("max_output_tokens",),
+    "/v1/messages": ("max_tokens",),
 }
 
 
