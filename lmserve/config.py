@@ -250,10 +250,14 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     tp: int = 1                        # tensor-parallel ranks (processes), engine/executor.py
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    max_engine_restarts: int = 5       # engine-loop restarts allowed within a minute before it is declared dead
+    fault_injection: str | None = None  # TEST ONLY (engine/fault.py): needs LMSERVE_ENABLE_TEST_HOOKS=1
 
     def __post_init__(self):
         if self.tp < 1:
             raise ValueError("tp must be >= 1")
+        if self.max_engine_restarts < 0:
+            raise ValueError("max_engine_restarts must be >= 0")
         d = self.distributed
         if self.tp % d.nnodes:
             raise ValueError(f"tp: {self.tp} ranks cannot be spread evenly over {d.nnodes} nodes")

@@ -111,3 +111,15 @@ def test_hostile_sampling_values_on_every_door(url, model, path):
         after = _post(url, path, base)
         assert after.status_code == 200, (path, field, value, after.text)
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_update_weights_with_a_non_tensor_value_is_400(url):
+    import base64
+    import io
+    buf = io.BytesIO()
+    torch.save({"model.norm.weight": 3, "lm_head.weight": torch.zeros(2)}, buf)
+    r = httpx.post(f"{url}/update_weights", timeout=60, json={
+        "serialized_named_tensors": base64.b64encode(buf.getvalue()).decode(), "load_format": "torch"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "serialized_named_tensors"
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200

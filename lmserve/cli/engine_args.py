@@ -82,6 +82,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix n-gram looked up")
     p.add_argument("--speculative-disable-by-batch-size", type=int, default=8,
                    help="no proposals in steps with more decoding sequences than this (compute-bound batches)")
+    p.add_argument("--max-engine-restarts", type=int, default=5,
+                   help="engine-loop restarts allowed within a minute after internal errors (requests in flight "
+                        "fail, queued ones are kept); beyond that the engine stays down and /health says 503")
+    # NOTE: test-only, hidden; honoured only with LMSERVE_ENABLE_TEST_HOOKS=1 in the environment (engine/fault.py)
+    p.add_argument("--test-fault-injection", default=None, help=argparse.SUPPRESS)
 
 
 def _speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
@@ -116,6 +121,8 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
         speculative=_speculative_config(args),
         tp=_env_int("WORLD_SIZE", args.tp) if _launched() else args.tp,
         distributed=_distributed_config(args),
+        max_engine_restarts=args.max_engine_restarts,
+        fault_injection=args.test_fault_injection,
     )
 
 

@@ -13,12 +13,14 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 import torch
 
 from lmserve.config import EngineConfig
 from lmserve.engine.cpu_threads import ThreadGovernor
+from lmserve.engine.fault import RequestFailedError, recover  # noqa: F401 (re-export)
 from lmserve.engine.llm_engine import EngineStats, LLMEngine, PromptTooLongError  # noqa: F401 (re-export)
 from lmserve.outputs import EmbeddingOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
@@ -75,6 +77,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         self._stopping = False
+        self._restarting = False
+        self._restart_times: list[float] = []
         self._ids = itertools.count()
         self._stats = engine.get_stats()
         engine.executor.on_failure = self._on_executor_failure
@@ -101,7 +105,7 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self._error is None and self.engine.executor.error is None and \
+        return self._error is None and self.engine.executor.error is None and not self._restarting and \
             (self._thread is None or self._thread.is_alive())
 
     def _on_executor_failure(self, message: str) -> None:
@@ -229,31 +233,65 @@ class AsyncEngine:
         return governor
 
     def _run(self) -> None:
+        governor = None
+        while not self._stopping:
+            try:
+                governor = governor or self._thread_governor()
+                self._steps(governor)
+            except BaseException as e:   # noqa: BLE001 - restart in place, or report the death everywhere
+                if not self._restart(e):
+                    return
+
+    def _steps(self, governor: ThreadGovernor | None) -> None:
         engine = self.engine
-        try:
-            governor = self._thread_governor()
-            while not self._stopping:
-                if governor is not None:
-                    governor.maybe_adjust()
-                block = not engine.has_unfinished()
-                while True:
-                    try:
-                        cmd = self._commands.get(block=block, timeout=1.0 if block else None)
-                    except queue.Empty:
-                        break
-                    block = False
-                    self._handle(cmd)
-                if self._stopping:
+        while not self._stopping:
+            if governor is not None:
+                governor.maybe_adjust()
+            block = not engine.has_unfinished()
+            while True:
+                try:
+                    cmd = self._commands.get(block=block, timeout=1.0 if block else None)
+                except queue.Empty:
                     break
-                outputs = engine.step() if engine.has_unfinished() else []
-                self._stats = engine.get_stats()
-                if outputs:
-                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
-        except BaseException as e:   # noqa: BLE001 - any failure makes the engine unhealthy; report it everywhere
+                block = False
+                self._handle(cmd)
+            if self._stopping:
+                break
+            outputs = engine.step() if engine.has_unfinished() else []
+            self._stats = engine.get_stats()
+            if outputs:
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _restart(self, cause: BaseException) -> bool:
+        """The loop died outside a step's isolation (engine/fault.py): reset the engine and go on, unless the
+        cause is fatal (a lost tensor-parallel rank, an interpreter exit) or restarts keep coming. -> go on?"""
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < 60]
+        if not isinstance(cause, Exception) or self.engine.executor.error is not None or \
+                len(self._restart_times) >= self.config.max_engine_restarts:
             logger.exception("engine thread died")
-            self._error = e
-            err = EngineDeadError(f"engine error: {e!r}")
-            self._loop.call_soon_threadsafe(self._fail_all, err)
+            self._die(cause)
+            return False
+        logger.exception("engine loop failed; restarting in place (requests in flight fail, queued ones stay)")
+        self._restarting = True
+        try:
+            errors = recover(self.engine, cause)
+        except BaseException as e:   # noqa: BLE001 - cannot even reset: the engine is dead
+            logger.exception("engine restart failed")
+            self._die(e)
+            return False
+        self._restart_times.append(now)
+        self._stats = self.engine.get_stats()
+        if errors:
+            self._loop.call_soon_threadsafe(self._dispatch, errors)
+        logger.warning("engine restarted in %.3f s: %d request(s) in flight failed, %d kept",
+                       time.monotonic() - now, len(errors), len(self.engine.requests))
+        self._restarting = False
+        return True
+
+    def _die(self, error: BaseException) -> None:
+        self._error = error
+        self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine error: {error!r}"))
 
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]

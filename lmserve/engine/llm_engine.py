@@ -13,6 +13,8 @@ from lmserve.config import EngineConfig
 from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.executor import make_executor
+from lmserve.engine.fault import (FaultInjector, FaultStats, RequestFailedError, drop_failed,
+                                  execute_isolated)
 from lmserve.engine.guided import GrammarCache
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
@@ -56,6 +58,10 @@ class EngineStats:
     spec_num_accepted_tokens: int = 0
     spec_num_emitted_tokens: int = 0
     spec_num_verify_steps: int = 0
+    # fault isolation (engine/fault.py)
+    num_engine_faults_total: int = 0
+    num_isolated_requests_total: int = 0
+    num_engine_restarts_total: int = 0
 
 
 class _Request:
@@ -113,6 +119,9 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self._window: list[tuple[float, int, int]] = []   # (time, prefill tokens, decode tokens) per step
+        self.fault_stats = FaultStats()
+        if config.fault_injection:      # test-only (engine/fault.py)
+            FaultInjector(self, config.fault_injection)
 
     @property
     def runner(self):
@@ -200,14 +209,16 @@ class LLMEngine:
         return bool(self.requests)
 
     # ---- the step ---------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput | EmbeddingOutput]:
+    def step(self) -> list[RequestOutput | EmbeddingOutput | RequestFailedError]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         if self.spec is not None:
             self.spec.propose(sched)
         t0 = time.monotonic()
-        result = self.executor.execute(sched)
+        # NOTE: a step that raises is retried without the requests that make it fail; those come back as errors
+        result, failed = execute_isolated(self, sched)
+        errors = drop_failed(self, sched, failed)
         self.scheduler.update_after_step(sched)
         touched: dict[str, _Request] = {}
         num_prefill = num_decode = 0
@@ -252,7 +263,7 @@ class LLMEngine:
             self._append(seq, token, result.logprobs.get(seq.seq_id))
             touched[req.request_id] = req
         self._record_throughput(t0, num_prefill, num_decode)
-        outputs = []
+        outputs: list = errors
         for req in touched.values():
             done = all(seq.is_finished for seq in req.seqs)
             outputs.append(self._make_embedding(req) if req.seqs[0].pooling else self._make_output(req))
@@ -325,7 +336,9 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generation_tokens_total=self.num_generation_tokens_total,
-            num_preemptions_total=sch.num_preemptions_total,
+            num_preemptions_total=sch.num_preemptions_total, num_engine_faults_total=self.fault_stats.num_faults,
+            num_isolated_requests_total=self.fault_stats.num_isolated,
+            num_engine_restarts_total=self.fault_stats.num_restarts,
             prefill_throughput=sum(w[1] for w in self._window) / span,
             decode_throughput=sum(w[2] for w in self._window) / span,
             **self._spec_stats())
@@ -350,8 +363,13 @@ class LLMEngine:
         for rid, prompt, p in zip(ids, prompts, params_list):
             self.add_request(rid, prompt, p)
         final: dict[str, RequestOutput] = {}
+        errors: list[RequestFailedError] = []
         while self.has_unfinished():
             for out in self.step():
-                if out.finished:
+                if isinstance(out, RequestFailedError):
+                    errors.append(out)
+                elif out.finished:
                     final[out.request_id] = out
+        if errors:      # the others finished: the engine is clean for the next call
+            raise errors[0]
         return [final[rid] for rid in ids]

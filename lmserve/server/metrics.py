@@ -65,6 +65,11 @@ class _EngineCollector:
         yield gauge("spec_decode_tokens_per_step", "Tokens per verification step of a sequence since start "
                     "(1 = no gain)", s.spec_num_emitted_tokens / s.spec_num_verify_steps if s.spec_num_verify_steps
                     else 0.0)
+        yield counter("engine_faults", "Engine steps that raised (retried without the requests that caused it)",
+                      s.num_engine_faults_total)
+        yield counter("engine_isolated_requests", "Requests failed alone because a step raised with them in it",
+                      s.num_isolated_requests_total)
+        yield counter("engine_restarts", "Engine-loop restarts after an internal error", s.num_engine_restarts_total)
         yield gauge("is_sleeping", "1 while the engine sleeps", int(self.engine.is_sleeping))
         in_flight, queued, sessions = self.server_gauges()
         yield gauge("api_requests_in_flight", "HTTP generation requests admitted", in_flight)

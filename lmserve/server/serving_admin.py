@@ -44,6 +44,11 @@ def _load_blob(blob: str, load_format: str) -> dict[str, Any]:
                        param="serialized_named_tensors") from exc
     if not isinstance(obj, dict):
         raise APIError(400, "a torch payload must be a dict of name -> tensor", param="serialized_named_tensors")
+    for name, value in obj.items():
+        # NOTE: weights_only still admits ints, strings, lists and nested dicts; only tensors may reach the model
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise APIError(400, f"a torch payload must map names (strings) to tensors; {name!r} holds a "
+                                f"{type(value).__name__}", param="serialized_named_tensors")
     return obj
 
 
@@ -75,7 +80,7 @@ async def update_weights(state: ServerState, req: UpdateParamsRequest) -> dict:
     named = await asyncio.to_thread(decode_named_tensors, req)
     try:
         await state.engine.update_weights(named)
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
         raise APIError(400, f"cannot update the weights: {exc}", param="serialized_named_tensors") from exc
     return {"status": "success", "num_tensors": len(named)}
 

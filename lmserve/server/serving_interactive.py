@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.outputs import RequestOutput
+from lmserve.server.errors import APIError, error_body
 from lmserve.server.limits import check_limits
 from lmserve.server.protocol import ChatInteractiveRequest, ChatInteractiveResponse
 from lmserve.server.serving_chat import normalize_messages, render_chat
@@ -97,11 +98,14 @@ async def chat_interactive(state: ServerState, req: ChatInteractiveRequest, raw:
     if req.stream:
         async def lines(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
             sent = 0
-            async for out in outputs:
-                o = out.outputs[0]
-                if len(o.text) > sent or o.finished:
-                    yield _line(body(out, sent))
-                    sent = len(o.text)
+            try:
+                async for out in outputs:
+                    o = out.outputs[0]
+                    if len(o.text) > sent or o.finished:
+                        yield _line(body(out, sent))
+                        sent = len(o.text)
+            except APIError as exc:   # the stream has started: report in-band, as the SSE doors do
+                yield json.dumps(error_body(exc.status, exc.message, exc.param, exc.code)) + "\n"
         return StreamingResponse(lines(stream), media_type=_NDJSON)
     final = await run_until_disconnect(raw, last_output(stream))
     return JSONResponse(body(final).model_dump(exclude_none=True))

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request
 
 from lmserve.config import ServerConfig
-from lmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams, SamplingParamsError
 from lmserve.server.errors import APIError
@@ -202,6 +202,10 @@ class ServerState:
         except EngineDeadError as exc:  # died, or went to sleep between our check and the engine's
             self.inflight.pop(request_id, None)
             raise APIError(503, str(exc), code="engine_unavailable") from exc
+        except RequestFailedError as exc:   # the engine isolated this request after an internal error
+            self.inflight.pop(request_id, None)
+            self.metrics.observe_aborted()
+            raise APIError(500, str(exc), code="engine_fault") from exc
         except BaseException:           # the client left (APIError 499) or the task was cancelled
             self.inflight.pop(request_id, None)
             self.metrics.observe_aborted()
@@ -218,6 +222,8 @@ class ServerState:
                     out = await stream.__anext__()
                 except EngineDeadError as exc:
                     raise APIError(503, str(exc), code="engine_unavailable") from exc
+                except RequestFailedError as exc:
+                    raise APIError(500, str(exc), code="engine_fault") from exc
                 yield out
         finally:
             self.inflight.pop(request_id, None)
