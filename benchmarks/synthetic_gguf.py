@@ -1,0 +1,185 @@
+"""Write GGUF files of real model shapes with random weights (issue 20: memory and kernel benchmarks, tests).
+
+The weights are random but valid GGUF blocks (random quant bytes, small fp16 scales chosen so that weights have a
+standard deviation of ~0.02 and finite activations); the vocabulary, tokenizer and chat template are copied from
+the bundled SmolLM2 GGUF, so the files load, tokenize and chat like a real model (the text is noise). Tensors are
+generated and written one at a time: writing an 8B-shaped file needs memory for one tensor, not the file.
+
+    python benchmarks/synthetic_gguf.py --shape llama-3.2-1b --quant Q4_0 -o /tmp/llama1b-q4_0.gguf
+    python benchmarks/synthetic_gguf.py --shape qwen2.5-7b --quant Q4_K_M -o /tmp/qwen7b-q4_k_m.gguf
+
+Importable: `write_synthetic_gguf(path, shape, quant)`, `SHAPES`, `QUANT_MIXES`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+# hidden, layers, ffn, heads, kv heads, tied embeddings, qkv bias, rope theta (vocabulary: SmolLM2's, 49152)
+SHAPES = {
+    "tiny": dict(arch="llama", hidden=256, layers=2, ffn=512, heads=4, kv_heads=2, tied=False, bias=False,
+                 theta=10000.0),
+    "llama-3.2-1b": dict(arch="llama", hidden=2048, layers=16, ffn=8192, heads=32, kv_heads=8, tied=True,
+                         bias=False, theta=500000.0),
+    "qwen2.5-3b": dict(arch="qwen2", hidden=2048, layers=36, ffn=11008, heads=16, kv_heads=2, tied=True,
+                       bias=True, theta=1000000.0),
+    "llama-3.1-8b": dict(arch="llama", hidden=4096, layers=32, ffn=14336, heads=32, kv_heads=8, tied=False,
+                         bias=False, theta=500000.0),
+    "qwen2.5-7b": dict(arch="qwen2", hidden=3584, layers=28, ffn=18944, heads=28, kv_heads=4, tied=False,
+                       bias=True, theta=1000000.0),
+}
+
+# bytes per block, elements per block, byte offsets of the fp16 scale fields (d, dmin) to overwrite
+_BLOCKS = {
+    "Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)),
+    "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2)), "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,)),
+}
+# fp16 scale values giving weights of std ~0.02 with uniformly random quant bytes: (d, dmin or the Q*_1 min)
+_SCALES = {
+    "Q4_0": (0.0043, None), "Q4_1": (0.0043, -0.032), "Q5_0": (0.0022, None), "Q5_1": (0.0022, -0.034),
+    "Q8_0": (0.00027, None), "Q4_K": (0.00009, 0.00068), "Q5_K": (0.000045, 0.0007), "Q6_K": (0.00002, None),
+}
+
+
+def _q4_k_m(name: str, layer: int, layers: int) -> str:
+    """llama.cpp's Q4_K_M choice: Q6_K for the output head and for attn_v / ffn_down of the 'more bits' layers
+    (the first and last eighth, every third in between), Q4_K elsewhere."""
+    more_bits = layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+    if name == "output" or (name in ("attn_v", "ffn_down") and more_bits):
+        return "Q6_K"
+    return "Q4_K"
+
+
+# file type name -> (chooser of a matrix's type, general.file_type value)
+QUANT_MIXES = {
+    "Q4_0": (lambda name, layer, layers: "Q6_K" if name == "output" else "Q4_0", 2),
+    "Q4_1": (lambda name, layer, layers: "Q6_K" if name == "output" else "Q4_1", 3),
+    "Q8_0": (lambda name, layer, layers: "Q8_0", 7),
+    "Q4_K_M": (_q4_k_m, 15),
+    "Q5_K_M": (lambda n, i, k: "Q6_K" if _q4_k_m(n, i, k) == "Q6_K" else "Q5_K", 17),
+}
+
+
+def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [rows, row_bytes]: random quant bytes, fp16 scales set so weights are ~N(0, 0.02)-sized."""
+    type_size, elems, offsets = _BLOCKS[qtype]
+    assert cols % elems == 0, (qtype, cols)
+    blocks = rng.integers(0, 256, size=(rows, cols // elems, type_size), dtype=np.uint8)
+    for off, value in zip(offsets, _SCALES[qtype]):
+        blocks[:, :, off:off + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def _matrix_type(chooser, name: str, layer: int, layers: int, cols: int) -> str:
+    qtype = chooser(name, layer, layers)
+    if cols % _BLOCKS[qtype][1]:      # as llama.cpp does: a K-quant needs rows of whole 256-blocks
+        qtype = "Q8_0" if qtype == "Q6_K" else "Q5_0" if qtype == "Q5_K" else "Q4_0"
+    return qtype
+
+
+def _plan(shape: dict, quant: str, vocab: int):
+    """[(gguf name, numpy dtype or qtype, (rows, cols))] in llama.cpp's tensor order."""
+    chooser = QUANT_MIXES[quant][0]
+    h, f, layers = shape["hidden"], shape["ffn"], shape["layers"]
+    hd = h // shape["heads"]
+    q, kv = shape["heads"] * hd, shape["kv_heads"] * hd
+    plan = [("token_embd.weight", _matrix_type(chooser, "token_embd", 0, layers, h), (vocab, h))]
+    for i in range(layers):
+        p = f"blk.{i}."
+        plan.append((p + "attn_norm.weight", "F32", (h,)))
+        for name, rows, cols in (("attn_q", q, h), ("attn_k", kv, h), ("attn_v", kv, h), ("attn_output", h, q),
+                                 ("ffn_gate", f, h), ("ffn_up", f, h), ("ffn_down", h, f)):
+            plan.append((p + name + ".weight", _matrix_type(chooser, name, i, layers, cols), (rows, cols)))
+            if shape["bias"] and name in ("attn_q", "attn_k", "attn_v"):
+                plan.append((p + name + ".bias", "F32", (rows,)))
+        plan.append((p + "ffn_norm.weight", "F32", (h,)))
+    plan.append(("output_norm.weight", "F32", (h,)))
+    if not shape["tied"]:
+        plan.append(("output.weight", _matrix_type(chooser, "output", layers, layers, h), (vocab, h)))
+    return plan
+
+
+def _tensor(kind: str, dims: tuple, name: str, rng: np.random.Generator) -> np.ndarray:
+    if kind != "F32":
+        return random_blocks(kind, dims[0], dims[1], rng)
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.05 * rng.standard_normal(dims)).astype(np.float32)
+    return (0.02 * rng.standard_normal(dims)).astype(np.float32)
+
+
+def _copy_tokenizer(writer: GGUFWriter, source: str) -> int:
+    """Copy tokenizer.* fields (vocabulary, merges, special ids, chat template) from `source`; -> vocab size."""
+    reader = GGUFReader(source)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, field.contents(), vtype)
+    return len(reader.fields["tokenizer.ggml.tokens"].data)
+
+
+def default_tokenizer_source() -> str:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from lmserve.model.loader import default_model_path
+    return default_model_path()
+
+
+def write_synthetic_gguf(path: str, shape: str | dict, quant: str = "Q4_0", seed: int = 0,
+                         tokenizer_from: str | None = None, context_length: int = 8192) -> int:
+    """Write a random-weight GGUF of `shape` (a SHAPES key or a dict like its values) in file type `quant`
+    (a QUANT_MIXES key). Returns the file size in bytes."""
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    arch = shape["arch"]
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(path, arch)
+    writer.add_string("general.name", f"synthetic {arch} {quant}")
+    writer.add_uint32("general.file_type", QUANT_MIXES[quant][1])
+    writer.add_uint32("general.quantization_version", 2)
+    vocab = _copy_tokenizer(writer, tokenizer_from or default_tokenizer_source())
+    h = shape["hidden"]
+    for key, value in (("block_count", shape["layers"]), ("context_length", context_length),
+                       ("embedding_length", h), ("feed_forward_length", shape["ffn"]),
+                       ("attention.head_count", shape["heads"]), ("attention.head_count_kv", shape["kv_heads"]),
+                       ("vocab_size", vocab), ("rope.dimension_count", h // shape["heads"])):
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_float32(f"{arch}.rope.freq_base", shape["theta"])
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    plan = _plan(shape, quant, vocab)
+    for name, kind, dims in plan:
+        if kind == "F32":
+            writer.add_tensor_info(name, dims, np.dtype(np.float32), 4 * int(np.prod(dims)))
+        else:
+            type_size, elems, _ = _BLOCKS[kind]
+            nbytes = dims[0] * dims[1] // elems * type_size
+            writer.add_tensor_info(name, (dims[0], dims[1] // elems * type_size), np.dtype(np.uint8), nbytes,
+                                   raw_dtype=GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, kind, dims in plan:
+        writer.write_tensor_data(_tensor(kind, dims, name, rng))
+    writer.close()
+    return os.path.getsize(path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--quant", choices=sorted(QUANT_MIXES), default="Q4_0")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-from", default=None, help="GGUF to copy the vocabulary from (default: SmolLM2)")
+    ap.add_argument("-o", "--output", required=True)
+    args = ap.parse_args(argv)
+    size = write_synthetic_gguf(args.output, args.shape, args.quant, args.seed, args.tokenizer_from)
+    print(f"{args.output}: {args.shape} {args.quant}, {size / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
