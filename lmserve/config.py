@@ -101,9 +101,11 @@ class ModelConfig:
     # start-up waits at most this long for the C++ kernels to compile (first start) or for another process that
     # is compiling them; after that it serves on the PyTorch references
     kernel_build_timeout: float = 600.0
-    # GGUF Q4/Q8 weights also kept in their quantized form; matmuls with at most this many rows (decode at
-    # small batch, memory-bound) use the C++ quantized kernel on CPU. 0 = off.
-    quant_kernel_max_rows: int = 64
+    # GGUF files: "quantized" = matrices stay in the file's blocks, memory-mapped (ops/linear_method.py GGUFLinear;
+    # memory ~ the file); "float" = dequantized once to float weights (exact float32 matmuls, ~8x the memory);
+    # "auto" = quantized where ops.gguf_matmul has a kernel, else float (its PyTorch reference dequantizes the
+    # matrix on every call: right, but far too slow to serve with)
+    weights: str = "auto"
     num_threads: int | None = None     # torch intra-op threads on CPU; None = torch's default (physical cores)
     # "bfloat16": matmuls too large for the quantized kernel run in bfloat16 (float32 accumulation) on a
     # bfloat16 copy of the weights, and the KV cache is bfloat16; ~2x the float32 GEMM rate on CPUs with
@@ -130,6 +132,8 @@ class ModelConfig:
             raise ValueError("kernels must be one of auto, torch")
         if self.kernel_build_timeout <= 0:
             raise ValueError("kernel_build_timeout must be > 0 seconds")
+        if self.weights not in ("auto", "quantized", "float"):
+            raise ValueError("weights must be auto, quantized or float")
         if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError("matmul_dtype must be auto, float32 or bfloat16")
         if self.quant_activations not in ("auto", "int8", "float"):
@@ -158,6 +162,7 @@ class CacheConfig:
     # the KV cache. None = 0.8 on CUDA and 0.1 on CPU (CPU RAM is shared with everything else on the host).
     cache_max_entry_count: float | None = None
     num_blocks: int | None = None      # explicit block count; overrides cache_max_entry_count
+    kv_cache_memory: int | None = None  # bytes for the KV pool (--kv-cache-memory 2GiB); overrides the fraction
     enable_prefix_caching: bool = True
 
     def __post_init__(self):
@@ -165,6 +170,8 @@ class CacheConfig:
             raise ValueError("block_size must be a positive power of two")
         if self.cache_max_entry_count is not None and not (0 < self.cache_max_entry_count <= 1):
             raise ValueError("cache_max_entry_count must be in (0, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be > 0 bytes")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError("num_blocks must be >= 2")
 

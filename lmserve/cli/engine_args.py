@@ -8,6 +8,23 @@ import argparse
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5g', '1000000' -> bytes (SI units are powers of 10, IEC units powers of 2)."""
+    num = text.strip().rstrip("bBiIkKmMgGtT ")
+    unit = text.strip()[len(num):].strip().lower()
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 2GiB, 512MB, 1000000)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be > 0")
+    return int(value)
+
+
 # ---- engine arguments (shared by api_server, chat, bench throughput) -------------------------------------
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
@@ -23,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-max-entry-count", type=float, default=None,
                    help="fraction of free memory for the KV cache (default 0.8 on CUDA, 0.1 on CPU)")
     p.add_argument("--cache-block-count", type=int, default=None, help="explicit number of KV cache blocks")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES",
+                   help="memory for the KV cache, e.g. 2GiB, 512MB, 1000000 (default: a fraction of the free "
+                        "memory left after the weights, see --cache-max-entry-count)")
     p.add_argument("--cache-block-seq-len", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--disable-prefix-caching", action="store_true", help="turn automatic prefix caching off")
     p.add_argument("--max-batch-size", type=int, default=256, help="max sequences running at once")
@@ -55,8 +75,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "on the PyTorch references")
     p.add_argument("--num-threads", type=int, default=None,
                    help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
-    p.add_argument("--quant-kernel-max-rows", type=int, default=64,
-                   help="GGUF Q4/Q5/Q8 and Q4_K/Q5_K/Q6_K weights: matmuls of at most N rows use the quantized-weight kernel (0 = off)")
+    p.add_argument("--weights", default="auto", choices=["auto", "quantized", "float"],
+                   help="GGUF files: quantized keeps matrices in the file's blocks, memory-mapped (memory ~ the "
+                        "file size); float dequantizes them once (exact float32, ~8x the memory); auto (default): "
+                        "quantized where the quantized-matmul kernel is available, else float")
     p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16: large matmuls (prefill, batched decode) in bfloat16 with float32 accumulation, "
                         "~2x faster on CPUs with AVX512_BF16 but not bit-exact; float32 is exact; auto (default) "
@@ -107,12 +129,12 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
                           chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
                           attention_backend=args.attn_backend, kernels=args.kernels,
                           kernel_build_timeout=args.kernel_build_timeout,
-                          quant_kernel_max_rows=args.quant_kernel_max_rows,
+                          weights=args.weights,
                           num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task,
                           quant_activations=args.quant_activations,
                           generation_config=args.generation_config),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
-                          num_blocks=args.cache_block_count,
+                          num_blocks=args.cache_block_count, kv_cache_memory=args.kv_cache_memory,
                           enable_prefix_caching=not args.disable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_batch_size,
                                   max_num_batched_tokens=args.max_prefill_token_num,

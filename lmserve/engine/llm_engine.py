@@ -5,7 +5,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ from lmserve.engine.guided import GrammarCache
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
 from lmserve.engine.spec_decode import SpecDecoder, check_supported
+from lmserve.engine.weights import memory_stats
 from lmserve.generation_config import describe as describe_generation_defaults
 from lmserve.generation_config import load_generation_defaults
 from lmserve.model.loader import resolve_model_path
@@ -62,6 +63,9 @@ class EngineStats:
     num_engine_faults_total: int = 0
     num_isolated_requests_total: int = 0
     num_engine_restarts_total: int = 0
+    # bytes by kind: weights_gguf (blocks, mapped), weights_gguf_resident, weights_float, weights_packed, kv_cache,
+    # process_rss (engine/weights.py memory_stats)
+    memory: dict = field(default_factory=dict)
 
 
 class _Request:
@@ -341,7 +345,7 @@ class LLMEngine:
             num_engine_restarts_total=self.fault_stats.num_restarts,
             prefill_throughput=sum(w[1] for w in self._window) / span,
             decode_throughput=sum(w[2] for w in self._window) / span,
-            **self._spec_stats())
+            memory=memory_stats(self.runner), **self._spec_stats())
 
     def _spec_stats(self) -> dict[str, int]:
         sp = self.spec

@@ -6,12 +6,12 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 import torch.distributed
 
 from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
 from lmserve.ops.onednn import packed_gemm_implementation, uses_amx
+from lmserve.engine import weights
 from lmserve.engine.cpu_threads import default_threads
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
@@ -20,19 +20,12 @@ from lmserve import ops
 from lmserve.ops import cpu_kernels
 from lmserve.ops.linear import int8_activations
 from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
-from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict
+from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
-from lmserve.model.registry import get_model_class
 from lmserve.outputs import TokenLogprob
 from lmserve.startup import phase
 
 logger = logging.getLogger(__name__)
-# Where packed oneDNN GEMMs overtake the quantized-weight kernel (batch rows; benchmarks/quant_crossover.py and
-# docs/benchmarks.md): --quant-kernel-max-rows is capped at this when packed weights are in use. NOTE: bfloat16
-# was 4, which sent every 5-row speculative verification step to the 2-byte bf16 weights; measured again with
-# the whole forward's matmuls, the Q4 kernel still wins at 10 rows (36.5 vs 48.3 ms).
-PACKED_CROSSOVER_ROWS = {"float32": 10, "bfloat16": 10}
-
 
 @dataclass
 class RunnerOutput:
@@ -106,13 +99,15 @@ class ModelRunner:
         self.sampler = Sampler()
         self.ops = self._select_ops()
         self.kernel = self.ops.lib     # the compiled CPU kernel module in use; None = PyTorch references only
+        self.quantized = weights.keeps_quantized(model_config, model_path, self.ops)
+        weights.check_fits(model_path, self.quantized, self.dtype)
         with phase(logger, "loading weights", ticker=not is_gguf(model_path)) as done:
-            self.model = self._build_model()
-            self.load_weights(load_state_dict(model_path, self.dtype, tp_rank, tp_size))
+            self.reload_model()
             num_params = sum(p.numel() for p in self.model.parameters())
-            done["done"] = f"{num_params / 1e6:.0f}M parameters, {self.dtype} on {self.device}"
-        with phase(logger, "preparing the fast matmul paths"):
-            self.attach_kernels()
+            done["done"] = (f"{num_params / 1e6:.0f}M parameters, "
+                            f"{'GGUF blocks' if self.quantized else self.dtype} on {self.device}")
+        self.weight_memory = weights.weight_memory(self.model, model_path)
+        weights.log_weight_memory(self.weight_memory)
         self.num_blocks = self._decide_num_blocks()
         if tp_size > 1:   # every rank must hold the same number of blocks: the smallest one fits all
             n = torch.tensor([self.num_blocks], device=self.device)
@@ -123,12 +118,6 @@ class ModelRunner:
             self.allocate_kv_cache()
 
     # ---- set-up ---------------------------------------------------------------------------------------
-    def _build_model(self) -> torch.nn.Module:
-        cls = get_model_class(self.arch.architecture)
-        with torch.device(self.device):
-            model = cls(self.arch).to(self.dtype)
-        return model.eval().requires_grad_(False)
-
     def _select_ops(self) -> ops.OpTable:
         """Which implementation each op uses for this model: decided once, here (lmserve/ops)."""
         mc = self.model_config
@@ -147,65 +136,30 @@ class ModelRunner:
                     "no" if not kernel_ops else "C++", ", ".join(kernel_ops) or "none")
         return table
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model.load_weights(weights)
-
     def reload_model(self) -> None:
-        """Build the model and load its weights again (after a level-2 sleep dropped it)."""
-        self.model = self._build_model()
-        self.load_weights(load_state_dict(self.model_path, self.dtype, self.tp_rank, self.tp_size))
-        self.attach_kernels()
-
-    def attach_kernels(self) -> None:
-        """Weight twins for the fast paths: GGUF blocks for the quantized kernel, packed copies for GEMMs."""
-        mc = self.model_config
-        max_rows = mc.quant_kernel_max_rows
+        """Build the model and load its weights (again after a level-2 sleep dropped them)."""
+        self.model = weights.build_model(self.arch, self.device, self.dtype, self.quantized)
+        weights.load_model_weights(self.model, self.model_path, self.arch, self.dtype, self.quantized)
         self._attach_fast()
-        head = self.model.logits_fast
-        if head is not None and head.is_mkldnn:
-            max_rows = min(max_rows, PACKED_CROSSOVER_ROWS[self.matmul_precision])
-        if max_rows <= 0 or self.ops.is_native("quant_matmul") or not is_gguf(self.model_path):
-            return
-        from lmserve.model.quant import load_gguf_quantized, shard_quantized
-        quant = load_gguf_quantized(self.model_path)
-        if self.tp_size > 1:
-            quant = shard_quantized(quant, self.arch)       # this rank's blocks
-        n = self.model.attach_quantized(quant, max_rows)
-        int8 = self._use_int8_dot()
-        if int8:
-            for module in self.model.modules():
-                if getattr(module, "quant", None) is not None:
-                    module.quant = module.quant.for_int8_dot()
-            if getattr(self.model, "logits_quant", None) is not None:
-                self.model.logits_quant = self.model.logits_quant.for_int8_dot()
-        logger.info("quantized-weight kernel on %d matmuls (batches of <= %d rows), %s", n, max_rows,
-                    "int8 activations x AVX512-VNNI dot products" if int8 else "float32 activations (exact)")
-
-    def _use_int8_dot(self) -> bool:
-        """int8 activations for the old QuantWeight kernel (AVX512-VNNI only, checked at run time by the kernel
-        library): --quant-activations int8, or auto in the non-exact bf16 modes."""
-        setting = self.model_config.quant_activations
-        if setting == "float" or (setting == "auto" and self.matmul_precision != "bfloat16"):
-            return False
-        lib = self.ops.lib
-        return lib is not None and hasattr(lib, "cpu_has_int8_dot") and lib.cpu_has_int8_dot()
 
     def _attach_fast(self) -> None:
+        """Packed / lower-precision copies of float weights for GEMMs (GGUF layers keep their blocks)."""
         if self.dtype != torch.float32:
             return
         fast = torch.bfloat16 if self.matmul_precision == "bfloat16" else torch.float32
-        self.model.attach_fast(fast, pack=self.model_config.kernels != "torch")
-        packed = self.model.logits_fast is not None and self.model.logits_fast.is_mkldnn
+        packed = weights.pack_float_layers(self.model, fast, pack=self.model_config.kernels != "torch")
         impl = packed_gemm_implementation(fast) if packed else None
-        logger.info("%s matmuls on %s weights%s", fast, "packed" if packed else "plain",
+        logger.info("%s matmuls on %s float weights%s", fast, "packed" if packed else "plain",
                     f" (oneDNN {impl})" if impl else "")
         if fast == torch.bfloat16 and cpu_bf16_feature() == "amx_bf16" and impl and not uses_amx(impl):
             logger.warning("the CPU has AMX but oneDNN runs bf16 GEMMs with %s: AMX tiles unused (kernel too old "
                            "to grant AMX permission?); expect ~half the prefill speed", impl)
 
-    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model.load_weights(weights)   # all-or-nothing
-        self.model.detach_quantized()      # the quantized and packed copies are stale now
+    def update_weights(self, new: dict[str, torch.Tensor]) -> None:
+        if self.quantized:
+            raise ValueError("weights: updating weights needs float weights; start the server with --weights float")
+        self.model.load_weights(new)                 # all-or-nothing
+        weights.unpack_float_layers(self.model)      # the packed copies are stale now
         self._attach_fast()
 
     def _kv_block_bytes(self) -> int:
@@ -220,14 +174,18 @@ class ModelRunner:
         if cc.num_blocks is not None:
             return cc.num_blocks
         if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0]
-            fraction = cc.cache_max_entry_count or 0.8
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * (cc.cache_max_entry_count or 0.8))
+            budget = cc.kv_cache_memory or budget
+            why = "--kv-cache-memory" if cc.kv_cache_memory else "a fraction of free device memory"
         else:
-            free = psutil.virtual_memory().available
-            fraction = cc.cache_max_entry_count or 0.1
-        num = int(free * fraction) // self._kv_block_bytes()
+            budget, why = weights.kv_cache_budget(cc, self.weight_memory, self._kv_block_bytes())
+        num = budget // self._kv_block_bytes()
         if num < 2:
-            raise RuntimeError("not enough memory for the KV cache; lower --session-len or set --cache-block-count")
+            raise MemoryError(f"not enough memory for the KV cache: {budget / 2**20:.1f} MiB ({why}) is less than "
+                              f"2 blocks of {self._kv_block_bytes() / 2**20:.2f} MiB")
+        if num > max_useful:
+            logger.info("KV cache: %s gives %d blocks; %d suffice for --max-batch-size x --session-len", why,
+                        num, max_useful)
         return min(num, max_useful)
 
     def allocate_kv_cache(self) -> None:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.model.layers import Linear, make_fast_weight
+from lmserve.model.layers import Linear
+from lmserve.ops.linear_method import packed_method, unpacked_method
 
 _ROBERTA = ("roberta", "xlm-roberta")
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
@@ -133,12 +134,12 @@ class BertModel(nn.Module):
     def attach_fast(self, dtype: torch.dtype) -> None:
         for module in self.modules():
             if isinstance(module, Linear):
-                module.fast_weight = make_fast_weight(module.weight, dtype)
+                module.linear_method = packed_method(module.linear_method, dtype)
 
     def detach_fast(self) -> None:
         for module in self.modules():
             if isinstance(module, Linear):
-                module.fast_weight = None
+                module.linear_method = unpacked_method(module.linear_method)
 
     # ---- weights -------------------------------------------------------------------------------------
     def _hf_names(self) -> dict[str, tuple[str, int | None]]:

@@ -201,11 +201,12 @@ def gguf_slice(t, spec: tuple[int, int, int] | None) -> torch.Tensor:
     return slice_padded(w, dim, 0, size)
 
 
-def gguf_state_dict(reader, cfg: ArchConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def gguf_state_dict(reader, cfg: ArchConfig, dtype: torch.dtype, skip=frozenset()) -> dict[str, torch.Tensor]:
+    """HF name -> float tensor of `dtype` (dequantized), for every tensor not named in `skip`."""
     state = {}
     for t in progress(reader.tensors, "loading weights", unit="tensor"):
         name = hf_name(t.name, cfg.architecture)
-        if name is None:
+        if name is None or name in skip:
             continue
         w = gguf_slice(t, shard_spec(name, cfg))
         if cfg.architecture == "gemma3" and name.endswith("norm.weight"):

@@ -1,16 +1,18 @@
-"""Small building blocks of decoders: RMSNorm, rotary embedding, Linear (with quantized / packed twins), gated MLP.
+"""Small building blocks of decoders: RMSNorm, rotary embedding, Linear (its matmul is a LinearMethod), gated MLP.
 
 Tensor math goes through lmserve.ops, which picks the implementation (reference or kernel) per model."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.distributed
-import torch.nn.functional as F
 from torch import nn
 
 from lmserve import ops
+from lmserve.ops.linear_method import (FloatLinear, LinearMethod, fast_linear,  # noqa: F401  (re-exported)
+                                      make_fast_weight)
 
 
 class RMSNorm(nn.Module):
@@ -91,23 +93,38 @@ class RotaryEmbedding(nn.Module):
         return ops.apply_rope(q, k, cos, sin)
 
 
-class Linear(nn.Linear):
-    """nn.Linear that may also hold its weight in a quantized kernel format (model/quant.py).
+_deferred = 0      # > 0 while building a model whose matrices the loader supplies (see deferred_weights)
 
-    NOTE: small batches (decode) are memory-bound, so they use the quantized kernel, which reads ~5x fewer bytes;
-    large ones (prefill, big decode batches) are compute-bound and use a packed GEMM copy (fast_weight; bfloat16
-    with --matmul-dtype bfloat16), else plain float32 GEMM. All hold the same weights.
-    """
-    quant = None            # QuantWeight | None (attached only when ops.quant_matmul has a kernel)
-    max_quant_rows = 0
-    fast_weight = None      # packed (and, with --matmul-dtype bfloat16, lower-precision) copy for large batches
+
+@contextlib.contextmanager
+def deferred_weights():
+    """Build a model without allocating its linear and embedding matrices (meta tensors): the loader then gives
+    each layer its LinearMethod (GGUF blocks, or a float weight it materializes), so a float copy of a quantized
+    matrix never exists, not even zero-filled."""
+    global _deferred
+    _deferred += 1
+    try:
+        yield
+    finally:
+        _deferred -= 1
+
+
+def deferring() -> bool:
+    return _deferred > 0
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose matmul is its LinearMethod (ops/linear_method.py), picked once at load: the float weight,
+    a packed copy of it, or GGUF blocks (then `weight` is a meta tensor: shape only)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias, device="meta" if deferring() else None)
+        if bias and deferring():
+            self.bias = nn.Parameter(torch.zeros(out_features))     # biases are float in every format
+        self.linear_method: LinearMethod = FloatLinear(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None and x.shape[0] <= self.max_quant_rows:
-            return ops.quant_matmul(x, self.quant, self.bias)
-        if self.fast_weight is not None:
-            return fast_linear(x, self.fast_weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.linear_method(x, self.bias)
 
 
 class RowParallelLinear(Linear):
@@ -127,36 +144,6 @@ class RowParallelLinear(Linear):
         if self.tp_size > 1:
             torch.distributed.all_reduce(out)
         return out
-
-
-def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (float32) @ weight.T in weight's dtype (float32 or lower); the result comes back as float32."""
-    xl = x.to(weight.dtype)
-    if weight.is_mkldnn:
-        out = torch.ops.mkldnn._linear_pointwise(xl, weight, None, "none", [], "")
-    else:
-        out = F.linear(xl, weight)
-    out = out.to(x.dtype)
-    return out if bias is None else out.add_(bias)
-
-
-def make_fast_weight(weight: torch.Tensor, dtype: torch.dtype, pack: bool = True) -> torch.Tensor | None:
-    """A copy of a [out, in] weight for fast_linear, in `dtype`, on CPU pre-packed in oneDNN's blocked layout
-    when this torch build offers it: 1.15-1.6x MKL's float32 GEMM rate at decode/prefill sizes (2.6x on the wide
-    output projection), 1.2-1.4x for bfloat16 (docs/benchmarks.md). Without packing: a plain lower-precision
-    copy, or None when that would merely duplicate the weight. pack=False (--kernels torch): never packed."""
-    w = weight.detach().to(dtype).contiguous()
-    plain = None if dtype == weight.dtype else w
-    if not pack or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return plain
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
-        probe = torch.randn(3, w.shape[1], dtype=dtype)
-        ok = torch.allclose(torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "").float(),
-                            F.linear(probe, w).float(), rtol=1e-2, atol=1e-2)
-        return packed if ok else plain
-    except (RuntimeError, AttributeError):    # private op missing or unsupported here
-        return plain
 
 
 _GATED = {"silu": ops.silu_mul, "gelu_pytorch_tanh": lambda gate_up: ops.gelu_mul(gate_up, "tanh")}

@@ -12,8 +12,7 @@ from torch import nn
 
 from lmserve import ops
 from lmserve.model.attention import AttentionMetadata, paged_attention
-from lmserve.model.layers import (GatedMLP, Linear, RMSNorm, RotaryEmbedding, RowParallelLinear, fast_linear,
-                                  make_fast_weight)
+from lmserve.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from lmserve.model.parallel import (VocabParallelEmbedding, gather_vocab, local_intermediate, num_local_heads,
                                     num_local_kv_heads, shard_tensor)
 
@@ -90,12 +89,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg, self.layer_cls)
-        # NOTE: split over the vocabulary like the embedding (the same rows when tied)
+        # NOTE: split over the vocabulary like the embedding (the same rows, and the same LinearMethod, when tied)
         self.lm_head = None if cfg.tie_word_embeddings else \
-            nn.Linear(cfg.hidden_size, self.model.embed_tokens.weight.shape[0], bias=False)
-        self.logits_quant = None      # QuantWeight of the output projection, see attach_quantized
-        self.logits_fast = None       # its packed copy, see attach_fast
-        self.max_quant_rows = 0
+            Linear(cfg.hidden_size, self.model.embed_tokens.weight.shape[0], bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
@@ -111,50 +107,11 @@ class LlamaForCausalLM(nn.Module):
         return gather_vocab(self._local_logits(hidden), self.cfg)
 
     def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab / tp] fp32
-        if self.logits_quant is not None and hidden.shape[0] <= self.max_quant_rows:
-            return ops.quant_matmul(hidden, self.logits_quant)
-        if self.logits_fast is not None:
-            return fast_linear(hidden, self.logits_fast)
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ weight.t()).float()
+        return self.output_head().linear_method(hidden).float()
 
-    def attach_fast(self, dtype: torch.dtype, pack: bool = True) -> None:
-        """Give every linear layer (and the output projection) a packed / lower-precision copy for large matmuls."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.fast_weight = make_fast_weight(module.weight, dtype, pack)
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.logits_fast = make_fast_weight(weight, dtype, pack)
-
-    def attach_quantized(self, quant: dict, max_rows: int) -> int:
-        """Give linear layers their quantized twins (HF names -> QuantWeight). Returns how many were attached."""
-        from lmserve.model.quant import cat_rows
-        attached = 0
-
-        def attach(module, qw):
-            nonlocal attached
-            if qw is not None and tuple(qw.shape) == tuple(module.weight.shape):
-                module.quant, module.max_quant_rows = qw, max_rows
-                attached += 1
-        for i, layer in enumerate(self.model.layers):
-            p = f"model.layers.{i}."
-            attach(layer.self_attn.qkv_proj, cat_rows([quant.get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
-            attach(layer.self_attn.o_proj, quant.get(p + "self_attn.o_proj.weight"))
-            if isinstance(layer.mlp, GatedMLP):     # MoE experts stay float (one fused tensor per layer)
-                attach(layer.mlp.gate_up_proj, cat_rows([quant.get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]))
-                attach(layer.mlp.down_proj, quant.get(p + "mlp.down_proj.weight"))
-        head = quant.get("model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight")
-        if head is not None:
-            self.logits_quant, self.max_quant_rows = head, max_rows
-            attached += 1
-        return attached
-
-    def detach_quantized(self) -> None:
-        """Drop quantized and lower-precision twins (after a live weight update they would be stale)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.quant = module.fast_weight = None
-        self.logits_quant = self.logits_fast = None
+    def output_head(self) -> nn.Module:
+        """The module whose weight (and LinearMethod) projects to the vocabulary: lm_head, or the tied embedding."""
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
 
     # ---- weights -------------------------------------------------------------------------------------
     def fused_slices(self) -> dict[str, tuple[str, int, int]]:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lmserve.config import TPConfigError
+from lmserve.model.layers import deferring
+from lmserve.ops.linear_method import FloatLinear, LinearMethod
 
 
 # NOTE: an architecture joins once a tp=2 == tp=1 test covers it (tests/test_tensor_parallel.py): its weight names
@@ -139,19 +140,21 @@ def gather_vocab(logits: torch.Tensor, cfg) -> torch.Tensor:
 
 class VocabParallelEmbedding(nn.Module):
     """nn.Embedding split over the vocabulary; `weight` is this rank's (padded) rows, so a tied output projection
-    uses it unchanged."""
+    uses it unchanged. Rows are looked up through the LinearMethod (ops/linear_method.py): from the float weight
+    or from the GGUF blocks (then `weight` is a meta tensor), and a tied head multiplies with the same method."""
 
     def __init__(self, cfg):
         super().__init__()
         self.tp_size = cfg.tp_size
         self.vocab_start, per_rank = vocab_shard(cfg)
-        self.weight = nn.Parameter(torch.empty(per_rank, cfg.hidden_size))
+        self.weight = nn.Parameter(torch.empty(per_rank, cfg.hidden_size, device="meta" if deferring() else None))
+        self.linear_method: LinearMethod = FloatLinear(self.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:   # [num_tokens] -> [num_tokens, hidden]
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.linear_method.embed(input_ids)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = self.linear_method.embed(local.masked_fill(outside, 0))
         x.masked_fill_(outside.unsqueeze(-1), 0)
         return all_reduce(x, self.tp_size)

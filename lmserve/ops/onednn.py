@@ -34,7 +34,7 @@ def parse_verbose(text: str) -> list[tuple[str, str]]:
 def packed_gemm_implementation(dtype: torch.dtype = torch.bfloat16) -> str | None:
     """oneDNN's implementation name for fast_linear on a packed `dtype` weight, or None if it cannot be told
     (no oneDNN, weight not packable, verbose log unavailable)."""
-    from lmserve.model.layers import fast_linear, make_fast_weight
+    from lmserve.ops.linear_method import fast_linear, make_fast_weight
     if not torch.backends.mkldnn.is_available():
         return None
     weight = make_fast_weight(torch.randn(512, 256), dtype)   # a model-like shape: tiny ones may dispatch differently

@@ -41,6 +41,12 @@ class _EngineCollector:
             c.add_metric([], float(value))
             return c
 
+        mem = GaugeMetricFamily("lmserve:memory_bytes", "Memory by kind: weights_gguf (GGUF blocks, memory-mapped), "
+                                "weights_gguf_resident (of those, resident now), weights_float, weights_packed "
+                                "(GEMM copies), kv_cache, process_rss", labels=["kind"])
+        for kind, value in s.memory.items():
+            mem.add_metric([kind], float(value))
+        yield mem
         yield gauge("num_requests_running", "Sequences in the engine's running batch", s.num_running)
         yield gauge("num_requests_waiting", "Sequences waiting in the engine's queue", s.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1)", s.kv_cache_usage)

@@ -1,0 +1,66 @@
+"""GGUF tensors -> GGUFWeight (ops/gguf_blocks.py): quantized matrices as views of the memory-mapped file.
+
+The reader's tensor data is a view of one read-only np.memmap of the file; `torch.from_numpy` keeps that view, so
+a matrix costs address space, not memory, until its pages are read (and those pages are the page cache's, shared
+by every process serving the file). Copies are made only where the layout must change, never larger than the
+blocks themselves: llama-family Q/K rows are un-permuted (a row permutation, ~9% of a llama layer), a
+tensor-parallel column slice is this rank's share, a padded vocabulary split adds zero rows.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from lmserve.model.gguf import hf_name, unpermute
+from lmserve.model.parallel import shard_spec
+from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight
+
+
+def mapped_view(t) -> torch.Tensor:
+    """uint8 [rows, row_bytes] tensor sharing the mapping of a GGUF tensor (no copy)."""
+    raw = t.data.view(np.uint8)
+    rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+    with warnings.catch_warnings():   # read-only on purpose: the mapping is shared and never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw).view(rows, -1)
+
+
+def gguf_weight(t, name: str, cfg) -> GGUFWeight | None:
+    """This rank's part of a quantized 2-D GGUF tensor as a GGUFWeight, or None when it must be float (not a block
+    type, not 2-D, or a tensor-parallel column split that cuts through blocks)."""
+    qtype = t.tensor_type.name
+    if qtype not in QUANTS or len(t.shape) != 2:
+        return None
+    n, k = int(t.shape[1]), int(t.shape[0])
+    elems, type_size, _ = QUANTS[qtype]
+    data = mapped_view(t)
+    spec = shard_spec(name, cfg)
+    if spec is not None:
+        dim, start, size = spec
+        if dim == 0:
+            end = min(start + size, n)
+            data = data[start:end]
+            if end - start < size:        # the padded end of a vocabulary split: zero rows
+                data = torch.cat([data, data.new_zeros(size - (end - start), data.shape[1])])
+            n = size
+        elif start % elems == 0 and size % elems == 0:
+            b0, b1 = start // elems, (start + size) // elems
+            data = data.view(n, -1, type_size)[:, b0:b1].reshape(n, -1)     # this rank's blocks (a copy)
+            k = size
+        else:
+            return None
+    if cfg.architecture in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+        data = unpermute(data, n // cfg.head_dim)
+    return GGUFWeight(qtype, data, (n, k))
+
+
+def gguf_weights(reader, cfg) -> dict[str, GGUFWeight]:
+    """HF parameter name -> GGUFWeight for every quantized matrix of the file that can stay quantized."""
+    out = {}
+    for t in reader.tensors:
+        name = hf_name(t.name, cfg.architecture)
+        if name is not None and (w := gguf_weight(t, name, cfg)) is not None:
+            out[name] = w
+    return out
