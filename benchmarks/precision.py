@@ -30,7 +30,7 @@ def configs() -> dict[str, dict]:
     out = {
         f"--dtype auto (default): {auto} on this CPU (bf16: {cpu_bf16_feature() or 'none'})": {},
         "--dtype float32 (exact)": dict(dtype="float32"),
-        "float32, no C++ kernels": dict(dtype="float32", attention_backend="torch", quant_kernel_max_rows=0),
+        "float32, no C++ kernels": dict(dtype="float32", attention_backend="torch", weights="float"),
     }
     if auto != "bfloat16":
         out["--matmul-dtype bfloat16"] = dict(matmul_dtype="bfloat16")

@@ -251,7 +251,7 @@ def _prompt_logprobs(engine, ids) -> torch.Tensor:
 
 def test_cpp_fast_path_matches_pytorch_reference(smol_engine, prompt_ids):
     """Fused C++ kernels + quantized matmul vs the pure-PyTorch path, on a 4-sequence batch with decode."""
-    ref = LLMEngine(EngineConfig(model=ModelConfig(attention_backend="torch", quant_kernel_max_rows=0, dtype="float32"),
+    ref = LLMEngine(EngineConfig(model=ModelConfig(attention_backend="torch", weights="float", dtype="float32"),
                                  cache=CacheConfig(num_blocks=256)))
     assert ref.runner.kernel is None and smol_engine.runner.kernel is not None
     ids = prompt_ids[:4]
@@ -264,11 +264,12 @@ def test_cpp_fast_path_matches_pytorch_reference(smol_engine, prompt_ids):
 
 def test_bfloat16_matmuls_close_to_float32(smol_hf, prompt_ids):
     """--matmul-dtype bfloat16 is not exact, but stays close to the float32 reference (transformers)."""
-    engine = LLMEngine(EngineConfig(model=ModelConfig(matmul_dtype="bfloat16", quant_kernel_max_rows=0),
+    engine = LLMEngine(EngineConfig(model=ModelConfig(matmul_dtype="bfloat16", weights="float"),
                                     cache=CacheConfig(num_blocks=256)))
-    linears = [m for m in engine.runner.model.modules() if getattr(m, "fast_weight", None) is not None]
-    assert linears and all(m.fast_weight.dtype == torch.bfloat16 for m in linears)
-    assert engine.runner.model.logits_fast.dtype == torch.bfloat16
+    methods = [getattr(m, "linear_method", None) for m in engine.runner.model.modules()]
+    packed = [m.packed for m in methods if hasattr(m, "packed")]
+    assert packed and all(w.dtype == torch.bfloat16 for w in packed)
+    assert engine.runner.model.output_head().linear_method.packed.dtype == torch.bfloat16
     ids = prompt_ids[2]
     ours = _prompt_logprobs(engine, ids)
     with torch.no_grad():

@@ -94,21 +94,3 @@ def test_op_dispatches_on_the_twin():
     ref = x @ qw.dequantize().t()
     torch.testing.assert_close(exact, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)
     assert not torch.equal(fast, exact)
-
-
-@pytest.mark.parametrize("dtype,int8", [("float32", False), ("auto", True)])
-def test_runner_uses_int8_twins_only_in_the_bf16_mode(smollm2_path, dtype, int8):
-    """--dtype float32 (the exact mode) never gets the int8 kernel; --dtype auto does where it resolves to bf16.
-    Greedy decoding at batch 1 (every matmul on the quantized kernel) stays close to the exact mode."""
-    from lmserve.config import CacheConfig, EngineConfig, ModelConfig, cpu_bf16_feature
-    from lmserve.engine.llm_engine import LLMEngine
-    from lmserve.sampling_params import SamplingParams
-    if int8 and cpu_bf16_feature() is None:
-        pytest.skip("--dtype auto is float32 on this CPU")
-    engine = LLMEngine(EngineConfig(model=ModelConfig(model=smollm2_path, dtype=dtype), cache=CacheConfig(num_blocks=64)))
-    runner = engine.runner
-    twins = [m.quant for m in runner.model.modules() if getattr(m, "quant", None) is not None]
-    assert twins and all(q.int8_dot == int8 for q in twins)
-    assert runner.model.logits_quant.int8_dot == int8
-    out = engine.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=6))[0]
-    assert "Paris" in out.outputs[0].text

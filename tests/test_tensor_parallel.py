@@ -191,10 +191,10 @@ def test_smollm2_gguf_tp3_matches_tp1(smollm2_path):
     """SmolLM2-135M has 9 query and 3 KV heads: 2 does not divide them, 3 does (3 processes on 2 cores: slow)."""
     prompts = PROMPTS[:4]
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=2, ignore_eos=True)
-    # both with the quantized-weight kernel (each rank on its own Q4 blocks) and without it
-    for rows in (64, 0):
-        ref = _generate(smollm2_path, 1, prompts, params, quant_kernel_max_rows=rows)
-        _assert_same(ref, _generate(smollm2_path, 3, prompts, params, quant_kernel_max_rows=rows))
+    # GGUF blocks where the quantized-matmul kernel exists (each rank on its own blocks; auto), and float weights
+    for weights in ("auto", "float"):
+        ref = _generate(smollm2_path, 1, prompts, params, weights=weights)
+        _assert_same(ref, _generate(smollm2_path, 3, prompts, params, weights=weights))
 
 
 # ---- the HTTP server --------------------------------------------------------------------------------------------
