@@ -24,8 +24,8 @@ from benchmarks.synthetic_gguf import write_synthetic_gguf  # noqa: E402
 # 8 layers so that llama.cpp's Q4_K_M rule gives some layers Q6_K attn_v / ffn_down next to Q4_K q/k
 SMALL = dict(arch="llama", hidden=256, layers=8, ffn=512, heads=4, kv_heads=2, tied=False, bias=False,
              theta=10000.0)
-# ~0.2 GiB as Q4_K_M, 1.5 GiB dequantized: large enough that a float copy could not hide in the allowance
-MEDIUM = dict(arch="llama", hidden=1024, layers=12, ffn=4096, heads=16, kv_heads=4, tied=False, bias=False,
+# ~0.25 GiB as Q4_K_M, 1.5 GiB dequantized: large enough that a float copy could not hide in the allowance
+MEDIUM = dict(arch="llama", hidden=1024, layers=20, ffn=4096, heads=16, kv_heads=4, tied=False, bias=False,
               theta=10000.0)
 
 

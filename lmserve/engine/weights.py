@@ -67,12 +67,14 @@ def _float_bytes(path: str, dtype: torch.dtype) -> int:
     return sum(int(t.n_elements) for t in gguf_reader(path).tensors) * elem
 
 
-def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, quantized: bool) -> None:
+def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, quantized: bool,
+                       int8: bool = False) -> None:
+    """int8: GGUF layers multiply with int8-quantized activations (--quant-activations)."""
     if not quantized:
         model.load_weights(load_state_dict(path, dtype, arch.tp_rank, arch.tp_size))
         return
     reader = gguf_reader(path)
-    kept = attach_gguf(model, gguf_weights(reader, arch), dtype)
+    kept = attach_gguf(model, gguf_weights(reader, arch), dtype, int8)
     device = next(p.device for p in model.parameters() if not p.is_meta)
     _materialize_rest(model, dtype, device)
     model.load_weights(gguf_state_dict(reader, arch, dtype, skip=kept))
@@ -88,7 +90,7 @@ def _target(model: nn.Module, name: str) -> tuple[str, int]:
     return ".".join(parts[:-1]), 0
 
 
-def attach_gguf(model: nn.Module, quant: dict, dtype: torch.dtype) -> set[str]:
+def attach_gguf(model: nn.Module, quant: dict, dtype: torch.dtype, int8: bool = False) -> set[str]:
     """Give each linear / embedding module whose whole weight the file holds in blocks a GGUFLinear over them.
     -> the HF names now served from the file (the rest load as float)."""
     modules = dict(model.named_modules())
@@ -110,7 +112,7 @@ def attach_gguf(model: nn.Module, quant: dict, dtype: torch.dtype) -> set[str]:
             rows += w.shape[0]
         if not ok or rows != n:
             continue
-        module.linear_method = GGUFLinear([w for _, _, w in parts], dtype)
+        module.linear_method = GGUFLinear([w for _, _, w in parts], dtype, int8)
         kept.update(name for _, name, _ in parts)
     return kept
 

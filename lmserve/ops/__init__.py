@@ -77,11 +77,3 @@ def decode_attention(q, k_cache, v_cache, decode, block_size, scale, sliding_win
 
 def prefill_attention(q, k_cache, v_cache, group, scale):
     return current().prefill_attention(q, k_cache, v_cache, group, scale)
-
-
-def gguf_matmul(x, w, bias=None):
-    return current().gguf_matmul(x, w, bias)
-
-
-def gguf_dequantize(w, rows=None):
-    return current().gguf_dequantize(w, rows)

@@ -63,9 +63,10 @@ class GGUFLinear(LinearMethod):
     gate/up, possibly of different types as in Q4_K_M files) run back to back, so nothing is concatenated."""
     kind = "gguf"
 
-    def __init__(self, parts: list, dtype: torch.dtype = torch.float32):
+    def __init__(self, parts: list, dtype: torch.dtype = torch.float32, int8: bool = False):
         self.parts = parts         # [GGUFWeight], rows in output order
         self.dtype = dtype         # of embedding rows
+        self.int8 = int8           # activations quantized to int8 (--quant-activations; not exact)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,9 +74,9 @@ class GGUFLinear(LinearMethod):
 
     def __call__(self, x, bias=None):
         if len(self.parts) == 1:
-            out = ops.gguf_matmul(x, self.parts[0])
+            out = ops.gguf_matmul(x, self.parts[0], None, self.int8)
         else:
-            out = torch.cat([ops.gguf_matmul(x, p) for p in self.parts], dim=-1)
+            out = torch.cat([ops.gguf_matmul(x, p, None, self.int8) for p in self.parts], dim=-1)
         return out if bias is None else out.add_(bias)
 
     def embed(self, ids):
