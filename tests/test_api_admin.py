@@ -26,6 +26,7 @@ def server(tmp_path_factory, smollm2_path):
                               "--session-len", "1024", "--api-keys", KEY, "other-key",
                               "--max-concurrent-requests", "1", "--max-queued-requests", "1",
                               "--allow-terminate-by-client", "--model-name", "smol",
+                              "--weights", "float",   # /update_weights writes float weights
                               "--allow-origins", "http://example.com")
     yield server
     server.stop()
