@@ -170,3 +170,12 @@ def test_parse_bytes_and_weights_flag():
     assert build_engine_config(p.parse_args([])).model.weights == "auto"
     with pytest.raises(ValueError, match="weights must be"):
         ModelConfig(weights="int4")
+
+
+def test_a_model_that_cannot_fit_is_refused_with_the_numbers(q4_k_m_path, monkeypatch):
+    from types import SimpleNamespace
+    from lmserve.engine import weights
+    monkeypatch.setattr(weights.psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 20))
+    for mode, how in (("quantized", "memory-mapped"), ("float", "--weights float")):
+        with pytest.raises(MemoryError, match=rf"weights need \d+\.\d\d GiB \(.*{how}.*\) and 0\.00 GiB"):
+            _engine(q4_k_m_path, weights=mode)
