@@ -1,4 +1,4 @@
-"""Where one batch-1 decode step's time goes: per op (quant_matmul per weight shape, attention, norms, RoPE),
+"""Where one batch-1 decode step's time goes: per op (gguf_matmul per weight shape, attention, norms, RoPE),
 logits, sampling, and the Python around them, by wrapping the runner's op table and phases with timers.
 
     python benchmarks/decode_profile.py [--dtype auto|float32] [--threads 1,2] [--int8-dot on,off] [--steps 100]
@@ -43,10 +43,10 @@ def instrument(engine: LLMEngine) -> None:
     runner = engine.runner
     table = runner.ops
     for name, fn in list(table.impls.items()):
-        if name == "quant_matmul":
-            def key(x, qw, *a, **k):
-                n, kk = qw.shape
-                return f"quant_matmul {'head ' if n > 20000 else ''}{n}x{kk} ({qw.fmt}{', int8' if qw.int8_dot else ''})"
+        if name == "gguf_matmul":
+            def key(x, w, bias=None, int8=False, *a, **k):
+                n, kk = w.shape
+                return f"gguf_matmul {'head ' if n > 20000 else ''}{n}x{kk} ({w.qtype}{', int8' if int8 else ''})"
             table.__dict__[name] = timed(key, fn)
         else:
             table.__dict__[name] = timed(lambda *a, _n=name, **k: _n, fn)

@@ -1,9 +1,10 @@
-"""Pure-decode step time of the engine at several batch sizes, float32 (MKL) vs the quantized-weight kernel.
+"""Pure-decode step time of the engine at several batch sizes: GGUF blocks (the kernels of ops/linear.py) vs float
+weights (MKL / packed oneDNN GEMMs).
 
-    python benchmarks/decode_steps.py [--batches 1,4,8,16,64] [--rows 0,64] [--matmul-dtype bfloat16 --int8-dot on,off]
+    python benchmarks/decode_steps.py [--batches 1,4,8,16,64] [--weights quantized,float] [--int8-dot on,off]
 
-For each --quant-kernel-max-rows value in --rows (0 = float32 MKL for every matmul) and each batch size B:
-B requests with 128-token prompts are prefilled, then 10 decode steps are timed.
+For each --weights value, each --int8-dot value (int8 or float activations on quantized weights) and each batch
+size B: B requests with 128-token prompts are prefilled, then 10 decode steps are timed.
 """
 from __future__ import annotations
 
@@ -27,17 +28,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--batches", default="1,4,8,16,64")
-    ap.add_argument("--rows", default="0,64", help="quant_kernel_max_rows values to compare")
+    ap.add_argument("--weights", default="quantized,float", help="--weights values to compare")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--int8-dot", default="on", help="on,off: int8-activation VNNI quantized kernel (bf16 only); "
+    ap.add_argument("--int8-dot", default="on", help="on,off: int8 activations on quantized weights (--quant-activations); "
                     "several values run interleaved per batch size")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's choice)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the whole comparison (interleaved)")
     args = ap.parse_args()
-    configs = [(int(r), i8) for _ in range(args.repeat) for r in args.rows.split(",") for i8 in args.int8_dot.split(",")]
-    for rows, int8 in configs:
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, quant_kernel_max_rows=rows,
+    configs = [(w, i8) for _ in range(args.repeat) for w in args.weights.split(",") for i8 in args.int8_dot.split(",")]
+    for weights, int8 in configs:
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, weights=weights,
                                                           quant_activations="int8" if int8 == "on" else "float",
                                                           matmul_dtype=args.matmul_dtype),
                                         cache=CacheConfig(num_blocks=4096)))
@@ -45,7 +46,7 @@ def main():
             torch.set_num_threads(args.threads)
         for batch in (int(b) for b in args.batches.split(",")):
             for i, p in enumerate(make_prompts(engine.tokenizer, batch, 128)):
-                engine.add_request(f"{rows}-{batch}-{i}", p,
+                engine.add_request(f"{weights}-{int8}-{batch}-{i}", p,
                                    SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True))
             while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
                 engine.step()
@@ -55,7 +56,7 @@ def main():
             for _ in range(args.steps):
                 engine.step()
             dt = (time.perf_counter() - t0) / args.steps
-            print(f"threads={torch.get_num_threads()} matmul_dtype={args.matmul_dtype} int8_dot={int8:3s} quant_kernel_max_rows={rows:3d} batch={batch:3d}: step {dt * 1000:7.1f} ms "
+            print(f"threads={torch.get_num_threads()} matmul_dtype={args.matmul_dtype} int8_dot={int8:3s} weights={weights:9s} batch={batch:3d}: step {dt * 1000:7.1f} ms "
                   f"{batch / dt:7.1f} tok/s", flush=True)
             engine.abort_all()
 

@@ -133,7 +133,7 @@ def test_rope_write_kv_matches_reference(cache_dtype):
 
 # ---- the op layer: selection and the references that have no kernel to be checked against ---------------------
 def test_select_picks_kernels_or_references():
-    assert set(CPU_OPS.arms) >= {"rms_norm", "add_rms_norm", "silu_mul", "gelu_mul", "rope_write_kv", "quant_matmul",
+    assert set(CPU_OPS.arms) >= {"rms_norm", "add_rms_norm", "silu_mul", "gelu_mul", "rope_write_kv", "gguf_matmul",
                                  "decode_attention", "prefill_attention"}
     assert CPU_OPS.arms["decode_attention"] == "cpu" and CPU_OPS.arms["gelu_mul"] == "native"
     forced = ops.select("cpu", torch.float32, "torch")
@@ -155,20 +155,7 @@ def test_native_decode_attention_equals_group_reference(window):
     torch.testing.assert_close(out, reference(q, kc, vc, ctx, tables, window), atol=1e-6, rtol=1e-6)
 
 
-def test_quant_matmul_kernel_matches_reference():
-    from lmserve.model.quant import QuantWeight
-    g = torch.Generator().manual_seed(3)
-    for fmt, q in (("q4", torch.randint(0, 256, (40, 4, 16), generator=g, dtype=torch.uint8)),
-                   ("q8", torch.randint(-128, 128, (40, 4, 32), generator=g).to(torch.int8))):
-        qw = QuantWeight(fmt, q, torch.rand(40, 4, generator=g) * 0.1, torch.randn(40, 4, generator=g) * 0.01)
-        x, bias = torch.randn(5, 128, generator=g), torch.randn(40, generator=g)
-        ref = ops.quant_matmul(x, qw, bias)
-        torch.testing.assert_close(ref, x @ qw.dequantize().t() + bias, rtol=1e-5, atol=1e-5)
-        with ops.use(CPU_OPS):
-            torch.testing.assert_close(ops.quant_matmul(x, qw, bias), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_gelu_mul_matches_transformers_activation():
+ddef test_gelu_mul_matches_transformers_activation():
     from transformers.activations import ACT2FN
     g = torch.Generator().manual_seed(4)
     gate_up = torch.randn(7, 2 * 48, generator=g) * 4

@@ -1,5 +1,5 @@
 """Matmuls on quantized weights: `gguf_matmul` / `gguf_dequantize` on GGUF blocks (ops/gguf_blocks.py's
-GGUFWeight, the loader/kernel contract), and the older `quant_matmul` on model/quant.py's QuantWeight.
+GGUFWeight, the loader/kernel contract).
 
 gguf_matmul has two activation precisions, chosen once per model (`int8_activations`) and passed per call:
 - float (exact): each weight is the reference dequantizer's float32 value, accumulated in float32;
@@ -120,24 +120,3 @@ class GGUFDequantizeOp(CustomOp):
         idx = torch.empty(0, dtype=torch.long) if rows is None else rows.reshape(-1).long().contiguous()
         cpu_lib().gguf_dequantize(out, w.data, _QTYPE_ID[w.qtype], idx, rows is not None)
         return out
-
-
-@register
-class QuantMatmulOp(CustomOp):
-    """quant_matmul: x @ W.T with W in lmserve/model/quant.py's QuantWeight format (being replaced by gguf_matmul)."""
-    name = "quant_matmul"
-
-    def forward_native(self, x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # dequantizes on every call: a reference, not a fast path (the runner attaches quantized twins only when
-        # this op has a device arm)
-        return F.linear(x, qweight.dequantize().to(x.dtype), bias)
-
-    def forward_cpu(self, x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        out = torch.empty(x.shape[0], qweight.q.shape[0], dtype=x.dtype, device=x.device)   # [rows, out_features]
-        if qweight.int8_dot:     # bf16 modes on VNNI CPUs (model/quant.py for_int8_dot): activations as int8
-            cpu_lib().quant_matmul_int8(out, x.contiguous(), qweight.q, qweight.d, qweight.m, qweight.fmt == "q4",
-                                        qweight.has_m)
-        else:
-            cpu_lib().quant_matmul(out, x.contiguous(), qweight.q, qweight.d, qweight.m)
-        return out if bias is None else out.add_(bias)
-

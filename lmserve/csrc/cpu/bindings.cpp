@@ -7,9 +7,6 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &paged_decode_attention, nogil);
-  m.def("quant_matmul", &quant_matmul, nogil);
-  m.def("cpu_has_int8_dot", &cpu_has_int8_dot);
-  m.def("quant_matmul_int8", &quant_matmul_int8, nogil);
   m.def("rms_norm", &rms_norm, nogil);
   m.def("add_rms_norm", &add_rms_norm, nogil);
   m.def("rope_write_kv", &rope_write_kv, nogil);

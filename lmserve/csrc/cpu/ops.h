@@ -8,12 +8,6 @@
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
                             double scale, int64_t window);
-// quant_matmul.cpp
-void quant_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor m);
-// quant_dot_vnni.cpp: int8 activations x the same blocks (q8 as uint8 q + 128), AVX512-VNNI; non-exact modes only
-bool cpu_has_int8_dot();
-void quant_matmul_int8(torch::Tensor out, torch::Tensor x, torch::Tensor q, torch::Tensor d, torch::Tensor m,
-                       bool q4, bool has_m);
 // elementwise.cpp
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
