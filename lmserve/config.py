@@ -178,8 +178,11 @@ class SchedulerConfig:
     # the longer step). None = 4 x max_num_batched_tokens; equal to it turns the policy off.
     max_burst_batched_tokens: int | None = None
     burst_max_decodes: int = 4
+    policy: str = "fcfs"               # fcfs | priority: queue order (engine/priority.py)
 
     def __post_init__(self):
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be fcfs or priority, got {self.policy!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs (max_batch_size) must be >= 1")
         if self.max_num_batched_tokens < 1:

@@ -16,6 +16,7 @@ from lmserve.engine.executor import make_executor
 from lmserve.engine.fault import (FaultInjector, FaultStats, RequestFailedError, drop_failed,
                                   execute_isolated)
 from lmserve.engine.guided import GrammarCache
+from lmserve.engine.priority import count_by_priority
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
 from lmserve.engine.spec_decode import SpecDecoder, check_supported
@@ -62,6 +63,9 @@ class EngineStats:
     num_engine_faults_total: int = 0
     num_isolated_requests_total: int = 0
     num_engine_restarts_total: int = 0
+    # priority level -> sequences (engine/priority.py); one level (0) under fcfs unless requests set priority
+    running_by_priority: dict[int, int] = dataclasses.field(default_factory=dict)
+    waiting_by_priority: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class _Request:
@@ -341,6 +345,7 @@ class LLMEngine:
             num_engine_restarts_total=self.fault_stats.num_restarts,
             prefill_throughput=sum(w[1] for w in self._window) / span,
             decode_throughput=sum(w[2] for w in self._window) / span,
+            running_by_priority=count_by_priority(sch.running), waiting_by_priority=count_by_priority(sch.waiting),
             **self._spec_stats())
 
     def _spec_stats(self) -> dict[str, int]:
