@@ -115,7 +115,8 @@ class ModelConfig:
     # integer dot path unless --dtype float32 was given (ops/linear.py int8_activations)
     quant_activations: str = "auto"
     # "generate" (chat/completions; embeddings by mean pooling), "embed" (embeddings only; an encoder checkpoint
-    # runs with its own pooling) or "auto": "embed" for encoder checkpoints (BERT family), else "generate"
+    # runs with its own pooling), "score" (a cross-encoder: /rerank and /score) or "auto": "score" for
+    # *ForSequenceClassification encoders, "embed" for other encoder checkpoints (BERT family), else "generate"
     task: str = "auto"
     # sampling defaults for fields a request leaves out (vLLM's --generation-config): "auto" = from the model
     # (lmserve/generation_config.py), "none" = the API's own defaults, or a generation_config.json path
@@ -134,8 +135,8 @@ class ModelConfig:
             raise ValueError("matmul_dtype must be auto, float32 or bfloat16")
         if self.quant_activations not in ("auto", "int8", "float"):
             raise ValueError("quant_activations must be one of auto, int8, float")
-        if self.task not in ("auto", "generate", "embed"):
-            raise ValueError("task must be one of auto, generate, embed")
+        if self.task not in ("auto", "generate", "embed", "score"):
+            raise ValueError("task must be one of auto, generate, embed, score")
 
     @property
     def torch_device(self) -> "torch.device":

@@ -68,9 +68,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF quantized matmuls at decode size: int8 = activations quantized to int8 (integer dot "
                         "products, llama.cpp's approach; not exact), float = exact; auto = int8 where the CPU has an "
                         "integer dot path (AVX2 or better) unless --dtype float32 is given")
-    p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
-                   help="embed: serve /v1/embeddings and /pooling only (an encoder runs with its own pooling); "
-                        "auto: embed for encoder checkpoints (BERT family), else generate")
+    p.add_argument("--task", default="auto", choices=["auto", "generate", "embed", "score"],
+                   help="embed: serve /v1/embeddings and /pooling (an encoder runs with its own pooling) and "
+                        "/rerank, /score by cosine; score: a cross-encoder serving /rerank and /score; auto: "
+                        "score for *ForSequenceClassification checkpoints, embed for other encoders (BERT "
+                        "family), else generate")
     p.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
                    help="sampling defaults for fields a request leaves out: auto = the model's "
                         "generation_config.json / GGUF metadata / model card; none = the API's own defaults; "

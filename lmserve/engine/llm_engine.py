@@ -112,6 +112,8 @@ class LLMEngine:
             logger.warning("encoder inputs capped at %d tokens by the step's token budget (--max-prefill-token-num)",
                            self.max_model_len)
         self.vocab_size = self.runner.arch.vocab_size
+        if self.task == "score":    # BERT cross-encoders tell a pair's two texts apart after the first [SEP]
+            self.runner.sep_token_id = self.tokenizer.hf.sep_token_id
         # `dimensions` of an embedding request: None = not allowed, () = any size, else these sizes
         self.embedding_dimensions = self.runner.pooling.matryoshka_dimensions if self.runner.is_encoder else None
         self.embedding_size = self.runner.arch.hidden_size
@@ -164,8 +166,8 @@ class LLMEngine:
                     session_id: int | None = None, arrival_time: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        if self.task == "embed":
-            raise ValueError("this engine serves embeddings only (task 'embed'); it does not generate")
+        if self.task != "generate":
+            raise ValueError(f"this engine serves task {self.task!r}; it does not generate")
         ids = self.prepare_prompt(prompt, params)
         seqs = []
         for i in range(params.n):
