@@ -126,8 +126,10 @@ class ServerState:
 
     def check_generative(self) -> None:
         if self.engine.task in ("embed", "score"):
-            raise APIError(400, f"the model '{self.model_name}' is an embedding or scoring model (--task "
-                                f"{self.engine.task}); it does not generate", param="model", code="wrong_model_task")
+            kind = ("an embedding model (--task embed); it serves /v1/embeddings and /pooling" if self.engine.task ==
+                    "embed" else "a cross-encoder (--task score); it serves /rerank and /score")
+            raise APIError(400, f"the model '{self.model_name}' is {kind}, not generation", param="model",
+                           code="wrong_model_task")
 
     def new_session_id(self) -> int:
         return next(self._session_ids)
