@@ -94,7 +94,8 @@ def test_engine_preemption_under_kv_pressure_keeps_outputs_identical(tiny_models
     request's greedy tokens equal its solo run."""
     def engine(num_blocks):
         return LLMEngine(EngineConfig(
-            model=ModelConfig(model=tiny_models["llama"], dtype="float32"),
+            # NOTE: kernels="torch": this is about preemption order; no wait for a C++ kernel build
+            model=ModelConfig(model=tiny_models["llama"], dtype="float32", kernels="torch"),
             cache=CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=False),
             scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, policy="priority")))
 
