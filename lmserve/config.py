@@ -117,7 +117,8 @@ class ModelConfig:
     # integer dot path unless --dtype float32 was given (ops/linear.py int8_activations)
     quant_activations: str = "auto"
     # "generate" (chat/completions; embeddings by mean pooling), "embed" (embeddings only; an encoder checkpoint
-    # runs with its own pooling) or "auto": "embed" for encoder checkpoints (BERT family), else "generate"
+    # runs with its own pooling), "score" (a cross-encoder: /rerank and /score) or "auto": "score" for
+    # *ForSequenceClassification encoders, "embed" for other encoder checkpoints (BERT family), else "generate"
     task: str = "auto"
     # sampling defaults for fields a request leaves out (vLLM's --generation-config): "auto" = from the model
     # (lmserve/generation_config.py), "none" = the API's own defaults, or a generation_config.json path
@@ -138,8 +139,8 @@ class ModelConfig:
             raise ValueError("matmul_dtype must be auto, float32 or bfloat16")
         if self.quant_activations not in ("auto", "int8", "float"):
             raise ValueError("quant_activations must be one of auto, int8, float")
-        if self.task not in ("auto", "generate", "embed"):
-            raise ValueError("task must be one of auto, generate, embed")
+        if self.task not in ("auto", "generate", "embed", "score"):
+            raise ValueError("task must be one of auto, generate, embed, score")
 
     @property
     def torch_device(self) -> "torch.device":
@@ -185,8 +186,11 @@ class SchedulerConfig:
     # the longer step). None = 4 x max_num_batched_tokens; equal to it turns the policy off.
     max_burst_batched_tokens: int | None = None
     burst_max_decodes: int = 4
+    policy: str = "fcfs"               # fcfs | priority: queue order (engine/priority.py)
 
     def __post_init__(self):
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be fcfs or priority, got {self.policy!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs (max_batch_size) must be >= 1")
         if self.max_num_batched_tokens < 1:

@@ -84,6 +84,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     guided: GuidedDecodingParams | None = None   # constrained decoding (engine/guided.py)
+    priority: int = 0                     # --scheduling-policy priority: lower is served first (vLLM's sense)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -147,6 +148,8 @@ class SamplingParams:
                 if not isinstance(bias, numbers.Real) or not -100 <= bias <= 100:
                     # NOTE: also false for NaN; in range here means in range in float32 too
                     bad("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            bad("priority", f"priority must be an integer, got {self.priority!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "seed must be an integer")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:

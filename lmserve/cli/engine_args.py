@@ -54,6 +54,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "requests are decoding (default 4 x --max-prefill-token-num; equal to it turns this off)")
     p.add_argument("--burst-max-decodes", type=int, default=4,
                    help="largest decode batch that still gets the burst budget (see --max-burst-batched-tokens)")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="fcfs: arrival order; priority: requests' `priority` field first (lower first, then "
+                        "arrival), and under KV-cache pressure the lowest-priority running request is preempted")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: processes each holding 1/tp of the weights and KV cache (gloo on "
                         "CPU, NCCL and one GPU per rank on CUDA)")
@@ -87,9 +90,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF quantized matmuls at decode size: int8 = activations quantized to int8 (integer dot "
                         "products, llama.cpp's approach; not exact), float = exact; auto = int8 where the CPU has an "
                         "integer dot path (AVX2 or better) unless --dtype float32 is given")
-    p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
-                   help="embed: serve /v1/embeddings and /pooling only (an encoder runs with its own pooling); "
-                        "auto: embed for encoder checkpoints (BERT family), else generate")
+    p.add_argument("--task", default="auto", choices=["auto", "generate", "embed", "score"],
+                   help="embed: serve /v1/embeddings and /pooling (an encoder runs with its own pooling) and "
+                        "/rerank, /score by cosine; score: a cross-encoder serving /rerank and /score; auto: "
+                        "score for *ForSequenceClassification checkpoints, embed for other encoders (BERT "
+                        "family), else generate")
     p.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
                    help="sampling defaults for fields a request leaves out: auto = the model's "
                         "generation_config.json / GGUF metadata / model card; none = the API's own defaults; "
@@ -139,7 +144,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_batch_size,
                                   max_num_batched_tokens=args.max_prefill_token_num,
                                   max_burst_batched_tokens=args.max_burst_batched_tokens,
-                                  burst_max_decodes=args.burst_max_decodes),
+                                  burst_max_decodes=args.burst_max_decodes, policy=args.scheduling_policy),
         speculative=_speculative_config(args),
         tp=_env_int("WORLD_SIZE", args.tp) if _launched() else args.tp,
         distributed=_distributed_config(args),

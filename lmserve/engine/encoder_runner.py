@@ -15,6 +15,7 @@ from lmserve.config import CacheConfig, ModelConfig
 from lmserve.engine.model_runner import RunnerOutput
 from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.model.bert import EncoderConfig, load_encoder_config, load_encoder_weights
+from lmserve.model.classifier import is_cross_encoder, load_classifier, pair_token_types
 from lmserve.model.pooling import PoolingConfig, load_pooling_config, pool
 from lmserve.model.registry import get_encoder_class
 from lmserve.startup import phase
@@ -43,6 +44,8 @@ class EncoderRunner:
         self.num_blocks = max_num_seqs * -(-self.max_model_len // self.block_size) + 1
         self.kv_caches: list = []
         self.model = None
+        self.head = None       # a cross-encoder's classifier: execute() then gives scores, not vectors
+        self.sep_token_id: int | None = None    # set by the engine for a BERT cross-encoder (segment ids)
         with phase(logger, "loading weights") as done:
             self.reload_model()
             num_params = sum(p.numel() for p in self.model.parameters())
@@ -59,7 +62,11 @@ class EncoderRunner:
 
     def reload_model(self) -> None:
         self.model = self._build_model()
-        self.model.load_weights(load_encoder_weights(self.model_path, self.dtype), strict=True)
+        weights = load_encoder_weights(self.model_path, self.dtype)
+        self.model.load_weights(weights, strict=True)
+        if is_cross_encoder(self.model_path):
+            self.head = load_classifier(weights, self.arch.hidden_size, self.arch.position_offset > 0, self.dtype,
+                                        self.device)
         self._attach_fast()
 
     def _attach_fast(self) -> None:
@@ -89,7 +96,15 @@ class EncoderRunner:
         positions = [p for seq in seqs for p in range(seq.num_tokens)]
         seq_lens = [seq.num_tokens for seq in seqs]
         dev = self.device
-        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), seq_lens)
+        ids = torch.tensor(input_ids, device=dev)
+        types = None
+        if self.head is not None and self.sep_token_id is not None and self.arch.type_vocab_size > 1:
+            types = pair_token_types(ids, seq_lens, self.sep_token_id)
+        hidden = self.model(ids, torch.tensor(positions, device=dev), seq_lens, types)
+        if self.head is not None:      # scores of (query, document) pairs from the CLS rows
+            starts = torch.tensor(seq_lens, device=dev).cumsum(0) - torch.tensor(seq_lens, device=dev)
+            scores = self.head(hidden[starts])                              # [num_seqs, num_labels] float32
+            return RunnerOutput(pooled={seq.seq_id: scores[i] for i, seq in enumerate(seqs)})
         vectors = pool(hidden, seq_lens, self.pooling)                     # [num_seqs, hidden] float32
         return RunnerOutput(pooled={seq.seq_id: vectors[i] for i, seq in enumerate(seqs)})
 

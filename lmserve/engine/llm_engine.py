@@ -16,6 +16,7 @@ from lmserve.engine.executor import make_executor
 from lmserve.engine.fault import (FaultInjector, FaultStats, RequestFailedError, drop_failed,
                                   execute_isolated)
 from lmserve.engine.guided import GrammarCache
+from lmserve.engine.priority import count_by_priority
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
 from lmserve.engine.spec_decode import SpecDecoder, check_supported
@@ -66,6 +67,9 @@ class EngineStats:
     # bytes by kind: weights_gguf (blocks, mapped), weights_gguf_resident, weights_float, weights_packed, kv_cache,
     # process_rss (engine/weights.py memory_stats)
     memory: dict = field(default_factory=dict)
+    # priority level -> sequences (engine/priority.py); one level (0) under fcfs unless requests set priority
+    running_by_priority: dict[int, int] = field(default_factory=dict)
+    waiting_by_priority: dict[int, int] = field(default_factory=dict)
 
 
 class _Request:
@@ -112,6 +116,8 @@ class LLMEngine:
             logger.warning("encoder inputs capped at %d tokens by the step's token budget (--max-prefill-token-num)",
                            self.max_model_len)
         self.vocab_size = self.runner.arch.vocab_size
+        if self.task == "score":    # BERT cross-encoders tell a pair's two texts apart after the first [SEP]
+            self.runner.sep_token_id = self.tokenizer.hf.sep_token_id
         # `dimensions` of an embedding request: None = not allowed, () = any size, else these sizes
         self.embedding_dimensions = self.runner.pooling.matryoshka_dimensions if self.runner.is_encoder else None
         self.embedding_size = self.runner.arch.hidden_size
@@ -164,8 +170,8 @@ class LLMEngine:
                     session_id: int | None = None, arrival_time: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        if self.task == "embed":
-            raise ValueError("this engine serves embeddings only (task 'embed'); it does not generate")
+        if self.task != "generate":
+            raise ValueError(f"this engine serves task {self.task!r}; it does not generate")
         ids = self.prepare_prompt(prompt, params)
         seqs = []
         for i in range(params.n):
@@ -345,7 +351,9 @@ class LLMEngine:
             num_engine_restarts_total=self.fault_stats.num_restarts,
             prefill_throughput=sum(w[1] for w in self._window) / span,
             decode_throughput=sum(w[2] for w in self._window) / span,
-            memory=memory_stats(self.runner), **self._spec_stats())
+            memory=memory_stats(self.runner),
+            running_by_priority=count_by_priority(sch.running), waiting_by_priority=count_by_priority(sch.waiting),
+            **self._spec_stats())
 
     def _spec_stats(self) -> dict[str, int]:
         sp = self.spec

@@ -3,7 +3,9 @@
 There are no prefill and decode phases: each step gives every scheduled sequence
 `min(uncomputed tokens, remaining budget)` tokens, so chunked prefill, prefix-cache hits and
 preemption-by-recompute all go through one code path. Running sequences are served first (oldest first);
-when blocks run out, the newest running sequence is preempted (its blocks freed, recomputed later).
+when blocks run out, the newest running sequence is preempted (its blocks freed, recomputed later). Under
+`--scheduling-policy priority` both queues are in (priority, arrival) order instead (engine/priority.py), so
+"oldest" reads "most urgent" and "newest" reads "least urgent".
 
 The budget is `max_num_batched_tokens`, which bounds how long a step (so a decoder's inter-token gap) gets.
 Prefill priority: while prompts wait and the decode batch is small (<= `burst_max_decodes` sequences), the
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from lmserve.config import SchedulerConfig
 from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.priority import insert_waiting, order_running
 from lmserve.engine.sequence import Sequence, SequenceStatus
 from lmserve.outputs import FinishReason
 
@@ -61,13 +64,14 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        insert_waiting(self.waiting, seq, self.config.policy)
 
     # ---- schedule -----------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.step_budget()
         bm = self.block_manager
+        order_running(self.running, self.config.policy)
         # 1. running sequences, oldest first
         scheduled_running: list[Sequence] = []
         i = 0
@@ -156,7 +160,7 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.num_preemptions_total += 1
-        self.waiting.appendleft(seq)
+        insert_waiting(self.waiting, seq, self.config.policy, front=True)
 
     # ---- update -------------------------------------------------------------------------------------------
     def update_after_step(self, out: SchedulerOutput) -> None:

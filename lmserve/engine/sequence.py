@@ -92,6 +92,10 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
+    def priority(self) -> int:
+        return self.params.priority
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

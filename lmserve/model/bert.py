@@ -120,11 +120,14 @@ class BertModel(nn.Module):
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int],
+                token_types: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [num_tokens] (sequences packed back to back) -> [num_tokens, hidden]."""
-        # NOTE: every token has segment (token type) 0, as sentence-transformers encodes a single text
+        # NOTE: without token_types every token has segment 0, as sentence-transformers encodes a single text;
+        # a cross-encoder's text pairs give theirs (model/classifier.py)
         pos = positions + self.cfg.position_offset if self.cfg.position_offset else positions
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings.weight[0]
+        types = self.token_type_embeddings.weight[0] if token_types is None else self.token_type_embeddings(token_types)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + types
         x = self.embed_norm(x)
         layout = PaddedLayout(seq_lens, x.device)
         for layer in self.layers:
@@ -173,7 +176,7 @@ class BertModel(nn.Module):
         for name, tensor in weights.items():
             bare = name.removeprefix("bert.").removeprefix("roberta.").removeprefix("model.")
             if bare not in names:
-                if bare.startswith(("pooler.", "cls.", "lm_head.", "embeddings.position_ids")):
+                if bare.startswith(("pooler.", "cls.", "classifier.", "lm_head.", "embeddings.position_ids")):
                     continue
                 raise KeyError(f"unexpected weight {name!r}")
             target, start = names[bare]

@@ -32,7 +32,7 @@ _ENCODERS: dict[str, type[nn.Module]] = {
     "xlm-roberta": BertModel,
 }
 
-TASKS = ("auto", "generate", "embed")
+TASKS = ("auto", "generate", "embed", "score")
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:
@@ -60,10 +60,20 @@ def is_encoder(model_path: str) -> bool:
 
 
 def resolve_task(task: str, model_path: str) -> str:
-    """"auto" -> "embed" for an encoder checkpoint, else "generate". An encoder cannot generate."""
+    """"auto" -> "score" for a cross-encoder (*ForSequenceClassification), "embed" for another encoder
+    checkpoint, else "generate". An encoder cannot generate; only a cross-encoder scores pairs by itself."""
+    from lmserve.model.classifier import is_cross_encoder
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}")
     encoder = is_encoder(model_path)
+    cross = encoder and is_cross_encoder(model_path)
+    if task == "score" and not cross:
+        raise ValueError(f"task: {model_path} is not a cross-encoder (BertForSequenceClassification / "
+                         "XLMRobertaForSequenceClassification); embedding models score by cosine under --task embed")
+    if task in ("auto", "score") and cross:
+        return "score"
+    if task == "embed" and cross:
+        raise ValueError(f"task: {model_path} is a cross-encoder; it scores pairs (--task score), it does not embed")
     if task == "generate" and encoder:
         raise ValueError(f"task: {model_path} is an encoder (embedding) model; it cannot generate (use --task embed)")
     return "embed" if task == "embed" or encoder else "generate"

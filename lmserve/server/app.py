@@ -1,7 +1,8 @@
 """build_app(engine, config): the FastAPI app, one router per endpoint group, state on `app.state.server`.
 
 Routers: OpenAI (/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings), LMDeploy (/generate,
-/v1/chat/interactive, /v1/encode, /pooling, /abort_request), MLC (/stats, /verbose_stats, /chat/reset) and
+/v1/chat/interactive, /v1/encode, /pooling, /abort_request), rerank and score (/v1/rerank, /rerank, /v2/rerank,
+/v1/score, /score), MLC (/stats, /verbose_stats, /chat/reset) and
 operations (/health, /metrics, /sleep, /wakeup, /is_sleeping, /update_weights, /terminate); the web page at /.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmserve.config import ServerConfig
-from lmserve.server import serving_admin, serving_embedding
+from lmserve.server import serving_admin, serving_embedding, serving_score
 from lmserve.server.auth import AccessPolicy, ControlGuard
 from lmserve.server.errors import APIError, install_error_handlers
 from lmserve.server.middleware import ServerMiddleware
@@ -26,6 +27,7 @@ from lmserve.server.protocol import (AbortRequest, ChatCompletionRequest, ChatCo
                                      EncodeResponse, ErrorResponse, GenerateRequest, GenerateResponse, ModelCard,
                                      ModelList, ModelPermission, PoolingRequest, PoolingResponse, ResetRequest,
                                      UpdateParamsRequest)
+from lmserve.server.protocol.score import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from lmserve.server.serving_chat import create_chat_completion
 from lmserve.server.serving_completion import create_completion
 from lmserve.server.serving_generate import generate
@@ -182,6 +184,25 @@ def operations_router() -> APIRouter:
     return router
 
 
+def score_router() -> APIRouter:
+    router = APIRouter(tags=["Rerank and score"], responses=_ERRORS)
+
+    async def rerank(req: RerankRequest, raw: Request, state: ServerState = Depends(get_state)):
+        """Documents sorted by relevance to the query (Jina/Cohere shape): a cross-encoder's score, or the cosine
+        of an embedding model's vectors."""
+        return _json(await serving_score.rerank(state, req, raw))
+
+    async def score(req: ScoreRequest, raw: Request, state: ServerState = Depends(get_state)):
+        """Scores of text_1 x text_2 pairs (1:1, 1:N, N:N)."""
+        return _json(await serving_score.score(state, req, raw))
+
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        router.add_api_route(path, rerank, methods=["POST"], response_model=RerankResponse)
+    for path in ("/v1/score", "/score"):
+        router.add_api_route(path, score, methods=["POST"], response_model=ScoreResponse)
+    return router
+
+
 def build_app(engine: AsyncEngine, config: ServerConfig | None = None, *,
               allow_terminate_by_client: bool = False) -> FastAPI:
     config = config or ServerConfig()
@@ -199,7 +220,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, *,
                   description="OpenAI-compatible and LMDeploy-native REST API")
     app.state.server = state
     install_error_handlers(app)
-    for router in (openai_router(), lmdeploy_router(), mlc_router(), operations_router()):
+    for router in (openai_router(), lmdeploy_router(), score_router(), mlc_router(), operations_router()):
         app.include_router(router)
     for router in agent_routers():      # Responses, Anthropic Messages, /tokenize (server/routers_agents.py)
         app.include_router(router)

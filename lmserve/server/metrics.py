@@ -49,6 +49,12 @@ class _EngineCollector:
         yield mem
         yield gauge("num_requests_running", "Sequences in the engine's running batch", s.num_running)
         yield gauge("num_requests_waiting", "Sequences waiting in the engine's queue", s.num_waiting)
+        for name, counts in (("running", s.running_by_priority), ("waiting", s.waiting_by_priority)):
+            g = GaugeMetricFamily(f"lmserve:num_requests_{name}_by_priority",
+                                  f"Sequences {name} per request priority level", labels=["priority"])
+            for level, n in sorted(counts.items()):
+                g.add_metric([str(level)], float(n))
+            yield g
         yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1)", s.kv_cache_usage)
         yield gauge("num_total_blocks", "KV cache blocks", s.num_total_blocks)
         yield gauge("num_free_blocks", "Free KV cache blocks", s.num_free_blocks)

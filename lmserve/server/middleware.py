@@ -24,7 +24,8 @@ from lmserve.web import is_web_path
 logger = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate", "/v1/chat/interactive",
-                              "/v1/embeddings", "/pooling", "/v1/encode", "/v1/responses", "/v1/messages"})
+                              "/v1/embeddings", "/pooling", "/v1/encode", "/v1/responses", "/v1/messages",
+                              "/v1/rerank", "/rerank", "/v2/rerank", "/v1/score", "/score"})
 UNBOUNDED_BODY_PATHS = frozenset({"/update_weights"})    # weights: an admin request, as large as the model
 OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
 RETRY_AFTER_S = 1

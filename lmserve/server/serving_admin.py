@@ -114,6 +114,8 @@ def verbose_stats(state: ServerState) -> dict:
         "num_generation_tokens_total": s.num_generation_tokens_total,
         "num_running": s.num_running,
         "num_waiting": s.num_waiting,
+        "running_by_priority": {str(k): v for k, v in sorted(s.running_by_priority.items())},
+        "waiting_by_priority": {str(k): v for k, v in sorted(s.waiting_by_priority.items())},
         "kv_cache_usage": s.kv_cache_usage,
         "num_total_blocks": s.num_total_blocks,
         "num_free_blocks": s.num_free_blocks,

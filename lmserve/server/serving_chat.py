@@ -170,6 +170,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, logit_bias=parse_logit_bias(req.logit_bias), seed=req.seed,
+        priority=req.priority,
         stop=req.stop, include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         skip_special_tokens=False if tools.active and tools.parser.keeps_special_tokens else req.skip_special_tokens,

@@ -76,6 +76,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
         min_tokens=req.min_new_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, logit_bias=parse_logit_bias(req.logit_bias), seed=req.seed,
+        priority=req.priority,
         stop=req.stop, include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
         logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
         skip_special_tokens=req.skip_special_tokens, spaces_between_special_tokens=req.spaces_between_special_tokens,

@@ -84,6 +84,9 @@ async def _embed(state: ServerState, raw: Request, model: str | None, value: Any
                  dimensions: int | None) -> tuple[list[list[float]], UsageInfo]:
     state.check_model(model)
     state.check_available()
+    if state.engine.task == "score":
+        raise APIError(400, f"the model '{state.model_name}' is a cross-encoder (--task score); it serves /rerank "
+                            "and /score, not embeddings", param="model", code="wrong_model_task")
     _check_dimensions(state, dimensions)
     inputs = await _inputs(state, value)
     vectors = await run_until_disconnect(raw, asyncio.gather(*[state.engine.encode(ids) for ids in inputs]))

@@ -70,6 +70,7 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
             None, max_tokens=state.clip_max_tokens(req.max_tokens, len(prompt_ids)), temperature=req.temperature,
             top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
             ignore_eos=req.ignore_eos, stop=req.stop, stop_token_ids=req.stop_token_ids, seed=req.seed,
+            priority=req.priority,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=0 if req.return_logprob else None,
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens, guided=guided_from_request(req))

@@ -78,6 +78,7 @@ async def chat_interactive(state: ServerState, req: ChatInteractiveRequest, raw:
             max_tokens=state.clip_max_tokens(req.request_output_len, len(prompt_ids)), top_p=req.top_p,
             top_k=req.top_k, temperature=req.temperature, repetition_penalty=req.repetition_penalty,
             ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens, stop=req.stop, seed=req.seed,
+            priority=req.priority,
             min_tokens=req.min_new_tokens, min_p=req.min_p)
         stream = await state.open_generation(raw, request_id, prompt_ids, params,
                                              session_id=session_id if session else None, abort_key=session_id,

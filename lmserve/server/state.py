@@ -125,9 +125,11 @@ class ServerState:
             raise APIError(503, "the engine is unhealthy", code="engine_unhealthy")
 
     def check_generative(self) -> None:
-        if self.engine.task == "embed":
-            raise APIError(400, f"the model '{self.model_name}' is an embedding model (--task embed); it serves "
-                                "/v1/embeddings and /pooling, not generation", param="model", code="wrong_model_task")
+        if self.engine.task in ("embed", "score"):
+            kind = ("an embedding model (--task embed); it serves /v1/embeddings and /pooling" if self.engine.task ==
+                    "embed" else "a cross-encoder (--task score); it serves /rerank and /score")
+            raise APIError(400, f"the model '{self.model_name}' is {kind}, not generation", param="model",
+                           code="wrong_model_task")
 
     def new_session_id(self) -> int:
         return next(self._session_ids)

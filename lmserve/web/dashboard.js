@@ -42,6 +42,21 @@ function tile(id, title, spec) {
   tiles.set(id, { node, spec });
 }
 
+// ' · priority -1: 1 running, 0 waiting · ...' when requests carry more than one priority level, else ''.
+function byPriority(metrics) {
+  const levels = new Map();
+  for (const kind of ['running', 'waiting']) {
+    for (const { labels, value } of metrics.get(`${P}num_requests_${kind}_by_priority`) ?? []) {
+      const level = levels.get(labels.priority) ?? { running: 0, waiting: 0 };
+      level[kind] = value;
+      levels.set(labels.priority, level);
+    }
+  }
+  if (levels.size < 2) return '';
+  return [...levels.entries()].sort((a, b) => Number(a[0]) - Number(b[0]))
+    .map(([p, l]) => ` · priority ${p}: ${fmt.int(l.running)} running, ${fmt.int(l.waiting)} waiting`).join('');
+}
+
 // Each tile: series = [{label, color, value(snapshotIndex) -> number|null}], text(latest values) -> string.
 function serverTiles() {
   const at = (i, name) => scalar(snapshots[i].metrics, P + name);
@@ -61,7 +76,8 @@ function serverTiles() {
   tile('requests', 'Requests', {
     series: [{ label: 'running', color: '--c1', value: (i) => at(i, 'num_requests_running') },
       { label: 'waiting', color: '--c2', value: (i) => at(i, 'num_requests_waiting') }],
-    text: ([r, w]) => `${fmt.int(r)} running · ${fmt.int(w)} waiting`, format: fmt.int,
+    text: ([r, w]) => `${fmt.int(r)} running · ${fmt.int(w)} waiting${byPriority(snapshots.at(-1).metrics)}`,
+    format: fmt.int,
   });
   tile('kv_cache', 'KV-cache usage', {
     series: [{ label: 'blocks in use', color: '--c3', value: (i) => at(i, 'kv_cache_usage_perc') }],

@@ -30,6 +30,7 @@ class GenerateRequest(_Model):
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+    priority: int | None = Field(default=None, description="--scheduling-policy priority: lower is served first")
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
@@ -71,6 +72,7 @@ class ChatInteractiveRequest(_Model):
     cancel: bool | None = Field(default=False, description="abort the session's running request")
     adapter_name: str | None = None
     seed: int | None = None
+    priority: int | None = Field(default=None, description="--scheduling-policy priority: lower is served first")
     min_new_tokens: int | None = None
     min_p: float = 0.0
 

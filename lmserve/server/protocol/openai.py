@@ -63,6 +63,7 @@ class ChatCompletionRequest(GuidedFields):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: ResponseFormat | None = None
     seed: int | None = None
+    priority: int | None = Field(default=None, description="--scheduling-policy priority: lower is served first")
     # LMDeploy extensions
     repetition_penalty: float | None = 1.0
     session_id: int | None = Field(default=-1, description="keep this conversation's KV cache on the server")
@@ -201,6 +202,7 @@ class CompletionRequest(GuidedFields):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     seed: int | None = None
+    priority: int | None = Field(default=None, description="--scheduling-policy priority: lower is served first")
     # LMDeploy extensions
     repetition_penalty: float | None = 1.0
     session_id: int | None = -1
