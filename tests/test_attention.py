@@ -155,7 +155,7 @@ def test_native_decode_attention_equals_group_reference(window):
     torch.testing.assert_close(out, reference(q, kc, vc, ctx, tables, window), atol=1e-6, rtol=1e-6)
 
 
-ddef test_gelu_mul_matches_transformers_activation():
+def test_gelu_mul_matches_transformers_activation():
     from transformers.activations import ACT2FN
     g = torch.Generator().manual_seed(4)
     gate_up = torch.randn(7, 2 * 48, generator=g) * 4
