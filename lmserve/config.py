@@ -314,6 +314,10 @@ class ServerConfig:
     max_prompts: int = 256              # prompts in one /v1/completions list, inputs in one embeddings list
     max_tool_calls: int = 16            # calls in one message under tool_choice=required (the grammar's bound)
     responses_store_size: int = 1024    # /v1/responses kept for previous_response_id (LRU, in memory)
+    # prefill-decode disaggregation (engine/disagg.py): this server's role, and how long a prefill server keeps
+    # a finished prompt's KV for its decode server (also a decode server's wait for one KV transfer reply)
+    role: str = "hybrid"
+    migration_timeout: float = 60.0
 
     def __post_init__(self):
         if self.max_concurrent_requests < 1:
@@ -326,5 +330,9 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError("max_logprobs must be in [0, 20]")
+        if self.role not in ("hybrid", "prefill", "decode"):
+            raise ValueError(f"role must be hybrid, prefill or decode, got {self.role!r}")
+        if self.migration_timeout <= 0:
+            raise ValueError("migration_timeout must be > 0")
         if self.body_read_timeout <= 0 or self.keep_alive_timeout <= 0:
             raise ValueError("body_read_timeout and keep_alive_timeout must be > 0")

@@ -62,6 +62,9 @@ def _add_proxy(sub) -> None:
     p = sub.add_parser("launch", help="start N api_servers behind a proxy on this machine")
     add_engine_args(p)
     p.add_argument("--num-servers", type=int, default=2, help="api_server processes to start")
+    p.add_argument("--prefill-servers", type=int, default=0,
+                   help="DistServe: prefill api_servers to start (with --decode-servers; replaces --num-servers)")
+    p.add_argument("--decode-servers", type=int, default=0, help="DistServe: decode api_servers to start")
     p.add_argument("--server-name", default="0.0.0.0", help="host the proxy binds")
     p.add_argument("--server-port", type=int, default=8000, help="the proxy's port")
     p.add_argument("--base-port", type=int, default=23333, help="api_server i listens on base-port + i")
@@ -76,11 +79,20 @@ def _run_proxy(args) -> int:
 
 
 def _run_launch(args) -> int:
+    import dataclasses
+
     from lmserve.proxy.launch import launch
+    config, roles = build_proxy_config(args), None
+    if args.prefill_servers or args.decode_servers:
+        if args.prefill_servers < 1 or args.decode_servers < 1:
+            raise SystemExit("launch: --prefill-servers and --decode-servers must both be >= 1")
+        roles = ["prefill"] * args.prefill_servers + ["decode"] * args.decode_servers
+        args.num_servers = len(roles)
+        config = dataclasses.replace(config, serving_strategy="DistServe")
     if args.num_servers < 1:
         raise SystemExit("launch: --num-servers must be >= 1")
-    return launch(build_proxy_config(args), args.num_servers, engine_argv(args), base_port=args.base_port,
-                  startup_timeout=args.startup_timeout)
+    return launch(config, args.num_servers, engine_argv(args), base_port=args.base_port,
+                  startup_timeout=args.startup_timeout, roles=roles)
 
 
 # ---- lmserve serve api_client (owned by the client package) ---------------------------------------------

@@ -65,6 +65,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--responses-store-size", type=int, default=d.responses_store_size,
                    help="responses kept in memory for previous_response_id (/v1/responses, store=true; LRU)")
     p.add_argument("--allow-terminate-by-client", action="store_true", help="enable GET /terminate")
+    p.add_argument("--role", default=d.role, choices=("hybrid", "prefill", "decode"),
+                   help="prefill-decode disaggregation: the role reported to the proxy (docs/architecture.md)")
+    p.add_argument("--migration-timeout", type=float, default=d.migration_timeout,
+                   help="seconds a prefill server keeps a prompt's KV for its decode server (and a decode "
+                        "server's wait for one transfer reply)")
     p.add_argument("--log-level", default=d.log_level, help="DEBUG|INFO|WARNING|ERROR")
 
 
@@ -92,7 +97,8 @@ def build_server_config(args: argparse.Namespace):
                         max_prompts=args.max_prompts, max_tool_calls=args.max_tool_calls,
                         admin_api_keys=tuple(args.admin_api_keys or ()), proxy_admin_key=args.proxy_admin_key,
                         ssl_keyfile=tls.keyfile, ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs,
-                        responses_store_size=args.responses_store_size)
+                        responses_store_size=args.responses_store_size, role=args.role,
+                        migration_timeout=args.migration_timeout)
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------
@@ -126,6 +132,8 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
     _add_security_args(p)
     p.add_argument("--balance-factor", type=float, default=d.balance_factor,
                    help="prefix_aware: max outstanding requests on a node, as a multiple of the mean")
+    p.add_argument("--serving-strategy", default=d.serving_strategy, choices=("Hybrid", "DistServe"),
+                   help="DistServe: prefill on role-prefill nodes, decode on role-decode nodes, KV migrated")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -144,4 +152,5 @@ def build_proxy_config(args: argparse.Namespace):
                        node_ssl_keyfile=args.node_ssl_keyfile or tls.keyfile, ssl_keyfile=tls.keyfile,
                        ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs, breaker_threshold=args.breaker_threshold,
                        breaker_cooldown=args.breaker_cooldown, retry_backoff=args.retry_backoff,
-                       max_response_routes=args.max_response_routes)
+                       max_response_routes=args.max_response_routes,
+                       serving_strategy=args.serving_strategy)

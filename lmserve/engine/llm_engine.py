@@ -125,6 +125,7 @@ class LLMEngine:
         self.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.sessions: dict[int, list[int]] = {}     # session_id -> pinned block ids
+        self.on_finish = None    # called with a sequence before its blocks are freed (engine/disagg.py pins them)
         self._seq_ids = itertools.count()
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -308,6 +309,8 @@ class LLMEngine:
             self.block_manager.share(full)
             self.end_session(seq.session_id)
             self.sessions[seq.session_id] = full
+        if self.on_finish is not None:
+            self.on_finish(seq)
         self.scheduler.finish(seq)
 
     def _make_output(self, req: _Request) -> RequestOutput:

@@ -23,6 +23,7 @@ from starlette.responses import PlainTextResponse, Response
 from lmserve.proxy.allowlist import NodeHostPolicy
 from lmserve.proxy.agent_routes import ResponseRoutes, agent_router
 from lmserve.proxy.config import ProxyConfig
+from lmserve.proxy.distserve import DistServe, distserve_router
 from lmserve.proxy.forward import Forwarder
 from lmserve.proxy.health import HealthChecker
 from lmserve.proxy.nodes import NodeRegistry, normalize_url
@@ -74,7 +75,8 @@ def nodes_router() -> APIRouter:
             raise APIError(403, f"{url} is outside --allowed-node-hosts", "url", "node_host_not_allowed")
         status = node.status
         entry = state.registry.add(url, models=status.models if status else None,
-                                   speed=status.speed if status else None, api_key=node.api_key)
+                                   speed=status.speed if status else None, api_key=node.api_key,
+                                   role=status.role if status else 1)
         # NOTE: an api_server registers itself while starting, before it listens: if this first check fails the
         # node is added anyway, out of rotation, and probed every 0.25 s until it answers.
         if not await state.health.check(entry):
@@ -134,7 +136,10 @@ def api_router() -> APIRouter:
 
     def route(path: str):
         async def handler(request: Request) -> Response:
-            return await request.app.state.forwarder.forward(path, request)
+            state = request.app.state
+            if state.config.serving_strategy == "DistServe":
+                return await state.distserve.forward(path, request)
+            return await state.forwarder.forward(path, request)
         handler.__name__ = "forward_" + path.strip("/").replace("/", "_")
         return handler
 
@@ -191,6 +196,7 @@ def build_app(config: ProxyConfig | None = None) -> FastAPI:
                                      config.health_check_timeout)
         state.forwarder = Forwarder(state.registry, state.strategy, state.sessions, state.client, config.max_retries,
                                     (config.retry_backoff, config.retry_backoff_max))
+        state.distserve = DistServe(state.registry, state.forwarder, state.client, config.max_retries)
         await state.health.check_all()  # nodes restored from the node file rejoin before the first request
         state.health.start()
         state.started_at = time.time()
@@ -220,6 +226,7 @@ def build_app(config: ProxyConfig | None = None) -> FastAPI:
     app.include_router(agent_router())      # Responses, Anthropic Messages, /tokenize (proxy/agent_routes.py)
     app.state.response_routes = ResponseRoutes(config.max_response_routes)
     app.add_middleware(AnthropicErrors)
+    app.include_router(distserve_router())
     mount_web(app)
     app.add_middleware(ControlGuard, policy=app.state.access)
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STRATEGIES = ("random", "min_expected_latency", "min_observed_latency", "prefix_aware")
+SERVING_STRATEGIES = ("Hybrid", "DistServe")     # LMDeploy's --serving-strategy (proxy/distserve.py)
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,14 @@ class ProxyConfig:
     balance_factor: float = 1.5
     max_sessions: int = 100_000           # session_id -> node pins remembered (LRU)
     max_response_routes: int = 100_000    # /v1/responses id -> node remembered for previous_response_id (LRU)
+    serving_strategy: str = "Hybrid"      # DistServe: prefill and decode on nodes of those roles
     log_level: str = "INFO"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.serving_strategy not in SERVING_STRATEGIES:
+            raise ValueError(f"serving_strategy: choose one of {', '.join(SERVING_STRATEGIES)}")
         if self.health_check_interval <= 0:
             raise ValueError("health_check_interval must be > 0")
         if self.health_check_timeout <= 0:

@@ -33,7 +33,7 @@ def run_proxy(config: ProxyConfig) -> int:
 def proxy_argv(config: ProxyConfig) -> list[str]:
     argv = ["serve", "proxy", "--server-name", config.server_name, "--server-port", str(config.server_port),
             "--strategy", config.strategy, "--health-check-interval", str(config.health_check_interval),
-            "--log-level", config.log_level]
+            "--log-level", config.log_level, "--serving-strategy", config.serving_strategy]
     if config.api_keys:
         argv += ["--api-keys", *config.api_keys]
     if config.node_file:
@@ -85,10 +85,10 @@ def _interrupt(signum, frame):
 
 
 def launch(config: ProxyConfig, num_servers: int, server_argv: list[str], base_port: int = 23333,
-           server_name: str = "127.0.0.1", startup_timeout: float = 600.0) -> int:
+           server_name: str = "127.0.0.1", startup_timeout: float = 600.0, roles: list[str] | None = None) -> int:
     """Start a proxy, then `num_servers` api_servers on base_port, base_port+1, ... registered with it via
     --proxy-url; supervise them until Ctrl-C or until one exits. `server_argv`: the api_server's MODEL and
-    engine options. Exit code: 0 after Ctrl-C, 1 if a process died."""
+    engine options; `roles`: server i's --role (DistServe). Exit code: 0 after Ctrl-C, 1 if a process died."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)   # `docker stop`, `kill`: stop the children as Ctrl-C does
     python = [sys.executable, "-m", "lmserve"]
@@ -104,6 +104,8 @@ def launch(config: ProxyConfig, num_servers: int, server_argv: list[str], base_p
             # NOTE: --allow-terminate-by-client so that the proxy's /nodes/terminate can stop them.
             argv = ["serve", "api_server", *server_argv, "--server-name", server_name,
                     "--server-port", str(base_port + i), "--proxy-url", proxy_url, "--allow-terminate-by-client"]
+            if roles:
+                argv += ["--role", roles[i]]
             if config.api_keys:
                 argv += ["--api-keys", *config.api_keys]
             if config.admin_api_keys:

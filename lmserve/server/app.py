@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmserve.config import ServerConfig
+from lmserve.engine.disagg import DisaggEngine
 from lmserve.server import serving_admin, serving_embedding, serving_score
 from lmserve.server.auth import AccessPolicy, ControlGuard
 from lmserve.server.errors import APIError, install_error_handlers
@@ -30,6 +31,7 @@ from lmserve.server.protocol import (AbortRequest, ChatCompletionRequest, ChatCo
 from lmserve.server.protocol.score import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from lmserve.server.serving_chat import create_chat_completion
 from lmserve.server.serving_completion import create_completion
+from lmserve.server.serving_distserve import distserve_router, with_distserve
 from lmserve.server.serving_generate import generate
 from lmserve.server.serving_interactive import chat_interactive
 from lmserve.server.routers_agents import agent_routers
@@ -66,13 +68,13 @@ def openai_router() -> APIRouter:
                  responses={200: {"content": _SSE, "description": "JSON, or SSE chunks with stream=true"}})
     async def chat_completions_v1(req: ChatCompletionRequest, raw: Request, state: ServerState = Depends(get_state)):
         """OpenAI chat completions; `session_id` keeps the conversation's KV cache on the server."""
-        return await create_chat_completion(state, req, raw)
+        return await with_distserve(state, req, lambda: create_chat_completion(state, req, raw))
 
     @router.post("/v1/completions", response_model=CompletionResponse,
                  responses={200: {"content": _SSE, "description": "JSON, or SSE chunks with stream=true"}})
     async def completions_v1(req: CompletionRequest, raw: Request, state: ServerState = Depends(get_state)):
         """OpenAI (legacy) completions, with echo and prompt-token logprobs."""
-        return await create_completion(state, req, raw)
+        return await with_distserve(state, req, lambda: create_completion(state, req, raw))
 
     @router.post("/v1/embeddings", response_model=EmbeddingsResponse)
     async def create_embeddings(req: EmbeddingsRequest, raw: Request, state: ServerState = Depends(get_state)):
@@ -206,6 +208,7 @@ def score_router() -> APIRouter:
 def build_app(engine: AsyncEngine, config: ServerConfig | None = None, *,
               allow_terminate_by_client: bool = False) -> FastAPI:
     config = config or ServerConfig()
+    engine = DisaggEngine(engine, config.role, config.migration_timeout)
     state = ServerState(engine, config, allow_terminate=allow_terminate_by_client)
 
     @asynccontextmanager
@@ -220,7 +223,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, *,
                   description="OpenAI-compatible and LMDeploy-native REST API")
     app.state.server = state
     install_error_handlers(app)
-    for router in (openai_router(), lmdeploy_router(), score_router(), mlc_router(), operations_router()):
+    for router in (openai_router(), lmdeploy_router(), score_router(), mlc_router(), operations_router(),
+                   distserve_router()):
         app.include_router(router)
     for router in agent_routers():      # Responses, Anthropic Messages, /tokenize (server/routers_agents.py)
         app.include_router(router)

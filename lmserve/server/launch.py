@@ -55,8 +55,9 @@ async def register_with_proxy(config: ServerConfig, model_name: str, server: uvi
     """POST {proxy}/nodes/add once the server accepts connections; retried while the proxy is not up."""
     while not server.started:
         await asyncio.sleep(0.1)
+    role = {"hybrid": 1, "prefill": 2, "decode": 3}[config.role]     # LMDeploy's EngineRole values
     # the proxy authenticates to us with our own first client key, given here (never echoed by the proxy)
-    node = NodeRequest(url=public_url(config), status=NodeStatus(models=[model_name]),
+    node = NodeRequest(url=public_url(config), status=NodeStatus(models=[model_name], role=role),
                        api_key=config.api_keys[0] if config.api_keys else None)
     headers = _proxy_headers(config)
     delay = 1.0

@@ -10,6 +10,7 @@ One job per module; import from this package (`from lmserve.server.protocol impo
   openai      /v1/chat/completions and /v1/completions
   lmdeploy    /generate, /v1/chat/interactive, control endpoints (abort, reset, update_weights), proxy nodes
   embeddings  /v1/embeddings, /pooling, /v1/encode
+  distserve   /distserve/* (prefill-decode disaggregation) and the DistServe fields of chat and completions
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ from lmserve.server.protocol.openai import (ChatCompletionRequest, ChatCompletio
 from lmserve.server.protocol.lmdeploy import (AbortRequest, ChatInteractiveRequest, ChatInteractiveResponse,
                                               GenerateMetaInfo, GenerateRequest, GenerateResponse, NodeRequest,
                                               NodeStatus, ResetRequest, UpdateParamsRequest)
+from lmserve.server.protocol.distserve import (DistServeCacheFreeRequest, DistServeConnectionRequest,
+                                               DistServeConnectionResponse, DistServeConnectionStatus,
+                                               DistServeDropConnectionRequest, DistServeEngineConfig,
+                                               DistServeEngineEndpointInfo, DistServeFields, DistServeInitRequest,
+                                               DistServeInitResponse, DistServeKVTransferEndpointInfo, EngineRole,
+                                               MigrationProtocol, MigrationRequest)
 from lmserve.server.protocol.embeddings import (EmbeddingData, EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse,
                                                 EncodeRequest, EncodeResponse, PoolingData, PoolingRequest,
                                                 PoolingResponse)
@@ -36,7 +43,11 @@ __all__ = ["AbortRequest", "ChatCompletionRequest", "ChatCompletionResponse", "C
            "ChatCompletionResponseStreamChoice", "ChatCompletionStreamResponse", "ChatCompletionTokenLogprob",
            "ChatInteractiveRequest", "ChatInteractiveResponse", "ChatMessage", "ChoiceLogprobs", "CompletionLogprobs",
            "CompletionRequest", "CompletionResponse", "CompletionResponseChoice", "CompletionStreamResponse",
-           "DeltaFunctionCall", "DeltaMessage", "DeltaToolCall", "EmbeddingData", "EmbeddingInput",
+           "DeltaFunctionCall", "DeltaMessage", "DeltaToolCall", "DistServeCacheFreeRequest",
+           "DistServeConnectionRequest", "DistServeConnectionResponse", "DistServeConnectionStatus",
+           "DistServeDropConnectionRequest", "DistServeEngineConfig", "DistServeEngineEndpointInfo", "DistServeFields",
+           "DistServeInitRequest", "DistServeInitResponse", "DistServeKVTransferEndpointInfo", "EngineRole",
+           "MigrationProtocol", "MigrationRequest", "EmbeddingData", "EmbeddingInput",
            "EmbeddingsRequest", "EmbeddingsResponse", "EncodeRequest", "EncodeResponse", "ErrorInfo", "ErrorResponse",
            "FinishReasonStr", "FunctionCall", "FunctionDefinition", "GenerateMetaInfo", "GenerateRequest",
            "GenerateResponse", "GuidedFields", "JsonSchema", "ModelCard", "ModelList", "ModelPermission",

@@ -112,6 +112,7 @@ class NodeStatus(_Model):
     unfinished: int = 0
     latency: list[Any] = Field(default_factory=list)
     speed: int | None = None
+    role: int = 1      # LMDeploy's EngineRole: 1 hybrid, 2 prefill, 3 decode
 
 
 class NodeRequest(_Model):

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from lmserve.server.protocol.common import (FinishReasonStr, ResponseFormat, StreamOptions, UsageInfo,
                                             _Model)
+from lmserve.server.protocol.distserve import DistServeFields
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ class GuidedFields(_Model):
         default=None, description="vLLM: one of json, regex, choice, grammar, json_object")
 
 
-class ChatCompletionRequest(GuidedFields):
+class ChatCompletionRequest(GuidedFields, DistServeFields):
     model: str
     messages: str | list[dict[str, Any]] = Field(examples=[[{"role": "user", "content": "hi"}]])
     temperature: float | None = 0.7
@@ -181,7 +182,7 @@ class ChatCompletionStreamResponse(_Model):
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------------------
-class CompletionRequest(GuidedFields):
+class CompletionRequest(GuidedFields, DistServeFields):
     model: str
     prompt: str | list[Any] = Field(description="a string, a list of strings, token ids or a list of token-id lists")
     suffix: str | None = None

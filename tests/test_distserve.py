@@ -1,0 +1,190 @@
+"""Prefill-decode disaggregation end to end: one prefill and one decode api_server (bundled SmolLM2) on 127.0.0.1
+behind our proxy in DistServe mode; the KV cache migrates over TCP (ZeroMQ) between them.
+
+The hybrid reference is the prefill server itself serving whole requests (same weights, same precision)."""
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import start_api_server
+from test_proxy_fakes import ServerThread
+
+from lmserve.proxy.app import build_app
+from lmserve.proxy.config import ProxyConfig
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+
+ARGS = ("--cache-block-count", "256", "--session-len", "2048", "--max-concurrent-requests", "16",
+        "--migration-timeout", "4")
+SYSTEM = ("You are a patient assistant in a bakery. You answer questions about bread, flour, yeast, ovens and "
+          "the history of baking in short and friendly sentences, and you never make up facts. ") * 2
+QUESTIONS = ["What is sourdough?", "Why does bread rise?", "Name three flours.", "How hot is a bread oven?",
+             "What is a baguette?", "Is rye bread healthy?", "What does kneading do?", "What is a levain?"]
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"lmserve:{name}") and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory, smollm2_path):
+    logs = tmp_path_factory.mktemp("distserve")
+    prefill = start_api_server(logs, "--role", "prefill", *ARGS)
+    try:
+        decode = start_api_server(logs, "--role", "decode", *ARGS)
+    except BaseException:
+        prefill.stop()
+        raise
+    proxy = ServerThread(build_app(ProxyConfig(serving_strategy="DistServe", health_check_interval=1.0))).start()
+    for url, role in ((prefill.url, 2), (decode.url, 3)):
+        r = httpx.post(f"{proxy.url}/nodes/add", json={"url": url, "status": {"role": role}})
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30
+    while sum(n["is_healthy"] for n in httpx.get(f"{proxy.url}/nodes/status").json().values()) < 2:
+        assert time.monotonic() < deadline, "nodes did not become healthy"
+        time.sleep(0.2)
+    yield prefill, decode, proxy
+    proxy.stop()
+    decode.stop()
+    prefill.stop()
+
+
+def _messages(i: int) -> list[dict]:
+    q = QUESTIONS[i % len(QUESTIONS)]
+    if i % 2:   # short prompts (within one block) and long ones sharing a system prompt (prefix-cache hits)
+        return [{"role": "user", "content": q}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+
+
+def _chat(client: openai.OpenAI, i: int, stream: bool) -> str:
+    kwargs = dict(model="x", messages=_messages(i), max_tokens=16, temperature=0)
+    if not stream:
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+    return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                   if c.choices)
+
+
+def test_greedy_identical_to_hybrid(topology):
+    prefill, decode, proxy = topology
+    model = httpx.get(f"{prefill.url}/v1/models").json()["data"][0]["id"]
+    hybrid = openai.OpenAI(base_url=f"{prefill.url}/v1", api_key="x", timeout=120)
+    via_proxy = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", timeout=120)
+    hits_before = metric(prefill.url, "prefix_cache_hits_total")
+    for i in range(16):
+        stream = i >= 8
+        want = _chat(hybrid.with_options(), i, False).replace("", "")
+        got = _chat(via_proxy, i, stream)
+        assert got == want, f"prompt {i} (stream={stream})"
+        assert metric(prefill.url, "kv_cache_usage_perc") == 0.0
+        assert httpx.get(f"{prefill.url}/distserve/stats").json()["num_pinned_sessions"] == 0
+    assert metric(decode.url, "prompt_tokens_total") == 0      # every prompt came as migrated KV
+    assert metric(prefill.url, "prefix_cache_hits_total") > hits_before
+    stats = httpx.get(f"{decode.url}/distserve/stats").json()
+    assert stats["num_migrations"] == 16 and stats["num_migrated_bytes"] > 0
+    # legacy completions go the same way
+    comp = dict(model=model, prompt=SYSTEM + "Q: What is rye?\nA:", max_tokens=8, temperature=0)
+    assert httpx.post(f"{proxy.url}/v1/completions", json=comp, timeout=120).json()["choices"][0]["text"] == \
+        httpx.post(f"{prefill.url}/v1/completions", json=comp, timeout=120).json()["choices"][0]["text"]
+
+
+def test_bad_distserve_input(topology):
+    prefill, decode, _ = topology
+    info = json.loads(httpx.get(f"{decode.url}/distserve/engine_info").json())
+    init = dict(local_engine_id=decode.url, local_engine_config=info, remote_engine_id=prefill.url,
+                remote_engine_config={**info, "block_size": info["block_size"] * 2}, protocol=1)
+    r = httpx.post(f"{decode.url}/distserve/p2p_initialize", json=init)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "remote_engine_config.block_size", r.text
+    r = httpx.post(f"{decode.url}/distserve/p2p_initialize", json={**init, "remote_engine_config": info,
+                                                                   "protocol": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "protocol"
+    layout = json.dumps({"address": "tcp://127.0.0.1:1", "block_size": info["block_size"], "dtype": "bfloat16",
+                         "num_layers": 30, "num_kv_heads": 3, "head_dim": 64})
+    conn = dict(protocol=1, remote_engine_id="http://elsewhere:1", remote_engine_endpoint_info={"zmq_address": "x"},
+                remote_kvtransfer_endpoint_info=[{"protocol": 1, "endpoint_info": layout}])
+    r = httpx.post(f"{decode.url}/distserve/p2p_connect", json=conn)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "remote_kvtransfer_endpoint_info", r.text
+    assert "dtype" in r.json()["error"]["message"]
+    r = httpx.post(f"{decode.url}/distserve/p2p_drop_connect",
+                   json={"engine_id": decode.url, "remote_engine_id": "http://nobody:1"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "remote_engine_id"
+    r = httpx.post(f"{prefill.url}/distserve/free_cache",
+                   json={"remote_engine_id": prefill.url, "remote_session_id": 987654})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "remote_session_id"
+    r = httpx.post(f"{prefill.url}/distserve/free_cache", json={"remote_engine_id": prefill.url})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "remote_session_id"
+    mig = dict(remote_engine_id="http://nobody:1", remote_session_id=1, remote_token_id=1)
+    r = httpx.post(f"{decode.url}/v1/chat/completions",
+                   json=dict(model="x", messages="hi", max_tokens=4, migration_request=mig), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "migration_request.remote_engine_id", r.text
+    # both servers keep serving
+    assert httpx.get(f"{decode.url}/health").status_code == 200
+
+
+def test_unpulled_kv_is_freed_after_timeout(topology):
+    """A decode server that never pulls (it died): the prefill server frees the blocks after --migration-timeout."""
+    prefill, _, _ = topology
+    body = dict(model="x", messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+                max_tokens=1, temperature=0, preserve_cache=True, with_cache=True)
+    r = httpx.post(f"{prefill.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["cache_block_ids"] and len(info["remote_token_ids"]) == 1 and int(info["id"]) > 0
+    assert httpx.get(f"{prefill.url}/distserve/stats").json()["num_pinned_sessions"] == 1
+    assert metric(prefill.url, "kv_cache_usage_perc") > 0
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{prefill.url}/distserve/stats").json()["num_pinned_sessions"]:
+        assert time.monotonic() < deadline, "the kept KV blocks were never freed"
+        time.sleep(0.25)
+    assert metric(prefill.url, "kv_cache_usage_perc") == 0.0
+
+
+def test_decode_killed(topology):
+    """Kill the decode server while requests are in flight: the client gets a clean error (or a whole answer);
+    the prefill server frees every kept block; later requests fall back to hybrid serving."""
+    prefill, decode, proxy = topology
+    import concurrent.futures
+    body = dict(model="x", messages=[{"role": "system", "content": SYSTEM * 3}, {"role": "user", "content": "Go"}],
+                max_tokens=64, temperature=0)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(httpx.post, f"{proxy.url}/v1/chat/completions", json=body, timeout=120)
+                   for _ in range(4)]
+        time.sleep(1.0)
+        decode.proc.kill()
+        decode.proc.wait()
+        for f in futures:
+            try:
+                r = f.result()
+            except httpx.HTTPError:
+                continue
+            assert r.status_code in (200, 502, 503), r.text
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{prefill.url}/distserve/stats").json()["num_pinned_sessions"]:
+        assert time.monotonic() < deadline, "blocks kept for the dead decode server were never freed"
+        time.sleep(0.25)
+    # the proxy's health check takes the decode node out; requests are then served whole by the prefill node
+    deadline = time.monotonic() + 20
+    while True:
+        r = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=120,
+                       json=dict(model="x", messages="hello", max_tokens=4, temperature=0))
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+
+
+def test_prefill_killed_fails_fast(topology):
+    prefill, _, proxy = topology
+    prefill.proc.kill()
+    prefill.proc.wait()
+    t0 = time.monotonic()
+    r = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=60,
+                   json=dict(model="x", messages="hello", max_tokens=4))
+    assert r.status_code in (502, 503), r.text
+    assert time.monotonic() - t0 < 15
