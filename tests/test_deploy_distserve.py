@@ -34,3 +34,22 @@ def test_distserve_topology():
         assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     (svc,) = [d for d in docs if d["kind"] == "Service"]
     assert svc["metadata"]["name"] == "lmserve-proxy"
+
+
+def test_launch_prefill_and_decode_servers(monkeypatch):
+    """`serve launch --prefill-servers N --decode-servers M`: N + M servers with their roles, the proxy in
+    DistServe mode."""
+    import lmserve.proxy.launch as launch_mod
+    seen = {}
+
+    def fake_launch(config, num_servers, server_argv, **kwargs):
+        seen.update(config=config, num_servers=num_servers, roles=kwargs.get("roles"))
+        return 0
+
+    monkeypatch.setattr(launch_mod, "launch", fake_launch)
+    args = build_parser().parse_args(["serve", "launch", "m.gguf", "--prefill-servers", "1", "--decode-servers",
+                                      "2"])
+    assert args.func(args) == 0
+    assert seen["num_servers"] == 3 and seen["roles"] == ["prefill", "decode", "decode"]
+    assert seen["config"].serving_strategy == "DistServe"
+    assert "--serving-strategy" in launch_mod.proxy_argv(seen["config"])
