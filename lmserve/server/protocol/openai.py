@@ -73,7 +73,7 @@ class ChatCompletionRequest(GuidedFields, DistServeFields):
     spaces_between_special_tokens: bool | None = True
     top_k: int | None = 40
     min_new_tokens: int | None = None
-    min_p: float = 0.0
+    min_p: float | None = 0.0   # NOTE: null accepted: LMDeploy's proxy forwards its model_dump (min_p: null)
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     include_stop_str_in_output: bool | None = False
@@ -211,7 +211,7 @@ class CompletionRequest(GuidedFields, DistServeFields):
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
     top_k: int | None = 40
-    min_p: float = 0.0
+    min_p: float | None = 0.0
     min_new_tokens: int | None = None
     include_stop_str_in_output: bool | None = False
     return_token_ids: bool | None = False
