@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 from conftest import start_api_server
-from test_proxy_fakes import ServerThread
+from test_proxy_fakes import ServerThread, free_port
 
 from lmserve.proxy.app import build_app
 from lmserve.proxy.config import ProxyConfig
@@ -138,6 +138,48 @@ def test_bad_distserve_input(topology):
     assert r.status_code == 400 and r.json()["error"]["param"] == "migration_request.remote_engine_id", r.text
     # both servers keep serving
     assert httpx.get(f"{decode.url}/health").status_code == 200
+
+
+def test_lmdeploy_proxy_drives_our_servers(topology, tmp_path):
+    """LMDeploy's own proxy (PyPI `lmdeploy`, `pip install --no-deps` into a separate venv with only the light
+    deps its proxy imports; README, "Prefill-decode disaggregation") in DistServe mode with
+    `--migration_protocol TCP` in front of our two servers. Opt-in: LMDEPLOY_PROXY_PYTHON names that venv's
+    python (nothing is downloaded by the test)."""
+    import os
+    import subprocess
+    python = os.environ.get("LMDEPLOY_PROXY_PYTHON")
+    if not python:
+        pytest.skip("set LMDEPLOY_PROXY_PYTHON to a python with lmdeploy installed (--no-deps)")
+    prefill, decode, _ = topology
+    port = free_port()
+    proc = subprocess.Popen([python, "-m", "lmdeploy.serve.proxy.proxy", "--server_name", "127.0.0.1",
+                             "--server_port", str(port), "--serving_strategy", "DistServe", "--migration_protocol",
+                             "TCP", "--disable_cache_status", "True"],
+                            stdout=open(tmp_path / "lmdeploy_proxy.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/nodes/status")
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and proc.poll() is None, "LMDeploy's proxy did not start"
+                time.sleep(0.3)
+        for node, role in ((prefill.url, 2), (decode.url, 3)):
+            r = httpx.post(f"{url}/nodes/add", json={"url": node, "status": {"models": [MODEL], "role": role}})
+            assert r.status_code == 200, r.text
+        hybrid = openai.OpenAI(base_url=f"{prefill.url}/v1", api_key="x", timeout=120)
+        theirs = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=120)
+        before = httpx.get(f"{decode.url}/distserve/stats").json()["num_migrations"]
+        for i in (0, 2, 5):
+            want = _chat(hybrid, i, False)
+            assert _chat(theirs, i, False) == want and _chat(theirs, i, True) == want
+        assert httpx.get(f"{decode.url}/distserve/stats").json()["num_migrations"] == before + 6
+        _wait_freed(prefill.url)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_unpulled_kv_is_freed_after_timeout(topology):
