@@ -24,7 +24,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from lmserve.engine.kv_transfer import BlockServer, MigrationError, hello, kv_layout, layout_mismatch, pull_blocks
+from lmserve.engine.kv_transfer import (BlockServer, MigrationError, hello, kv_layout, layout_mismatch, pull_blocks,
+                                        write_blocks)
 from lmserve.engine.sequence import SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,6 @@ class DisaggEngine:
             if not eng.block_manager.allocate(seq, len(prompt_ids)):
                 eng.requests.pop(request_id, None)
                 raise MigrationError("no free KV blocks for the migrated prompt", status=503, param=None)
-            from lmserve.engine.kv_transfer import write_blocks
             write_blocks(self.runner, seq.block_table, blocks)
             now = time.monotonic()
             seq.num_computed_tokens = len(prompt_ids)

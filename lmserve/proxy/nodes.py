@@ -43,7 +43,7 @@ class Node:
     url: str
     models: list[str] = field(default_factory=list)
     speed: float | None = None          # relative throughput (LMDeploy: RPM or any metric shared by all nodes)
-    role: int = 1                       # LMDeploy EngineRole; 1 = hybrid (the only one we serve)
+    role: int = 1                       # LMDeploy EngineRole: 1 hybrid, 2 prefill, 3 decode (proxy/distserve.py)
     is_healthy: bool = False
     num_unfinished: int = 0             # requests this proxy has in flight on the node
     num_served: int = 0
