@@ -154,7 +154,7 @@ def test_errors_raise_api_error(client):
 def test_leaving_a_stream_early_aborts_it(client, model, api_server_url):
     def num_running() -> float:
         metrics = httpx.get(f"{api_server_url}/metrics").text
-        (line,) = [line for line in metrics.splitlines() if line.startswith("lmserve:num_requests_running")]
+        (line,) = [line for line in metrics.splitlines() if line.startswith("lmserve:num_requests_running ")]
         return float(line.rsplit(" ", 1)[1])
 
     stream = client.completions_v1(model, "Count:", max_tokens=2000, ignore_eos=True, temperature=0, stream=True)
@@ -221,7 +221,9 @@ def test_api_client_console_reports_an_unreachable_server():
 
 
 def test_local_chat_two_turns_keep_the_history(client, model):
-    args = ["chat", "--temperature", "0", "--max-new-tokens", "16", "--cache-block-count", "256"]
+    # --dtype float32: the exact mode, as the server fixture runs (auto would use int8 activations on quantized
+    # weights, and greedy text could differ from the server's)
+    args = ["chat", "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "16", "--cache-block-count", "256"]
     out = _run_console(args, f"{TURN_1}\n{TURN_2}\nreset\n{TURN_2}\nexit\n")
     assert out.returncode == 0, out.stderr
     replies = _transcript_replies(out.stdout)

@@ -172,7 +172,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         if self.task != "generate":
-            raise ValueError(f"this engine serves task {self.task!r}; it does not generate")
+            what = "embeddings only" if self.task == "embed" else "scores only"
+            raise ValueError(f"this engine serves {what} (task {self.task!r}); it does not generate")
         ids = self.prepare_prompt(prompt, params)
         seqs = []
         for i in range(params.n):
