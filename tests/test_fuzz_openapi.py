@@ -56,5 +56,7 @@ def test_schemathesis_finds_no_5xx_and_leaves_the_server_healthy(server, tmp_pat
     while _gauge(server.url, "num_requests_running") or _gauge(server.url, "num_requests_waiting"):
         assert time.monotonic() < deadline, "requests still running after the fuzz pass"
         time.sleep(0.5)
-    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    model = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2},
+                   timeout=60)
     assert r.status_code == 200, r.text
