@@ -15,16 +15,13 @@ import httpx
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from lmserve.proxy.forward import node_request_headers
 from lmserve.proxy.nodes import Node
 from lmserve.server.errors import APIError
 
 RESPONSE_ID_HEADER = "x-lmserve-response-id"
 STATELESS_PATHS = ("/v1/messages", "/v1/messages/count_tokens", "/tokenize", "/detokenize", "/v1/tokenize",
                    "/v1/detokenize")
-# NOTE: a client's credentials stay at the proxy, as in forward.py; each node gets its own key (Node.headers)
-_DROP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding",
-                           "accept-encoding", "upgrade", "te", "proxy-authorization", "authorization", "x-api-key",
-                           "cookie"})
 
 
 class ResponseRoutes:
@@ -65,12 +62,6 @@ def _owner(request: Request, response_id: str, param: str) -> Node:
     return node
 
 
-def _headers(request: Request) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
-    headers["accept-encoding"] = "identity"
-    return headers
-
-
 def _record(request: Request, response: Response) -> Response:
     response_id = response.headers.get(RESPONSE_ID_HEADER)
     node_url = response.headers.get("x-lmserve-node")
@@ -102,7 +93,7 @@ def agent_router() -> APIRouter:
         if not isinstance(previous, str):
             return _record(request, await request.app.state.forwarder.forward("/v1/responses", request))
         node = _owner(request, previous, "previous_response_id")
-        result = await request.app.state.forwarder._send(node, "/v1/responses", raw, _headers(request))
+        result = await request.app.state.forwarder._send(node, "/v1/responses", raw, node_request_headers(request))
         if not isinstance(result, Response):
             raise APIError(404, f"Response '{previous}' is stored on node {node.url}, which did not answer "
                                 f"({result.message}).", "previous_response_id", "response_node_gone")
@@ -113,7 +104,7 @@ def agent_router() -> APIRouter:
         client: httpx.AsyncClient = request.app.state.client
         try:
             r = await client.request(method, f"{node.url}/v1/responses/{response_id}{suffix}",
-                                     params=request.query_params, headers={**_headers(request), **node.headers})
+                                     params=request.query_params, headers={**node_request_headers(request), **node.headers})
         except httpx.HTTPError as e:
             raise APIError(404, f"Response '{response_id}' is stored on node {node.url}, which did not answer "
                                 f"({type(e).__name__}).", "response_id", "response_node_gone") from None

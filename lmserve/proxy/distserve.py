@@ -23,7 +23,7 @@ import httpx
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from lmserve.proxy.forward import _DROP_REQUEST_HEADERS, Failure, Forwarder
+from lmserve.proxy.forward import Failure, Forwarder, json_body, node_request_headers
 from lmserve.proxy.nodes import Node, NodeRegistry
 from lmserve.server.errors import APIError
 
@@ -117,12 +117,7 @@ class DistServe:
         if path not in DISTSERVE_PATHS:
             return await self.forwarder.forward(path, request)
         raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        body = json_body(raw)
         model = body.get("model")
         prefills, decodes = self._by_role(model, PREFILL), self._by_role(model, DECODE)
         whole = body.get("session_id") not in (None, -1) or (body.get("n") or 1) != 1 or body.get("logprobs")
@@ -131,8 +126,7 @@ class DistServe:
             # node; these, and a topology without both roles, are served whole
             self.num_hybrid_fallbacks += 1
             return await self.forwarder.forward(path, request)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
-        headers["accept-encoding"] = "identity"
+        headers = node_request_headers(request)
         prefill_node, info = await self._prefill(prefills, path, body, headers)
         if isinstance(info, Response):
             return info        # the prefill node refused the request (bad input): its answer goes back

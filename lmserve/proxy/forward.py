@@ -46,6 +46,25 @@ NODE_HEADER = "x-lmserve-node"  # response header naming the node that served th
 _SOFT_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
+def json_body(raw: bytes) -> dict:
+    """A request body as a JSON object, or the 400 the proxy answers for anything else."""
+    try:
+        body = json.loads(raw) if raw else {}
+    except ValueError:
+        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def node_request_headers(request: Request) -> dict[str, str]:
+    """The client's headers as sent on to a node: hop-by-hop and credential headers dropped (the node gets its own
+    key, Node.headers), bytes relayed as the node sends them."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+    headers["accept-encoding"] = "identity"
+    return headers
+
+
 class Failure(NamedTuple):
     message: str
     soft: bool
@@ -116,16 +135,9 @@ class Forwarder:
     # ---- forwarding -----------------------------------------------------------------------------------------
     async def forward(self, path: str, request: Request) -> Response:
         raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-        route = RouteRequest(body)
+        route = RouteRequest(json_body(raw))
         self.candidates(route)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
-        headers["accept-encoding"] = "identity"  # relay bytes as the node sent them
+        headers = node_request_headers(request)
         tried: set[str] = set()
         retried: set[str] = set()     # nodes given a second chance after a soft failure
         last_error, last_response = "", None
