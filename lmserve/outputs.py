@@ -9,6 +9,16 @@ import enum
 from dataclasses import dataclass, field
 
 
+class InvalidRequestError(ValueError):
+    """A request the engine refuses before queueing it (engine/request_checks.py). `param` names the request field
+    (OpenAI's error.param); `code` is a machine-readable reason, or None. The server maps it to a 400."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"       # EOS, a stop token id or a stop string
     LENGTH = "length"   # max_tokens or the session length

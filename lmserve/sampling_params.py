@@ -6,7 +6,11 @@ import numbers
 import struct
 from dataclasses import dataclass, field
 
+from lmserve.outputs import InvalidRequestError
+
 MAX_LOGPROBS = 20
+# NOTE: temperatures below this are greedy (dividing by ~0 overflows); the same threshold as vLLM
+SAMPLING_EPS = 1e-5
 # int64, as vLLM takes it: torch.Generator.manual_seed(seed + i) must fit [-2**63, 2**64) for every choice i
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 _INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "logprobs", "prompt_logprobs")
@@ -25,12 +29,11 @@ def _f32_note(value, held: float) -> str:
     return "" if held == value else f" (as float32, which the engine computes in, it is {held!r})"
 
 
-class SamplingParamsError(ValueError):
+class SamplingParamsError(InvalidRequestError):
     """A bad generation setting. `param` names the field so the API can report it (OpenAI's error.param)."""
 
     def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
 
 
 @dataclass(frozen=True)
@@ -166,4 +169,5 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """The one definition, used by the sampler and the speculative verifier: the argmax, no randomness."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1

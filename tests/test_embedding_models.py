@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lmserve.config import EngineConfig, ModelConfig, SchedulerConfig
-from lmserve.engine.llm_engine import LLMEngine, PromptTooLongError
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.outputs import InvalidRequestError
 from lmserve.model.pooling import load_pooling_config
 from lmserve.model.registry import resolve_task
 from lmserve.sampling_params import SamplingParams
@@ -66,7 +67,7 @@ def test_encoder_refuses_generation_and_too_long_input(tmp_path):
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=path)))
     with pytest.raises(ValueError, match="embeddings only"):
         engine.add_request("g", [2, 5, 3], SamplingParams(max_tokens=2))
-    with pytest.raises(PromptTooLongError):
+    with pytest.raises(InvalidRequestError):
         engine.add_pooling_request("long", [5] * (engine.max_model_len + 1))
     with pytest.raises(ValueError, match="cannot generate"):
         LLMEngine(EngineConfig(model=ModelConfig(model=path, task="generate")))

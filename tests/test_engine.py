@@ -230,8 +230,8 @@ def test_min_tokens_blocks_eos(smol_engine):
 
 
 def test_prompt_too_long_rejected(smol_engine):
-    from lmserve.engine.llm_engine import PromptTooLongError
-    with pytest.raises(PromptTooLongError):
+    from lmserve.outputs import InvalidRequestError
+    with pytest.raises(InvalidRequestError):
         smol_engine.add_request("too-long", [1] * (smol_engine.max_model_len + 1), greedy(4))
 
 

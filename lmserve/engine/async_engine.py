@@ -20,8 +20,8 @@ import torch
 
 from lmserve.config import EngineConfig
 from lmserve.engine.cpu_threads import ThreadGovernor
-from lmserve.engine.fault import RequestFailedError, recover  # noqa: F401 (re-export)
-from lmserve.engine.llm_engine import EngineStats, LLMEngine, PromptTooLongError  # noqa: F401 (re-export)
+from lmserve.engine.fault import RequestFailedError, recover
+from lmserve.engine.llm_engine import EngineStats, LLMEngine
 from lmserve.outputs import EmbeddingOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -121,7 +121,8 @@ class AsyncEngine:
         self._check_alive()
         if self.is_sleeping:
             raise EngineDeadError("the engine is sleeping; POST /wakeup first")
-        prompt_ids = self.engine.prepare_prompt(prompt, params)
+        # NOTE: the one input check (engine/request_checks.py), on the caller's thread; the engine thread trusts it
+        prompt_ids = self.engine.check_request(prompt, params)
         if params.guided is not None:
             # compile off the engine thread and the event loop; a bad grammar raises here, before queueing
             await asyncio.to_thread(self.engine.grammars.compile, params.guided)
@@ -130,7 +131,7 @@ class AsyncEngine:
 
     async def encode(self, prompt_token_ids: list[int]) -> list[float]:
         self._check_alive()
-        prompt_ids = self.engine.prepare_prompt(prompt_token_ids, None)
+        prompt_ids = self.engine.check_request(prompt_token_ids, None)
         request_id = f"embd-{next(self._ids)}"
         async for out in self._submit(request_id, ("pool", request_id, prompt_ids)):
             assert isinstance(out, EmbeddingOutput)
@@ -298,12 +299,12 @@ class AsyncEngine:
         if kind == "add":
             _, request_id, prompt_ids, params, session_id = cmd
             try:
-                self.engine.add_request(request_id, prompt_ids, params, session_id=session_id)
+                self.engine.enqueue_request(request_id, prompt_ids, params, session_id=session_id)
             except Exception as e:  # noqa: BLE001 - reported to the caller
                 self._loop.call_soon_threadsafe(self._dispatch_error, request_id, e)
         elif kind == "pool":
             _, request_id, prompt_ids = cmd
-            self.engine.add_pooling_request(request_id, prompt_ids)
+            self.engine.enqueue_pooling_request(request_id, prompt_ids)
         elif kind == "abort":
             out = self.engine.abort(cmd[1])
             if out is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from lmserve.engine.kv_transfer import (BlockServer, MigrationError, hello, kv_layout, layout_mismatch, pull_blocks,
                                         write_blocks)
+from lmserve.engine.output_processor import append_token
 from lmserve.engine.sequence import SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class DisaggEngine:
             raise MigrationError(f"engine {mig.remote_engine_id!r} is not connected to this one; call "
                                  "/distserve/p2p_initialize and /distserve/p2p_connect first", status=400,
                                  param="migration_request.remote_engine_id")
-        prompt_ids = inner.engine.prepare_prompt(prompt, params)
+        prompt_ids = inner.engine.check_request(prompt, params)
         num_blocks = -(-len(prompt_ids) // self.runner.block_size)
         if mig.remote_block_ids and len(mig.remote_block_ids) != num_blocks:
             raise MigrationError(f"the prompt needs {num_blocks} KV blocks; the prefill engine kept "
@@ -223,7 +224,7 @@ class DisaggEngine:
     def _inject(self, request_id, prompt_ids, params, first_token, blocks) -> None:
         inner, eng = self._inner, self._inner.engine
         try:
-            eng.add_request(request_id, prompt_ids, params)
+            eng.enqueue_request(request_id, prompt_ids, params)
             req = eng.requests[request_id]
             seq = req.seqs[0]
             eng.scheduler.waiting.remove(seq)
@@ -237,7 +238,7 @@ class DisaggEngine:
             seq.status = SequenceStatus.RUNNING
             seq.first_scheduled_time = seq.first_token_time = now   # NOTE: no prompt tokens computed here
             eng.scheduler.running.append(seq)
-            eng._append(seq, first_token, None)
+            append_token(eng.scheduler, seq, first_token, None)
             out = eng._make_output(req)
             if out.finished:
                 del eng.requests[request_id]

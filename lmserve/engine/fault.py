@@ -172,10 +172,10 @@ class FaultInjector:
 
     def _wrap(self, engine) -> None:
         runner = engine.runner
-        add, execute, schedule = engine.add_request, engine.executor.execute, engine.scheduler.schedule
+        add, execute, schedule = engine.enqueue_request, engine.executor.execute, engine.scheduler.schedule
 
-        def add_request(request_id, prompt, params, *args, **kwargs):
-            add(request_id, prompt, params, *args, **kwargs)
+        def enqueue_request(request_id, prompt_token_ids, params, *args, **kwargs):
+            add(request_id, prompt_token_ids, params, *args, **kwargs)
             text = engine.tokenizer.decode(engine.requests[request_id].prompt_token_ids)
             kinds = {k.split("=")[0] for k, (m, _) in self.faults.items() if m in text}
             if kinds:
@@ -195,7 +195,7 @@ class FaultInjector:
                     raise RuntimeError(f"injected engine-loop fault (request {rid})")
             return schedule()
 
-        engine.add_request, engine.executor.execute, engine.scheduler.schedule = add_request, execute_step, \
+        engine.enqueue_request, engine.executor.execute, engine.scheduler.schedule = enqueue_request, execute_step, \
             schedule_step
         runner.sampler = self._raising(runner.sampler, "sampler")
         runner.forward = self._raising(runner.forward, "forward")

@@ -17,6 +17,7 @@ from lmserve.engine.fault import (FaultInjector, FaultStats, RequestFailedError,
                                   execute_isolated)
 from lmserve.engine.guided import GrammarCache
 from lmserve.engine.priority import count_by_priority
+from lmserve.engine.request_checks import RequestLimits, check_request
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sequence import Sequence
 from lmserve.engine.spec_decode import SpecDecoder, check_supported
@@ -31,14 +32,6 @@ from lmserve.startup import phase
 from lmserve.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class PromptTooLongError(ValueError):
-    """The prompt (plus the requested output) does not fit the session length. `param` names the field."""
-
-    def __init__(self, message: str, param: str = "messages"):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass
@@ -102,9 +95,11 @@ class LLMEngine:
         if self.runner.is_encoder:   # prefill priority protects decodes, and encoders have none: keep the plain cap
             sched = dataclasses.replace(sched, max_burst_batched_tokens=sched.max_num_batched_tokens)
         self.scheduler = Scheduler(sched, self.block_manager)
+        self.scheduler.on_finish = self._on_finish
         self.spec = None
         if config.speculative.method is not None and not self.runner.is_encoder:
             self.spec = SpecDecoder(config.speculative, self.block_manager, config.scheduler.max_num_batched_tokens)
+        self.scheduler.spec = self.spec
         # NOTE: a sequence longer than the whole cache could never be scheduled; cap the session length there.
         capacity = self.block_manager.num_usable_blocks * config.cache.block_size
         self.max_model_len = min(self.runner.max_model_len, capacity)
@@ -116,6 +111,7 @@ class LLMEngine:
             logger.warning("encoder inputs capped at %d tokens by the step's token budget (--max-prefill-token-num)",
                            self.max_model_len)
         self.vocab_size = self.runner.arch.vocab_size
+        self.limits = RequestLimits(self.task, self.vocab_size, self.max_model_len)
         if self.task == "score":    # BERT cross-encoders tell a pair's two texts apart after the first [SEP]
             self.runner.sep_token_id = self.tokenizer.hf.sep_token_id
         # `dimensions` of an embedding request: None = not allowed, () = any size, else these sizes
@@ -127,8 +123,6 @@ class LLMEngine:
         self.sessions: dict[int, list[int]] = {}     # session_id -> pinned block ids
         self.on_finish = None    # called with a sequence before its blocks are freed (engine/disagg.py pins them)
         self._seq_ids = itertools.count()
-        self.num_prompt_tokens_total = 0
-        self.num_generation_tokens_total = 0
         self._window: list[tuple[float, int, int]] = []   # (time, prefill tokens, decode tokens) per step
         self.fault_stats = FaultStats()
         if config.fault_injection:      # test-only (engine/fault.py)
@@ -147,34 +141,25 @@ class LLMEngine:
         return cls(config or EngineConfig(**kwargs))
 
     # ---- requests ---------------------------------------------------------------------------------------
-    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams | None) -> list[int]:
-        """Tokenize and validate (pure; safe from any thread). Raises PromptTooLongError / SamplingParamsError."""
+    def check_request(self, prompt: str | list[int], params: SamplingParams | None) -> list[int]:
+        """Tokenize and run every input check once (engine/request_checks.py; pure, safe from any thread).
+        -> prompt token ids. Raises InvalidRequestError (SamplingParamsError is one)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise PromptTooLongError("the prompt is empty", param="prompt")
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise PromptTooLongError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
-        if params is not None:
-            params.validate_vocab(self.vocab_size)
-            need = len(ids) + (params.max_tokens or 1)
-            if need > self.max_model_len:
-                raise PromptTooLongError(
-                    f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
-                    f"{len(ids)} prompt tokens + {params.max_tokens or 1} completion tokens", param="max_tokens"
-                    if len(ids) < self.max_model_len else "messages")
-        elif len(ids) > self.max_model_len:
-            raise PromptTooLongError(f"input of {len(ids)} tokens exceeds the maximum of {self.max_model_len}",
-                                     param="input")
+        check_request(self.limits, ids, params)
         return ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     session_id: int | None = None, arrival_time: float | None = None) -> None:
+        """Check, then queue (the offline path; AsyncEngine checks on the caller's thread and calls enqueue)."""
+        ids = self.check_request(prompt, params)
+        self.enqueue_request(request_id, ids, params, session_id, arrival_time)
+
+    def enqueue_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                        session_id: int | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request whose input check_request accepted."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        if self.task != "generate":
-            what = "embeddings only" if self.task == "embed" else "scores only"
-            raise ValueError(f"this engine serves {what} (task {self.task!r}); it does not generate")
-        ids = self.prepare_prompt(prompt, params)
+        ids = prompt_token_ids
         seqs = []
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, ids, params, index=i, arrival_time=arrival_time,
@@ -194,7 +179,11 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def add_pooling_request(self, request_id: str, prompt_token_ids: list[int]) -> None:
-        ids = self.prepare_prompt(prompt_token_ids, None)
+        self.enqueue_pooling_request(request_id, self.check_request(prompt_token_ids, None))
+
+    def enqueue_pooling_request(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        """Queue a pooling input that check_request(ids, None) accepted."""
+        ids = prompt_token_ids
         seq = Sequence(next(self._seq_ids), request_id, ids, SamplingParams(max_tokens=1))
         seq.pooling = True
         seq.needs_whole_prompt = self.runner.is_encoder
@@ -222,88 +211,30 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput | EmbeddingOutput | RequestFailedError]:
+        """schedule -> execute -> update -> emit."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         if self.spec is not None:
             self.spec.propose(sched)
-        t0 = time.monotonic()
         # NOTE: a step that raises is retried without the requests that make it fail; those come back as errors
-        result, failed = execute_isolated(self, sched)
+        runner_output, failed = execute_isolated(self, sched)
         errors = drop_failed(self, sched, failed)
-        self.scheduler.update_after_step(sched)
-        touched: dict[str, _Request] = {}
-        num_prefill = num_decode = 0
-        for s in sched.scheduled:
-            seq = s.seq
-            if s.num_new_tokens - len(s.spec_token_ids) > 1 or seq.num_output_tokens == 0:
-                num_prefill += s.num_new_tokens
-            else:
-                num_decode += s.num_new_tokens
-            req = self.requests.get(seq.request_id)
-            if req is None:
-                continue
-            if seq.pooling:
-                part = result.pooled[seq.seq_id]
-                seq.pooled_sum = part if seq.pooled_sum is None else seq.pooled_sum + part
-                if seq.num_computed_tokens >= seq.num_prompt_tokens:
-                    self.scheduler.finish(seq, FinishReason.STOP)
-                    touched[req.request_id] = req
-                continue
-            new_prompt_lps = result.prompt_logprobs.get(seq.seq_id)
-            if new_prompt_lps:
-                # NOTE: after a preemption the prompt is recomputed; only append entries not yet recorded
-                have = len(seq.prompt_logprobs)
-                first = s.seq.num_computed_tokens - s.num_new_tokens + 1
-                seq.prompt_logprobs.extend(new_prompt_lps[max(0, have - first):])
-                touched[req.request_id] = req
-            verified = result.verified.get(seq.seq_id)
-            if verified is not None:
-                self.spec.record(seq, len(s.spec_token_ids), verified)
-                lps = verified.logprobs or [None] * len(verified.token_ids)
-                for i, (token, lp) in enumerate(zip(verified.token_ids, lps)):
-                    if i:   # the previous token was an accepted draft: its KV is already in the cache
-                        seq.num_computed_tokens += 1
-                    if self._append(seq, token, lp):
-                        break
-                self.block_manager.cache_full_blocks(seq)
-                touched[req.request_id] = req
-                continue
-            token = result.sampled_token_ids.get(seq.seq_id)
-            if token is None:
-                continue
-            self._append(seq, token, result.logprobs.get(seq.seq_id))
-            touched[req.request_id] = req
-        self._record_throughput(t0, num_prefill, num_decode)
-        outputs: list = errors
-        for req in touched.values():
-            done = all(seq.is_finished for seq in req.seqs)
+        update = self.scheduler.update_from_output(sched, runner_output)
+        self._record_throughput(update.num_prefill_tokens, update.num_decode_tokens)
+        return errors + self._emit(update.seqs)
+
+    def _emit(self, seqs: list[Sequence]) -> list[RequestOutput | EmbeddingOutput]:
+        """One cumulative output per request with news this step; finished requests leave the engine."""
+        outputs = []
+        for rid in dict.fromkeys(seq.request_id for seq in seqs):
+            req = self.requests[rid]
             outputs.append(self._make_embedding(req) if req.seqs[0].pooling else self._make_output(req))
-            if done:
-                del self.requests[req.request_id]
+            if all(seq.is_finished for seq in req.seqs):
+                del self.requests[rid]
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob) -> bool:
-        """Append one generated token; check stop strings and stop tokens. True when seq finished."""
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-            self.num_prompt_tokens_total += seq.num_prompt_tokens
-        self.num_generation_tokens_total += 1
-        seq.append_token(token, logprob)
-        stop_str = seq.detokenizer.update([token])
-        if seq.guided is not None:
-            seq.guided.accept(token, seq.detokenizer.output_text)
-        if stop_str is not None:
-            seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_str
-            self._finish(seq)
-            return True
-        if seq.check_stop_token():
-            seq.detokenizer.finish()
-            self._finish(seq)
-            return True
-        return False
-
-    def _finish(self, seq: Sequence) -> None:
+    def _on_finish(self, seq: Sequence) -> None:
         if seq.session_id is not None and self.block_manager.enable_prefix_caching:
             # keep this turn's full blocks pinned so the session's next turn hits them in the prefix cache
             full = seq.block_table[:seq.num_computed_tokens // self.block_manager.block_size]
@@ -312,7 +243,6 @@ class LLMEngine:
             self.sessions[seq.session_id] = full
         if self.on_finish is not None:
             self.on_finish(seq)
-        self.scheduler.finish(seq)
 
     def _make_output(self, req: _Request) -> RequestOutput:
         seq0 = req.seqs[0]
@@ -333,12 +263,11 @@ class LLMEngine:
         return EmbeddingOutput(req.request_id, req.prompt_token_ids,
                                self.runner.pooled_embedding(seq.pooled_sum, seq.num_prompt_tokens))
 
-    def _record_throughput(self, t0: float, num_prefill: int, num_decode: int) -> None:
+    def _record_throughput(self, num_prefill: int, num_decode: int) -> None:
         now = time.monotonic()
         self._window.append((now, num_prefill, num_decode))
         while self._window and self._window[0][0] < now - 10:
             self._window.pop(0)
-        self._step_time = now - t0
 
     # ---- stats and control ------------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
@@ -348,8 +277,8 @@ class LLMEngine:
             num_running=len(sch.running), num_waiting=len(sch.waiting),
             num_total_blocks=bm.num_usable_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
-            num_prompt_tokens_total=self.num_prompt_tokens_total,
-            num_generation_tokens_total=self.num_generation_tokens_total,
+            num_prompt_tokens_total=sch.num_prompt_tokens_total,
+            num_generation_tokens_total=sch.num_generation_tokens_total,
             num_preemptions_total=sch.num_preemptions_total, num_engine_faults_total=self.fault_stats.num_faults,
             num_isolated_requests_total=self.fault_stats.num_isolated,
             num_engine_restarts_total=self.fault_stats.num_restarts,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from lmserve.config import SchedulerConfig
 from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.output_processor import StepUpdate, process_output
 from lmserve.engine.priority import insert_waiting, order_running
 from lmserve.engine.sequence import Sequence, SequenceStatus
 from lmserve.outputs import FinishReason
@@ -57,6 +58,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
+        self.num_prompt_tokens_total = 0         # prompts that produced a first token
+        self.num_generation_tokens_total = 0
+        self.spec = None        # SpecDecoder, when on: counts each verification (engine/spec_decode.py)
+        self.on_finish = None   # called with a sequence that finished generating, before its blocks are freed
 
     @property
     def num_unfinished(self) -> int:
@@ -163,8 +168,12 @@ class Scheduler:
         insert_waiting(self.waiting, seq, self.config.policy, front=True)
 
     # ---- update -------------------------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, runner_output) -> StepUpdate:
+        """Apply the model's output to the step's sequences: every per-token decision (engine/output_processor.py)."""
+        return process_output(self, out, runner_output)
+
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counts and register newly full blocks. Sampled tokens are appended by the engine."""
+        """Advance computed-token counts and register newly full blocks (the first part of update_from_output)."""
         for s in out.scheduled:
             # NOTE: drafts count once accepted (the engine moves num_computed_tokens over them)
             s.seq.num_computed_tokens += s.num_new_tokens - len(s.spec_token_ids)

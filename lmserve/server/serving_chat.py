@@ -156,8 +156,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
         prompt_text = render_chat(state, messages, {**template_kwargs, **tool_kwargs})
         state.check_text_fits(prompt_text, "messages")
         prompt_ids = state.sessions.continue_chat(session, prompt_text) or \
-            await state.encode(prompt_text, "messages", add_special_tokens=False)
-    state.check_prompt_len(len(prompt_ids), "messages")
+            await state.encode(prompt_text, "messages", add_special_tokens=False, checked=True)
 
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     n = req.n if req.n is not None else 1

@@ -67,8 +67,6 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     score_only = requested == 0 and bool(req.echo)     # prompt scoring: sample one token, return none
-    for i, (_, ids) in enumerate(prompts):
-        state.check_prompt_len(len(ids), "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     longest = max(len(ids) for _, ids in prompts)
     params = make_params(
         {"max_tokens": max_tokens_param, "min_tokens": "min_new_tokens"},

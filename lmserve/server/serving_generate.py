@@ -43,9 +43,6 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
     use_session = req.session_id is not None and req.session_id >= 0
     continuing = use_session and req.sequence_start is False
     if req.input_ids is not None:
-        bad = [t for t in req.input_ids if not 0 <= t < state.engine.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="input_ids")
         new_ids = list(req.input_ids)
     else:
         new_ids = await state.encode(req.prompt, "prompt", add_special_tokens=not continuing)
@@ -65,7 +62,6 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
             if req.stream:
                 return StreamingResponse(iter([sse(body), SSE_DONE]), media_type="text/event-stream")
             return JSONResponse(body.model_dump(exclude_none=True))
-        state.check_prompt_len(len(prompt_ids), prompt_param)
         params = make_params(
             None, max_tokens=state.clip_max_tokens(req.max_tokens, len(prompt_ids)), temperature=req.temperature,
             top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,

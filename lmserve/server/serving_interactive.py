@@ -66,13 +66,12 @@ async def chat_interactive(state: ServerState, req: ChatInteractiveRequest, raw:
         prompt_text = render_chat(state, messages, {}, "prompt")
         state.check_text_fits(prompt_text, "prompt")
         prompt_ids = state.sessions.continue_chat(session, prompt_text) or \
-            await state.encode(prompt_text, "prompt", add_special_tokens=False)
+            await state.encode(prompt_text, "prompt", add_special_tokens=False, checked=True)
         num_input = max(0, len(prompt_ids) - len(history))
         if session is not None and history and len(prompt_ids) + 1 > state.max_model_len:
             state.sessions.release(session)
             return _reply(req, ChatInteractiveResponse(text="", tokens=0, input_tokens=num_input,
                                                        history_tokens=len(history), finish_reason="length"))
-        state.check_prompt_len(len(prompt_ids), "prompt")
         params = make_params(
             {"max_tokens": "request_output_len", "min_tokens": "min_new_tokens"},
             max_tokens=state.clip_max_tokens(req.request_output_len, len(prompt_ids)), top_p=req.top_p,

@@ -21,8 +21,9 @@ from typing import Any
 from fastapi import Request
 
 from lmserve.config import ServerConfig
-from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
-from lmserve.outputs import RequestOutput
+from lmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from lmserve.engine.fault import RequestFailedError
+from lmserve.outputs import InvalidRequestError, RequestOutput
 from lmserve.sampling_params import SamplingParams, SamplingParamsError
 from lmserve.server.errors import APIError
 from lmserve.server.limits import check_text
@@ -124,13 +125,6 @@ class ServerState:
         if not self.engine.is_healthy:
             raise APIError(503, "the engine is unhealthy", code="engine_unhealthy")
 
-    def check_generative(self) -> None:
-        if self.engine.task in ("embed", "score"):
-            kind = ("an embedding model (--task embed); it serves /v1/embeddings and /pooling" if self.engine.task ==
-                    "embed" else "a cross-encoder (--task score); it serves /rerank and /score")
-            raise APIError(400, f"the model '{self.model_name}' is {kind}, not generation", param="model",
-                           code="wrong_model_task")
-
     def new_session_id(self) -> int:
         return next(self._session_ids)
 
@@ -141,11 +135,13 @@ class ServerState:
     def token_str(self, token_id: int) -> str:
         return self._token_str(int(token_id))
 
-    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        """Client text -> token ids. Refused before tokenizing when it cannot be text or cannot fit the session;
-        a long text is tokenized off the event loop (the fast tokenizer releases the GIL), so one big prompt
-        does not stall every other client."""
-        self.check_text_fits(text, param)
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True, *, checked: bool = False
+                     ) -> list[int]:
+        """Client text -> token ids. Refused before tokenizing when it cannot be text or cannot fit the session
+        (unless the caller ran check_text_fits already); a long text is tokenized off the event loop (the fast
+        tokenizer releases the GIL), so one big prompt does not stall every other client."""
+        if not checked:
+            self.check_text_fits(text, param)
         if len(text) < OFFLOAD_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
@@ -157,17 +153,10 @@ class ServerState:
                                 f"length of {self.max_model_len} tokens (--session-len)", param=param,
                            code="context_length_exceeded")
 
-    def check_prompt_len(self, num_prompt_tokens: int, param: str, num_new: int = 1) -> None:
-        if num_prompt_tokens == 0:
-            raise APIError(400, "the prompt is empty", param=param)
-        if num_prompt_tokens + num_new > self.max_model_len:
-            raise APIError(400, f"the prompt has {num_prompt_tokens} tokens, which leaves no room for output in "
-                                f"the session length of {self.max_model_len} tokens (--session-len)",
-                           param=param, code="context_length_exceeded")
-
     def clip_max_tokens(self, max_tokens: int | None, num_prompt_tokens: int) -> int:
-        """Output budget: what was asked, at most what is left of the session length."""
-        room = self.max_model_len - num_prompt_tokens
+        """Output budget: what was asked, at most what is left of the session length.
+        NOTE: at least 1: a prompt with no room left is the engine's check to refuse (engine/request_checks.py)."""
+        room = max(1, self.max_model_len - num_prompt_tokens)
         return room if max_tokens is None else min(max_tokens, room)
 
     # ---- generation ----------------------------------------------------------------------------------------
@@ -180,9 +169,6 @@ class ServerState:
 
         `session_id` pins the request's KV blocks for the session in the engine; `abort_key` (default: the
         session id) is the id POST /abort_request {"session_id": ...} finds it by."""
-        self.check_available()
-        self.check_generative()
-        params.validate_vocab(self.engine.vocab_size)
         stream = self.engine.generate(request_id, prompt_token_ids, params, session_id=session_id)
         self.inflight[request_id] = session_id if session_id is not None else abort_key
         self.register(request, request_id)
@@ -197,10 +183,13 @@ class ServerState:
         except StopAsyncIteration:
             self.inflight.pop(request_id, None)
             raise APIError(500, "the engine ended the request without output")
-        except ValueError as exc:       # PromptTooLongError and friends
+        except InvalidRequestError as exc:      # the engine's input checks (engine/request_checks.py)
             self.inflight.pop(request_id, None)
-            param = "max_tokens" if getattr(exc, "param", None) == "max_tokens" else prompt_param
-            raise APIError(400, str(exc), param=param) from exc
+            param = prompt_param if exc.param in ("prompt", "input") else exc.param
+            raise APIError(400, str(exc), param=param, code=exc.code) from exc
+        except ValueError as exc:       # a duplicate request id
+            self.inflight.pop(request_id, None)
+            raise APIError(400, str(exc), param=prompt_param) from exc
         except EngineDeadError as exc:  # died, or went to sleep between our check and the engine's
             self.inflight.pop(request_id, None)
             raise APIError(503, str(exc), code="engine_unavailable") from exc

@@ -1,0 +1,64 @@
+"""The engine's one input check (engine/request_checks.py) driven with every bad input the API tests send, and
+the proof that a served request runs it exactly once."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lmserve.engine import request_checks
+from lmserve.engine.request_checks import RequestLimits, check_request
+from lmserve.outputs import InvalidRequestError
+from lmserve.sampling_params import SamplingParams, SamplingParamsError
+
+LIMITS = RequestLimits(task="generate", vocab_size=100, max_model_len=32)
+
+
+@pytest.mark.parametrize("limits, ids, params, param, code", [
+    (RequestLimits("embed", 100, 32), [1, 2], SamplingParams(), "model", "wrong_model_task"),
+    (RequestLimits("score", 100, 32), [1, 2], SamplingParams(), "model", "wrong_model_task"),
+    (LIMITS, [], SamplingParams(), "prompt", None),
+    (LIMITS, [1, 100], SamplingParams(), "prompt", None),
+    (LIMITS, [-1], SamplingParams(), "prompt", None),
+    (LIMITS, [1] * 32, SamplingParams(max_tokens=None), "prompt", "context_length_exceeded"),
+    (LIMITS, [1] * 20, SamplingParams(max_tokens=13), "max_tokens", None),
+    (LIMITS, [1], SamplingParams(logit_bias={100: 1.0}), "logit_bias", None),
+    (LIMITS, [1], SamplingParams(stop_token_ids=[100]), "stop_token_ids", None),
+    (LIMITS, [1] * 33, None, "input", None),
+    (LIMITS, [], None, "prompt", None),
+])
+def test_every_bad_input_is_one_error_naming_the_field(limits, ids, params, param, code):
+    with pytest.raises(InvalidRequestError) as info:
+        check_request(limits, ids, params)
+    assert info.value.param == param and info.value.code == code and str(info.value)
+
+
+def test_good_inputs_pass_and_sampling_errors_are_the_same_type():
+    check_request(LIMITS, [1] * 20, SamplingParams(max_tokens=12, logit_bias={99: 1.0}, stop_token_ids=[0]))
+    check_request(LIMITS, [1] * 32, None)
+    assert issubclass(SamplingParamsError, InvalidRequestError)
+
+
+def test_a_served_request_is_checked_once(monkeypatch, tmp_path, tiny_models):
+    """AsyncEngine checks on the caller's thread; the engine thread queues without checking again."""
+    from lmserve.config import CacheConfig, EngineConfig, ModelConfig
+    from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.engine import llm_engine
+
+    calls = []
+    monkeypatch.setattr(llm_engine, "check_request", lambda *a: calls.append(a) or request_checks.check_request(*a))
+    engine = AsyncEngine.from_config(EngineConfig(model=ModelConfig(model=tiny_models["llama"], dtype="float32"),
+                                                  cache=CacheConfig(num_blocks=64)))
+
+    async def run():
+        await engine.start()
+        try:
+            outs = [o async for o in engine.generate("r1", [1, 2, 3], SamplingParams(max_tokens=2))]
+            with pytest.raises(InvalidRequestError):
+                [o async for o in engine.generate("r2", [], SamplingParams(max_tokens=2))]
+            return outs
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(run())
+    assert outs[-1].finished and len(calls) == 2
