@@ -133,7 +133,9 @@ def test_auto_off_under_load():
     engine = _engine(True, disable_by_batch_size=2)
     prompts = [list(range(100, 120)) * 2] * 3
     out = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-    assert engine.get_stats().spec_num_draft_tokens == 0 and engine.spec.num_disabled_steps > 0
+    # NOTE: the repeating prompts would draft (test above) were the batch small
+    stats = engine.get_stats()
+    assert stats.spec_num_draft_tokens == 0 and stats.spec_num_verify_steps == 0
     assert len({tuple(o.outputs[0].token_ids) for o in out}) == 1
 
 

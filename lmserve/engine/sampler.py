@@ -19,8 +19,6 @@ from lmserve.engine.guided import GuidedState, apply_bitmask
 from lmserve.engine.sequence import Sequence
 from lmserve.outputs import TokenLogprob
 
-# NOTE: temperatures below this are treated as greedy (dividing by ~0 overflows); same threshold as vLLM.
-_SAMPLING_EPS = 1e-5
 # top-p looks at this many of the largest logits of each row before it sorts the whole row
 _TOP_P_WIDTHS = (128, 2048)
 
@@ -94,7 +92,7 @@ class SamplingMetadata:
             p = seq.params
             if seq.guided is not None:
                 guided.append((i, seq.guided))
-            if p.temperature >= _SAMPLING_EPS and p.top_k != 1:
+            if not p.is_greedy:
                 if seq.generator is not None:
                     generators[len(random_rows)] = seq.generator
                 random_rows.append(i)
@@ -203,16 +201,7 @@ class Sampler:
             lp_logits = logits if md.logprob_rows is None else logits[md.logprob_rows]
             raw_logprobs = torch.log_softmax(lp_logits, dim=-1)              # [num_lp, vocab]
 
-        if md.guided is not None:
-            apply_bitmask(logits, md.guided)
-        if not md.no_penalties:
-            apply_penalties(logits, md)
-        if md.logit_bias is not None:
-            rows, ids, vals = md.logit_bias
-            logits.index_put_((rows, ids), vals, accumulate=True)
-        if md.min_tokens_mask is not None:
-            logits[md.min_tokens_mask] = float("-inf")
-
+        apply_logits_processors(logits, md)
         if md.all_random:
             sampled = _sample(logits, md)                                      # [num_seqs]
         else:
@@ -233,6 +222,20 @@ class Sampler:
                     del lp.top[k:]
                     logprobs.append(lp)
         return SamplerOutput(sampled.tolist(), logprobs)
+
+
+def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> None:
+    """Grammar mask -> penalties -> logit_bias -> min_tokens, in place: what every row goes through before the
+    greedy argmax or the sampling distribution. The sampler and the speculative verifier both call this."""
+    if md.guided is not None:
+        apply_bitmask(logits, md.guided)
+    if not md.no_penalties:
+        apply_penalties(logits, md)
+    if md.logit_bias is not None:
+        rows, ids, vals = md.logit_bias
+        logits.index_put_((rows, ids), vals, accumulate=True)
+    if md.min_tokens_mask is not None:
+        logits[md.min_tokens_mask] = float("-inf")
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> None:

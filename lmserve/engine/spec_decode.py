@@ -33,13 +33,10 @@ import torch
 
 from lmserve.config import SpeculativeConfig
 from lmserve.engine.block_manager import BlockManager
-from lmserve.engine.sampler import SamplingMetadata, compute_logprobs, processed_probs
+from lmserve.engine.sampler import SamplingMetadata, apply_logits_processors, compute_logprobs, processed_probs
 from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.engine.sequence import Sequence
 from lmserve.outputs import TokenLogprob
-
-_SAMPLING_EPS = 1e-5
-
 
 def ngram_propose(token_ids: list[int], k: int, max_n: int, min_n: int) -> list[int]:
     """The k tokens after the latest earlier occurrence of token_ids' last n tokens (longest n first)."""
@@ -54,11 +51,6 @@ def ngram_propose(token_ids: list[int], k: int, max_n: int, min_n: int) -> list[
                 return token_ids[i + n:i + n + k]
             i -= 1
     return []
-
-
-def is_greedy(seq: Sequence) -> bool:
-    p = seq.params
-    return p.temperature < _SAMPLING_EPS or p.top_k == 1
 
 
 def can_speculate(seq: Sequence) -> bool:
@@ -81,21 +73,18 @@ def verify(logits: torch.Tensor, draft: list[int], seq: Sequence) -> VerifyResul
     k = len(draft)
     p = seq.params
     raw = logits.float()
-    if p.logit_bias:
-        raw_for_sampling = raw.clone()
-        ids = torch.tensor([int(t) for t in p.logit_bias], dtype=torch.long)
-        raw_for_sampling[:, ids] += torch.tensor([float(b) for b in p.logit_bias.values()])
-    else:
-        raw_for_sampling = raw
-    if is_greedy(seq):
-        target = raw_for_sampling.argmax(dim=-1).tolist()                     # [k + 1]
+    # NOTE: the sampler's own logits processing, row for row (can_speculate leaves only logit_bias to apply)
+    md = SamplingMetadata.from_sequences([seq] * (k + 1), raw.shape[-1], raw.device)
+    processed = raw.clone()                                                    # [k + 1, vocab]
+    apply_logits_processors(processed, md)
+    if p.is_greedy:
+        target = processed.argmax(dim=-1).tolist()                            # [k + 1]
         num_acc = 0
         while num_acc < k and draft[num_acc] == target[num_acc]:
             num_acc += 1
         tokens = draft[:num_acc] + [target[num_acc]]
     else:
-        md = SamplingMetadata.from_sequences([seq] * (k + 1), raw.shape[-1], raw.device)
-        probs = processed_probs(raw_for_sampling.clone(), md)                  # [k + 1, vocab]
+        probs = processed_probs(processed, md)                                 # [k + 1, vocab]
         d = torch.tensor(draft, dtype=torch.long)
         accept_p = probs[torch.arange(k), d] if k else probs.new_zeros(0)      # [k]
         u = torch.rand(k, dtype=torch.float64)
@@ -132,7 +121,6 @@ class SpecDecoder:
         self.num_accepted_tokens = 0       # of those, accepted
         self.num_emitted_tokens = 0        # tokens made by verification steps (accepted + 1 each)
         self.num_verify_steps = 0          # sequence-steps that verified a proposal
-        self.num_disabled_steps = 0        # steps that proposed nothing because the batch was large
 
     def propose(self, sched: SchedulerOutput) -> None:
         cfg = self.config
@@ -140,7 +128,6 @@ class SpecDecoder:
         if not decoding:
             return
         if len(decoding) > cfg.disable_by_batch_size:
-            self.num_disabled_steps += 1
             return
         room = self.max_num_batched_tokens - sched.num_batched_tokens
         for s in decoding:
