@@ -30,6 +30,21 @@ MODEL_CARD_DEFAULTS: dict[str, dict[str, float]] = {
     "smollm2": {"temperature": 0.2, "top_p": 0.9},
 }
 
+# The one default rule: a field the request sets wins; else the model's generation defaults (above); else the
+# default of the API family the request came through, as that family's reference server has it. The request
+# models and the offline GenerationConfig read their defaults from here and nowhere else. (SamplingParams itself
+# keeps vLLM's SamplingParams defaults, temperature 1.0, for code that builds one directly.)
+API_DEFAULTS: dict[str, dict[str, float]] = {
+    # LMDeploy api_server's /v1/chat/completions and /v1/completions (its ChatCompletionRequest, CompletionRequest)
+    "openai": {"temperature": 0.7, "top_p": 1.0},
+    # LMDeploy's /generate (GenerateReqInput)
+    "generate": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+    # LMDeploy's /v1/chat/interactive (GenerateRequest) and its console client `lmdeploy serve api_client`
+    "interactive": {"temperature": 0.8, "top_p": 0.8, "top_k": 40},
+    # LMDeploy's offline GenerationConfig (the temperature applies with do_sample=True)
+    "offline": {"temperature": 0.8, "top_p": 1.0, "top_k": 0},
+}
+
 
 def _clean(raw: dict) -> dict:
     out = {}

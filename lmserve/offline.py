@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmserve.engine.llm_engine import LLMEngine
+from lmserve.generation_config import API_DEFAULTS
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -23,10 +24,10 @@ class GenerationConfig:
     n: int = 1
     max_new_tokens: int = 512
     do_sample: bool = False
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float = API_DEFAULTS["offline"]["top_p"]
+    top_k: int = API_DEFAULTS["offline"]["top_k"]
     min_p: float = 0.0
-    temperature: float = 0.8
+    temperature: float = API_DEFAULTS["offline"]["temperature"]
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

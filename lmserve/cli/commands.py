@@ -7,6 +7,7 @@ import argparse
 from lmserve.cli.engine_args import add_engine_args, build_engine_config, engine_argv
 from lmserve.cli.service_args import _add_proxy_args, add_server_args, build_proxy_config, build_server_config
 from lmserve.config import TPConfigError
+from lmserve.generation_config import API_DEFAULTS
 
 
 # ---- lmserve chat -----------------------------------------------------------------------------------------
@@ -102,9 +103,10 @@ def _add_api_client(sub) -> None:
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     p.add_argument("--session-id", type=int, default=None, help="server-side session id (default: random)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per reply")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
+    defaults = API_DEFAULTS["interactive"]     # it speaks /v1/chat/interactive
+    p.add_argument("--temperature", type=float, default=defaults["temperature"])
+    p.add_argument("--top-p", type=float, default=defaults["top_p"])
+    p.add_argument("--top-k", type=int, default=defaults["top_k"])
     p.set_defaults(func=_run_api_client)
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import Field, StrictInt
 
+from lmserve.generation_config import API_DEFAULTS
+
 from lmserve.server.protocol.common import FinishReasonStr, ResponseFormat, _Model
 
 
@@ -23,11 +25,11 @@ class GenerateRequest(_Model):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     stream: bool | None = False
-    temperature: float = 1.0
+    temperature: float = API_DEFAULTS["generate"]["temperature"]
     repetition_penalty: float | None = 1.0
     ignore_eos: bool | None = False
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float = API_DEFAULTS["generate"]["top_p"]
+    top_k: int = API_DEFAULTS["generate"]["top_k"]
     min_p: float = 0.0
     seed: int | None = None
     priority: int | None = Field(default=None, description="--scheduling-policy priority: lower is served first")
@@ -63,9 +65,9 @@ class ChatInteractiveRequest(_Model):
     stream: bool = False
     stop: str | list[str] | None = None
     request_output_len: int | None = None
-    top_p: float = 0.8
-    top_k: int = 40
-    temperature: float = 0.8
+    top_p: float = API_DEFAULTS["interactive"]["top_p"]
+    top_k: int = API_DEFAULTS["interactive"]["top_k"]
+    temperature: float = API_DEFAULTS["interactive"]["temperature"]
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     skip_special_tokens: bool | None = True

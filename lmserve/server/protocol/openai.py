@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from lmserve.generation_config import API_DEFAULTS
+
 from lmserve.server.protocol.common import (FinishReasonStr, ResponseFormat, StreamOptions, UsageInfo,
                                             _Model)
 from lmserve.server.protocol.distserve import DistServeFields
@@ -45,8 +47,8 @@ class GuidedFields(_Model):
 class ChatCompletionRequest(GuidedFields, DistServeFields):
     model: str
     messages: str | list[dict[str, Any]] = Field(examples=[[{"role": "user", "content": "hi"}]])
-    temperature: float | None = 0.7
-    top_p: float | None = 1.0
+    temperature: float | None = API_DEFAULTS["openai"]["temperature"]
+    top_p: float | None = API_DEFAULTS["openai"]["top_p"]
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | Literal["auto", "required", "none"] | None = "auto"
     logprobs: bool | None = False
@@ -189,8 +191,8 @@ class CompletionRequest(GuidedFields, DistServeFields):
     max_completion_tokens: int | None = None
     max_tokens: int | None = Field(default=16, description="deprecated: use max_completion_tokens; 0 with echo "
                                    "scores the prompt only")
-    temperature: float | None = 0.7
-    top_p: float | None = 1.0
+    temperature: float | None = API_DEFAULTS["openai"]["temperature"]
+    top_p: float | None = API_DEFAULTS["openai"]["top_p"]
     n: int | None = 1
     logprobs: int | None = None
     echo: bool | None = False
