@@ -72,7 +72,7 @@ def gguf_eos_ids(path: str) -> list[int]:
 def export_hf_dir(gguf_path: str, out_dir: str) -> str:
     """An HF directory (safetensors + config + tokenizer) of the same weights, made once by lmserve's exporter."""
     if not os.path.exists(os.path.join(out_dir, "config.json")):
-        from lmserve.model.gguf_export import export_hf
+        from lmserve.hf_export import export_hf
 
         export_hf(gguf_path, out_dir)
     return out_dir

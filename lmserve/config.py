@@ -90,8 +90,6 @@ class ModelConfig:
     device: str = "auto"
     chat_template: str | None = None   # a Jinja template string or a path to a file holding one
     max_model_len: int | None = None   # LMDeploy's session_len; None = the model's context length
-    trust_remote_code: bool = False
-    seed: int = 0
     # decode attention: "auto" = the C++ kernel on CPU/float32 when it builds, else PyTorch; "torch" = always
     # the pure-PyTorch reference; "cpp" = require the kernel
     attention_backend: str = "auto"

@@ -1,4 +1,5 @@
-"""Layout checks for lmserve/: no import cycle between its modules, no source file over the size limit.
+"""Layout checks for lmserve/: no import cycle between its modules, no upward import between its folders (LAYERS),
+no source file over the size limit.
 
 Run as `python -m tests.check_layout` from the repository root (exit status 1 and a report on failure), or through
 tests/test_layout.py. Imports are read statically (ast), including those inside functions: a lazy import that
@@ -96,6 +97,33 @@ def import_cycles(root: str = ROOT) -> list[list[str]]:
     return cycles
 
 
+# Layers, lowest first: a module may import its own layer or a lower one, never a higher one (a lazy import
+# inside a function counts too). Top-level modules not named here (config, outputs, sampling_params, ...) are plain
+# data every layer may use.
+LAYERS = {"ops": 0, "model": 1, "engine": 2, "tokenizer": 2, "server": 3, "proxy": 3, "client": 3, "bench": 3,
+          "cli": 4}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 1 else None
+
+
+def upward_imports(root: str = ROOT) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where a lower layer imports a higher one."""
+    mods = _modules(root)
+    out = []
+    for m, p in sorted(mods.items()):
+        low = _layer(m)
+        if low is None:
+            continue
+        for n in sorted(_imports(p, m, mods)):
+            high = _layer(n)
+            if high is not None and high > low:
+                out.append((m, n))
+    return out
+
+
 def oversized_files(root: str = ROOT, limit: int = MAX_LINES) -> list[tuple[str, int]]:
     out = []
     for dirpath, _, files in os.walk(os.path.join(root, "lmserve")):
@@ -111,12 +139,14 @@ def oversized_files(root: str = ROOT, limit: int = MAX_LINES) -> list[tuple[str,
 
 
 def main() -> int:
-    cycles, big = import_cycles(), oversized_files()
+    cycles, big, upward = import_cycles(), oversized_files(), upward_imports()
     for c in cycles:
         print("import cycle: " + " -> ".join(c))
+    for a, b in upward:
+        print(f"upward import: {a} -> {b}")
     for path, n in big:
         print(f"over {MAX_LINES} lines: {path} ({n})")
-    return 1 if cycles or big else 0
+    return 1 if cycles or big or upward else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The package's shape: no import cycle, no oversized source file (tests/check_layout.py), and the checker itself
-catches both on a small made-up package."""
+"""The package's shape: no import cycle, no upward import between folders, no oversized source file
+(tests/check_layout.py), and the checker itself catches each on a small made-up package."""
 from __future__ import annotations
 
 import check_layout
@@ -28,3 +28,16 @@ def test_checker_finds_a_lazy_import_cycle_and_ignores_type_checking(tmp_path):
     assert len(cycles) == 1 and set(cycles[0]) == {"lmserve.a", "lmserve.b"}
     _write(tmp_path, "lmserve/csrc/big.cpp", "x\n" * 401)
     assert check_layout.oversized_files(str(tmp_path)) == [("lmserve/csrc/big.cpp", 401)]
+
+
+def test_lmserve_has_no_upward_import():
+    assert check_layout.upward_imports() == []
+
+
+def test_checker_finds_a_lazy_upward_import(tmp_path):
+    _write(tmp_path, "lmserve/__init__.py", "")
+    _write(tmp_path, "lmserve/ops/__init__.py", "")
+    _write(tmp_path, "lmserve/model/__init__.py", "")
+    _write(tmp_path, "lmserve/model/layers.py", "from lmserve.ops import x\n")
+    _write(tmp_path, "lmserve/ops/gemm.py", "def f():\n    from lmserve.model import layers\n    return layers\n")
+    assert check_layout.upward_imports(str(tmp_path)) == [("lmserve.ops.gemm", "lmserve.model.layers")]

@@ -18,8 +18,9 @@ from model_builders import make_random_model
 from lmserve.model import gguf as gguf_file
 from lmserve.model import loader
 from lmserve.model.gguf import dequantize
-from lmserve.model.gguf_export import export_hf
-from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config, load_state_dict, resolve_model_path
+from lmserve.hf_export import export_hf
+from lmserve.model.arch_config import ArchConfig
+from lmserve.model.loader import is_gguf, load_arch_config, load_state_dict, resolve_model_path
 
 
 @pytest.fixture(scope="module")

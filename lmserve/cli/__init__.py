@@ -19,14 +19,5 @@ from lmserve.cli.commands import build_parser, main
 from lmserve.cli.engine_args import add_engine_args, build_engine_config, engine_argv
 from lmserve.cli.service_args import add_server_args, build_proxy_config, build_server_config
 
-# the private helpers too, so every name `lmserve.cli` had before the split still imports from it
-from lmserve.cli.commands import (_add_api_client, _add_api_server, _add_bench, _add_chat,  # noqa: F401
-                                  _add_dataset_args, _add_proxy, _run_api_client, _run_api_server,
-                                  _run_bench_serve, _run_bench_throughput, _run_chat, _run_launch,
-                                  _run_proxy)
-from lmserve.cli.engine_args import (_distributed_config, _env_int, _launched,  # noqa: F401
-                                     _speculative_config)
-from lmserve.cli.service_args import _add_proxy_args  # noqa: F401
-
 __all__ = ["add_engine_args", "add_server_args", "build_engine_config", "build_parser", "build_proxy_config",
            "build_server_config", "engine_argv", "main"]

@@ -66,7 +66,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-addr", default=None, help="node 0's address for the rendezvous (default 127.0.0.1)")
     p.add_argument("--master-port", type=int, default=None,
                    help="rendezvous port (default: a free one; required with --nnodes > 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="accepted for vLLM compatibility and ignored: seeds are per request (the `seed` field)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
                    help="auto = C++ kernels on CPU float32 when they build, else PyTorch; torch = no C++ kernels; "
                         "cpp = require them")
@@ -131,7 +132,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     """The one place CLI arguments become engine config."""
     return EngineConfig(
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-                          chat_template=args.chat_template, max_model_len=args.session_len, seed=args.seed,
+                          chat_template=args.chat_template, max_model_len=args.session_len,
                           attention_backend=args.attn_backend, kernels=args.kernels,
                           kernel_build_timeout=args.kernel_build_timeout,
                           weights=args.weights,

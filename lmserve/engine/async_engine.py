@@ -58,18 +58,24 @@ class _Stream:
         self.event.set()
 
 
+def _engine_attribute(name: str) -> property:
+    """Read through to the LLMEngine (never a copy that could go stale)."""
+    return property(lambda self: getattr(self.engine, name))
+
+
 class AsyncEngine:
+    config = _engine_attribute("config")
+    tokenizer = _engine_attribute("tokenizer")
+    model_path = _engine_attribute("model_path")
+    max_model_len = _engine_attribute("max_model_len")
+    generation_defaults = _engine_attribute("generation_defaults")
+    vocab_size = _engine_attribute("vocab_size")
+    task = _engine_attribute("task")
+    embedding_dimensions = _engine_attribute("embedding_dimensions")
+    embedding_size = _engine_attribute("embedding_size")
+
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.config = engine.config
-        self.tokenizer = engine.tokenizer
-        self.model_path = engine.model_path
-        self.max_model_len = engine.max_model_len
-        self.generation_defaults = engine.generation_defaults
-        self.vocab_size = engine.vocab_size
-        self.task = engine.task
-        self.embedding_dimensions = engine.embedding_dimensions
-        self.embedding_size = engine.embedding_size
         self.is_sleeping = False
         self._streams: dict[str, _Stream] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -187,8 +193,7 @@ class AsyncEngine:
     async def wakeup(self) -> None:
         def _wake():
             if self.engine.executor.wakeup():      # the KV cache was reallocated: every block is free again
-                bm = self.engine.block_manager
-                bm.__init__(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
+                self.engine.block_manager.free_all()
             self.is_sleeping = False
         await self._call(_wake)
 

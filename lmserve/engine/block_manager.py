@@ -34,12 +34,16 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.free_all()
         # prefix cache counters, in tokens
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+
+    def free_all(self) -> None:
+        """Every block free and uncached (a new KV cache, or an engine reset); the counters go on."""
+        self.blocks = [Block(i) for i in range(self.num_blocks)]
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, self.num_blocks))
+        self.hash_to_block: dict[int, int] = {}
 
     # ---- queries ----------------------------------------------------------------------------------------
     @property

@@ -133,8 +133,7 @@ def recover(engine, cause: BaseException) -> list[RequestFailedError]:
                                               "while this request ran; please retry"))
     for seq in kept:
         seq.block_table, seq.block_hashes, seq.num_computed_tokens = [], [], 0
-    bm = engine.block_manager
-    bm.__init__(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
+    engine.block_manager.free_all()
     engine.sessions.clear()      # their pinned blocks went with the reset
     sch = engine.scheduler
     sch.running = []

@@ -20,7 +20,8 @@ from lmserve import ops
 from lmserve.ops import cpu_kernels
 from lmserve.ops.linear import int8_activations
 from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
-from lmserve.model.loader import ArchConfig, is_gguf, load_arch_config
+from lmserve.model.arch_config import ArchConfig
+from lmserve.model.loader import is_gguf, load_arch_config
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
 from lmserve.outputs import TokenLogprob
 from lmserve.startup import phase

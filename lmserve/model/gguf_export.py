@@ -1,4 +1,5 @@
-"""GGUF -> Hugging Face directory export, so peers (vLLM, transformers) can run weights identical to ours."""
+"""GGUF -> Hugging Face config files, so peers (vLLM, transformers) can run weights identical to ours (the whole
+export, weights and tokenizer included, is lmserve/hf_export.py: the tokenizer sits above the model layer)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import os
 
 from lmserve.model.arch_config import ArchConfig
 from lmserve.model.hf_checkpoint import read_json
-from lmserve.model.loader import load_arch_config, load_state_dict
 
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
@@ -62,20 +62,3 @@ def make_portable(path: str) -> None:
 
     patch("config.json", config)
     patch("tokenizer_config.json", tokenizer_config)
-
-
-def export_hf(gguf_path: str, out_dir: str) -> str:
-    """GGUF -> HF directory (config.json, model.safetensors without a tied lm_head, tokenizer files)."""
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
-
-    from lmserve.tokenizer import load_tokenizer
-    cfg = load_arch_config(gguf_path)
-    os.makedirs(out_dir, exist_ok=True)
-    hf_config(cfg).save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids)).save_pretrained(out_dir)
-    state = {k: v.contiguous() for k, v in load_state_dict(gguf_path).items()}
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    load_tokenizer(gguf_path).hf.save_pretrained(out_dir)
-    make_portable(out_dir)
-    return out_dir

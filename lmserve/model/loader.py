@@ -14,7 +14,7 @@ import os
 import torch
 
 from lmserve.model import gguf, hf_checkpoint
-from lmserve.model.arch_config import SUPPORTED_ARCHS, ArchConfig  # noqa: F401  (re-exported)
+from lmserve.model.arch_config import ArchConfig
 
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
