@@ -36,7 +36,7 @@ MODEL_CARD_DEFAULTS: dict[str, dict[str, float]] = {
 # keeps vLLM's SamplingParams defaults, temperature 1.0, for code that builds one directly.)
 API_DEFAULTS: dict[str, dict[str, float]] = {
     # LMDeploy api_server's /v1/chat/completions and /v1/completions (its ChatCompletionRequest, CompletionRequest)
-    "openai": {"temperature": 0.7, "top_p": 1.0},
+    "openai": {"temperature": 0.7, "top_p": 1.0, "top_k": 40},
     # LMDeploy's /generate (GenerateReqInput)
     "generate": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
     # LMDeploy's /v1/chat/interactive (GenerateRequest) and its console client `lmdeploy serve api_client`

@@ -73,7 +73,7 @@ class ChatCompletionRequest(GuidedFields, DistServeFields):
     ignore_eos: bool | None = False
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
-    top_k: int | None = 40
+    top_k: int | None = API_DEFAULTS["openai"]["top_k"]
     min_new_tokens: int | None = None
     min_p: float | None = 0.0   # NOTE: null accepted: LMDeploy's proxy forwards its model_dump (min_p: null)
     enable_thinking: bool | None = None
@@ -212,7 +212,7 @@ class CompletionRequest(GuidedFields, DistServeFields):
     ignore_eos: bool | None = False
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
-    top_k: int | None = 40
+    top_k: int | None = API_DEFAULTS["openai"]["top_k"]
     min_p: float | None = 0.0
     min_new_tokens: int | None = None
     include_stop_str_in_output: bool | None = False
