@@ -10,8 +10,8 @@ import torch
 import torch.distributed
 
 from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
-from lmserve.ops.onednn import packed_gemm_implementation, uses_amx
 from lmserve.engine import weights
+from lmserve.engine.attention_metadata import build_attention_metadata
 from lmserve.engine.cpu_threads import default_threads
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
@@ -19,7 +19,6 @@ from lmserve.engine.spec_decode import VerifyResult, verify
 from lmserve import ops
 from lmserve.ops import cpu_kernels
 from lmserve.ops.linear import int8_activations
-from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBatch
 from lmserve.model.arch_config import ArchConfig
 from lmserve.model.loader import is_gguf, load_arch_config
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
@@ -146,16 +145,8 @@ class ModelRunner:
 
     def _attach_fast(self) -> None:
         """Packed / lower-precision copies of float weights for GEMMs (GGUF layers keep their blocks)."""
-        if self.dtype != torch.float32:
-            return
-        fast = torch.bfloat16 if self.matmul_precision == "bfloat16" else torch.float32
-        packed = weights.pack_float_layers(self.model, fast, pack=self.model_config.kernels != "torch")
-        impl = packed_gemm_implementation(fast) if packed else None
-        logger.info("%s matmuls on %s float weights%s", fast, "packed" if packed else "plain",
-                    f" (oneDNN {impl})" if impl else "")
-        if fast == torch.bfloat16 and cpu_bf16_feature() == "amx_bf16" and impl and not uses_amx(impl):
-            logger.warning("the CPU has AMX but oneDNN runs bf16 GEMMs with %s: AMX tiles unused (kernel too old "
-                           "to grant AMX permission?); expect ~half the prefill speed", impl)
+        if self.dtype == torch.float32:
+            weights.attach_fast_copies(self.model, self.matmul_precision, pack=self.model_config.kernels != "torch")
 
     def update_weights(self, new: dict[str, torch.Tensor]) -> None:
         if self.quantized:
@@ -262,8 +253,8 @@ class ModelRunner:
         dev = self.device
         ids_t = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(b.positions, dtype=torch.long, device=dev)
-        meta = self._attention_metadata(b.slot_mapping, b.decode_rows, b.decode_ctx, b.decode_tables, b.prefill,
-                                        len(b.input_ids))
+        meta = build_attention_metadata(self.arch, self.block_size, dev, b.slot_mapping, b.decode_rows,
+                                        b.decode_ctx, b.decode_tables, b.prefill, len(b.input_ids))
         with ops.use(self.ops):
             hidden = self.model(ids_t, pos_t, meta, self.kv_caches)      # [num_tokens, hidden]
             logits = self.model.compute_logits(hidden[b.logit_rows]) if b.logit_rows else None
@@ -298,49 +289,6 @@ class ModelRunner:
         """A decoder's embedding: the mean of the final hidden states over the prompt (summed step by step, so
         chunked prompts pool the same), L2-normalised."""
         return torch.nn.functional.normalize(pooled_sum / num_tokens, dim=0).tolist()
-
-    def _attention_metadata(self, slot_mapping, decode_rows, decode_ctx, decode_tables, prefill,
-                            num_tokens) -> AttentionMetadata:
-        dev, bs, arch = self.device, self.block_size, self.arch
-        windows = {arch.layer_window(i) for i in range(arch.num_hidden_layers)}
-        window = max((w for w in windows if w is not None), default=None)
-        mixed = window is not None and None in windows      # some layers slide, some attend to everything
-        groups: list[AttentionGroup] = []
-        decode = None
-
-        def masks(mask, q_pos, kv_pos):
-            """(mask with the window where there is one, the full causal mask when layers differ)"""
-            if window is None:
-                return mask, None
-            return mask & (kv_pos > q_pos - window), (mask if mixed else None)
-        if decode_rows:
-            max_blocks = max(len(t) for t in decode_tables)
-            decode = DecodeBatch(
-                token_rows=None if len(decode_rows) == num_tokens else torch.tensor(decode_rows, device=dev),
-                block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
-                                          dtype=torch.long, device=dev),
-                context_lens=torch.tensor(decode_ctx, dtype=torch.long, device=dev))
-        whole: dict[int, list[tuple[int, list[int]]]] = {}   # prompt length -> (row, block table)
-        for row, n, start, bt in prefill:
-            if start == 0 and window is None:
-                whole.setdefault(n, []).append((row, bt))
-                continue
-            kv_len = start + n
-            pos = torch.arange(kv_len, device=dev)
-            table = torch.tensor(bt, dtype=torch.long, device=dev)
-            slots = table[pos // bs] * bs + pos % bs
-            q_pos = torch.arange(start, kv_len, device=dev).unsqueeze(1)   # [n, 1]
-            mask, full = masks(pos.unsqueeze(0) <= q_pos, q_pos, pos.unsqueeze(0))   # [n, kv_len]
-            groups.append(AttentionGroup(token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
-                                         kv_slots=slots.unsqueeze(0), mask=mask[None, None],
-                                         full_mask=None if full is None else full[None, None]))
-        for n, members in whole.items():   # NOTE: a burst's prompts of one length: one causal call, no mask
-            pos = torch.arange(n, device=dev)
-            tables = torch.tensor([bt[:(n + bs - 1) // bs] for _, bt in members], dtype=torch.long, device=dev)
-            groups.append(AttentionGroup(torch.tensor([r for r, _ in members], device=dev).unsqueeze(1) + pos,
-                                         tables[:, pos // bs] * bs + pos % bs, mask=None))
-        return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=dev), groups, decode,
-                                 block_size=bs, sliding_window=window)
 
 
 def sleep_runner(runner, level: int) -> None:

@@ -17,6 +17,7 @@ import psutil
 import torch
 from torch import nn
 
+from lmserve.config import cpu_bf16_feature
 from lmserve.model.gguf import gguf_reader, gguf_state_dict
 from lmserve.model.gguf_weights import gguf_weights
 from lmserve.model.layers import Linear, deferred_weights
@@ -24,6 +25,7 @@ from lmserve.model.loader import is_gguf, load_state_dict
 from lmserve.model.parallel import VocabParallelEmbedding
 from lmserve.model.registry import get_model_class
 from lmserve.ops.linear_method import FloatLinear, GGUFLinear, packed_method, unpacked_method
+from lmserve.ops.onednn import packed_gemm_implementation, uses_amx
 
 logger = logging.getLogger(__name__)
 GiB = 2**30
@@ -144,6 +146,19 @@ def pack_float_layers(model: nn.Module, dtype: torch.dtype, pack: bool = True) -
         module.linear_method = packed_method(module.linear_method, dtype, pack)
     head = model.output_head().linear_method if hasattr(model, "output_head") else None
     return getattr(getattr(head, "packed", None), "is_mkldnn", False)
+
+
+def attach_fast_copies(model: nn.Module, matmul_precision: str, pack: bool = True) -> None:
+    """Packed (and, with matmul_precision "bfloat16", bf16) copies of a float32 model's float weights for its
+    GEMMs; GGUF layers keep their blocks. Logs which GEMM implementation oneDNN picked."""
+    fast = torch.bfloat16 if matmul_precision == "bfloat16" else torch.float32
+    packed = pack_float_layers(model, fast, pack=pack)
+    impl = packed_gemm_implementation(fast) if packed else None
+    logger.info("%s matmuls on %s float weights%s", fast, "packed" if packed else "plain",
+                f" (oneDNN {impl})" if impl else "")
+    if fast == torch.bfloat16 and cpu_bf16_feature() == "amx_bf16" and impl and not uses_amx(impl):
+        logger.warning("the CPU has AMX but oneDNN runs bf16 GEMMs with %s: AMX tiles unused (kernel too old "
+                       "to grant AMX permission?); expect ~half the prefill speed", impl)
 
 
 def unpack_float_layers(model: nn.Module) -> None:
