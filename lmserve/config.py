@@ -90,8 +90,9 @@ class ModelConfig:
     device: str = "auto"
     chat_template: str | None = None   # a Jinja template string or a path to a file holding one
     max_model_len: int | None = None   # LMDeploy's session_len; None = the model's context length
-    # decode attention: "auto" = the C++ kernel on CPU/float32 when it builds, else PyTorch; "torch" = always
-    # the pure-PyTorch reference; "cpp" = require the kernel
+    # the C++ kernel library as a whole (attention and every other op it has; engine/model_runner._select_ops):
+    # "auto" = use it on CPU/float32 when it builds, else PyTorch; "torch" = none of it (unlike kernels="torch",
+    # packed float GEMM weights stay); "cpp" = require it
     attention_backend: str = "auto"
     # every op (norms, activations, RoPE, attention, quantized matmul, packed GEMM weights): "auto" = kernels where
     # they apply and build (lmserve/ops), "torch" = the PyTorch references end to end (the test oracle)

@@ -69,8 +69,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="accepted for vLLM compatibility and ignored: seeds are per request (the `seed` field)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
-                   help="auto = C++ kernels on CPU float32 when they build, else PyTorch; torch = no C++ kernels; "
-                        "cpp = require them")
+                   help="the C++ kernel library (attention and the other ops it has): auto = on CPU float32 when "
+                        "it builds, else PyTorch; torch = none of it (packed GEMM weights stay; --kernels torch drops "
+                        "those too); cpp = require it")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch"],
                    help="auto = the fastest implementation of each op that applies here; torch = the PyTorch "
                         "references end to end (no C++ kernels, no packed or quantized weight copies)")
