@@ -8,7 +8,7 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "mixtral",
 
 @dataclass(frozen=True)
 class ArchConfig:
-    architecture: str              # "llama" | "qwen2" | "mistral" (registry key)
+    architecture: str              # one of SUPPORTED_ARCHS (the registry key)
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
