@@ -22,6 +22,7 @@ from lmserve.config import EngineConfig
 from lmserve.engine.cpu_threads import ThreadGovernor
 from lmserve.engine.fault import RequestFailedError, recover
 from lmserve.engine.llm_engine import EngineStats, LLMEngine
+from lmserve.engine.mm_inputs import process_images
 from lmserve.outputs import EmbeddingOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -123,16 +124,20 @@ class AsyncEngine:
 
     # ---- requests -----------------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                       session_id: int | None = None) -> AsyncIterator[RequestOutput]:
+                       session_id: int | None = None, images: list | None = None) -> AsyncIterator[RequestOutput]:
+        """images: decoded PIL images (RGB) in prompt order; the prompt holds engine.image_placeholder per image."""
         self._check_alive()
         if self.is_sleeping:
             raise EngineDeadError("the engine is sleeping; POST /wakeup first")
         # NOTE: the one input check (engine/request_checks.py), on the caller's thread; the engine thread trusts it
-        prompt_ids = self.engine.check_request(prompt, params)
+        # NOTE: the HF processor resizes and normalises: off the event loop and off the engine thread
+        mm = await asyncio.to_thread(process_images, self.engine.images, prompt, images) \
+            if images or self.engine.images is not None else None
+        prompt_ids = self.engine.check_request(prompt if mm is None else mm.token_ids, params)
         if params.guided is not None:
             # compile off the engine thread and the event loop; a bad grammar raises here, before queueing
             await asyncio.to_thread(self.engine.grammars.compile, params.guided)
-        async for out in self._submit(request_id, ("add", request_id, prompt_ids, params, session_id)):
+        async for out in self._submit(request_id, ("add", request_id, prompt_ids, params, session_id, mm)):
             yield out
 
     async def encode(self, prompt_token_ids: list[int]) -> list[float]:
@@ -196,6 +201,16 @@ class AsyncEngine:
                 self.engine.block_manager.free_all()
             self.is_sleeping = False
         await self._call(_wake)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """("text",) or ("text", "image"): what the model takes (engine/mm_inputs.py)."""
+        return self.engine.modalities
+
+    @property
+    def image_placeholder(self) -> str | None:
+        """The string one image takes in a raw prompt; None for a text model."""
+        return self.engine.image_placeholder
 
     @property
     def weights_released(self) -> bool:
@@ -302,9 +317,9 @@ class AsyncEngine:
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, request_id, prompt_ids, params, session_id = cmd
+            _, request_id, prompt_ids, params, session_id, mm = cmd
             try:
-                self.engine.enqueue_request(request_id, prompt_ids, params, session_id=session_id)
+                self.engine.enqueue_request(request_id, prompt_ids, params, session_id=session_id, mm=mm)
             except Exception as e:  # noqa: BLE001 - reported to the caller
                 self._loop.call_soon_threadsafe(self._dispatch_error, request_id, e)
         elif kind == "pool":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from lmserve.engine.mm_items import block_key
 from lmserve.engine.sequence import Sequence
 
 NULL_BLOCK = 0
@@ -19,7 +20,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None
-    token_ids: tuple[int, ...] | None = None   # the block's tokens when hashed: guards against hash collisions
+    token_ids: tuple | None = None   # the block's key when hashed (mm_items.block_key): guards against collisions
 
 
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
@@ -72,7 +73,7 @@ class BlockManager:
         hits: list[int] = []
         for i in range(max_blocks):
             block_id = self.hash_to_block.get(seq.block_hashes[i])
-            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+            if block_id is None or self.blocks[block_id].token_ids != block_key(seq, i, bs):
                 break
             hits.append(block_id)
         return hits
@@ -130,7 +131,7 @@ class BlockManager:
                 continue
             h = seq.block_hashes[i]
             block.block_hash = h
-            block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            block.token_ids = block_key(seq, i, bs)
             # NOTE: if another block already holds this prefix, keep the first; this one is just not findable.
             self.hash_to_block.setdefault(h, block.block_id)
 
@@ -146,7 +147,7 @@ class BlockManager:
         hashes = seq.block_hashes
         for i in range(len(hashes), num_blocks):
             parent = hashes[i - 1] if i else None
-            hashes.append(hash_block(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            hashes.append(hash_block(parent, block_key(seq, i, bs)))
 
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]

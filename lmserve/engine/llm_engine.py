@@ -16,6 +16,7 @@ from lmserve.engine.executor import make_executor
 from lmserve.engine.fault import (FaultInjector, FaultStats, RequestFailedError, drop_failed,
                                   execute_isolated)
 from lmserve.engine.guided import GrammarCache
+from lmserve.engine.mm_inputs import MMPrompt, load_image_processor, process_images
 from lmserve.engine.priority import count_by_priority
 from lmserve.engine.request_checks import RequestLimits, check_request
 from lmserve.engine.scheduler import Scheduler
@@ -111,6 +112,9 @@ class LLMEngine:
             logger.warning("encoder inputs capped at %d tokens by the step's token budget (--max-prefill-token-num)",
                            self.max_model_len)
         self.vocab_size = self.runner.arch.vocab_size
+        self.images = load_image_processor(self.model_path, self.runner.arch)   # VLMs' HF processor, or None
+        self.modalities = ("text",) if self.images is None else ("text", "image")
+        self.image_placeholder = None if self.images is None else self.images.image_placeholder
         self.limits = RequestLimits(self.task, self.vocab_size, self.max_model_len)
         if self.task == "score":    # BERT cross-encoders tell a pair's two texts apart after the first [SEP]
             self.runner.sep_token_id = self.tokenizer.hf.sep_token_id
@@ -149,14 +153,18 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    session_id: int | None = None, arrival_time: float | None = None) -> None:
-        """Check, then queue (the offline path; AsyncEngine checks on the caller's thread and calls enqueue)."""
-        ids = self.check_request(prompt, params)
-        self.enqueue_request(request_id, ids, params, session_id, arrival_time)
+                    session_id: int | None = None, arrival_time: float | None = None,
+                    images: list | None = None) -> None:
+        """Check, then queue (the offline path; AsyncEngine checks on the caller's thread and calls enqueue).
+        images: PIL images in prompt order, each written as `image_placeholder` in the prompt (engine/mm_inputs.py)."""
+        mm = process_images(self.images, prompt, images)
+        ids = self.check_request(prompt if mm is None else mm.token_ids, params)
+        self.enqueue_request(request_id, ids, params, session_id, arrival_time, mm=mm)
 
     def enqueue_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                        session_id: int | None = None, arrival_time: float | None = None) -> None:
-        """Queue a request whose input check_request accepted."""
+                        session_id: int | None = None, arrival_time: float | None = None,
+                        mm: MMPrompt | None = None) -> None:
+        """Queue a request whose input check_request accepted (mm: its processed images, whose ids these are)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         ids = prompt_token_ids
@@ -171,6 +179,7 @@ class LLMEngine:
                 # compiled already (AsyncEngine compiles off this thread); here it is a cache hit
                 seq.guided = self.grammars.new_state(params.guided)
             seq.session_id = session_id if params.n == 1 else None
+            seq.mm_items = [] if mm is None else mm.items
             if i > 0 and self.block_manager.enable_prefix_caching and params.prompt_logprobs is None:
                 seq.wait_for = seqs[0]
             seqs.append(seq)
@@ -300,13 +309,16 @@ class LLMEngine:
 
     # ---- offline API ----------------------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]] | str,
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 images: list | None = None) -> list[RequestOutput]:
+        """images: one list of PIL images per prompt (one list for a single prompt)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+            images = None if images is None else [images]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [f"offline-{next(self._seq_ids)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params_list):
-            self.add_request(rid, prompt, p)
+        for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params_list)):
+            self.add_request(rid, prompt, p, images=None if images is None else images[i])
         final: dict[str, RequestOutput] = {}
         errors: list[RequestFailedError] = []
         while self.has_unfinished():

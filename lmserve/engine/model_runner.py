@@ -13,6 +13,7 @@ from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
 from lmserve.engine import weights
 from lmserve.engine.attention_metadata import build_attention_metadata
 from lmserve.engine.cpu_threads import default_threads
+from lmserve.engine.mm_runner import mm_embeddings, mm_slices
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.engine.spec_decode import VerifyResult, verify
@@ -47,6 +48,7 @@ class StepBatch:
     decode_tables: list[list[int]] = field(default_factory=list)  # their block tables
     prefill: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (row, n, start, block table)
     logit_rows: list[int] = field(default_factory=list)           # rows whose logits are needed
+    mm: list = field(default_factory=list)    # image-token rows (engine/mm_runner.py); rank 0 only (no tp yet)
 
 
 @dataclass
@@ -220,6 +222,8 @@ class ModelRunner:
             b.positions.extend(range(start, start + n))
             bt = seq.block_table
             b.slot_mapping.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
+            if seq.mm_items:
+                b.mm.extend(mm_slices(seq, start, n, row))
             if n == 1 or draft:
                 # NOTE: a speculative step's rows are decode queries of growing context: row i attends to the
                 # positions up to start + i, whose K/V this forward writes before attention (the decode kernel, so
@@ -256,7 +260,8 @@ class ModelRunner:
         meta = build_attention_metadata(self.arch, self.block_size, dev, b.slot_mapping, b.decode_rows,
                                         b.decode_ctx, b.decode_tables, b.prefill, len(b.input_ids))
         with ops.use(self.ops):
-            hidden = self.model(ids_t, pos_t, meta, self.kv_caches)      # [num_tokens, hidden]
+            hidden = self.model(ids_t, pos_t, meta, self.kv_caches,      # [num_tokens, hidden]
+                                **mm_embeddings(self.model, b.mm, dev))
             logits = self.model.compute_logits(hidden[b.logit_rows]) if b.logit_rows else None
         return hidden, logits
 

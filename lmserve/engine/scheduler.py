@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from lmserve.config import SchedulerConfig
 from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.mm_items import fit_budget
 from lmserve.engine.output_processor import StepUpdate, process_output
 from lmserve.engine.priority import insert_waiting, order_running
 from lmserve.engine.sequence import Sequence, SequenceStatus
@@ -82,8 +83,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if num_new == 0:   # NOTE: cannot happen in the engine (a running sequence always has its last token)
+            num_new = fit_budget(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, budget), budget,
+                                 not out.scheduled)   # images: the encoder's work counts too
+            if num_new == 0:   # an image it reaches does not fit this step's budget (mm_items.fit_budget)
                 i += 1
                 continue
             while not bm.allocate(seq, seq.num_computed_tokens + num_new):
@@ -132,7 +134,10 @@ class Scheduler:
             if seq.num_computed_tokens == 0 and not (seq.wants_prompt_logprobs or seq.pooling):
                 cached = bm.find_cached_prefix(seq)
             num_cached_tokens = len(cached) * bm.block_size
-            num_new = min(seq.num_tokens - num_cached_tokens, budget)
+            num_new = fit_budget(seq, num_cached_tokens, min(seq.num_tokens - num_cached_tokens, budget), budget,
+                                 not out.scheduled)
+            if num_new == 0:
+                break
             if seq.needs_whole_prompt and num_new < seq.num_tokens:
                 break   # waits for a step with room for all of it (its length is capped at the full budget)
             if not bm.allocate(seq, num_cached_tokens + num_new, cached):

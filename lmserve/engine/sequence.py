@@ -69,6 +69,7 @@ class Sequence:
         # NOTE: an encoder attends both ways, so its prompt cannot be split into chunks: scheduled whole or not
         self.needs_whole_prompt = False
         self.session_id: int | None = None
+        self.mm_items: list = []    # images in the prompt (engine/mm_items.py), shared by a request's sequences
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

@@ -38,6 +38,8 @@ class ArchConfig:
     norm_topk_prob: bool = True             # renormalise the top-k router probabilities to sum to 1
     dense_layers: tuple[int, ...] = ()      # MoE models: layers with a plain MLP instead (qwen3_moe)
     partial_rotary_factor: float = 1.0      # fraction of head_dim that RoPE rotates (phi3 / phi-4-mini)
+    # vision-language models (model/vlm_config.py): the checkpoint's config.json less its text_config; None = text
+    vision: dict | None = None
 
     # tensor parallelism: this process's shard (model/parallel.py); the fields above always describe the full model
     tp_rank: int = 0

@@ -12,6 +12,7 @@ import torch
 from lmserve.model.arch_config import SUPPORTED_ARCHS, ArchConfig
 from lmserve.model.arch_extras import hf_arch_extras
 from lmserve.model.parallel import shard_spec, slice_padded
+from lmserve.model.vlm_config import split_vlm_config
 
 
 def read_json(path: str) -> dict:
@@ -31,6 +32,7 @@ def hf_arch_config(path: str) -> ArchConfig:
     cfg = read_json(os.path.join(path, "config.json"))
     if not cfg:
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory or a GGUF file)")
+    cfg, vision = split_vlm_config(cfg)
     arch = {"gemma3_text": "gemma3"}.get(cfg.get("model_type"), cfg.get("model_type"))
     if arch not in SUPPORTED_ARCHS:
         raise NotImplementedError(f"{path}: model_type {arch!r} is not supported; supported: {SUPPORTED_ARCHS}")
@@ -66,8 +68,9 @@ def hf_arch_config(path: str) -> ArchConfig:
         attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
         sliding_window=sliding,
         bos_token_id=None if bos is None else int(bos),
-        eos_token_ids=hf_eos_token_ids(path),
-    ), **hf_arch_extras(arch, cfg))
+        eos_token_ids=hf_eos_token_ids(path) or tuple(as_ids(cfg.get("eos_token_id"))),
+    ), **hf_arch_extras(arch, cfg), **({} if vision is None else {"architecture": vision["model_type"],
+                                                                   "vision": vision}))
 
 
 def safetensors_files(path: str) -> list[str]:

@@ -9,6 +9,7 @@ from torch import nn
 from lmserve.model.bert import BertModel
 from lmserve.model.gemma3 import Gemma3ForCausalLM
 from lmserve.model.llama import LlamaForCausalLM
+from lmserve.model.llava import LlavaForCausalLM
 from lmserve.model.mixtral import MixtralForCausalLM
 from lmserve.model.phi3 import Phi3ForCausalLM
 from lmserve.model.qwen3 import Qwen3ForCausalLM
@@ -23,6 +24,8 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "mixtral": MixtralForCausalLM,
     "gemma3": Gemma3ForCausalLM,
     "phi3": Phi3ForCausalLM,
+    # vision-language models: a vision tower + projector feeding one of the decoders above (model/vlm_config.py)
+    "llava": LlavaForCausalLM,
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py
