@@ -1,0 +1,113 @@
+"""Vision-language models in the engine (offline LLM), against transformers on tiny random LLaVA-1.5 weights:
+greedy tokens identical and logprobs within 1e-3 with 1 and 2 images and with an image inside a prompt that chunked
+prefill splits (a small token budget); image-token counts equal the HF processor's; the prefix cache hits on the
+same image and never on a different image of the same size; placeholder/image count mismatches are errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from vlm_builders import make_random_vlm
+
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.mm_inputs import MMInputError
+from lmserve.sampling_params import SamplingParams
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(40))
+CASES = {
+    "one_image": ("Describe <image> briefly.", 1),
+    "two_images": ("Compare <image> with <image> please.", 2),
+    "image_in_long_text": (f"{LONG_TEXT} <image> and then {LONG_TEXT}", 1),
+}
+
+
+def noise_image(seed: int, size=(80, 60)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    import transformers
+    path = make_random_vlm("llava", str(tmp_path_factory.mktemp("vlm") / "llava"))
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    return path, hf, transformers.AutoProcessor.from_pretrained(path)
+
+
+def make_engine(path: str, budget: int = 12, prefix_caching: bool = True) -> LLMEngine:
+    # 12-token steps: every image (16 tokens) and the long prompts are prefilled over several chunks
+    return LLMEngine(EngineConfig(
+        model=ModelConfig(model=path, dtype="float32", kernels="torch", attention_backend="torch"),   # exact
+        cache=CacheConfig(block_size=8, num_blocks=128, enable_prefix_caching=prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget)))
+
+
+@pytest.fixture(scope="module")
+def engine(llava):
+    return make_engine(llava[0])
+
+
+def hf_reference(hf, proc, prompt: str, images: list, max_new: int):
+    """-> (prompt ids, greedy tokens, log-softmax rows of each generated position)."""
+    inp = proc(text=prompt, images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**inp, max_new_tokens=max_new, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    n = inp["input_ids"].shape[1]
+    return inp["input_ids"][0].tolist(), out.sequences[0, n:].tolist(), \
+        [torch.log_softmax(s[0].float(), -1) for s in out.scores]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_and_logprobs_match_transformers(case, llava, engine):
+    path, hf, proc = llava
+    prompt, num_images = CASES[case]
+    images = [noise_image(i, (80 + 10 * i, 60)) for i in range(num_images)]
+    ids, tokens, lps = hf_reference(hf, proc, prompt, images, 8)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    out = engine.generate(prompt, params, images=images)[0]
+    assert out.prompt_token_ids == ids          # the placeholders expanded exactly as the HF processor does
+    assert out.outputs[0].token_ids == tokens
+    for lp, ref in zip(out.outputs[0].logprobs, lps):
+        assert abs(lp.logprob - ref[lp.token_id].item()) < 1e-3
+
+
+def test_image_token_counts_equal_the_processor(llava, engine):
+    _, _, proc = llava
+    images = [noise_image(7, (300, 200)), noise_image(8, (20, 40))]
+    mm = engine.images.process("a <image> b <image>", images)
+    ref = proc(text="a <image> b <image>", images=images, return_tensors="pt")["input_ids"][0].tolist()
+    assert mm.token_ids == ref
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert [m.length for m in mm.items] == [ref.count(image_id) // 2] * 2 == [16, 16]
+    assert [ref[m.offset:m.end] == [image_id] * m.length for m in mm.items] == [True, True]
+
+
+def test_prefix_cache_same_image_hits_different_image_does_not(llava):
+    path = llava[0]
+    engine = make_engine(path, budget=64)
+    prompt = "Look: <image> What is it?"
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    a, b = noise_image(1), noise_image(2)          # equal sizes: equal image tokens, different pixels
+    first = engine.generate(prompt, params, images=[a])[0]
+    hits = engine.get_stats().prefix_cache_hits
+    again = engine.generate(prompt, params, images=[a.copy()])[0]   # the same content, another object
+    assert again.num_cached_tokens >= 16 and engine.get_stats().prefix_cache_hits > hits
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    other = engine.generate(prompt, params, images=[b])[0]
+    image_start = engine.images.process(prompt, [b]).items[0].offset
+    assert other.num_cached_tokens <= image_start   # only the text before the image can be shared
+    solo = make_engine(path, budget=64, prefix_caching=False).generate(prompt, params, images=[b])[0]
+    assert other.outputs[0].token_ids == solo.outputs[0].token_ids != first.outputs[0].token_ids
+
+
+def test_placeholder_count_mismatch_is_an_input_error(engine):
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(MMInputError, match="1 image placeholder.*2 image"):
+        engine.add_request("r1", "one <image> only", params, images=[noise_image(1), noise_image(2)])
+    with pytest.raises(MMInputError, match="0 image"):
+        engine.add_request("r2", "a placeholder <image> without its image", params)
+    assert engine.modalities == ("text", "image") and engine.image_placeholder == "<image>"
+    assert not engine.has_unfinished()
