@@ -48,6 +48,7 @@ class ImageProcessor:
         tok = self.processor.tokenizer
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
+        self.global_token_id = getattr(self.processor, "global_image_token_id", None)
         # the string one image takes in a raw prompt (/generate; chat templates that cannot render image items)
         self.image_placeholder = self.image_token
 
@@ -62,20 +63,47 @@ class ImageProcessor:
                                f"{len(images)} image(s) were given")
         if not images:
             return None     # a text-only request: tokenized as usual
-        out = self.processor(text=prompt, images=images, return_tensors="pt")
+        # NOTE: a chat template writes BOS itself; adding it again would double it (the engine's encode_chat rule)
+        bos = self.processor.tokenizer.bos_token
+        out = self.processor(text=prompt, images=images, return_tensors="pt",
+                             add_special_tokens=not (bos and prompt.startswith(bos)))
         ids = out["input_ids"][0].tolist()
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        per_image = len(positions) // len(images)
-        if per_image * len(images) != len(positions):
-            raise MMInputError(f"the processor gave {len(positions)} image tokens for {len(images)} images")
+        pixels, masks = out["pixel_values"], out.get("pixel_attention_mask")
+        if pixels.dim() == 5:       # [prompts, tiles, 3, H, W]: one prompt here
+            pixels, masks = pixels[0], None if masks is None else masks[0]
+        num_tiles = pixels.shape[0]
+        per_tile = len(positions) // num_tiles
+        if per_tile * num_tiles != len(positions):
+            raise MMInputError(f"the processor gave {len(positions)} image tokens for {num_tiles} image tiles")
+        # each tile (a whole image for LLaVA; a crop or the global view for Idefics3) is one run of image tokens
+        hashes = [image_hash(im) for im in images]
+        image_of = self._tile_images(ids, positions[::per_tile], len(images))
         items = []
-        for i, image in enumerate(images):
-            offset = positions[i * per_image]
-            if positions[(i + 1) * per_image - 1] != offset + per_image - 1:
-                raise MMInputError("an image's tokens are not contiguous in the processed prompt")
-            data = {"pixel_values": out["pixel_values"][i:i + 1]}
-            items.append(MMItem(offset, per_image, image_hash(image), data))
+        for k in range(num_tiles):
+            offset = positions[k * per_tile]
+            if positions[(k + 1) * per_tile - 1] != offset + per_tile - 1:
+                raise MMInputError("an image tile's tokens are not contiguous in the processed prompt")
+            data = {"pixel_values": pixels[k:k + 1]}
+            if masks is not None:
+                data["pixel_attention_mask"] = masks[k:k + 1]
+            i = image_of[k]
+            items.append(MMItem(offset, per_tile, hash((hashes[i], k - image_of.index(i))), data))
         return MMPrompt(ids, items)
+
+    def _tile_images(self, ids: list[int], starts: list[int], num_images: int) -> list[int]:
+        """The image each tile belongs to. Idefics3 ends each image with its global view (after `<global-img>`)."""
+        if self.global_token_id is None:
+            if len(starts) != num_images:
+                raise MMInputError(f"the processor gave {len(starts)} image tiles for {num_images} images")
+            return list(range(num_images))
+        image, out = 0, []
+        for s in starts:
+            out.append(image)
+            image += s > 0 and ids[s - 1] == self.global_token_id
+        if image != num_images:
+            raise MMInputError(f"the processor gave {image} global image views for {num_images} images")
+        return out
 
 
 def process_images(processor: ImageProcessor | None, prompt: str | list[int], images: list | None) -> MMPrompt | None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from lmserve.model.bert import BertModel
 from lmserve.model.gemma3 import Gemma3ForCausalLM
+from lmserve.model.idefics3 import Idefics3ForCausalLM
 from lmserve.model.llama import LlamaForCausalLM
 from lmserve.model.llava import LlavaForCausalLM
 from lmserve.model.mixtral import MixtralForCausalLM
@@ -26,6 +27,8 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "phi3": Phi3ForCausalLM,
     # vision-language models: a vision tower + projector feeding one of the decoders above (model/vlm_config.py)
     "llava": LlavaForCausalLM,
+    "idefics3": Idefics3ForCausalLM,
+    "smolvlm": Idefics3ForCausalLM,    # SmolVLM: the Idefics3 layout
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py

@@ -4,7 +4,7 @@ along as ArchConfig.vision for the model file."""
 from __future__ import annotations
 
 # model_type -> the decoder it wraps when text_config does not say (transformers' defaults)
-VLM_TYPES = {"llava": "llama"}
+VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama"}
 
 
 def split_vlm_config(cfg: dict) -> tuple[dict, dict | None]:
