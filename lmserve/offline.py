@@ -96,8 +96,10 @@ class Pipeline:
         responses = [_response(o) for o in outputs]
         return responses[0] if single else responses
 
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
-        return self.engine.generate(prompts, params)
+    def generate(self, prompts, params: SamplingParams | None = None, images: list | None = None
+                 ) -> list[RequestOutput]:
+        """images (vision-language models): PIL images per prompt, each written as its placeholder in the prompt."""
+        return self.engine.generate(prompts, params, images=images)
 
 
 def _response(out: RequestOutput) -> Response:

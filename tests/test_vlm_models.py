@@ -13,6 +13,7 @@ from vlm_builders import VLM_ARCHS, make_random_vlm
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.mm_inputs import MMInputError
+from lmserve.offline import Pipeline
 from lmserve.sampling_params import SamplingParams
 
 LONG_TEXT = " ".join(f"word{i}" for i in range(40))
@@ -115,3 +116,5 @@ def test_placeholder_count_mismatch_is_an_input_error(engine):
         engine.add_request("r2", "a placeholder <image> without its image", params)
     assert engine.modalities == ("text", "image") and engine.image_placeholder == "<image>"
     assert not engine.has_unfinished()
+    out = Pipeline(engine).generate("a <image>", SamplingParams(max_tokens=1), images=[noise_image(3)])[0]
+    assert len(out.outputs[0].token_ids) == 1     # the offline pipeline passes images through

@@ -78,6 +78,8 @@ class MultiProcExecutor(UniProcExecutor):
         self._last_send = time.monotonic()
         if is_encoder(model_path):
             raise TPConfigError("tp: encoder (embedding) models run in one process; use --tp 1")
+        if load_arch_config(model_path).vision is not None:   # image embeddings are computed on rank 0 only
+            raise TPConfigError("tp: vision-language models run in one process for now; use --tp 1")
         validate_tp(load_arch_config(model_path), config.tp)    # one clear line before any process starts
         port = d.master_port or free_port()
         self.workers = []
