@@ -118,3 +118,29 @@ def test_placeholder_count_mismatch_is_an_input_error(engine):
     assert not engine.has_unfinished()
     out = Pipeline(engine).generate("a <image>", SamplingParams(max_tokens=1), images=[noise_image(3)])[0]
     assert len(out.outputs[0].token_ids) == 1     # the offline pipeline passes images through
+
+
+def test_async_engine_takes_images_and_reports_modalities(vlm, engine):
+    """The server's path: AsyncEngine.generate(..., images=) preprocesses off the loop and streams the same tokens."""
+    import asyncio
+
+    from lmserve.engine.async_engine import AsyncEngine
+    image = noise_image(11)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    want = engine.generate("Say <image> now", params, images=[image])[0].outputs[0].token_ids
+
+    async def run():
+        ae = AsyncEngine(engine)
+        await ae.start()
+        try:
+            assert ae.modalities == ("text", "image") and ae.image_placeholder == "<image>"
+            last = None
+            async for out in ae.generate("a1", "Say <image> now", params, images=[image]):
+                last = out
+            with pytest.raises(MMInputError):
+                async for _ in ae.generate("a2", "Say <image> now", params, images=[image, image]):
+                    pass
+            return last.outputs[0].token_ids
+        finally:
+            await ae.shutdown()
+    assert asyncio.run(run()) == want
