@@ -29,7 +29,7 @@ def build(path: str, image_size: int, layers: int) -> None:
     tok = _tokenizer("<image>")
     vision = transformers.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=layers,
                                              num_attention_heads=16, image_size=image_size, patch_size=14)
-    config = transformers.LlavaConfig(text_config=_text_config(tok), vision_config=vision,
+    config = transformers.LlavaConfig(text_config=_text_config(tok, max_position_embeddings=8192), vision_config=vision,
                                       image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                                       vision_feature_select_strategy="full")
     torch.manual_seed(0)
