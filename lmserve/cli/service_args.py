@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmserve.cli.media_args import add_media_args, build_media_config
+
 
 def _add_security_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("roles and TLS (docs/operations.md)")
@@ -64,6 +66,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="most prompts in one completions request / inputs in one embeddings request")
     g.add_argument("--responses-store-size", type=int, default=d.responses_store_size,
                    help="responses kept in memory for previous_response_id (/v1/responses, store=true; LRU)")
+    add_media_args(p)
     p.add_argument("--allow-terminate-by-client", action="store_true", help="enable GET /terminate")
     p.add_argument("--role", default=d.role, choices=("hybrid", "prefill", "decode"),
                    help="prefill-decode disaggregation: the role reported to the proxy (docs/architecture.md)")
@@ -98,7 +101,7 @@ def build_server_config(args: argparse.Namespace):
                         admin_api_keys=tuple(args.admin_api_keys or ()), proxy_admin_key=args.proxy_admin_key,
                         ssl_keyfile=tls.keyfile, ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs,
                         responses_store_size=args.responses_store_size, role=args.role,
-                        migration_timeout=args.migration_timeout)
+                        migration_timeout=args.migration_timeout, media=build_media_config(args))
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------
