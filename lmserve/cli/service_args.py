@@ -120,6 +120,9 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-response-routes", type=int, default=d.max_response_routes,
                    help="response ids remembered with their node, for previous_response_id (LRU)")
     p.add_argument("--node-file", default=None, help="JSON file the node list is saved to and restored from")
+    p.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                   help="larger request bodies get 413; image requests are large (base64 data: URIs): keep it at "
+                        "least the nodes' own limit")
     p.add_argument("--allowed-node-hosts", nargs="*", default=None,
                    help="CIDRs / hostnames the proxy may ever connect to as nodes (default: any)")
     p.add_argument("--node-ca-certs", default=None, help="CA that https:// nodes' certificates must chain to")
@@ -156,4 +159,4 @@ def build_proxy_config(args: argparse.Namespace):
                        ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs, breaker_threshold=args.breaker_threshold,
                        breaker_cooldown=args.breaker_cooldown, retry_backoff=args.retry_backoff,
                        max_response_routes=args.max_response_routes,
-                       serving_strategy=args.serving_strategy)
+                       serving_strategy=args.serving_strategy, max_request_body_bytes=args.max_request_body_bytes)
