@@ -277,3 +277,28 @@ def test_model_architecture_and_limit_flag():
         parse_limit_mm_per_prompt("video=2", 8)
     with pytest.raises(ValueError):
         parse_limit_mm_per_prompt("image=many", 8)
+
+
+def test_responses_and_messages_images_become_chat_parts():
+    from lmserve.server.messages_input import _messages
+    from lmserve.server.protocol.anthropic import MessagesRequest
+    from lmserve.server.responses_input import input_messages
+    url = data_uri(png())
+    msgs = input_messages([{"role": "user", "content": [{"type": "input_text", "text": "what?"},
+                                                         {"type": "input_image", "image_url": url, "detail": "auto"}]}])
+    refs: list[ImageRef] = []
+    out = normalize_messages(msgs, image_refs=refs)
+    assert out[0]["content"] == [{"type": "text", "text": "what?"}, {"type": "image"}]
+    assert [(r.param, r.url) for r in refs] == [("input[0].content[1].image_url", url)]
+    with pytest.raises(APIError) as info:       # a text-only model names the Responses field
+        normalize_messages(msgs)
+    assert info.value.param == "input[0].content[1].image_url"
+
+    b64 = base64.b64encode(png()).decode()
+    req = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},
+        {"type": "text", "text": "describe"}]}]})
+    refs = []
+    out = normalize_messages(_messages(req), image_refs=refs)
+    assert out[0]["content"] == [{"type": "image"}, {"type": "text", "text": "describe"}]
+    assert [(r.param, r.url) for r in refs] == [("messages[0].content[0].source", url)]

@@ -39,7 +39,7 @@ def image_placeholder(engine) -> str:
 def image_ref(part: dict[str, Any], param: str) -> ImageRef:
     """An OpenAI `image_url` part (the URL as a string or {"url", "detail"}) -> ImageRef."""
     value = part.get("image_url")
-    where = f"{param}.image_url"
+    where = part.get("_where") or f"{param}.image_url"
     if isinstance(value, dict):
         detail = value.get("detail")
         if detail is not None and detail not in _DETAILS:
@@ -51,9 +51,10 @@ def image_ref(part: dict[str, Any], param: str) -> ImageRef:
     return ImageRef(where, value)
 
 
-def check_image_parts(engine, param: str, kind: str) -> None:
-    if not takes_images(engine):
-        raise not_supported(param, f"a content part of type {kind!r} (the model takes text only)")
+def chat_image_part(url: Any, detail: Any, where: str) -> dict[str, Any]:
+    """An image from another API's request (Responses input_image, Anthropic image block) as a chat image_url
+    part; `_where` keeps the original field's name for the errors the chat path raises."""
+    return {"type": "image_url", "image_url": {"url": url, "detail": detail}, "_where": where}
 
 
 async def load_images(refs: list[ImageRef], config: MediaConfig) -> list:

@@ -61,7 +61,8 @@ def normalize_messages(messages: list[dict[str, Any]], param: str = "messages", 
                     continue
                 else:
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise not_supported(f"{param}[{i}].content[{j}]", f"a content part of type {kind!r}")
+                    where = (part.get("_where") if isinstance(part, dict) else None) or f"{param}[{i}].content[{j}]"
+                    raise not_supported(where, f"a content part of type {kind!r}")
             if items:
                 content = items + ([{"type": "text", "text": "\n".join(texts)}] if texts else [])
             else:
