@@ -29,7 +29,8 @@ def proxy_with_node():
 def image_body(num_bytes: int) -> dict:
     uri = "data:image/png;base64," + base64.b64encode(os.urandom(num_bytes)).decode()
     return {"model": "fake-model", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": uri, "detail": "high"}}]}]}
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": uri, "detail": "high"}}]}]}
 
 
 def test_image_bodies_forwarded_as_is_and_bounded(proxy_with_node):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 from lmserve.config import MediaConfig
@@ -141,3 +142,26 @@ def model_architecture(engine) -> dict[str, Any]:
     """/v1/models: which modalities the model takes, in OpenRouter's `architecture` shape."""
     inputs = ["text", "image"] if takes_images(engine) else ["text"]
     return {"modality": "+".join(inputs) + "->text", "input_modalities": inputs, "output_modalities": ["text"]}
+
+
+def image_max_tokens(state, requested: int | None, num_text_tokens: int, images: list | None) -> int | None:
+    """The output budget. Only the engine knows how many tokens the images take, so an image request that asks for
+    no max_tokens gets None (up to the session length, the engine's own bound) instead of a clip to the room the
+    text alone leaves."""
+    if images and requested is None:
+        return None
+    return state.clip_max_tokens(requested, num_text_tokens)
+
+
+async def with_prompt_count(stream: AsyncIterator) -> tuple[int, AsyncIterator]:
+    """(the engine's prompt length, images included, from the first output; the same stream, first output kept)."""
+    first = await stream.__anext__()
+
+    async def again():
+        try:
+            yield first
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+    return len(first.prompt_token_ids), again()

@@ -16,8 +16,8 @@ from lmserve.server.chat_output import ChatOutput
 from lmserve.server.chat_tools import ToolCalls, message_for_template, template_renders_tools
 from lmserve.server.errors import APIError, not_supported
 from lmserve.server.limits import check_limits
-from lmserve.server.mm_input import (IMAGE_PART_TYPES, ImageRef, for_template, image_placeholder, image_ref,
-                                     load_images, takes_images)
+from lmserve.server.mm_input import (IMAGE_PART_TYPES, ImageRef, for_template, image_max_tokens, image_placeholder,
+                                     image_ref, load_images, takes_images, with_prompt_count)
 from lmserve.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                      ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse,
                                      DeltaMessage)
@@ -185,7 +185,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
     params = make_params(
         {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
          "logprobs": "top_logprobs", "min_tokens": "min_new_tokens"},
-        n=n, max_tokens=state.clip_max_tokens(requested, len(prompt_ids)), min_tokens=req.min_new_tokens,
+        n=n, max_tokens=image_max_tokens(state, requested, len(prompt_ids), images), min_tokens=req.min_new_tokens,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, logit_bias=parse_logit_bias(req.logit_bias), seed=req.seed,
@@ -201,7 +201,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
     try:
         stream = await state.open_generation(raw, request_id, prompt_ids, params,
                                              session_id=req.session_id if use_session else None,
-                                             prompt_param="messages", images=images)
+                                             prompt_param="messages", images=images, prompt_text=prompt_text)
     except BaseException:
         if use_session:
             state.sessions.release(session)
@@ -209,9 +209,12 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
     if use_session:
         stream = state.sessions.track(session, stream, prompt_ids, prompt_text=prompt_text)
 
+    num_prompt_tokens = len(prompt_ids)
+    if images:      # the engine's prompt has the image tokens too
+        num_prompt_tokens, stream = await with_prompt_count(stream)
     starts_in_reasoning = prompt_text is not None and prompt_text.rstrip().endswith("<think>")
     output = ChatOutput(tools, state.reasoning_parser, starts_in_reasoning)
-    return ChatJob(request_id, len(prompt_ids), output, stream)
+    return ChatJob(request_id, num_prompt_tokens, output, stream)
 
 
 class _ChatView:

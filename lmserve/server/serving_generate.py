@@ -77,7 +77,7 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
         stream = await state.open_generation(raw, request_id, prompt_ids, params,
                                              session_id=req.session_id if keep else None,
                                              abort_key=req.session_id if use_session else None,
-                                             prompt_param=prompt_param, images=images)
+                                             prompt_param=prompt_param, images=images, prompt_text=prompt)
     except BaseException:
         if session is not None:
             state.sessions.release(session)
