@@ -44,7 +44,8 @@ def vision_server(tmp_path_factory, media_dir, smollm2_path):
     path = vlm_builders.make_random_vlm("llava", str(tmp_path_factory.mktemp("llava")))
     server = start_api_server(tmp_path_factory.mktemp("vision_server"), path, *API_SERVER_ARGS,
                               "--allowed-local-media-path", str(media_dir),
-                              "--limit-mm-per-prompt", f"image={MAX_IMAGES}", "--max-image-pixels", str(1 << 22))
+                              "--limit-mm-per-prompt", f"image={MAX_IMAGES}", "--max-image-pixels", str(1 << 22),
+                              "--kernels", "torch")
     yield server
     server.stop()
 
