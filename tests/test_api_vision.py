@@ -14,8 +14,6 @@ from conftest import API_SERVER_ARGS, start_api_server
 from PIL import Image
 from test_media import media_server, png, png_header_only  # noqa: F401 - the 127.0.0.1 image server fixture
 
-vlm_builders = pytest.importorskip("vlm_builders", reason="needs the vision models (tests/vlm_builders.py)")
-
 pytestmark = pytest.mark.timeout(600)
 MAX_IMAGES = 3
 
@@ -41,6 +39,7 @@ def media_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vision_server(tmp_path_factory, media_dir, smollm2_path):
+    vlm_builders = pytest.importorskip("vlm_builders", reason="needs the vision models (tests/vlm_builders.py)")
     path = vlm_builders.make_random_vlm("llava", str(tmp_path_factory.mktemp("llava")))
     server = start_api_server(tmp_path_factory.mktemp("vision_server"), path, *API_SERVER_ARGS,
                               "--allowed-local-media-path", str(media_dir),
@@ -194,14 +193,14 @@ def test_limits_and_first_frames(vision_server, model):
 
 
 def test_text_only_model_keeps_its_400(api_server_url):
-    body = {"messages": image_message(uri(png())), "max_tokens": 2}
+    card = httpx.get(f"{api_server_url}/v1/models").json()["data"][0]
+    assert card["architecture"]["input_modalities"] == ["text"]
+    body = {"model": card["id"], "messages": image_message(uri(png())), "max_tokens": 2}
     r = httpx.post(f"{api_server_url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "not_supported"
     assert r.json()["error"]["param"] == "messages[0].content[0]"
     r = httpx.post(f"{api_server_url}/generate", json={"prompt": "x", "image_data": uri(png())}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "image_data"
-    card = httpx.get(f"{api_server_url}/v1/models").json()["data"][0]
-    assert card["architecture"]["input_modalities"] == ["text"]
 
 
 @pytest.mark.slow
