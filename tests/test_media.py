@@ -290,9 +290,9 @@ def test_responses_and_messages_images_become_chat_parts():
     out = normalize_messages(msgs, image_refs=refs)
     assert out[0]["content"] == [{"type": "text", "text": "what?"}, {"type": "image"}]
     assert [(r.param, r.url) for r in refs] == [("input[0].content[1].image_url", url)]
-    with pytest.raises(APIError) as info:       # a text-only model names the Responses field
+    with pytest.raises(APIError) as info:       # a text-only model names the Responses part
         normalize_messages(msgs)
-    assert info.value.param == "input[0].content[1].image_url"
+    assert info.value.param == "input[0].content[1]"
 
     b64 = base64.b64encode(png()).decode()
     req = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [

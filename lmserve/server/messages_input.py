@@ -39,7 +39,7 @@ def image_block(block: dict[str, Any], where: str) -> dict[str, Any]:
         url = source.get("url")
     else:
         raise not_supported(f"{where}.source.type", f"an image source of type {kind!r}")
-    return chat_image_part(url, None, f"{where}.source")
+    return chat_image_part(url, None, where, "source")
 
 
 def _messages(req: MessagesCountTokensRequest) -> list[dict[str, Any]]:

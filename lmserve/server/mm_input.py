@@ -40,7 +40,7 @@ def image_placeholder(engine) -> str:
 def image_ref(part: dict[str, Any], param: str) -> ImageRef:
     """An OpenAI `image_url` part (the URL as a string or {"url", "detail"}) -> ImageRef."""
     value = part.get("image_url")
-    where = part.get("_where") or f"{param}.image_url"
+    where = f"{part['_where']}.{part['_field']}" if part.get("_where") else f"{param}.image_url"
     if isinstance(value, dict):
         detail = value.get("detail")
         if detail is not None and detail not in _DETAILS:
@@ -52,10 +52,10 @@ def image_ref(part: dict[str, Any], param: str) -> ImageRef:
     return ImageRef(where, value)
 
 
-def chat_image_part(url: Any, detail: Any, where: str) -> dict[str, Any]:
+def chat_image_part(url: Any, detail: Any, where: str, field: str) -> dict[str, Any]:
     """An image from another API's request (Responses input_image, Anthropic image block) as a chat image_url
-    part; `_where` keeps the original field's name for the errors the chat path raises."""
-    return {"type": "image_url", "image_url": {"url": url, "detail": detail}, "_where": where}
+    part; `_where` (the part) and `_field` (its URL's field) keep the original names for the chat path's errors."""
+    return {"type": "image_url", "image_url": {"url": url, "detail": detail}, "_where": where, "_field": field}
 
 
 async def load_images(refs: list[ImageRef], config: MediaConfig) -> list:

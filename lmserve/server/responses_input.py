@@ -40,7 +40,7 @@ def _content_of(content: Any, param: str) -> str | list[dict[str, Any]]:
         if isinstance(part, dict) and part.get("type") == "input_image":
             if part.get("image_url") is None and part.get("file_id") is not None:
                 raise not_supported(f"{param}[{j}].file_id", "input_image with a file_id (send image_url)")
-            parts.append(chat_image_part(part.get("image_url"), part.get("detail"), f"{param}[{j}].image_url"))
+            parts.append(chat_image_part(part.get("image_url"), part.get("detail"), f"{param}[{j}]", "image_url"))
         else:
             parts.append({"type": "text", "text": _text_of([part], f"{param}[{j}]")})
     return parts
