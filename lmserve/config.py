@@ -282,6 +282,24 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    """Bounds on images in requests (server/media.py, server/media_fetch.py); every one is a flag."""
+    limit_images_per_prompt: int = 8          # --limit-mm-per-prompt image=N
+    allowed_local_media_path: str | None = None   # file:// URLs only under this directory; None: refused
+    allow_remote_media: bool = True           # http(s) image URLs; --no-remote-media turns them off
+    fetch_timeout: float = 10.0               # seconds for one remote image, redirects included
+    max_redirects: int = 3
+    max_image_bytes: int = 20 << 20           # one encoded image (data: URI, file or download)
+    max_image_pixels: int = 1 << 26           # width x height (8192 x 8192); decompression bombs get 400
+
+    def __post_init__(self):
+        if self.limit_images_per_prompt < 0 or self.max_redirects < 0:
+            raise ValueError("limit_images_per_prompt and max_redirects must be >= 0")
+        if self.fetch_timeout <= 0 or self.max_image_bytes < 1 or self.max_image_pixels < 1:
+            raise ValueError("fetch_timeout, max_image_bytes and max_image_pixels must be > 0")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     server_name: str = "0.0.0.0"
     server_port: int = 23333
@@ -317,6 +335,7 @@ class ServerConfig:
     # a finished prompt's KV for its decode server (also a decode server's wait for one KV transfer reply)
     role: str = "hybrid"
     migration_timeout: float = 60.0
+    media: MediaConfig = field(default_factory=MediaConfig)   # image inputs on vision-language models
 
     def __post_init__(self):
         if self.max_concurrent_requests < 1:

@@ -38,6 +38,8 @@ PEER_SPELLING = {
     "--tool-call-parser": "LMDeploy and vLLM `--tool-call-parser`",
     "--reasoning-parser": "LMDeploy and vLLM `--reasoning-parser`",
     "--model-name": "LMDeploy `--model-name`; vLLM `--served-model-name`",
+    "--limit-mm-per-prompt": "vLLM `--limit-mm-per-prompt` (`image=N` or JSON)",
+    "--allowed-local-media-path": "vLLM `--allowed-local-media-path`",
 }
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmserve.cli.media_args import add_media_args, build_media_config
+
 
 def _add_security_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("roles and TLS (docs/operations.md)")
@@ -64,6 +66,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="most prompts in one completions request / inputs in one embeddings request")
     g.add_argument("--responses-store-size", type=int, default=d.responses_store_size,
                    help="responses kept in memory for previous_response_id (/v1/responses, store=true; LRU)")
+    add_media_args(p)
     p.add_argument("--allow-terminate-by-client", action="store_true", help="enable GET /terminate")
     p.add_argument("--role", default=d.role, choices=("hybrid", "prefill", "decode"),
                    help="prefill-decode disaggregation: the role reported to the proxy (docs/architecture.md)")
@@ -98,7 +101,7 @@ def build_server_config(args: argparse.Namespace):
                         admin_api_keys=tuple(args.admin_api_keys or ()), proxy_admin_key=args.proxy_admin_key,
                         ssl_keyfile=tls.keyfile, ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs,
                         responses_store_size=args.responses_store_size, role=args.role,
-                        migration_timeout=args.migration_timeout)
+                        migration_timeout=args.migration_timeout, media=build_media_config(args))
 
 
 # ---- lmserve serve proxy / launch (owned by the proxy package) -------------------------------------------
@@ -117,6 +120,9 @@ def _add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-response-routes", type=int, default=d.max_response_routes,
                    help="response ids remembered with their node, for previous_response_id (LRU)")
     p.add_argument("--node-file", default=None, help="JSON file the node list is saved to and restored from")
+    p.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                   help="larger request bodies get 413; image requests are large (base64 data: URIs): keep it at "
+                        "least the nodes' own limit")
     p.add_argument("--allowed-node-hosts", nargs="*", default=None,
                    help="CIDRs / hostnames the proxy may ever connect to as nodes (default: any)")
     p.add_argument("--node-ca-certs", default=None, help="CA that https:// nodes' certificates must chain to")
@@ -153,4 +159,4 @@ def build_proxy_config(args: argparse.Namespace):
                        ssl_certfile=tls.certfile, ssl_ca_certs=tls.ca_certs, breaker_threshold=args.breaker_threshold,
                        breaker_cooldown=args.breaker_cooldown, retry_backoff=args.retry_backoff,
                        max_response_routes=args.max_response_routes,
-                       serving_strategy=args.serving_strategy)
+                       serving_strategy=args.serving_strategy, max_request_body_bytes=args.max_request_body_bytes)

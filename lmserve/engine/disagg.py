@@ -137,9 +137,14 @@ class DisaggEngine:
                 "num_bytes_served": self.server.num_bytes_sent if self.server else 0}
 
     # ---- generation ----------------------------------------------------------------------------------------
-    async def generate(self, request_id, prompt, params, *, session_id=None):
+    async def generate(self, request_id, prompt, params, *, session_id=None, images=None):
         job = CURRENT.get()
-        if isinstance(job, PrefillJob):
+        if images and isinstance(job, (PrefillJob, Migration)):
+            # NOTE: a migrated KV cache would need the images' encoder outputs placed the same way: not done yet
+            raise ValueError("images are not supported with prefill-decode disaggregation yet")
+        if images:
+            gen = self._inner.generate(request_id, prompt, params, session_id=session_id, images=images)
+        elif isinstance(job, PrefillJob):
             gen = self._prefill(job, request_id, prompt, params, session_id)
         elif isinstance(job, Migration):
             gen = self._decode(job, request_id, prompt, params)

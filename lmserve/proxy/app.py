@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import PlainTextResponse, Response
 
 from lmserve.proxy.allowlist import NodeHostPolicy
+from lmserve.proxy.body_limit import BodyLimit
 from lmserve.proxy.agent_routes import ResponseRoutes, agent_router
 from lmserve.proxy.config import ProxyConfig
 from lmserve.proxy.distserve import DistServe, distserve_router
@@ -229,4 +230,5 @@ def build_app(config: ProxyConfig | None = None) -> FastAPI:
     app.include_router(distserve_router())
     mount_web(app)
     app.add_middleware(ControlGuard, policy=app.state.access)
+    app.add_middleware(BodyLimit, limit=config.max_request_body_bytes)
     return app

@@ -48,6 +48,8 @@ class ProxyConfig:
     max_sessions: int = 100_000           # session_id -> node pins remembered (LRU)
     max_response_routes: int = 100_000    # /v1/responses id -> node remembered for previous_response_id (LRU)
     serving_strategy: str = "Hybrid"      # DistServe: prefill and decode on nodes of those roles
+    # 413 beyond; image requests carry base64 data: URIs, so keep it >= the nodes' own --max-request-body-bytes
+    max_request_body_bytes: int = 16 << 20
     log_level: str = "INFO"
 
     def __post_init__(self):
@@ -59,6 +61,8 @@ class ProxyConfig:
             raise ValueError("health_check_interval must be > 0")
         if self.health_check_timeout <= 0:
             raise ValueError("health_check_timeout must be > 0")
+        if self.max_request_body_bytes < 1:
+            raise ValueError("max_request_body_bytes must be >= 1")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         if self.retry_backoff < 0 or self.retry_backoff_max < 0:

@@ -22,6 +22,7 @@ from lmserve.server.auth import AccessPolicy, ControlGuard
 from lmserve.server.errors import APIError, install_error_handlers
 from lmserve.server.middleware import ServerMiddleware
 from lmserve.server.anthropic_errors import AnthropicErrors
+from lmserve.server.mm_input import model_architecture
 from lmserve.server.protocol import (AbortRequest, ChatCompletionRequest, ChatCompletionResponse,
                                      ChatInteractiveRequest, ChatInteractiveResponse, CompletionRequest,
                                      CompletionResponse, EmbeddingsRequest, EmbeddingsResponse, EncodeRequest,
@@ -61,7 +62,8 @@ def openai_router() -> APIRouter:
         """Show available models."""
         card = ModelCard(id=state.model_name, created=state.created, root=state.engine.model_path,
                          max_model_len=state.max_model_len, tp=state.engine.config.tp,
-                         permission=[ModelPermission()], generation_defaults=state.generation_defaults)
+                         permission=[ModelPermission()], generation_defaults=state.generation_defaults,
+                         architecture=model_architecture(state.engine))
         return _json(ModelList(data=[card]))
 
     @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,

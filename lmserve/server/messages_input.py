@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from lmserve.server.errors import APIError, not_supported
+from lmserve.server.mm_input import chat_image_part
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.protocol.anthropic import UNSUPPORTED_FIELDS, MessagesCountTokensRequest, MessagesRequest
 from lmserve.server.serving_common import reject_if_set
@@ -24,6 +25,21 @@ def _text(blocks: Any, param: str) -> str:
             raise not_supported(f"{param}[{j}]", f"a content block of type {kind!r} here")
         texts.append(str(b.get("text", "")))
     return "\n".join(texts)
+
+
+def image_block(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """An Anthropic image block (source base64 or url) -> a chat image_url part."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        if not isinstance(source.get("data"), str) or not isinstance(source.get("media_type"), str):
+            raise APIError(400, f"{where}.source needs media_type and data", param=f"{where}.source")
+        url = f"data:{source['media_type']};base64,{source['data']}"
+    elif kind == "url":
+        url = source.get("url")
+    else:
+        raise not_supported(f"{where}.source.type", f"an image source of type {kind!r}")
+    return chat_image_part(url, None, where, "source")
 
 
 def _messages(req: MessagesCountTokensRequest) -> list[dict[str, Any]]:
@@ -44,12 +60,15 @@ def _messages(req: MessagesCountTokensRequest) -> list[dict[str, Any]]:
         if not isinstance(content, list):
             raise APIError(400, f"{param}.content must be a string or a list of content blocks",
                            param=f"{param}.content")
-        texts, calls, results = [], [], []
+        texts, calls, results, parts = [], [], [], []
         for j, b in enumerate(content):
             kind = b.get("type") if isinstance(b, dict) else None
             where = f"{param}.content[{j}]"
             if kind == "text":
                 texts.append(str(b.get("text", "")))
+                parts.append({"type": "text", "text": texts[-1]})
+            elif kind == "image" and role == "user":
+                parts.append(image_block(b, where))
             elif kind in ("thinking", "redacted_thinking") and role == "assistant":
                 continue      # earlier thinking is not shown to the model again, as chat templates drop it too
             elif kind == "tool_use" and role == "assistant":
@@ -72,6 +91,8 @@ def _messages(req: MessagesCountTokensRequest) -> list[dict[str, Any]]:
             if calls:
                 turn["tool_calls"] = calls
             out.append(turn)
+        elif len(parts) > len(texts):       # images: the parts in order
+            out.append({"role": "user", "content": parts})
         elif texts or not results:
             out.append({"role": "user", "content": "\n".join(texts)})
     return out

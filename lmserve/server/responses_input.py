@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from lmserve.server.errors import APIError, not_supported
+from lmserve.server.mm_input import chat_image_part
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.protocol.responses import BUILTIN_TOOLS, UNSUPPORTED_FIELDS, ResponsesRequest
 from lmserve.server.serving_common import reject_if_set
@@ -29,6 +30,22 @@ def _text_of(content: Any, param: str) -> str:
     return "\n".join(texts)
 
 
+def _content_of(content: Any, param: str) -> str | list[dict[str, Any]]:
+    """Message content -> text, or (with input_image parts) chat content parts in order."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "input_image"
+                                                for p in content):
+        return _text_of(content, param)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            if part.get("image_url") is None and part.get("file_id") is not None:
+                raise not_supported(f"{param}[{j}].file_id", "input_image with a file_id (send image_url)")
+            parts.append(chat_image_part(part.get("image_url"), part.get("detail"), f"{param}[{j}]", "image_url"))
+        else:
+            parts.append({"type": "text", "text": _text_of([part], f"{param}[{j}]")})
+    return parts
+
+
 def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`input` -> chat messages (OpenAI chat format: assistant tool_calls, role=tool results)."""
     if isinstance(items, str):
@@ -44,7 +61,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             if role not in ("user", "system", "developer", "assistant"):
                 raise APIError(400, f"{param}.role must be user, system, developer or assistant, got {role!r}",
                                param=f"{param}.role")
-            out.append({"role": role, "content": _text_of(item.get("content", ""), f"{param}.content")})
+            out.append({"role": role, "content": _content_of(item.get("content", ""), f"{param}.content")})
         elif kind == "function_call":
             for key in ("call_id", "name"):
                 if not isinstance(item.get(key), str):

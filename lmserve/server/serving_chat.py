@@ -16,6 +16,8 @@ from lmserve.server.chat_output import ChatOutput
 from lmserve.server.chat_tools import ToolCalls, message_for_template, template_renders_tools
 from lmserve.server.errors import APIError, not_supported
 from lmserve.server.limits import check_limits
+from lmserve.server.mm_input import (IMAGE_PART_TYPES, ImageRef, for_template, image_max_tokens, image_placeholder,
+                                     image_ref, load_images, takes_images, with_prompt_count)
 from lmserve.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
                                      ChatCompletionResponseStreamChoice, ChatCompletionStreamResponse,
                                      DeltaMessage)
@@ -27,10 +29,11 @@ from lmserve.server.structured import guided_from_request
 _UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "mm_processor_kwargs")
 
 
-def normalize_messages(messages: list[dict[str, Any]], param: str = "messages",
-                       renders_tools: bool = True) -> list[dict[str, Any]]:
-    """OpenAI messages -> what chat templates expect: text content parts joined; images refused; assistant
-    tool calls and `tool` results rendered as the template can (server/chat_tools.py)."""
+def normalize_messages(messages: list[dict[str, Any]], param: str = "messages", renders_tools: bool = True,
+                       image_refs: list[ImageRef] | None = None) -> list[dict[str, Any]]:
+    """OpenAI messages -> what chat templates expect: text content parts joined; assistant tool calls and `tool`
+    results rendered as the template can (server/chat_tools.py). Image parts are refused unless `image_refs`
+    collects them (a vision model): such a message keeps a list of text and {"type": "image"} items."""
     out = []
     for i, msg in enumerate(messages):
         role = msg.get("role")
@@ -44,16 +47,26 @@ def normalize_messages(messages: list[dict[str, Any]], param: str = "messages",
                            param=f"{param}[{i}].tool_calls")
         content = msg.get("content")
         if isinstance(content, list):
-            texts = []
+            texts, items = [], []
             for j, part in enumerate(content):
                 if isinstance(part, str):
                     texts.append(part)
                 elif isinstance(part, dict) and part.get("type") == "text":
                     texts.append(str(part.get("text", "")))
+                elif isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES and image_refs is not None:
+                    image_refs.append(image_ref(part, f"{param}[{i}].content[{j}]"))
+                    items += [{"type": "text", "text": "\n".join(texts)}] if texts else []
+                    items.append({"type": "image"})
+                    texts = []
+                    continue
                 else:
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise not_supported(f"{param}[{i}].content[{j}]", f"a content part of type {kind!r}")
-            content = "\n".join(texts)
+                    where = (part.get("_where") if isinstance(part, dict) else None) or f"{param}[{i}].content[{j}]"
+                    raise not_supported(where, f"a content part of type {kind!r}")
+            if items:
+                content = items + ([{"type": "text", "text": "\n".join(texts)}] if texts else [])
+            else:
+                content = "\n".join(texts)
         elif content is None:
             content = ""
         elif not isinstance(content, str):
@@ -142,6 +155,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
 
     use_session = req.session_id is not None and req.session_id >= 0
     session = state.sessions.get(req.session_id) if use_session else None
+    images = None
     if isinstance(req.messages, str) and not req.do_preprocess:
         prompt_text, messages = None, None
         prompt_ids = await state.encode(req.messages, "messages", add_special_tokens=True)
@@ -151,7 +165,13 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
                            param="do_preprocess")
         messages = [{"role": "user", "content": req.messages}] if isinstance(req.messages, str) else req.messages
         template = state.tokenizer.chat_template
-        messages = normalize_messages(messages, renders_tools=template_renders_tools(template))
+        refs: list[ImageRef] | None = [] if takes_images(state.engine) else None
+        messages = normalize_messages(messages, renders_tools=template_renders_tools(template), image_refs=refs)
+        if refs:
+            if use_session:
+                raise not_supported("session_id", "session_id with images")
+            images = await load_images(refs, state.config.media)
+            messages = for_template(messages, template, image_placeholder(state.engine))
         messages, tool_kwargs = tools.prepare_messages(messages, template)
         prompt_text = render_chat(state, messages, {**template_kwargs, **tool_kwargs})
         state.check_text_fits(prompt_text, "messages")
@@ -165,7 +185,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
     params = make_params(
         {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
          "logprobs": "top_logprobs", "min_tokens": "min_new_tokens"},
-        n=n, max_tokens=state.clip_max_tokens(requested, len(prompt_ids)), min_tokens=req.min_new_tokens,
+        n=n, max_tokens=image_max_tokens(state, requested, len(prompt_ids), images), min_tokens=req.min_new_tokens,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, logit_bias=parse_logit_bias(req.logit_bias), seed=req.seed,
@@ -181,7 +201,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
     try:
         stream = await state.open_generation(raw, request_id, prompt_ids, params,
                                              session_id=req.session_id if use_session else None,
-                                             prompt_param="messages")
+                                             prompt_param="messages", images=images, prompt_text=prompt_text)
     except BaseException:
         if use_session:
             state.sessions.release(session)
@@ -189,9 +209,12 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, raw: Reques
     if use_session:
         stream = state.sessions.track(session, stream, prompt_ids, prompt_text=prompt_text)
 
+    num_prompt_tokens = len(prompt_ids)
+    if images:      # the engine's prompt has the image tokens too
+        num_prompt_tokens, stream = await with_prompt_count(stream)
     starts_in_reasoning = prompt_text is not None and prompt_text.rstrip().endswith("<think>")
     output = ChatOutput(tools, state.reasoning_parser, starts_in_reasoning)
-    return ChatJob(request_id, len(prompt_ids), output, stream)
+    return ChatJob(request_id, num_prompt_tokens, output, stream)
 
 
 class _ChatView:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.server.errors import APIError
 from lmserve.server.limits import check_limits
+from lmserve.server.mm_input import generate_images
 from lmserve.server.protocol import GenerateMetaInfo, GenerateRequest, GenerateResponse
 from lmserve.server.serving_common import (SSE_DONE, clamp_logprob, last_output, make_params, reject_if_set, sse,
                                            sse_error, with_generation_defaults)
@@ -35,17 +36,19 @@ def finish_reason_dict(o: CompletionOutput) -> dict | None:
 
 async def generate(state: ServerState, req: GenerateRequest, raw: Request):
     req = with_generation_defaults(req, state.generation_defaults)
-    reject_if_set(req, ("image_data", "mm_processor_kwargs", "return_routed_experts"))
+    reject_if_set(req, ("mm_processor_kwargs", "return_routed_experts"))
     if (req.prompt is None) == (req.input_ids is None):
         raise APIError(400, "give exactly one of prompt or input_ids", param="prompt")
     check_limits(state.config, stop=req.stop, stop_token_ids=req.stop_token_ids)
     state.check_available()
     use_session = req.session_id is not None and req.session_id >= 0
     continuing = use_session and req.sequence_start is False
+    prompt, images = await generate_images(state.engine, state.config.media, req.image_data, req.prompt,
+                                           use_session)
     if req.input_ids is not None:
         new_ids = list(req.input_ids)
     else:
-        new_ids = await state.encode(req.prompt, "prompt", add_special_tokens=not continuing)
+        new_ids = await state.encode(prompt, "prompt", add_special_tokens=not continuing)
     prompt_param = "input_ids" if req.input_ids is not None else "prompt"
 
     request_id = random_id("gen")
@@ -74,7 +77,7 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
         stream = await state.open_generation(raw, request_id, prompt_ids, params,
                                              session_id=req.session_id if keep else None,
                                              abort_key=req.session_id if use_session else None,
-                                             prompt_param=prompt_param)
+                                             prompt_param=prompt_param, images=images, prompt_text=prompt)
     except BaseException:
         if session is not None:
             state.sessions.release(session)

@@ -162,14 +162,19 @@ class ServerState:
     # ---- generation ----------------------------------------------------------------------------------------
     async def open_generation(self, request: Request | None, request_id: str, prompt_token_ids: list[int],
                               params: SamplingParams, *, session_id: int | None = None,
-                              abort_key: int | None = None,
-                              prompt_param: str = "prompt") -> AsyncIterator[RequestOutput]:
+                              abort_key: int | None = None, prompt_param: str = "prompt",
+                              images: list | None = None, prompt_text: str | None = None
+                              ) -> AsyncIterator[RequestOutput]:
         """Start an engine request and wait for its first output, so that bad input is an HTTP error rather than
-        a broken stream. Returns an iterator over all outputs (the first included).
+        a broken stream. Returns an iterator over all outputs (the first included). With `images`, `prompt_text`
+        is what the engine gets (`prompt_token_ids` still sized the request).
 
         `session_id` pins the request's KV blocks for the session in the engine; `abort_key` (default: the
         session id) is the id POST /abort_request {"session_id": ...} finds it by."""
-        stream = self.engine.generate(request_id, prompt_token_ids, params, session_id=session_id)
+        # NOTE: with images the engine gets the prompt text (its processor expands each image placeholder into the
+        # image's tokens); `images` only when there are some, so a text-only engine is called as before
+        prompt, extra = (prompt_text, {"images": images}) if images else (prompt_token_ids, {})
+        stream = self.engine.generate(request_id, prompt, params, session_id=session_id, **extra)
         self.inflight[request_id] = session_id if session_id is not None else abort_key
         self.register(request, request_id)
         try:

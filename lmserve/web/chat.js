@@ -1,5 +1,6 @@
 // The chat playground: conversations (kept in localStorage), streaming replies, Stop / regenerate / edit.
 import { getJSON, streamChat } from './api.js';
+import { hasAttachments, initAttach, setImagesEnabled, takeAttachments } from './attach.js';
 import { copyButton, mergeToolCallDeltas, renderMarkdown, renderReasoning, renderToolCalls } from './render.js';
 import * as store from './store.js';
 
@@ -9,6 +10,7 @@ const MODEL_STORE = 'lmserve.model';
 let conversations = [];
 let current = null;        // the conversation shown
 let controller = null;     // AbortController of the reply streaming now, if any
+let takesImages = new Set();   // models whose /v1/models card lists image input
 
 export function showError(text) {
   const el = $('error');
@@ -50,6 +52,10 @@ function requestBody(messages) {
     // NOTE: replies that failed before any text are shown, not sent back to the model.
     if (m.role === 'assistant' && !m.content && !m.tool_calls?.length) continue;
     const msg = { role: m.role, content: m.content };
+    if (m.images?.length) {     // images first, then the text: the order LLaVA-style prompts are trained on
+      msg.content = [...m.images.map((url) => ({ type: 'image_url', image_url: { url } })),
+        ...(m.content ? [{ type: 'text', text: m.content }] : [])];
+    }
     if (m.tool_calls?.length) msg.tool_calls = m.tool_calls;
     body.messages.push(msg);
   }
@@ -97,6 +103,11 @@ function messageNode(msg, index) {
   node.append(el('div', 'role', msg.role === 'user' ? 'You' : 'Assistant'));
   const actions = el('div', 'actions');
   if (msg.role === 'user') {
+    if (msg.images?.length) {
+      const images = el('div', 'images');
+      images.append(...msg.images.map((url, i) => Object.assign(el('img'), { src: url, alt: `image ${i + 1}` })));
+      node.append(images);
+    }
     node.append(el('div', 'text', msg.content));
     actions.append(button('Edit', () => startEdit(node, index), { className: 'edit-btn' }));
     actions.append(copyButton(() => msg.content));
@@ -159,29 +170,31 @@ function startEdit(node, index) {
   const text = node.querySelector('.text');
   const area = el('textarea', 'edit');
   area.value = current.messages[index].content;
+  const images = current.messages[index].images ?? [];   // an edited message keeps its images
   area.rows = Math.min(10, area.value.split('\n').length + 1);
   area.setAttribute('aria-label', 'Edit message');
   const actions = node.querySelector('.actions');
   actions.replaceChildren(
-    button('Send', () => { current.messages = current.messages.slice(0, index); send(area.value); },
+    button('Send', () => { current.messages = current.messages.slice(0, index); send(area.value, images); },
       { className: 'primary' }),
     button('Cancel', render));
   area.addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
       current.messages = current.messages.slice(0, index);
-      send(area.value);
+      send(area.value, images);
     }
   });
   text.replaceWith(area);
   area.focus();
 }
 
-export function send(text) {
-  if (controller || !text.trim()) return;
+export function send(text, keptImages = []) {
+  if (controller || (!text.trim() && !hasAttachments() && !keptImages.length)) return;
   showError('');
-  if (!current.messages.length) current.title = text.trim().slice(0, 48);
-  current.messages.push({ role: 'user', content: text });
+  if (!current.messages.length) current.title = text.trim().slice(0, 48) || 'Image';
+  const images = [...keptImages, ...takeAttachments()];
+  current.messages.push(images.length ? { role: 'user', content: text, images } : { role: 'user', content: text });
   generate();
 }
 
@@ -265,13 +278,17 @@ async function generate() {
 export async function loadModels() {
   const select = $('model');
   try {
-    const models = (await getJSON('v1/models')).data.map((m) => m.id);
+    const cards = (await getJSON('v1/models')).data;
+    const models = cards.map((m) => m.id);
     const wanted = localStorage.getItem(MODEL_STORE);
+    takesImages = new Set(cards.filter((m) => m.architecture?.input_modalities?.includes('image')).map((m) => m.id));
     select.replaceChildren(...models.map((id) => new Option(id, id, false, id === wanted)));
+    setImagesEnabled(takesImages.has(select.value));
     if (!models.length) showError('The server lists no models (a proxy with no healthy node?).');
     else if ($('error').textContent.startsWith('Cannot list models')) showError('');
   } catch (e) {
     select.replaceChildren();
+    setImagesEnabled(false);
     showError(`Cannot list models: ${e.message}`);
   }
 }
@@ -288,11 +305,15 @@ export function initChat() {
   $('settings').addEventListener('input', () => store.saveSettings(readSettings()));
   if (window.matchMedia('(min-width: 801px)').matches) $('settings').open = true;
 
-  $('model').addEventListener('change', () => localStorage.setItem(MODEL_STORE, $('model').value));
+  $('model').addEventListener('change', () => {
+    localStorage.setItem(MODEL_STORE, $('model').value);
+    setImagesEnabled(takesImages.has($('model').value));
+  });
+  initAttach(showError);
   $('composer').addEventListener('submit', (e) => {
     e.preventDefault();
     const text = $('prompt').value;
-    if (controller || !text.trim()) return;
+    if (controller || (!text.trim() && !hasAttachments())) return;
     $('prompt').value = '';
     send(text);
   });

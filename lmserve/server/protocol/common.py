@@ -67,6 +67,8 @@ class ModelCard(_Model):
     permission: list[ModelPermission] = Field(default_factory=list)
     # lmserve: the sampling settings requests get for fields they leave out (--generation-config)
     generation_defaults: dict[str, float | int] | None = None
+    # OpenRouter's shape: {"modality": "text+image->text", "input_modalities": [...], "output_modalities": [...]}
+    architecture: dict[str, str | list[str]] | None = None
 
 
 class ModelList(_Model):
