@@ -45,8 +45,10 @@ def instrument(engine: LLMEngine) -> None:
     for name, fn in list(table.impls.items()):
         if name == "gguf_matmul":
             def key(x, w, bias=None, int8=False, *a, **k):
-                n, kk = w.shape
-                return f"gguf_matmul {'head ' if n > 20000 else ''}{n}x{kk} ({w.qtype}{', int8' if int8 else ''})"
+                parts = w if isinstance(w, (list, tuple)) else [w]
+                n, kk = sum(p.shape[0] for p in parts), parts[0].shape[1]
+                qt = "+".join(p.qtype for p in parts)
+                return f"gguf_matmul {'head ' if n > 20000 else ''}{n}x{kk} ({qt}{', int8' if int8 else ''})"
             table.__dict__[name] = timed(key, fn)
         else:
             table.__dict__[name] = timed(lambda *a, _n=name, **k: _n, fn)

@@ -83,6 +83,30 @@ def test_gguf_matmul_matches_float64(qtype, isa, isa_level):
                 assert ((y - x.double() @ w64.T).abs() <= bound).all(), (qtype, isa, rows)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_stacked_parts_are_one_matmul(isa, isa_level):
+    """A fused layer (q/k/v, gate/up) passes its parts as a list, of mixed types as in Q4_K_M files: one call, the
+    activations quantized once, each part's rows in its own columns; the same result as the parts one by one."""
+    isa_level(isa)
+    k = 512
+    parts = [random_weight("Q4_0", 40, k, seed=1), random_weight("Q6_K", 9, k, seed=2),
+             random_weight("Q4_K", 23, k, seed=3, pad=7)]
+    w64 = torch.cat([p.dequantize() for p in parts]).double()
+    for rows in (1, 3, DOT_MAX_ROWS[True] + 5):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        for int8 in (False, True):
+            with ops.use(cpu_table()):
+                y = ops.gguf_matmul(x, parts, None, int8)
+                one_by_one = torch.cat([ops.gguf_matmul(x, p, None, int8) for p in parts], 1)
+            ref = ops.gguf_matmul(x, parts, None, int8)                   # no table active: the reference
+            assert y.shape == (rows, w64.shape[0])
+            torch.testing.assert_close(y, one_by_one, rtol=0, atol=0)
+            seen = quantize_activations(x) if int8 and rows <= DOT_MAX_ROWS[True] else x
+            s = seen.double().abs() @ w64.abs().T
+            assert ((y.double() - seen.double() @ w64.T).abs() <= 1e-5 * s).all(), (isa, rows, int8)
+            assert ((ref.double() - y.double()).abs() <= 2e-5 * s).all(), (isa, rows, int8)
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_cpu_arm_agrees_with_the_reference_and_bias_and_bf16(qtype, monkeypatch):
     monkeypatch.setattr(linear, "_CHUNK_ELEMS", 5000)     # the reference dequantizes a few rows at a time

@@ -14,7 +14,7 @@ Model code calls these functions and never sees which implementation runs:
 | apply_rope        | apply_rope(q [T, h, d], k [T, kvh, d], cos, sin [T, 1, d/2])           | (q, k) rotated (HF rotate_half)    |
 | write_kv          | write_kv(k_cache, v_cache, k [T, kvh, d], v, slot_mapping [T])        | None; rows cast to the cache dtype |
 | rope_write_kv     | rope_write_kv(qkv [T, (h+2kvh)d], cos, sin, k_cache, v_cache, slot_mapping, h, kvh, d) | q [T, h, d] rotated; k rotated and v written to the cache |
-| gguf_matmul       | gguf_matmul(x [T, K], w: GGUFWeight [N, K], bias=None, int8=False)     | x @ W.T (+ bias), [T, N]; int8: activations quantized (linear.py) |
+| gguf_matmul       | gguf_matmul(x [T, K], w: GGUFWeight [N, K] or a list, bias=None, int8=False) | x @ W.T (+ bias), [T, N]; int8: activations quantized (linear.py) |
 | gguf_dequantize   | gguf_dequantize(w: GGUFWeight, rows: LongTensor | None = None)        | float32 [len(rows) or N, K]        |
 | decode_attention  | decode_attention(q [S, h, d], k_cache, v_cache, decode: DecodeBatch, block_size, scale, sliding_window=None) | [S, h, d] |
 | prefill_attention | prefill_attention(q [T, h, d], k_cache, v_cache, group: AttentionGroup, scale) | [S * q_len, h, d], rows of group.token_index |

@@ -61,38 +61,51 @@ def _row_chunks(w: GGUFWeight):
         yield n0, GGUFWeight(w.qtype, w.data[n0:n1], (n1 - n0, k))
 
 
-def _check(x: torch.Tensor, w: GGUFWeight) -> None:
-    n, k = w.shape
-    if x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"gguf_matmul: x must be [M, {k}], got {list(x.shape)}")
-    if w.qtype not in _QTYPE_ID:
-        raise ValueError(f"gguf_matmul: no kernel for GGUF type {w.qtype}; supported: {', '.join(QTYPES)}")
+def _parts(w: GGUFWeight | list[GGUFWeight]) -> list[GGUFWeight]:
+    return list(w) if isinstance(w, (list, tuple)) else [w]
+
+
+def _check(x: torch.Tensor, parts: list[GGUFWeight]) -> None:
+    for w in parts:
+        n, k = w.shape
+        if x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"gguf_matmul: x must be [M, {k}], got {list(x.shape)}")
+        if w.qtype not in _QTYPE_ID:
+            raise ValueError(f"gguf_matmul: no kernel for GGUF type {w.qtype}; supported: {', '.join(QTYPES)}")
 
 
 @register
 class GGUFMatmulOp(CustomOp):
-    """gguf_matmul(x [M, K] float32 or bf16, w: GGUFWeight [N, K], bias=None, int8=False) -> x @ W.T, [M, N]."""
+    """gguf_matmul(x [M, K] float32 or bf16, w: GGUFWeight [N, K] or a list of them stacked along the outputs
+    (fused q/k/v, gate/up; their types may differ), bias=None, int8=False) -> x @ W.T, [M, N]."""
     name = "gguf_matmul"
 
-    def forward_native(self, x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None,
+    def forward_native(self, x: torch.Tensor, w: GGUFWeight | list[GGUFWeight], bias: torch.Tensor | None = None,
                        int8: bool = False) -> torch.Tensor:
-        _check(x, w)
+        parts = _parts(w)
+        _check(x, parts)
         xf = x.float()
         if int8 and x.shape[0] <= DOT_MAX_ROWS[True]:
             xf = quantize_activations(xf)
-        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
-        for n0, part in _row_chunks(w):     # bounded scratch, never a float copy of the whole matrix
-            out[:, n0:n0 + part.shape[0]] = xf @ part.dequantize().to(x.device).t()
+        out = torch.empty(x.shape[0], sum(p.shape[0] for p in parts), dtype=torch.float32, device=x.device)
+        first = 0
+        for w in parts:
+            for n0, part in _row_chunks(w):     # bounded scratch, never a float copy of the whole matrix
+                out[:, first + n0:first + n0 + part.shape[0]] = xf @ part.dequantize().to(x.device).t()
+            first += w.shape[0]
         if bias is not None:
             out.add_(bias.float())
         return out.to(x.dtype)
 
-    def forward_cpu(self, x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None,
+    def forward_cpu(self, x: torch.Tensor, w: GGUFWeight | list[GGUFWeight], bias: torch.Tensor | None = None,
                     int8: bool = False) -> torch.Tensor:
-        _check(x, w)
+        parts = _parts(w)
+        _check(x, parts)
         xf = x.float().contiguous()
-        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-        cpu_lib().gguf_matmul(out, xf, w.data, _QTYPE_ID[w.qtype], int8, DOT_MAX_ROWS[bool(int8)])
+        out = torch.empty(x.shape[0], sum(p.shape[0] for p in parts), dtype=torch.float32)
+        # one call for all parts: the activations are quantized once and one thread team covers every part's rows
+        cpu_lib().gguf_matmul_parts(out, xf, [p.data for p in parts], [_QTYPE_ID[p.qtype] for p in parts], int8,
+                                    DOT_MAX_ROWS[bool(int8)])
         if bias is not None:
             out.add_(bias)
         return out if x.dtype == torch.float32 else out.to(x.dtype)

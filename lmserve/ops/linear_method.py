@@ -60,7 +60,7 @@ class PackedLinear(FloatLinear):
 
 class GGUFLinear(LinearMethod):
     """The layer's weight as GGUF blocks: one GGUFWeight, or several stacked along the outputs (fused q/k/v and
-    gate/up, possibly of different types as in Q4_K_M files) run back to back, so nothing is concatenated."""
+    gate/up, possibly of different types as in Q4_K_M files) in one gguf_matmul call, so nothing is concatenated."""
     kind = "gguf"
 
     def __init__(self, parts: list, dtype: torch.dtype = torch.float32, int8: bool = False):
@@ -73,10 +73,7 @@ class GGUFLinear(LinearMethod):
         return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
 
     def __call__(self, x, bias=None):
-        if len(self.parts) == 1:
-            out = ops.gguf_matmul(x, self.parts[0], None, self.int8)
-        else:
-            out = torch.cat([ops.gguf_matmul(x, p, None, self.int8) for p in self.parts], dim=-1)
+        out = ops.gguf_matmul(x, self.parts[0] if len(self.parts) == 1 else self.parts, None, self.int8)
         return out if bias is None else out.add_(bias)
 
     def embed(self, ids):

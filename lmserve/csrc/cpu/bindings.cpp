@@ -12,6 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_write_kv", &rope_write_kv, nogil);
   m.def("silu_mul", &silu_mul, nogil);
   m.def("gguf_matmul", &gguf_matmul, nogil);
+  m.def("gguf_matmul_parts", &gguf_matmul_parts, nogil);
   m.def("gguf_dequantize", &gguf_dequantize, nogil);
   m.def("gguf_isa", &gguf_isa);
   m.def("gguf_set_isa", &gguf_set_isa);

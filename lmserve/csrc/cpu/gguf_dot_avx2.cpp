@@ -129,6 +129,46 @@ void rows_int8(const DotArgs& p, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
+// Q4_0 with int8 activations, one weight row at a time (rows are contiguous, so the matrix is read as one sequential
+// stream, which measured faster from DRAM than 2 or 4 interleaved rows), blocks in pairs into two accumulators per
+// activation row (one would serialize on the FMA latency). The nibbles stay unsigned (0..15), so maddubs takes them
+// as they are, and the -8 offset comes off as 8 x the activation's lane sums (Act::ls, computed once per call): the
+// same integer dot as the sign trick's, exactly, with three fewer instructions per block and row.
+template <int R>
+ALWAYS_INLINE void q4_0_block(const uint8_t* blk, const int8_t* qx, const int32_t* ls, const float* dx, int64_t K,
+                              int64_t nb, int64_t b, __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+  const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+  const float d = f16(blk);
+  for (int r = 0; r < R; ++r) {
+    const __m256i xv = load32(reinterpret_cast<const uint8_t*>(qx + r * K + b * 32));
+    const __m256i off = _mm256_slli_epi32(load32(reinterpret_cast<const uint8_t*>(ls + (r * nb + b) * 8)), 3);
+    const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones), off);
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[r * nb + b]), acc[r]);
+  }
+}
+
+template <int R>
+void q4_0_int8(const DotArgs& p, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, nb = K / 32;
+  const int8_t* qx = p.a->q.data() + m0 * K;
+  const float* dx = p.a->dx.data() + m0 * nb;
+  const int32_t* ls = p.a->ls.data() + m0 * nb * 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    const uint8_t* row = p.w + n * p.ws;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      q4_0_block<R>(row + b * 18, qx, ls, dx, K, nb, b, acc0);
+      q4_0_block<R>(row + (b + 1) * 18, qx, ls, dx, K, nb, b + 1, acc1);
+    }
+    if (b < nb) q4_0_block<R>(row + b * 18, qx, ls, dx, K, nb, b, acc0);
+    for (int r = 0; r < R; ++r) p.out[(m0 + r) * p.N + n] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+  }
+}
+
 // 32 int8 values -> 4 x 8 float32 weights q * scale (+ min): the reference's roundings
 template <bool HAS_MIN>
 ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, __m256* w) {
@@ -190,7 +230,10 @@ void dot_type(const DotArgs& p, int64_t n0, int64_t n1) {
   for (int64_t c0 = n0; c0 < n1; c0 += 16) {
     const int64_t c1 = std::min(n1, c0 + 16);
     int64_t m = 0;
-    if (p.int8) {
+    if (p.int8 && QT == Q4_0) {
+      for (; m + 2 <= p.M; m += 2) q4_0_int8<2>(p, m, c0, c1);
+      for (; m < p.M; ++m) q4_0_int8<1>(p, m, c0, c1);
+    } else if (p.int8) {
       for (; m + 4 <= p.M; m += 4) rows_int8<QT, 4>(p, m, c0, c1);
       for (; m + 2 <= p.M; m += 2) rows_int8<QT, 2>(p, m, c0, c1);
       for (; m < p.M; ++m) rows_int8<QT, 1>(p, m, c0, c1);

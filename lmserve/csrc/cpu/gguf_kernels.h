@@ -14,6 +14,7 @@ struct Act {
   std::vector<int8_t> q;   // [M, K]
   std::vector<float> dx;   // [M, K / 32]
   std::vector<float> sx;   // [M, K / 32]: dx * sum(q) over the group (the min term of unsigned types)
+  std::vector<int32_t> ls; // [M, K / 32, 8]: sums of q over values 4l..4l+3 of each group (maddubs+madd lanes)
 };
 void quantize_act(Act& a, const float* x, int64_t M, int64_t K);
 

@@ -65,8 +65,9 @@ void dequant_row(int qt, const uint8_t* row, int64_t nb, float* out) {
   for (int64_t b = 0; b < nb; ++b) dequant_block(qt, row + b * kBlockBytes[qt], out + b * kBlockElems[qt]);
 }
 
-void gemm_tiles(float* out, const at::Tensor& x, const uint8_t* w, int64_t ws, int qt, int64_t M, int64_t N,
-                int64_t K) {
+// out: row m at out + m * ldo
+void gemm_tiles(float* out, int64_t ldo, const at::Tensor& x, const uint8_t* w, int64_t ws, int qt, int64_t M,
+                int64_t N, int64_t K) {
   const int64_t nb = K / kBlockElems[qt];
   at::Tensor tile = at::empty({TILE_N, K}, x.options());
   at::Tensor res = at::empty({M, TILE_N}, x.options());
@@ -81,7 +82,7 @@ void gemm_tiles(float* out, const at::Tensor& x, const uint8_t* w, int64_t ws, i
     const float* rp = rv.data_ptr<float>();
     const int64_t rs = rv.stride(0);
     at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) std::copy(rp + m * rs, rp + m * rs + tn, out + m * N + n0);
+      for (int64_t m = m0; m < m1; ++m) std::copy(rp + m * rs, rp + m * rs + tn, out + m * ldo + n0);
     });
   }
 }
@@ -93,6 +94,7 @@ void quantize_act(Act& a, const float* x, int64_t M, int64_t K) {
   a.q.resize(M * K);
   a.dx.resize(M * ng);
   a.sx.resize(M * ng);
+  a.ls.resize(M * ng * 8);
   at::parallel_for(0, M * ng, 256, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const float* xg = x + g * 32;
@@ -106,6 +108,8 @@ void quantize_act(Act& a, const float* x, int64_t M, int64_t K) {
         const int v = static_cast<int>(std::nearbyint(xg[j] * inv));
         a.q[g * 32 + j] = static_cast<int8_t>(v);
         sum += v;
+        if (j % 4 == 0) a.ls[g * 8 + j / 4] = 0;
+        a.ls[g * 8 + j / 4] += v;
       }
       a.dx[g] = d;
       a.sx[g] = d * static_cast<float>(sum);
@@ -175,29 +179,53 @@ static int check_w(const torch::Tensor& w, int64_t qtype, int64_t K) {
   return qt;
 }
 
-void gguf_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor w, int64_t qtype, bool int8,
-                 int64_t max_dot_rows) {
+void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes,
+                       bool int8, int64_t max_dot_rows) {
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.scalar_type() == torch::kFloat32 &&
               out.scalar_type() == torch::kFloat32 && x.dim() == 2);
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const int qt = check_w(w, qtype, K);
+  TORCH_CHECK(!ws.empty() && ws.size() == qtypes.size(), "gguf_matmul: one type per weight part");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int> qts;
+  std::vector<int64_t> first{0};     // output column where each part starts
+  for (size_t i = 0; i < ws.size(); ++i) {
+    qts.push_back(check_w(ws[i], qtypes[i], K));
+    first.push_back(first.back() + ws[i].size(0));
+  }
+  const int64_t N = first.back();
   TORCH_CHECK(out.size(0) == M && out.size(1) == N, "gguf_matmul: out must be [M, N]");
   if (M == 0 || N == 0) return;
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
   if (M > max_dot_rows) {
-    gemm_tiles(out.data_ptr<float>(), x, wp, w.stride(0), qt, M, N, K);
+    for (size_t i = 0; i < ws.size(); ++i)
+      gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
     return;
   }
+  // the parts share one input: its int8 form is computed once, and one parallel region covers every part's rows
   Act act;
   if (int8) quantize_act(act, x.data_ptr<float>(), M, K);
-  const DotArgs p{qt, int8, out.data_ptr<float>(), x.data_ptr<float>(), &act, wp, w.stride(0), M, N, K};
+  std::vector<DotArgs> parts;
+  for (size_t i = 0; i < ws.size(); ++i)
+    parts.push_back(DotArgs{qts[i], int8, op + first[i], x.data_ptr<float>(), &act, ws[i].data_ptr<uint8_t>(),
+                            ws[i].stride(0), M, N, K});
   [[maybe_unused]] const int level = isa_level();
   at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const int64_t a = std::max(n0, first[i]) - first[i], b = std::min(n1, first[i + 1]) - first[i];
+      if (a >= b) continue;
 #ifdef LMSERVE_GGUF_AVX2
-    if (level >= ISA_AVX2) return dot_avx2(p, n0, n1);
+      if (level >= ISA_AVX2) {
+        dot_avx2(parts[i], a, b);
+        continue;
+      }
 #endif
-    dot_scalar(p, n0, n1);
+      dot_scalar(parts[i], a, b);
+    }
   });
+}
+
+void gguf_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor w, int64_t qtype, bool int8,
+                 int64_t max_dot_rows) {
+  gguf_matmul_parts(out, x, {w}, {qtype}, int8, max_dot_rows);
 }
 
 void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::Tensor rows, bool use_rows) {

@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/types.h>
 #include <string>
+#include <vector>
 
 // attention.cpp
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -18,6 +19,9 @@ void silu_mul(torch::Tensor out, torch::Tensor gate_up);
 // gguf_matmul.cpp: GGUF blocks in place (lmserve/ops/linear.py); qtype = index in linear.py QTYPES
 void gguf_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor w, int64_t qtype, bool int8,
                  int64_t max_dot_rows);
+// several weights stacked along the outputs (fused q/k/v, gate/up), one input: out = [x @ W0.T | x @ W1.T | ...]
+void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes,
+                       bool int8, int64_t max_dot_rows);
 void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::Tensor rows, bool use_rows);
 int64_t gguf_isa();                      // the ISA level the kernels run at (cpu_isa.py LEVELS index)
 int64_t gguf_set_isa(int64_t level);     // raises if this CPU or build cannot run it
