@@ -80,8 +80,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_api_server(log_dir, *args: str, timeout: float = 300, health_headers: dict | None = None) -> ApiServer:
-    """`lmserve serve api_server` on a free 127.0.0.1 port, waited on until /health answers 200."""
+def start_api_server(log_dir, *args: str, timeout: float = 300, health_headers: dict | None = None,
+                     env: dict | None = None) -> ApiServer:
+    """`lmserve serve api_server` on a free 127.0.0.1 port, waited on until /health answers 200; `env` adds to
+    the environment it inherits."""
     if "--dtype" not in args:
         # NOTE: the exact mode; tests compare texts and logprobs with transformers and across batch shapes, which
         # --dtype auto (bfloat16 matmuls on a CPU with native bf16) does not keep bit for bit
@@ -92,7 +94,7 @@ def start_api_server(log_dir, *args: str, timeout: float = 300, health_headers: 
     proc = _subprocess.Popen(
         [_sys.executable, "-m", "lmserve", "serve", "api_server", "--server-name", "127.0.0.1",
          "--server-port", str(port), "--log-level", "WARNING", *args],
-        stdout=log, stderr=_subprocess.STDOUT, env=dict(_os.environ, PYTHONUNBUFFERED="1"))
+        stdout=log, stderr=_subprocess.STDOUT, env=dict(_os.environ, PYTHONUNBUFFERED="1", **(env or {})))
     server = ApiServer(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = _time.monotonic() + timeout
     while _time.monotonic() < deadline:

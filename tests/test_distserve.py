@@ -25,6 +25,10 @@ ARGS = ("--cache-block-count", "256", "--session-len", "2048", "--max-concurrent
 SYSTEM = ("You are a patient assistant in a bakery. You answer questions about bread, flour, yeast, ovens and "
           "the history of baking in short and friendly sentences, and you never make up facts. ") * 2
 MODEL = "x"    # the served model's name, set by the fixture
+# test hook (engine/disagg.py): each KV block read of a prompt containing SLOW waits 1 s, so a test can act while
+# a migration is in flight (a SLOW prompt needs ~5 reads of 4 blocks)
+SLOW = "Slowly"
+HOOKS = {"LMSERVE_ENABLE_TEST_HOOKS": "1", "LMSERVE_TEST_KV_SLOW_READS": f"{SLOW}:1.0"}
 QUESTIONS = ["What is sourdough?", "Why does bread rise?", "Name three flours.", "How hot is a bread oven?",
              "What is a baguette?", "Is rye bread healthy?", "What does kneading do?", "What is a levain?"]
 
@@ -39,7 +43,7 @@ def metric(url: str, name: str) -> float:
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory, smollm2_path):
     logs = tmp_path_factory.mktemp("distserve")
-    prefill = start_api_server(logs, "--role", "prefill", *ARGS)
+    prefill = start_api_server(logs, "--role", "prefill", *ARGS, env=HOOKS)
     try:
         decode = start_api_server(logs, "--role", "decode", *ARGS)
     except BaseException:
@@ -196,25 +200,87 @@ def test_unpulled_kv_is_freed_after_timeout(topology):
     _wait_freed(prefill.url, 20)
 
 
-def test_decode_killed(topology):
-    """Kill the decode server while requests are in flight: the client gets a clean error (or a whole answer);
-    the prefill server frees every kept block; later requests fall back to hybrid serving."""
-    prefill, decode, proxy = topology
+def _stats(url: str) -> dict:
+    return httpx.get(f"{url}/distserve/stats").json()
+
+
+def _slow_migration(pool, prefill_url: str, proxy_url: str):
+    """A request through the proxy whose KV migration is in flight (its first blocks were read) on return."""
+    before = _stats(prefill_url)["num_bytes_served"]
+    body = dict(model=MODEL, messages=[{"role": "system", "content": SYSTEM * 3},
+                                       {"role": "user", "content": f"{SLOW}: what is rye?"}], max_tokens=8,
+                temperature=0)
+    fut = pool.submit(httpx.post, f"{proxy_url}/v1/chat/completions", json=body, timeout=120)
+    deadline = time.monotonic() + 60
+    while _stats(prefill_url)["num_bytes_served"] == before:
+        assert time.monotonic() < deadline and not fut.done(), "the migration did not start"
+        time.sleep(0.05)
+    assert _stats(prefill_url)["num_pinned_sessions"] == 1
+    return fut
+
+
+def _wait_healthy(proxy_url: str, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while sum(n["is_healthy"] for n in httpx.get(f"{proxy_url}/nodes/status").json().values()) < n:
+        assert time.monotonic() < deadline, "nodes did not become healthy"
+        time.sleep(0.2)
+
+
+def test_sleep_drops_sessions_mid_migration(topology):
+    """/sleep on the prefill server while a decode server pulls: the kept session is dropped before the KV cache
+    goes, the client gets a 503 saying why, and after /wakeup migrations work again."""
     import concurrent.futures
-    body = dict(model=MODEL, messages=[{"role": "system", "content": SYSTEM * 3}, {"role": "user", "content": "Go"}],
-                max_tokens=64, temperature=0)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(httpx.post, f"{proxy.url}/v1/chat/completions", json=body, timeout=120)
-                   for _ in range(4)]
+    prefill, decode, proxy = topology
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = _slow_migration(pool, prefill.url, proxy.url)
+        assert httpx.post(f"{prefill.url}/sleep", timeout=60).status_code == 200
+        r = fut.result()
+    assert r.status_code == 503 and "sleep" in r.json()["error"]["message"], r.text
+    stats = _stats(prefill.url)
+    assert stats["num_pinned_sessions"] == 0 and stats["num_dropped_sessions"] == 1
+    assert httpx.get(f"{decode.url}/health").status_code == 200
+    assert httpx.post(f"{prefill.url}/wakeup", timeout=60).status_code == 200
+    assert metric(prefill.url, "kv_cache_usage_perc") == 0.0
+    _wait_healthy(proxy.url, 2)
+    migrations = _stats(decode.url)["num_migrations"]
+    hybrid = openai.OpenAI(base_url=f"{prefill.url}/v1", api_key="x", timeout=120)
+    via_proxy = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", timeout=120)
+    assert _chat(via_proxy, 0, False) == _chat(hybrid, 0, False)
+    assert _stats(decode.url)["num_migrations"] == migrations + 1
+    _wait_freed(prefill.url)
+
+
+def test_terminate_waits_for_kept_sessions(tmp_path, topology):
+    """/terminate on a prefill server keeps the process up while a session waits to be pulled, refuses new work,
+    and exits once the session expires (--migration-timeout 4 s)."""
+    server = start_api_server(tmp_path, "--role", "prefill", *ARGS, "--allow-terminate-by-client")
+    try:
+        body = dict(model=MODEL, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+                    max_tokens=1, temperature=0, preserve_cache=True, with_cache=True)
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        t0 = time.monotonic()
+        assert httpx.get(f"{server.url}/terminate").status_code == 200
         time.sleep(1.0)
+        assert server.proc.poll() is None and _stats(server.url)["num_pinned_sessions"] == 1
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 503
+        server.proc.wait(60)
+        assert time.monotonic() - t0 > 2.0
+        assert "was not pulled within" in server.log_tail()
+    finally:
+        server.stop()
+
+
+def test_decode_killed_mid_migration(topology):
+    """Kill the decode server while it pulls the KV: the client gets a clean error, the prefill server frees every
+    kept block; later requests fall back to hybrid serving."""
+    import concurrent.futures
+    prefill, decode, proxy = topology
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = _slow_migration(pool, prefill.url, proxy.url)
         decode.proc.kill()
         decode.proc.wait()
-        for f in futures:
-            try:
-                r = f.result()
-            except httpx.HTTPError:
-                continue
-            assert r.status_code in (200, 502, 503), r.text
+        r = fut.result()
+    assert r.status_code in (502, 503) and r.json()["error"]["message"], r.text
     _wait_freed(prefill.url, 20)
     # the proxy's health check takes the decode node out; requests are then served whole by the prefill node
     deadline = time.monotonic() + 20

@@ -12,6 +12,11 @@ layer sets `CURRENT` (a context variable) around a request that carries DistServ
   (the engine keeps stepping its other requests meanwhile), then one command on the engine thread allocates
   blocks, copies the KV in, appends the prefill's first token and puts the sequence straight into the running
   queue: the decode server computes none of the prompt.
+
+A kept session lives `migration_timeout` seconds after its last read. /sleep drops every kept session first (the
+KV cache they point into is about to be freed, and after /wakeup their block ids would name other requests'
+blocks); a decode server still pulling one gets a 503 that says why. /terminate waits for kept sessions to be
+pulled or to expire before the process exits (server/serving_admin.py); shutdown drops what is left.
 """
 from __future__ import annotations
 
@@ -21,17 +26,24 @@ import contextvars
 import dataclasses
 import itertools
 import logging
+import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from lmserve.engine.kv_transfer import (BlockServer, MigrationError, hello, kv_layout, layout_mismatch, pull_blocks,
                                         write_blocks)
+from lmserve.engine.fault import TEST_HOOKS_ENV
 from lmserve.engine.output_processor import append_token
 from lmserve.engine.sequence import SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("hybrid", "prefill", "decode")
+# TEST ONLY, honoured with LMSERVE_ENABLE_TEST_HOOKS=1: "MARKER:SECONDS" delays every block read of a session whose
+# prompt text contains MARKER, so a test can act while a migration is in flight
+SLOW_READS_ENV = "LMSERVE_TEST_KV_SLOW_READS"
+_NUM_GONE_KEPT = 4096      # reasons remembered for dropped sessions, so a late pull is told why
 
 
 @dataclass
@@ -58,6 +70,7 @@ CURRENT: contextvars.ContextVar[PrefillJob | Migration | None] = contextvars.Con
 class _Pinned:
     block_ids: list[int]
     deadline: float
+    read_delay: float = 0.0     # test hook (SLOW_READS_ENV)
 
 
 @dataclass
@@ -86,6 +99,9 @@ class DisaggEngine:
         self.num_migrated_bytes = 0
         self.migration_seconds = 0.0
         self.num_expired = 0
+        self.num_dropped = 0
+        self.gone: OrderedDict[int, str] = OrderedDict()   # session id -> why its blocks were freed early
+        self._slow_reads = _slow_reads_hook()
         engine.engine.on_finish = self._on_finish
 
     def __getattr__(self, name):
@@ -94,9 +110,23 @@ class DisaggEngine:
     async def shutdown(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
+        if self.pinned:
+            try:
+                await self._inner._call(lambda: self._drop_all("the prefill engine shut down"))
+            except Exception:  # noqa: BLE001 - a dead engine: its KV cache goes with the process
+                pass
         if self.server is not None:
             self.server.close()
         await self._inner.shutdown()
+
+    async def sleep(self, level: int = 1) -> None:
+        if level in (1, 2) and self.pinned:
+            await self._inner._call(lambda: self._drop_all("the prefill engine went to sleep (/sleep)"))
+        await self._inner.sleep(level)
+
+    @property
+    def num_pinned_sessions(self) -> int:
+        return len(self.pinned)
 
     @property
     def runner(self):
@@ -110,7 +140,7 @@ class DisaggEngine:
     def start_server(self, host: str) -> str:
         if self.server is None:
             self.server = BlockServer(self.runner, host, lambda sid: getattr(self.pinned.get(sid), "block_ids", None),
-                                      self._queue_free)
+                                      self._queue_free, on_read=self._on_read, explain=self.gone.get)
         return self.server.address
 
     def connect(self, remote_engine_id: str, address: str | None, layout: dict, check_reachable: bool) -> None:
@@ -134,6 +164,7 @@ class DisaggEngine:
         return {"role": self.role, "num_pinned_sessions": len(self.pinned), "num_migrations": self.num_migrations,
                 "num_migrated_tokens": self.num_migrated_tokens, "num_migrated_bytes": self.num_migrated_bytes,
                 "migration_seconds": round(self.migration_seconds, 6), "num_expired_sessions": self.num_expired,
+                "num_dropped_sessions": self.num_dropped,
                 "num_bytes_served": self.server.num_bytes_sent if self.server else 0}
 
     # ---- generation ----------------------------------------------------------------------------------------
@@ -202,8 +233,34 @@ class DisaggEngine:
         bm = self._inner.engine.block_manager
         blocks = seq.block_table[:bm.num_blocks_needed(seq.num_prompt_tokens)]
         bm.share(blocks)
-        self.pinned[job.session_id] = _Pinned(list(blocks), time.monotonic() + self.migration_timeout)
+        delay = 0.0
+        if self._slow_reads is not None and self._slow_reads[0] in self._inner.engine.tokenizer.decode(
+                seq.prompt_token_ids):
+            delay = self._slow_reads[1]
+        self.pinned[job.session_id] = _Pinned(list(blocks), time.monotonic() + self.migration_timeout, delay)
         job.block_ids = list(blocks)
+
+    def _on_read(self, session_id: int) -> None:
+        """From the KV server thread, before a read: a session being pulled does not expire."""
+        pinned = self.pinned.get(session_id)
+        if pinned is None:
+            return
+        if pinned.read_delay:
+            time.sleep(pinned.read_delay)
+        pinned.deadline = time.monotonic() + self.migration_timeout
+
+    def _drop_all(self, reason: str) -> int:
+        """Engine thread: free every kept session (before the KV cache goes away)."""
+        sessions = list(self.pinned)
+        for sid in sessions:
+            self._free(sid)
+            self.gone[sid] = reason
+        while len(self.gone) > _NUM_GONE_KEPT:
+            self.gone.popitem(last=False)
+        if sessions:
+            logger.warning("dropped %d kept migration session(s): %s", len(sessions), reason)
+        self.num_dropped += len(sessions)
+        return len(sessions)
 
     def _free(self, session_id: int) -> bool:
         pinned = self.pinned.pop(session_id, None)
@@ -223,6 +280,9 @@ class DisaggEngine:
             logger.warning("migration session %d was not pulled within %g s; its KV blocks are freed", sid,
                            self.migration_timeout)
             self._free(sid)
+            self.gone[sid] = f"it was not pulled within --migration-timeout ({self.migration_timeout:g} s)"
+        while len(self.gone) > _NUM_GONE_KEPT:
+            self.gone.popitem(last=False)
         self.num_expired += len(expired)
         return len(expired)
 
@@ -264,3 +324,14 @@ class DisaggEngine:
                     await self._inner._call(self._expire)
                 except Exception:  # noqa: BLE001 - a dead engine: nothing left to free
                     return
+
+
+def _slow_reads_hook() -> tuple[str, float] | None:
+    spec = os.environ.get(SLOW_READS_ENV)
+    if not spec:
+        return None
+    if os.environ.get(TEST_HOOKS_ENV) != "1":
+        raise ValueError(f"{SLOW_READS_ENV} is a test hook: set {TEST_HOOKS_ENV}=1 to use it")
+    marker, _, seconds = spec.rpartition(":")
+    logger.warning("TEST hook: KV block reads of sessions whose prompt contains %r wait %s s", marker, seconds)
+    return marker, float(seconds)

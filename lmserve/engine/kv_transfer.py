@@ -75,12 +75,16 @@ def write_blocks(runner, block_ids: list[int], blocks: list[list]) -> None:
 class BlockServer:
     """Prefill side: serves reads of pinned blocks from a background thread.
 
-    `lookup(session_id)` gives the session's pinned block ids (or None); `on_free(session_id)` queues the free
-    on the engine thread. Reading while the engine runs is safe: a pinned block is never written."""
+    `lookup(session_id)` gives the session's pinned block ids (or None); `on_free(session_id)` queues the free on
+    the engine thread; `on_read(session_id)` runs before each read (it keeps the session alive);
+    `explain(session_id)` says why a session's blocks were freed early (or None).
+    Reading while the engine runs is safe: a pinned block is never written."""
 
     def __init__(self, runner, host: str, lookup: Callable[[int], list[int] | None],
-                 on_free: Callable[[int], None]):
+                 on_free: Callable[[int], None], on_read: Callable[[int], None] = lambda sid: None,
+                 explain: Callable[[int], str | None] = lambda sid: None):
         self.runner, self.lookup, self.on_free = runner, lookup, on_free
+        self.on_read, self.explain = on_read, explain
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -117,6 +121,8 @@ class BlockServer:
         if op == "hello":
             return [json.dumps({"layout": kv_layout(self.runner)}).encode()]
         session_id = msg.get("session_id")
+        if op == "read" and isinstance(session_id, int):
+            self.on_read(session_id)
         blocks = self.lookup(session_id) if isinstance(session_id, int) else None
         if op == "free":
             if blocks is not None:
@@ -125,6 +131,10 @@ class BlockServer:
         if op != "read":
             return [json.dumps({"error": f"unknown op {op!r}"}).encode()]
         if blocks is None:
+            why = self.explain(session_id) if isinstance(session_id, int) else None
+            if why:     # not the client's fault: a 503, with the reason
+                return [json.dumps({"error": f"the KV blocks of session {session_id} were freed: {why}",
+                                    "unavailable": True}).encode()]
             return [json.dumps({"error": f"no KV blocks are kept for session {session_id}",
                                 "param": "remote_session_id"}).encode()]
         start, count = int(msg["start"]), int(msg["count"])
@@ -189,6 +199,7 @@ def _recv(sock, timeout: float, address: str) -> tuple[dict, list]:
     msg = json.loads(header.bytes)
     if "error" in msg:
         param = msg.get("param")
-        raise MigrationError(f"KV migration refused: {msg['error']}", status=400 if param else 502,
+        status = 503 if msg.get("unavailable") else 400 if param else 502
+        raise MigrationError(f"KV migration refused: {msg['error']}", status=status,
                              param=f"migration_request.{param}" if param else "migration_request")
     return msg, [f.buffer for f in frames]

@@ -145,7 +145,10 @@ def terminate(state: ServerState) -> dict:
 
 
 async def _exit_when_idle(state: ServerState) -> None:
-    while state.admission.num_running or state.admission.num_queued:
+    # NOTE: a prefill server (engine/disagg.py) also waits for its kept KV sessions to be pulled or to expire:
+    # a decode server may be pulling one right now
+    while state.admission.num_running or state.admission.num_queued or \
+            getattr(state.engine, "num_pinned_sessions", 0):
         await asyncio.sleep(0.05)
     logger.info("terminate: in-flight requests finished; shutting down")
     if state.request_shutdown is not None:
