@@ -165,6 +165,34 @@ def agent_url(request, api_server_url) -> str:
     return api_server_url if request.param == "direct" else request.getfixturevalue("agent_cluster")[0]
 
 
+# Through the proxy, only the cases that exercise what the proxy adds run again: streams relayed, stored responses
+# and cancels routed to the node that holds them, error shapes and token counts passed through. The others (tool
+# round trips, structured output, an Agents-SDK run) test the server's own code, which the direct run covers;
+# running them twice cost minutes of generation. New agent tests run direct only unless named here.
+AGENT_PROXY_CASES = {
+    "test_api_responses.py": {"test_previous_response_id_chain_and_store", "test_stream_event_order_and_deltas_add_up",
+                              "test_cancel_mid_stream", "test_unsupported_and_unknown_are_4xx_naming_the_field"},
+    "test_api_messages.py": {"test_stream_text_matches_create", "test_count_tokens_matches_usage",
+                             "test_errors_are_anthropic_shaped"},
+    "test_api_tokenize.py": None,      # every case (no generation: cheap)
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    dropped = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("agent_url") != "proxy":
+            continue
+        cases = AGENT_PROXY_CASES.get(item.path.name, set())
+        if cases is not None and item.originalname not in cases:
+            dropped.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        keep = set(map(id, dropped))
+        items[:] = [i for i in items if id(i) not in keep]
+
+
 # SmolLM2's template with a Qwen3-style thinking switch: the generation prompt opens a reasoning block
 THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                      "{% if add_generation_prompt %}<|im_start|>assistant\n"

@@ -43,7 +43,7 @@ def metric(url: str, name: str) -> float:
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory, smollm2_path):
     logs = tmp_path_factory.mktemp("distserve")
-    prefill = start_api_server(logs, "--role", "prefill", *ARGS, env=HOOKS)
+    prefill = start_api_server(logs, "--role", "prefill", *ARGS, "--allow-terminate-by-client", env=HOOKS)
     try:
         decode = start_api_server(logs, "--role", "decode", *ARGS)
     except BaseException:
@@ -250,26 +250,6 @@ def test_sleep_drops_sessions_mid_migration(topology):
     _wait_freed(prefill.url)
 
 
-def test_terminate_waits_for_kept_sessions(tmp_path, topology):
-    """/terminate on a prefill server keeps the process up while a session waits to be pulled, refuses new work,
-    and exits once the session expires (--migration-timeout 4 s)."""
-    server = start_api_server(tmp_path, "--role", "prefill", *ARGS, "--allow-terminate-by-client")
-    try:
-        body = dict(model=MODEL, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
-                    max_tokens=1, temperature=0, preserve_cache=True, with_cache=True)
-        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code == 200
-        t0 = time.monotonic()
-        assert httpx.get(f"{server.url}/terminate").status_code == 200
-        time.sleep(1.0)
-        assert server.proc.poll() is None and _stats(server.url)["num_pinned_sessions"] == 1
-        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 503
-        server.proc.wait(60)
-        assert time.monotonic() - t0 > 2.0
-        assert "was not pulled within" in server.log_tail()
-    finally:
-        server.stop()
-
-
 def test_decode_killed_mid_migration(topology):
     """Kill the decode server while it pulls the KV: the client gets a clean error, the prefill server frees every
     kept block; later requests fall back to hybrid serving."""
@@ -293,8 +273,26 @@ def test_decode_killed_mid_migration(topology):
         time.sleep(0.5)
 
 
+def test_terminate_waits_for_kept_sessions(topology):
+    """(After the decode server is gone.) /terminate on the prefill server keeps the process up while a session
+    waits to be pulled, refuses new work, and exits once the session expires (--migration-timeout 4 s)."""
+    prefill, _, _ = topology
+    body = dict(model=MODEL, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+                max_tokens=1, temperature=0, preserve_cache=True, with_cache=True)
+    assert httpx.post(f"{prefill.url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+    t0 = time.monotonic()
+    assert httpx.get(f"{prefill.url}/terminate").status_code == 200
+    time.sleep(1.0)
+    assert prefill.proc.poll() is None and _stats(prefill.url)["num_pinned_sessions"] == 1
+    assert httpx.post(f"{prefill.url}/v1/chat/completions", json=body, timeout=60).status_code == 503
+    prefill.proc.wait(60)
+    assert time.monotonic() - t0 > 2.0
+    assert "was not pulled within" in prefill.log_tail()
+
+
 def test_prefill_killed_fails_fast(topology):
-    """(Runs last: the decode server is gone too.) A dead prefill node: requests fail at once, no hang."""
+    """(Runs last: the decode server is gone, the prefill server has exited above; killed, it looks the same to
+    the proxy: connection refused.) A dead prefill node: requests fail at once, no hang."""
     prefill, _, proxy = topology
     prefill.proc.kill()
     prefill.proc.wait()

@@ -222,15 +222,19 @@ def _wait_gone(procs: list[psutil.Process], timeout: float = 20) -> list[psutil.
     return alive
 
 
+@pytest.fixture(scope="module")
+def tp1_server(tiny_models, tmp_path_factory):
+    """The tp=1 reference api_server on the tiny llama, shared by the server tests below (one start, not two)."""
+    server = start_api_server(tmp_path_factory.mktemp("tp1"), tiny_models["llama"], *API_SERVER_ARGS)
+    yield server
+    server.stop()
+
+
 @pytest.mark.slow
-def test_server_tp2_matches_tp1_and_reports_tp(tiny_models, tmp_path):
+def test_server_tp2_matches_tp1_and_reports_tp(tiny_models, tmp_path, tp1_server):
     path = tiny_models["llama"]
     prompts = ["The capital of France is", "1, 2, 3,", "Once upon a time"]
-    one = start_api_server(tmp_path, path, *API_SERVER_ARGS)
-    try:
-        ref = [_completion(one.url, p) for p in prompts]
-    finally:
-        one.stop()
+    ref = [_completion(tp1_server.url, p) for p in prompts]
     two = start_api_server(tmp_path, path, "--tp", "2", *API_SERVER_ARGS)
     workers = _descendants(two.proc)
     try:
@@ -287,7 +291,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_on_loopback_form_one_engine(tiny_models, tmp_path):
+def test_two_nodes_on_loopback_form_one_engine(tiny_models, tmp_path, tp1_server):
     path = tiny_models["llama"]
     port = _free_port()
     node_args = ("--tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port))
@@ -309,11 +313,7 @@ def test_two_nodes_on_loopback_form_one_engine(tiny_models, tmp_path):
         if node1.poll() is None:
             node1.kill()
             node1.wait()
-    one = start_api_server(tmp_path, path, *API_SERVER_ARGS)
-    try:
-        assert _completion(one.url, "The capital of France is", 8)["text"] == out["text"]
-    finally:
-        one.stop()
+    assert _completion(tp1_server.url, "The capital of France is", 8)["text"] == out["text"]
 
 
 @pytest.mark.slow
