@@ -253,11 +253,31 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters served on the base model (engine/lora_manager.py)."""
+    modules: tuple[tuple[str, str, str | None], ...] = ()   # (name, path, base model name) loaded at start
+    max_loras: int = 16                # adapters loaded at once (each is a model in /v1/models)
+    max_lora_rank: int = 64
+    runtime_updates: bool = False      # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+
+    def __post_init__(self):
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be >= 1")
+        if len(self.modules) > self.max_loras:
+            raise ValueError(f"lora_modules: {len(self.modules)} adapters are more than --max-loras {self.max_loras}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.modules) or self.runtime_updates
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     tp: int = 1                        # tensor-parallel ranks (processes), engine/executor.py
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     max_engine_restarts: int = 5       # engine-loop restarts allowed within a minute before it is declared dead
@@ -268,6 +288,9 @@ class EngineConfig:
             raise ValueError("tp must be >= 1")
         if self.max_engine_restarts < 0:
             raise ValueError("max_engine_restarts must be >= 0")
+        if self.lora.enabled and self.tp > 1:
+            raise ValueError("LoRA adapters are not sharded over tensor-parallel ranks: use --tp 1 with "
+                             "--lora-modules / --adapters / --enable-lora-runtime-updates")
         d = self.distributed
         if self.tp % d.nnodes:
             raise ValueError(f"tp: {self.tp} ranks cannot be spread evenly over {d.nnodes} nodes")

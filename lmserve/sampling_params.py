@@ -88,6 +88,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     guided: GuidedDecodingParams | None = None   # constrained decoding (engine/guided.py)
     priority: int = 0                     # --scheduling-policy priority: lower is served first (vLLM's sense)
+    # the LoRA adapter (engine/lora_manager.LoraRequest) the request's `model` named; None = the base model
+    lora: object | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

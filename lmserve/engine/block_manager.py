@@ -146,7 +146,7 @@ class BlockManager:
         bs = self.block_size
         hashes = seq.block_hashes
         for i in range(len(hashes), num_blocks):
-            parent = hashes[i - 1] if i else None
+            parent = hashes[i - 1] if i else seq.cache_salt
             hashes.append(hash_block(parent, block_key(seq, i, bs)))
 
     def _touch(self, block_id: int) -> None:

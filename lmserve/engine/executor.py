@@ -47,6 +47,9 @@ class UniProcExecutor:
         mc = config.model
         runner_cls = EncoderRunner if is_encoder(model_path) else ModelRunner
         self.runner = runner_cls(mc, config.cache, model_path, config.scheduler.max_num_seqs, mc.max_model_len)
+        if config.lora.enabled:
+            from lmserve.engine.lora_manager import LoraManager
+            self.runner.lora = LoraManager(config.lora, self.runner)
         self.on_failure: Callable[[str], None] | None = None
         self.error: str | None = None
 

@@ -22,6 +22,7 @@ from lmserve.ops import cpu_kernels
 from lmserve.ops.linear import int8_activations
 from lmserve.model.arch_config import ArchConfig
 from lmserve.model.loader import is_gguf, load_arch_config
+from lmserve.model.lora import lora_step
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
 from lmserve.outputs import TokenLogprob
 from lmserve.startup import phase
@@ -49,6 +50,8 @@ class StepBatch:
     prefill: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (row, n, start, block table)
     logit_rows: list[int] = field(default_factory=list)           # rows whose logits are needed
     mm: list = field(default_factory=list)    # image-token rows (engine/mm_runner.py); rank 0 only (no tp yet)
+    # (LoraRequest, first row, rows) per sequence with an adapter: not plain ints, but LoRA needs --tp 1
+    lora_rows: list = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class StepPlan:
 
 class ModelRunner:
     is_encoder = False
+    lora = None        # engine/lora_manager.LoraManager when adapters are served (set by the executor)
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, model_path: str,
                  max_num_seqs: int, max_model_len: int | None = None, tp_rank: int = 0, tp_size: int = 1,
@@ -220,6 +224,8 @@ class ModelRunner:
             b.input_ids.extend(seq.token_ids[start:start + n - len(draft)])
             b.input_ids.extend(draft)
             b.positions.extend(range(start, start + n))
+            if seq.params.lora is not None:
+                b.lora_rows.append((seq.params.lora, row, n))
             bt = seq.block_table
             b.slot_mapping.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
             if seq.mm_items:
@@ -259,7 +265,8 @@ class ModelRunner:
         pos_t = torch.tensor(b.positions, dtype=torch.long, device=dev)
         meta = build_attention_metadata(self.arch, self.block_size, dev, b.slot_mapping, b.decode_rows,
                                         b.decode_ctx, b.decode_tables, b.prefill, len(b.input_ids))
-        with ops.use(self.ops):
+        groups = self.lora.groups(b.lora_rows, dev) if self.lora is not None and b.lora_rows else []
+        with ops.use(self.ops), lora_step(groups):
             hidden = self.model(ids_t, pos_t, meta, self.kv_caches,      # [num_tokens, hidden]
                                 **mm_embeddings(self.model, b.mm, dev))
             logits = self.model.compute_logits(hidden[b.logit_rows]) if b.logit_rows else None

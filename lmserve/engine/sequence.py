@@ -97,6 +97,12 @@ class Sequence:
         return self.params.priority
 
     @property
+    def cache_salt(self) -> tuple | None:
+        """Where the chain of prefix-cache block hashes starts: the LoRA adapter, so adapters never share KV."""
+        lora = self.params.lora
+        return None if lora is None else ("lora", lora.lora_id)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

@@ -123,8 +123,11 @@ class Linear(nn.Linear):
             self.bias = nn.Parameter(torch.zeros(out_features))     # biases are float in every format
         self.linear_method: LinearMethod = FloatLinear(self.weight)
 
+    lora = None     # model/lora.py LoraHook when LoRA adapters are served: adds their grouped delta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_method(x, self.bias)
+        out = self.linear_method(x, self.bias)
+        return out if self.lora is None else self.lora(x, out)
 
 
 class RowParallelLinear(Linear):

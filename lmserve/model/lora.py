@@ -4,11 +4,13 @@ A step may mix rows of several adapters and of the base model. With the rows sor
 adds, per adapter present, one pair of small matmuls on that adapter's contiguous rows (as model/moe.py groups
 rows by expert): out[rows] += scaling * (x[rows] @ A.T) @ B.T. Rows of the base model get nothing added.
 
-NOTE: the math and the loader only; serving adapters (flags, /v1/models, runtime load/unload, prefix cache keyed
-by adapter) is not built yet (issue 23).
+The serving side (which adapters exist, which rows use which) is engine/lora_manager.py: it installs a LoraHook
+on every linear layer peft can target (Linear.forward calls it after its LinearMethod, so float and GGUF layers
+alike) and sets the step's row groups with `lora_step` around the forward pass.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,3 +90,63 @@ def add_grouped_delta(x: torch.Tensor, out: torch.Tensor,
         if end > start:
             out[start:end].addmm_(x[start:end] @ a.T, b.T, alpha=scaling)
     return out
+
+
+# The current forward pass's row groups: (adapter, rows), rows a slice or an index tensor. Set by the model runner
+# around one forward (lora_step); empty when no row of the step uses an adapter, so the hooks then cost nothing.
+_step: list[tuple[LoraAdapter, slice | torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def lora_step(groups: list[tuple[LoraAdapter, slice | torch.Tensor]]):
+    global _step
+    _step = groups
+    try:
+        yield
+    finally:
+        _step = []
+
+
+class LoraHook:
+    """The grouped delta after one base linear layer. `parts`: the peft modules the layer holds, as (module name,
+    first output column, columns): q/k/v share the fused qkv_proj, gate/up the fused gate_up_proj."""
+
+    def __init__(self, layer: int, parts: list[tuple[str, int, int]]):
+        self.layer, self.parts = layer, parts
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        for adapter, rows in _step:
+            xs = x[rows]
+            for module, col, size in self.parts:
+                ab = adapter.weights.get((self.layer, module))
+                if ab is None:
+                    continue
+                a, b = ab
+                cols = out[:, col:col + size]          # a view: the adds land in `out`
+                if isinstance(rows, slice):
+                    cols[rows].addmm_(xs @ a.T, b.T, alpha=adapter.scaling)
+                else:
+                    cols.index_add_(0, rows, (xs @ a.T) @ b.T, alpha=adapter.scaling)
+        return out
+
+
+def install_hooks(model) -> dict[tuple[int, str], tuple[int, int]]:
+    """A LoraHook on every linear layer of `model` (a model/llama.py decoder) that a peft module maps to.
+    -> (layer, peft module) -> the base layer's (out_features, in_features), for check_shapes."""
+    fused = model.fused_slices()
+    shapes: dict[tuple[int, str], tuple[int, int]] = {}
+    for i, layer in enumerate(model.model.layers):
+        homes = {"qkv_proj": layer.self_attn, "o_proj": layer.self_attn,
+                 "gate_up_proj": getattr(layer, "mlp", None), "down_proj": getattr(layer, "mlp", None)}
+        by_linear: dict[str, tuple[torch.nn.Module, list]] = {}
+        for module in TARGETS:
+            home_name, start, size = fused.get(module, (module, 0, None))
+            linear = getattr(homes.get(home_name), home_name, None)
+            if not isinstance(getattr(linear, "out_features", None), int):
+                continue                               # e.g. a mixture-of-experts MLP: not a target here
+            size = size or linear.out_features
+            by_linear.setdefault(home_name, (linear, []))[1].append((module, start, size))
+            shapes[(i, module)] = (size, linear.in_features)
+        for linear, parts in by_linear.values():
+            linear.lora = LoraHook(i, parts)
+    return shapes
