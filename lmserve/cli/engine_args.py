@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from lmserve.cli.lora_args import add_lora_args, build_lora_config
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 
 
@@ -116,6 +117,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "fail, queued ones are kept); beyond that the engine stays down and /health says 503")
     # NOTE: test-only, hidden; honoured only with LMSERVE_ENABLE_TEST_HOOKS=1 in the environment (engine/fault.py)
     p.add_argument("--test-fault-injection", default=None, help=argparse.SUPPRESS)
+    add_lora_args(p)
 
 
 def _speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
@@ -148,6 +150,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
                                   max_burst_batched_tokens=args.max_burst_batched_tokens,
                                   burst_max_decodes=args.burst_max_decodes, policy=args.scheduling_policy),
         speculative=_speculative_config(args),
+        lora=build_lora_config(args),
         tp=_env_int("WORLD_SIZE", args.tp) if _launched() else args.tp,
         distributed=_distributed_config(args),
         max_engine_restarts=args.max_engine_restarts,
@@ -188,6 +191,9 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     for action in ref._actions:
         value = getattr(args, action.dest, None)
         if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        if isinstance(value, list):     # nargs="+" (--lora-modules)
+            argv += [action.option_strings[0], *map(str, value)]
             continue
         argv += [action.option_strings[0]] if isinstance(value, bool) else [action.option_strings[0], str(value)]
     return argv
