@@ -35,6 +35,7 @@ from lmserve.server.serving_completion import create_completion
 from lmserve.server.serving_distserve import distserve_router, with_distserve
 from lmserve.server.serving_generate import generate
 from lmserve.server.serving_interactive import chat_interactive
+from lmserve.server.serving_lora import adapter_cards, lora_router
 from lmserve.server.routers_agents import agent_routers
 from lmserve.server.state import ServerState
 from lmserve.web import mount_web
@@ -64,7 +65,7 @@ def openai_router() -> APIRouter:
                          max_model_len=state.max_model_len, tp=state.engine.config.tp,
                          permission=[ModelPermission()], generation_defaults=state.generation_defaults,
                          architecture=model_architecture(state.engine))
-        return _json(ModelList(data=[card]))
+        return _json(ModelList(data=[card, *adapter_cards(state)]))
 
     @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
                  responses={200: {"content": _SSE, "description": "JSON, or SSE chunks with stream=true"}})
@@ -226,7 +227,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None, *,
     app.state.server = state
     install_error_handlers(app)
     for router in (openai_router(), lmdeploy_router(), score_router(), mlc_router(), operations_router(),
-                   distserve_router()):
+                   distserve_router(), lora_router()):
         app.include_router(router)
     for router in agent_routers():      # Responses, Anthropic Messages, /tokenize (server/routers_agents.py)
         app.include_router(router)

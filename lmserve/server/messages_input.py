@@ -144,7 +144,7 @@ def to_chat_request(req: MessagesCountTokensRequest, model: str) -> ChatCompleti
         if req.max_tokens < 1:
             raise APIError(400, "max_tokens: must be at least 1", param="max_tokens")
         body.update(max_completion_tokens=req.max_tokens, stop=req.stop_sequences)
-        for name in ("temperature", "top_p", "top_k", "guided_json", "guided_regex", "guided_choice",
+        for name in ("temperature", "top_p", "top_k", "priority", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar", "structured_outputs"):
             if getattr(req, name) is not None:
                 body[name] = getattr(req, name)

@@ -142,7 +142,7 @@ def to_chat_request(req: ResponsesRequest, model: str, history: list[dict[str, A
                             "tool_choice": _tool_choice(req.tool_choice),
                             "parallel_tool_calls": req.parallel_tool_calls, "response_format": _response_format(req),
                             "max_completion_tokens": req.max_output_tokens, "user": req.user, "seed": req.seed}
-    for name in ("temperature", "top_p", "top_k"):
+    for name in ("temperature", "top_p", "top_k", "priority"):
         if getattr(req, name) is not None:
             body[name] = getattr(req, name)
     effort = req.reasoning.effort if req.reasoning else None

@@ -41,6 +41,8 @@ async def generate(state: ServerState, req: GenerateRequest, raw: Request):
         raise APIError(400, "give exactly one of prompt or input_ids", param="prompt")
     check_limits(state.config, stop=req.stop, stop_token_ids=req.stop_token_ids)
     state.check_available()
+    if req.adapter_name is not None or req.model is not None:
+        state.check_model(req.adapter_name or req.model)     # LMDeploy picks a LoRA adapter by adapter_name
     use_session = req.session_id is not None and req.session_id >= 0
     continuing = use_session and req.sequence_start is False
     prompt, images = await generate_images(state.engine, state.config.media, req.image_data, req.prompt,

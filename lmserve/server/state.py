@@ -30,6 +30,7 @@ from lmserve.server.limits import check_text
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.reasoning_parsers import get_reasoning_parser
 from lmserve.server.responses_store import ResponsesStore
+from lmserve.server.serving_lora import request_lora, select_model, served_names
 from lmserve.server.sessions import SessionManager
 from lmserve.server.tool_parsers import get_tool_parser, pick_tool_parser
 
@@ -91,7 +92,7 @@ class ServerState:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.generation_defaults = engine.generation_defaults    # --generation-config; request fields win
-        self.model_name = config.model_name or _default_model_name(engine.model_path)
+        self.base_model_name = config.model_name or _default_model_name(engine.model_path)
         self.created = int(time.time())
         self.start_time = time.monotonic()
         self.allow_terminate = allow_terminate
@@ -109,13 +110,21 @@ class ServerState:
         self.tool_parser = get_tool_parser(config.tool_call_parser or pick_tool_parser(self.tokenizer.chat_template))
         self.reasoning_parser = get_reasoning_parser(config.reasoning_parser) if config.reasoning_parser else None
 
+    @property
+    def model_name(self) -> str:
+        """The name responses carry: the LoRA adapter this request's `model` named (as vLLM echoes it), else the
+        base model's."""
+        lora = request_lora()
+        return self.base_model_name if lora is None else lora.name
+
     # ---- checks --------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
         if name is not None:
             check_text(name, "model")
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+        if name is not None and not select_model(self, name):     # the base model or a LoRA adapter
+            raise APIError(404, f"The model '{name}' does not exist; this server serves "
+                                f"{', '.join(repr(n) for n in served_names(self))}", param="model",
+                           code="model_not_found")
 
     def check_available(self) -> None:
         # NOTE: no check for is_terminating here: the middleware refuses new arrivals, while requests admitted
@@ -171,6 +180,7 @@ class ServerState:
 
         `session_id` pins the request's KV blocks for the session in the engine; `abort_key` (default: the
         session id) is the id POST /abort_request {"session_id": ...} finds it by."""
+        params.lora = request_lora()      # the adapter this request's `model` named (server/serving_lora.py)
         # NOTE: with images the engine gets the prompt text (its processor expands each image placeholder into the
         # image's tokens); `images` only when there are some, so a text-only engine is called as before
         prompt, extra = (prompt_text, {"images": images}) if images else (prompt_token_ids, {})

@@ -34,6 +34,7 @@ class MessagesRequest(MessagesCountTokensRequest, GuidedFields):
     top_k: int | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
+    priority: int | None = Field(default=None, description="--scheduling-policy priority: lower is served first")
     # Anthropic fields lmserve does not support: 400 when set
     container: str | dict[str, Any] | None = None
     mcp_servers: list[dict[str, Any]] | None = None

@@ -39,6 +39,8 @@ class GenerateRequest(_Model):
     return_routed_experts: bool | None = False
     response_format: ResponseFormat | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
+    adapter_name: str | None = Field(default=None, description="a LoRA adapter (--adapters / --lora-modules)")
+    model: str | None = Field(default=None, description="the base model or a LoRA adapter (like adapter_name)")
 
 
 class GenerateMetaInfo(_Model):

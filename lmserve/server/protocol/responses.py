@@ -60,6 +60,7 @@ class ResponsesRequest(_Model):
     # lmserve / vLLM extras
     top_k: int | None = None
     seed: int | None = None
+    priority: int | None = Field(default=None, description="--scheduling-policy priority: lower is served first")
     # fields the Responses API has that lmserve does not support: 400 when set
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
