@@ -2,6 +2,7 @@
 model alone, same engine, same run (the cost of mixing adapters in one batch).
 
     python benchmarks/lora.py [--model GGUF] [--concurrency 16] [--prompt-len 64] [--output-len 32] [--rank 8]
+                              [--kernels auto|torch]
 
 Adapters are made by peft on the GGUF exported to Hugging Face (model/gguf_export.py): rank --rank, all seven
 projections, random non-zero B. Requests run through the engine (LLMEngine, the server's path without HTTP);
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--adapter-counts", default="1,4,16")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch"])
     args = p.parse_args()
     from lmserve.config import EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
     from lmserve.engine.llm_engine import LLMEngine
@@ -72,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         paths = make_adapters(gguf, root, max(counts), args.rank)
         engine = LLMEngine(EngineConfig(
-            model=ModelConfig(model=gguf, dtype=args.dtype),
+            model=ModelConfig(model=gguf, dtype=args.dtype, kernels=args.kernels),
             scheduler=SchedulerConfig(max_num_seqs=args.concurrency, max_num_batched_tokens=2048),
             lora=LoraConfig(runtime_updates=True, max_loras=max(counts), max_lora_rank=args.rank)))
         manager = engine.runner.lora
@@ -80,7 +82,7 @@ def main() -> None:
         run_round(engine, [], 2, 8, 4, "warm")
         result = {"model": gguf, "concurrency": args.concurrency, "prompt_len": args.prompt_len,
                   "output_len": args.output_len, "rank": args.rank, "cpu": platform.processor() or platform.machine(),
-                  "threads": torch.get_num_threads(), "tok_per_s": {}}
+                  "threads": torch.get_num_threads(), "kernels": args.kernels, "tok_per_s": {}}
         # interleaved, twice, so a neighbour's load spike hits every configuration alike
         for rep in range(2):
             for n in [0] + counts:

@@ -22,6 +22,7 @@ from lmserve.server.limits import check_num_prompts, check_text
 from lmserve.server.protocol import (EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, EncodeRequest,
                                      EncodeResponse, PoolingData, PoolingRequest, PoolingResponse, UsageInfo)
 from lmserve.server.serving_chat import render_chat
+from lmserve.server.serving_lora import request_lora
 from lmserve.server.state import ServerState, random_id, run_until_disconnect
 
 
@@ -84,6 +85,9 @@ async def _embed(state: ServerState, raw: Request, model: str | None, value: Any
                  dimensions: int | None) -> tuple[list[list[float]], UsageInfo]:
     state.check_model(model)
     state.check_available()
+    if request_lora() is not None:      # NOTE: pooling requests carry no adapter (engine.encode takes ids only)
+        raise APIError(400, f"'{model}' is a LoRA adapter; embeddings come from the base model "
+                            f"'{state.base_model_name}' only", param="model", code="wrong_model_task")
     if state.engine.task == "score":
         raise APIError(400, f"the model '{state.model_name}' is a cross-encoder (--task score); it serves /rerank "
                             "and /score, not embeddings", param="model", code="wrong_model_task")
