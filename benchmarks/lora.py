@@ -4,8 +4,7 @@ model alone, same engine, same run (the cost of mixing adapters in one batch).
     python benchmarks/lora.py [--model GGUF] [--concurrency 16] [--prompt-len 64] [--output-len 32] [--rank 8]
                               [--kernels auto|torch]
 
-Adapters are made by peft on the GGUF exported to Hugging Face (model/gguf_export.py): rank --rank, all seven
-projections, random non-zero B. Requests run through the engine (LLMEngine, the server's path without HTTP);
+Adapters are written in peft's format (rank --rank, all seven projections, random A and B). Requests run through the engine (LLMEngine, the server's path without HTTP);
 each round queues --concurrency greedy requests with ignore_eos and steps until all finish. The base round runs
 on the same engine (adapters loaded but unused), so the figures differ only by the adapters' work.
 """
@@ -13,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -21,23 +21,33 @@ import torch
 
 
 def make_adapters(gguf: str, root: str, n: int, rank: int) -> list[str]:
-    import peft
-    import transformers
+    """peft-format adapters written directly (peft's key names and config; random A and B): the same files
+    `get_peft_model(...).save_pretrained` writes, without building n copies of the model."""
+    from safetensors.torch import save_file
 
-    from lmserve.model.gguf_export import export_hf
-    hf = export_hf(gguf, f"{root}/hf")
+    from lmserve.model.loader import load_arch_config
+    a = load_arch_config(gguf)
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    shapes = {"self_attn.q_proj": (q, a.hidden_size), "self_attn.k_proj": (kv, a.hidden_size),
+              "self_attn.v_proj": (kv, a.hidden_size), "self_attn.o_proj": (a.hidden_size, q),
+              "mlp.gate_proj": (a.intermediate_size, a.hidden_size), "mlp.up_proj": (a.intermediate_size, a.hidden_size),
+              "mlp.down_proj": (a.hidden_size, a.intermediate_size)}
     paths = []
     for i in range(n):
-        model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-        pm = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02)
-        pm.save_pretrained(f"{root}/lora{i}")
-        paths.append(f"{root}/lora{i}")
+        g = torch.Generator().manual_seed(i)
+        tensors = {}
+        for layer in range(a.num_hidden_layers):
+            for mod, (out_f, in_f) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.{mod}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.02
+                tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.02
+        path = os.path.join(root, f"lora{i}")
+        os.makedirs(path)
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [
+                m.split(".")[1] for m in shapes]}, f)
+        paths.append(path)
     return paths
 
 

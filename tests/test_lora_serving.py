@@ -181,7 +181,8 @@ def test_smollm2_gguf_adapters_equal_peft(smollm2_path, tmp_path):
     prompts = [tok.encode(PROMPTS[0])]
     refs = references(hf_dir, adapters, prompts)
     assert refs["x"] != refs["base"] and refs["y"] != refs["base"]
-    server = start_api_server(tmp_path, smollm2_path, *SERVER_ARGS, "--weights", "quantized", "--adapters",
+    # NOTE: the C++ quantized-matmul kernel: on the PyTorch reference GGUF blocks are far too slow for a test
+    server = start_api_server(tmp_path, smollm2_path, "--weights", "quantized", "--adapters",
                               *(f"{n}={p}" for n, p in adapters.items()))
     try:
         for name in ("base", "x", "y"):
