@@ -172,7 +172,7 @@ def test_runtime_load_use_unload(tiny_setup):
 @pytest.mark.slow
 def test_smollm2_gguf_adapters_equal_peft(smollm2_path, tmp_path):
     """The quantized (GGUF blocks) linear path: the delta is added after the quantized matmul."""
-    from lmserve.model.gguf_export import export_hf
+    from lmserve.hf_export import export_hf
     hf_dir = export_hf(smollm2_path, str(tmp_path / "hf"))
     adapters = {name: str(tmp_path / name) for name in ("x", "y")}
     for seed, path in enumerate(adapters.values(), 1):
