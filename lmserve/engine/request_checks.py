@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from lmserve.outputs import InvalidRequestError
 from lmserve.sampling_params import SamplingParams
 
-_TASK_NAMES = {"embed": "an embedding model (task 'embed')", "score": "a cross-encoder (task 'score')"}
+_TASK_NAMES = {"embed": "embeddings only", "score": "scores only"}
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class RequestLimits:
 def check_request(limits: RequestLimits, prompt_ids: list[int], params: SamplingParams | None) -> None:
     """A generation request (params given) or a pooling input (params None). Raises InvalidRequestError."""
     if params is not None and limits.task != "generate":
-        raise InvalidRequestError(f"the model is {_TASK_NAMES.get(limits.task, limits.task)}, not generation",
+        raise InvalidRequestError(f"this engine serves {_TASK_NAMES.get(limits.task, limits.task)} "
+                                  f"(task {limits.task!r}); it does not generate",
                                   param="model", code="wrong_model_task")
     if not prompt_ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
