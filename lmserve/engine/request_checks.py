@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from lmserve.outputs import InvalidRequestError
 from lmserve.sampling_params import SamplingParams
 
-_TASK_NAMES = {"embed": "embeddings only", "score": "scores only"}
+# Both phrasings are kept: clients and tests match on "embedding model" and on "embeddings only".
+_TASK_NAMES = {"embed": ("an embedding model", "embeddings only"), "score": ("a cross-encoder", "scores only")}
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class RequestLimits:
 def check_request(limits: RequestLimits, prompt_ids: list[int], params: SamplingParams | None) -> None:
     """A generation request (params given) or a pooling input (params None). Raises InvalidRequestError."""
     if params is not None and limits.task != "generate":
-        raise InvalidRequestError(f"this engine serves {_TASK_NAMES.get(limits.task, limits.task)} "
+        kind, serves = _TASK_NAMES.get(limits.task, (limits.task, limits.task))
+        raise InvalidRequestError(f"the model is {kind}: this engine serves {serves} "
                                   f"(task {limits.task!r}); it does not generate",
                                   param="model", code="wrong_model_task")
     if not prompt_ids:
