@@ -5,7 +5,7 @@ concurrency level, and stopped. Peers live outside this repository (see docs/ben
 
   lmserve           python -m lmserve serve api_server (this checkout), its default (--dtype auto)
   lmserve-fp32      the same with --dtype float32 (the exact mode)
-  lmserve-bf16      the same with --matmul-dtype bfloat16 (bf16 even where the CPU lacks native bf16)
+  lmserve-bf16      the same with --dtype bfloat16 (bf16 matmuls even where the CPU lacks native bf16)
   llama-server      llama.cpp's C++ server, continuous batching (--parallel = the level; restarted per level)
   llama-cpp-python  llama-cpp-python[server] in its own venv (serves one request at a time)
   vllm              vLLM's CPU build in its own venv, on an HF export of the same weights, in its default dtype
@@ -152,7 +152,7 @@ def discover(gguf: str) -> dict[str, Peer]:
     peers = [
         LmservePeer("lmserve", True, flags=("--dtype", "auto")),
         LmservePeer("lmserve-fp32", True, flags=("--dtype", "float32")),
-        LmservePeer("lmserve-bf16", True, flags=("--matmul-dtype", "bfloat16")),
+        LmservePeer("lmserve-bf16", True, flags=("--dtype", "bfloat16")),
         LlamaServerPeer("llama-server", os.access(LlamaServerPeer.binary, os.X_OK),
                         f"{LlamaServerPeer.binary} not built", restart_per_level=True, startup_s=120),
         # NOTE: llama-cpp-python ignores ignore_eos; a logit bias against EOS holds the output length instead.

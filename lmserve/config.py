@@ -71,9 +71,10 @@ def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
 def resolve_matmul_dtype(matmul_dtype: str, dtype: str, device: "torch.device") -> str:
     """The precision policy for large matmuls and the KV cache on a float32 CPU model.
 
-    Explicit --matmul-dtype wins. Else, with --dtype auto, bfloat16 (float32 accumulation, bf16 KV cache) on a CPU
-    with native bf16 (AVX512_BF16 or AMX), where it is ~2.5x the float32 GEMM rate; float32 everywhere else, where
-    bf16 has no hardware path and runs slower than float32. An explicit --dtype float32 is the exact mode.
+    An explicit matmul_dtype wins (the CLI sets it from `--dtype bfloat16` on CPU). Else, with dtype auto,
+    bfloat16 (float32 accumulation, bf16 KV cache) on a CPU with native bf16 (AVX512_BF16 or AMX), where it is
+    ~2.5x the float32 GEMM rate; float32 everywhere else, where bf16 has no hardware path and runs slower than
+    float32. An explicit --dtype float32 is the exact mode.
     """
     if matmul_dtype != "auto":
         return matmul_dtype
@@ -92,7 +93,8 @@ class ModelConfig:
     max_model_len: int | None = None   # LMDeploy's session_len; None = the model's context length
     # the C++ kernel library as a whole (attention and every other op it has; engine/model_runner._select_ops):
     # "auto" = use it on CPU/float32 when it builds, else PyTorch; "torch" = none of it (unlike kernels="torch",
-    # packed float GEMM weights stay); "cpp" = require it
+    # packed float GEMM weights stay; no flag sets this, tests and benchmarks/precision.py do); "cpp" = require
+    # it (the CLI's `--kernels cpp`)
     attention_backend: str = "auto"
     # every op (norms, activations, RoPE, attention, quantized matmul, packed GEMM weights): "auto" = kernels where
     # they apply and build (lmserve/ops), "torch" = the PyTorch references end to end (the test oracle)
@@ -109,7 +111,8 @@ class ModelConfig:
     # "bfloat16": matmuls too large for the quantized kernel run in bfloat16 (float32 accumulation) on a
     # bfloat16 copy of the weights, and the KV cache is bfloat16; ~2x the float32 GEMM rate on CPUs with
     # AVX512_BF16/AMX. Not bit-exact to float32 (docs/benchmarks.md, "Precision"). "auto": bfloat16 where the CPU
-    # has native bf16 and dtype is "auto", else float32 (resolve_matmul_dtype; read `matmul_precision`).
+    # has native bf16 and dtype is "auto", else float32 (resolve_matmul_dtype; read `matmul_precision`). The CLI
+    # has no flag of its own for it: `--dtype bfloat16` on CPU sets it (cli/engine_args._precision).
     matmul_dtype: str = "auto"
     # GGUF quantized matmuls of decode size: "int8" = activations quantized to int8 per 32 (llama.cpp's integer
     # dot products, not exact), "float" = exact float32 activations, "auto" = int8 where the CPU kernels have an

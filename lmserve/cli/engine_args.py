@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from lmserve.cli.aliases import NGRAM_MODEL_SPELLINGS, AliasedStore, warn_deprecated
 from lmserve.cli.lora_args import add_lora_args, build_lora_config
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 
@@ -32,9 +33,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF file, Hugging Face directory or hub id (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     p.add_argument("--dtype", default="auto",
-                   help="auto|float32|float16|bfloat16. auto on CPU: bfloat16 matmuls (float32 accumulation) and "
-                        "KV cache where the CPU has native bf16 (AVX512_BF16/AMX), else float32; bf16 on CUDA. "
-                        "float32: the exact mode")
+                   help="auto|float32|bfloat16|float16: the precision policy. On CPU the model runs in float32 "
+                        "and this picks the large matmuls' precision: bfloat16 = matmuls (prefill, batched decode) "
+                        "in bfloat16 with float32 accumulation and a bfloat16 KV cache, ~2x faster on CPUs with "
+                        "AVX512_BF16/AMX but not bit-exact; float32 = the exact mode; auto = bfloat16 where the CPU "
+                        "has native bf16, else float32; float16 = a float16 model. On CUDA: the model's dtype (auto: "
+                        "bf16 where supported)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
     p.add_argument("--chat-template", default=None, help="Jinja chat template string or file")
     p.add_argument("--session-len", type=int, default=None, help="max tokens per session (prompt + output)")
@@ -48,8 +52,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-prefix-caching", action="store_true", help="turn automatic prefix caching off")
     p.add_argument("--max-batch-size", type=int, default=256, help="max sequences running at once")
     p.add_argument("--max-prefill-token-num", "--max-num-batched-tokens", dest="max_prefill_token_num", type=int,
-                   default=512, help="token budget per engine step (chunked prefill); bounds the inter-token "
-                   "gap of decoding requests while prompts are prefilled")
+                   action=AliasedStore, default=512,
+                   help="token budget per engine step (chunked prefill); bounds the inter-token gap of decoding "
+                        "requests while prompts are prefilled")
     p.add_argument("--max-burst-batched-tokens", type=int, default=None,
                    help="prefill priority: the step budget while prompts wait and at most --burst-max-decodes "
                         "requests are decoding (default 4 x --max-prefill-token-num; equal to it turns this off)")
@@ -69,13 +74,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="rendezvous port (default: a free one; required with --nnodes > 1)")
     p.add_argument("--seed", type=int, default=None,
                    help="accepted for vLLM compatibility and ignored: seeds are per request (the `seed` field)")
-    p.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "cpp"],
-                   help="the C++ kernel library (attention and the other ops it has): auto = on CPU float32 when "
-                        "it builds, else PyTorch; torch = none of it (packed GEMM weights stay; --kernels torch drops "
-                        "those too); cpp = require it")
-    p.add_argument("--kernels", default="auto", choices=["auto", "torch"],
-                   help="auto = the fastest implementation of each op that applies here; torch = the PyTorch "
-                        "references end to end (no C++ kernels, no packed or quantized weight copies)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "cpp"],
+                   help="auto = the fastest implementation of each op that applies here (the C++ kernels on CPU "
+                        "float32 when they build, else PyTorch); torch = the PyTorch references end to end (no C++ "
+                        "kernels, no packed or quantized weight copies); cpp = as auto, but fail to start unless the "
+                        "C++ kernels build")
     p.add_argument("--kernel-build-timeout", type=float, default=600.0,
                    help="seconds start-up waits for the C++ kernels to compile (first start only) before serving "
                         "on the PyTorch references")
@@ -85,10 +88,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF files: quantized keeps matrices in the file's blocks, memory-mapped (memory ~ the "
                         "file size); float dequantizes them once (exact float32, ~8x the memory); auto (default): "
                         "quantized where the quantized-matmul kernel is available, else float")
-    p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="bfloat16: large matmuls (prefill, batched decode) in bfloat16 with float32 accumulation, "
-                        "~2x faster on CPUs with AVX512_BF16 but not bit-exact; float32 is exact; auto (default) "
-                        "follows --dtype's precision policy")
     p.add_argument("--quant-activations", default="auto", choices=["auto", "int8", "float"],
                    help="GGUF quantized matmuls at decode size: int8 = activations quantized to int8 (integer dot "
                         "products, llama.cpp's approach; not exact), float = exact; auto = int8 where the CPU has an "
@@ -102,11 +101,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sampling defaults for fields a request leaves out: auto = the model's "
                         "generation_config.json / GGUF metadata / model card; none = the API's own defaults; "
                         "PATH = a generation_config.json or its directory")
-    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+    p.add_argument("--speculative-algorithm", "--speculative-method", dest="speculative_algorithm", default=None,
+                   choices=["ngram", "draft"], action=AliasedStore,
                    help="speculative decoding: ngram = prompt lookup (drafts copied from the sequence itself; "
-                        "no draft model); draft = a draft model (--speculative-model; not implemented yet)")
-    p.add_argument("--speculative-model", default=None,
-                   help="draft model path (implies --speculative-method draft); 'ngram' = --speculative-method ngram")
+                        "no draft model); draft = a draft model (--speculative-draft-model; not implemented yet)")
+    p.add_argument("--speculative-draft-model", "--speculative-model", dest="speculative_draft_model", default=None,
+                   action=AliasedStore,
+                   help="draft model path (implies --speculative-algorithm draft); the alias's vLLM value 'ngram' "
+                        "means --speculative-algorithm ngram")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per step")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix n-gram looked up")
     p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix n-gram looked up")
@@ -121,8 +123,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
-    method, model = args.speculative_method, args.speculative_model
-    if model == "ngram":       # vLLM's older spelling
+    method, model = args.speculative_algorithm, args.speculative_draft_model
+    if model in NGRAM_MODEL_SPELLINGS:       # vLLM's older `--speculative-model [ngram]`
+        warn_deprecated(f"--speculative-model {model}", "--speculative-algorithm ngram")
         method, model = "ngram", None
     elif model is not None and method is None:
         method = "draft"
@@ -131,15 +134,29 @@ def _speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
                              disable_by_batch_size=args.speculative_disable_by_batch_size)
 
 
+def _precision(args: argparse.Namespace) -> tuple[str, str]:
+    """--dtype -> (ModelConfig.dtype, ModelConfig.matmul_dtype). One flag steers the one precision policy: on CPU
+    the model stays float32 and `--dtype bfloat16` means bfloat16 matmuls and KV cache (config.resolve_matmul_dtype)
+    rather than a model whose norms and activations are bfloat16 too."""
+    if args.dtype in ("bfloat16", "bf16"):
+        from lmserve.config import resolve_device
+        if resolve_device(args.device).type == "cpu":
+            return "auto", "bfloat16"
+    return args.dtype, "auto"
+
+
 def build_engine_config(args: argparse.Namespace) -> EngineConfig:
     """The one place CLI arguments become engine config."""
+    dtype, matmul_dtype = _precision(args)
     return EngineConfig(
-        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=dtype, device=args.device,
                           chat_template=args.chat_template, max_model_len=args.session_len,
-                          attention_backend=args.attn_backend, kernels=args.kernels,
+                          # --kernels cpp: the C++ library is required, which ModelConfig spells attention_backend
+                          attention_backend="cpp" if args.kernels == "cpp" else "auto",
+                          kernels="torch" if args.kernels == "torch" else "auto",
                           kernel_build_timeout=args.kernel_build_timeout,
                           weights=args.weights,
-                          num_threads=args.num_threads, matmul_dtype=args.matmul_dtype, task=args.task,
+                          num_threads=args.num_threads, matmul_dtype=matmul_dtype, task=args.task,
                           quant_activations=args.quant_activations,
                           generation_config=args.generation_config),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from lmserve.cli.aliases import ALIASES
 from lmserve.cli.commands import build_parser
 
 # lmserve flag -> the peers' spelling of the same setting. A second spelling on our flag (an alias) exists only
@@ -14,11 +15,11 @@ from lmserve.cli.commands import build_parser
 PEER_SPELLING = {
     "--session-len": "LMDeploy `--session-len`; vLLM `--max-model-len`",
     "--max-batch-size": "LMDeploy `--max-batch-size`; vLLM `--max-num-seqs`",
-    "--max-prefill-token-num": "LMDeploy `--max-prefill-token-num`; vLLM `--max-num-batched-tokens` (alias here)",
+    "--max-prefill-token-num": "LMDeploy `--max-prefill-token-num`; vLLM `--max-num-batched-tokens`",
     "--cache-max-entry-count": "LMDeploy `--cache-max-entry-count`; vLLM `--gpu-memory-utilization` (roughly)",
     "--cache-block-seq-len": "LMDeploy `--cache-block-seq-len`; vLLM `--block-size`",
     "--tp": "LMDeploy `--tp`; vLLM `--tensor-parallel-size`",
-    "--dtype": "LMDeploy and vLLM `--dtype`",
+    "--dtype": "LMDeploy and vLLM `--dtype` (on CPU here it picks the matmul and KV-cache precision)",
     "--tokenizer": "vLLM `--tokenizer`",
     "--chat-template": "LMDeploy and vLLM `--chat-template`",
     "--generation-config": "vLLM `--generation-config`",
@@ -26,9 +27,9 @@ PEER_SPELLING = {
     "--scheduling-policy": "vLLM `--scheduling-policy`",
     "--seed": "vLLM `--seed` (accepted here and ignored: seeds are per request)",
     "--disable-prefix-caching": "vLLM `--no-enable-prefix-caching`; LMDeploy enables it with `--enable-prefix-caching`",
-    "--speculative-method": "LMDeploy `--speculative-algorithm`; vLLM `speculative_config.method`",
-    "--speculative-model": "vLLM `--speculative-model` (its older form; `ngram` there means `--speculative-method "
-                           "ngram`, and does here)",
+    "--speculative-algorithm": "LMDeploy `--speculative-algorithm`; vLLM `speculative_config.method`",
+    "--speculative-draft-model": "LMDeploy `--speculative-draft-model`; vLLM `--speculative-model` (its older form; "
+                                 "`ngram` there means `--speculative-algorithm ngram`, and does here)",
     "--num-speculative-tokens": "vLLM `--num-speculative-tokens`; LMDeploy `--speculative-num-draft-tokens`",
     "--prompt-lookup-max": "vLLM `prompt_lookup_max` (speculative config)",
     "--prompt-lookup-min": "vLLM `prompt_lookup_min` (speculative config)",
@@ -59,7 +60,8 @@ def render() -> str:
     lines = ["# Flags", "",
              "Every flag of every `lmserve` subcommand, generated from the parser "
              "(`python -m lmserve.cli.flags_doc > docs/flags.md`). One name per setting; a second spelling "
-             "(shown after the first) is an alias kept only where a peer server spells the setting that way.", ""]
+             "(shown after the first) is a deprecated alias, kept only where a peer server spells the setting that "
+             "way: it works like the first and warns on use.", ""]
     for path, parser in _subparsers(build_parser(), ["lmserve"]):
         flags = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS
                  and not isinstance(a, argparse._HelpAction)]
@@ -67,7 +69,7 @@ def render() -> str:
             continue
         lines += [f"## `{' '.join(path)}`", "", "| flag | default | what | peer spelling |", "|---|---|---|---|"]
         for a in flags:
-            names = ", ".join(f"`{s}`" for s in a.option_strings)
+            names = ", ".join(f"`{s}`" + (" (deprecated alias)" if s in ALIASES else "") for s in a.option_strings)
             default = "" if a.default in (None, False) or isinstance(a, argparse._StoreTrueAction) else a.default
             peer = PEER_SPELLING.get(a.option_strings[0], "")
             lines.append(f"| {names} | {_cell(default)} | {_cell(a.help or '')} | {peer} |")

@@ -92,7 +92,7 @@ class ModelRunner:
         # ops.gguf_matmul's activation precision for every quantized layer (--quant-activations)
         self.gguf_int8 = int8_activations(model_config.quant_activations, model_config.dtype)
         if self.device.type == "cpu":
-            logger.info("precision: %s model, %s matmuls, %s KV cache (--dtype %s, --matmul-dtype %s; CPU bf16: %s)",
+            logger.info("precision: %s model, %s matmuls, %s KV cache (dtype %s, matmul_dtype %s; CPU bf16: %s)",
                         self.dtype, self.matmul_precision, self.kv_dtype, model_config.dtype,
                         model_config.matmul_dtype, cpu_bf16_feature() or "none")
         arch = load_arch_config(model_path)
@@ -130,13 +130,13 @@ class ModelRunner:
         backend = mc.attention_backend
         cpp_possible = mc.kernels == "auto" and self.device.type == "cpu" and self.dtype == torch.float32
         if backend == "cpp" and not cpp_possible:
-            raise ValueError("attention_backend: the C++ kernel needs device cpu, dtype float32 and kernels auto")
-        # --attn-backend torch keeps its meaning: no C++ kernel at all (--kernels torch also drops packed GEMMs)
+            raise ValueError("attention_backend (--kernels cpp): the C++ kernels need device cpu and dtype float32")
+        # attention_backend="torch" keeps its meaning: no C++ kernel at all (kernels="torch" also drops packed GEMMs)
         kernels = "torch" if backend == "torch" else mc.kernels
         lib = cpu_kernels.load(mc.kernel_build_timeout) if kernels == "auto" and cpp_possible else None
         table = ops.select(self.device, self.dtype, kernels, lib=lib)
         if table.lib is None and backend == "cpp":
-            raise RuntimeError("attention_backend: the C++ CPU attention kernel failed to build")
+            raise RuntimeError("attention_backend (--kernels cpp): the C++ CPU kernels failed to build")
         kernel_ops = sorted(name for name, arm in table.arms.items() if arm != "native")
         logger.info("ops: %s kernels for %s; PyTorch references for the rest",
                     "no" if not kernel_ops else "C++", ", ".join(kernel_ops) or "none")

@@ -23,7 +23,7 @@ pays for full-length drafts, a diverging one verifies a single cheap guess until
 Auto-off: with more than `disable_by_batch_size` decoding sequences a step proposes nothing; the batch is then
 compute-bound and verifying guesses would cost more than it saves. Requests whose sampling depends on their own
 output so far (penalties, min_tokens), on a private random stream (seed) or on a grammar are never speculated.
-The draft-model path (`--speculative-model`) is designed in at `propose` but not implemented.
+The draft-model path (`--speculative-draft-model`) is designed in at `propose` but not implemented.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def check_supported(config: SpeculativeConfig) -> None:
     """Fail before the weights load: only prompt lookup is implemented."""
     if config.method not in (None, "ngram"):
         raise ValueError(f"speculative_model: draft-model speculative decoding ({config.model!r}) is not "
-                         "implemented yet; use --speculative-method ngram")
+                         "implemented yet; use --speculative-algorithm ngram")
 
 
 class SpecDecoder:
