@@ -12,9 +12,12 @@ __all__ = ["CacheConfig", "EngineConfig", "ModelConfig", "SchedulerConfig", "Ser
 
 def __getattr__(name):
     # Lazy so `import lmserve` (e.g. for the protocol or the proxy) does not pull in the engine and torch models.
-    if name in ("pipeline", "Pipeline", "LLM", "GenerationConfig"):
+    if name in ("pipeline", "Pipeline", "LLM"):
         from lmserve import offline
         return getattr(offline, name)
+    if name == "GenerationConfig":
+        from lmserve.generation_config import GenerationConfig
+        return GenerationConfig
     if name == "LLMEngine":
         from lmserve.engine.llm_engine import LLMEngine
         return LLMEngine

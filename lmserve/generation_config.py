@@ -8,11 +8,17 @@ fields it does not set itself.
 - a path: a `generation_config.json` file, or a directory holding one.
 
 Explicit request fields always win; a model default only fills a field the request left out (or sent as null).
+
+`GenerationConfig` is the offline pipeline's per-call settings (LMDeploy's class of that name), whose defaults
+come from the same table.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
+
+from lmserve.sampling_params import SamplingParams
 
 # Field names as the request models and SamplingParams spell them.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -105,3 +111,36 @@ def describe(defaults: dict, source: str) -> str:
         return f"generation defaults: {source}; requests get the API's own defaults"
     shown = ", ".join(f"{k}={v}" for k, v in defaults.items())
     return f"generation defaults from {source}: {shown} (fields a request sets win; --generation-config none: off)"
+
+
+@dataclass
+class GenerationConfig:
+    """LMDeploy's GenerationConfig field names, mapped onto SamplingParams."""
+    n: int = 1
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    top_p: float = API_DEFAULTS["offline"]["top_p"]
+    top_k: int = API_DEFAULTS["offline"]["top_k"]
+    min_p: float = 0.0
+    temperature: float = API_DEFAULTS["offline"]["temperature"]
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    random_seed: int | None = None
+    stop_words: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_new_tokens: int = 0
+    skip_special_tokens: bool = True
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            n=self.n, max_tokens=self.max_new_tokens, min_tokens=self.min_new_tokens,
+            temperature=self.temperature if self.do_sample else 0.0, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            seed=self.random_seed, stop=list(self.stop_words), stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos, logprobs=self.logprobs, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output)

@@ -1,6 +1,6 @@
 """Offline inference in the spirit of LMDeploy's `pipeline(model)(prompts, gen_config)`.
 
-    from lmserve import pipeline, GenerationConfig
+    from lmserve import pipeline, GenerationConfig     # GenerationConfig: lmserve/generation_config.py
     pipe = pipeline()                                  # bundled SmolLM2
     print(pipe(["Hi, pls intro yourself", "Shanghai is"], GenerationConfig(max_new_tokens=32))[0].text)
 
@@ -9,46 +9,13 @@ A string prompt is a user message rendered with the chat template (as LMDeploy d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmserve.engine.llm_engine import LLMEngine
-from lmserve.generation_config import API_DEFAULTS
+from lmserve.generation_config import GenerationConfig
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
-
-
-@dataclass
-class GenerationConfig:
-    """LMDeploy's GenerationConfig field names, mapped onto SamplingParams."""
-    n: int = 1
-    max_new_tokens: int = 512
-    do_sample: bool = False
-    top_p: float = API_DEFAULTS["offline"]["top_p"]
-    top_k: int = API_DEFAULTS["offline"]["top_k"]
-    min_p: float = 0.0
-    temperature: float = API_DEFAULTS["offline"]["temperature"]
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-    random_seed: int | None = None
-    stop_words: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    min_new_tokens: int = 0
-    skip_special_tokens: bool = True
-    logprobs: int | None = None
-    include_stop_str_in_output: bool = False
-
-    def to_sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            n=self.n, max_tokens=self.max_new_tokens, min_tokens=self.min_new_tokens,
-            temperature=self.temperature if self.do_sample else 0.0, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            seed=self.random_seed, stop=list(self.stop_words), stop_token_ids=list(self.stop_token_ids),
-            ignore_eos=self.ignore_eos, logprobs=self.logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
 
 
 @dataclass

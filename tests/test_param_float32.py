@@ -12,7 +12,7 @@ import torch
 
 from lmserve.engine.sampler import Sampler, SamplingMetadata
 from lmserve.engine.sequence import Sequence
-from lmserve.offline import GenerationConfig
+from lmserve.generation_config import GenerationConfig
 from lmserve.sampling_params import SamplingParams, SamplingParamsError, as_float32
 
 pytestmark = pytest.mark.timeout(300)
