@@ -7,6 +7,11 @@ bitmasks and advances matchers. A batch with no constrained row never reaches th
 
 NOTE: preemption-by-recompute keeps a sequence's output tokens, and a matcher is advanced only by tokens that
 were appended to the sequence, so a recomputed sequence's matcher is already in the right state.
+
+One feature, two modules, two names on purpose: this is the engine half (grammars, matchers, bitmasks; named
+after what it does to decoding and after `SamplingParams.guided`, vLLM's `GuidedDecodingParams`);
+server/structured.py is the API half, named after the request fields it reads (OpenAI's "structured outputs",
+vLLM's `structured_outputs`). The server half never touches a grammar; this half never sees a request body.
 """
 from __future__ import annotations
 

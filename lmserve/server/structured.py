@@ -1,7 +1,10 @@
 """Structured-output request fields -> GuidedDecodingParams: OpenAI's `response_format` (json_object, json_schema),
 LMDeploy's `regex_schema`, vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` and its
 newer `structured_outputs` object. Only the shape is checked here;
-the grammar itself is compiled (and rejected with a 400 naming the field) by the engine before queueing."""
+the grammar itself is compiled (and rejected with a 400 naming the field) by the engine before queueing.
+
+The API half of one feature whose engine half is engine/guided.py (grammar matchers and the logits mask); the
+two names follow each side's vocabulary, see that module's docstring."""
 from __future__ import annotations
 
 import json
