@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from lmserve.server.errors import _loc_to_param
-from lmserve.server.state import Admission
+from lmserve.server.admission import Admission
 
 
 def test_admission_runs_queues_refuses_and_hands_slots_over_in_order():

@@ -24,7 +24,7 @@ LIMITS = RequestLimits(task="generate", vocab_size=100, max_model_len=32)
     (LIMITS, [1] * 20, SamplingParams(max_tokens=13), "max_tokens", None),
     (LIMITS, [1], SamplingParams(logit_bias={100: 1.0}), "logit_bias", None),
     (LIMITS, [1], SamplingParams(stop_token_ids=[100]), "stop_token_ids", None),
-    (LIMITS, [1] * 33, None, "input", None),
+    (LIMITS, [1] * 33, None, "input", "context_length_exceeded"),
     (LIMITS, [], None, "prompt", None),
 ])
 def test_every_bad_input_is_one_error_naming_the_field(limits, ids, params, param, code):

@@ -23,7 +23,7 @@ from lmserve.engine.cpu_threads import ThreadGovernor
 from lmserve.engine.fault import RequestFailedError, recover
 from lmserve.engine.llm_engine import EngineStats, LLMEngine
 from lmserve.engine.mm_inputs import process_images
-from lmserve.outputs import EmbeddingOutput, RequestOutput
+from lmserve.outputs import EmbeddingOutput, InvalidRequestError, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class EngineSleepingError(EngineDeadError):
+    """New work while the engine sleeps (/sleep): refused here, the one place it is checked; the server answers
+    503 `sleeping`."""
 
 
 def _release_openmp_pool() -> None:
@@ -126,9 +131,7 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                        session_id: int | None = None, images: list | None = None) -> AsyncIterator[RequestOutput]:
         """images: decoded PIL images (RGB) in prompt order; the prompt holds engine.image_placeholder per image."""
-        self._check_alive()
-        if self.is_sleeping:
-            raise EngineDeadError("the engine is sleeping; POST /wakeup first")
+        self._check_accepting()
         # NOTE: the one input check (engine/request_checks.py), on the caller's thread; the engine thread trusts it
         # NOTE: the HF processor resizes and normalises: off the event loop and off the engine thread
         mm = await asyncio.to_thread(process_images, self.engine.images, prompt, images) \
@@ -141,8 +144,23 @@ class AsyncEngine:
             yield out
 
     async def encode(self, prompt_token_ids: list[int]) -> list[float]:
-        self._check_alive()
-        prompt_ids = self.engine.check_request(prompt_token_ids, None)
+        return (await self.encode_all([prompt_token_ids]))[0]
+
+    async def encode_all(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Pooling (embeddings, classifier scores) for several inputs. Every input gets the one input check
+        (engine/request_checks.py) before any is queued; a failing one raises InvalidRequestError with `index`
+        set to its position in `inputs`."""
+        self._check_accepting()
+        checked = []
+        for i, ids in enumerate(inputs):
+            try:
+                checked.append(self.engine.check_request(ids, None))
+            except InvalidRequestError as exc:
+                exc.index = i
+                raise
+        return list(await asyncio.gather(*[self._pool(ids) for ids in checked]))
+
+    async def _pool(self, prompt_ids: list[int]) -> list[float]:
         request_id = f"embd-{next(self._ids)}"
         async for out in self._submit(request_id, ("pool", request_id, prompt_ids)):
             assert isinstance(out, EmbeddingOutput)
@@ -242,6 +260,12 @@ class AsyncEngine:
     def _check_alive(self) -> None:
         if self._error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._error!r}")
+
+    def _check_accepting(self) -> None:
+        """New requests (generate, encode); control calls only need _check_alive."""
+        self._check_alive()
+        if self.is_sleeping:
+            raise EngineSleepingError("the engine is sleeping; POST /wakeup first")
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _thread_governor(self) -> ThreadGovernor | None:

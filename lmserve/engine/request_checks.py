@@ -31,16 +31,19 @@ def check_request(limits: RequestLimits, prompt_ids: list[int], params: Sampling
         raise InvalidRequestError(f"the model is {kind}: this engine serves {serves} "
                                   f"(task {limits.task!r}); it does not generate",
                                   param="model", code="wrong_model_task")
+    what = "the prompt" if params is not None else "the input"
     if not prompt_ids:
-        raise InvalidRequestError("the prompt is empty", param="prompt")
+        raise InvalidRequestError(f"{what} is empty", param="prompt")
     vocab = limits.vocab_size
     bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
     if bad is not None:
-        raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        raise InvalidRequestError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab})",
+                                  param="prompt")
     num, max_len = len(prompt_ids), limits.max_model_len
     if params is None:
         if num > max_len:
-            raise InvalidRequestError(f"input of {num} tokens exceeds the maximum of {max_len}", param="input")
+            raise InvalidRequestError(f"the input has {num} tokens, more than the session length {max_len}",
+                                      param="input", code="context_length_exceeded")
         return
     if num + 1 > max_len:
         raise InvalidRequestError(f"the prompt has {num} tokens, which leaves no room for output in the session "

@@ -9,7 +9,6 @@ models trained for it (Matryoshka: `matryoshka_dimensions` / `is_matryoshka` in 
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import math
 import struct
@@ -23,14 +22,16 @@ from lmserve.server.protocol import (EmbeddingData, EmbeddingsRequest, Embedding
                                      EncodeResponse, PoolingData, PoolingRequest, PoolingResponse, UsageInfo)
 from lmserve.server.serving_chat import render_chat
 from lmserve.server.serving_lora import request_lora
-from lmserve.server.state import ServerState, random_id, run_until_disconnect
+from lmserve.server.state import ServerState, random_id
 
 
 def _is_token_id(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)     # NOTE: JSON true/false are not token ids
 
 
-async def _inputs(state: ServerState, value: Any) -> list[list[int]]:
+async def _inputs(state: ServerState, value: Any) -> tuple[list[list[int]], list[str]]:
+    """-> (token ids, the field naming each). Only the shape is checked here; emptiness, length and vocabulary are
+    the engine's one check (state.pool)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -39,21 +40,15 @@ async def _inputs(state: ServerState, value: Any) -> list[list[int]]:
     if all(isinstance(v, int) for v in value):
         value = [value]
     check_num_prompts(state.config, len(value), "input")
-    out = []
+    out, wheres = [], []
     for i, v in enumerate(value):
         where = "input" if len(value) == 1 else f"input[{i}]"
         ids = await state.encode(v, where, add_special_tokens=True) if isinstance(v, str) else v
         if not isinstance(ids, list) or not all(_is_token_id(t) for t in ids):
             raise APIError(400, f"{where} must be a string or a list of token ids", param=where)
-        if not ids:
-            raise APIError(400, f"{where} is empty", param=where)
-        if len(ids) > state.max_model_len:
-            raise APIError(400, f"{where} has {len(ids)} tokens, more than the session length "
-                                f"{state.max_model_len}", param=where, code="context_length_exceeded")
-        if any(not 0 <= t < state.engine.vocab_size for t in ids):
-            raise APIError(400, f"{where} holds a token id outside the vocabulary", param=where)
         out.append(ids)
-    return out
+        wheres.append(where)
+    return out, wheres
 
 
 def _format(vector: list[float], encoding_format: str) -> list[float] | str:
@@ -92,8 +87,8 @@ async def _embed(state: ServerState, raw: Request, model: str | None, value: Any
         raise APIError(400, f"the model '{state.model_name}' is a cross-encoder (--task score); it serves /rerank "
                             "and /score, not embeddings", param="model", code="wrong_model_task")
     _check_dimensions(state, dimensions)
-    inputs = await _inputs(state, value)
-    vectors = await run_until_disconnect(raw, asyncio.gather(*[state.engine.encode(ids) for ids in inputs]))
+    inputs, wheres = await _inputs(state, value)
+    vectors = await state.pool(raw, inputs, wheres)
     if dimensions is not None and dimensions != state.engine.embedding_size:
         vectors = [_truncate(v, dimensions) for v in vectors]
     num_tokens = sum(len(ids) for ids in inputs)

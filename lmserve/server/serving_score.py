@@ -16,7 +16,7 @@ from lmserve.server.errors import APIError
 from lmserve.server.limits import check_num_prompts, check_text
 from lmserve.server.protocol.score import (RerankDocument, RerankRequest, RerankResponse, RerankResult,
                                            RerankUsage, ScoreData, ScoreRequest, ScoreResponse, ScoreUsage)
-from lmserve.server.state import ServerState, random_id, run_until_disconnect
+from lmserve.server.state import ServerState, random_id
 
 
 def _check_task(state: ServerState, model: str | None) -> None:
@@ -28,19 +28,12 @@ def _check_task(state: ServerState, model: str | None) -> None:
                        code="wrong_model_task")
 
 
-def _check_ids(state: ServerState, ids: list[int], param: str) -> list[int]:
-    if len(ids) > state.max_model_len:
-        raise APIError(400, f"{param} has {len(ids)} tokens, more than the model's input limit of "
-                            f"{state.max_model_len}", param=param, code="context_length_exceeded")
-    return ids
-
-
 async def _pair_ids(state: ServerState, a: str, b: str, param: str) -> list[int]:
     for text in (a, b):
         state.check_text_fits(text, param)
     hf = state.tokenizer.hf
     ids = await asyncio.to_thread(lambda: hf(a, b, add_special_tokens=True)["input_ids"])
-    return _check_ids(state, list(ids), param)
+    return list(ids)
 
 
 async def score_pairs(state: ServerState, raw: Request, pairs: list[tuple[str, str]],
@@ -48,14 +41,14 @@ async def score_pairs(state: ServerState, raw: Request, pairs: list[tuple[str, s
     """-> (one score per pair, input tokens used). params[i] names pair i's field for errors."""
     if state.engine.task == "score":
         inputs = [await _pair_ids(state, a, b, p) for (a, b), p in zip(pairs, params)]
-        outs = await run_until_disconnect(raw, asyncio.gather(*[state.engine.encode(ids) for ids in inputs]))
+        outs = await state.pool(raw, inputs, params)
         return [float(o[0]) for o in outs], sum(len(ids) for ids in inputs)
     texts: dict[str, str] = {}     # distinct text -> the field it first came from
     for (a, b), p in zip(pairs, params):
         texts.setdefault(a, p)
         texts.setdefault(b, p)
-    ids = {t: _check_ids(state, await state.encode(t, p, add_special_tokens=True), p) for t, p in texts.items()}
-    vectors = await run_until_disconnect(raw, asyncio.gather(*[state.engine.encode(i) for i in ids.values()]))
+    ids = {t: await state.encode(t, p, add_special_tokens=True) for t, p in texts.items()}
+    vectors = await state.pool(raw, list(ids.values()), list(texts.values()))
     vec = dict(zip(ids, vectors))
     return [_cosine(vec[a], vec[b]) for a, b in pairs], sum(len(i) for i in ids.values())
 

@@ -1,8 +1,10 @@
 """ServerState: everything a request handler needs, kept on `app.state.server` (no module-level globals).
 
-It owns the bridge to the engine: `open_generation` starts an engine request, surfaces validation errors
-before any response byte is sent, keeps the request registered as in flight (for /abort_request and for the
-disconnect clean-up) and records the Prometheus metrics when it ends.
+Its one job is the bridge to the engine: `open_generation` starts an engine request, surfaces the engine's
+refusals (its one input check, a sleeping engine) as HTTP errors before any response byte is sent, keeps the
+request registered as in flight (for /abort_request and for the disconnect clean-up) and records the Prometheus
+metrics when it ends; `pool` does the same for embeddings and scores. Admission lives in admission.py, the body
+reading in request_body.py, the per-request bounds in limits.py.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import itertools
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
 from functools import lru_cache
 from pathlib import Path
@@ -21,10 +22,11 @@ from typing import Any
 from fastapi import Request
 
 from lmserve.config import ServerConfig
-from lmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineSleepingError
 from lmserve.engine.fault import RequestFailedError
 from lmserve.outputs import InvalidRequestError, RequestOutput
 from lmserve.sampling_params import SamplingParams, SamplingParamsError
+from lmserve.server.admission import Admission
 from lmserve.server.errors import APIError
 from lmserve.server.limits import check_text
 from lmserve.server.metrics import ServerMetrics
@@ -37,52 +39,6 @@ from lmserve.server.tool_parsers import get_tool_parser, pick_tool_parser
 logger = logging.getLogger(__name__)
 
 OFFLOAD_CHARS = 16_384     # texts at least this long are tokenized in a worker thread
-
-
-class Admission:
-    """At most `max_running` requests in flight and `max_queued` waiting (FIFO); anything beyond is refused.
-
-    NOTE: a released slot is handed straight to the oldest waiter, so `num_running` never exceeds the limit and
-    a newcomer cannot overtake the queue.
-    """
-
-    def __init__(self, max_running: int, max_queued: int):
-        self.max_running = max_running
-        self.max_queued = max_queued
-        self.num_running = 0
-        self._waiters: deque[asyncio.Future] = deque()
-
-    @property
-    def num_queued(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self) -> bool:
-        """True once admitted; False (at once) when the queue is full."""
-        if self.num_running < self.max_running and not self._waiters:
-            self.num_running += 1
-            return True
-        if len(self._waiters) >= self.max_queued:
-            return False
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()          # the slot was handed to us as we were cancelled: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            raise
-        return True
-
-    def release(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)    # hand the slot over; num_running is unchanged
-                return
-        self.num_running -= 1
 
 
 class ServerState:
@@ -128,9 +84,8 @@ class ServerState:
 
     def check_available(self) -> None:
         # NOTE: no check for is_terminating here: the middleware refuses new arrivals, while requests admitted
-        # (or queued) before /terminate must still be served.
-        if self.engine.is_sleeping:
-            raise APIError(503, "the engine is sleeping; POST /wakeup first", code="sleeping")
+        # (or queued) before /terminate must still be served. A sleeping engine refuses new work itself
+        # (AsyncEngine._check_accepting -> EngineSleepingError -> 503 `sleeping`, engine_error below).
         if not self.engine.is_healthy:
             raise APIError(503, "the engine is unhealthy", code="engine_unhealthy")
 
@@ -205,9 +160,9 @@ class ServerState:
         except ValueError as exc:       # a duplicate request id
             self.inflight.pop(request_id, None)
             raise APIError(400, str(exc), param=prompt_param) from exc
-        except EngineDeadError as exc:  # died, or went to sleep between our check and the engine's
+        except EngineDeadError as exc:  # asleep, or died
             self.inflight.pop(request_id, None)
-            raise APIError(503, str(exc), code="engine_unavailable") from exc
+            raise engine_error(exc) from exc
         except RequestFailedError as exc:   # the engine isolated this request after an internal error
             self.inflight.pop(request_id, None)
             self.metrics.observe_aborted()
@@ -227,7 +182,7 @@ class ServerState:
                 try:
                     out = await stream.__anext__()
                 except EngineDeadError as exc:
-                    raise APIError(503, str(exc), code="engine_unavailable") from exc
+                    raise engine_error(exc) from exc
                 except RequestFailedError as exc:
                     raise APIError(500, str(exc), code="engine_fault") from exc
                 yield out
@@ -243,6 +198,16 @@ class ServerState:
                     await stream.aclose()
                 with contextlib.suppress(Exception):
                     await self.engine.abort(request_id)
+
+    async def pool(self, request: Request, inputs: list[list[int]], params: list[str]) -> list[list[float]]:
+        """Pooling outputs (embeddings, scores) for `inputs`, which the engine checks (all before any is queued);
+        params[i] names input i in errors."""
+        try:
+            return await run_until_disconnect(request, self.engine.encode_all(inputs))
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param=params[getattr(exc, "index", 0)], code=exc.code) from exc
+        except EngineDeadError as exc:
+            raise engine_error(exc) from exc
 
     @staticmethod
     def register(request: Request | None, request_id: str) -> None:
@@ -298,6 +263,12 @@ async def run_until_disconnect(request: Request, coro) -> Any:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise APIError(499, "client disconnected", code="client_disconnected")
+
+
+def engine_error(exc: EngineDeadError) -> APIError:
+    if isinstance(exc, EngineSleepingError):
+        return APIError(503, str(exc), code="sleeping")
+    return APIError(503, str(exc), code="engine_unavailable")
 
 
 def random_id(prefix: str) -> str:
