@@ -18,6 +18,7 @@ import logging
 
 from lmserve.server.auth import AccessPolicy
 from lmserve.server.errors import error_response
+from lmserve.server.request_body import BodyTooLarge, read_body, replay, too_large
 from lmserve.server.state import ServerState
 from lmserve.web import is_web_path
 
@@ -53,7 +54,7 @@ class ServerMiddleware:
             body = await self._read_body(scope, receive)
             if not isinstance(body, bytes):
                 return await body(scope, receive, send)
-            receive = _replay(body, receive)
+            receive = replay(body, receive)
         if path not in GENERATION_PATHS:
             return await self.app(scope, receive, send)
 
@@ -81,24 +82,12 @@ class ServerMiddleware:
     async def _read_body(self, scope, receive):
         """The whole body, or the error response to send instead (413 too large, 408 too slow)."""
         config = self.state.config
-        limit = config.max_request_body_bytes
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                return _too_large(limit)
-        chunks, size = [], 0
         try:
             async with asyncio.timeout(config.body_read_timeout):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return _Gone()
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        return _too_large(limit)
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        return b"".join(chunks)
+                body = await read_body(scope, receive, config.max_request_body_bytes)
+            return _Gone() if body is None else body
+        except BodyTooLarge:
+            return too_large(config.max_request_body_bytes)
         except TimeoutError:
             logger.info("%s %s: body not received within %.0f s", scope["method"], scope["path"],
                         config.body_read_timeout)
@@ -107,26 +96,8 @@ class ServerMiddleware:
                                   headers={"Connection": "close"})
 
 
-def _too_large(limit: int):
-    return error_response(413, f"the request body is larger than {limit} bytes (--max-request-body-bytes)",
-                          code="request_too_large", headers={"Connection": "close"})
-
-
 class _Gone:
     """The client left while sending its body: nothing to answer."""
 
     async def __call__(self, scope, receive, send):
         return None
-
-
-def _replay(body: bytes, receive):
-    """A `receive` that hands the app the body already read, then the client's later messages (disconnect)."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-    return replay
