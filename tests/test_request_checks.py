@@ -1,5 +1,5 @@
 """The engine's one input check (engine/request_checks.py) driven with every bad input the API tests send, and
-the proof that a served request runs it exactly once."""
+the proof that a served request (generation or pooling) runs it exactly once."""
 from __future__ import annotations
 
 import asyncio
@@ -42,7 +42,7 @@ def test_good_inputs_pass_and_sampling_errors_are_the_same_type():
 def test_a_served_request_is_checked_once(monkeypatch, tmp_path, tiny_models):
     """AsyncEngine checks on the caller's thread; the engine thread queues without checking again."""
     from lmserve.config import CacheConfig, EngineConfig, ModelConfig
-    from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.engine.async_engine import AsyncEngine, EngineSleepingError
     from lmserve.engine import llm_engine
 
     calls = []
@@ -56,9 +56,23 @@ def test_a_served_request_is_checked_once(monkeypatch, tmp_path, tiny_models):
             outs = [o async for o in engine.generate("r1", [1, 2, 3], SamplingParams(max_tokens=2))]
             with pytest.raises(InvalidRequestError):
                 [o async for o in engine.generate("r2", [], SamplingParams(max_tokens=2))]
+            assert len(calls) == 2
+            # pooling: every input checked once, all before any is queued; the bad one's position is reported
+            vectors = await engine.encode_all([[1, 2], [3]])
+            assert len(vectors) == 2 and len(calls) == 4
+            with pytest.raises(InvalidRequestError) as info:
+                await engine.encode_all([[1], [], [2]])
+            assert info.value.index == 1 and len(calls) == 6
+            # a sleeping engine refuses new work in one place, before any input check
+            engine.is_sleeping = True
+            with pytest.raises(EngineSleepingError):
+                [o async for o in engine.generate("r3", [1], SamplingParams(max_tokens=2))]
+            with pytest.raises(EngineSleepingError):
+                await engine.encode_all([[1]])
+            engine.is_sleeping = False
             return outs
         finally:
             await engine.shutdown()
 
     outs = asyncio.run(run())
-    assert outs[-1].finished and len(calls) == 2
+    assert outs[-1].finished and len(calls) == 6
