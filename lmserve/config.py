@@ -1,7 +1,8 @@
 """Frozen configuration dataclasses. Device and dtype are resolved here, once, for the whole process.
 
 Each component receives only the sub-config it needs. The CLI maps arguments to these in one function
-(`cli.build_engine_config`); nothing else reads environment variables.
+(`cli.build_engine_config`). Environment variables are read there and in a few named places (docs/architecture.md,
+"config.py"), never by the config classes.
 """
 from __future__ import annotations
 

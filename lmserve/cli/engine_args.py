@@ -1,6 +1,6 @@
 """Engine flags (shared by api_server, launch, chat and bench throughput) and the one place they become
-`EngineConfig`, including the only environment variables read anywhere (a launcher's RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT)."""
+`EngineConfig`, including a launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Deprecated flag
+spellings: cli/aliases.py."""
 from __future__ import annotations
 
 import argparse
