@@ -33,7 +33,7 @@ def configs() -> dict[str, dict]:
         "float32, no C++ kernels": dict(dtype="float32", attention_backend="torch", weights="float"),
     }
     if auto != "bfloat16":
-        out["--matmul-dtype bfloat16"] = dict(matmul_dtype="bfloat16")
+        out["--dtype bfloat16"] = dict(matmul_dtype="bfloat16")
     # The rows above score with large matmuls (1024-token prefill, 8-sequence decode batches), which the bf16 GEMMs
     # take. Decode at batch <= 4 runs the quantized kernel instead, with int8 activations (VNNI) in the bf16 modes:
     # these rows force every matmul onto it (4-token prefill chunks, at most 4 sequences per step).

@@ -145,7 +145,7 @@ def main() -> None:
         decode[m] = {"mlp_up": mlp, "lm_head": head}
         print(f"batch {m:>3}: MLP GEMM {mlp:7.1f} GFLOP/s, lm_head GEMM {head:7.1f} GFLOP/s")
     peak = max(list(square.values()) + [v for d in decode.values() for v in d.values()])
-    # bfloat16 inputs, float32 accumulation (--matmul-dtype bfloat16)
+    # bfloat16 inputs, float32 accumulation (--dtype bfloat16 on CPU)
     bf16 = {n: gemm_gflops(n, n, n, dtype=torch.bfloat16) for n in (512, 1024, 2048)}
     for n, g in bf16.items():
         print(f"bf16 GEMM {n}x{n}x{n}: {g:7.1f} GFLOP/s")

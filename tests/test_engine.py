@@ -263,7 +263,7 @@ def test_cpp_fast_path_matches_pytorch_reference(smol_engine, prompt_ids):
 
 
 def test_bfloat16_matmuls_close_to_float32(smol_hf, prompt_ids):
-    """--matmul-dtype bfloat16 is not exact, but stays close to the float32 reference (transformers)."""
+    """matmul_dtype bfloat16 (--dtype bfloat16 on CPU) is not exact, but stays close to the float32 reference."""
     engine = LLMEngine(EngineConfig(model=ModelConfig(matmul_dtype="bfloat16", weights="float"),
                                     cache=CacheConfig(num_blocks=256)))
     methods = [getattr(m, "linear_method", None) for m in engine.runner.model.modules()]
