@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from lmserve.cli import add_engine_args, build_engine_config, build_parser
+from lmserve.cli import add_engine_args, build_engine_config, build_parser, engine_argv
 from lmserve.cli.aliases import ALIASES
 from lmserve.cli.flags_doc import render
 
@@ -73,3 +73,13 @@ def test_dtype_bfloat16_on_cpu_is_the_bf16_matmul_policy():
     exact = _config("--dtype", "float32", "--device", "cpu").model
     assert (exact.dtype, exact.matmul_dtype, exact.matmul_precision) == ("float32", "auto", "float32")
     assert _config("--dtype", "float16", "--device", "cpu").model.dtype == "float16"
+
+
+def test_launch_forwards_the_canonical_spellings():
+    """`lmserve serve launch` re-emits the engine flags for each api_server: canonical names, same config."""
+    with pytest.warns(FutureWarning):
+        args = build_parser().parse_args(["serve", "api_server", "--max-num-batched-tokens", "300",
+                                          "--speculative-method", "ngram", "--kernels", "cpp"])
+    argv = engine_argv(args)
+    assert argv == ["--max-prefill-token-num", "300", "--kernels", "cpp", "--speculative-algorithm", "ngram"]
+    assert _config(*argv) == build_engine_config(args)

@@ -125,7 +125,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def _speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
     method, model = args.speculative_algorithm, args.speculative_draft_model
     if model in NGRAM_MODEL_SPELLINGS:       # vLLM's older `--speculative-model [ngram]`
-        warn_deprecated(f"--speculative-model {model}", "--speculative-algorithm ngram")
+        warn_deprecated(f"the draft model value {model!r}", "--speculative-algorithm ngram")
         method, model = "ngram", None
     elif model is not None and method is None:
         method = "draft"
