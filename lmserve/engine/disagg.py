@@ -200,7 +200,7 @@ class DisaggEngine:
 
     async def _decode(self, mig: Migration, request_id, prompt, params):
         inner = self._inner
-        inner._check_alive()
+        inner._check_accepting()      # refuses a sleeping engine, as generate does
         peer = self.peers.get(mig.remote_engine_id)
         if peer is None or peer.address is None:
             raise MigrationError(f"engine {mig.remote_engine_id!r} is not connected to this one; call "
