@@ -143,3 +143,20 @@ def test_openai_sdk_with_a_data_uri(tmp_path_factory):
         assert all(lp.logprob <= 0 for lp in one.choices[0].logprobs.content)
     finally:
         server.stop()
+
+
+def test_hub_config_layout_is_read(tmp_path):
+    """Qwen2-VL's hub config.json: the decoder's fields at the top level and rope_scaling {"type": "mrope"}."""
+    import json
+
+    from lmserve.model.hf_checkpoint import hf_arch_config
+    cfg = dict(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", hidden_size=64,
+               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=100, rope_theta=1e6, max_position_embeddings=512, tie_word_embeddings=False,
+               rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+               vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = hf_arch_config(str(tmp_path))
+    assert arch.architecture == "qwen2_vl" and arch.attention_bias and arch.rope_scaling is None
+    assert arch.rope_theta == 1e6 and arch.vision["mrope_section"] == [2, 3, 3]
+    assert arch.vision["vision_config"]["embed_dim"] == 32
