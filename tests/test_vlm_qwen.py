@@ -57,6 +57,24 @@ def test_greedy_and_logprobs_match_transformers(case, qwen, engine):
         assert abs(lp.logprob - ref[lp.token_id].item()) < 1e-3
 
 
+def test_batched_sequences_with_different_position_deltas(qwen, engine):
+    """One batch, three sequences whose decode positions are offset differently (two image grids, and a text-only
+    prompt with no offset): each equals its own transformers run."""
+    _, hf, proc = qwen
+    prompts = [f"A {IMG} b", f"Two: {IMG} and {IMG}", "only text here"]
+    images = [[noise_image(5, (140, 56))], [noise_image(6, (56, 140)), noise_image(7, (84, 84))], []]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outs = engine.generate(prompts, params, images=images)
+    for prompt, ims, out in zip(prompts, images, outs):
+        if ims:
+            want = hf_reference(hf, proc, prompt, ims, 6)[1]
+        else:
+            ids = proc.tokenizer(prompt, return_tensors="pt")
+            want = hf.generate(**ids, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, ids["input_ids"].shape[1]:].tolist()
+        assert out.outputs[0].token_ids == want
+
+
 def test_image_token_counts_equal_the_processor(qwen, engine):
     _, _, proc = qwen
     images = [noise_image(7, (300, 200)), noise_image(8, (40, 150)), noise_image(9, (84, 56))]
