@@ -75,6 +75,25 @@ def test_batched_sequences_with_different_position_deltas(qwen, engine):
         assert out.outputs[0].token_ids == want
 
 
+def test_preempted_sequences_recompute_with_their_positions(qwen):
+    """A KV cache too small for three image requests at once: the newest are preempted and recomputed (prompt and
+    generated tokens, the latter at index + mrope_delta), and each still equals its transformers run."""
+    from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from lmserve.engine.llm_engine import LLMEngine
+    path, hf, proc = qwen
+    engine = LLMEngine(EngineConfig(
+        model=ModelConfig(model=path, dtype="float32", kernels="torch", attention_backend="torch"),
+        cache=CacheConfig(block_size=4, num_blocks=16, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=64)))
+    prompts = [f"Picture {i}: {IMG} ok" for i in range(3)]
+    images = [[noise_image(20 + i, (84, 56))] for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = engine.generate(prompts, params, images=images)
+    assert engine.scheduler.num_preemptions_total > 0
+    for prompt, ims, out in zip(prompts, images, outs):
+        assert out.outputs[0].token_ids == hf_reference(hf, proc, prompt, ims, 12)[1]
+
+
 def test_image_token_counts_equal_the_processor(qwen, engine):
     _, _, proc = qwen
     images = [noise_image(7, (300, 200)), noise_image(8, (40, 150)), noise_image(9, (84, 56))]
