@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 
+import httpx
 import openai
 import pytest
 from conftest import API_SERVER_ARGS, start_api_server
@@ -178,6 +179,14 @@ def test_openai_sdk_with_a_data_uri(tmp_path_factory):
         # the 84x56 image is 6x4 patches -> 6 image tokens, between <|vision_start|> and <|vision_end|>
         assert one.usage.prompt_tokens - text_only.usage.prompt_tokens >= 6
         assert all(lp.logprob <= 0 for lp in one.choices[0].logprobs.content)
+        # LMDeploy's /generate: image_data, the image where <IMAGE_TOKEN> is (Qwen's vision block in its place)
+        image = png_uri((84, 56), 3)
+        marked = httpx.post(f"{server.url}/generate", json={"prompt": "<IMAGE_TOKEN>\nDescribe.", "image_data": [image],
+                                                            "max_tokens": 3, "temperature": 0}, timeout=120)
+        raw = httpx.post(f"{server.url}/generate", json={"prompt": f"{IMG}\nDescribe.", "image_data": image,
+                                                         "max_tokens": 3, "temperature": 0}, timeout=120)
+        assert marked.status_code == raw.status_code == 200, marked.text + raw.text
+        assert marked.json()["output_ids"] == raw.json()["output_ids"]
     finally:
         server.stop()
 
