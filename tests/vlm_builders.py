@@ -98,3 +98,44 @@ def _make_idefics3(path: str, tile: int, seed: int, **text_overrides) -> str:
                                                chat_template=tok.chat_template)
     processor.save_pretrained(path)
     return path
+
+
+QWEN_VL_ARCHS = ("qwen2_vl", "qwen2_5_vl")
+QWEN_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def make_random_qwen_vl(arch: str, path: str, seed: int = 0, max_pixels: int = 28 * 28 * 20,
+                        **text_overrides) -> str:
+    """Qwen2-VL / Qwen2.5-VL: the Qwen2 decoder with M-RoPE (head_dim 16, mrope_section [2, 3, 3]) and the
+    dynamic-resolution ViT (Qwen2.5-VL: windows of 2x2 merged tokens, full attention in blocks 1 and 3), saved with
+    transformers' Qwen2-VL processor (min / max pixels small, so images are a few dozen patches)."""
+    import transformers
+    if arch not in QWEN_VL_ARCHS:
+        raise ValueError(f"arch: {arch!r} is not one of {QWEN_VL_ARCHS}")
+    tok = _tokenizer(*QWEN_VL_TOKENS)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text.update(text_overrides)
+    ids = {f"{k}_token_id": tok.convert_tokens_to_ids(t) for k, t in
+           (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+            ("vision_end", "<|vision_end|>"))}
+    torch.manual_seed(seed)
+    if arch == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, initializer_range=0.1)
+        model = transformers.Qwen2VLForConditionalGeneration(
+            transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+    else:
+        vision = dict(depth=4, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4,
+                      window_size=56, fullatt_block_indexes=[1, 3], initializer_range=0.1)
+        model = transformers.Qwen2_5_VLForConditionalGeneration(
+            transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    model = model.to(torch.float32)
+    _randomize(model)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels)
+    image_processor.save_pretrained(path)    # with the tokenizer: all AutoProcessor needs (config.json names it)
+    return path

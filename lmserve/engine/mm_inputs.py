@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from lmserve.engine.mm_items import MMItem
+from lmserve.engine.mm_qwen import QWEN_PLACEHOLDER, QWEN_VL_TYPES, load_qwen_processor, qwen_items
 from lmserve.outputs import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -44,13 +45,16 @@ class ImageProcessor:
     def __init__(self, model_path: str, arch):
         from transformers import AutoProcessor
         self.arch = arch
-        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.kind = arch.vision.get("model_type")
+        self.qwen = self.kind in QWEN_VL_TYPES
+        self.processor = load_qwen_processor(model_path, self.kind) if self.qwen else \
+            AutoProcessor.from_pretrained(model_path)
         tok = self.processor.tokenizer
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
         self.global_token_id = getattr(self.processor, "global_image_token_id", None)
         # the string one image takes in a raw prompt (/generate; chat templates that cannot render image items)
-        self.image_placeholder = self.image_token
+        self.image_placeholder = QWEN_PLACEHOLDER if self.qwen else self.image_token
 
     def process(self, prompt: str | list[int], images: list) -> MMPrompt | None:
         if not isinstance(prompt, str):
@@ -68,6 +72,10 @@ class ImageProcessor:
         out = self.processor(text=prompt, images=images, return_tensors="pt",
                              add_special_tokens=not (bos and prompt.startswith(bos)))
         ids = out["input_ids"][0].tolist()
+        if self.qwen:
+            merge = self.processor.image_processor.merge_size
+            return MMPrompt(ids, qwen_items(ids, out, [image_hash(im) for im in images], self.image_token_id,
+                                            merge, MMInputError))
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         pixels, masks = out["pixel_values"], out.get("pixel_attention_mask")
         if pixels.dim() == 5:       # [prompts, tiles, 3, H, W]: one prompt here

@@ -14,6 +14,7 @@ from lmserve.engine import weights
 from lmserve.engine.attention_metadata import build_attention_metadata
 from lmserve.engine.cpu_threads import default_threads
 from lmserve.engine.mm_runner import mm_embeddings, mm_slices
+from lmserve.engine.mrope import mrope_positions
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
 from lmserve.engine.scheduler import SchedulerOutput
 from lmserve.engine.spec_decode import VerifyResult, verify
@@ -43,6 +44,7 @@ class StepBatch:
     """One forward pass's input as plain ints: what every tensor-parallel rank needs (engine/executor.py sends it)."""
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
+    mrope: list[list[int]] | None = None    # M-RoPE models: [t, h, w] position streams instead (engine/mrope.py)
     slot_mapping: list[int] = field(default_factory=list)
     decode_rows: list[int] = field(default_factory=list)          # rows of single-token (decode) sequences
     decode_ctx: list[int] = field(default_factory=list)           # their context lengths
@@ -216,6 +218,8 @@ class ModelRunner:
         """SchedulerOutput -> the forward pass's plain-int input (the same on every tensor-parallel rank) and
         the driver's per-sequence bookkeeping for sampling."""
         b, plan = StepBatch(), StepPlan()
+        if getattr(self.model, "uses_mrope", False):
+            b.mrope = [[], [], []]
         bs = self.block_size
         for s in sched.scheduled:
             seq, n = s.seq, s.num_new_tokens
@@ -224,6 +228,9 @@ class ModelRunner:
             b.input_ids.extend(seq.token_ids[start:start + n - len(draft)])
             b.input_ids.extend(draft)
             b.positions.extend(range(start, start + n))
+            if b.mrope is not None:
+                for stream, pos in zip(b.mrope, mrope_positions(seq, start, n)):
+                    stream.extend(pos)
             if seq.params.lora is not None:
                 b.lora_rows.append((seq.params.lora, row, n))
             bt = seq.block_table
@@ -262,7 +269,7 @@ class ModelRunner:
         Every tensor-parallel rank runs this on the same batch (its collectives must match)."""
         dev = self.device
         ids_t = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(b.positions, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(b.positions if b.mrope is None else b.mrope, dtype=torch.long, device=dev)
         meta = build_attention_metadata(self.arch, self.block_size, dev, b.slot_mapping, b.decode_rows,
                                         b.decode_ctx, b.decode_tables, b.prefill, len(b.input_ids))
         groups = self.lora.groups(b.lora_rows, dev) if self.lora is not None and b.lora_rows else []

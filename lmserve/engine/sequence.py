@@ -70,6 +70,9 @@ class Sequence:
         self.needs_whole_prompt = False
         self.session_id: int | None = None
         self.mm_items: list = []    # images in the prompt (engine/mm_items.py), shared by a request's sequences
+        # M-RoPE models (engine/mrope.py): the prompt's 3 position streams and the offset of later positions
+        self.mrope_positions: list[list[int]] | None = None
+        self.mrope_delta = 0
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

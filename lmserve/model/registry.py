@@ -13,6 +13,7 @@ from lmserve.model.llama import LlamaForCausalLM
 from lmserve.model.llava import LlavaForCausalLM
 from lmserve.model.mixtral import MixtralForCausalLM
 from lmserve.model.phi3 import Phi3ForCausalLM
+from lmserve.model.qwen2_vl import Qwen2VLForCausalLM
 from lmserve.model.qwen3 import Qwen3ForCausalLM
 from lmserve.model.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -29,6 +30,8 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "llava": LlavaForCausalLM,
     "idefics3": Idefics3ForCausalLM,
     "smolvlm": Idefics3ForCausalLM,    # SmolVLM: the Idefics3 layout
+    "qwen2_vl": Qwen2VLForCausalLM,    # Qwen2 decoder + M-RoPE, dynamic-resolution ViT
+    "qwen2_5_vl": Qwen2VLForCausalLM,  # + window attention, RMSNorm and SwiGLU in the ViT
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py

@@ -1,19 +1,37 @@
-"""Vision-language checkpoints: their config.json nests the decoder under `text_config`. The decoder's fields
-become the ArchConfig as for a text model; the rest (vision_config, projector and image-token settings) rides
-along as ArchConfig.vision for the model file."""
+"""Vision-language checkpoints: their config.json nests the decoder under `text_config` (or, in Qwen2-VL's hub
+files, keeps the decoder's fields at the top level beside `vision_config`). The decoder's fields become the
+ArchConfig as for a text model; the rest (vision_config, projector and image-token settings) rides along as
+ArchConfig.vision for the model file."""
 from __future__ import annotations
 
-# model_type -> the decoder it wraps when text_config does not say (transformers' defaults)
-VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama"}
+# model_type -> the decoder it wraps (transformers' defaults; Qwen2-VL's text_config says qwen2_vl_text)
+VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
+# decoders whose RoPE is M-RoPE (3 position streams, model/qwen2_vl.py): the text config names it
+MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def split_vlm_config(cfg: dict) -> tuple[dict, dict | None]:
     """config.json -> (the decoder's config, the vision-language rest or None for a text model)."""
-    if cfg.get("model_type") not in VLM_TYPES:
+    kind = cfg.get("model_type")
+    if kind not in VLM_TYPES:
         return cfg, None
-    text = dict(cfg.get("text_config") or {})
-    text.setdefault("model_type", VLM_TYPES[cfg["model_type"]])
+    if "text_config" in cfg:
+        text = dict(cfg["text_config"] or {})
+    else:    # the flat layout: every field but vision_config belongs to the decoder
+        text = {k: v for k, v in cfg.items() if k != "vision_config"}
+    if kind in MROPE_TYPES:
+        text["model_type"] = VLM_TYPES[kind]
+    text.setdefault("model_type", VLM_TYPES[kind])
     if "tie_word_embeddings" in cfg:
         text.setdefault("tie_word_embeddings", cfg["tie_word_embeddings"])
     vision = {k: v for k, v in cfg.items() if k != "text_config"}
+    if kind in MROPE_TYPES:
+        # M-RoPE's section split is the model file's business; to the decoder's config it is plain RoPE
+        key = "rope_parameters" if text.get("rope_parameters") else "rope_scaling"
+        rope = dict(text.get(key) or {})
+        vision["mrope_section"] = list(rope.pop("mrope_section", None) or vision.get("mrope_section") or [])
+        if rope.get("rope_type", rope.get("type")) == "mrope":     # the hub files' name for it
+            rope.pop("type", None)
+            rope["rope_type"] = "default"
+        text[key] = rope or None
     return text, vision

@@ -1,0 +1,134 @@
+"""Qwen2.5-VL's vision encoder: images/s and TTFT with images, lmserve vs transformers, same random weights.
+
+    python benchmarks/vlm_qwen_encoder.py [--image-size 448] [--layers 32] [--out DIR]
+
+The ViT has Qwen2.5-VL's shape (hidden 1280, SwiGLU MLP 3420, 16 heads, patch 14, 112-pixel windows, full attention
+in every 8th block: 7, 15, 23, 31 of 32; `--layers` keeps the blocks below it). At 448x448 an image is 32x32
+patches = 256 image tokens after the 2x2 merger. It sits in a Qwen2.5-VL checkpoint with a tiny 2-layer decoder
+(hidden 64, so the merger's last layer is 5120 -> 64 instead of -> 2048 / 3584), so TTFT is the ViT's time plus a
+short prefill. lmserve with `kernels="torch"`. Each side runs in its own process, one after the other: encoder
+images/s at batch 1 and 4, then TTFT (max_tokens 1) of one request with 1 and with 4 images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def build(path: str, layers: int) -> None:
+    import transformers
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    from vlm_builders import QWEN_VL_TOKENS, _randomize, _tokenizer
+    tok = _tokenizer(*QWEN_VL_TOKENS)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=layers, hidden_size=1280, intermediate_size=3420, out_hidden_size=64, num_heads=16,
+                  window_size=112, fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < layers] or [layers - 1])
+    ids = {f"{k}_token_id": tok.convert_tokens_to_ids(t) for k, t in
+           (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+            ("vision_end", "<|vision_end|>"))}
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(
+        transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)).to(torch.float32)
+    _randomize(model)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    transformers.Qwen2VLImageProcessorPil().save_pretrained(path)
+
+
+def images(n: int, size: int):
+    from PIL import Image
+    g = torch.Generator().manual_seed(n)
+    return [Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy())
+            for _ in range(n)]
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_side(side: str, path: str, size: int) -> dict:
+    import transformers
+
+    from lmserve.engine.mm_qwen import load_qwen_processor
+    torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count())))
+    proc = load_qwen_processor(path, "qwen2_5_vl")
+    prompt = {n: "Describe " + " and ".join([IMG] * n) + "." for n in (1, 4)}
+    res: dict = {"side": side, "threads": torch.get_num_threads()}
+
+    def pixels(n):
+        out = proc.image_processor(images(n, size), return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+    if side == "lmserve":
+        from lmserve import SamplingParams
+        from lmserve.config import EngineConfig, ModelConfig, SchedulerConfig
+        from lmserve.engine.llm_engine import LLMEngine
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, dtype="float32", kernels="torch"),
+                                        scheduler=SchedulerConfig(max_num_batched_tokens=8192)))
+        model = engine.runner.model
+
+        def encode(n):
+            pv, grids = pixels(n)
+            per = [int(g.prod()) for g in grids]
+            with torch.inference_mode():
+                model.encode_images([{"pixel_values": p, "image_grid_thw": tuple(g.tolist())}
+                                     for p, g in zip(pv.split(per), grids)])
+
+        def ttft(n):
+            engine.generate(prompt[n], SamplingParams(max_tokens=1), images=images(n, size))
+    else:
+        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+
+        def encode(n):
+            pv, grids = pixels(n)
+            with torch.inference_mode():
+                model.get_image_features(pixel_values=pv, image_grid_thw=grids)
+
+        def ttft(n):
+            inp = proc(text=prompt[n], images=images(n, size), return_tensors="pt")
+            with torch.inference_mode():
+                model.generate(**inp, max_new_tokens=1, do_sample=False)
+    encode(1)    # warm-up
+    for n in (1, 4):
+        res[f"encoder_images_per_s_batch{n}"] = round(n / timed(lambda: encode(n)), 3)
+    for n in (1, 4):
+        res[f"ttft_s_{n}_images"] = round(timed(lambda: ttft(n)), 2)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", default="/tmp/lmserve-vlm-bench")
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    path = os.path.join(args.out, f"qwen2_5_vl-vit-{args.layers}l")
+    if args.side:
+        print(json.dumps(run_side(args.side, path, args.image_size)))
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        build(path, args.layers)
+    for side in ("lmserve", "transformers"):
+        out = subprocess.run([sys.executable, __file__, "--side", side, "--image-size", str(args.image_size),
+                              "--layers", str(args.layers), "--out", args.out], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr[-3000:])
+        print(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
