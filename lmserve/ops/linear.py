@@ -7,9 +7,9 @@ gguf_matmul has two activation precisions, chosen once per model (`int8_activati
   float32 scale (`quantize_activations`), the block dot products are integer, for every number of rows (decode
   and prefill alike), as the reference below does, so both arms agree to float rounding.
 
-Batch invariance: on the AVX2 kernels (and the scalar ones up to DOT_MAX_ROWS rows of float activations) a row's
-result is bit-identical whatever the number of rows in the call, so a request's greedy tokens do not depend on
-what else shares its engine step (csrc/cpu/gguf_gemm_avx2.cpp says how).
+Batch invariance: on the AVX2 kernels (the scalar ones: with int8, or up to DOT_MAX_ROWS rows of float
+activations) a row's result is bit-identical whatever the number of rows in the call, so a request's greedy
+tokens do not depend on what else shares its engine step (csrc/cpu/gguf_gemm_avx2.cpp says how).
 """
 from __future__ import annotations
 
