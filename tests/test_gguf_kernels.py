@@ -73,7 +73,7 @@ def test_gguf_matmul_matches_float64(qtype, isa, isa_level):
         for int8 in (False, True):
             with ops.use(table):
                 y = ops.gguf_matmul(x, w, None, int8).double()
-            seen = quantize_activations(x) if int8 and rows <= DOT_MAX_ROWS[True] else x
+            seen = quantize_activations(x) if int8 else x
             s = seen.double().abs() @ w64.abs().T
             err = (y - seen.double() @ w64.T).abs()
             assert (err <= 1e-5 * s + 1e-30).all(), (qtype, isa, rows, int8, (err / s).max().item())
@@ -92,7 +92,7 @@ def test_stacked_parts_are_one_matmul(isa, isa_level):
     parts = [random_weight("Q4_0", 40, k, seed=1), random_weight("Q6_K", 9, k, seed=2),
              random_weight("Q4_K", 23, k, seed=3, pad=7)]
     w64 = torch.cat([p.dequantize() for p in parts]).double()
-    for rows in (1, 3, DOT_MAX_ROWS[True] + 5):
+    for rows in (1, 3, DOT_MAX_ROWS + 5):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         for int8 in (False, True):
             with ops.use(cpu_table()):
@@ -101,7 +101,7 @@ def test_stacked_parts_are_one_matmul(isa, isa_level):
             ref = ops.gguf_matmul(x, parts, None, int8)                   # no table active: the reference
             assert y.shape == (rows, w64.shape[0])
             torch.testing.assert_close(y, one_by_one, rtol=0, atol=0)
-            seen = quantize_activations(x) if int8 and rows <= DOT_MAX_ROWS[True] else x
+            seen = quantize_activations(x) if int8 else x
             s = seen.double().abs() @ w64.abs().T
             assert ((y.double() - seen.double() @ w64.T).abs() <= 1e-5 * s).all(), (isa, rows, int8)
             assert ((ref.double() - y.double()).abs() <= 2e-5 * s).all(), (isa, rows, int8)
@@ -113,7 +113,7 @@ def test_cpu_arm_agrees_with_the_reference_and_bias_and_bf16(qtype, monkeypatch)
     n, k = 37, odd_k(qtype)
     w = random_weight(qtype, n, k, seed=3)
     bias = torch.randn(n)
-    for rows in (1, 5, DOT_MAX_ROWS[True] + 1):
+    for rows in (1, 5, DOT_MAX_ROWS + 1):
         x = torch.randn(rows, k)
         for int8 in (False, True):
             ref = ops.gguf_matmul(x, w, bias, int8)                      # no table active: the reference

@@ -4,9 +4,12 @@ GGUFWeight, the loader/kernel contract).
 gguf_matmul has two activation precisions, chosen once per model (`int8_activations`) and passed per call:
 - float (exact): each weight is the reference dequantizer's float32 value, accumulated in float32;
 - int8 (llama.cpp's Q8 x Qn dot products, not exact): each row of x is quantized in groups of 32 to int8 with a
-  float32 scale (`quantize_activations`), the block dot products are integer. Only matmuls of at most
-  DOT_MAX_ROWS rows (decode) do this; larger ones (prefill) dequantize tiles of W and run a float GEMM, so the
-  flag changes nothing there. The reference below follows the same rule, so both arms agree to float rounding.
+  float32 scale (`quantize_activations`), the block dot products are integer, for every number of rows (decode
+  and prefill alike), as the reference below does, so both arms agree to float rounding.
+
+Batch invariance: on the AVX2 kernels (the scalar ones: with int8, or up to DOT_MAX_ROWS rows of float
+activations) a row's result is bit-identical whatever the number of rows in the call, so a request's greedy
+tokens do not depend on what else shares its engine step (csrc/cpu/gguf_gemm_avx2.cpp says how).
 """
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ from lmserve.ops.gguf_blocks import GGUFWeight
 # C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple
 QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 _QTYPE_ID = {name: i for i, name in enumerate(QTYPES)}
-# Above this many rows the matmul is compute-bound: dequantized tiles of W and a float GEMM. Crossovers measured
-# with benchmarks/gguf_kernels.py --crossover (docs/benchmarks.md): ~14 rows for the float dot, ~32 for int8.
-DOT_MAX_ROWS = {False: 16, True: 32}    # int8 activations? -> rows
+# Float activations: above this many rows the matmul is compute-bound and dequantizes panels of W for a tile GEMM
+# (crossover measured with benchmarks/gguf_kernels.py --crossover, docs/benchmarks.md). int8 runs one GEMM for all.
+DOT_MAX_ROWS = 16
 QUANT_ACTIVATIONS = ("auto", "int8", "float")
 
 
@@ -85,7 +88,7 @@ class GGUFMatmulOp(CustomOp):
         parts = _parts(w)
         _check(x, parts)
         xf = x.float()
-        if int8 and x.shape[0] <= DOT_MAX_ROWS[True]:
+        if int8:
             xf = quantize_activations(xf)
         out = torch.empty(x.shape[0], sum(p.shape[0] for p in parts), dtype=torch.float32, device=x.device)
         first = 0
@@ -105,7 +108,7 @@ class GGUFMatmulOp(CustomOp):
         out = torch.empty(x.shape[0], sum(p.shape[0] for p in parts), dtype=torch.float32)
         # one call for all parts: the activations are quantized once and one thread team covers every part's rows
         cpu_lib().gguf_matmul_parts(out, xf, [p.data for p in parts], [_QTYPE_ID[p.qtype] for p in parts], int8,
-                                    DOT_MAX_ROWS[bool(int8)])
+                                    DOT_MAX_ROWS)
         if bias is not None:
             out.add_(bias)
         return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -1,5 +1,6 @@
-// Internal interface of the GGUF matmul kernels (gguf_matmul.cpp: entry points, scalar reference, GEMM tiles;
-// gguf_dot_avx2.cpp: the AVX2 dot products).
+// Internal interface of the GGUF matmul kernels (gguf_matmul.cpp: entry points, scalar reference, the scalar
+// build's GEMM tiles; gguf_dot_avx2.cpp: AVX2 float dots and dequantization; gguf_gemm_avx2.cpp: AVX2 int8 GEMM for
+// every M and the float tile GEMM).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -18,7 +19,7 @@ struct Act {
 };
 void quantize_act(Act& a, const float* x, int64_t M, int64_t K);
 
-// Decode-size matmul for rows m0..m0+R and outputs n0..n1 (out[m, n], row stride N). w: row n at w + n * ws.
+// Matmul of all M rows for outputs n0..n1 (out[m, n], row stride N). w: row n at w + n * ws.
 // int8: a holds the quantized activations; else x (float32 [M, K]) is read.
 struct DotArgs {
   int qt;
@@ -32,7 +33,9 @@ struct DotArgs {
 void dot_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define LMSERVE_GGUF_AVX2 1
-void dot_avx2(const DotArgs& p, int64_t n0, int64_t n1);
+void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1);    // float activations, decode sizes
+void float_gemm_avx2(const DotArgs& p, int64_t n0, int64_t n1);   // float activations, any M, same per-row result
+void int8_avx2(const DotArgs& p, int64_t n0, int64_t n1);         // int8 activations, any M
 void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out);   // nb blocks -> float32, as the reference
 #endif
 

@@ -1,10 +1,14 @@
 // gguf_matmul / gguf_dequantize on GGUF blocks in place (lmserve/ops/linear.py), the ISA level they run at, the
 // portable scalar reference and the large-M path.
 //
-// M <= max_dot_rows (decode, memory-bound): dot products on the blocks (gguf_dot_avx2.cpp, or the scalar code
-// below), threads over output rows. Larger M (prefill, compute-bound): tiles of TILE_N rows of W are dequantized
-// into a float buffer that stays in cache and multiplied with at::mm (MKL / oneDNN), so no dequantized copy of
-// the whole matrix ever exists.
+// Every path computes a row's outputs with the same operations whatever M is (batch invariance: a request's
+// greedy tokens do not depend on what else shares the step), threads over output columns:
+// - int8 activations: quantized for every M, then the int8 GEMM (gguf_gemm_avx2.cpp) or the scalar dot below;
+// - float activations, AVX2: dot products on the blocks up to max_dot_rows (gguf_dot_avx2.cpp), above it panels
+//   of W dequantized exactly and a tile GEMM with the dot's per-output order (gguf_gemm_avx2.cpp);
+// - float activations, scalar build: the scalar dot up to max_dot_rows; above it (NOT batch-invariant) tiles of
+//   TILE_N rows of W dequantized into a cache-resident buffer and multiplied with at::mm.
+// No dequantized copy of the whole matrix ever exists.
 #include "ops.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -54,6 +58,12 @@ int isa_level() {
   }
   return v;
 }
+
+#ifdef LMSERVE_GGUF_AVX2
+constexpr bool LMSERVE_HAS_AVX2 = true;
+#else
+constexpr bool LMSERVE_HAS_AVX2 = false;
+#endif
 
 constexpr int64_t TILE_N = 64;
 
@@ -195,7 +205,9 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   TORCH_CHECK(out.size(0) == M && out.size(1) == N, "gguf_matmul: out must be [M, N]");
   if (M == 0 || N == 0) return;
   float* op = out.data_ptr<float>();
-  if (M > max_dot_rows) {
+  [[maybe_unused]] const int level = isa_level();
+  const bool avx2 = LMSERVE_HAS_AVX2 && level >= ISA_AVX2;
+  if (!int8 && !avx2 && M > max_dot_rows) {
     for (size_t i = 0; i < ws.size(); ++i)
       gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
     return;
@@ -207,14 +219,17 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   for (size_t i = 0; i < ws.size(); ++i)
     parts.push_back(DotArgs{qts[i], int8, op + first[i], x.data_ptr<float>(), &act, ws[i].data_ptr<uint8_t>(),
                             ws[i].stride(0), M, N, K});
-  [[maybe_unused]] const int level = isa_level();
-  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+  const bool tiles = !int8 && M > max_dot_rows;
+  // grain: 4-column tiles stay whole; small M gets more, smaller pieces
+  at::parallel_for(0, N, M > 16 ? 16 : 32, [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < parts.size(); ++i) {
       const int64_t a = std::max(n0, first[i]) - first[i], b = std::min(n1, first[i + 1]) - first[i];
       if (a >= b) continue;
 #ifdef LMSERVE_GGUF_AVX2
-      if (level >= ISA_AVX2) {
-        dot_avx2(parts[i], a, b);
+      if (avx2) {
+        if (int8) int8_avx2(parts[i], a, b);
+        else if (tiles) float_gemm_avx2(parts[i], a, b);
+        else dot_float_avx2(parts[i], a, b);
         continue;
       }
 #endif

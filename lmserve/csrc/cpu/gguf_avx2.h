@@ -1,0 +1,107 @@
+// AVX2 building blocks shared by the GGUF kernels (gguf_dot_avx2.cpp: float dots and dequantization;
+// gguf_gemm_avx2.cpp: the int8 GEMM and the float tile GEMM). Only included where LMSERVE_GGUF_AVX2 is set.
+#pragma once
+#include <immintrin.h>
+#include <cstring>
+#include "gguf_blocks.h"
+
+namespace gguf {
+namespace avx2 {
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+// log2 of the offset RAW values carry (Q4_0: 8, Q5_0: 16, Q6_K: 32); -1: none
+constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5};
+
+ALWAYS_INLINE __m256i nibbles16(const uint8_t* p) {   // 16 bytes -> [16 low nibbles | 16 high nibbles]
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+}
+
+ALWAYS_INLINE __m256i high_bits32(const uint8_t* p) {  // bit j of a little-endian 32-bit word -> byte j: 16 or 0
+  uint32_t word;
+  std::memcpy(&word, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(word)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
+ALWAYS_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Sub-block s (32 values) of a block: q (signed unless kHasMin), the scales of values 0-15 and 16-31, the min.
+// RAW: the signed types with an offset (Q4_0, Q5_0, Q6_K) keep their stored unsigned values (q + kOffset[QT]), so
+// maddubs can take them as they are and the int8 GEMM subtracts the offset times the activations' lane sums.
+template <int QT, bool RAW = false>
+ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, float& s1, float& mn) {
+  if constexpr (QT == Q4_0 || QT == Q4_1) {
+    q = nibbles16(b + (QT == Q4_0 ? 2 : 4));
+    if (QT == Q4_0 && !RAW) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+    s0 = s1 = f16(b);
+    mn = QT == Q4_1 ? f16(b + 2) : 0.f;
+  } else if constexpr (QT == Q5_0 || QT == Q5_1) {
+    constexpr int h = QT == Q5_0 ? 2 : 4;
+    q = _mm256_or_si256(nibbles16(b + h + 4), high_bits32(b + h));
+    if (QT == Q5_0 && !RAW) q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+    s0 = s1 = f16(b);
+    mn = QT == Q5_1 ? f16(b + 2) : 0.f;
+  } else if constexpr (QT == Q8_0) {
+    q = load32(b + 2);
+    s0 = s1 = f16(b);
+    mn = 0.f;
+  } else if constexpr (QT == Q4_K || QT == Q5_K) {
+    const __m256i v = load32(b + (QT == Q4_K ? 16 : 48) + (s / 2) * 32);
+    q = _mm256_and_si256((s & 1) ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+    if (QT == Q5_K) {
+      const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << s));
+      const __m256i hb = _mm256_cmpeq_epi8(_mm256_and_si256(load32(b + 16), bit), bit);
+      q = _mm256_or_si256(q, _mm256_and_si256(hb, _mm256_set1_epi8(16)));
+    }
+    int sci, mni;
+    scale_min_k4(b + 4, s, sci, mni);
+    s0 = s1 = f16(b) * static_cast<float>(sci);
+    mn = -(f16(b + 2) * static_cast<float>(mni));
+  } else {  // Q6_K
+    const int h = s / 4, i = s % 4;
+    const __m256i ql = load32(b + h * 64 + (i & 1) * 32);
+    const __m256i lo = _mm256_and_si256(i >= 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(15));
+    const __m256i qh = _mm256_and_si256(_mm256_srl_epi16(load32(b + 128 + h * 32), _mm_cvtsi32_si128(2 * i)),
+                                        _mm256_set1_epi8(3));
+    q = _mm256_or_si256(lo, _mm256_slli_epi16(qh, 4));
+    if (!RAW) q = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+    const float d = f16(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    s0 = d * static_cast<float>(scales[2 * s]);
+    s1 = d * static_cast<float>(scales[2 * s + 1]);
+    mn = 0.f;
+  }
+}
+
+ALWAYS_INLINE __m256i idot(__m256i w, __m256i x, bool is_unsigned) {   // 8 x int32: sums of 4 products
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (is_unsigned) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+}
+
+ALWAYS_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 32 int8 values -> 4 x 8 float32 weights q * scale (+ min): the reference's roundings
+template <bool HAS_MIN>
+ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, __m256* w) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+  const __m256 m = _mm256_set1_ps(mn);
+  for (int i = 0; i < 4; ++i) {
+    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), _mm256_set1_ps(i < 2 ? s0 : s1));
+    w[i] = HAS_MIN ? _mm256_add_ps(v, m) : v;
+  }
+}
+
+}  // namespace avx2
+}  // namespace gguf
