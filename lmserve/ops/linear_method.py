@@ -1,7 +1,7 @@
 """LinearMethod: how one linear layer multiplies, picked once per layer at load (vLLM's quant_method idea).
 
     FloatLinear   the float weight (plain F.linear; --weights float, safetensors models, F16/F32 GGUF matrices)
-    PackedLinear  a packed copy of that weight for oneDNN GEMMs (and/or a bfloat16 one with --matmul-dtype bfloat16)
+    PackedLinear  a packed copy of that weight for oneDNN GEMMs (and/or a bfloat16 one with --dtype bfloat16)
     GGUFLinear    the GGUF blocks as they lie in the mmap'd file (ops.gguf_matmul); no float copy exists
 
 A method is called as `method(x, bias)` -> x @ W.T (+ bias) and, for embeddings (and the tied output head, which

@@ -31,7 +31,7 @@ static inline __m512 exp512(__m512 x) {
 }
 #endif
 
-// K/V caches hold float32 or (with --matmul-dtype bfloat16) bfloat16; reads widen to float32
+// K/V caches hold float32 or (with --dtype bfloat16) bfloat16; reads widen to float32
 static inline float to_f(float x) { return x; }
 static inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
 #ifdef LMSERVE_AVX512
