@@ -10,14 +10,12 @@ encoder images/s at batch 1 and 4, then TTFT (max_tokens 1) of one request with 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
 import torch
+
+from vlm_bench_common import images, lmserve_engine, main, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,19 +40,6 @@ def build(path: str, image_size: int, layers: int) -> None:
                                 chat_template=tok.chat_template).save_pretrained(path)
 
 
-def images(n: int, size: int):
-    from PIL import Image
-    g = torch.Generator().manual_seed(n)
-    return [Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy())
-            for _ in range(n)]
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def run_side(side: str, path: str, size: int) -> dict:
     import transformers
     torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count())))
@@ -63,10 +48,7 @@ def run_side(side: str, path: str, size: int) -> dict:
     res: dict = {"side": side, "threads": torch.get_num_threads()}
     if side == "lmserve":
         from lmserve import SamplingParams
-        from lmserve.config import EngineConfig, ModelConfig, SchedulerConfig
-        from lmserve.engine.llm_engine import LLMEngine
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, dtype="float32", kernels="torch"),
-                                        scheduler=SchedulerConfig(max_num_batched_tokens=8192)))
+        engine = lmserve_engine(path)
         model = engine.runner.model
 
         def encode(n):
@@ -88,34 +70,8 @@ def run_side(side: str, path: str, size: int) -> dict:
             inp = proc(text=prompt[n], images=images(n, size), return_tensors="pt")
             with torch.inference_mode():
                 model.generate(**inp, max_new_tokens=1, do_sample=False)
-    encode(1)    # warm-up
-    for n in (1, 4):
-        res[f"encoder_images_per_s_batch{n}"] = round(n / timed(lambda: encode(n)), 3)
-    for n in (1, 4):
-        res[f"ttft_s_{n}_images"] = round(timed(lambda: ttft(n)), 2)
-    return res
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--image-size", type=int, default=448)
-    ap.add_argument("--layers", type=int, default=27)
-    ap.add_argument("--out", default="/tmp/lmserve-vlm-bench")
-    ap.add_argument("--side", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    path = os.path.join(args.out, f"llava-siglip-so400m-{args.image_size}-{args.layers}l")
-    if args.side:
-        print(json.dumps(run_side(args.side, path, args.image_size)))
-        return
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        build(path, args.image_size, args.layers)
-    for side in ("lmserve", "transformers"):
-        out = subprocess.run([sys.executable, __file__, "--side", side, "--image-size", str(args.image_size),
-                              "--layers", str(args.layers), "--out", args.out], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(out.stderr[-3000:])
-        print(out.stdout.strip().splitlines()[-1])
+    return measure(res, encode, ttft)
 
 
 if __name__ == "__main__":
-    main()
+    main(__file__, 27, lambda a: f"llava-siglip-so400m-{a.image_size}-{a.layers}l", lambda p, a: build(p, a.image_size, a.layers), run_side)

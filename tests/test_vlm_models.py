@@ -62,18 +62,23 @@ def hf_reference(hf, proc, prompt: str, images: list, max_new: int):
         [torch.log_softmax(s[0].float(), -1) for s in out.scores]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_greedy_and_logprobs_match_transformers(case, vlm, engine):
-    path, hf, proc = vlm
-    prompt, num_images = CASES[case]
-    images = [noise_image(i, (80 + 10 * i, 60)) for i in range(num_images)]
-    ids, tokens, lps = hf_reference(hf, proc, prompt, images, 8)
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+def assert_matches_hf(engine, hf, proc, prompt: str, images: list, max_new: int = 8) -> None:
+    """Greedy tokens equal to transformers' generate, logprobs within 1e-3, same prompt ids."""
+    ids, tokens, lps = hf_reference(hf, proc, prompt, images, max_new)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True, logprobs=1)
     out = engine.generate(prompt, params, images=images)[0]
     assert out.prompt_token_ids == ids          # the placeholders expanded exactly as the HF processor does
     assert out.outputs[0].token_ids == tokens
     for lp, ref in zip(out.outputs[0].logprobs, lps):
         assert abs(lp.logprob - ref[lp.token_id].item()) < 1e-3
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_and_logprobs_match_transformers(case, vlm, engine):
+    path, hf, proc = vlm
+    prompt, num_images = CASES[case]
+    images = [noise_image(i, (80 + 10 * i, 60)) for i in range(num_images)]
+    assert_matches_hf(engine, hf, proc, prompt, images)
 
 
 def test_image_token_counts_equal_the_processor(vlm, engine):

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from conftest import API_SERVER_ARGS, start_api_server
-from test_vlm_models import hf_reference, make_engine, noise_image
+from test_vlm_models import assert_matches_hf, hf_reference, make_engine, noise_image
 from vlm_builders import QWEN_VL_ARCHS, make_random_qwen_vl
 
 from lmserve.engine.mm_items import MMItem
@@ -49,13 +49,7 @@ def test_greedy_and_logprobs_match_transformers(case, qwen, engine):
     _, hf, proc = qwen
     prompt, sizes = CASES[case]
     images = [noise_image(i, size) for i, size in enumerate(sizes)]
-    ids, tokens, lps = hf_reference(hf, proc, prompt, images, 8)
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
-    out = engine.generate(prompt, params, images=images)[0]
-    assert out.prompt_token_ids == ids          # the placeholders expanded exactly as the HF processor does
-    assert out.outputs[0].token_ids == tokens
-    for lp, ref in zip(out.outputs[0].logprobs, lps):
-        assert abs(lp.logprob - ref[lp.token_id].item()) < 1e-3
+    assert_matches_hf(engine, hf, proc, prompt, images)
 
 
 def test_batched_sequences_with_different_position_deltas(qwen, engine):
