@@ -90,7 +90,9 @@ def decode_batch(flat: list[int]) -> StepBatch:
         nonlocal pos
         pos += n
         return flat[pos - n:pos]
-    b = StepBatch(take(num_tokens), take(num_tokens), take(num_tokens), take(num_decode), take(num_decode))
+    # by name: StepBatch grows fields (M-RoPE, images, LoRA) that do not travel on this wire
+    b = StepBatch(input_ids=take(num_tokens), positions=take(num_tokens), slot_mapping=take(num_tokens),
+                  decode_rows=take(num_decode), decode_ctx=take(num_decode))
     b.decode_tables = [take(n) for n in take(num_decode)]
     for _ in range(num_prefill):
         row, n, start, length = take(4)

@@ -64,6 +64,11 @@ class Scheduler:
         self.spec = None        # SpecDecoder, when on: counts each verification (engine/spec_decode.py)
         self.on_finish = None   # called with a sequence that finished generating, before its blocks are freed
 
+    @property
+    def num_unfinished(self) -> int:
+        """Sequences waiting or running (the scheduler tests drive steps until this is 0)."""
+        return len(self.waiting) + len(self.running)
+
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         insert_waiting(self.waiting, seq, self.config.policy)
