@@ -5,7 +5,8 @@ ArchConfig.vision for the model file."""
 from __future__ import annotations
 
 # model_type -> the decoder it wraps (transformers' defaults; Qwen2-VL's text_config says qwen2_vl_text)
-VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
+VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2",
+             "llava_next": "llama"}
 # decoders whose RoPE is M-RoPE (3 position streams, model/qwen2_vl.py): the text config names it
 MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
 

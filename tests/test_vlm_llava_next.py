@@ -1,0 +1,130 @@
+"""LLaVA-NeXT (anyres) in the engine, against transformers on tiny random weights (tests/vlm_builders.py: 42-pixel
+tiles, llava-v1.6's pinpoints at 1/8 scale), with a CLIP tower ("default": class token dropped) and a SigLIP tower
+("full"): greedy tokens identical and logprobs within 1e-3 with 1 image, 2 images of different aspect ratios and an
+image inside a long prompt that chunked prefill splits (a 12-token budget); image-token counts equal the HF
+processor's for several sizes, adjacent images included; the prefix cache never shares a different image; the openai
+SDK with two data: URIs on a real server."""
+from __future__ import annotations
+
+import base64
+import io
+
+import openai
+import pytest
+import torch
+from conftest import API_SERVER_ARGS, start_api_server
+from test_vlm_models import assert_matches_hf, make_engine, noise_image
+from vlm_builders import make_random_llava_next
+
+from lmserve.model.llava_next import unpad
+from lmserve.sampling_params import SamplingParams
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(40))
+CASES = {
+    "one_image": ("Describe <image> briefly.", [(80, 60)]),
+    "two_images_of_different_aspect_ratios": ("Compare <image> with <image> please.", [(80, 60), (40, 130)]),
+    "image_in_long_text": (f"{LONG_TEXT} <image> and then {LONG_TEXT}", [(150, 70)]),
+}
+
+
+@pytest.fixture(scope="module", params=("clip", "siglip"))
+def llava_next(request, tmp_path_factory):
+    import transformers
+    path = make_random_llava_next(str(tmp_path_factory.mktemp("llava_next") / request.param), request.param)
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    return path, hf, transformers.AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def engine(llava_next):
+    return make_engine(llava_next[0])     # 12-token steps: every image (24 to 60 tokens) spans several chunks
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_and_logprobs_match_transformers(case, llava_next, engine):
+    _, hf, proc = llava_next
+    prompt, sizes = CASES[case]
+    images = [noise_image(i, size) for i, size in enumerate(sizes)]
+    assert_matches_hf(engine, hf, proc, prompt, images)
+
+
+def test_image_token_counts_equal_the_processor(llava_next, engine):
+    """Sizes that pick each pinpoint (wide, tall, square, very wide / tall), tiny and large images, and two images
+    with no text between them (one run of image tokens that the items must split)."""
+    _, _, proc = llava_next
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    sizes = [(300, 200), (20, 40), (84, 84), (500, 90), (90, 500), (13, 13), (1000, 999), (61, 59)]
+    lengths = []
+    for size in sizes:
+        prompt, images = "a <image> b", [noise_image(3, size)]
+        mm = engine.images.process(prompt, images)
+        ref = proc(text=prompt, images=images, return_tensors="pt")["input_ids"][0].tolist()
+        assert mm.token_ids == ref and len(mm.items) == 1
+        assert ref[mm.items[0].offset:mm.items[0].end] == [image_id] * ref.count(image_id)
+        lengths.append(mm.items[0].length)
+    assert len(set(lengths)) >= 4           # the count follows the image's size
+    images = [noise_image(4, (300, 200)), noise_image(5, (40, 130))]
+    mm = engine.images.process("x <image><image> y", images)
+    ref = proc(text="x <image><image> y", images=images, return_tensors="pt")["input_ids"][0].tolist()
+    assert mm.token_ids == ref
+    assert [m.length for m in mm.items] == [lengths[0], engine.images.process("<image>", images[1:]).items[0].length]
+    assert mm.items[1].offset == mm.items[0].end
+
+
+def test_adjacent_images_match_transformers(llava_next, engine):
+    _, hf, proc = llava_next
+    assert_matches_hf(engine, hf, proc, "Two: <image><image> done", [noise_image(6, (70, 50)),
+                                                                     noise_image(7, (50, 120))], max_new=4)
+
+
+def test_unpad_keeps_the_rows_or_columns_of_the_image():
+    grid = torch.arange(6 * 6).view(6, 6, 1)
+    assert unpad(grid, (60, 80)).shape[:2] == (4, 6)     # wide: 4.5 rows of 6 -> 4, one padded row cut each side
+    assert unpad(grid, (130, 40)).shape[:2] == (6, 2)    # tall
+    assert unpad(grid, (50, 50)).shape[:2] == (6, 6)     # same aspect: nothing cut
+    assert torch.equal(unpad(grid, (60, 80)), grid[1:5])
+
+
+def test_prefix_cache_different_image_of_the_same_size_is_not_shared(llava_next):
+    path = llava_next[0]
+    engine = make_engine(path, budget=128)
+    prompt = "Look: <image> What is it?"
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    a, b = noise_image(1, (90, 60)), noise_image(2, (90, 60))
+    first = engine.generate(prompt, params, images=[a])[0]
+    again = engine.generate(prompt, params, images=[a.copy()])[0]
+    assert again.num_cached_tokens >= 8 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    other = engine.generate(prompt, params, images=[b])[0]
+    assert other.num_cached_tokens <= engine.images.process(prompt, [b]).items[0].offset
+    solo = make_engine(path, budget=128, prefix_caching=False).generate(prompt, params, images=[b])[0]
+    assert other.outputs[0].token_ids == solo.outputs[0].token_ids
+
+
+def test_openai_sdk_with_two_data_uris(tmp_path_factory):
+    import transformers
+    path = make_random_llava_next(str(tmp_path_factory.mktemp("llava_next_http") / "clip"))
+    images = [noise_image(1, (80, 60)), noise_image(2, (40, 130))]
+    uris = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        uris.append(f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}")
+    server = start_api_server(tmp_path_factory.mktemp("llava_next_server"), path, *API_SERVER_ARGS,
+                              "--kernels", "torch")
+    try:
+        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120, max_retries=0)
+        model = sdk.models.list().data[0].id
+        text = [{"type": "text", "text": "What is in the pictures?"}]
+        text_only = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                                max_tokens=3, temperature=0)
+        content = [*({"type": "image_url", "image_url": {"url": u}} for u in uris), *text]
+        two = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                          max_tokens=5, temperature=0, logprobs=True)
+        assert two.usage.completion_tokens == 5 or two.choices[0].finish_reason == "stop"
+        assert all(lp.logprob <= 0 for lp in two.choices[0].logprobs.content)
+        # each image's tokens as the HF processor counts them (its size decides its grid)
+        proc = transformers.AutoProcessor.from_pretrained(path)
+        image_tokens = proc(text="<image><image>", images=images, return_tensors="pt")["input_ids"][0].tolist()
+        assert two.usage.prompt_tokens - text_only.usage.prompt_tokens >= image_tokens.count(proc.image_token_id)
+    finally:
+        server.stop()
