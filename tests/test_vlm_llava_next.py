@@ -2,8 +2,8 @@
 tiles, llava-v1.6's pinpoints at 1/8 scale), with a CLIP tower ("default": class token dropped) and a SigLIP tower
 ("full"): greedy tokens identical and logprobs within 1e-3 with 1 image, 2 images of different aspect ratios and an
 image inside a long prompt that chunked prefill splits (a 12-token budget); image-token counts equal the HF
-processor's for several sizes, adjacent images included; the prefix cache never shares a different image; the openai
-SDK with two data: URIs on a real server."""
+processor's for several sizes, adjacent images included; the prefix cache hits on the same image and never shares
+a different one; the openai SDK with two data: URIs on a real server."""
 from __future__ import annotations
 
 import base64
@@ -13,11 +13,10 @@ import openai
 import pytest
 import torch
 from conftest import API_SERVER_ARGS, start_api_server
-from test_vlm_models import assert_matches_hf, make_engine, noise_image
+from test_vlm_models import assert_matches_hf, assert_prefix_cache_keys_images, make_engine, noise_image
 from vlm_builders import make_random_llava_next
 
 from lmserve.model.llava_next import unpad
-from lmserve.sampling_params import SamplingParams
 
 LONG_TEXT = " ".join(f"word{i}" for i in range(40))
 CASES = {
@@ -85,19 +84,8 @@ def test_unpad_keeps_the_rows_or_columns_of_the_image():
     assert torch.equal(unpad(grid, (60, 80)), grid[1:5])
 
 
-def test_prefix_cache_different_image_of_the_same_size_is_not_shared(llava_next):
-    path = llava_next[0]
-    engine = make_engine(path, budget=128)
-    prompt = "Look: <image> What is it?"
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    a, b = noise_image(1, (90, 60)), noise_image(2, (90, 60))
-    first = engine.generate(prompt, params, images=[a])[0]
-    again = engine.generate(prompt, params, images=[a.copy()])[0]
-    assert again.num_cached_tokens >= 8 and again.outputs[0].token_ids == first.outputs[0].token_ids
-    other = engine.generate(prompt, params, images=[b])[0]
-    assert other.num_cached_tokens <= engine.images.process(prompt, [b]).items[0].offset
-    solo = make_engine(path, budget=128, prefix_caching=False).generate(prompt, params, images=[b])[0]
-    assert other.outputs[0].token_ids == solo.outputs[0].token_ids
+def test_prefix_cache_same_image_hits_different_image_does_not(llava_next):
+    assert_prefix_cache_keys_images(llava_next[0])
 
 
 def test_openai_sdk_with_two_data_uris(tmp_path_factory):
