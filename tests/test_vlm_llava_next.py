@@ -1,6 +1,6 @@
 """LLaVA-NeXT (anyres) in the engine, against transformers on tiny random weights (tests/vlm_builders.py: 42-pixel
 tiles, llava-v1.6's pinpoints at 1/8 scale), with a CLIP tower ("default": class token dropped) and a SigLIP tower
-("full"): greedy tokens identical and logprobs within 1e-3 with 1 image, 2 images of different aspect ratios and an
+("full"; the other pairings are refused at load): greedy tokens identical and logprobs within 1e-3 with 1 image, 2 images of different aspect ratios and an
 image inside a long prompt that chunked prefill splits (a 12-token budget); image-token counts equal the HF
 processor's for several sizes, adjacent images included; the prefix cache hits on the same image and never shares
 a different one; the openai SDK with two data: URIs on a real server."""
@@ -116,3 +116,17 @@ def test_openai_sdk_with_two_data_uris(tmp_path_factory):
         assert two.usage.prompt_tokens - text_only.usage.prompt_tokens >= image_tokens.count(proc.image_token_id)
     finally:
         server.stop()
+
+
+def test_a_strategy_that_cuts_the_tiles_is_refused(llava_next, tmp_path):
+    """CLIP with "full" keeps the class token in every tile (SigLIP with "default" drops a patch): transformers'
+    packing cannot reshape such tiles, so loading says why instead of failing at the first image."""
+    import json
+    import shutil
+    path = shutil.copytree(llava_next[0], tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    config["vision_feature_select_strategy"] = "full" if config["vision_feature_select_strategy"] == "default" \
+        else "default"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotImplementedError, match="vision_feature_select_strategy"):
+        make_engine(str(path))

@@ -42,33 +42,31 @@ class LlavaNextForCausalLM(LlavaForCausalLM):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        if self.drop_cls != (self.vision_tower.cfg.kind == "clip"):
+            # the anyres packing needs every tile's features to be its whole patch grid (as transformers' does)
+            raise NotImplementedError("LLaVA-NeXT: vision_feature_select_strategy must be \"default\" with a CLIP "
+                                      "tower (its class token dropped) and \"full\" with a SigLIP tower")
         self.image_newline = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.pinpoints = [list(p) for p in cfg.vision.get("image_grid_pinpoints") or DEFAULT_PINPOINTS]
 
     def encode_images(self, items: list[dict]) -> list[torch.Tensor]:
         """Each item is one image: pixel_values [tiles (+ the processor's zero padding), 3, H, W] (the base view
         first) and image_size (height, width) of the original image."""
-        tile = self.vision_tower.cfg.image_size
-        counts = []
-        for it in items:
-            rows, cols = anyres_grid(it["image_size"], self.pinpoints, tile)
-            counts.append(1 + rows * cols)
+        grids = [anyres_grid(it["image_size"], self.pinpoints, self.vision_tower.cfg.image_size) for it in items]
+        counts = [1 + rows * cols for rows, cols in grids]
         pixels = torch.cat([it["pixel_values"][:n] for it, n in zip(items, counts)])
         feats = self.image_features(pixels).split(counts)          # per image [tiles, patches, hidden]
-        return [self.pack(f, it["image_size"]) for f, it in zip(feats, items)]
+        return [self.pack(f, grid, it["image_size"]) for f, grid, it in zip(feats, grids, items)]
 
-    def pack(self, feats: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    def pack(self, feats: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
         """[1 + rows * cols, side * side, hidden] -> [base tokens + unpadded rows * (columns + 1), hidden]."""
         base, tiles = feats[0], feats[1:]
         newline = self.image_newline.to(feats.dtype)
-        if tiles.shape[0] == 0:
+        if tiles.shape[0] == 0:     # a grid smaller than one tile: the base view alone (HF's branch for it)
             return torch.cat([base, newline[None]])
         side = self.vision_tower.cfg.image_size // self.vision_tower.cfg.patch_size
-        rows, cols = anyres_grid(image_size, self.pinpoints, self.vision_tower.cfg.image_size)
-        if tiles.shape[1] != side * side:
-            raise NotImplementedError(f"anyres needs {side * side} features per tile, the tower gives "
-                                      f"{tiles.shape[1]} (vision_feature_select_strategy and tower mismatch)")
-        grid = tiles.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)   # [rows, side, cols, side, hidden]
-        grid = unpad(grid.reshape(rows * side, cols * side, -1), image_size)
-        grid = torch.cat([grid, newline.expand(grid.shape[0], 1, -1)], dim=1)  # a newline ends each row
-        return torch.cat([base, grid.flatten(0, 1)])
+        rows, cols = grid
+        fmap = tiles.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)   # [rows, side, cols, side, hidden]
+        fmap = unpad(fmap.reshape(rows * side, cols * side, -1), image_size)
+        fmap = torch.cat([fmap, newline.expand(fmap.shape[0], 1, -1)], dim=1)  # a newline ends each row
+        return torch.cat([base, fmap.flatten(0, 1)])
