@@ -1,9 +1,9 @@
 """LLaVA-NeXT (anyres) in the engine, against transformers on tiny random weights (tests/vlm_builders.py: 42-pixel
 tiles, llava-v1.6's pinpoints at 1/8 scale), with a CLIP tower ("default": class token dropped) and a SigLIP tower
-("full"; the other pairings are refused at load): greedy tokens identical and logprobs within 1e-3 with 1 image, 2 images of different aspect ratios and an
-image inside a long prompt that chunked prefill splits (a 12-token budget); image-token counts equal the HF
-processor's for several sizes, adjacent images included; the prefix cache hits on the same image and never shares
-a different one; the openai SDK with two data: URIs on a real server."""
+("full"; the other pairings are refused at load): greedy tokens identical and logprobs within 1e-3 with 1 image, 2
+images of different aspect ratios and an image inside a long prompt that chunked prefill splits (a 12-token budget);
+image-token counts equal the HF processor's for several sizes, adjacent images included; the prefix cache hits on the
+same image and never shares a different one; the openai SDK with two data: URIs on a real server."""
 from __future__ import annotations
 
 import base64
