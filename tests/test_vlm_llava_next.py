@@ -130,3 +130,31 @@ def test_a_strategy_that_cuts_the_tiles_is_refused(llava_next, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(NotImplementedError, match="vision_feature_select_strategy"):
         make_engine(str(path))
+
+
+def test_hub_config_layout_is_read(tmp_path):
+    """llava-hf's files keep only the decoder fields that differ from transformers' defaults (a Mistral-7B decoder
+    with no hidden_size): the rest are transformers' defaults, derived fields from the file's own."""
+    import json
+
+    from lmserve.model.hf_checkpoint import hf_arch_config
+    text = dict(architectures=["MistralForCausalLM"], intermediate_size=14336, max_position_embeddings=32768,
+                model_type="mistral", num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+                vocab_size=32064)
+    vision = dict(hidden_size=1024, image_size=336, intermediate_size=4096, model_type="clip_vision_model",
+                  num_attention_heads=16, num_hidden_layers=24, patch_size=14, projection_dim=768)
+    cfg = dict(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next", image_token_index=32000,
+               image_grid_pinpoints=[[336, 672], [672, 336]], text_config=text, vision_config=vision,
+               vision_feature_layer=-2, vision_feature_select_strategy="default", use_image_newline_parameter=True)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = hf_arch_config(str(tmp_path))
+    assert (arch.architecture, arch.hidden_size, arch.num_hidden_layers, arch.num_attention_heads) == \
+        ("llava_next", 4096, 32, 32)
+    assert (arch.num_key_value_heads, arch.head_dim, arch.intermediate_size, arch.vocab_size) == (8, 128, 14336, 32064)
+    assert arch.rope_theta == 1e6 and arch.sliding_window is None and arch.max_position_embeddings == 32768
+    assert arch.vision["image_grid_pinpoints"] == [[336, 672], [672, 336]]
+    text.update(model_type="llama", num_attention_heads=40, hidden_size=5120)     # vicuna-13b: derived kv heads
+    del text["num_key_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = hf_arch_config(str(tmp_path))
+    assert (arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim) == (40, 40, 128)
