@@ -47,6 +47,6 @@ def with_decoder_defaults(text: dict) -> dict:
     fields = {k: v for k, v in text.items() if k != "model_type"}
     try:
         full = AutoConfig.for_model(text["model_type"], **fields).to_dict()
-    except Exception:     # NOTE: a decoder transformers cannot build stays as written (the loader names what is missing)
+    except Exception:     # NOTE: a decoder transformers cannot build stays as written (the loader names the gap)
         return text
     return {**{k: v for k, v in full.items() if not k.startswith("rope")}, **text}
