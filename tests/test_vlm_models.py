@@ -96,7 +96,12 @@ def test_image_token_counts_equal_the_processor(vlm, engine):
 
 
 def test_prefix_cache_same_image_hits_different_image_does_not(vlm):
-    path = vlm[0]
+    assert_prefix_cache_keys_images(vlm[0])
+
+
+def assert_prefix_cache_keys_images(path: str) -> None:
+    """The same image again hits the prefix cache; a different image of the same size shares only the text before
+    it and gives what it gives alone."""
     engine = make_engine(path, budget=64)
     prompt = "Look: <image> What is it?"
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -139,3 +139,42 @@ def make_random_qwen_vl(arch: str, path: str, seed: int = 0, max_pixels: int = 2
     image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels)
     image_processor.save_pretrained(path)    # with the tokenizer: all AutoProcessor needs (config.json names it)
     return path
+
+
+# LLaVA-NeXT's anyres grid at 1/8 of llava-v1.6's scale (tiles of 42 pixels, 3x3 patches, instead of 336 and 24x24)
+LLAVA_NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84], [126, 42], [42, 126]]
+
+
+def make_random_llava_next(path: str, tower: str = "clip", seed: int = 0, tile: int = 42,
+                           pinpoints: list | None = None, **text_overrides) -> str:
+    """LLaVA-NeXT (llava-v1.6's layout): the LLaVA-1.5 tower and projector over the base image and the anyres tiles,
+    plus `image_newline`. tower "clip": a CLIP tower with the "default" strategy (class token dropped, as the hub's
+    checkpoints); "siglip": a SigLIP tower with "full" (no class token to drop)."""
+    import transformers
+    tok = _tokenizer("<image>")
+    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=tile,
+                  patch_size=14, initializer_range=0.1)
+    if tower == "clip":
+        vision_config, strategy = transformers.CLIPVisionConfig(projection_dim=32, **vision), "default"
+    elif tower == "siglip":
+        vision_config, strategy = transformers.SiglipVisionConfig(**vision), "full"
+    else:
+        raise ValueError(f"tower: {tower!r} is not clip or siglip")
+    pinpoints = pinpoints or LLAVA_NEXT_PINPOINTS
+    config = transformers.LlavaNextConfig(text_config=_text_config(tok, **text_overrides),
+                                          vision_config=vision_config, image_grid_pinpoints=pinpoints,
+                                          image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                          vision_feature_layer=-2, vision_feature_select_strategy=strategy)
+    torch.manual_seed(seed)
+    model = transformers.LlavaNextForConditionalGeneration(config).to(torch.float32)
+    _randomize(model)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    image_processor = transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
+    processor = transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                                                vision_feature_select_strategy=strategy, image_token="<image>",
+                                                num_additional_image_tokens=int(tower == "clip"),
+                                                chat_template=tok.chat_template)
+    processor.save_pretrained(path)
+    return path

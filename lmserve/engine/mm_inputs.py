@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from lmserve.engine.mm_items import MMItem
+from lmserve.engine.mm_llava_next import LLAVA_NEXT_TYPES, llava_next_items
 from lmserve.engine.mm_qwen import QWEN_PLACEHOLDER, QWEN_VL_TYPES, load_qwen_processor, qwen_items
 from lmserve.outputs import InvalidRequestError
 
@@ -76,6 +77,9 @@ class ImageProcessor:
             merge = self.processor.image_processor.merge_size
             return MMPrompt(ids, qwen_items(ids, out, [image_hash(im) for im in images], self.image_token_id,
                                             merge, MMInputError))
+        if self.kind in LLAVA_NEXT_TYPES:     # one item per image: its anyres tiles and size
+            return MMPrompt(ids, llava_next_items(self.processor, ids, out, [image_hash(im) for im in images],
+                                                  self.image_token_id, MMInputError))
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         pixels, masks = out["pixel_values"], out.get("pixel_attention_mask")
         if pixels.dim() == 5:       # [prompts, tiles, 3, H, W]: one prompt here

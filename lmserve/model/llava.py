@@ -41,10 +41,13 @@ class LlavaForCausalLM(VLMForCausalLM):
                                                     mm.get("projector_hidden_act", "gelu"),
                                                     mm.get("multimodal_projector_bias", True))
 
-    def encode_images(self, items: list[dict]) -> list[torch.Tensor]:
-        dtype = self.multi_modal_projector.linear_1.weight.dtype
-        pixels = torch.cat([it["pixel_values"] for it in items]).to(dtype)
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> the projected patch features [n, (1 +) patches, hidden]."""
+        pixels = pixels.to(self.multi_modal_projector.linear_1.weight.dtype)
         feats = self.vision_tower(pixels, feature_layer=self.feature_layer)   # [n, (1 +) patches, vision_hidden]
         if self.drop_cls and self.vision_tower.cfg.kind == "clip":
             feats = feats[:, 1:]
-        return list(self.multi_modal_projector(feats).unbind(0))
+        return self.multi_modal_projector(feats)
+
+    def encode_images(self, items: list[dict]) -> list[torch.Tensor]:
+        return list(self.image_features(torch.cat([it["pixel_values"] for it in items])).unbind(0))

@@ -11,6 +11,7 @@ from lmserve.model.gemma3 import Gemma3ForCausalLM
 from lmserve.model.idefics3 import Idefics3ForCausalLM
 from lmserve.model.llama import LlamaForCausalLM
 from lmserve.model.llava import LlavaForCausalLM
+from lmserve.model.llava_next import LlavaNextForCausalLM
 from lmserve.model.mixtral import MixtralForCausalLM
 from lmserve.model.phi3 import Phi3ForCausalLM
 from lmserve.model.qwen2_vl import Qwen2VLForCausalLM
@@ -28,6 +29,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "phi3": Phi3ForCausalLM,
     # vision-language models: a vision tower + projector feeding one of the decoders above (model/vlm_config.py)
     "llava": LlavaForCausalLM,
+    "llava_next": LlavaNextForCausalLM,   # + anyres tiles, unpadding, image_newline
     "idefics3": Idefics3ForCausalLM,
     "smolvlm": Idefics3ForCausalLM,    # SmolVLM: the Idefics3 layout
     "qwen2_vl": Qwen2VLForCausalLM,    # Qwen2 decoder + M-RoPE, dynamic-resolution ViT

@@ -5,7 +5,8 @@ ArchConfig.vision for the model file."""
 from __future__ import annotations
 
 # model_type -> the decoder it wraps (transformers' defaults; Qwen2-VL's text_config says qwen2_vl_text)
-VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
+VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2",
+             "llava_next": "llama"}
 # decoders whose RoPE is M-RoPE (3 position streams, model/qwen2_vl.py): the text config names it
 MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -34,4 +35,18 @@ def split_vlm_config(cfg: dict) -> tuple[dict, dict | None]:
             rope.pop("type", None)
             rope["rope_type"] = "default"
         text[key] = rope or None
-    return text, vision
+    return with_decoder_defaults(text), vision
+
+
+def with_decoder_defaults(text: dict) -> dict:
+    """Hub VLM files written by older transformers keep only the decoder fields that differ from its config class's
+    defaults (llava-1.5-7b-hf's text_config has no hidden_size): the missing ones are filled as transformers fills
+    them (derived ones such as num_key_value_heads from the file's own fields). RoPE fields stay as written: the
+    loader reads both of their namings."""
+    from transformers import AutoConfig
+    fields = {k: v for k, v in text.items() if k != "model_type"}
+    try:
+        full = AutoConfig.for_model(text["model_type"], **fields).to_dict()
+    except Exception:     # NOTE: a decoder transformers cannot build stays as written (the loader names the gap)
+        return text
+    return {**{k: v for k, v in full.items() if not k.startswith("rope")}, **text}
