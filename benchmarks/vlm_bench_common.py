@@ -33,6 +33,13 @@ def lmserve_engine(path: str):
                                   scheduler=SchedulerConfig(max_num_batched_tokens=8192)))
 
 
+def hf_generate_one(model, proc, prompt: str, imgs: list) -> None:
+    """transformers' side of a TTFT: the processor, then generate with one new token."""
+    inp = proc(text=prompt, images=imgs, return_tensors="pt")
+    with torch.inference_mode():
+        model.generate(**inp, max_new_tokens=1, do_sample=False)
+
+
 def measure(res: dict, encode, ttft) -> dict:
     """Encoder images/s at batch 1 and 4 (after one warm-up), then TTFT of one request with 1 and with 4 images."""
     encode(1)

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from vlm_bench_common import images, lmserve_engine, main, measure
+from vlm_bench_common import hf_generate_one, images, lmserve_engine, main, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,9 +67,7 @@ def run_side(side: str, path: str, size: int) -> dict:
                 model.get_image_features(pixel_values=pv)
 
         def ttft(n):
-            inp = proc(text=prompt[n], images=images(n, size), return_tensors="pt")
-            with torch.inference_mode():
-                model.generate(**inp, max_new_tokens=1, do_sample=False)
+            hf_generate_one(model, proc, prompt[n], images(n, size))
     return measure(res, encode, ttft)
 
 
