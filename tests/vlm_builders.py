@@ -178,3 +178,41 @@ def make_random_llava_next(path: str, tower: str = "clip", seed: int = 0, tile: 
                                                 chat_template=tok.chat_template)
     processor.save_pretrained(path)
     return path
+
+
+GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
+def make_random_gemma3_vl(path: str, seed: int = 0, image_size: int = 56, mm_tokens: int = 4,
+                          **text_overrides) -> str:
+    """Gemma 3 with vision (Gemma3ForConditionalGeneration): a SigLIP tower (56-pixel images, 4x4 patches) whose
+    output the projector average-pools to `mm_tokens` tokens per image, and a Gemma 3 decoder with sliding (window
+    6) and global layers, so the bidirectional image spans meet both masks. Saved with transformers' Gemma 3
+    processor (the SmolLM2 tokenizer plus Gemma's three image tokens; pan-and-scan off, its default)."""
+    import transformers
+    tok = _tokenizer(*GEMMA3_TOKENS.values())
+    tok._set_model_specific_special_tokens(GEMMA3_TOKENS)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                rms_norm_eps=1e-6, sliding_window=6, layer_types=["sliding_attention", "full_attention",
+                                                                  "sliding_attention"],
+                query_pre_attn_scalar=16, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    text.update(text_overrides)
+    vision = transformers.SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=image_size, patch_size=14,
+                                             layer_norm_eps=1e-6, vision_use_head=False)
+    ids = {k.replace("token", "token_index"): tok.convert_tokens_to_ids(v) for k, v in GEMMA3_TOKENS.items()}
+    config = transformers.Gemma3Config(text_config=transformers.Gemma3TextConfig(**text), vision_config=vision,
+                                       mm_tokens_per_image=mm_tokens, **ids)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).to(torch.float32)
+    _randomize(model)
+    with torch.no_grad():    # zeros by default: the image embeddings would all be 0
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    image_processor = transformers.Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tok,
+                                             image_seq_length=mm_tokens, chat_template=tok.chat_template)
+    processor.save_pretrained(path)
+    return path

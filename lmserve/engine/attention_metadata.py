@@ -9,10 +9,13 @@ from lmserve.model.attention import AttentionGroup, AttentionMetadata, DecodeBat
 
 def build_attention_metadata(arch, block_size: int, dev: torch.device, slot_mapping: list[int],
                              decode_rows: list[int], decode_ctx: list[int], decode_tables: list[list[int]],
-                             prefill: list[tuple[int, int, int, list[int]]], num_tokens: int) -> AttentionMetadata:
+                             prefill: list[tuple[int, int, int, list[int]]], num_tokens: int,
+                             image_spans: list[list[tuple[int, int]]] = ()) -> AttentionMetadata:
     """A step's plain-int layout (ModelRunner.prepare's StepBatch fields) -> the attention backend's tensors:
     the decode batch (block tables, context lengths), and per prefill chunk its KV slots and causal (sliding-window)
-    mask; whole prompts of one length share one maskless group."""
+    mask; whole prompts of one length share one maskless group. image_spans (per prefill chunk, or empty): the
+    (first, end) positions of bidirectional images, inside which the causal mask is lifted; the window still
+    applies (transformers' Gemma 3 masks: full = causal | same image, sliding = that & window)."""
     bs = block_size
     windows = {arch.layer_window(i) for i in range(arch.num_hidden_layers)}
     window = max((w for w in windows if w is not None), default=None)
@@ -33,8 +36,9 @@ def build_attention_metadata(arch, block_size: int, dev: torch.device, slot_mapp
                                       dtype=torch.long, device=dev),
             context_lens=torch.tensor(decode_ctx, dtype=torch.long, device=dev))
     whole: dict[int, list[tuple[int, list[int]]]] = {}   # prompt length -> (row, block table)
-    for row, n, start, bt in prefill:
-        if start == 0 and window is None:
+    for i, (row, n, start, bt) in enumerate(prefill):
+        spans = image_spans[i] if image_spans else []
+        if start == 0 and window is None and not spans:
             whole.setdefault(n, []).append((row, bt))
             continue
         kv_len = start + n
@@ -42,7 +46,10 @@ def build_attention_metadata(arch, block_size: int, dev: torch.device, slot_mapp
         table = torch.tensor(bt, dtype=torch.long, device=dev)
         slots = table[pos // bs] * bs + pos % bs
         q_pos = torch.arange(start, kv_len, device=dev).unsqueeze(1)   # [n, 1]
-        mask, full = masks(pos.unsqueeze(0) <= q_pos, q_pos, pos.unsqueeze(0))   # [n, kv_len]
+        causal = pos.unsqueeze(0) <= q_pos                                       # [n, kv_len]
+        for lo, hi in spans:
+            causal |= ((q_pos >= lo) & (q_pos < hi)) & ((pos >= lo) & (pos < hi)).unsqueeze(0)
+        mask, full = masks(causal, q_pos, pos.unsqueeze(0))
         groups.append(AttentionGroup(token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
                                      kv_slots=slots.unsqueeze(0), mask=mask[None, None],
                                      full_mask=None if full is None else full[None, None]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from lmserve.engine.mm_items import block_key
+from lmserve.engine.mm_items import block_key, whole_image_prefix
 from lmserve.engine.sequence import Sequence
 
 NULL_BLOCK = 0
@@ -76,6 +76,8 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != block_key(seq, i, bs):
                 break
             hits.append(block_id)
+        if seq.mm_items:    # a bidirectional image is computed whole: never resume inside one
+            hits = hits[:whole_image_prefix(seq, len(hits) * bs) // bs]
         return hits
 
     def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:

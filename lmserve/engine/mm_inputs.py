@@ -18,6 +18,8 @@ from lmserve.engine.mm_qwen import QWEN_PLACEHOLDER, QWEN_VL_TYPES, load_qwen_pr
 from lmserve.outputs import InvalidRequestError
 
 logger = logging.getLogger(__name__)
+# models whose decoder attends both ways inside each image's tokens (engine/mm_items.py keeps those images whole)
+BIDIRECTIONAL_TYPES = ("gemma3",)
 
 
 class MMInputError(InvalidRequestError):
@@ -56,6 +58,13 @@ class ImageProcessor:
         self.global_token_id = getattr(self.processor, "global_image_token_id", None)
         # the string one image takes in a raw prompt (/generate; chat templates that cannot render image items)
         self.image_placeholder = QWEN_PLACEHOLDER if self.qwen else self.image_token
+        self.bidirectional = self.kind in BIDIRECTIONAL_TYPES
+        self.extra_kwargs = {}
+        if self.bidirectional:    # Gemma 3: <start_of_image> in the prompt becomes boi + soft tokens + eoi
+            self.image_placeholder = self.processor.boi_token
+            self.image_token = tok.image_token
+            self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
+            self.extra_kwargs = {"do_pan_and_scan": False}   # NOTE: crops would be extra images; not supported
 
     def process(self, prompt: str | list[int], images: list) -> MMPrompt | None:
         if not isinstance(prompt, str):
@@ -71,7 +80,7 @@ class ImageProcessor:
         # NOTE: a chat template writes BOS itself; adding it again would double it (the engine's encode_chat rule)
         bos = self.processor.tokenizer.bos_token
         out = self.processor(text=prompt, images=images, return_tensors="pt",
-                             add_special_tokens=not (bos and prompt.startswith(bos)))
+                             add_special_tokens=not (bos and prompt.startswith(bos)), **self.extra_kwargs)
         ids = out["input_ids"][0].tolist()
         if self.qwen:
             merge = self.processor.image_processor.merge_size
@@ -100,7 +109,8 @@ class ImageProcessor:
             if masks is not None:
                 data["pixel_attention_mask"] = masks[k:k + 1]
             i = image_of[k]
-            items.append(MMItem(offset, per_tile, hash((hashes[i], k - image_of.index(i))), data))
+            items.append(MMItem(offset, per_tile, hash((hashes[i], k - image_of.index(i))), data,
+                                bidirectional=self.bidirectional))
         return MMPrompt(ids, items)
 
     def _tile_images(self, ids: list[int], starts: list[int], num_images: int) -> list[int]:

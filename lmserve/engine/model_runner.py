@@ -13,6 +13,7 @@ from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
 from lmserve.engine import weights
 from lmserve.engine.attention_metadata import build_attention_metadata
 from lmserve.engine.cpu_threads import default_threads
+from lmserve.engine.mm_items import image_spans
 from lmserve.engine.mm_runner import mm_embeddings, mm_slices
 from lmserve.engine.mrope import mrope_positions
 from lmserve.engine.sampler import Sampler, SamplingMetadata, compute_logprobs
@@ -54,6 +55,8 @@ class StepBatch:
     mm: list = field(default_factory=list)    # image-token rows (engine/mm_runner.py); rank 0 only (no tp yet)
     # (LoraRequest, first row, rows) per sequence with an adapter: not plain ints, but LoRA needs --tp 1
     lora_rows: list = field(default_factory=list)
+    # per `prefill` entry, the (first, end) positions of its bidirectional images (Gemma 3); not on the tp wire
+    image_spans: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -246,6 +249,7 @@ class ModelRunner:
                 b.decode_tables.extend([bt] * n)
             else:
                 b.prefill.append((row, n, start, bt))
+                b.image_spans.append(image_spans(seq, start, n) if seq.mm_items else [])
             if seq.pooling:
                 plan.pool.append((seq, row, n))
                 continue
@@ -271,7 +275,8 @@ class ModelRunner:
         ids_t = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(b.positions if b.mrope is None else b.mrope, dtype=torch.long, device=dev)
         meta = build_attention_metadata(self.arch, self.block_size, dev, b.slot_mapping, b.decode_rows,
-                                        b.decode_ctx, b.decode_tables, b.prefill, len(b.input_ids))
+                                        b.decode_ctx, b.decode_tables, b.prefill, len(b.input_ids),
+                                        b.image_spans)
         groups = self.lora.groups(b.lora_rows, dev) if self.lora is not None and b.lora_rows else []
         with ops.use(self.ops), lora_step(groups):
             hidden = self.model(ids_t, pos_t, meta, self.kv_caches,      # [num_tokens, hidden]

@@ -40,7 +40,8 @@ class VisionConfig:
         if act not in ACTIVATIONS:
             raise NotImplementedError(f"vision_config.hidden_act {act!r} is not supported")
         return cls(kind, v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], v["num_attention_heads"],
-                   v["image_size"], v["patch_size"], v.get("num_channels", 3), float(v.get("layer_norm_eps", 1e-5)),
+                   v["image_size"], v["patch_size"], v.get("num_channels", 3),
+                   float(v.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6)),   # transformers' defaults
                    act)
 
     @property

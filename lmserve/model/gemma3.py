@@ -48,9 +48,12 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.embed_scale = cfg.hidden_size ** 0.5
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches) -> torch.Tensor:
+                kv_caches, mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """mm_embeds: (rows, image embeddings) replacing those rows after the scaling (Gemma 3 vision)."""
         emb = self.model.embed_tokens(input_ids)
         x = emb * torch.tensor(self.embed_scale, dtype=emb.dtype)
+        if mm_embeds is not None:
+            x[mm_embeds[0]] = mm_embeds[1].to(x.dtype)
         ropes = {False: self.model.rotary.lookup(positions, x.dtype), True: self.local_rotary.lookup(positions, x.dtype)}
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):

@@ -12,7 +12,7 @@ import torch
 from lmserve.model.arch_config import SUPPORTED_ARCHS, ArchConfig
 from lmserve.model.arch_extras import hf_arch_extras
 from lmserve.model.parallel import shard_spec, slice_padded
-from lmserve.model.vlm_config import split_vlm_config
+from lmserve.model.vlm_config import split_vlm_config, vlm_arch_name
 
 
 def read_json(path: str) -> dict:
@@ -69,7 +69,7 @@ def hf_arch_config(path: str) -> ArchConfig:
         sliding_window=sliding,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=hf_eos_token_ids(path) or tuple(as_ids(cfg.get("eos_token_id"))),
-    ), **hf_arch_extras(arch, cfg), **({} if vision is None else {"architecture": vision["model_type"],
+    ), **hf_arch_extras(arch, cfg), **({} if vision is None else {"architecture": vlm_arch_name(vision),
                                                                    "vision": vision}))
 
 

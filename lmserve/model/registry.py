@@ -8,6 +8,7 @@ from torch import nn
 
 from lmserve.model.bert import BertModel
 from lmserve.model.gemma3 import Gemma3ForCausalLM
+from lmserve.model.gemma3_vl import Gemma3VLForCausalLM
 from lmserve.model.idefics3 import Idefics3ForCausalLM
 from lmserve.model.llama import LlamaForCausalLM
 from lmserve.model.llava import LlavaForCausalLM
@@ -34,6 +35,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "smolvlm": Idefics3ForCausalLM,    # SmolVLM: the Idefics3 layout
     "qwen2_vl": Qwen2VLForCausalLM,    # Qwen2 decoder + M-RoPE, dynamic-resolution ViT
     "qwen2_5_vl": Qwen2VLForCausalLM,  # + window attention, RMSNorm and SwiGLU in the ViT
+    "gemma3_vl": Gemma3VLForCausalLM,  # model_type gemma3 with a vision_config: SigLIP + pooled projector
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py

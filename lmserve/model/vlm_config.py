@@ -6,7 +6,9 @@ from __future__ import annotations
 
 # model_type -> the decoder it wraps (transformers' defaults; Qwen2-VL's text_config says qwen2_vl_text)
 VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2",
-             "llava_next": "llama"}
+             "llava_next": "llama", "gemma3": "gemma3_text"}
+# model_types whose name the text-only decoder already takes in the registry -> the VLM's registry name
+VLM_ARCHS = {"gemma3": "gemma3_vl"}
 # decoders whose RoPE is M-RoPE (3 position streams, model/qwen2_vl.py): the text config names it
 MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -14,7 +16,7 @@ MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
 def split_vlm_config(cfg: dict) -> tuple[dict, dict | None]:
     """config.json -> (the decoder's config, the vision-language rest or None for a text model)."""
     kind = cfg.get("model_type")
-    if kind not in VLM_TYPES:
+    if kind not in VLM_TYPES or (kind == "gemma3" and "vision_config" not in cfg):   # a text-only Gemma 3 file
         return cfg, None
     if "text_config" in cfg:
         text = dict(cfg["text_config"] or {})
@@ -50,3 +52,8 @@ def with_decoder_defaults(text: dict) -> dict:
     except Exception:     # NOTE: a decoder transformers cannot build stays as written (the loader names the gap)
         return text
     return {**{k: v for k, v in full.items() if not k.startswith("rope")}, **text}
+
+
+def vlm_arch_name(vision: dict) -> str:
+    """The registry name of a VLM (model/registry.py): its model_type, unless a text decoder has that name."""
+    return VLM_ARCHS.get(vision["model_type"], vision["model_type"])
