@@ -126,3 +126,44 @@ def test_openai_sdk_with_a_data_uri(gemma3, tmp_path_factory):
         assert out.usage.prompt_tokens - text_only.usage.prompt_tokens >= 4 + 2
     finally:
         server.stop()
+
+
+def test_cpp_kernels_keep_the_image_mask(gemma3):
+    """The C++ kernels (decode attention, packed GEMMs, norms) around the masked prefill path: still transformers'
+    tokens, an image split from its text by the chunk boundaries included."""
+    from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from lmserve.engine.llm_engine import LLMEngine
+    path, hf, proc = gemma3
+    engine = LLMEngine(EngineConfig(
+        model=ModelConfig(model=path, dtype="float32", kernels="auto", attention_backend="cpp"),
+        cache=CacheConfig(block_size=8, num_blocks=128), scheduler=SchedulerConfig(max_num_batched_tokens=12)))
+    assert_matches_hf(engine, hf, proc, CASES["two_images"][0], [noise_image(0), noise_image(1, (90, 60))])
+
+
+def test_hub_config_layout_is_read(tmp_path):
+    """google/gemma-3-4b-it's config.json (the decoder fields equal to transformers' defaults left out; no
+    layer_norm_eps in the SigLIP config): gemma3_vl with the gemma3 decoder; a text-only gemma3 file stays gemma3."""
+    import json
+
+    from lmserve.model.clip_vision import VisionConfig
+    from lmserve.model.gemma3_vl import Gemma3Projector
+    from lmserve.model.hf_checkpoint import hf_arch_config
+    text = dict(hidden_size=2560, intermediate_size=10240, model_type="gemma3_text", num_hidden_layers=34,
+                rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024)
+    vision = dict(hidden_size=1152, image_size=896, intermediate_size=4304, model_type="siglip_vision_model",
+                  num_attention_heads=16, num_hidden_layers=27, patch_size=14, vision_use_head=False)
+    cfg = dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3", boi_token_index=255999,
+               eoi_token_index=256000, eos_token_id=[1, 106], image_token_index=262144, mm_tokens_per_image=256,
+               text_config=text, vision_config=vision)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = hf_arch_config(str(tmp_path))
+    assert (arch.architecture, arch.hidden_size, arch.num_hidden_layers, arch.sliding_window) == \
+        ("gemma3_vl", 2560, 34, 1024)
+    assert arch.qk_norm and arch.layer_window(5) is None and arch.layer_window(0) == 1024
+    vcfg = VisionConfig.from_hf(arch.vision["vision_config"])
+    assert vcfg.kind == "siglip" and vcfg.layer_norm_eps == 1e-6
+    assert Gemma3Projector(vcfg, 8, 256).kernel == 4          # 64x64 patches pooled to 16x16 tokens
+    text_only = dict(text, model_type="gemma3", num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                     vocab_size=262208)                         # model_type gemma3 without a vision_config
+    (tmp_path / "config.json").write_text(json.dumps(text_only))
+    assert hf_arch_config(str(tmp_path)).architecture == "gemma3"
