@@ -7,15 +7,13 @@ and spans equal the HF processor's; chunks and prefix-cache hits never end insid
 the same image and never shares a different one; the openai SDK with a data: URI on a real server."""
 from __future__ import annotations
 
-import base64
-import io
 from types import SimpleNamespace
 
-import openai
 import pytest
 import torch
 from conftest import API_SERVER_ARGS, start_api_server
-from test_vlm_models import assert_matches_hf, assert_prefix_cache_keys_images, make_engine, noise_image
+from test_vlm_models import (assert_matches_hf, assert_prefix_cache_keys_images, make_engine, noise_image, png_uri,
+                             sdk_chat_with_images)
 from vlm_builders import make_random_gemma3_vl
 
 from lmserve.engine.mm_items import MMItem, fit_budget, whole_image_prefix
@@ -106,22 +104,10 @@ def test_prefix_cache_same_image_hits_different_image_does_not(gemma3):
 
 
 def test_openai_sdk_with_a_data_uri(gemma3, tmp_path_factory):
-    path, _, proc = gemma3
-    buf = io.BytesIO()
-    noise_image(3, (80, 60)).save(buf, "PNG")
-    uri = f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
-    server = start_api_server(tmp_path_factory.mktemp("gemma3_server"), path, *API_SERVER_ARGS, "--kernels", "torch")
+    server = start_api_server(tmp_path_factory.mktemp("gemma3_server"), gemma3[0], *API_SERVER_ARGS,
+                              "--kernels", "torch")
     try:
-        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120, max_retries=0)
-        model = sdk.models.list().data[0].id
-        text = [{"type": "text", "text": "What is in the picture?"}]
-        text_only = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                                max_tokens=3, temperature=0)
-        content = [{"type": "image_url", "image_url": {"url": uri}}, *text]
-        out = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                          max_tokens=5, temperature=0, logprobs=True)
-        assert out.usage.completion_tokens == 5 or out.choices[0].finish_reason == "stop"
-        assert all(lp.logprob <= 0 for lp in out.choices[0].logprobs.content)
+        text_only, out = sdk_chat_with_images(server.url, [png_uri((80, 60), 3)])
         # boi + 4 image tokens + eoi, and the "\n\n" around them
         assert out.usage.prompt_tokens - text_only.usage.prompt_tokens >= 4 + 2
     finally:

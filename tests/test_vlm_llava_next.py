@@ -6,14 +6,11 @@ image-token counts equal the HF processor's for several sizes, adjacent images i
 same image and never shares a different one; the openai SDK with two data: URIs on a real server."""
 from __future__ import annotations
 
-import base64
-import io
-
-import openai
 import pytest
 import torch
 from conftest import API_SERVER_ARGS, start_api_server
-from test_vlm_models import assert_matches_hf, assert_prefix_cache_keys_images, make_engine, noise_image
+from test_vlm_models import (assert_matches_hf, assert_prefix_cache_keys_images, make_engine, noise_image, png_uri,
+                             sdk_chat_with_images)
 from vlm_builders import make_random_llava_next
 
 from lmserve.model.llava_next import unpad
@@ -92,24 +89,10 @@ def test_openai_sdk_with_two_data_uris(tmp_path_factory):
     import transformers
     path = make_random_llava_next(str(tmp_path_factory.mktemp("llava_next_http") / "clip"))
     images = [noise_image(1, (80, 60)), noise_image(2, (40, 130))]
-    uris = []
-    for im in images:
-        buf = io.BytesIO()
-        im.save(buf, "PNG")
-        uris.append(f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}")
     server = start_api_server(tmp_path_factory.mktemp("llava_next_server"), path, *API_SERVER_ARGS,
                               "--kernels", "torch")
     try:
-        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120, max_retries=0)
-        model = sdk.models.list().data[0].id
-        text = [{"type": "text", "text": "What is in the pictures?"}]
-        text_only = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                                max_tokens=3, temperature=0)
-        content = [*({"type": "image_url", "image_url": {"url": u}} for u in uris), *text]
-        two = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                          max_tokens=5, temperature=0, logprobs=True)
-        assert two.usage.completion_tokens == 5 or two.choices[0].finish_reason == "stop"
-        assert all(lp.logprob <= 0 for lp in two.choices[0].logprobs.content)
+        text_only, two = sdk_chat_with_images(server.url, [png_uri((80, 60), 1), png_uri((40, 130), 2)])
         # each image's tokens as the HF processor counts them (its size decides its grid)
         proc = transformers.AutoProcessor.from_pretrained(path)
         image_tokens = proc(text="<image><image>", images=images, return_tensors="pt")["input_ids"][0].tolist()

@@ -5,6 +5,10 @@ prefill splits (a small token budget); image-token counts equal the HF processor
 same image and never on a different image of the same size; placeholder/image count mismatches are errors."""
 from __future__ import annotations
 
+import base64
+import io
+
+import openai
 import pytest
 import torch
 from PIL import Image
@@ -49,6 +53,28 @@ def make_engine(path: str, budget: int = 12, prefix_caching: bool = True) -> LLM
 @pytest.fixture(scope="module")
 def engine(vlm):
     return make_engine(vlm[0])
+
+
+def png_uri(size, seed: int) -> str:
+    buf = io.BytesIO()
+    noise_image(seed, size).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def sdk_chat_with_images(url: str, uris: list[str], max_tokens: int = 5):
+    """The openai SDK against a running server: (a text-only answer, the same question after the images, greedy,
+    with logprobs), after checking the latter's shape."""
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0)
+    model = sdk.models.list().data[0].id
+    text = [{"type": "text", "text": "What is in the picture?"}]
+    text_only = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                            max_tokens=3, temperature=0)
+    content = [*({"type": "image_url", "image_url": {"url": u}} for u in uris), *text]
+    out = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                      max_tokens=max_tokens, temperature=0, logprobs=True)
+    assert out.usage.completion_tokens == max_tokens or out.choices[0].finish_reason == "stop"
+    assert all(lp.logprob <= 0 for lp in out.choices[0].logprobs.content)
+    return text_only, out
 
 
 def hf_reference(hf, proc, prompt: str, images: list, max_new: int):

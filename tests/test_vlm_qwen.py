@@ -5,14 +5,11 @@ resolution); M-RoPE positions (pure logic); the prefix cache hits on the same im
 image of the same size; one openai SDK request with a data: URI on a real server."""
 from __future__ import annotations
 
-import base64
-import io
-
 import httpx
-import openai
 import pytest
 from conftest import API_SERVER_ARGS, start_api_server
-from test_vlm_models import assert_matches_hf, hf_reference, make_engine, noise_image
+from test_vlm_models import (assert_matches_hf, hf_reference, make_engine, noise_image, png_uri,
+                             sdk_chat_with_images)
 from vlm_builders import QWEN_VL_ARCHS, make_random_qwen_vl
 
 from lmserve.engine.mm_items import MMItem
@@ -150,29 +147,14 @@ def test_placeholder_is_qwens_vision_block(engine):
     assert len(out.outputs[0].token_ids) == 2       # text-only requests to a VLM: plain positions
 
 
-def png_uri(size, seed: int) -> str:
-    buf = io.BytesIO()
-    noise_image(seed, size).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.mark.slow      # a server start
 def test_openai_sdk_with_a_data_uri(tmp_path_factory):
     path = make_random_qwen_vl("qwen2_5_vl", str(tmp_path_factory.mktemp("qwen_http") / "qwen2_5_vl"))
     server = start_api_server(tmp_path_factory.mktemp("qwen_server"), path, *API_SERVER_ARGS, "--kernels", "torch")
     try:
-        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120, max_retries=0)
-        model = sdk.models.list().data[0].id
-        text = [{"type": "text", "text": "What is in the picture?"}]
-        text_only = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                                max_tokens=3, temperature=0)
-        content = [{"type": "image_url", "image_url": {"url": png_uri((84, 56), 3)}}, *text]
-        one = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                          max_tokens=5, temperature=0, logprobs=True)
-        assert one.usage.completion_tokens == 5 or one.choices[0].finish_reason == "stop"
+        text_only, one = sdk_chat_with_images(server.url, [png_uri((84, 56), 3)])
         # the 84x56 image is 6x4 patches -> 6 image tokens, between <|vision_start|> and <|vision_end|>
         assert one.usage.prompt_tokens - text_only.usage.prompt_tokens >= 6
-        assert all(lp.logprob <= 0 for lp in one.choices[0].logprobs.content)
         # LMDeploy's /generate: image_data, the image where <IMAGE_TOKEN> is (Qwen's vision block in its place)
         image = png_uri((84, 56), 3)
         marked = httpx.post(f"{server.url}/generate", json={"prompt": "<IMAGE_TOKEN>\nDescribe.", "image_data": [image],
