@@ -15,7 +15,7 @@ from lmserve.engine.mm_items import MMItem
 
 logger = logging.getLogger(__name__)
 
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # what one image takes in a raw prompt: Qwen's chat template writes the same for an image item
 QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -26,7 +26,8 @@ def load_qwen_processor(model_path: str, model_type: str):
         return transformers.AutoProcessor.from_pretrained(model_path)
     except ImportError as e:      # torchvision missing: the video processor cannot be built
         logger.info("Qwen-VL processor without its video processor (%s)", str(e).strip().splitlines()[0])
-    base = transformers.Qwen2VLProcessor if model_type == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+    base = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen3_vl": transformers.Qwen3VLProcessor}.get(
+        model_type, transformers.Qwen2_5_VLProcessor)
 
     class ImageOnlyProcessor(base):
         def check_argument_for_proper_class(self, name, arg):
