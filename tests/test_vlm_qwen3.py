@@ -1,33 +1,32 @@
-"""Qwen3-VL (dense) in the engine, against transformers on tiny random weights built here: greedy tokens identical
-and logprobs within 1e-3 with 1 image, 2 images of different sizes and an image inside a long prompt that chunked
-prefill splits (a 12-token budget, so DeepStack rows arrive in pieces too); image-token counts equal the HF
-processor's (16-pixel patches, 2x2 merge: sides are multiples of 32); the interleaved M-RoPE layout equals
-transformers'; the prefix cache hits on the same image and never shares a different image of the same size; one
-openai SDK request with a data: URI on a real server."""
+"""Qwen3-VL (dense) in the engine, against transformers on tiny random weights built here (the engine-level cases
+of tests/test_vlm_qwen.py run again on it, below): greedy tokens identical and logprobs within 1e-3; the vision tower
+alone (merged embeddings and DeepStack features) equal to HF's; image-token counts equal the HF processor's
+(16-pixel patches, 2x2 merge: sides are multiples of 32); the interleaved M-RoPE tables equal transformers'; the
+prefix cache hits on the same image and never shares a different image of the same size; the hub config layout;
+one openai SDK request with a data: URI on a real server."""
 from __future__ import annotations
 
 import os
 
-import openai
 import pytest
 import torch
 from conftest import API_SERVER_ARGS, start_api_server
-from test_vlm_models import assert_matches_hf, hf_reference, make_engine, noise_image
-from test_vlm_qwen import png_uri
+from test_vlm_models import assert_prefix_cache_keys_images, make_engine, noise_image
+from test_vlm_qwen import assert_qwen_token_counts, assert_sdk_chat_with_an_image
+# tests/test_vlm_qwen.py's engine-level tests, collected here again with this module's `qwen` and `engine` fixtures:
+# greedy tokens and logprobs against transformers (1 image, 2 images of different sizes, an image inside a long
+# prompt split by 12-token chunks, so DeepStack rows arrive in pieces too), a batch of sequences with different
+# position deltas, preemption recomputes, and a text-only request
+from test_vlm_qwen import (test_batched_sequences_with_different_position_deltas,  # noqa: F401
+                           test_greedy_and_logprobs_match_transformers, test_placeholder_is_qwens_vision_block,
+                           test_preempted_sequences_recompute_with_their_positions)
 from vlm_builders import QWEN_VL_TOKENS, _randomize, _tokenizer
 
 from lmserve.engine.mm_qwen import QWEN_PLACEHOLDER as IMG
 from lmserve.engine.mm_qwen import load_qwen_processor
 from lmserve.model.qwen2_vl import MRotaryEmbedding
-from lmserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(600)
-LONG_TEXT = " ".join(f"word{i}" for i in range(30))
-CASES = {
-    "one_image": (f"Describe {IMG} briefly.", [(80, 60)]),
-    "two_images_of_different_sizes": (f"Compare {IMG} with {IMG} please.", [(80, 60), (130, 100)]),
-    "image_in_long_text": (f"{LONG_TEXT} {IMG} and then {LONG_TEXT}", [(120, 70)]),
-}
 
 
 def make_random_qwen3_vl(path: str, seed: int = 0, max_pixels: int = 32 * 32 * 20) -> str:
@@ -59,8 +58,9 @@ def make_random_qwen3_vl(path: str, seed: int = 0, max_pixels: int = 32 * 32 * 2
     return path
 
 
+# NOTE: named as tests/test_vlm_qwen.py's fixtures, so its engine-level tests imported above run here on Qwen3-VL
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
+def qwen(tmp_path_factory):
     import transformers
     path = make_random_qwen3_vl(str(tmp_path_factory.mktemp("qwen3_vl") / "qwen3_vl"))
     hf = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
@@ -68,32 +68,14 @@ def qwen3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(qwen3):
-    return make_engine(qwen3[0])     # 12-token steps: images and long prompts are prefilled over several chunks
+def engine(qwen):
+    return make_engine(qwen[0])     # 12-token steps: images and long prompts are prefilled over several chunks
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_greedy_and_logprobs_match_transformers(case, qwen3, engine):
-    _, hf, proc = qwen3
-    prompt, sizes = CASES[case]
-    images = [noise_image(i, size) for i, size in enumerate(sizes)]
-    assert_matches_hf(engine, hf, proc, prompt, images)
-
-
-def test_batched_sequences_with_different_position_deltas(qwen3, engine):
-    _, hf, proc = qwen3
-    prompts = [f"A {IMG} b", f"Two: {IMG} and {IMG}"]
-    images = [[noise_image(5, (160, 64))], [noise_image(6, (64, 160)), noise_image(7, (96, 96))]]
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    outs = engine.generate(prompts, params, images=images)
-    for prompt, ims, out in zip(prompts, images, outs):
-        assert out.outputs[0].token_ids == hf_reference(hf, proc, prompt, ims, 6)[1]
-
-
-def test_vision_tower_equals_transformers(qwen3, engine):
+def test_vision_tower_equals_transformers(qwen, engine):
     """The tower alone, tighter than logprobs can tell: the merged embeddings and both DeepStack levels of two
     images (grids unlike the 4x4 position table, so it is resampled both ways) equal HF's get_image_features."""
-    _, hf, proc = qwen3
+    _, hf, proc = qwen
     images = [noise_image(3, (160, 96)), noise_image(4, (64, 224))]
     inp = proc(text=f"x {IMG} y {IMG}", images=images, return_tensors="pt")
     with torch.no_grad():
@@ -107,28 +89,17 @@ def test_vision_tower_equals_transformers(qwen3, engine):
         assert all(f[i].abs().mean() > 0.05 for f in ref.deepstack_features)   # DeepStack adds something
 
 
-def test_image_token_counts_equal_the_processor(qwen3, engine):
-    _, _, proc = qwen3
-    images = [noise_image(7, (300, 200)), noise_image(8, (40, 150)), noise_image(9, (96, 64))]
-    prompt = f"a {IMG} b {IMG} c {IMG}"
-    mm = engine.images.process(prompt, images)
-    ref = proc(text=prompt, images=images, return_tensors="pt")
-    ids = ref["input_ids"][0].tolist()
-    assert mm.token_ids == ids
-    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    grids = ref["image_grid_thw"].tolist()
-    assert [m.length for m in mm.items] == [t * h * w // 4 for t, h, w in grids]
-    assert sum(m.length for m in mm.items) == ids.count(pad)
-    assert all(ids[m.offset:m.end] == [pad] * m.length for m in mm.items)
+def test_image_token_counts_equal_the_processor(qwen, engine):
     # 16-pixel patches, merged 2x2: 96x64 is already a multiple of 32 (6x4 patches -> 6 tokens); 300x200 is capped
     # by max_pixels (32*32*20), so it has at most 20 tokens
-    assert mm.items[2].length == 6 and mm.items[0].length <= 20 and len({m.length for m in mm.items}) == 3
-    assert mm.items[2].data["pixel_values"].shape == (24, 3 * 2 * 16 * 16)
+    assert_qwen_token_counts(engine, qwen[2], (96, 64), 6, 20)
+    item = engine.images.process(f"x {IMG}", [noise_image(9, (96, 64))]).items[0]
+    assert item.data["pixel_values"].shape == (24, 3 * 2 * 16 * 16)
 
 
-def test_interleaved_mrope_equals_transformers(qwen3):
+def test_interleaved_mrope_equals_transformers(qwen):
     """Distinct positions on the three streams: our cos/sin rows equal HF's rotary embedding's."""
-    _, hf, _ = qwen3
+    _, hf, _ = qwen
     rope = hf.model.language_model.rotary_emb
     pos = torch.tensor([[3, 9, 40], [5, 17, 2], [11, 0, 33]])                  # [3 streams, tokens]
     cos, sin = rope(torch.zeros(1, dtype=torch.float32), pos[:, None, :])     # [1, tokens, head_dim]
@@ -140,20 +111,8 @@ def test_interleaved_mrope_equals_transformers(qwen3):
     assert not torch.allclose(contiguous, c)       # the layouts differ: the test can tell them apart
 
 
-def test_prefix_cache_same_image_hits_different_image_does_not(qwen3, engine):
-    _, hf, proc = qwen3
-    prompt = f"Look: {IMG} What is it?"
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    a, b = noise_image(1, (128, 128)), noise_image(2, (128, 128))     # equal sizes: equal image tokens
-    first = engine.generate(prompt, params, images=[a])[0]
-    hits = engine.get_stats().prefix_cache_hits
-    again = engine.generate(prompt, params, images=[a.copy()])[0]     # the same content, another object
-    assert again.num_cached_tokens >= 8 and engine.get_stats().prefix_cache_hits > hits
-    assert again.outputs[0].token_ids == first.outputs[0].token_ids
-    other = engine.generate(prompt, params, images=[b])[0]
-    image_start = engine.images.process(prompt, [b]).items[0].offset
-    assert other.num_cached_tokens <= image_start      # only the text before the image can be shared
-    assert other.outputs[0].token_ids == hf_reference(hf, proc, prompt, [b], 6)[1] != first.outputs[0].token_ids
+def test_prefix_cache_same_image_hits_different_image_does_not(qwen):
+    assert_prefix_cache_keys_images(qwen[0], IMG)
 
 
 @pytest.mark.slow      # a server start
@@ -161,17 +120,33 @@ def test_openai_sdk_with_a_data_uri(tmp_path_factory):
     path = make_random_qwen3_vl(str(tmp_path_factory.mktemp("qwen3_http") / "qwen3_vl"))
     server = start_api_server(tmp_path_factory.mktemp("qwen3_server"), path, *API_SERVER_ARGS, "--kernels", "torch")
     try:
-        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120, max_retries=0)
-        model = sdk.models.list().data[0].id
-        text = [{"type": "text", "text": "What is in the picture?"}]
-        text_only = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                                max_tokens=3, temperature=0)
-        content = [{"type": "image_url", "image_url": {"url": png_uri((96, 64), 3)}}, *text]
-        one = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                          max_tokens=5, temperature=0, logprobs=True)
-        assert one.usage.completion_tokens == 5 or one.choices[0].finish_reason == "stop"
         # the 96x64 image is 6x4 patches of 16 pixels -> 6 image tokens, inside <|vision_start|> ... <|vision_end|>
-        assert one.usage.prompt_tokens - text_only.usage.prompt_tokens >= 6
-        assert all(lp.logprob <= 0 for lp in one.choices[0].logprobs.content)
+        assert_sdk_chat_with_an_image(server.url, (96, 64), 6)
     finally:
         server.stop()
+
+
+def test_hub_config_layout_is_read(tmp_path):
+    """Qwen3-VL-2B-Instruct's config.json (shapes shrunk): rope_scaling with mrope_interleaved, rope_theta beside it,
+    the vision config's model_type "qwen3_vl"; the model builds (on the meta device) with the DeepStack mergers."""
+    import json
+
+    from lmserve.model.hf_checkpoint import hf_arch_config
+    from lmserve.model.qwen3_vl import Qwen3VLForCausalLM
+    text = dict(attention_bias=False, head_dim=16, hidden_act="silu", hidden_size=64, intermediate_size=96,
+                max_position_embeddings=4096, model_type="qwen3_vl_text", num_attention_heads=4, num_hidden_layers=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=5000000, tie_word_embeddings=True,
+                rope_scaling={"mrope_interleaved": True, "mrope_section": [2, 3, 3], "rope_type": "default"},
+                vocab_size=100)
+    vision = dict(deepstack_visual_indexes=[0, 1, 2], depth=3, hidden_act="gelu_pytorch_tanh", hidden_size=32,
+                  in_channels=3, intermediate_size=48, model_type="qwen3_vl", num_heads=4, num_position_embeddings=64,
+                  out_hidden_size=64, patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+    cfg = dict(architectures=["Qwen3VLForConditionalGeneration"], model_type="qwen3_vl", image_token_id=7,
+               text_config=text, tie_word_embeddings=True, vision_config=vision)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = hf_arch_config(str(tmp_path))
+    assert arch.architecture == "qwen3_vl" and arch.qk_norm and arch.rope_scaling is None
+    assert arch.rope_theta == 5e6 and arch.head_dim == 16 and arch.vision["mrope_section"] == [2, 3, 3]
+    with torch.device("meta"):
+        model = Qwen3VLForCausalLM(arch)
+    assert len(model.visual.deepstack_mergers) == 3 and model.visual.side == 8 and model.lm_head is None

@@ -1,9 +1,11 @@
-"""Qwen2-VL / Qwen2.5-VL's side of image preprocessing (engine/mm_inputs.py runs the HF processor for every VLM).
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL's side of image preprocessing (engine/mm_inputs.py runs the HF processor for
+every VLM).
 
 - The processor: transformers' Qwen2-VL processor (dynamic resolution: the image is resized so both sides are
   multiples of 28 and its area lies within min/max pixels, then cut into 2x14x14x3 patches; one <|image_pad|> per
-  2x2 patches). Its AutoProcessor also builds the video processor, which needs torchvision even for images; without
-  torchvision the same processor class is built with no video processor (images work, videos are not served).
+  2x2 patches; Qwen3-VL's: 16-pixel patches, so multiples of 32). Its AutoProcessor also builds the video
+  processor, which needs torchvision even for images; without torchvision the same processor class is built with
+  no video processor (images work, videos are not served).
 - The items: the processor returns every image's patches back to back (`pixel_values` [patches, 1176]) and each
   image's grid (`image_grid_thw`, in patches); each image becomes one item with its own patches, its grid and its
   merged grid (`llm_grid`, which M-RoPE needs: engine/mrope.py)."""
