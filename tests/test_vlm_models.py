@@ -99,11 +99,11 @@ def test_prefix_cache_same_image_hits_different_image_does_not(vlm):
     assert_prefix_cache_keys_images(vlm[0])
 
 
-def assert_prefix_cache_keys_images(path: str) -> None:
+def assert_prefix_cache_keys_images(path: str, placeholder: str = "<image>") -> None:
     """The same image again hits the prefix cache; a different image of the same size shares only the text before
     it and gives what it gives alone."""
     engine = make_engine(path, budget=64)
-    prompt = "Look: <image> What is it?"
+    prompt = f"Look: {placeholder} What is it?"
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     a, b = noise_image(1), noise_image(2)          # equal sizes: equal image tokens, different pixels
     first = engine.generate(prompt, params, images=[a])[0]

@@ -17,6 +17,7 @@ from lmserve.model.phi3 import Phi3ForCausalLM
 from lmserve.model.qwen2_vl import Qwen2VLForCausalLM
 from lmserve.model.qwen3 import Qwen3ForCausalLM
 from lmserve.model.qwen3_moe import Qwen3MoeForCausalLM
+from lmserve.model.qwen3_vl import Qwen3VLForCausalLM
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -34,6 +35,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "smolvlm": Idefics3ForCausalLM,    # SmolVLM: the Idefics3 layout
     "qwen2_vl": Qwen2VLForCausalLM,    # Qwen2 decoder + M-RoPE, dynamic-resolution ViT
     "qwen2_5_vl": Qwen2VLForCausalLM,  # + window attention, RMSNorm and SwiGLU in the ViT
+    "qwen3_vl": Qwen3VLForCausalLM,    # Qwen3 decoder + interleaved M-RoPE + DeepStack, learned ViT positions
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py
