@@ -87,8 +87,15 @@ def test_preempted_sequences_recompute_with_their_positions(qwen):
 
 
 def test_image_token_counts_equal_the_processor(qwen, engine):
-    _, _, proc = qwen
-    images = [noise_image(7, (300, 200)), noise_image(8, (40, 150)), noise_image(9, (84, 56))]
+    # dynamic resolution: 84x56 is already a multiple of 28 (6x4 patches -> 6 tokens); 300x200 is capped by
+    # max_pixels (28*28*20), so it has at most 20 tokens
+    assert_qwen_token_counts(engine, qwen[2], (84, 56), 6, 20)
+
+
+def assert_qwen_token_counts(engine, proc, exact: tuple[int, int], exact_tokens: int, cap: int) -> None:
+    """Three images (large, narrow, and `exact`, whose sides need no resizing): the engine's prompt ids and items
+    equal the HF processor's; `exact` takes exact_tokens, the large one at most `cap` (max_pixels)."""
+    images = [noise_image(7, (300, 200)), noise_image(8, (40, 150)), noise_image(9, exact)]
     prompt = f"a {IMG} b {IMG} c {IMG}"
     mm = engine.images.process(prompt, images)
     ref = proc(text=prompt, images=images, return_tensors="pt")
@@ -99,9 +106,8 @@ def test_image_token_counts_equal_the_processor(qwen, engine):
     assert [m.length for m in mm.items] == [t * h * w // 4 for t, h, w in grids]
     assert sum(m.length for m in mm.items) == ids.count(pad)
     assert all(ids[m.offset:m.end] == [pad] * m.length for m in mm.items)
-    # dynamic resolution: 84x56 is already a multiple of 28 (6x4 patches -> 6 tokens); 300x200 is capped by
-    # max_pixels (28*28*20), so it has at most 20 tokens; the sizes differ, so do the counts
-    assert mm.items[2].length == 6 and mm.items[0].length <= 20 and len({m.length for m in mm.items}) == 3
+    # the sizes differ, so do the counts
+    assert mm.items[2].length == exact_tokens and mm.items[0].length <= cap and len({m.length for m in mm.items}) == 3
 
 
 def test_mrope_positions_follow_the_image_grid():
@@ -147,14 +153,19 @@ def test_placeholder_is_qwens_vision_block(engine):
     assert len(out.outputs[0].token_ids) == 2       # text-only requests to a VLM: plain positions
 
 
+def assert_sdk_chat_with_an_image(url: str, size: tuple[int, int], image_tokens: int) -> None:
+    """The openai SDK: a text-only chat, then the same with an image (a data: URI) that takes image_tokens more."""
+    text_only, one = sdk_chat_with_images(url, [png_uri(size, 3)])
+    assert one.usage.prompt_tokens - text_only.usage.prompt_tokens >= image_tokens
+
+
 @pytest.mark.slow      # a server start
 def test_openai_sdk_with_a_data_uri(tmp_path_factory):
     path = make_random_qwen_vl("qwen2_5_vl", str(tmp_path_factory.mktemp("qwen_http") / "qwen2_5_vl"))
     server = start_api_server(tmp_path_factory.mktemp("qwen_server"), path, *API_SERVER_ARGS, "--kernels", "torch")
     try:
-        text_only, one = sdk_chat_with_images(server.url, [png_uri((84, 56), 3)])
         # the 84x56 image is 6x4 patches -> 6 image tokens, between <|vision_start|> and <|vision_end|>
-        assert one.usage.prompt_tokens - text_only.usage.prompt_tokens >= 6
+        assert_sdk_chat_with_an_image(server.url, (84, 56), 6)
         # LMDeploy's /generate: image_data, the image where <IMAGE_TOKEN> is (Qwen's vision block in its place)
         image = png_uri((84, 56), 3)
         marked = httpx.post(f"{server.url}/generate", json={"prompt": "<IMAGE_TOKEN>\nDescribe.", "image_data": [image],

@@ -356,9 +356,14 @@ class AsyncEngine:
         elif kind == "call":
             _, fn, fut = cmd
             try:
-                fut.set_result(fn())
+                result = fn()
             except Exception as e:  # noqa: BLE001 - reported to the caller
                 fut.set_exception(e)
+                return
+            # NOTE: stats first, so a caller that reads /metrics after the call returns (POST /chat/reset freed a
+            # session's blocks) sees its effect, not the stats of the step before
+            self._stats = self.engine.get_stats()
+            fut.set_result(result)
 
     # ---- event-loop side -----------------------------------------------------------------------------------
     def _dispatch(self, outputs: list) -> None:

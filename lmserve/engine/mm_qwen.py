@@ -1,9 +1,11 @@
-"""Qwen2-VL / Qwen2.5-VL's side of image preprocessing (engine/mm_inputs.py runs the HF processor for every VLM).
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL's side of image preprocessing (engine/mm_inputs.py runs the HF processor for
+every VLM).
 
 - The processor: transformers' Qwen2-VL processor (dynamic resolution: the image is resized so both sides are
   multiples of 28 and its area lies within min/max pixels, then cut into 2x14x14x3 patches; one <|image_pad|> per
-  2x2 patches). Its AutoProcessor also builds the video processor, which needs torchvision even for images; without
-  torchvision the same processor class is built with no video processor (images work, videos are not served).
+  2x2 patches; Qwen3-VL's: 16-pixel patches, so multiples of 32). Its AutoProcessor also builds the video
+  processor, which needs torchvision even for images; without torchvision the same processor class is built with
+  no video processor (images work, videos are not served).
 - The items: the processor returns every image's patches back to back (`pixel_values` [patches, 1176]) and each
   image's grid (`image_grid_thw`, in patches); each image becomes one item with its own patches, its grid and its
   merged grid (`llm_grid`, which M-RoPE needs: engine/mrope.py)."""
@@ -15,7 +17,7 @@ from lmserve.engine.mm_items import MMItem
 
 logger = logging.getLogger(__name__)
 
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # what one image takes in a raw prompt: Qwen's chat template writes the same for an image item
 QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -26,7 +28,8 @@ def load_qwen_processor(model_path: str, model_type: str):
         return transformers.AutoProcessor.from_pretrained(model_path)
     except ImportError as e:      # torchvision missing: the video processor cannot be built
         logger.info("Qwen-VL processor without its video processor (%s)", str(e).strip().splitlines()[0])
-    base = transformers.Qwen2VLProcessor if model_type == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+    base = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen3_vl": transformers.Qwen3VLProcessor}.get(
+        model_type, transformers.Qwen2_5_VLProcessor)
 
     class ImageOnlyProcessor(base):
         def check_argument_for_proper_class(self, name, arg):

@@ -16,12 +16,15 @@ from lmserve.model.vlm_base import VLMForCausalLM
 
 
 class MRotaryEmbedding(RotaryEmbedding):
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None, section: list[int]):
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None, section: list[int],
+                 interleaved: bool = False):
         super().__init__(head_dim, max_position, theta, scaling)
         if sum(section) != head_dim // 2:
             raise ValueError(f"mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
         # the position stream each frequency pair turns with  [head_dim / 2]
         stream = [i % 3 for i, n in enumerate(section) for _ in range(n)]
+        if interleaved:   # Qwen3-VL: pairs cycle t, h, w; h and w stop after 3 * their section (then t, as HF)
+            stream = [j % 3 if j % 3 and j < 3 * section[j % 3] else 0 for j in range(head_dim // 2)]
         self.register_buffer("stream", torch.tensor(stream), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,14 +38,18 @@ class MRotaryEmbedding(RotaryEmbedding):
 
 class Qwen2VLForCausalLM(VLMForCausalLM):
     uses_mrope = True      # the runner passes [3, num_tokens] positions (engine/mrope.py)
+    interleaved_mrope = False
     vision_prefixes = {"visual.": "visual.", "model.visual.": "visual."}
 
     def __init__(self, cfg):
         super().__init__(cfg)
         mm = cfg.vision
         self.model.rotary = MRotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                             cfg.rope_scaling, list(mm["mrope_section"]))
-        self.visual = QwenVisionTower(QwenVisionConfig.from_hf(mm["vision_config"], mm["model_type"]))
+                                             cfg.rope_scaling, list(mm["mrope_section"]), self.interleaved_mrope)
+        self.visual = self.make_tower(mm)
+
+    def make_tower(self, mm: dict) -> QwenVisionTower:
+        return QwenVisionTower(QwenVisionConfig.from_hf(mm["vision_config"], mm["model_type"]))
 
     def encode_images(self, items: list[dict]) -> list[torch.Tensor]:
         """Each item is one image: pixel_values [t*h*w, patch_dim] and image_grid_thw (t, h, w) in patches."""

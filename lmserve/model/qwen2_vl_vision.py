@@ -198,6 +198,14 @@ def window_order(grids: list[tuple[int, int, int]], merge: int, window: int) -> 
     return torch.cat(order), cu
 
 
+def frame_seqlens(grids: list[tuple[int, int, int]]) -> list[int]:
+    """Attention segment boundaries in patches: each frame of each image attends within itself (as HF)."""
+    cu = [0]
+    for t, h, w in grids:
+        cu.extend(cu[-1] + h * w for _ in range(t))
+    return cu
+
+
 class QwenVisionTower(nn.Module):
     def __init__(self, cfg: QwenVisionConfig):
         super().__init__()
@@ -211,13 +219,7 @@ class QwenVisionTower(nn.Module):
         -> merged tokens [sum of t*h*w / merge^2, out_size], images back to back."""
         cfg, unit = self.cfg, self.cfg.merge ** 2
         x = self.patch_embed(patches)                                     # [patches, width]
-        half = cfg.width // cfg.num_heads // 2     # half the rotary pairs turn with the row, half with the column
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half)   # float32 always
-        freqs = (patch_positions(grids, cfg.merge)[..., None].float() * inv_freq).flatten(1)   # [patches, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]               # [patches, 1, head_dim]
-        cu_full = [0]
-        for t, h, w in grids:
-            cu_full.extend(cu_full[-1] + h * w for _ in range(t))
+        emb, cu_full = self.rotary_angles(grids), frame_seqlens(grids)
         cu_window, order = cu_full, None
         if cfg.window_size is not None:
             order, cu_window = window_order(grids, cfg.merge, cfg.window_size // cfg.merge // cfg.patch_size)
@@ -232,6 +234,14 @@ class QwenVisionTower(nn.Module):
         if order is not None:
             merged = merged[torch.argsort(order)]
         return merged
+
+    def rotary_angles(self, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The 2D rotary angles of every patch -> [patches, 1, head_dim]."""
+        cfg = self.cfg
+        half = cfg.width // cfg.num_heads // 2     # half the rotary pairs turn with the row, half with the column
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half)   # float32 always
+        freqs = (patch_positions(grids, cfg.merge)[..., None].float() * inv_freq).flatten(1)   # [patches, hd/2]
+        return torch.cat([freqs, freqs], dim=-1)[:, None, :]
 
     def load_patch_embed(self, weight: torch.Tensor) -> torch.Tensor:
         """The checkpoint's Conv3d weight [width, C, T, P, P] -> our linear's [width, C*T*P*P]."""

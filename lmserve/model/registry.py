@@ -18,6 +18,7 @@ from lmserve.model.phi3 import Phi3ForCausalLM
 from lmserve.model.qwen2_vl import Qwen2VLForCausalLM
 from lmserve.model.qwen3 import Qwen3ForCausalLM
 from lmserve.model.qwen3_moe import Qwen3MoeForCausalLM
+from lmserve.model.qwen3_vl import Qwen3VLForCausalLM
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -36,6 +37,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "qwen2_vl": Qwen2VLForCausalLM,    # Qwen2 decoder + M-RoPE, dynamic-resolution ViT
     "qwen2_5_vl": Qwen2VLForCausalLM,  # + window attention, RMSNorm and SwiGLU in the ViT
     "gemma3_vl": Gemma3VLForCausalLM,  # model_type gemma3 with a vision_config: SigLIP + pooled projector
+    "qwen3_vl": Qwen3VLForCausalLM,    # Qwen3 decoder + interleaved M-RoPE + DeepStack, learned ViT positions
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py

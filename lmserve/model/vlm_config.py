@@ -6,11 +6,11 @@ from __future__ import annotations
 
 # model_type -> the decoder it wraps (transformers' defaults; Qwen2-VL's text_config says qwen2_vl_text)
 VLM_TYPES = {"llava": "llama", "idefics3": "llama", "smolvlm": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2",
-             "llava_next": "llama", "gemma3": "gemma3_text"}
+             "llava_next": "llama", "qwen3_vl": "qwen3", "gemma3": "gemma3_text"}
 # model_types whose name the text-only decoder already takes in the registry -> the VLM's registry name
 VLM_ARCHS = {"gemma3": "gemma3_vl"}
 # decoders whose RoPE is M-RoPE (3 position streams, model/qwen2_vl.py): the text config names it
-MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
+MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def split_vlm_config(cfg: dict) -> tuple[dict, dict | None]:
@@ -33,6 +33,7 @@ def split_vlm_config(cfg: dict) -> tuple[dict, dict | None]:
         key = "rope_parameters" if text.get("rope_parameters") else "rope_scaling"
         rope = dict(text.get(key) or {})
         vision["mrope_section"] = list(rope.pop("mrope_section", None) or vision.get("mrope_section") or [])
+        rope.pop("mrope_interleaved", None)     # Qwen3-VL's flag; its model file always interleaves
         if rope.get("rope_type", rope.get("type")) == "mrope":     # the hub files' name for it
             rope.pop("type", None)
             rope["rope_type"] = "default"
