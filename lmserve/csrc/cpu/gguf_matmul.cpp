@@ -3,7 +3,8 @@
 //
 // Every path computes a row's outputs with the same operations whatever M is (batch invariance: a request's
 // greedy tokens do not depend on what else shares the step), threads over output columns:
-// - int8 activations: quantized for every M, then the int8 GEMM (gguf_gemm_avx2.cpp) or the scalar dot below;
+// - int8 activations: quantized for every M, then the int8 GEMM (gguf_gemm_avx2.cpp; gguf_gemm_avx512.cpp where
+//   the level is avx512vnni, bit-identical) or the scalar dot below;
 // - float activations, AVX2: dot products on the blocks up to max_dot_rows (gguf_dot_avx2.cpp), above it panels
 //   of W dequantized exactly and a tile GEMM with the dot's per-output order (gguf_gemm_avx2.cpp);
 // - float activations, scalar build: the scalar dot up to max_dot_rows; above it (NOT batch-invariant) tiles of
@@ -207,6 +208,7 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   float* op = out.data_ptr<float>();
   [[maybe_unused]] const int level = isa_level();
   const bool avx2 = LMSERVE_HAS_AVX2 && level >= ISA_AVX2;
+  [[maybe_unused]] const bool vnni512 = avx2 && level >= ISA_AVX512VNNI;
   if (!int8 && !avx2 && M > max_dot_rows) {
     for (size_t i = 0; i < ws.size(); ++i)
       gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
@@ -227,7 +229,8 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
       if (a >= b) continue;
 #ifdef LMSERVE_GGUF_AVX2
       if (avx2) {
-        if (int8) int8_avx2(parts[i], a, b);
+        if (int8 && vnni512) int8_avx512vnni(parts[i], a, b);
+        else if (int8) int8_avx2(parts[i], a, b);
         else if (tiles) float_gemm_avx2(parts[i], a, b);
         else dot_float_avx2(parts[i], a, b);
         continue;
