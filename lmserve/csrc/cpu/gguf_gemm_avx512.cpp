@@ -61,13 +61,10 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
       acc[m][j] = _mm512_setzero_ps();
       mins[m][j] = 0.f;
     }
-  // sub-blocks g = b * NS + s and g + 1 (s + 1 of the same block, or sub-block 0 of block b + 1 when NS == 1)
-  const int64_t npairs = nb * NS / 2;
-  for (int64_t pi = 0; pi < npairs; ++pi) {
-    const int64_t g = 2 * pi, b = g / NS;
-    const int s = static_cast<int>(g % NS);
-    const int64_t b1 = NS == 1 ? b + 1 : b;
-    const int s1 = NS == 1 ? 0 : s + 1;
+  // sub-blocks g = b * NS + s and g + 1 (s + 1 of the same block, or sub-block 0 of block b1 = b + 1 when NS == 1);
+  // inlined into unrolled loops, as the AVX2 kernel's step, so s is a constant and sub_block's branches fold
+  auto step = [&](int64_t b, int s, int64_t b1, int s1) __attribute__((always_inline)) {
+    const int64_t g = b * NS + s;
     __m512i xv[RM], off[RM];
     __m512 dxv[RM];
     for (int m = 0; m < RM; ++m) {
@@ -92,6 +89,14 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
           mins[m][j] += cm * sx[m * ng + g + 1];
         }
       }
+    }
+  };
+  if constexpr (NS == 1) {
+    for (int64_t b = 0; b + 2 <= nb; b += 2) step(b, 0, b + 1, 0);
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      #pragma GCC unroll 4
+      for (int s = 0; s < NS; s += 2) step(b, s, b, s + 1);
     }
   }
   if (NS == 1 && nb % 2) {   // the odd last block: the low half (the AVX2 kernel's acc[0])
