@@ -28,8 +28,6 @@ namespace gguf {
 namespace {
 using namespace avx2;
 
-constexpr int GEMM_RM = 4, GEMM_RN = 2;
-
 inline __m512 halves(float lo, float hi) {   // [lo x 8 | hi x 8]
   return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(lo)), _mm256_set1_ps(hi), 1);
 }
@@ -128,28 +126,15 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
     }
 }
 
-template <int QT, int RM, int RN>
-void cols_vnni(const DotArgs& p, int64_t m, int64_t c0, int64_t c1) {
-  int64_t n = c0;
-  for (; n + RN <= c1; n += RN) tile_vnni<QT, RM, RN>(p, m, n);
-  for (; n < c1; ++n) tile_vnni<QT, RM, 1>(p, m, n);
-}
-
 template <int QT>
-void vnni_type(const DotArgs& p, int64_t n0, int64_t n1) {
-  // the AVX2 kernel's blocking: 64 activation rows x 16 weight rows, tiles of 4 x 2, single rows one weight row
-  constexpr int64_t MB = 64, NC = 16;
-  for (int64_t mb = 0; mb < p.M; mb += MB) {
-    const int64_t me = std::min(p.M, mb + MB);
-    for (int64_t c0 = n0; c0 < n1; c0 += NC) {
-      const int64_t c1 = std::min(n1, c0 + NC);
-      int64_t m = mb;
-      for (; m + GEMM_RM <= me; m += GEMM_RM) cols_vnni<QT, GEMM_RM, GEMM_RN>(p, m, c0, c1);
-      if (m + 2 <= me) { cols_vnni<QT, 2, GEMM_RN>(p, m, c0, c1); m += 2; }
-      for (; m < me; ++m) cols_vnni<QT, 1, 1>(p, m, c0, c1);
-    }
-  }
-}
+struct VnniTile {
+  template <int RM, int RN>
+  static void tile(const DotArgs& p, int64_t m, int64_t n) { tile_vnni<QT, RM, RN>(p, m, n); }
+};
+
+// the AVX2 kernel's blocking (gguf_avx2.h), so both compute each output in the same tile shape
+template <int QT>
+void vnni_type(const DotArgs& p, int64_t n0, int64_t n1) { int8_blocked<VnniTile<QT>>(p, n0, n1); }
 
 }  // namespace
 
