@@ -1,5 +1,5 @@
 """ops.gguf_matmul / ops.gguf_dequantize on GGUF blocks: every quant type x batch sizes x each ISA path this CPU
-has (the scalar reference and AVX2 here) x float and int8 activations, against dequantize-then-matmul in float64.
+has (the scalar reference, AVX2, AVX512-VNNI) x float and int8 activations, against dequantize-then-matmul in float64.
 
 Tolerances, as bounds on |y - y64| relative to s = |x| @ |W|.T (the size of the terms summed, so cancellation
 cannot make a correct result look wrong):
@@ -22,7 +22,8 @@ from lmserve.ops.linear import DOT_MAX_ROWS, QTYPES, quantize_activations
 lib = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be built here")
 
-ISAS = [level for level in ("scalar", "avx2") if cpu_isa.supports(level, cpu_isa.detected())]
+# the levels with kernels of their own (avx512vnni: the int8 GEMM; its float paths are AVX2's)
+ISAS = [level for level in ("scalar", "avx2", "avx512vnni") if cpu_isa.supports(level, cpu_isa.detected())]
 SCALE_OFFSETS = {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
 
@@ -138,6 +139,67 @@ def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):
     with ops.use(cpu_table()):
         assert torch.equal(ops.gguf_dequantize(w), ref)
         assert torch.equal(ops.gguf_dequantize(w, rows), ref[rows])
+
+
+@pytest.mark.skipif(not cpu_isa.supports("avx512vnni", cpu_isa.detected()), reason="CPU lacks AVX512-VNNI")
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_avx512vnni_int8_equals_avx2_bit_for_bit(qtype, isa_level):
+    """The AVX512-VNNI int8 GEMM is the AVX2 one with two sub-blocks per step: the same float operations per lane,
+    so the same bits (a model's tokens do not depend on which of the two CPU kinds serves it, nor on the batch
+    size where the kernel is chosen by M). K of 1, 3 and 5
+    blocks: the pairing's odd last block; widths 1-3 of a 2-wide tile; rows across the 4-row tiles and 64-row
+    blocks."""
+    table = cpu_table()
+    lib.gguf_set_vnni512(1, True)         # every type and M (by default only where it measured faster)
+    try:
+        _compare_vnni512_with_avx2(qtype, table, isa_level)
+    finally:
+        lib.gguf_set_vnni512(64, False)
+
+
+def _compare_vnni512_with_avx2(qtype, table, isa_level):
+    for nblocks in (1, 3, 5):
+        k = QUANTS[qtype][0] * nblocks
+        w = random_weight(qtype, 35, k, seed=nblocks, pad=3)
+        for rows in (1, 2, 3, 7, 70):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + nblocks))
+            got = {}
+            for level in ("avx2", "avx512vnni"):
+                isa_level(level)
+                assert lib.gguf_isa() == list(cpu_isa.LEVELS).index(level)
+                with ops.use(table):
+                    got[level] = ops.gguf_matmul(x, w, None, True)
+            assert torch.equal(got["avx2"], got["avx512vnni"]), (qtype, nblocks, rows,
+                                                                  (got["avx2"] - got["avx512vnni"]).abs().max())
+
+
+@pytest.mark.skipif(not cpu_isa.supports("avx2", cpu_isa.detected()), reason="CPU lacks AVX2")
+def test_env_override_forces_the_avx2_kernels(tmp_path):
+    """LMSERVE_CPU_ISA=avx2 (how an AVX2-only host is simulated on a newer CPU) makes a fresh process's library run
+    the AVX2 kernels: the level the loaded library reports, and its int8 result equals avx2's here."""
+    import os
+    import subprocess
+    import sys
+    w = random_weight("Q4_K", 9, 512, seed=4)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    torch.save({"data": w.data.clone(), "x": x}, tmp_path / "case.pt")
+    code = ("import torch; from lmserve import ops; from lmserve.ops import cpu_kernels; "
+            "from lmserve.ops.gguf_blocks import GGUFWeight; lib = cpu_kernels.load(); "
+            f"c = torch.load({str(tmp_path / 'case.pt')!r}); w = GGUFWeight('Q4_K', c['data'], (9, 512)); "
+            "t = ops.select('cpu', torch.float32, lib=lib)\n"
+            "with ops.use(t): y = ops.gguf_matmul(c['x'], w, None, True)\n"
+            f"torch.save({{'isa': lib.gguf_isa(), 'y': y}}, {str(tmp_path / 'out.pt')!r})")
+    env = dict(os.environ, **{cpu_isa.ENV: "avx2"})
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    out = torch.load(tmp_path / "out.pt")
+    assert out["isa"] == list(cpu_isa.LEVELS).index("avx2")
+    before = lib.gguf_isa()
+    try:
+        lib.gguf_set_isa(out["isa"])
+        with ops.use(cpu_table()):
+            assert torch.equal(out["y"], ops.gguf_matmul(x, w, None, True))
+    finally:
+        lib.gguf_set_isa(before)
 
 
 def test_bad_shapes_are_errors_not_crashes():

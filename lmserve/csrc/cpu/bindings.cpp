@@ -16,5 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequantize", &gguf_dequantize, nogil);
   m.def("gguf_isa", &gguf_isa);
   m.def("gguf_set_isa", &gguf_set_isa);
+  m.def("gguf_set_vnni512", &gguf_set_vnni512);
   m.def("built_baseline", &built_baseline);
 }

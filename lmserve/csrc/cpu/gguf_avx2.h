@@ -4,6 +4,7 @@
 #include <immintrin.h>
 #include <cstring>
 #include "gguf_blocks.h"
+#include "gguf_kernels.h"
 
 namespace gguf {
 namespace avx2 {
@@ -100,6 +101,32 @@ ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, __m256* w) {
   for (int i = 0; i < 4; ++i) {
     const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), _mm256_set1_ps(i < 2 ? s0 : s1));
     w[i] = HAS_MIN ? _mm256_add_ps(v, m) : v;
+  }
+}
+
+// The int8 GEMM's blocking, shared by the AVX2 kernel and its AVX512-VNNI twin (so both cover the outputs in the
+// same tiles): blocks of 64 activation rows (their int8 form: 64 x K bytes + lane sums, L2-resident) x 16 weight
+// rows, tiles of 4 x 2, then 2 x 2, single rows one weight row at a time. T::tile<RM, RN>(p, m, n): the outputs
+// [m, m + RM) x [n, n + RN).
+template <class T, int RM, int RN>
+inline void int8_cols(const DotArgs& p, int64_t m, int64_t c0, int64_t c1) {
+  int64_t n = c0;
+  for (; n + RN <= c1; n += RN) T::template tile<RM, RN>(p, m, n);
+  for (; n < c1; ++n) T::template tile<RM, 1>(p, m, n);
+}
+
+template <class T>
+inline void int8_blocked(const DotArgs& p, int64_t n0, int64_t n1) {
+  constexpr int64_t MB = 64, NC = 16;
+  for (int64_t mb = 0; mb < p.M; mb += MB) {
+    const int64_t me = p.M < mb + MB ? p.M : mb + MB;
+    for (int64_t c0 = n0; c0 < n1; c0 += NC) {
+      const int64_t c1 = n1 < c0 + NC ? n1 : c0 + NC;
+      int64_t m = mb;
+      for (; m + 4 <= me; m += 4) int8_cols<T, 4, 2>(p, m, c0, c1);
+      if (m + 2 <= me) { int8_cols<T, 2, 2>(p, m, c0, c1); m += 2; }
+      for (; m < me; ++m) int8_cols<T, 1, 1>(p, m, c0, c1);
+    }
   }
 }
 

@@ -25,8 +25,8 @@ using namespace avx2;
 // Tile shapes (measured with a standalone harness, docs/benchmarks.md): accumulators per output (sub-block g goes
 // to acc[g % NACC]: two, so one row's FMAs do not wait on each other); GEMM tiles of 4 activation rows x 2 weight
 // rows; a single activation row (decode) reads one weight row at a time: one sequential stream from DRAM measured
-// ~1.7x faster here than 2 or 4 interleaved rows.
-constexpr int NACC = 2, GEMM_RM = 4, GEMM_RN = 2, DECODE_RN = 1;
+// ~1.7x faster here than 2 or 4 interleaved rows (gguf_avx2.h int8_blocked).
+constexpr int NACC = 2;
 
 // outputs [m0, m0 + RM) x [n0, n0 + RN)
 template <int QT, int RM, int RN>
@@ -96,28 +96,14 @@ void tile_int8(const DotArgs& p, int64_t m0, int64_t n0) {
     }
 }
 
-template <int QT, int RM, int RN>
-void cols_int8(const DotArgs& p, int64_t m, int64_t c0, int64_t c1) {
-  int64_t n = c0;
-  for (; n + RN <= c1; n += RN) tile_int8<QT, RM, RN>(p, m, n);
-  for (; n < c1; ++n) tile_int8<QT, RM, 1>(p, m, n);
-}
+template <int QT>
+struct Int8Tile {
+  template <int RM, int RN>
+  static void tile(const DotArgs& p, int64_t m, int64_t n) { tile_int8<QT, RM, RN>(p, m, n); }
+};
 
 template <int QT>
-void int8_type(const DotArgs& p, int64_t n0, int64_t n1) {
-  // blocks of 64 activation rows (their int8 form: 64 x K bytes + lane sums, L2-resident) x 16 weight rows
-  constexpr int64_t MB = 64, NC = 16;
-  for (int64_t mb = 0; mb < p.M; mb += MB) {
-    const int64_t me = std::min(p.M, mb + MB);
-    for (int64_t c0 = n0; c0 < n1; c0 += NC) {
-      const int64_t c1 = std::min(n1, c0 + NC);
-      int64_t m = mb;
-      for (; m + GEMM_RM <= me; m += GEMM_RM) cols_int8<QT, GEMM_RM, GEMM_RN>(p, m, c0, c1);
-      if (m + 2 <= me) { cols_int8<QT, 2, GEMM_RN>(p, m, c0, c1); m += 2; }
-      for (; m < me; ++m) cols_int8<QT, 1, DECODE_RN>(p, m, c0, c1);
-    }
-  }
-}
+void int8_type(const DotArgs& p, int64_t n0, int64_t n1) { int8_blocked<Int8Tile<QT>>(p, n0, n1); }
 
 // float outputs [RM rows of x] x [RN dequantized rows of W], each as rows_float (gguf_dot_avx2.cpp) computes it:
 // one 8-wide accumulator, acc = w * x + acc over k in steps of 8, then hsum

@@ -1,6 +1,6 @@
 // Internal interface of the GGUF matmul kernels (gguf_matmul.cpp: entry points, scalar reference, the scalar
 // build's GEMM tiles; gguf_dot_avx2.cpp: AVX2 float dots and dequantization; gguf_gemm_avx2.cpp: AVX2 int8 GEMM for
-// every M and the float tile GEMM).
+// every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on AVX512-VNNI, chosen at run time).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -36,6 +36,7 @@ void dot_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1);    // float activations, decode sizes
 void float_gemm_avx2(const DotArgs& p, int64_t n0, int64_t n1);   // float activations, any M, same per-row result
 void int8_avx2(const DotArgs& p, int64_t n0, int64_t n1);         // int8 activations, any M
+void int8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);   // the same, bit for bit, on AVX512-VNNI
 void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out);   // nb blocks -> float32, as the reference
 #endif
 

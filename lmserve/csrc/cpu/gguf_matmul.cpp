@@ -3,7 +3,8 @@
 //
 // Every path computes a row's outputs with the same operations whatever M is (batch invariance: a request's
 // greedy tokens do not depend on what else shares the step), threads over output columns:
-// - int8 activations: quantized for every M, then the int8 GEMM (gguf_gemm_avx2.cpp) or the scalar dot below;
+// - int8 activations: quantized for every M, then the int8 GEMM (gguf_gemm_avx2.cpp; gguf_gemm_avx512.cpp, bit-
+//   identical, for Q4_0 GEMMs of >= 64 rows where the level is avx512vnni) or the scalar dot below;
 // - float activations, AVX2: dot products on the blocks up to max_dot_rows (gguf_dot_avx2.cpp), above it panels
 //   of W dequantized exactly and a tile GEMM with the dot's per-output order (gguf_gemm_avx2.cpp);
 // - float activations, scalar build: the scalar dot up to max_dot_rows; above it (NOT batch-invariant) tiles of
@@ -66,6 +67,9 @@ constexpr bool LMSERVE_HAS_AVX2 = false;
 #endif
 
 constexpr int64_t TILE_N = 64;
+// when the AVX512-VNNI int8 GEMM is used (see gguf_matmul_parts); tests widen it to every type and M (gguf_set_vnni512)
+std::atomic<int64_t> g_vnni512_min_rows{64};
+std::atomic<bool> g_vnni512_all_types{false};
 
 // nb blocks of one row -> float32 (bit-identical to the reference on every path)
 void dequant_row(int qt, const uint8_t* row, int64_t nb, float* out) {
@@ -179,6 +183,11 @@ int64_t gguf_set_isa(int64_t level) {
   return level;
 }
 
+void gguf_set_vnni512(int64_t min_rows, bool all_types) {
+  g_vnni512_min_rows.store(min_rows);
+  g_vnni512_all_types.store(all_types);
+}
+
 static int check_w(const torch::Tensor& w, int64_t qtype, int64_t K) {
   TORCH_CHECK(qtype >= 0 && qtype < NUM_QTYPES, "gguf: unknown type id ", qtype);
   const int qt = static_cast<int>(qtype);
@@ -207,6 +216,11 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   float* op = out.data_ptr<float>();
   [[maybe_unused]] const int level = isa_level();
   const bool avx2 = LMSERVE_HAS_AVX2 && level >= ISA_AVX2;
+  // AVX512-VNNI pays only where measured (Zen 4, docs/benchmarks.md): Q4_0 GEMMs, +10-20% at M = 512; decode
+  // rows and Q4_K ran slower than AVX2. Same bits either way, so this choice by M keeps batch invariance.
+  [[maybe_unused]] const bool vnni512 = avx2 && level >= ISA_AVX512VNNI && M >= g_vnni512_min_rows.load() &&
+                                        (g_vnni512_all_types.load() ||
+                                         std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0; }));
   if (!int8 && !avx2 && M > max_dot_rows) {
     for (size_t i = 0; i < ws.size(); ++i)
       gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
@@ -227,7 +241,8 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
       if (a >= b) continue;
 #ifdef LMSERVE_GGUF_AVX2
       if (avx2) {
-        if (int8) int8_avx2(parts[i], a, b);
+        if (int8 && vnni512) int8_avx512vnni(parts[i], a, b);
+        else if (int8) int8_avx2(parts[i], a, b);
         else if (tiles) float_gemm_avx2(parts[i], a, b);
         else dot_float_avx2(parts[i], a, b);
         continue;

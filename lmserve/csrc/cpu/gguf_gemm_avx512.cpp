@@ -1,0 +1,158 @@
+// The int8 GEMM of gguf_gemm_avx2.cpp on AVX512-VNNI, chosen at run time (ISA level avx512vnni) from the same
+// AVX2-baseline build: this file alone is compiled for AVX-512 (the target pragma below), and nothing in it runs
+// unless the CPU has it (gguf_set_isa refuses the level otherwise).
+//
+// Bit-identical to the AVX2 kernel, so results do not depend on the CPU kind a build lands on any more than on
+// the batch: the AVX2 kernel's two 8-lane accumulators (sub-block g -> acc[g % 2]) are the low and high halves
+// of one 16-lane register, and a step takes sub-blocks g, g + 1 (two sub-blocks of a K-quant block, or two
+// blocks of a 32-value type) at once. Every lane then sees the same float operations in the same order:
+// acc = float(dot) * (scale * dx) + acc; the integer dot is exact either way (vpdpbusd sums the same four
+// u8 x s8 products maddubs + madd does, without their 16-bit step, which never saturated: gguf_gemm_avx2.cpp).
+// Signed Q8_0 is fed to vpdpbusd as q + 128 (unsigned) and 128 x the activations' lane sums are subtracted, as
+// the AVX2 kernel does for Q4_0's stored offset of 8. An odd last block of a 32-value type goes to the low half,
+// as the AVX2 kernel sends it to acc[0]. Per 64 weights this issues one dot, one convert, one FMA where AVX2
+// issues two of each plus two madds.
+#include "gguf_kernels.h"
+
+#ifdef LMSERVE_GGUF_AVX2
+#include <algorithm>
+#include <vector>
+#include "gguf_avx2.h"
+
+// after every include: only this file's own functions are compiled for AVX-512 (an inline function of a shared
+// header compiled here could otherwise be the copy the linker keeps for the AVX2 code too)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace gguf {
+namespace {
+using namespace avx2;
+
+inline __m512 halves(float lo, float hi) {   // [lo x 8 | hi x 8]
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(lo)), _mm256_set1_ps(hi), 1);
+}
+
+// the scale lanes of one sub-block, as the AVX2 kernel builds them (Q6_K: values 16-31 in lanes 4-7)
+template <int QT>
+inline __m256 scale8(float s0, float s1) {
+  return QT == Q6_K ? _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)) : _mm256_set1_ps(s0);
+}
+
+template <int QT, int RM, int RN>
+void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
+  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
+  constexpr bool U = kHasMin[QT];
+  // stored offset subtracted via the lane sums: Q4_0 8, Q5_0 16, Q6_K 32; Q8_0 128 (fed as q ^ 0x80)
+  constexpr int SH = QT == Q8_0 ? 7 : kOffsetShift[QT];
+  constexpr bool RAW = kOffsetShift[QT] >= 0, OFF = SH >= 0;
+  const int64_t K = p.K, nb = K / BE, ng = K / 32;
+  const int8_t* qx = p.a->q.data() + m0 * K;
+  const float* dx = p.a->dx.data() + m0 * ng;
+  const float* sx = p.a->sx.data() + m0 * ng;
+  const int32_t* ls = p.a->ls.data() + m0 * ng * 8;
+  __m512 acc[RM][RN];
+  float mins[RM][RN];
+  const uint8_t* row[RN];
+  for (int j = 0; j < RN; ++j) row[j] = p.w + (n0 + j) * p.ws;
+  for (int m = 0; m < RM; ++m)
+    for (int j = 0; j < RN; ++j) {
+      acc[m][j] = _mm512_setzero_ps();
+      mins[m][j] = 0.f;
+    }
+  // sub-blocks g = b * NS + s and g + 1 (s + 1 of the same block, or sub-block 0 of block b1 = b + 1 when NS == 1);
+  // inlined into unrolled loops, as the AVX2 kernel's step, so s is a constant and sub_block's branches fold
+  auto step = [&](int64_t b, int s, int64_t b1, int s1) __attribute__((always_inline)) {
+    const int64_t g = b * NS + s;
+    __m512i xv[RM], off[RM];
+    __m512 dxv[RM];
+    for (int m = 0; m < RM; ++m) {
+      xv[m] = _mm512_loadu_si512(qx + m * K + g * 32);
+      dxv[m] = halves(dx[m * ng + g], dx[m * ng + g + 1]);
+      if constexpr (OFF) off[m] = _mm512_slli_epi32(_mm512_loadu_si512(ls + (m * ng + g) * 8), SH);
+    }
+    for (int j = 0; j < RN; ++j) {
+      __m256i qa, qb;
+      float a0, a1, am, c0, c1, cm;
+      sub_block<QT, RAW>(row[j] + b * BB, s, qa, a0, a1, am);
+      sub_block<QT, RAW>(row[j] + b1 * BB, s1, qb, c0, c1, cm);
+      __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1);
+      if constexpr (QT == Q8_0) q = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
+      const __m512 sc = _mm512_insertf32x8(_mm512_castps256_ps512(scale8<QT>(a0, a1)), scale8<QT>(c0, c1), 1);
+      for (int m = 0; m < RM; ++m) {
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[m]);
+        if constexpr (OFF) dot = _mm512_sub_epi32(dot, off[m]);
+        acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, dxv[m]), acc[m][j]);
+        if constexpr (U) {
+          mins[m][j] += am * sx[m * ng + g];
+          mins[m][j] += cm * sx[m * ng + g + 1];
+        }
+      }
+    }
+  };
+  if constexpr (NS == 1) {
+    for (int64_t b = 0; b + 2 <= nb; b += 2) step(b, 0, b + 1, 0);
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      #pragma GCC unroll 4
+      for (int s = 0; s < NS; s += 2) step(b, s, b, s + 1);
+    }
+  }
+  if (NS == 1 && nb % 2) {   // the odd last block: the low half (the AVX2 kernel's acc[0])
+    const int64_t b = nb - 1, g = b;
+    for (int j = 0; j < RN; ++j) {
+      __m256i q;
+      float s0, s1, mn;
+      sub_block<QT, RAW>(row[j] + b * BB, 0, q, s0, s1, mn);
+      if constexpr (QT == Q8_0) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
+      for (int m = 0; m < RM; ++m) {
+        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * K + g * 32)));
+        if constexpr (OFF)
+          dot = _mm256_sub_epi32(dot, _mm256_slli_epi32(
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ls + (m * ng + g) * 8)), SH));
+        const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                          _mm256_mul_ps(scale8<QT>(s0, s1), _mm256_set1_ps(dx[m * ng + g])),
+                                          _mm512_castps512_ps256(acc[m][j]));
+        acc[m][j] = _mm512_insertf32x8(acc[m][j], lo, 0);
+        if constexpr (U) mins[m][j] += mn * sx[m * ng + g];
+      }
+    }
+  }
+  for (int m = 0; m < RM; ++m)
+    for (int j = 0; j < RN; ++j) {
+      const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(acc[m][j]), _mm512_extractf32x8_ps(acc[m][j], 1));
+      const float v = hsum(t);
+      p.out[(m0 + m) * p.N + n0 + j] = U ? v + mins[m][j] : v;
+    }
+}
+
+template <int QT>
+struct VnniTile {
+  template <int RM, int RN>
+  static void tile(const DotArgs& p, int64_t m, int64_t n) { tile_vnni<QT, RM, RN>(p, m, n); }
+};
+
+// the AVX2 kernel's blocking (gguf_avx2.h), so both compute each output in the same tile shape
+template <int QT>
+void vnni_type(const DotArgs& p, int64_t n0, int64_t n1) { int8_blocked<VnniTile<QT>>(p, n0, n1); }
+
+}  // namespace
+
+void int8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
+  switch (p.qt) {
+    case Q4_0: return vnni_type<Q4_0>(p, n0, n1);
+    case Q4_1: return vnni_type<Q4_1>(p, n0, n1);
+    case Q5_0: return vnni_type<Q5_0>(p, n0, n1);
+    case Q5_1: return vnni_type<Q5_1>(p, n0, n1);
+    case Q8_0: return vnni_type<Q8_0>(p, n0, n1);
+    case Q4_K: return vnni_type<Q4_K>(p, n0, n1);
+    case Q5_K: return vnni_type<Q5_K>(p, n0, n1);
+    case Q6_K: return vnni_type<Q6_K>(p, n0, n1);
+    default: return;
+  }
+}
+
+}  // namespace gguf
+
+#pragma GCC pop_options
+#endif  // LMSERVE_GGUF_AVX2
