@@ -211,3 +211,15 @@ def test_openapi_is_valid_and_docs_are_served(url):
         assert path in spec["paths"], path
     docs = httpx.get(f"{url}/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_metrics_memory_by_kind_is_read_at_scrape_time(url, client, model):
+    """/metrics gives memory by kind, read when scraped (engine steps no longer take the snapshot: walking
+    /proc/self/smaps there halved decode speed on a 1B model)."""
+    client.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0)
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    mem = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+           if line.startswith("lmserve:memory_bytes{")}
+    assert {"weights_gguf", "weights_gguf_resident", "weights_float", "kv_cache", "process_rss"} <= set(mem), mem
+    assert 0 < mem["weights_gguf_resident"] <= mem["weights_gguf"] * 1.01 + (1 << 20)
+    assert mem["kv_cache"] > 0 and mem["process_rss"] > mem["weights_float"]

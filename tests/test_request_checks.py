@@ -76,3 +76,28 @@ def test_a_served_request_is_checked_once(monkeypatch, tmp_path, tiny_models):
 
     outs = asyncio.run(run())
     assert outs[-1].finished and len(calls) == 6
+
+
+def test_engine_steps_do_not_read_memory_residency(tiny_models, monkeypatch):
+    """The async engine's per-step stats snapshot leaves memory out; a /metrics scrape reads it (once)."""
+    from lmserve.config import CacheConfig, EngineConfig, ModelConfig
+    from lmserve.engine import weights
+    from lmserve.engine.async_engine import AsyncEngine
+
+    reads = []
+    real = weights.memory_stats
+    monkeypatch.setattr("lmserve.engine.async_engine.memory_stats", lambda r: reads.append(1) or real(r))
+    engine = AsyncEngine.from_config(EngineConfig(model=ModelConfig(model=tiny_models["llama"], dtype="float32"),
+                                                  cache=CacheConfig(num_blocks=64)))
+
+    async def run():
+        await engine.start()
+        try:
+            outs = [o async for o in engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True))]
+            assert outs[-1].finished
+            assert engine.get_stats().memory == {} and not reads
+            assert engine.get_stats(memory=True).memory["kv_cache"] > 0 and len(reads) == 1
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import ctypes
 import itertools
 import logging
@@ -22,6 +23,7 @@ from lmserve.config import EngineConfig
 from lmserve.engine.cpu_threads import ThreadGovernor
 from lmserve.engine.fault import RequestFailedError, recover
 from lmserve.engine.llm_engine import EngineStats, LLMEngine
+from lmserve.engine.weights import memory_stats
 from lmserve.engine.mm_inputs import process_images
 from lmserve.outputs import EmbeddingOutput, InvalidRequestError, RequestOutput
 from lmserve.sampling_params import SamplingParams
@@ -92,7 +94,7 @@ class AsyncEngine:
         self._restarting = False
         self._restart_times: list[float] = []
         self._ids = itertools.count()
-        self._stats = engine.get_stats()
+        self._stats = engine.get_stats(memory=False)
         engine.executor.on_failure = self._on_executor_failure
 
     @classmethod
@@ -197,8 +199,11 @@ class AsyncEngine:
     def end_session(self, session_id: int) -> bool:
         return self._call_sync(lambda: self.engine.end_session(session_id))
 
-    def get_stats(self) -> EngineStats:
-        return self._stats
+    def get_stats(self, memory: bool = False) -> EngineStats:
+        """The snapshot of the last step; memory=True adds memory by kind, read now (for /metrics scrapes)."""
+        if not memory:
+            return self._stats
+        return dataclasses.replace(self._stats, memory=memory_stats(self.engine.runner))
 
     # ---- control: run inside the engine thread between steps ---------------------------------------------
     async def sleep(self, level: int = 1) -> None:
@@ -303,7 +308,7 @@ class AsyncEngine:
             if self._stopping:
                 break
             outputs = engine.step() if engine.has_unfinished() else []
-            self._stats = engine.get_stats()
+            self._stats = engine.get_stats(memory=False)
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
@@ -326,7 +331,7 @@ class AsyncEngine:
             self._die(e)
             return False
         self._restart_times.append(now)
-        self._stats = self.engine.get_stats()
+        self._stats = self.engine.get_stats(memory=False)
         if errors:
             self._loop.call_soon_threadsafe(self._dispatch, errors)
         logger.warning("engine restarted in %.3f s: %d request(s) in flight failed, %d kept",
@@ -362,7 +367,7 @@ class AsyncEngine:
                 return
             # NOTE: stats first, so a caller that reads /metrics after the call returns (POST /chat/reset freed a
             # session's blocks) sees its effect, not the stats of the step before
-            self._stats = self.engine.get_stats()
+            self._stats = self.engine.get_stats(memory=False)
             fut.set_result(result)
 
     # ---- event-loop side -----------------------------------------------------------------------------------

@@ -279,7 +279,9 @@ class LLMEngine:
             self._window.pop(0)
 
     # ---- stats and control ------------------------------------------------------------------------------
-    def get_stats(self) -> EngineStats:
+    def get_stats(self, memory: bool = True) -> EngineStats:
+        """memory=False leaves EngineStats.memory empty: reading the mapped weights' residency walks
+        /proc/self/smaps (10-40 ms for a 1B model), too slow for the async engine's per-step snapshot."""
         bm, sch = self.block_manager, self.scheduler
         span = max(1e-6, (self._window[-1][0] - self._window[0][0]) if len(self._window) > 1 else 1.0)
         return EngineStats(
@@ -293,7 +295,7 @@ class LLMEngine:
             num_engine_restarts_total=self.fault_stats.num_restarts,
             prefill_throughput=sum(w[1] for w in self._window) / span,
             decode_throughput=sum(w[2] for w in self._window) / span,
-            memory=memory_stats(self.runner),
+            memory=memory_stats(self.runner) if memory else {},
             running_by_priority=count_by_priority(sch.running), waiting_by_priority=count_by_priority(sch.waiting),
             **self._spec_stats())
 

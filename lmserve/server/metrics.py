@@ -29,7 +29,7 @@ class _EngineCollector:
         self.server_gauges = server_gauges
 
     def collect(self):
-        s = self.engine.get_stats()
+        s = self.engine.get_stats(memory=True)   # memory read now: a scrape, not every step, pays for smaps
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(f"lmserve:{name}", doc)
