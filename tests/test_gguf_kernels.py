@@ -146,9 +146,8 @@ def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):
 def test_avx512vnni_int8_equals_avx2_bit_for_bit(qtype, isa_level):
     """The AVX512-VNNI int8 GEMM is the AVX2 one with two sub-blocks per step: the same float operations per lane,
     so the same bits (a model's tokens do not depend on which of the two CPU kinds serves it, nor on the batch
-    size where the kernel is chosen by M). K of 1, 3 and 5
-    blocks: the pairing's odd last block; widths 1-3 of a 2-wide tile; rows across the 4-row tiles and 64-row
-    blocks."""
+    size where the kernel is chosen by M). K of 1, 3 and 5 blocks: the pairing's odd last block; widths 1-3 of a
+    2-wide tile; rows across the 8-, 4- and 2-row decode tiles, the 4-row GEMM tiles and 64-row blocks."""
     table = cpu_table()
     lib.gguf_set_vnni512(1, True)         # every type and M (by default only where it measured faster)
     try:
@@ -161,7 +160,7 @@ def _compare_vnni512_with_avx2(qtype, table, isa_level):
     for nblocks in (1, 3, 5):
         k = QUANTS[qtype][0] * nblocks
         w = random_weight(qtype, 35, k, seed=nblocks, pad=3)
-        for rows in (1, 2, 3, 7, 70):
+        for rows in (1, 2, 3, 7, 11, 19, 70):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + nblocks))
             got = {}
             for level in ("avx2", "avx512vnni"):

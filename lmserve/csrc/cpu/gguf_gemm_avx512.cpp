@@ -128,6 +128,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
 
 template <int QT>
 struct VnniTile {
+  static constexpr int kRM = 8;
   template <int RM, int RN>
   static void tile(const DotArgs& p, int64_t m, int64_t n) { tile_vnni<QT, RM, RN>(p, m, n); }
 };
