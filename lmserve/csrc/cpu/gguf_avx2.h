@@ -107,9 +107,9 @@ ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, __m256* w) {
 // The int8 GEMM's blocking, shared by the AVX2 kernel and its AVX512-VNNI twin (so both cover the outputs in the
 // same tiles): blocks of 64 activation rows (their int8 form: 64 x K bytes + lane sums, L2-resident) x 16 weight
 // rows. GEMMs (M >= 64): tiles of 4 x 2, then 2 x 2, single rows one weight row at a time. Decode batches (M < 64):
-// tiles of T::kRM x 1 (AVX2: 4, its 16 registers; VNNI: 8 of its 32), then 4 x 1, 2 x 1, 1 x 1: one weight row
-// streamed at a time, which measured up to 2x faster at M = 2-16 than 2-row tiles (docs/benchmarks.md). Tiles
-// only decide which outputs share loads, never an output's operations (batch invariance).
+// tiles of 4 x 1, 2 x 1, 1 x 1: one weight row streamed at a time (8-row tiles measured no faster, even in the 32
+// registers of AVX-512). Tiles only decide which outputs share loads, never an output's operations (batch
+// invariance).
 // T::tile<RM, RN>(p, m, n): the outputs [m, m + RM) x [n, n + RN).
 template <class T, int RM, int RN>
 inline void int8_cols(const DotArgs& p, int64_t m, int64_t c0, int64_t c1) {
@@ -126,9 +126,8 @@ inline void int8_blocked(const DotArgs& p, int64_t n0, int64_t n1) {
     for (int64_t c0 = n0; c0 < n1; c0 += NC) {
       const int64_t c1 = n1 < c0 + NC ? n1 : c0 + NC;
       int64_t m = mb;
-      if (p.M < 64) {   // decode batches: one weight row per tile, as many activation rows as registers allow
-        for (; m + T::kRM <= me; m += T::kRM) int8_cols<T, T::kRM, 1>(p, m, c0, c1);
-        if (T::kRM > 4 && m + 4 <= me) { int8_cols<T, 4, 1>(p, m, c0, c1); m += 4; }
+      if (p.M < 64) {   // decode batches: one weight row per tile
+        for (; m + 4 <= me; m += 4) int8_cols<T, 4, 1>(p, m, c0, c1);
         if (m + 2 <= me) { int8_cols<T, 2, 1>(p, m, c0, c1); m += 2; }
       } else {
         for (; m + 4 <= me; m += 4) int8_cols<T, 4, 2>(p, m, c0, c1);

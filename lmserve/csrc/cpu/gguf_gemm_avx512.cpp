@@ -11,7 +11,8 @@
 // Signed Q8_0 is fed to vpdpbusd as q + 128 (unsigned) and 128 x the activations' lane sums are subtracted, as
 // the AVX2 kernel does for Q4_0's stored offset of 8. An odd last block of a 32-value type goes to the low half,
 // as the AVX2 kernel sends it to acc[0]. Per 64 weights this issues one dot, one convert, one FMA where AVX2
-// issues two of each plus two madds.
+// issues two of each plus two madds. That 16-lane form serves GEMMs; decode batches (M < 64) take tile_v256, the
+// AVX2 tile on 8 lanes with vpdpbusd (pairing two sub-blocks costs inserts that a single row cannot amortize).
 #include "gguf_kernels.h"
 
 #ifdef LMSERVE_GGUF_AVX2
@@ -126,11 +127,72 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
     }
 }
 
+// Decode tiles (one weight row, RM activation rows, M < 64) on 8-lane registers: the AVX2 kernel's tile_int8 step for step
+// (two accumulators, sub-block g -> acc[g % 2]; blocks alternate for 32-value types; an odd last block to acc[0]),
+// with vpdpbusd seeded with -offset x the lane sums in place of maddubs + madd - offset. The int32 dot is the same
+// exact integer, so the bits are the same; per sub-block this issues one integer op where AVX2 issues three.
+template <int QT, int RM>
+void tile_v256(const DotArgs& p, int64_t m0, int64_t n0) {
+  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
+  constexpr bool U = kHasMin[QT];
+  constexpr int SH = QT == Q8_0 ? 7 : kOffsetShift[QT];
+  constexpr bool RAW = kOffsetShift[QT] >= 0, OFF = SH >= 0;
+  const int64_t K = p.K, nb = K / BE, ng = K / 32;
+  const int8_t* qx = p.a->q.data() + m0 * K;
+  const float* dx = p.a->dx.data() + m0 * ng;
+  const float* sx = p.a->sx.data() + m0 * ng;
+  const int32_t* ls = p.a->ls.data() + m0 * ng * 8;
+  const uint8_t* row = p.w + n0 * p.ws;
+  __m256 acc[2][RM];
+  float mins[RM];
+  for (int m = 0; m < RM; ++m) {
+    acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+    mins[m] = 0.f;
+  }
+  auto step = [&](int64_t b, int s, __m256 (&A)[RM]) __attribute__((always_inline)) {
+    const int64_t g = b * NS + s;
+    __m256i q;
+    float s0, s1, mn;
+    sub_block<QT, RAW>(row + b * BB, s, q, s0, s1, mn);
+    if constexpr (QT == Q8_0) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
+    const __m256 sc = scale8<QT>(s0, s1);
+    for (int m = 0; m < RM; ++m) {
+      __m256i seed = _mm256_setzero_si256();
+      if constexpr (OFF)
+        seed = _mm256_sub_epi32(seed, _mm256_slli_epi32(load32(reinterpret_cast<const uint8_t*>(ls + (m * ng + g) * 8)), SH));
+      const __m256i dot = _mm256_dpbusd_epi32(seed, q, load32(reinterpret_cast<const uint8_t*>(qx + m * K + g * 32)));
+      A[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sc, _mm256_set1_ps(dx[m * ng + g])), A[m]);
+      if constexpr (U) mins[m] += mn * sx[m * ng + g];
+    }
+  };
+  if constexpr (NS % 2 == 0) {
+    for (int64_t b = 0; b < nb; ++b) {
+      #pragma GCC unroll 8
+      for (int s = 0; s < NS; ++s) step(b, s, acc[s % 2]);
+    }
+  } else {
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      step(b, 0, acc[0]);
+      step(b + 1, 0, acc[1]);
+    }
+    for (; b < nb; ++b) step(b, 0, acc[0]);
+  }
+  for (int m = 0; m < RM; ++m) {
+    const float v = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+    p.out[(m0 + m) * p.N + n0] = U ? v + mins[m] : v;
+  }
+}
+
 template <int QT>
 struct VnniTile {
-  static constexpr int kRM = 8;
   template <int RM, int RN>
-  static void tile(const DotArgs& p, int64_t m, int64_t n) { tile_vnni<QT, RM, RN>(p, m, n); }
+  static void tile(const DotArgs& p, int64_t m, int64_t n) {
+    if constexpr (RN == 1) {
+      if (p.M < 64) return tile_v256<QT, RM>(p, m, n);   // decode batches
+    }
+    tile_vnni<QT, RM, RN>(p, m, n);
+  }
 };
 
 // the AVX2 kernel's blocking (gguf_avx2.h), so both compute each output in the same tile shape

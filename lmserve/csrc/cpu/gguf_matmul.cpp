@@ -217,15 +217,15 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   float* op = out.data_ptr<float>();
   [[maybe_unused]] const int level = isa_level();
   const bool avx2 = LMSERVE_HAS_AVX2 && level >= ISA_AVX2;
-  // AVX512-VNNI runs where it measured faster than AVX2 on Zen 4 (docs/benchmarks.md): decode batches of 2-63 rows
-  // of every type (its 32 registers hold 8-row tiles), and GEMMs of >= 64 rows in Q4_0 (+10-20% at M = 512; Q4_K
-  // GEMMs ran slower). Single rows stay AVX2 (512-bit ops are double-pumped there: 10-15% slower). Same bits
-  // either way, so this choice by M keeps batch invariance.
+  // AVX512-VNNI runs where it measured faster than AVX2 on Zen 4 (docs/benchmarks.md): decode batches (< 64 rows)
+  // of every type, on 8-lane registers (vpdpbusd seeded with the offset term: one integer op per sub-block where
+  // AVX2 needs three), and GEMMs of >= 64 rows in Q4_0 (16 lanes, +10-20% at M = 512; Q4_K GEMMs ran slower).
+  // Same bits either way, so this choice by M keeps batch invariance.
   const auto all_q4_0 = [&] { return std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0; }); };
   [[maybe_unused]] const bool vnni512 =
       avx2 && level >= ISA_AVX512VNNI &&
       (g_vnni512_all_types.load() ? M >= g_vnni512_min_rows.load()
-                                  : (M >= 2 && M < 64) || (M >= g_vnni512_min_rows.load() && all_q4_0()));
+                                  : M < 64 || (M >= g_vnni512_min_rows.load() && all_q4_0()));
   if (!int8 && !avx2 && M > max_dot_rows) {
     for (size_t i = 0; i < ws.size(); ++i)
       gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
