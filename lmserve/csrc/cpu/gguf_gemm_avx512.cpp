@@ -39,18 +39,41 @@ inline __m256 scale8(float s0, float s1) {
   return QT == Q6_K ? _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)) : _mm256_set1_ps(s0);
 }
 
+// One quant type's constants and RM activation rows from m0, as both tile kinds read them. SH: the stored offset
+// subtracted via the lane sums (Q4_0 8, Q5_0 16, Q6_K 32; Q8_0 128, fed to vpdpbusd as q ^ 0x80).
+template <int QT>
+struct Rows {
+  static constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
+  static constexpr bool U = kHasMin[QT];
+  static constexpr int SH = QT == Q8_0 ? 7 : kOffsetShift[QT];
+  static constexpr bool RAW = kOffsetShift[QT] >= 0, OFF = SH >= 0;
+  const int64_t K, nb, ng;
+  const int8_t* qx;
+  const float *dx, *sx;
+  const int32_t* ls;
+  Rows(const DotArgs& p, int64_t m0)
+      : K(p.K), nb(p.K / BE), ng(p.K / 32), qx(p.a->q.data() + m0 * p.K), dx(p.a->dx.data() + m0 * ng),
+        sx(p.a->sx.data() + m0 * ng), ls(p.a->ls.data() + m0 * ng * 8) {}
+  // sub-block g of row m with the weight's q (Q8_0: already ^ 0x80) on 8 lanes: the exact dot - offset, vpdpbusd
+  // seeded with minus the offset term
+  inline __m256i dot8(__m256i q, int m, int64_t g) const {
+    __m256i seed = _mm256_setzero_si256();
+    if constexpr (OFF)
+      seed = _mm256_sub_epi32(seed, _mm256_slli_epi32(load32(reinterpret_cast<const uint8_t*>(ls + (m * ng + g) * 8)), SH));
+    return _mm256_dpbusd_epi32(seed, q, load32(reinterpret_cast<const uint8_t*>(qx + m * K + g * 32)));
+  }
+};
+
 template <int QT, int RM, int RN>
 void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
-  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
-  constexpr bool U = kHasMin[QT];
-  // stored offset subtracted via the lane sums: Q4_0 8, Q5_0 16, Q6_K 32; Q8_0 128 (fed as q ^ 0x80)
-  constexpr int SH = QT == Q8_0 ? 7 : kOffsetShift[QT];
-  constexpr bool RAW = kOffsetShift[QT] >= 0, OFF = SH >= 0;
-  const int64_t K = p.K, nb = K / BE, ng = K / 32;
-  const int8_t* qx = p.a->q.data() + m0 * K;
-  const float* dx = p.a->dx.data() + m0 * ng;
-  const float* sx = p.a->sx.data() + m0 * ng;
-  const int32_t* ls = p.a->ls.data() + m0 * ng * 8;
+  using R = Rows<QT>;
+  constexpr int BB = R::BB, NS = R::NS, SH = R::SH;
+  constexpr bool U = R::U, RAW = R::RAW, OFF = R::OFF;
+  const R a(p, m0);
+  const int64_t K = a.K, nb = a.nb, ng = a.ng;
+  const int8_t* qx = a.qx;
+  const float *dx = a.dx, *sx = a.sx;
+  const int32_t* ls = a.ls;
   __m512 acc[RM][RN];
   float mins[RM][RN];
   const uint8_t* row[RN];
@@ -69,7 +92,10 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
     for (int m = 0; m < RM; ++m) {
       xv[m] = _mm512_loadu_si512(qx + m * K + g * 32);
       dxv[m] = halves(dx[m * ng + g], dx[m * ng + g + 1]);
-      if constexpr (OFF) off[m] = _mm512_slli_epi32(_mm512_loadu_si512(ls + (m * ng + g) * 8), SH);
+      // the dot's seed: minus the offset term (zero without one), so vpdpbusd leaves dot - offset
+      off[m] = OFF ? _mm512_sub_epi32(_mm512_setzero_si512(),
+                                      _mm512_slli_epi32(_mm512_loadu_si512(ls + (m * ng + g) * 8), SH))
+                   : _mm512_setzero_si512();
     }
     for (int j = 0; j < RN; ++j) {
       __m256i qa, qb;
@@ -80,8 +106,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
       if constexpr (QT == Q8_0) q = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
       const __m512 sc = _mm512_insertf32x8(_mm512_castps256_ps512(scale8<QT>(a0, a1)), scale8<QT>(c0, c1), 1);
       for (int m = 0; m < RM; ++m) {
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[m]);
-        if constexpr (OFF) dot = _mm512_sub_epi32(dot, off[m]);
+        const __m512i dot = _mm512_dpbusd_epi32(off[m], q, xv[m]);
         acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, dxv[m]), acc[m][j]);
         if constexpr (U) {
           mins[m][j] += am * sx[m * ng + g];
@@ -106,12 +131,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
       sub_block<QT, RAW>(row[j] + b * BB, 0, q, s0, s1, mn);
       if constexpr (QT == Q8_0) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
       for (int m = 0; m < RM; ++m) {
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * K + g * 32)));
-        if constexpr (OFF)
-          dot = _mm256_sub_epi32(dot, _mm256_slli_epi32(
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ls + (m * ng + g) * 8)), SH));
-        const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+        const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.dot8(q, m, g)),
                                           _mm256_mul_ps(scale8<QT>(s0, s1), _mm256_set1_ps(dx[m * ng + g])),
                                           _mm512_castps512_ps256(acc[m][j]));
         acc[m][j] = _mm512_insertf32x8(acc[m][j], lo, 0);
@@ -133,15 +153,11 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
 // exact integer, so the bits are the same; per sub-block this issues one integer op where AVX2 issues three.
 template <int QT, int RM>
 void tile_v256(const DotArgs& p, int64_t m0, int64_t n0) {
-  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
-  constexpr bool U = kHasMin[QT];
-  constexpr int SH = QT == Q8_0 ? 7 : kOffsetShift[QT];
-  constexpr bool RAW = kOffsetShift[QT] >= 0, OFF = SH >= 0;
-  const int64_t K = p.K, nb = K / BE, ng = K / 32;
-  const int8_t* qx = p.a->q.data() + m0 * K;
-  const float* dx = p.a->dx.data() + m0 * ng;
-  const float* sx = p.a->sx.data() + m0 * ng;
-  const int32_t* ls = p.a->ls.data() + m0 * ng * 8;
+  using R = Rows<QT>;
+  constexpr int BB = R::BB, NS = R::NS;
+  constexpr bool U = R::U;
+  const R a(p, m0);
+  const int64_t nb = a.nb, ng = a.ng;
   const uint8_t* row = p.w + n0 * p.ws;
   __m256 acc[2][RM];
   float mins[RM];
@@ -153,16 +169,13 @@ void tile_v256(const DotArgs& p, int64_t m0, int64_t n0) {
     const int64_t g = b * NS + s;
     __m256i q;
     float s0, s1, mn;
-    sub_block<QT, RAW>(row + b * BB, s, q, s0, s1, mn);
+    sub_block<QT, R::RAW>(row + b * BB, s, q, s0, s1, mn);
     if constexpr (QT == Q8_0) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
     const __m256 sc = scale8<QT>(s0, s1);
     for (int m = 0; m < RM; ++m) {
-      __m256i seed = _mm256_setzero_si256();
-      if constexpr (OFF)
-        seed = _mm256_sub_epi32(seed, _mm256_slli_epi32(load32(reinterpret_cast<const uint8_t*>(ls + (m * ng + g) * 8)), SH));
-      const __m256i dot = _mm256_dpbusd_epi32(seed, q, load32(reinterpret_cast<const uint8_t*>(qx + m * K + g * 32)));
-      A[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sc, _mm256_set1_ps(dx[m * ng + g])), A[m]);
-      if constexpr (U) mins[m] += mn * sx[m * ng + g];
+      A[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.dot8(q, m, g)), _mm256_mul_ps(sc, _mm256_set1_ps(a.dx[m * ng + g])),
+                             A[m]);
+      if constexpr (U) mins[m] += mn * a.sx[m * ng + g];
     }
   };
   if constexpr (NS % 2 == 0) {
