@@ -106,7 +106,8 @@ ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, __m256* w) {
 
 // The int8 GEMM's blocking, shared by the AVX2 kernel and its AVX512-VNNI twin (so both cover the outputs in the
 // same tiles): blocks of 64 activation rows (their int8 form: 64 x K bytes + lane sums, L2-resident) x 16 weight
-// rows. GEMMs (M >= 64): tiles of 4 x 2, then 2 x 2, single rows one weight row at a time. Decode batches (M < 64):
+// rows. GEMMs (M >= 64): tiles of 4 x T::kGemmRN (AVX2 2, its 16 registers; VNNI 4 of its 32), then 2 x 2, single
+// rows one weight row at a time. Decode batches (M < 64):
 // tiles of 4 x 1, 2 x 1, 1 x 1: one weight row streamed at a time (8-row tiles measured no faster, even in the 32
 // registers of AVX-512). Tiles only decide which outputs share loads, never an output's operations (batch
 // invariance).
@@ -130,7 +131,7 @@ inline void int8_blocked(const DotArgs& p, int64_t n0, int64_t n1) {
         for (; m + 4 <= me; m += 4) int8_cols<T, 4, 1>(p, m, c0, c1);
         if (m + 2 <= me) { int8_cols<T, 2, 1>(p, m, c0, c1); m += 2; }
       } else {
-        for (; m + 4 <= me; m += 4) int8_cols<T, 4, 2>(p, m, c0, c1);
+        for (; m + 4 <= me; m += 4) int8_cols<T, 4, T::kGemmRN>(p, m, c0, c1);
         if (m + 2 <= me) { int8_cols<T, 2, 2>(p, m, c0, c1); m += 2; }
       }
       for (; m < me; ++m) int8_cols<T, 1, 1>(p, m, c0, c1);

@@ -98,6 +98,7 @@ void tile_int8(const DotArgs& p, int64_t m0, int64_t n0) {
 
 template <int QT>
 struct Int8Tile {
+  static constexpr int kGemmRN = 2;
   template <int RM, int RN>
   static void tile(const DotArgs& p, int64_t m, int64_t n) { tile_int8<QT, RM, RN>(p, m, n); }
 };

@@ -67,10 +67,9 @@ constexpr bool LMSERVE_HAS_AVX2 = false;
 #endif
 
 constexpr int64_t TILE_N = 64;
-// when the AVX512-VNNI int8 GEMM is used for GEMMs (see gguf_matmul_parts); tests force it for every type and M >=
-// min_rows (gguf_set_vnni512)
-std::atomic<int64_t> g_vnni512_min_rows{64};
-std::atomic<bool> g_vnni512_all_types{false};
+// where the AVX512-VNNI kernels run (see gguf_matmul_parts): calls of >= min_rows rows, of every type or Q4_0 only
+std::atomic<int64_t> g_vnni512_min_rows{1};
+std::atomic<bool> g_vnni512_all_types{true};
 
 // nb blocks of one row -> float32 (bit-identical to the reference on every path)
 void dequant_row(int qt, const uint8_t* row, int64_t nb, float* out) {
@@ -217,15 +216,13 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   float* op = out.data_ptr<float>();
   [[maybe_unused]] const int level = isa_level();
   const bool avx2 = LMSERVE_HAS_AVX2 && level >= ISA_AVX2;
-  // AVX512-VNNI runs where it measured faster than AVX2 on Zen 4 (docs/benchmarks.md): decode batches (< 64 rows)
-  // of every type, on 8-lane registers (vpdpbusd seeded with the offset term: one integer op per sub-block where
-  // AVX2 needs three), and GEMMs of >= 64 rows in Q4_0 (16 lanes, +10-20% at M = 512; Q4_K GEMMs ran slower).
-  // Same bits either way, so this choice by M keeps batch invariance.
-  const auto all_q4_0 = [&] { return std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0; }); };
+  // AVX512-VNNI runs for every M and type by default: on Zen 4 its decode tiles (8 lanes, vpdpbusd seeded with the
+  // offset term) and its 4 x 4 GEMM tiles (16 lanes, 32 registers) measured faster than AVX2 for all 8 types
+  // (docs/benchmarks.md); gguf_set_vnni512 narrows it (tests, A/B benchmarks). Same bits either way, so the
+  // choice keeps batch invariance.
   [[maybe_unused]] const bool vnni512 =
-      avx2 && level >= ISA_AVX512VNNI &&
-      (g_vnni512_all_types.load() ? M >= g_vnni512_min_rows.load()
-                                  : M < 64 || (M >= g_vnni512_min_rows.load() && all_q4_0()));
+      avx2 && level >= ISA_AVX512VNNI && M >= g_vnni512_min_rows.load() &&
+      (g_vnni512_all_types.load() || std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0; }));
   if (!int8 && !avx2 && M > max_dot_rows) {
     for (size_t i = 0; i < ws.size(); ++i)
       gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);

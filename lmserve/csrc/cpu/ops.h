@@ -25,5 +25,5 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
 void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::Tensor rows, bool use_rows);
 int64_t gguf_isa();                      // the ISA level the kernels run at (cpu_isa.py LEVELS index)
 int64_t gguf_set_isa(int64_t level);     // raises if this CPU or build cannot run it
-void gguf_set_vnni512(int64_t min_rows, bool all_types);   // when the AVX512-VNNI int8 GEMM runs (default 64, Q4_0)
+void gguf_set_vnni512(int64_t min_rows, bool all_types);   // where the AVX512-VNNI int8 kernels run (default 1 row, every type)
 std::string built_baseline();            // "avx2" or "generic": what the library was compiled for
