@@ -4,7 +4,7 @@
 // Every path computes a row's outputs with the same operations whatever M is (batch invariance: a request's
 // greedy tokens do not depend on what else shares the step), threads over output columns:
 // - int8 activations: quantized for every M, then the int8 GEMM (gguf_gemm_avx2.cpp; gguf_gemm_avx512.cpp, bit-
-//   identical, for Q4_0 GEMMs of >= 64 rows where the level is avx512vnni) or the scalar dot below;
+//   identical, where the level is avx512vnni) or the scalar dot below;
 // - float activations, AVX2: dot products on the blocks up to max_dot_rows (gguf_dot_avx2.cpp), above it panels
 //   of W dequantized exactly and a tile GEMM with the dot's per-output order (gguf_gemm_avx2.cpp);
 // - float activations, scalar build: the scalar dot up to max_dot_rows; above it (NOT batch-invariant) tiles of
