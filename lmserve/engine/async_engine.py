@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import ctypes
+import dataclasses
 import itertools
 import logging
 import queue
@@ -23,8 +23,8 @@ from lmserve.config import EngineConfig
 from lmserve.engine.cpu_threads import ThreadGovernor
 from lmserve.engine.fault import RequestFailedError, recover
 from lmserve.engine.llm_engine import EngineStats, LLMEngine
-from lmserve.engine.weights import memory_stats
 from lmserve.engine.mm_inputs import process_images
+from lmserve.engine.weights import memory_stats
 from lmserve.outputs import EmbeddingOutput, InvalidRequestError, RequestOutput
 from lmserve.sampling_params import SamplingParams
 

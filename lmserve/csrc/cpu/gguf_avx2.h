@@ -112,6 +112,8 @@ ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, __m256* w) {
 // registers of AVX-512). Tiles only decide which outputs share loads, never an output's operations (batch
 // invariance).
 // T::tile<RM, RN>(p, m, n): the outputs [m, m + RM) x [n, n + RN).
+constexpr int64_t kDecodeRows = 64;   // calls of fewer rows are decode batches (one 64-row block)
+
 template <class T, int RM, int RN>
 inline void int8_cols(const DotArgs& p, int64_t m, int64_t c0, int64_t c1) {
   int64_t n = c0;
@@ -121,13 +123,13 @@ inline void int8_cols(const DotArgs& p, int64_t m, int64_t c0, int64_t c1) {
 
 template <class T>
 inline void int8_blocked(const DotArgs& p, int64_t n0, int64_t n1) {
-  constexpr int64_t MB = 64, NC = 16;
+  constexpr int64_t MB = kDecodeRows, NC = 16;
   for (int64_t mb = 0; mb < p.M; mb += MB) {
     const int64_t me = p.M < mb + MB ? p.M : mb + MB;
     for (int64_t c0 = n0; c0 < n1; c0 += NC) {
       const int64_t c1 = n1 < c0 + NC ? n1 : c0 + NC;
       int64_t m = mb;
-      if (p.M < 64) {   // decode batches: one weight row per tile
+      if (p.M < kDecodeRows) {   // decode batches: one weight row per tile
         for (; m + 4 <= me; m += 4) int8_cols<T, 4, 1>(p, m, c0, c1);
         if (m + 2 <= me) { int8_cols<T, 2, 1>(p, m, c0, c1); m += 2; }
       } else {

@@ -205,7 +205,7 @@ struct VnniTile {
   template <int RM, int RN>
   static void tile(const DotArgs& p, int64_t m, int64_t n) {
     if constexpr (RN == 1) {
-      if (p.M < 64) return tile_v256<QT, RM>(p, m, n);   // decode batches
+      if (p.M < kDecodeRows) return tile_v256<QT, RM>(p, m, n);   // decode batches, as int8_blocked sees them
     }
     tile_vnni<QT, RM, RN>(p, m, n);
   }
