@@ -119,6 +119,10 @@ class ModelConfig:
     # dot products, not exact), "float" = exact float32 activations, "auto" = int8 where the CPU kernels have an
     # integer dot path unless --dtype float32 was given (ops/linear.py int8_activations)
     quant_activations: str = "auto"
+    # GGUF Q4_0 matrices with int8 activations: "auto" = rewritten at load into groups of 8 rows, the layout the
+    # int8 kernels read fastest (same size; private memory instead of the shared file mapping), "none" = served
+    # from the mapped file as they are (model/gguf_weights.py)
+    gguf_repack: str = "auto"
     # "generate" (chat/completions; embeddings by mean pooling), "embed" (embeddings only; an encoder checkpoint
     # runs with its own pooling), "score" (a cross-encoder: /rerank and /score) or "auto": "score" for
     # *ForSequenceClassification encoders, "embed" for other encoder checkpoints (BERT family), else "generate"
@@ -142,6 +146,8 @@ class ModelConfig:
             raise ValueError("matmul_dtype must be auto, float32 or bfloat16")
         if self.quant_activations not in ("auto", "int8", "float"):
             raise ValueError("quant_activations must be one of auto, int8, float")
+        if self.gguf_repack not in ("auto", "none"):
+            raise ValueError("gguf_repack must be auto or none")
         if self.task not in ("auto", "generate", "embed", "score"):
             raise ValueError("task must be one of auto, generate, embed, score")
 

@@ -151,7 +151,8 @@ class ModelRunner:
         """Build the model and load its weights (again after a level-2 sleep dropped them)."""
         self.model = weights.build_model(self.arch, self.device, self.dtype, self.quantized)
         weights.load_model_weights(self.model, self.model_path, self.arch, self.dtype, self.quantized,
-                                   int8=getattr(self, "gguf_int8", False))   # --quant-activations (issue 20 B)
+                                   int8=getattr(self, "gguf_int8", False),   # --quant-activations (issue 20 B)
+                                   repack=self.model_config.gguf_repack == "auto")
         self._attach_fast()
 
     def _attach_fast(self) -> None:

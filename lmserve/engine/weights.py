@@ -70,13 +70,14 @@ def _float_bytes(path: str, dtype: torch.dtype) -> int:
 
 
 def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, quantized: bool,
-                       int8: bool = False) -> None:
-    """int8: GGUF layers multiply with int8-quantized activations (--quant-activations)."""
+                       int8: bool = False, repack: bool = False) -> None:
+    """int8: GGUF layers multiply with int8-quantized activations (--quant-activations); repack: Q4_0 matrices
+    in the int8 kernels' 8-row groups (--gguf-repack; model/gguf_weights.py)."""
     if not quantized:
         model.load_weights(load_state_dict(path, dtype, arch.tp_rank, arch.tp_size))
         return
     reader = gguf_reader(path)
-    kept = attach_gguf(model, gguf_weights(reader, arch), dtype, int8)
+    kept = attach_gguf(model, gguf_weights(reader, arch, repack=repack and int8), dtype, int8)
     device = next(p.device for p in model.parameters() if not p.is_meta)
     _materialize_rest(model, dtype, device)
     model.load_weights(gguf_state_dict(reader, arch, dtype, skip=kept))
@@ -183,20 +184,25 @@ def mapped_resident_bytes(path: str) -> int | None:
 
 
 def weight_memory(model: nn.Module, path: str) -> dict[str, int]:
-    """gguf: bytes of GGUF blocks the layers use; mapped_resident: of the file's mapping, resident now;
-    float: float parameters and buffers; packed: packed / lower-precision GEMM copies."""
+    """gguf: bytes of GGUF blocks the layers use; gguf_repacked: of those, repacked copies (private memory, not
+    the mapping); mapped_resident: of the file's mapping, resident now; float: float parameters and buffers;
+    packed: packed / lower-precision GEMM copies."""
     methods = {id(m.linear_method): m.linear_method for m in model.modules() if hasattr(m, "linear_method")}
     gguf = sum(m.nbytes for m in methods.values() if isinstance(m, GGUFLinear))
+    repacked = sum(p.nbytes for m in methods.values() if isinstance(m, GGUFLinear) for p in m.parts
+                   if p.qtype == "Q4_0x8")
     packed = sum(m.packed.numel() * m.packed.element_size() for m in methods.values() if hasattr(m, "packed"))
     tensors = [*model.parameters(), *model.buffers()]
     flt = sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
     resident = mapped_resident_bytes(path) if gguf else 0
-    return {"gguf": gguf, "mapped_resident": resident or 0, "float": flt, "packed": packed}
+    return {"gguf": gguf, "gguf_repacked": repacked, "mapped_resident": resident or 0, "float": flt,
+            "packed": packed}
 
 
 def log_weight_memory(mem: dict[str, int]) -> None:
-    logger.info("weights: %.2f GiB GGUF blocks (memory-mapped; %.2f GiB resident now), %.2f GiB float, "
-                "%.2f GiB packed GEMM copies; process RSS %.2f GiB", mem["gguf"] / GiB,
+    logger.info("weights: %.2f GiB GGUF blocks (%.2f GiB of them repacked in memory; of the memory-mapped file "
+                "%.2f GiB resident now), %.2f GiB float, %.2f GiB packed GEMM copies; process RSS %.2f GiB",
+                mem["gguf"] / GiB, mem["gguf_repacked"] / GiB,
                 mem["mapped_resident"] / GiB, mem["float"] / GiB, mem["packed"] / GiB,
                 psutil.Process().memory_info().rss / GiB)
 
@@ -206,7 +212,8 @@ def kv_cache_budget(cache_config, mem: dict[str, int], block_bytes: int) -> tupl
     exceeds the available memory); by default, a fraction (--cache-max-entry-count, 0.1) of the memory still
     available once the weights' mapped pages not yet resident are counted as used."""
     avail = psutil.virtual_memory().available
-    pending = max(0, mem["gguf"] - mem["mapped_resident"])      # pages of the file the model will still read
+    # pages of the file the model will still read (repacked copies are resident already)
+    pending = max(0, mem["gguf"] - mem.get("gguf_repacked", 0) - mem["mapped_resident"])
     if cache_config.kv_cache_memory is not None:
         if cache_config.kv_cache_memory > avail:
             raise MemoryError(f"--kv-cache-memory {cache_config.kv_cache_memory / GiB:.2f} GiB is more than the "
@@ -230,7 +237,7 @@ def memory_stats(runner) -> dict[str, int]:
     if mem is None:                 # an encoder runner: float weights only
         return {"process_rss": psutil.Process().memory_info().rss}
     kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in runner.kv_caches)
-    return {"weights_gguf": mem["gguf"],
+    return {"weights_gguf": mem["gguf"], "weights_gguf_repacked": mem["gguf_repacked"],
             "weights_gguf_resident": mapped_resident_bytes(runner.model_path) or 0 if mem["gguf"] else 0,
             "weights_float": mem["float"], "weights_packed": mem["packed"], "kv_cache": kv,
             "process_rss": psutil.Process().memory_info().rss}

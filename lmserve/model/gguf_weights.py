@@ -5,9 +5,16 @@ a matrix costs address space, not memory, until its pages are read (and those pa
 by every process serving the file). Copies are made only where the layout must change, never larger than the
 blocks themselves: llama-family Q/K rows are un-permuted (a row permutation, ~9% of a llama layer), a
 tensor-parallel column slice is this rank's share, a padded vocabulary split adds zero rows.
+
+With repack (int8 activations, --gguf-repack auto), Q4_0 matrices are rewritten once into groups of 8 rows
+(ops/gguf_blocks.py repack_q4_0x8; the int8 kernels read it 2-3x faster, docs/benchmarks.md): a private copy of
+the same size, after which this process's mapped pages of the source are released, so memory stays ~ the file
+(but those weights are no longer shared with other processes serving the file).
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import warnings
 
 import numpy as np
@@ -15,7 +22,10 @@ import torch
 
 from lmserve.model.gguf import hf_name, unpermute
 from lmserve.model.parallel import shard_spec
-from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight
+from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight, can_repack, repack_q4_0x8
+
+logger = logging.getLogger(__name__)
+_MADV_DONTNEED = 4
 
 
 def mapped_view(t) -> torch.Tensor:
@@ -56,11 +66,35 @@ def gguf_weight(t, name: str, cfg) -> GGUFWeight | None:
     return GGUFWeight(qtype, data, (n, k))
 
 
-def gguf_weights(reader, cfg) -> dict[str, GGUFWeight]:
-    """HF parameter name -> GGUFWeight for every quantized matrix of the file that can stay quantized."""
+def gguf_weights(reader, cfg, repack: bool = False) -> dict[str, GGUFWeight]:
+    """HF parameter name -> GGUFWeight for every quantized matrix of the file that can stay quantized; repack:
+    Q4_0 matrices in groups of 8 rows (see the module's docstring)."""
     out = {}
     for t in reader.tensors:
         name = hf_name(t.name, cfg.architecture)
         if name is not None and (w := gguf_weight(t, name, cfg)) is not None:
+            if repack and can_repack(w):
+                packed = repack_q4_0x8(w)
+                release_mapped_pages(reader, w.data)
+                w = packed
             out[name] = w
     return out
+
+
+def release_mapped_pages(reader, data: torch.Tensor) -> None:
+    """Drop this process's resident pages of `data` when it is a view of the reader's read-only file mapping
+    (MADV_DONTNEED on a shared file mapping: a later read faults the file's bytes back in; the page cache keeps
+    them). Anything else, a copy in anonymous memory above all (it would read back as zeros), is left alone."""
+    base, size = reader.data.ctypes.data, reader.data.nbytes
+    start, nbytes = data.data_ptr(), data.numel() * data.element_size()
+    if not data.is_contiguous() or start < base or start + nbytes > base + size:
+        return
+    page = 4096
+    lo, hi = (start + page - 1) // page * page, (start + nbytes) // page * page
+    if hi <= lo:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+    except (OSError, AttributeError) as e:    # not Linux: the pages stay until the kernel reclaims them
+        logger.debug("madvise unavailable: %s", e)

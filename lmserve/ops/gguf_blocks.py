@@ -20,7 +20,8 @@ class GGUFWeight:
     data: uint8 [N, row_bytes], row n = the K / block_elems blocks of output feature n, in file order (K is a
     multiple of the type's block size). It may be a read-only view of the mmap'd file: never write to it.
     """
-    qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"
+    qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K";
+    #                         "Q4_0x8": Q4_0 repacked in groups of 8 rows (repack_q4_0x8)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)
 
@@ -30,9 +31,37 @@ class GGUFWeight:
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [len(rows) or N, K] (the reference; the fast path is ops.gguf_dequantize)."""
+        if self.qtype == "Q4_0x8":
+            return unpack_q4_0x8(self).dequantize(rows)
         data = self.data if rows is None else self.data[rows]
         _, type_size, fn = QUANTS[self.qtype]
         return fn(data.reshape(-1, type_size)).reshape(data.shape[0], self.shape[1])
+
+
+# ---- Q4_0 repacked in groups of 8 rows (csrc/cpu/gguf_q4_0x8.cpp says why and how the kernel reads it) ---------
+def repack_q4_0x8(w: GGUFWeight) -> GGUFWeight:
+    """A Q4_0 [N, K] weight (N a multiple of 8) -> the same bytes in groups of 8 rows: per group and block, the 8
+    fp16 scales, then for t = 0..3 each row's 4 quant bytes 4t..4t+3. A new tensor of the file's size."""
+    n, k = w.shape
+    nb = k // 32
+    blocks = w.data.reshape(n // 8, 8, nb, 18)
+    scales = blocks[..., :2].permute(0, 2, 1, 3).reshape(n // 8, nb, 16)
+    qs = blocks[..., 2:].reshape(n // 8, 8, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // 8, nb, 128)
+    return GGUFWeight("Q4_0x8", torch.cat([scales, qs], dim=-1).reshape(n, nb * 18), w.shape)
+
+
+def unpack_q4_0x8(w: GGUFWeight) -> GGUFWeight:
+    """repack_q4_0x8's inverse (the reference dequantizer reads file order)."""
+    n, k = w.shape
+    nb = k // 32
+    g = w.data.reshape(n // 8, nb, 144)
+    scales = g[..., :16].reshape(n // 8, nb, 8, 2).permute(0, 2, 1, 3)
+    qs = g[..., 16:].reshape(n // 8, nb, 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(n // 8, 8, nb, 16)
+    return GGUFWeight("Q4_0", torch.cat([scales, qs], dim=-1).reshape(n, nb * 18), w.shape)
+
+
+def can_repack(w: GGUFWeight) -> bool:
+    return w.qtype == "Q4_0" and w.shape[0] % 8 == 0
 
 
 # ---- dequantization (layouts: gguf/quants.py and llama.cpp ggml-quants.c) --------------------------------------

@@ -41,8 +41,9 @@ class _EngineCollector:
             c.add_metric([], float(value))
             return c
 
-        mem = GaugeMetricFamily("lmserve:memory_bytes", "Memory by kind: weights_gguf (GGUF blocks, memory-mapped), "
-                                "weights_gguf_resident (of those, resident now), weights_float, weights_packed "
+        mem = GaugeMetricFamily("lmserve:memory_bytes", "Memory by kind: weights_gguf (GGUF blocks), "
+                                "weights_gguf_repacked (of those, repacked copies in private memory), "
+                                "weights_gguf_resident (of the memory-mapped file, resident now), weights_float, weights_packed "
                                 "(GEMM copies), kv_cache, process_rss", labels=["kind"])
         for kind, value in s.memory.items():
             mem.add_metric([kind], float(value))

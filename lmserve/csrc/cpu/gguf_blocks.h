@@ -17,6 +17,8 @@
 namespace gguf {
 
 enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, NUM_QTYPES };
+// Q4_0 repacked in groups of 8 rows (gguf_q4_0x8.cpp): the same bytes as Q4_0 in another order, read only by that file
+constexpr int Q4_0X8 = NUM_QTYPES;
 constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256};
 constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210};
 // types whose values are unsigned with an offset per 32 (the min term); the others are signed, min = 0

@@ -1,0 +1,225 @@
+// Q4_0 repacked in groups of 8 rows (type Q4_0X8, lmserve/ops/gguf_blocks.py repack_q4_0x8): the int8 GEMM for
+// every M on it (AVX2, and AVX512-VNNI chosen at run time, bit for bit the same), the scalar reference, and rows
+// back in file order (embedding lookups).
+//
+// Layout (the same bytes as the 8 rows' Q4_0 blocks, so the same size): rows 8r..8r+7 hold, for each block b in
+// order, 144 bytes: the 8 rows' fp16 scales d[c], then for t = 0..3 and c = 0..7 the 4 bytes qs_c[4t..4t+3]. A
+// 32-byte load at t is 8 lanes, one per output column: its low nibbles are values 4t..4t+3 of each column's block,
+// its high nibbles values 16+4t..16+4t+3 (llama.cpp's repack.cpp interleaves Q4_0 for the same reason; this is
+// not its layout or code).
+//
+// Why: the row-major kernels (gguf_gemm_avx2.cpp) reduce a 32-value dot to 8 lanes of partial sums and pay a
+// convert, a multiply and an FMA per 8 values. Here a lane is a column, so the integer dot of a whole block ends in
+// one lane and the float work is one convert + multiply + FMA per block and column ("reduce, then scale").
+//
+// Per output (m, c), in block order b = 0, 1, ...: idot = sum_j q_j x_j - 8 sum_j x_j (exact int32; the stored
+// q_j = value + 8), acc = float(idot) * (d[c] * dx[m, b]) + acc (one FMA, a single accumulator). Every path (any
+// M, any tile, AVX2 or AVX512-VNNI) performs exactly these operations per output, so results are batch- and
+// CPU-kind-invariant. AVX2: maddubs pairs are <= 2 * 15 * 127, and 8 of them summed in int16 <= 30480 < 32767.
+#include "gguf_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include "gguf_blocks.h"
+
+namespace gguf {
+namespace {
+constexpr int kGroupBlockBytes = 144;   // 8 rows x 18 bytes
+
+// block b of row n of a repacked matrix -> its 18 file bytes
+inline void gather_block(const uint8_t* w, int64_t ws, int64_t n, int64_t b, uint8_t* out) {
+  const uint8_t* g = w + (n / 8) * 8 * ws + b * kGroupBlockBytes;
+  const int c = static_cast<int>(n % 8);
+  std::memcpy(out, g + 2 * c, 2);
+  for (int t = 0; t < 4; ++t) std::memcpy(out + 2 + 4 * t, g + 16 + t * 32 + c * 4, 4);
+}
+}  // namespace
+
+void q4_0x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out) {
+  uint8_t blk[18];
+  for (int64_t b = 0; b < nb; ++b) {
+    gather_block(w, ws, n, b, blk);
+    dequant_block(Q4_0, blk, out + b * 32);
+  }
+}
+
+// the reference: the same per-output operations in plain scalar code
+void q4_0x8_scalar(const DotArgs& p, int64_t n0, int64_t n1) {
+  const int64_t nb = p.K / 32;
+  uint8_t blk[18];
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        gather_block(p.w, p.ws, n, b, blk);
+        const int8_t* qx = p.a->q.data() + m * p.K + b * 32;
+        int32_t idot = 0;
+        for (int j = 0; j < 16; ++j) idot += (blk[2 + j] & 15) * qx[j] + (blk[2 + j] >> 4) * qx[16 + j];
+        idot -= 8 * p.a->qsum[m * nb + b];
+        acc = std::fma(static_cast<float>(idot), f16(blk) * p.a->dx[m * nb + b], acc);
+      }
+      p.out[m * p.N + n] = acc;
+    }
+}
+
+}  // namespace gguf
+
+#ifdef LMSERVE_GGUF_AVX2
+#include <immintrin.h>
+
+namespace gguf {
+namespace {
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// outputs [m0, m0 + RM) x the 8 columns of group gr; lanes outside [n0, n1) are not stored
+template <int RM>
+void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, nb = K / 32;
+  const uint8_t* g = p.w + gr * 8 * p.ws;
+  const __m256i lo_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 acc[RM];
+  for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = g + b * kGroupBlockBytes;
+    __m256i s16[RM];
+    for (int m = 0; m < RM; ++m) s16[m] = _mm256_setzero_si256();
+    #pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + t * 32));
+      const __m256i lo = _mm256_and_si256(v, lo_mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
+      for (int m = 0; m < RM; ++m) {
+        const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 32;
+        s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(qx + 4 * t))));
+        s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(qx + 16 + 4 * t))));
+      }
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    for (int m = 0; m < RM; ++m) {
+      const int64_t gi = (m0 + m) * nb + b;
+      const __m256i idot = _mm256_sub_epi32(_mm256_madd_epi16(s16[m], ones), _mm256_set1_epi32(8 * p.a->qsum[gi]));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot), _mm256_mul_ps(d, _mm256_set1_ps(p.a->dx[gi])), acc[m]);
+    }
+  }
+  for (int m = 0; m < RM; ++m) {
+    alignas(32) float o[8];
+    _mm256_store_ps(o, acc[m]);
+    for (int c = 0; c < 8; ++c) {
+      const int64_t n = gr * 8 + c;
+      if (n >= n0 && n < n1) p.out[(m0 + m) * p.N + n] = o[c];
+    }
+  }
+}
+
+}  // namespace
+
+// The blocking both ISAs share: groups of columns (8 on AVX2, pairs of groups on AVX-512) x tiles of 4, 2, 1
+// activation rows, the column chunk (16 rows of W, <= 74 KB at K = 8192) re-read from cache by each row tile.
+template <class Tile>
+void q4_0x8_blocked(const DotArgs& p, int64_t n0, int64_t n1) {
+  constexpr int64_t MB = 64;
+  const int64_t g0 = n0 / 8, g1 = (n1 + 7) / 8;
+  for (int64_t mb = 0; mb < p.M; mb += MB) {
+    const int64_t me = std::min(p.M, mb + MB);
+    for (int64_t gc = g0; gc < g1; gc += Tile::kGroups) {
+      const int64_t ng = std::min<int64_t>(Tile::kGroups, g1 - gc);
+      int64_t m = mb;
+      for (; m + 4 <= me; m += 4) Tile::template run<4>(p, m, gc, ng, n0, n1);
+      if (m + 2 <= me) { Tile::template run<2>(p, m, gc, ng, n0, n1); m += 2; }
+      if (m < me) Tile::template run<1>(p, m, gc, ng, n0, n1);
+    }
+  }
+}
+
+struct Avx2Tile {
+  static constexpr int kGroups = 1;
+  template <int RM>
+  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t, int64_t n0, int64_t n1) {
+    tile_avx2<RM>(p, m, gr, n0, n1);
+  }
+};
+
+void q4_0x8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { q4_0x8_blocked<Avx2Tile>(p, n0, n1); }
+
+}  // namespace gguf
+
+// ---- AVX512-VNNI: two groups (16 columns) per register, vpdpbusd in place of maddubs + add + madd -----------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace gguf {
+namespace {
+
+// outputs [m0, m0 + RM) x the 16 columns of groups gr, gr + 1 (NG = 2) or the 8 of group gr (NG = 1, 8 lanes)
+template <int RM, int NG>
+void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, nb = K / 32;
+  const uint8_t* ga = p.w + gr * 8 * p.ws;
+  const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
+  const __m512i lo_mask = _mm512_set1_epi8(15);
+  __m512 acc[RM];
+  for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* ba = ga + b * kGroupBlockBytes;
+    const uint8_t* bb = gb + b * kGroupBlockBytes;
+    // two chains per row (low and high nibbles), seeded with minus the offset term: exact integers either way
+    __m512i s0[RM], s1[RM];
+    for (int m = 0; m < RM; ++m) {
+      s0[m] = _mm512_set1_epi32(-8 * p.a->qsum[(m0 + m) * nb + b]);
+      s1[m] = _mm512_setzero_si512();
+    }
+    #pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) {
+      const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ba + 16 + t * 32));
+      const __m512i v = NG == 2 ? _mm512_inserti64x4(_mm512_castsi256_si512(va),
+                                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bb + 16 + t * 32)), 1)
+                                : _mm512_castsi256_si512(va);
+      const __m512i lo = _mm512_and_si512(v, lo_mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
+      for (int m = 0; m < RM; ++m) {
+        const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 32;
+        s0[m] = _mm512_dpbusd_epi32(s0[m], lo, _mm512_set1_epi32(load_i32(qx + 4 * t)));
+        s1[m] = _mm512_dpbusd_epi32(s1[m], hi, _mm512_set1_epi32(load_i32(qx + 16 + 4 * t)));
+      }
+    }
+    const __m128i ha = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ba));
+    const __m512 d = _mm512_cvtph_ps(NG == 2 ? _mm256_inserti128_si256(_mm256_castsi128_si256(ha),
+                                                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(bb)), 1)
+                                             : _mm256_castsi128_si256(ha));
+    for (int m = 0; m < RM; ++m) {
+      const __m512i idot = _mm512_add_epi32(s0[m], s1[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot), _mm512_mul_ps(d, _mm512_set1_ps(p.a->dx[(m0 + m) * nb + b])),
+                               acc[m]);
+    }
+  }
+  for (int m = 0; m < RM; ++m) {
+    alignas(64) float o[16];
+    _mm512_store_ps(o, acc[m]);
+    for (int c = 0; c < 8 * NG; ++c) {
+      const int64_t n = gr * 8 + c;
+      if (n >= n0 && n < n1) p.out[(m0 + m) * p.N + n] = o[c];
+    }
+  }
+}
+
+struct VnniTile {
+  static constexpr int kGroups = 2;
+  template <int RM>
+  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1) {
+    if (ng == 2) tile_vnni<RM, 2>(p, m, gr, n0, n1);
+    else tile_vnni<RM, 1>(p, m, gr, n0, n1);
+  }
+};
+
+}  // namespace
+
+void q4_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) { q4_0x8_blocked<VnniTile>(p, n0, n1); }
+
+}  // namespace gguf
+
+#pragma GCC pop_options
+#endif  // LMSERVE_GGUF_AVX2

@@ -1,0 +1,178 @@
+"""Q4_0 repacked in groups of 8 rows (ops/gguf_blocks.py repack_q4_0x8, csrc/cpu/gguf_q4_0x8.cpp): the layout
+round-trips, its int8 matmul matches float64 within the int8 path's bounds (test_gguf_kernels.py's tolerances),
+every ISA path returns the same bits (scalar reference, AVX2, AVX512-VNNI), rows are batch-invariant, and the
+loader serves Q4_0 files repacked (same size, the mapped pages released) with logits close to the file layout's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmserve import ops
+from lmserve.ops import cpu_isa, cpu_kernels
+from lmserve.ops.gguf_blocks import can_repack, repack_q4_0x8, unpack_q4_0x8
+from lmserve.ops.linear import quantize_activations
+from test_gguf_kernels import random_weight
+
+lib = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be built here")
+ISAS = [level for level in ("scalar", "avx2", "avx512vnni") if cpu_isa.supports(level, cpu_isa.detected())]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def at_isa():
+    before = lib.gguf_isa()
+    yield lambda level: lib.gguf_set_isa(list(cpu_isa.LEVELS).index(level))
+    lib.gguf_set_isa(before)
+
+
+def _matmul(x, w, int8=True):
+    with ops.use(ops.select("cpu", torch.float32, lib=lib)):
+        return ops.gguf_matmul(x, w, None, int8)
+
+
+def _weight(n, k, seed):
+    return repack_q4_0x8(random_weight("Q4_0", n, k, seed=seed))
+
+
+def test_repack_round_trips_and_keeps_the_size():
+    w = random_weight("Q4_0", 24, 96, seed=1)
+    p = repack_q4_0x8(w)
+    assert p.qtype == "Q4_0x8" and p.data.shape == w.data.shape and not torch.equal(p.data, w.data)
+    assert torch.equal(unpack_q4_0x8(p).data, w.data)
+    assert torch.equal(p.dequantize(), w.dequantize())
+    assert not can_repack(random_weight("Q4_0", 20, 96, seed=1))      # not whole groups of 8 rows
+    assert not can_repack(random_weight("Q8_0", 24, 96, seed=1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_dequantized_rows_are_the_file_rows(isa, at_isa):
+    at_isa(isa)
+    w = random_weight("Q4_0", 40, 96, seed=2)
+    p = repack_q4_0x8(w)
+    rows = torch.tensor([39, 0, 8, 8, 17])
+    with ops.use(ops.select("cpu", torch.float32, lib=lib)):
+        assert torch.equal(ops.gguf_dequantize(p), w.dequantize())
+        assert torch.equal(ops.gguf_dequantize(p, rows), w.dequantize()[rows])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_matmul_matches_float64(isa, at_isa):
+    """72 rows = 9 groups: an odd group count (AVX512-VNNI pairs groups) and, on 2 threads, a column split inside
+    a group; K of 3 blocks."""
+    at_isa(isa)
+    n, k = 72, 96
+    w = _weight(n, k, seed=3)
+    w64 = w.dequantize().double()
+    for rows in (1, 3, 16, 64, 300):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        y = _matmul(x, w).double()
+        seen = quantize_activations(x).double()
+        s = seen.abs() @ w64.abs().T
+        err = (y - seen @ w64.T).abs()
+        assert (err <= 1e-5 * s + 1e-30).all(), (isa, rows, (err / s).max().item())
+        ref = ops.gguf_matmul(x, w, None, True).double()            # no table active: the PyTorch reference
+        assert ((ref - y).abs() <= 2e-5 * s).all(), (isa, rows)
+
+
+def test_every_isa_path_returns_the_same_bits(at_isa):
+    """Each output is the same float operations on every path (gguf_q4_0x8.cpp): the scalar reference, AVX2 and
+    AVX512-VNNI agree bit for bit, so tokens depend neither on the CPU kind nor on the batch."""
+    for nblocks in (1, 3, 5):
+        k = 32 * nblocks
+        w = _weight(56, k, seed=nblocks)
+        for rows in (1, 2, 3, 7, 11, 19, 70):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + nblocks))
+            got = {}
+            for level in ISAS:
+                at_isa(level)
+                got[level] = _matmul(x, w)
+            first = got[ISAS[0]]
+            for level, y in got.items():
+                assert torch.equal(y, first), (level, nblocks, rows, (y - first).abs().max())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_rows_do_not_depend_on_the_batch(isa, at_isa):
+    at_isa(isa)
+    k = 160
+    parts = _weight(48, k, seed=4)
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(6))
+    alone = {i: _matmul(x[i:i + 1], parts) for i in (0, 1, 5, 16, 63, 64, 150, 299)}
+    for m in (7, 17, 64, 300):
+        y = _matmul(x[:m].contiguous(), parts)
+        for i, row in alone.items():
+            if i < m:
+                assert torch.equal(y[i:i + 1], row), (isa, m, i)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_stacked_with_other_types(isa, at_isa):
+    """A fused layer with a repacked part between others: its columns start mid-way in the output."""
+    at_isa(isa)
+    k = 256
+    parts = [random_weight("Q4_K", 9, k, seed=7), _weight(32, k, seed=8), random_weight("Q6_K", 5, k, seed=9)]
+    x = torch.randn(21, k, generator=torch.Generator().manual_seed(10))
+    y = _matmul(x, parts)
+    torch.testing.assert_close(y, torch.cat([_matmul(x, p) for p in parts], 1), rtol=0, atol=0)
+    for i in (0, 20):
+        assert torch.equal(_matmul(x[i:i + 1], parts), y[i:i + 1])
+
+
+def test_float_activations_are_refused_not_wrong():
+    with pytest.raises(RuntimeError, match="int8 activations only"):
+        _matmul(torch.randn(2, 96), _weight(8, 96, seed=1), int8=False)
+
+
+# ---- the loader --------------------------------------------------------------------------------------------
+_LOAD_SCRIPT = r"""
+import json, sys, psutil, torch
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.model_runner import StepBatch
+path, repack = sys.argv[1], sys.argv[2]
+engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, quant_activations="int8", gguf_repack=repack),
+                                cache=CacheConfig(kv_cache_memory=32 << 20)))
+runner = engine.runner
+qtypes = sorted({p.qtype for m in runner.model.modules() if hasattr(m, "linear_method")
+                 for p in getattr(m.linear_method, "parts", [])})
+ids = [1, 50, 700, 3000, 12000]
+b = StepBatch(input_ids=ids, positions=list(range(5)), slot_mapping=list(range(16, 21)), prefill=[(0, 5, 0, [1])],
+              logit_rows=list(range(5)))
+logits = runner.forward(b)[1]
+print(json.dumps({"rss": psutil.Process().memory_info().rss, "qtypes": qtypes, "logits": logits.tolist(),
+                  **engine.get_stats(memory=True).memory}))
+"""
+
+
+def test_q4_0_file_is_served_repacked_in_about_its_size(tmp_path):
+    """int8 activations: the Q4_0 matrices are repacked (same bytes in total), the mapped pages of their source
+    released (RSS ~ the file, not twice it), and the logits agree with the file layout's (--gguf-repack none)
+    to the int8 path's rounding (the two sum a block's products in a different order)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.synthetic_gguf import write_synthetic_gguf
+    shape = dict(arch="llama", hidden=1024, layers=12, ffn=4096, heads=16, kv_heads=4, tied=True, bias=False,
+                 theta=10000.0)
+    path = str(tmp_path / "q4_0.gguf")
+    size = write_synthetic_gguf(path, shape, "Q4_0", context_length=512)
+    got = {}
+    for repack in ("auto", "none"):
+        out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, path, repack], capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert out.returncode == 0, out.stderr[-3000:]
+        got[repack] = json.loads(out.stdout.strip().splitlines()[-1])
+    packed, plain = got["auto"], got["none"]
+    assert "Q4_0x8" in packed["qtypes"] and "Q4_0" not in packed["qtypes"], packed["qtypes"]
+    assert "Q4_0x8" not in plain["qtypes"]
+    assert 0.5 * size < packed["weights_gguf_repacked"] <= packed["weights_gguf"] <= size
+    # the repacked matrices' source pages are not resident in this process any more
+    assert packed["weights_gguf_resident"] < 0.2 * size, packed
+    assert packed["rss"] <= size * 1.3 + packed["kv_cache"] + (900 << 20), (packed["rss"], size)
+    a, b = torch.tensor(packed["logits"]), torch.tensor(plain["logits"])
+    assert (a - b).abs().max() <= 1e-3 * b.abs().max(), (a - b).abs().max()
