@@ -1,4 +1,5 @@
-"""Q4_0 repacked in groups of 8 rows (ops/gguf_blocks.py repack_q4_0x8, csrc/cpu/gguf_q4_0x8.cpp): the layout
+"""Q4_0 and Q4_K repacked in groups of 8 rows (ops/gguf_blocks.py repack, csrc/cpu/gguf_q4_0x8.cpp,
+gguf_q4_kx8.cpp): the layout
 round-trips, its int8 matmul matches float64 within the int8 path's bounds (test_gguf_kernels.py's tolerances),
 every ISA path returns the same bits (scalar reference, AVX2, AVX512-VNNI), rows are batch-invariant, and the
 loader serves Q4_0 files repacked (same size, the mapped pages released) with logits close to the file layout's.
@@ -15,7 +16,7 @@ import torch
 
 from lmserve import ops
 from lmserve.ops import cpu_isa, cpu_kernels
-from lmserve.ops.gguf_blocks import can_repack, repack_q4_0x8, unpack_q4_0x8
+from lmserve.ops.gguf_blocks import QUANTS, can_repack, repack, unpack
 from lmserve.ops.linear import quantize_activations
 from test_gguf_kernels import random_weight
 
@@ -37,38 +38,48 @@ def _matmul(x, w, int8=True):
         return ops.gguf_matmul(x, w, None, int8)
 
 
-def _weight(n, k, seed):
-    return repack_q4_0x8(random_weight("Q4_0", n, k, seed=seed))
+TYPES = ("Q4_0", "Q4_K")
 
 
-def test_repack_round_trips_and_keeps_the_size():
-    w = random_weight("Q4_0", 24, 96, seed=1)
-    p = repack_q4_0x8(w)
-    assert p.qtype == "Q4_0x8" and p.data.shape == w.data.shape and not torch.equal(p.data, w.data)
-    assert torch.equal(unpack_q4_0x8(p).data, w.data)
+def _weight(n, k, seed, qtype="Q4_0"):
+    return repack(random_weight(qtype, n, k, seed=seed))
+
+
+def _k(qtype, nblocks=3):
+    return QUANTS[qtype][0] * nblocks
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_repack_round_trips_and_keeps_the_size(qtype):
+    w = random_weight(qtype, 24, _k(qtype), seed=1)
+    p = repack(w)
+    assert p.qtype == qtype + "x8" and p.data.shape == w.data.shape and not torch.equal(p.data, w.data)
+    assert torch.equal(unpack(p).data, w.data)
     assert torch.equal(p.dequantize(), w.dequantize())
-    assert not can_repack(random_weight("Q4_0", 20, 96, seed=1))      # not whole groups of 8 rows
+    assert not can_repack(random_weight(qtype, 20, _k(qtype), seed=1))      # not whole groups of 8 rows
     assert not can_repack(random_weight("Q8_0", 24, 96, seed=1))
 
 
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("isa", ISAS)
-def test_dequantized_rows_are_the_file_rows(isa, at_isa):
+def test_dequantized_rows_are_the_file_rows(qtype, isa, at_isa):
     at_isa(isa)
-    w = random_weight("Q4_0", 40, 96, seed=2)
-    p = repack_q4_0x8(w)
+    w = random_weight(qtype, 40, _k(qtype), seed=2)
+    p = repack(w)
     rows = torch.tensor([39, 0, 8, 8, 17])
     with ops.use(ops.select("cpu", torch.float32, lib=lib)):
         assert torch.equal(ops.gguf_dequantize(p), w.dequantize())
         assert torch.equal(ops.gguf_dequantize(p, rows), w.dequantize()[rows])
 
 
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("isa", ISAS)
-def test_int8_matmul_matches_float64(isa, at_isa):
+def test_int8_matmul_matches_float64(qtype, isa, at_isa):
     """72 rows = 9 groups: an odd group count (AVX512-VNNI pairs groups) and, on 2 threads, a column split inside
     a group; K of 3 blocks."""
     at_isa(isa)
-    n, k = 72, 96
-    w = _weight(n, k, seed=3)
+    n, k = 72, _k(qtype)
+    w = _weight(n, k, seed=3, qtype=qtype)
     w64 = w.dequantize().double()
     for rows in (1, 3, 16, 64, 300):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
@@ -81,12 +92,13 @@ def test_int8_matmul_matches_float64(isa, at_isa):
         assert ((ref - y).abs() <= 2e-5 * s).all(), (isa, rows)
 
 
-def test_every_isa_path_returns_the_same_bits(at_isa):
+@pytest.mark.parametrize("qtype", TYPES)
+def test_every_isa_path_returns_the_same_bits(qtype, at_isa):
     """Each output is the same float operations on every path (gguf_q4_0x8.cpp): the scalar reference, AVX2 and
     AVX512-VNNI agree bit for bit, so tokens depend neither on the CPU kind nor on the batch."""
     for nblocks in (1, 3, 5):
-        k = 32 * nblocks
-        w = _weight(56, k, seed=nblocks)
+        k = _k(qtype, nblocks)
+        w = _weight(56, k, seed=nblocks, qtype=qtype)
         for rows in (1, 2, 3, 7, 11, 19, 70):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + nblocks))
             got = {}
@@ -98,11 +110,12 @@ def test_every_isa_path_returns_the_same_bits(at_isa):
                 assert torch.equal(y, first), (level, nblocks, rows, (y - first).abs().max())
 
 
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("isa", ISAS)
-def test_rows_do_not_depend_on_the_batch(isa, at_isa):
+def test_rows_do_not_depend_on_the_batch(qtype, isa, at_isa):
     at_isa(isa)
-    k = 160
-    parts = _weight(48, k, seed=4)
+    k = _k(qtype, 5)
+    parts = _weight(48, k, seed=4, qtype=qtype)
     x = torch.randn(300, k, generator=torch.Generator().manual_seed(6))
     alone = {i: _matmul(x[i:i + 1], parts) for i in (0, 1, 5, 16, 63, 64, 150, 299)}
     for m in (7, 17, 64, 300):
@@ -117,7 +130,8 @@ def test_stacked_with_other_types(isa, at_isa):
     """A fused layer with a repacked part between others: its columns start mid-way in the output."""
     at_isa(isa)
     k = 256
-    parts = [random_weight("Q4_K", 9, k, seed=7), _weight(32, k, seed=8), random_weight("Q6_K", 5, k, seed=9)]
+    parts = [random_weight("Q4_K", 9, k, seed=7), _weight(32, k, seed=8), random_weight("Q6_K", 5, k, seed=9),
+             _weight(24, k, seed=10, qtype="Q4_K")]
     x = torch.randn(21, k, generator=torch.Generator().manual_seed(10))
     y = _matmul(x, parts)
     torch.testing.assert_close(y, torch.cat([_matmul(x, p) for p in parts], 1), rtol=0, atol=0)

@@ -24,6 +24,7 @@ from lmserve.model.layers import Linear, deferred_weights
 from lmserve.model.loader import is_gguf, load_state_dict
 from lmserve.model.parallel import VocabParallelEmbedding
 from lmserve.model.registry import get_model_class
+from lmserve.ops.gguf_blocks import REPACKED
 from lmserve.ops.linear_method import FloatLinear, GGUFLinear, packed_method, unpacked_method
 from lmserve.ops.onednn import packed_gemm_implementation, uses_amx
 
@@ -71,7 +72,7 @@ def _float_bytes(path: str, dtype: torch.dtype) -> int:
 
 def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, quantized: bool,
                        int8: bool = False, repack: bool = False) -> None:
-    """int8: GGUF layers multiply with int8-quantized activations (--quant-activations); repack: Q4_0 matrices
+    """int8: GGUF layers multiply with int8-quantized activations (--quant-activations); repack: Q4_0, Q4_K matrices
     in the int8 kernels' 8-row groups (--gguf-repack; model/gguf_weights.py)."""
     if not quantized:
         model.load_weights(load_state_dict(path, dtype, arch.tp_rank, arch.tp_size))
@@ -190,7 +191,7 @@ def weight_memory(model: nn.Module, path: str) -> dict[str, int]:
     methods = {id(m.linear_method): m.linear_method for m in model.modules() if hasattr(m, "linear_method")}
     gguf = sum(m.nbytes for m in methods.values() if isinstance(m, GGUFLinear))
     repacked = sum(p.nbytes for m in methods.values() if isinstance(m, GGUFLinear) for p in m.parts
-                   if p.qtype == "Q4_0x8")
+                   if p.qtype in REPACKED)
     packed = sum(m.packed.numel() * m.packed.element_size() for m in methods.values() if hasattr(m, "packed"))
     tensors = [*model.parameters(), *model.buffers()]
     flt = sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)

@@ -21,7 +21,7 @@ class GGUFWeight:
     multiple of the type's block size). It may be a read-only view of the mmap'd file: never write to it.
     """
     qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K";
-    #                         "Q4_0x8": Q4_0 repacked in groups of 8 rows (repack_q4_0x8)
+    #                         "Q4_0x8", "Q4_Kx8": repacked in groups of 8 rows (repack)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)
 
@@ -31,8 +31,8 @@ class GGUFWeight:
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [len(rows) or N, K] (the reference; the fast path is ops.gguf_dequantize)."""
-        if self.qtype == "Q4_0x8":
-            return unpack_q4_0x8(self).dequantize(rows)
+        if self.qtype in REPACKED:
+            return unpack(self).dequantize(rows)
         data = self.data if rows is None else self.data[rows]
         _, type_size, fn = QUANTS[self.qtype]
         return fn(data.reshape(-1, type_size)).reshape(data.shape[0], self.shape[1])
@@ -60,8 +60,48 @@ def unpack_q4_0x8(w: GGUFWeight) -> GGUFWeight:
     return GGUFWeight("Q4_0", torch.cat([scales, qs], dim=-1).reshape(n, nb * 18), w.shape)
 
 
+# ---- Q4_K likewise (csrc/cpu/gguf_q4_kx8.cpp) ----------------------------------------------------------------
+def repack_q4_kx8(w: GGUFWeight) -> GGUFWeight:
+    """A Q4_K [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, the 8 dmin, the 8 x 12 scale
+    bytes as 3 words x 8 rows (word k of every row together), then for sub-block pair j and t = 0..7 each row's
+    quant bytes 32j+4t..32j+4t+3."""
+    n, k = w.shape
+    nb = k // 256
+    blocks = w.data.reshape(n // 8, 8, nb, 144).permute(0, 2, 1, 3)          # [group, block, row, bytes]
+    qs = blocks[..., 16:].reshape(n // 8, nb, 8, 32, 4).permute(0, 1, 3, 2, 4)  # [group, block, j*8+t, row, 4]
+    scales = blocks[..., 4:16].reshape(n // 8, nb, 8, 3, 4).transpose(2, 3)        # [group, block, word, row, 4]
+    out = torch.cat([blocks[..., 0:2].reshape(n // 8, nb, 16), blocks[..., 2:4].reshape(n // 8, nb, 16),
+                     scales.reshape(n // 8, nb, 96), qs.reshape(n // 8, nb, 1024)], dim=-1)
+    return GGUFWeight("Q4_Kx8", out.reshape(n, nb * 144), w.shape)
+
+
+def unpack_q4_kx8(w: GGUFWeight) -> GGUFWeight:
+    n, k = w.shape
+    nb = k // 256
+    g = w.data.reshape(n // 8, nb, 1152)
+    d, dmin = g[..., 0:16].reshape(n // 8, nb, 8, 2), g[..., 16:32].reshape(n // 8, nb, 8, 2)
+    sc = g[..., 32:128].reshape(n // 8, nb, 3, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 12)
+    qs = g[..., 128:].reshape(n // 8, nb, 32, 8, 4).permute(0, 1, 3, 2, 4).reshape(n // 8, nb, 8, 128)
+    rows = torch.cat([d, dmin, sc, qs], dim=-1).permute(0, 2, 1, 3)            # [group, row, block, 144]
+    return GGUFWeight("Q4_K", rows.reshape(n, nb * 144), w.shape)
+
+
+REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8}
+REPACKED = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8}
+
+
 def can_repack(w: GGUFWeight) -> bool:
-    return w.qtype == "Q4_0" and w.shape[0] % 8 == 0
+    return w.qtype in REPACK and w.shape[0] % 8 == 0
+
+
+def repack(w: GGUFWeight) -> GGUFWeight:
+    """w in the int8 kernels' 8-row groups (same size); can_repack(w) must hold."""
+    return REPACK[w.qtype](w)
+
+
+def unpack(w: GGUFWeight) -> GGUFWeight:
+    """A repacked weight back in the file's layout."""
+    return REPACKED[w.qtype](w)
 
 
 # ---- dequantization (layouts: gguf/quants.py and llama.cpp ggml-quants.c) --------------------------------------

@@ -191,15 +191,15 @@ void gguf_set_vnni512(int64_t min_rows, bool all_types) {
 }
 
 static int check_w(const torch::Tensor& w, int64_t qtype, int64_t K) {
-  TORCH_CHECK(qtype >= 0 && qtype <= Q4_0X8, "gguf: unknown type id ", qtype);
+  TORCH_CHECK(qtype >= 0 && qtype <= Q4_KX8, "gguf: unknown type id ", qtype);
   const int qt = static_cast<int>(qtype);
-  const int bt = qt == Q4_0X8 ? Q4_0 : qt;   // the block sizes of a repacked type are its source type's
+  const int bt = x8_source(qt);   // the block sizes of a repacked type are its source type's
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.stride(1) == 1, "gguf: blocks must be uint8 "
               "[N, row_bytes] with contiguous rows");
   TORCH_CHECK(K % kBlockElems[bt] == 0 && w.size(1) == K / kBlockElems[bt] * kBlockBytes[bt],
               "gguf: row bytes ", w.size(1), " do not hold K=", K, " values of this type");
-  TORCH_CHECK(qt != Q4_0X8 || (w.size(0) % 8 == 0 && w.is_contiguous()),
-              "gguf: a repacked Q4_0 matrix is whole groups of 8 contiguous rows");
+  TORCH_CHECK(!is_x8(qt) || (w.size(0) % 8 == 0 && w.is_contiguous()),
+              "gguf: a repacked matrix is whole groups of 8 contiguous rows");
   return qt;
 }
 
@@ -228,9 +228,9 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   [[maybe_unused]] const bool vnni512 =
       avx2 && level >= ISA_AVX512VNNI && M >= g_vnni512_min_rows.load() &&
       (g_vnni512_all_types.load() ||
-       std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0 || qt == Q4_0X8; }));
-  TORCH_CHECK(int8 || std::none_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0X8; }),
-              "gguf_matmul: repacked Q4_0 weights take int8 activations only");
+       std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0 || is_x8(qt); }));
+  TORCH_CHECK(int8 || std::none_of(qts.begin(), qts.end(), is_x8),
+              "gguf_matmul: repacked weights take int8 activations only");
   if (!int8 && !avx2 && M > max_dot_rows) {
     for (size_t i = 0; i < ws.size(); ++i)
       gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
@@ -249,15 +249,16 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
     for (size_t i = 0; i < parts.size(); ++i) {
       const int64_t a = std::max(n0, first[i]) - first[i], b = std::min(n1, first[i + 1]) - first[i];
       if (a >= b) continue;
-      if (parts[i].qt == Q4_0X8) {
+      if (is_x8(parts[i].qt)) {
+        const bool q40 = parts[i].qt == Q4_0X8;
 #ifdef LMSERVE_GGUF_AVX2
         if (avx2) {
-          if (vnni512) q4_0x8_avx512vnni(parts[i], a, b);
-          else q4_0x8_avx2(parts[i], a, b);
+          if (vnni512) (q40 ? q4_0x8_avx512vnni : q4_kx8_avx512vnni)(parts[i], a, b);
+          else (q40 ? q4_0x8_avx2 : q4_kx8_avx2)(parts[i], a, b);
           continue;
         }
 #endif
-        q4_0x8_scalar(parts[i], a, b);
+        (q40 ? q4_0x8_scalar : q4_kx8_scalar)(parts[i], a, b);
         continue;
       }
 #ifdef LMSERVE_GGUF_AVX2
@@ -286,7 +287,7 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
   TORCH_CHECK(!use_rows || (rows.scalar_type() == torch::kInt64 && rows.is_contiguous() && rows.numel() == R),
               "gguf_dequantize: rows must be int64 [len(out)]");
   TORCH_CHECK(use_rows || R == w.size(0), "gguf_dequantize: out must be [N, K]");
-  const int64_t N = w.size(0), nb = K / kBlockElems[qt == Q4_0X8 ? Q4_0 : qt], ws = w.stride(0);
+  const int64_t N = w.size(0), nb = K / kBlockElems[x8_source(qt)], ws = w.stride(0);
   const int64_t* rp = use_rows ? rows.data_ptr<int64_t>() : nullptr;
   if (use_rows) {
     for (int64_t i = 0; i < R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < N, "gguf_dequantize: row out of range");
@@ -297,6 +298,7 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = use_rows ? rp[r] : r;
       if (qt == Q4_0X8) q4_0x8_rows(wp, ws, n, nb, op + r * K);
+      else if (qt == Q4_KX8) q4_kx8_rows(wp, ws, n, nb, op + r * K);
       else dequant_row(qt, wp + n * ws, nb, op + r * K);
     }
   });

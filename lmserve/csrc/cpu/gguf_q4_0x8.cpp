@@ -18,10 +18,9 @@
 // CPU-kind-invariant. AVX2: maddubs pairs are <= 2 * 15 * 127, and 8 of them summed in int16 <= 30480 < 32767.
 #include "gguf_kernels.h"
 
-#include <algorithm>
 #include <cmath>
-#include <cstring>
 #include "gguf_blocks.h"
+#include "gguf_x8.h"
 
 namespace gguf {
 namespace {
@@ -70,12 +69,7 @@ void q4_0x8_scalar(const DotArgs& p, int64_t n0, int64_t n1) {
 
 namespace gguf {
 namespace {
-
-inline int32_t load_i32(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
+using x8::load_i32;
 
 // outputs [m0, m0 + RM) x the 8 columns of group gr; lanes outside [n0, n1) are not stored
 template <int RM>
@@ -109,42 +103,23 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
   for (int m = 0; m < RM; ++m) {
     alignas(32) float o[8];
     _mm256_store_ps(o, acc[m]);
-    for (int c = 0; c < 8; ++c) {
-      const int64_t n = gr * 8 + c;
-      if (n >= n0 && n < n1) p.out[(m0 + m) * p.N + n] = o[c];
-    }
-  }
-}
-
-}  // namespace
-
-// The blocking both ISAs share: groups of columns (8 on AVX2, pairs of groups on AVX-512) x tiles of 4, 2, 1
-// activation rows, the column chunk (16 rows of W, <= 74 KB at K = 8192) re-read from cache by each row tile.
-template <class Tile>
-void q4_0x8_blocked(const DotArgs& p, int64_t n0, int64_t n1) {
-  constexpr int64_t MB = 64;
-  const int64_t g0 = n0 / 8, g1 = (n1 + 7) / 8;
-  for (int64_t mb = 0; mb < p.M; mb += MB) {
-    const int64_t me = std::min(p.M, mb + MB);
-    for (int64_t gc = g0; gc < g1; gc += Tile::kGroups) {
-      const int64_t ng = std::min<int64_t>(Tile::kGroups, g1 - gc);
-      int64_t m = mb;
-      for (; m + 4 <= me; m += 4) Tile::template run<4>(p, m, gc, ng, n0, n1);
-      if (m + 2 <= me) { Tile::template run<2>(p, m, gc, ng, n0, n1); m += 2; }
-      if (m < me) Tile::template run<1>(p, m, gc, ng, n0, n1);
-    }
+    x8::store(p, m0 + m, gr, 8, o, n0, n1);
   }
 }
 
 struct Avx2Tile {
   static constexpr int kGroups = 1;
+  using Ctx = x8::NoCtx;
+  static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
   template <int RM>
-  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t, int64_t n0, int64_t n1) {
+  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t, int64_t n0, int64_t n1, Ctx&) {
     tile_avx2<RM>(p, m, gr, n0, n1);
   }
 };
 
-void q4_0x8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { q4_0x8_blocked<Avx2Tile>(p, n0, n1); }
+}  // namespace
+
+void q4_0x8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<Avx2Tile>(p, n0, n1); }
 
 }  // namespace gguf
 
@@ -199,17 +174,16 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
   for (int m = 0; m < RM; ++m) {
     alignas(64) float o[16];
     _mm512_store_ps(o, acc[m]);
-    for (int c = 0; c < 8 * NG; ++c) {
-      const int64_t n = gr * 8 + c;
-      if (n >= n0 && n < n1) p.out[(m0 + m) * p.N + n] = o[c];
-    }
+    x8::store(p, m0 + m, gr, 8 * NG, o, n0, n1);
   }
 }
 
 struct VnniTile {
   static constexpr int kGroups = 2;
+  using Ctx = x8::NoCtx;
+  static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
   template <int RM>
-  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1) {
+  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1, Ctx&) {
     if (ng == 2) tile_vnni<RM, 2>(p, m, gr, n0, n1);
     else tile_vnni<RM, 1>(p, m, gr, n0, n1);
   }
@@ -217,7 +191,7 @@ struct VnniTile {
 
 }  // namespace
 
-void q4_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) { q4_0x8_blocked<VnniTile>(p, n0, n1); }
+void q4_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<VnniTile>(p, n0, n1); }
 
 }  // namespace gguf
 

@@ -1,0 +1,273 @@
+// Q4_K repacked in groups of 8 rows (type Q4_KX8, lmserve/ops/gguf_blocks.py repack_q4_kx8): the int8 GEMM for
+// every M on it (AVX2, and AVX512-VNNI chosen at run time, bit for bit the same), the scalar reference, and rows
+// back in file order. The design is gguf_q4_0x8.cpp's ("reduce, then scale"; gguf_x8.h).
+//
+// Layout (the 8 rows' Q4_K super-blocks, the same bytes in another order): per super-block b, 1152 bytes: the 8
+// rows' d (fp16, 16 bytes), their dmin (16 bytes), their 12 packed scale bytes as 3 words x 8 rows (96: word k
+// of each row, so one 8-lane load holds it for every row and the 6-bit fields decode in lanes), then for sub-block pair
+// j = 0..3 and t = 0..7, each row's 4 quant bytes 32j+4t..32j+4t+3 (32 bytes: low nibbles are values 4t..4t+3 of
+// sub-block 2j, high nibbles those of sub-block 2j+1).
+//
+// Per output (m, c), for each 32-value sub-block g in order (activation scale dx[g], sx[g] = dx[g] * sum qx):
+//   idot = sum q x (exact int32; q 0..15), acc = float(idot) * (scale[c] * dx[g]) + acc, acc = min[c] * sx[g] + acc
+// with scale = d * sc and min = -(dmin * mn) as the reference dequantizer rounds them; every path performs exactly
+// these operations. AVX2: 8 maddubs (<= 2 * 15 * 127 each) summed in int16 stay <= 30480.
+#include <cmath>
+#include <vector>
+#include "gguf_blocks.h"
+#include "gguf_x8.h"
+#ifdef LMSERVE_GGUF_AVX2
+#include <immintrin.h>
+#endif
+
+namespace gguf {
+namespace {
+constexpr int kGroupBlockBytes = 1152;   // 8 rows x 144 bytes
+
+// super-block b of row n of a repacked matrix -> its 144 file bytes
+inline void gather_block(const uint8_t* w, int64_t ws, int64_t n, int64_t b, uint8_t* out) {
+  const uint8_t* g = w + (n / 8) * 8 * ws + b * kGroupBlockBytes;
+  const int c = static_cast<int>(n % 8);
+  std::memcpy(out, g + 2 * c, 2);
+  std::memcpy(out + 2, g + 16 + 2 * c, 2);
+  for (int k = 0; k < 3; ++k) std::memcpy(out + 4 + 4 * k, g + 32 + 32 * k + 4 * c, 4);
+  for (int j = 0; j < 4; ++j)
+    for (int t = 0; t < 8; ++t) std::memcpy(out + 16 + 32 * j + 4 * t, g + 128 + (j * 8 + t) * 32 + c * 4, 4);
+}
+
+// one group's super-block: each sub-block's scale and min per column (lanes), as the reference rounds them
+struct Scales {
+  alignas(32) float sc[8][8];   // [sub-block][column]
+  alignas(32) float mn[8][8];
+};
+
+inline void decode_scales(const uint8_t* g, Scales& o) {
+#ifdef LMSERVE_GGUF_AVX2
+  // the 6-bit fields of scale_min_k4, 8 rows at once: words w0 (bytes 0-3), w1 (4-7), w2 (8-11) of each row
+  const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 32));
+  const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 64));
+  const __m256i w2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 96));
+  const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
+  const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16)));
+  const __m256i m6 = _mm256_set1_epi32(63), m4 = _mm256_set1_epi32(15), m2 = _mm256_set1_epi32(3);
+  const __m256 neg = _mm256_set1_ps(-0.f);
+  for (int i = 0; i < 4; ++i) {
+    const __m128i sh = _mm_cvtsi32_si128(8 * i), sh6 = _mm_cvtsi32_si128(8 * i + 6), sh4 = _mm_cvtsi32_si128(8 * i + 4);
+    const __m256i sc_lo = _mm256_and_si256(_mm256_srl_epi32(w0, sh), m6);        // sub-block i
+    const __m256i mn_lo = _mm256_and_si256(_mm256_srl_epi32(w1, sh), m6);
+    const __m256i sc_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi32(w2, sh), m4),     // sub-block i + 4
+                                          _mm256_slli_epi32(_mm256_and_si256(_mm256_srl_epi32(w0, sh6), m2), 4));
+    const __m256i mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi32(w2, sh4), m4),
+                                          _mm256_slli_epi32(_mm256_and_si256(_mm256_srl_epi32(w1, sh6), m2), 4));
+    _mm256_store_ps(o.sc[i], _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc_lo)));
+    _mm256_store_ps(o.sc[i + 4], _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc_hi)));
+    _mm256_store_ps(o.mn[i], _mm256_xor_ps(neg, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn_lo))));
+    _mm256_store_ps(o.mn[i + 4], _mm256_xor_ps(neg, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn_hi))));
+  }
+#else
+  for (int c = 0; c < 8; ++c) {
+    uint8_t s12[12];
+    for (int k = 0; k < 3; ++k) std::memcpy(s12 + 4 * k, g + 32 + 32 * k + 4 * c, 4);
+    const float d = f16(g + 2 * c), dmin = f16(g + 16 + 2 * c);
+    for (int s = 0; s < 8; ++s) {
+      int sc, mn;
+      scale_min_k4(s12, s, sc, mn);
+      o.sc[s][c] = d * static_cast<float>(sc);
+      o.mn[s][c] = -(dmin * static_cast<float>(mn));
+    }
+  }
+#endif
+}
+
+// the scales of every super-block of groups gr.. gr + ng - 1, decoded once per column chunk (gguf_x8.h blocked)
+struct ScaleCtx {
+  std::vector<Scales> s;   // [group][super-block]
+  int64_t nb = 0;
+};
+
+inline void prepare_scales(const DotArgs& p, int64_t gr, int64_t ng, ScaleCtx& ctx) {
+  ctx.nb = p.K / 256;
+  ctx.s.resize(ng * ctx.nb);
+  for (int64_t i = 0; i < ng; ++i)
+    for (int64_t b = 0; b < ctx.nb; ++b)
+      decode_scales(p.w + (gr + i) * 8 * p.ws + b * kGroupBlockBytes, ctx.s[i * ctx.nb + b]);
+}
+}  // namespace
+
+void q4_kx8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out) {
+  uint8_t blk[144];
+  for (int64_t b = 0; b < nb; ++b) {
+    gather_block(w, ws, n, b, blk);
+    dequant_block(Q4_K, blk, out + b * 256);
+  }
+}
+
+void q4_kx8_scalar(const DotArgs& p, int64_t n0, int64_t n1) {
+  const int64_t nb = p.K / 256, ng = p.K / 32;
+  uint8_t blk[144];
+  Scales sc;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        gather_block(p.w, p.ws, n, b, blk);
+        decode_scales(p.w + (n / 8) * 8 * p.ws + b * kGroupBlockBytes, sc);
+        for (int s = 0; s < 8; ++s) {
+          const int64_t g = m * ng + b * 8 + s;
+          const int8_t* qx = p.a->q.data() + g * 32;
+          int32_t idot = 0;
+          for (int l = 0; l < 32; ++l) idot += ((blk[16 + 32 * (s / 2) + l] >> (4 * (s & 1))) & 15) * qx[l];
+          acc = std::fma(static_cast<float>(idot), sc.sc[s][n % 8] * p.a->dx[g], acc);
+          acc = std::fma(sc.mn[s][n % 8], p.a->sx[g], acc);
+        }
+      }
+      p.out[m * p.N + n] = acc;
+    }
+}
+
+}  // namespace gguf
+
+#ifdef LMSERVE_GGUF_AVX2
+#include <immintrin.h>
+
+namespace gguf {
+namespace {
+using x8::load_i32;
+
+template <int RM>
+void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1, const ScaleCtx& ctx) {
+  const int64_t K = p.K, nb = ctx.nb, ng = K / 32;
+  const uint8_t* g = p.w + gr * 8 * p.ws;
+  const __m256i lo_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 acc[RM];
+  for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = g + b * kGroupBlockBytes;
+    const Scales& sc = ctx.s[b];
+    for (int j = 0; j < 4; ++j) {
+      __m256i s0[RM], s1[RM];
+      for (int m = 0; m < RM; ++m) s0[m] = s1[m] = _mm256_setzero_si256();
+      #pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + (j * 8 + t) * 32));
+        const __m256i lo = _mm256_and_si256(v, lo_mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
+        for (int m = 0; m < RM; ++m) {
+          const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 256 + 64 * j;
+          s0[m] = _mm256_add_epi16(s0[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(qx + 4 * t))));
+          s1[m] = _mm256_add_epi16(s1[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(qx + 32 + 4 * t))));
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * j + h;
+        const __m256 scv = _mm256_load_ps(sc.sc[s]), mnv = _mm256_load_ps(sc.mn[s]);
+        for (int m = 0; m < RM; ++m) {
+          const int64_t gi = (m0 + m) * ng + b * 8 + s;
+          const __m256i idot = _mm256_madd_epi16(h ? s1[m] : s0[m], ones);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot), _mm256_mul_ps(scv, _mm256_set1_ps(p.a->dx[gi])), acc[m]);
+          acc[m] = _mm256_fmadd_ps(mnv, _mm256_set1_ps(p.a->sx[gi]), acc[m]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < RM; ++m) {
+    alignas(32) float o[8];
+    _mm256_store_ps(o, acc[m]);
+    x8::store(p, m0 + m, gr, 8, o, n0, n1);
+  }
+}
+
+struct Avx2Tile {
+  static constexpr int kGroups = 1;
+  using Ctx = ScaleCtx;
+  static void prepare(const DotArgs& p, int64_t gr, int64_t ng, Ctx& ctx) { prepare_scales(p, gr, ng, ctx); }
+  template <int RM>
+  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t, int64_t n0, int64_t n1, Ctx& ctx) {
+    tile_avx2<RM>(p, m, gr, n0, n1, ctx);
+  }
+};
+
+}  // namespace
+
+void q4_kx8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<Avx2Tile>(p, n0, n1); }
+
+}  // namespace gguf
+
+// ---- AVX512-VNNI: two groups (16 columns) per register, vpdpbusd in place of maddubs + add + madd -----------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace gguf {
+namespace {
+
+inline __m512 two(const float* a, const float* b) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_load_ps(a)), _mm256_load_ps(b), 1);
+}
+
+template <int RM, int NG>
+void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1, const ScaleCtx& ctx) {
+  const int64_t K = p.K, nb = ctx.nb, ng = K / 32;
+  const uint8_t* ga = p.w + gr * 8 * p.ws;
+  const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
+  const __m512i lo_mask = _mm512_set1_epi8(15);
+  __m512 acc[RM];
+  for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* ba = ga + b * kGroupBlockBytes;
+    const uint8_t* bb = gb + b * kGroupBlockBytes;
+    const Scales& sa = ctx.s[b];
+    const Scales& sb = ctx.s[(NG - 1) * nb + b];
+    for (int j = 0; j < 4; ++j) {
+      __m512i s0[RM], s1[RM];
+      for (int m = 0; m < RM; ++m) s0[m] = s1[m] = _mm512_setzero_si512();
+      #pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const int64_t off = 128 + (j * 8 + t) * 32;
+        const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ba + off));
+        const __m512i v = NG == 2 ? _mm512_inserti64x4(_mm512_castsi256_si512(va),
+                                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bb + off)), 1)
+                                  : _mm512_castsi256_si512(va);
+        const __m512i lo = _mm512_and_si512(v, lo_mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
+        for (int m = 0; m < RM; ++m) {
+          const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 256 + 64 * j;
+          s0[m] = _mm512_dpbusd_epi32(s0[m], lo, _mm512_set1_epi32(load_i32(qx + 4 * t)));
+          s1[m] = _mm512_dpbusd_epi32(s1[m], hi, _mm512_set1_epi32(load_i32(qx + 32 + 4 * t)));
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * j + h;
+        const __m512 scv = two(sa.sc[s], sb.sc[s]), mnv = two(sa.mn[s], sb.mn[s]);
+        for (int m = 0; m < RM; ++m) {
+          const int64_t gi = (m0 + m) * ng + b * 8 + s;
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h ? s1[m] : s0[m]),
+                                   _mm512_mul_ps(scv, _mm512_set1_ps(p.a->dx[gi])), acc[m]);
+          acc[m] = _mm512_fmadd_ps(mnv, _mm512_set1_ps(p.a->sx[gi]), acc[m]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < RM; ++m) {
+    alignas(64) float o[16];
+    _mm512_store_ps(o, acc[m]);
+    x8::store(p, m0 + m, gr, 8 * NG, o, n0, n1);
+  }
+}
+
+struct VnniTile {
+  static constexpr int kGroups = 2;
+  using Ctx = ScaleCtx;
+  static void prepare(const DotArgs& p, int64_t gr, int64_t ng, Ctx& ctx) { prepare_scales(p, gr, ng, ctx); }
+  template <int RM>
+  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1, Ctx& ctx) {
+    if (ng == 2) tile_vnni<RM, 2>(p, m, gr, n0, n1, ctx);
+    else tile_vnni<RM, 1>(p, m, gr, n0, n1, ctx);
+  }
+};
+
+}  // namespace
+
+void q4_kx8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<VnniTile>(p, n0, n1); }
+
+}  // namespace gguf
+
+#pragma GCC pop_options
+#endif  // LMSERVE_GGUF_AVX2

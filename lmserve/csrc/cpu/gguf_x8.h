@@ -1,0 +1,53 @@
+// Shared by the kernels on weights repacked in groups of 8 rows (gguf_q4_0x8.cpp, gguf_q4_kx8.cpp): a lane of a
+// register is an output column, so a block's integer dot ends in one lane and is scaled once ("reduce, then
+// scale"). Only included by those files.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include "gguf_kernels.h"
+
+namespace gguf {
+namespace x8 {
+
+inline int32_t load_i32(const int8_t* p) {   // 4 activation bytes, broadcast by the caller
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// row m's outputs of columns [8 gr, 8 gr + 8 NG) from `lanes`; columns outside [n0, n1) belong to another thread
+// (a column split may cut a group: both threads compute it, each stores its own lanes)
+inline void store(const DotArgs& p, int64_t m, int64_t gr, int ncols, const float* lanes, int64_t n0, int64_t n1) {
+  for (int c = 0; c < ncols; ++c) {
+    const int64_t n = gr * 8 + c;
+    if (n >= n0 && n < n1) p.out[m * p.N + n] = lanes[c];
+  }
+}
+
+// The blocking every ISA shares: blocks of 64 activation rows x chunks of Tile::kGroups groups (16 columns on
+// AVX512, 8 on AVX2; <= 74 KB of W at K = 8192, re-read from cache by each row tile) x row tiles of 4, 2, 1.
+// Tile::prepare(p, gr, ng, ctx) runs once per chunk (K-quants decode their scales there). Tiles decide only which
+// outputs share loads, never an output's operations.
+template <class Tile>
+void blocked(const DotArgs& p, int64_t n0, int64_t n1) {
+  constexpr int64_t MB = 64;
+  const int64_t g0 = n0 / 8, g1 = (n1 + 7) / 8;
+  typename Tile::Ctx ctx;
+  for (int64_t mb = 0; mb < p.M; mb += MB) {
+    const int64_t me = std::min(p.M, mb + MB);
+    for (int64_t gc = g0; gc < g1; gc += Tile::kGroups) {
+      const int64_t ng = std::min<int64_t>(Tile::kGroups, g1 - gc);
+      Tile::prepare(p, gc, ng, ctx);
+      int64_t m = mb;
+      for (; m + 4 <= me; m += 4) Tile::template run<4>(p, m, gc, ng, n0, n1, ctx);
+      if (m + 2 <= me) { Tile::template run<2>(p, m, gc, ng, n0, n1, ctx); m += 2; }
+      if (m < me) Tile::template run<1>(p, m, gc, ng, n0, n1, ctx);
+    }
+  }
+}
+
+struct NoCtx {};
+
+}  // namespace x8
+}  // namespace gguf
