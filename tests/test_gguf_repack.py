@@ -61,6 +61,15 @@ def test_repack_round_trips_and_keeps_the_size(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+def test_kernel_repack_equals_the_reference(qtype):
+    w = random_weight(qtype, 48, _k(qtype), seed=3)
+    with ops.use(ops.select("cpu", torch.float32, lib=lib)):
+        got = ops.gguf_repack(w)
+    ref = repack(w)
+    assert got.qtype == ref.qtype and torch.equal(got.data, ref.data)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_dequantized_rows_are_the_file_rows(qtype, isa, at_isa):
     at_isa(isa)

@@ -150,9 +150,10 @@ class ModelRunner:
     def reload_model(self) -> None:
         """Build the model and load its weights (again after a level-2 sleep dropped them)."""
         self.model = weights.build_model(self.arch, self.device, self.dtype, self.quantized)
-        weights.load_model_weights(self.model, self.model_path, self.arch, self.dtype, self.quantized,
-                                   int8=getattr(self, "gguf_int8", False),   # --quant-activations (issue 20 B)
-                                   repack=self.model_config.gguf_repack == "auto")
+        with ops.use(self.ops):     # the kernels repack weights at load
+            weights.load_model_weights(self.model, self.model_path, self.arch, self.dtype, self.quantized,
+                                       int8=getattr(self, "gguf_int8", False),   # --quant-activations (issue 20 B)
+                                       repack=self.model_config.gguf_repack == "auto")
         self._attach_fast()
 
     def _attach_fast(self) -> None:

@@ -22,8 +22,8 @@ import torch
 
 from lmserve.model.gguf import hf_name, unpermute
 from lmserve.model.parallel import shard_spec
+from lmserve import ops
 from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight, can_repack
-from lmserve.ops.gguf_blocks import repack as repacked
 
 logger = logging.getLogger(__name__)
 _MADV_DONTNEED = 4
@@ -75,7 +75,7 @@ def gguf_weights(reader, cfg, repack: bool = False) -> dict[str, GGUFWeight]:
         name = hf_name(t.name, cfg.architecture)
         if name is not None and (w := gguf_weight(t, name, cfg)) is not None:
             if repack and can_repack(w):
-                packed = repacked(w)
+                packed = ops.gguf_repack(w)
                 release_mapped_pages(reader, w.data)
                 w = packed
             out[name] = w

@@ -1,68 +1,65 @@
 """Architecture name -> model class. Adding an architecture is one file plus one line here."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
 from torch import nn
 
-from lmserve.model.bert import BertModel
-from lmserve.model.gemma3 import Gemma3ForCausalLM
-from lmserve.model.gemma3_vl import Gemma3VLForCausalLM
-from lmserve.model.idefics3 import Idefics3ForCausalLM
-from lmserve.model.llama import LlamaForCausalLM
-from lmserve.model.llava import LlavaForCausalLM
-from lmserve.model.llava_next import LlavaNextForCausalLM
-from lmserve.model.mixtral import MixtralForCausalLM
-from lmserve.model.phi3 import Phi3ForCausalLM
-from lmserve.model.qwen2_vl import Qwen2VLForCausalLM
-from lmserve.model.qwen3 import Qwen3ForCausalLM
-from lmserve.model.qwen3_moe import Qwen3MoeForCausalLM
-from lmserve.model.qwen3_vl import Qwen3VLForCausalLM
-
-_REGISTRY: dict[str, type[nn.Module]] = {
-    "llama": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,     # + q/k/v bias (ArchConfig.attention_bias)
-    "mistral": LlamaForCausalLM,   # + sliding window (ArchConfig.sliding_window, applied in the attention mask)
-    "qwen3": Qwen3ForCausalLM,     # + q/k RMSNorm per head
-    "qwen3_moe": Qwen3MoeForCausalLM,
-    "mixtral": MixtralForCausalLM,
-    "gemma3": Gemma3ForCausalLM,
-    "phi3": Phi3ForCausalLM,
+# Architecture -> "module:Class", imported on first use: a text model's start-up does not pay for importing every
+# vision model (and the transformers image utilities they pull in: ~4 s of a ~8 s warm start).
+_REGISTRY: dict[str, str] = {
+    "llama": "llama:LlamaForCausalLM",
+    "qwen2": "llama:LlamaForCausalLM",     # + q/k/v bias (ArchConfig.attention_bias)
+    "mistral": "llama:LlamaForCausalLM",   # + sliding window (ArchConfig.sliding_window, applied in the attention mask)
+    "qwen3": "qwen3:Qwen3ForCausalLM",     # + q/k RMSNorm per head
+    "qwen3_moe": "qwen3_moe:Qwen3MoeForCausalLM",
+    "mixtral": "mixtral:MixtralForCausalLM",
+    "gemma3": "gemma3:Gemma3ForCausalLM",
+    "phi3": "phi3:Phi3ForCausalLM",
     # vision-language models: a vision tower + projector feeding one of the decoders above (model/vlm_config.py)
-    "llava": LlavaForCausalLM,
-    "llava_next": LlavaNextForCausalLM,   # + anyres tiles, unpadding, image_newline
-    "idefics3": Idefics3ForCausalLM,
-    "smolvlm": Idefics3ForCausalLM,    # SmolVLM: the Idefics3 layout
-    "qwen2_vl": Qwen2VLForCausalLM,    # Qwen2 decoder + M-RoPE, dynamic-resolution ViT
-    "qwen2_5_vl": Qwen2VLForCausalLM,  # + window attention, RMSNorm and SwiGLU in the ViT
-    "gemma3_vl": Gemma3VLForCausalLM,  # model_type gemma3 with a vision_config: SigLIP + pooled projector
-    "qwen3_vl": Qwen3VLForCausalLM,    # Qwen3 decoder + interleaved M-RoPE + DeepStack, learned ViT positions
+    "llava": "llava:LlavaForCausalLM",
+    "llava_next": "llava_next:LlavaNextForCausalLM",   # + anyres tiles, unpadding, image_newline
+    "idefics3": "idefics3:Idefics3ForCausalLM",
+    "smolvlm": "idefics3:Idefics3ForCausalLM",    # SmolVLM: the Idefics3 layout
+    "qwen2_vl": "qwen2_vl:Qwen2VLForCausalLM",    # Qwen2 decoder + M-RoPE, dynamic-resolution ViT
+    "qwen2_5_vl": "qwen2_vl:Qwen2VLForCausalLM",  # + window attention, RMSNorm and SwiGLU in the ViT
+    "gemma3_vl": "gemma3_vl:Gemma3VLForCausalLM",  # model_type gemma3 with a vision_config: SigLIP + pooled projector
+    "qwen3_vl": "qwen3_vl:Qwen3VLForCausalLM",    # Qwen3 decoder + interleaved M-RoPE + DeepStack, learned ViT positions
 }
 
 # Encoders (bidirectional, no KV cache): served for embeddings only, by engine/encoder_runner.py
-_ENCODERS: dict[str, type[nn.Module]] = {
-    "bert": BertModel,
-    "roberta": BertModel,          # + positions from padding_idx + 1 (EncoderConfig.position_offset)
-    "xlm-roberta": BertModel,
+_ENCODERS: dict[str, str] = {
+    "bert": "bert:BertModel",
+    "roberta": "bert:BertModel",          # + positions from padding_idx + 1 (EncoderConfig.position_offset)
+    "xlm-roberta": "bert:BertModel",
 }
+
+
+def _load(spec: str) -> type[nn.Module]:
+    module, _, cls = spec.partition(":")
+    return getattr(importlib.import_module(f"lmserve.model.{module}"), cls)
+
 
 TASKS = ("auto", "generate", "embed", "score")
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:
     try:
-        return _REGISTRY[architecture]
+        spec = _REGISTRY[architecture]
     except KeyError:
         raise ValueError(f"architecture {architecture!r} is not supported; supported: {sorted(_REGISTRY)}") from None
+    return _load(spec)
 
 
 def get_encoder_class(architecture: str) -> type[nn.Module]:
     try:
-        return _ENCODERS[architecture]
+        spec = _ENCODERS[architecture]
     except KeyError:
         raise ValueError(f"encoder architecture {architecture!r} is not supported; supported: "
                          f"{sorted(_ENCODERS)}") from None
+    return _load(spec)
 
 
 def is_encoder(model_path: str) -> bool:

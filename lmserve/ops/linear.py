@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lmserve.ops import cpu_isa
 from lmserve.ops.base import CustomOp, cpu_lib, register
-from lmserve.ops.gguf_blocks import GGUFWeight
+from lmserve.ops.gguf_blocks import GGUFWeight, repack
 
 # C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple
 QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
@@ -113,6 +113,22 @@ class GGUFMatmulOp(CustomOp):
         if bias is not None:
             out.add_(bias)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+@register
+class GGUFRepackOp(CustomOp):
+    """gguf_repack(w: GGUFWeight Q4_0 / Q4_K, N a multiple of 8) -> the same weight in the int8 kernels' 8-row
+    groups (gguf_blocks.py repack is the reference; the kernel does it in parallel, ~0.1 s for a 1B model)."""
+    name = "gguf_repack"
+
+    def forward_native(self, w: GGUFWeight) -> GGUFWeight:
+        return repack(w)
+
+    def forward_cpu(self, w: GGUFWeight) -> GGUFWeight:
+        data = w.data.contiguous()
+        out = torch.empty_like(data)
+        cpu_lib().gguf_repack(out, data, _QTYPE_ID[w.qtype])
+        return GGUFWeight(w.qtype + "x8", out, w.shape)
 
 
 @register

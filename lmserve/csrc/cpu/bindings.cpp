@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_matmul", &gguf_matmul, nogil);
   m.def("gguf_matmul_parts", &gguf_matmul_parts, nogil);
   m.def("gguf_dequantize", &gguf_dequantize, nogil);
+  m.def("gguf_repack", &gguf_repack, nogil);
   m.def("gguf_isa", &gguf_isa);
   m.def("gguf_set_isa", &gguf_set_isa);
   m.def("gguf_set_vnni512", &gguf_set_vnni512);

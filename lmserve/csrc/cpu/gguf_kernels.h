@@ -39,6 +39,9 @@ void q4_0x8_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 void q4_0x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out);
 void q4_kx8_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 void q4_kx8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out);
+// group gr (rows 8 gr .. 8 gr + 7) of a file-layout matrix src -> its repacked bytes in dst (same offsets)
+void q4_0x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
+void q4_kx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define LMSERVE_GGUF_AVX2 1
 void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1);    // float activations, decode sizes

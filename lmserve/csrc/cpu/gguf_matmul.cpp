@@ -304,6 +304,20 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
   });
 }
 
+void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
+  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K, "gguf_repack: Q4_0 or Q4_K only");
+  const int qt = static_cast<int>(qtype);
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0 &&
+              w.size(1) % kBlockBytes[qt] == 0, "gguf_repack: whole blocks, whole groups of 8 contiguous rows");
+  TORCH_CHECK(out.sizes() == w.sizes() && out.scalar_type() == torch::kUInt8 && out.is_contiguous());
+  const int64_t ws = w.size(1), nb = ws / kBlockBytes[qt];
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, w.size(0) / 8, 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) (qt == Q4_0 ? q4_0x8_pack : q4_kx8_pack)(src, ws, g, nb, dst);
+  });
+}
+
 std::string built_baseline() {
 #ifdef LMSERVE_GGUF_AVX2
   return "avx2";

@@ -35,6 +35,17 @@ inline void gather_block(const uint8_t* w, int64_t ws, int64_t n, int64_t b, uin
 }
 }  // namespace
 
+void q4_0x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst) {
+  const uint8_t* rows = src + gr * 8 * ws;
+  uint8_t* g = dst + gr * 8 * ws;
+  for (int64_t b = 0; b < nb; ++b, g += kGroupBlockBytes)
+    for (int c = 0; c < 8; ++c) {
+      const uint8_t* blk = rows + c * ws + b * 18;
+      std::memcpy(g + 2 * c, blk, 2);
+      for (int t = 0; t < 4; ++t) std::memcpy(g + 16 + t * 32 + c * 4, blk + 2 + 4 * t, 4);
+    }
+}
+
 void q4_0x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out) {
   uint8_t blk[18];
   for (int64_t b = 0; b < nb; ++b) {

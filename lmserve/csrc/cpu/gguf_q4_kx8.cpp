@@ -94,6 +94,19 @@ inline void prepare_scales(const DotArgs& p, int64_t gr, int64_t ng, ScaleCtx& c
 }
 }  // namespace
 
+void q4_kx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst) {
+  const uint8_t* rows = src + gr * 8 * ws;
+  uint8_t* g = dst + gr * 8 * ws;
+  for (int64_t b = 0; b < nb; ++b, g += kGroupBlockBytes)
+    for (int c = 0; c < 8; ++c) {
+      const uint8_t* blk = rows + c * ws + b * 144;
+      std::memcpy(g + 2 * c, blk, 2);
+      std::memcpy(g + 16 + 2 * c, blk + 2, 2);
+      for (int k = 0; k < 3; ++k) std::memcpy(g + 32 + 32 * k + 4 * c, blk + 4 + 4 * k, 4);
+      for (int i = 0; i < 32; ++i) std::memcpy(g + 128 + i * 32 + c * 4, blk + 16 + 4 * i, 4);
+    }
+}
+
 void q4_kx8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out) {
   uint8_t blk[144];
   for (int64_t b = 0; b < nb; ++b) {
