@@ -230,8 +230,10 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
     const Scales& sa = ctx.s[b];
     const Scales& sb = ctx.s[(NG - 1) * nb + b];
     for (int j = 0; j < 4; ++j) {
-      __m512i s0[RM], s1[RM];
-      for (int m = 0; m < RM; ++m) s0[m] = s1[m] = _mm512_setzero_si512();
+      // four integer chains per row (even / odd t for each sub-block), added at the end: exact, and a decode
+      // row's dots do not wait on one another
+      __m512i s0[2][RM], s1[2][RM];
+      for (int m = 0; m < RM; ++m) s0[0][m] = s1[0][m] = s0[1][m] = s1[1][m] = _mm512_setzero_si512();
       #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
         const int64_t off = 128 + (j * 8 + t) * 32;
@@ -242,16 +244,20 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
         const __m512i lo = _mm512_and_si512(v, lo_mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
         for (int m = 0; m < RM; ++m) {
           const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 256 + 64 * j;
-          s0[m] = _mm512_dpbusd_epi32(s0[m], lo, _mm512_set1_epi32(load_i32(qx + 4 * t)));
-          s1[m] = _mm512_dpbusd_epi32(s1[m], hi, _mm512_set1_epi32(load_i32(qx + 32 + 4 * t)));
+          s0[t & 1][m] = _mm512_dpbusd_epi32(s0[t & 1][m], lo, _mm512_set1_epi32(load_i32(qx + 4 * t)));
+          s1[t & 1][m] = _mm512_dpbusd_epi32(s1[t & 1][m], hi, _mm512_set1_epi32(load_i32(qx + 32 + 4 * t)));
         }
+      }
+      for (int m = 0; m < RM; ++m) {
+        s0[0][m] = _mm512_add_epi32(s0[0][m], s0[1][m]);
+        s1[0][m] = _mm512_add_epi32(s1[0][m], s1[1][m]);
       }
       for (int h = 0; h < 2; ++h) {
         const int s = 2 * j + h;
         const __m512 scv = two(sa.sc[s], sb.sc[s]), mnv = two(sa.mn[s], sb.mn[s]);
         for (int m = 0; m < RM; ++m) {
           const int64_t gi = (m0 + m) * ng + b * 8 + s;
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h ? s1[m] : s0[m]),
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h ? s1[0][m] : s0[0][m]),
                                    _mm512_mul_ps(scv, _mm512_set1_ps(p.a->dx[gi])), acc[m]);
           acc[m] = _mm512_fmadd_ps(mnv, _mm512_set1_ps(p.a->sx[gi]), acc[m]);
         }
