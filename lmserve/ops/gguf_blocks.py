@@ -86,8 +86,35 @@ def unpack_q4_kx8(w: GGUFWeight) -> GGUFWeight:
     return GGUFWeight("Q4_K", rows.reshape(n, nb * 144), w.shape)
 
 
-REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8}
-REPACKED = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8}
+# ---- Q6_K likewise (csrc/cpu/gguf_q6_kx8.cpp) ----------------------------------------------------------------
+def repack_q6_kx8(w: GGUFWeight) -> GGUFWeight:
+    """A Q6_K [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, the 16 scales as [scale][row],
+    ql as [4-byte chunk][row][4], qh likewise."""
+    n, k = w.shape
+    nb = k // 256
+    blocks = w.data.reshape(n // 8, 8, nb, 210).permute(0, 2, 1, 3)          # [group, block, row, bytes]
+    ql = blocks[..., :128].reshape(n // 8, nb, 8, 32, 4).transpose(2, 3)
+    qh = blocks[..., 128:192].reshape(n // 8, nb, 8, 16, 4).transpose(2, 3)
+    out = torch.cat([blocks[..., 208:210].reshape(n // 8, nb, 16),
+                     blocks[..., 192:208].transpose(2, 3).reshape(n // 8, nb, 128),
+                     ql.reshape(n // 8, nb, 1024), qh.reshape(n // 8, nb, 512)], dim=-1)
+    return GGUFWeight("Q6_Kx8", out.reshape(n, nb * 210), w.shape)
+
+
+def unpack_q6_kx8(w: GGUFWeight) -> GGUFWeight:
+    n, k = w.shape
+    nb = k // 256
+    g = w.data.reshape(n // 8, nb, 1680)
+    d = g[..., :16].reshape(n // 8, nb, 8, 2)
+    sc = g[..., 16:144].reshape(n // 8, nb, 16, 8).transpose(2, 3)
+    ql = g[..., 144:1168].reshape(n // 8, nb, 32, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 128)
+    qh = g[..., 1168:].reshape(n // 8, nb, 16, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 64)
+    rows = torch.cat([ql, qh, sc, d], dim=-1).permute(0, 2, 1, 3)
+    return GGUFWeight("Q6_K", rows.reshape(n, nb * 210), w.shape)
+
+
+REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8}
+REPACKED = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8}
 
 
 def can_repack(w: GGUFWeight) -> bool:
