@@ -47,11 +47,7 @@ void q4_0x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t
 }
 
 void q4_0x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out) {
-  uint8_t blk[18];
-  for (int64_t b = 0; b < nb; ++b) {
-    gather_block(w, ws, n, b, blk);
-    dequant_block(Q4_0, blk, out + b * 32);
-  }
+  x8::file_rows<Q4_0>(gather_block, w, ws, n, nb, out);
 }
 
 // the reference: the same per-output operations in plain scalar code

@@ -51,11 +51,7 @@ void q6_kx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t
 }
 
 void q6_kx8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out) {
-  uint8_t blk[210];
-  for (int64_t b = 0; b < nb; ++b) {
-    gather_block(w, ws, n, b, blk);
-    dequant_block(Q6_K, blk, out + b * 256);
-  }
+  x8::file_rows<Q6_K>(gather_block, w, ws, n, nb, out);
 }
 
 void q6_kx8_scalar(const DotArgs& p, int64_t n0, int64_t n1) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include "gguf_blocks.h"
 #include "gguf_kernels.h"
 
 namespace gguf {
@@ -48,6 +49,17 @@ void blocked(const DotArgs& p, int64_t n0, int64_t n1) {
 }
 
 struct NoCtx {};
+
+// row n of a repacked matrix in file order, as float32: each block gathered back to its file bytes (Gather: the
+// layout's inverse for one block) and dequantized by the reference
+template <int QT, class Gather>
+void file_rows(Gather gather, const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out) {
+  uint8_t blk[kBlockBytes[QT]];
+  for (int64_t b = 0; b < nb; ++b) {
+    gather(w, ws, n, b, blk);
+    dequant_block(QT, blk, out + b * kBlockElems[QT]);
+  }
+}
 
 }  // namespace x8
 }  // namespace gguf
