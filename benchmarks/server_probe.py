@@ -47,9 +47,13 @@ def llama_cpp_version(peers_dir: str) -> str:
 BUILD_TOOLS = {"cc1plus", "cc1", "c++", "g++", "gcc", "as", "ld", "collect2", "ninja", "sh"}
 
 
-def tree_memory(pid: int) -> dict:
-    """RSS / PSS / USS in bytes, summed over the process and its descendants (build tools left out)."""
-    total = {"rss": 0, "pss": 0, "uss": 0}
+def tree_memory(pid: int, full: bool = True) -> dict:
+    """RSS / PSS / USS in bytes, summed over the process and its descendants (build tools left out).
+
+    full=False reads RSS only (/proc/PID/statm, microseconds). PSS and USS walk /proc/PID/smaps: 20-60 ms of kernel
+    time for a server with a model mapped, on one of the cores the server computes on, so the watcher must not
+    read them: polled every 0.2 s they cut lmserve's measured decode by 25% (39.6 -> 29.9 tok/s, 1B Q4_0)."""
+    total = {"rss": 0, "pss": 0, "uss": 0} if full else {"rss": 0}
     try:
         procs = [psutil.Process(pid)]
         procs += procs[0].children(recursive=True)
@@ -59,7 +63,7 @@ def tree_memory(pid: int) -> dict:
         try:
             if p.pid != pid and p.name() in BUILD_TOOLS:
                 continue
-            m = p.memory_full_info()
+            m = p.memory_full_info() if full else p.memory_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         for k in total:
@@ -87,7 +91,7 @@ class Server:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
-            rss = tree_memory(self.proc.pid)["rss"]
+            rss = tree_memory(self.proc.pid, full=False)["rss"]
             self.peak_rss = max(self.peak_rss, rss)
             # NOTE: also when the machine runs short: it is shared, and the OOM killer might pick someone else
             short = psutil.virtual_memory().available < self.min_free
