@@ -25,6 +25,7 @@ from lmserve.engine.spec_decode import SpecDecoder, check_supported
 from lmserve.engine.weights import memory_stats
 from lmserve.generation_config import describe as describe_generation_defaults
 from lmserve.generation_config import load_generation_defaults
+from lmserve.model.gguf import release_readers
 from lmserve.model.loader import resolve_model_path
 from lmserve.model.registry import is_encoder, resolve_task
 from lmserve.outputs import (CompletionOutput, EmbeddingOutput, FinishReason, RequestMetrics, RequestOutput)
@@ -131,6 +132,7 @@ class LLMEngine:
         self.fault_stats = FaultStats()
         if config.fault_injection:      # test-only (engine/fault.py)
             FaultInjector(self, config.fault_injection)
+        release_readers()     # start-up's parsed GGUF metadata (model/gguf.py)
 
     @property
     def runner(self):

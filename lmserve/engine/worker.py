@@ -21,6 +21,7 @@ from lmserve.engine.distributed import (OP_EXECUTE, OP_HEARTBEAT, OP_SHUTDOWN, O
                                         OP_WAKEUP, Channel, decode_batch, free_port, init_process_group,
                                         rank_device, rank_model_config, ranks_per_node)
 from lmserve.engine.model_runner import ModelRunner, sleep_runner, wakeup_runner
+from lmserve.model.gguf import release_readers
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def run_worker(config: EngineConfig, model_path: str, rank: int, master_port: in
         device = rank_device(config, rank)
         runner = ModelRunner(rank_model_config(config), config.cache, model_path, config.scheduler.max_num_seqs,
                              config.model.max_model_len, tp_rank=rank, tp_size=config.tp, device=device)
+        release_readers()
         serve(runner, Channel(device))
     except KeyboardInterrupt:
         pass
