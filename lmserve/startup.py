@@ -3,6 +3,7 @@ terminals only) while a phase runs longer than a few seconds, so a slow first st
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import threading
 import time
@@ -17,6 +18,17 @@ def process_age_s() -> float:
     """Seconds since this process started (imports included), for the "ready" line."""
     import psutil
     return time.time() - psutil.Process().create_time()
+
+
+def trim_heap() -> None:
+    """Hand the heap that start-up freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Why: parsing a GGUF's vocabulary and converting its tokenizer free hundreds of MiB that glibc keeps in its
+    arenas, counted in the server's RSS for its whole life (73 MiB for Gemma 3 270M after its reader is freed)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def progress(items: Iterable, desc: str, total: int | None = None, unit: str = "it") -> Iterator:

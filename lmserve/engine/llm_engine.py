@@ -30,7 +30,7 @@ from lmserve.model.loader import resolve_model_path
 from lmserve.model.registry import is_encoder, resolve_task
 from lmserve.outputs import (CompletionOutput, EmbeddingOutput, FinishReason, RequestMetrics, RequestOutput)
 from lmserve.sampling_params import SamplingParams
-from lmserve.startup import phase
+from lmserve.startup import phase, trim_heap
 from lmserve.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class LLMEngine:
         if config.fault_injection:      # test-only (engine/fault.py)
             FaultInjector(self, config.fault_injection)
         release_readers()     # start-up's parsed GGUF metadata (model/gguf.py)
+        trim_heap()
 
     @property
     def runner(self):

@@ -22,6 +22,7 @@ from lmserve.engine.distributed import (OP_EXECUTE, OP_HEARTBEAT, OP_SHUTDOWN, O
                                         rank_device, rank_model_config, ranks_per_node)
 from lmserve.engine.model_runner import ModelRunner, sleep_runner, wakeup_runner
 from lmserve.model.gguf import release_readers
+from lmserve.startup import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def run_worker(config: EngineConfig, model_path: str, rank: int, master_port: in
         runner = ModelRunner(rank_model_config(config), config.cache, model_path, config.scheduler.max_num_seqs,
                              config.model.max_model_len, tp_rank=rank, tp_size=config.tp, device=device)
         release_readers()
+        trim_heap()
         serve(runner, Channel(device))
     except KeyboardInterrupt:
         pass
