@@ -84,3 +84,21 @@ def test_gemma3_270m_served_with_chat_template(gemma_path, hf_gemma, tmp_path):
     assert resp.usage.prompt_tokens == len(prompt_ids)
     assert choice.message.content == tok.decode(ref[:end])
     assert choice.finish_reason == ("stop" if end < len(ref) else "length")
+
+
+def test_gemma3_270m_default_path_repacked_vs_file_layout(gemma_path):
+    """The served default (int8 activations; Q5_0, Q4_K and Q6_K matrices repacked in 8-row groups) against the same
+    int8 kernels on the file's layout: the repacked kernels sum each output in another order (float rounding only),
+    so the first 32 greedy tokens on the 4 prompts must be the same. Deterministic on every CPU kind: both paths
+    return the same bits on every ISA (tests/test_gguf_repack.py, test_gguf_batch_invariance.py)."""
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    tokens, repacked = {}, {}
+    for mode in ("auto", "none"):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=gemma_path, gguf_repack=mode),
+                                        cache=CacheConfig(num_blocks=128)))
+        repacked[mode] = {p.qtype for m in engine.runner.model.modules() if hasattr(m, "linear_method")
+                          for p in getattr(m.linear_method, "parts", [])}
+        tokens[mode] = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
+        del engine
+    assert {"Q5_0x8", "Q4_Kx8", "Q6_Kx8"} <= repacked["auto"] and not any(q.endswith("x8") for q in repacked["none"])
+    assert tokens["auto"] == tokens["none"]
