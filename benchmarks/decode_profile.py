@@ -2,16 +2,19 @@
 logits, sampling, and the Python around them, by wrapping the runner's op table and phases with timers.
 
     python benchmarks/decode_profile.py [--dtype auto|float32] [--threads 1,2] [--int8-dot on,off] [--steps 100]
+        [--prefill 512]
 
 Each (threads, int8-dot) configuration runs in turn on the same engine (the model loads once per dtype), with
 one 128-token prompt prefilled and then --steps decode steps timed. The timers cost ~0.1 us per call (~250 calls
 per step); "python + glue" is what is left of the step after the timed parts. Comparing --threads 1 with 2 shows
-which ops gain from the second thread and which mostly pay OpenMP's fork/join.
+which ops gain from the second thread and which mostly pay OpenMP's fork/join. --prefill N profiles the step that
+prefills one N-token prompt instead (best of 3 prompts, one step each: the step budget is raised to N).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import sys
 import time
@@ -22,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from engine_vs_hf import make_prompts  # noqa: E402
 
-from lmserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from lmserve.engine.llm_engine import LLMEngine  # noqa: E402
 from lmserve.sampling_params import SamplingParams  # noqa: E402
 
@@ -83,6 +86,26 @@ def profile(engine: LLMEngine, steps: int, tag: str) -> None:
     sys.stdout.flush()
 
 
+def profile_prefill(engine: LLMEngine, n: int, tag: str) -> None:
+    best = None
+    for i, prompt in enumerate(make_prompts(engine.tokenizer, 3, n)):
+        engine.add_request(f"{tag}-{i}", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        TIMES.clear()
+        while engine.has_unfinished():
+            engine.step()
+        if best is None or TIMES["STEP"] < best["STEP"]:
+            best = dict(TIMES)
+    t = {k: v * 1000 for k, v in best.items()}
+    step, forward = t.pop("STEP"), t.pop("FORWARD")
+    ops_ms = sum(v for k, v in t.items() if not k.startswith("runner."))
+    print(f"\n### {tag}: prefill of {n} tokens {step:.0f} ms = {n / step * 1000:.0f} tok/s "
+          f"(uptime: {os.getloadavg()[0]:.2f})")
+    print("| part | ms | share |\n|---|---:|---:|")
+    for k, v in sorted(t.items(), key=lambda kv: -kv[1]) + [("forward: python + glue", forward - ops_ms)]:
+        print(f"| {k} | {v:.1f} | {100 * v / step:.1f}% |")
+    sys.stdout.flush()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -90,16 +113,19 @@ def main():
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--int8-dot", default="on")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead of decode steps")
     args = ap.parse_args()
     for int8 in args.int8_dot.split(","):
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype,
                                                           quant_activations="int8" if int8 == "on" else "float"),
-                                        cache=CacheConfig(num_blocks=512)))
+                                        cache=CacheConfig(num_blocks=512),
+                                        scheduler=SchedulerConfig(max_num_batched_tokens=max(512, args.prefill))))
         instrument(engine)
         for threads in (int(n) for n in args.threads.split(",")):
             torch.set_num_threads(threads)
-            profile(engine, args.steps, f"--dtype {args.dtype} ({engine.runner.matmul_precision} matmuls), "
-                                        f"int8-dot {int8}, {threads} threads")
+            run = functools.partial(profile_prefill, engine, args.prefill) if args.prefill else \
+                functools.partial(profile, engine, args.steps)
+            run(f"--dtype {args.dtype} ({engine.runner.matmul_precision} matmuls), int8-dot {int8}, {threads} threads")
 
 
 if __name__ == "__main__":

@@ -313,7 +313,8 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
 }
 
 void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
-  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K || qtype == Q6_K || qtype == Q5_0, "gguf_repack: Q4_0, Q4_K, Q6_K or Q5_0 only");
+  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K || qtype == Q6_K || qtype == Q5_0,
+              "gguf_repack: Q4_0, Q4_K, Q6_K or Q5_0 only");
   const int qt = static_cast<int>(qtype);
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0 &&
               w.size(1) % kBlockBytes[qt] == 0, "gguf_repack: whole blocks, whole groups of 8 contiguous rows");

@@ -86,7 +86,8 @@ struct HighBits {
     const __m256i base = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
                                           0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
     for (int h = 0; h < 2; ++h)
-      for (int t = 0; t < 4; ++t) idx[h * 4 + t] = _mm256_add_epi8(base, _mm256_set1_epi8(static_cast<char>(2 * h + t / 2)));
+      for (int t = 0; t < 4; ++t)
+        idx[h * 4 + t] = _mm256_add_epi8(base, _mm256_set1_epi8(static_cast<char>(2 * h + t / 2)));
     bit[0] = _mm256_set1_epi32(0x08040201);
     bit[1] = _mm256_set1_epi32(static_cast<int>(0x80402010u));
   }
@@ -163,7 +164,8 @@ template <int NG>
 inline __m512i load2(const uint8_t* a, const uint8_t* b, int64_t off) {
   const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + off));
   if (NG == 1) return _mm512_castsi256_si512(va);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(va), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + off)), 1);
+  const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + off));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(va), vb, 1);
 }
 
 // HighBits on 4 128-bit quarters: the quarters hold lanes 0-3, 4-7 of group a, then of group b
@@ -209,8 +211,8 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
       }
     }
     const __m128i ha = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ba));
-    const __m512 d = _mm512_cvtph_ps(NG == 2 ? _mm256_inserti128_si256(_mm256_castsi128_si256(ha),
-                                                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(bb)), 1)
+    const __m128i hb16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bb));
+    const __m512 d = _mm512_cvtph_ps(NG == 2 ? _mm256_inserti128_si256(_mm256_castsi128_si256(ha), hb16, 1)
                                              : _mm256_castsi128_si256(ha));
     for (int m = 0; m < RM; ++m) {
       const __m512i idot = _mm512_add_epi32(s0[m], s1[m]);
