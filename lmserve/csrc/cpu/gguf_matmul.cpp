@@ -101,6 +101,15 @@ void gemm_tiles(float* out, int64_t ldo, const at::Tensor& x, const uint8_t* w, 
   }
 }
 
+// Decode calls of a few rows on AVX512-VNNI CPUs run the AVX2 tiles (bit for bit the same results): those read a
+// thread's column range one group at a time, as one sequential stream, in 8-lane registers. The AVX512 tiles read
+// two groups per register, two interleaved streams that restart at every group pair (9 KB each at K = 2048), and
+// with one row there is no reuse to pay for it: on a Zen 4 host, with the weights in DRAM as in a model's decode,
+// they measured 1.6-1.9x slower at M = 1-2 for Q4_0 / Q4_K. Q6_K keeps its AVX512 tiles: its unpacking costs more
+// than the second stream (its AVX2 tile measured 1.3x slower in a 1B model's decode). Half-filled 512-bit
+// registers are no cure: Zen 4 executes them as two 256-bit halves.
+constexpr int64_t kStreamRows = 2;
+
 // the int8 GEMM on a repacked part (gguf_x8.h), on the best of its kernels this call may use
 void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool avx2, [[maybe_unused]] bool vnni512) {
   using Fn = void (*)(const DotArgs&, int64_t, int64_t);
@@ -110,7 +119,7 @@ void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool a
   static constexpr Fn kAvx2[] = {q4_0x8_avx2, q4_kx8_avx2, q6_kx8_avx2, q5_0x8_avx2};
   static constexpr Fn kVnni[] = {q4_0x8_avx512vnni, q4_kx8_avx512vnni, q6_kx8_avx512vnni,
                                   q5_0x8_avx512vnni};
-  if (avx2) return (vnni512 ? kVnni : kAvx2)[i](p, n0, n1);
+  if (avx2) return (vnni512 && (p.M > kStreamRows || p.qt == Q6_KX8) ? kVnni : kAvx2)[i](p, n0, n1);
 #endif
   kScalar[i](p, n0, n1);
 }

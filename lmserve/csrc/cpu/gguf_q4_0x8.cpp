@@ -133,6 +133,7 @@ void q4_0x8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<Avx2Til
 // ---- AVX512-VNNI: two groups (16 columns) per register, vpdpbusd in place of maddubs + add + madd -----------------
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#include "gguf_x8_avx512.h"
 
 namespace gguf {
 namespace {
@@ -157,10 +158,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     }
     #pragma GCC unroll 4
     for (int t = 0; t < 4; ++t) {
-      const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ba + 16 + t * 32));
-      const __m512i v = NG == 2 ? _mm512_inserti64x4(_mm512_castsi256_si512(va),
-                                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bb + 16 + t * 32)), 1)
-                                : _mm512_castsi256_si512(va);
+      const __m512i v = x8::load2<NG>(ba, bb, 16 + t * 32);
       const __m512i lo = _mm512_and_si512(v, lo_mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
       for (int m = 0; m < RM; ++m) {
         const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 32;
@@ -168,10 +166,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
         s1[m] = _mm512_dpbusd_epi32(s1[m], hi, _mm512_set1_epi32(load_i32(qx + 16 + 4 * t)));
       }
     }
-    const __m128i ha = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ba));
-    const __m512 d = _mm512_cvtph_ps(NG == 2 ? _mm256_inserti128_si256(_mm256_castsi128_si256(ha),
-                                                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(bb)), 1)
-                                             : _mm256_castsi128_si256(ha));
+    const __m512 d = x8::scales2<NG>(ba, bb);
     for (int m = 0; m < RM; ++m) {
       const __m512i idot = _mm512_add_epi32(s0[m], s1[m]);
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot), _mm512_mul_ps(d, _mm512_set1_ps(p.a->dx[(m0 + m) * nb + b])),
@@ -198,10 +193,7 @@ struct VnniTile {
 
 }  // namespace
 
-void q4_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
-  if (p.M <= x8::kStreamRows) return q4_0x8_avx2(p, n0, n1);   // one stream per thread (gguf_x8.h kStreamRows)
-  x8::blocked<VnniTile>(p, n0, n1);
-}
+void q4_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<VnniTile>(p, n0, n1); }
 
 }  // namespace gguf
 

@@ -294,10 +294,7 @@ struct VnniTile {
 
 }  // namespace
 
-void q4_kx8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
-  if (p.M <= x8::kStreamRows) return q4_kx8_avx2(p, n0, n1);   // one stream per thread (gguf_x8.h kStreamRows)
-  x8::blocked<VnniTile>(p, n0, n1);
-}
+void q4_kx8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<VnniTile>(p, n0, n1); }
 
 }  // namespace gguf
 

@@ -156,17 +156,10 @@ void q5_0x8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<Avx2Til
 // ---- AVX512-VNNI: two groups (16 columns) per register; a fifth bit adds 16 under a byte mask -------------------
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#include "gguf_x8_avx512.h"
 
 namespace gguf {
 namespace {
-
-template <int NG>
-inline __m512i load2(const uint8_t* a, const uint8_t* b, int64_t off) {
-  const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + off));
-  if (NG == 1) return _mm512_castsi256_si512(va);
-  const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + off));
-  return _mm512_inserti64x4(_mm512_castsi256_si512(va), vb, 1);
-}
 
 // HighBits on 4 128-bit quarters: the quarters hold lanes 0-3, 4-7 of group a, then of group b
 struct HighBits512 {
@@ -193,7 +186,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* ba = ga + b * kGroupBlockBytes;
     const uint8_t* bb = gb + b * kGroupBlockBytes;
-    const __m512i qh = load2<NG>(ba, bb, kQh);
+    const __m512i qh = x8::load2<NG>(ba, bb, kQh);
     __m512i s0[RM], s1[RM];
     for (int m = 0; m < RM; ++m) {
       s0[m] = _mm512_set1_epi32(-16 * p.a->qsum[(m0 + m) * nb + b]);
@@ -201,7 +194,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
     }
     #pragma GCC unroll 4
     for (int t = 0; t < 4; ++t) {
-      const __m512i v = load2<NG>(ba, bb, kQs + t * 32);
+      const __m512i v = x8::load2<NG>(ba, bb, kQs + t * 32);
       const __m512i lo = hb.add(_mm512_and_si512(v, lo_mask), qh, 0, t);
       const __m512i hi = hb.add(_mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask), qh, 1, t);
       for (int m = 0; m < RM; ++m) {
@@ -210,10 +203,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
         s1[m] = _mm512_dpbusd_epi32(s1[m], hi, _mm512_set1_epi32(load_i32(qx + 16 + 4 * t)));
       }
     }
-    const __m128i ha = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ba));
-    const __m128i hb16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bb));
-    const __m512 d = _mm512_cvtph_ps(NG == 2 ? _mm256_inserti128_si256(_mm256_castsi128_si256(ha), hb16, 1)
-                                             : _mm256_castsi128_si256(ha));
+    const __m512 d = x8::scales2<NG>(ba, bb);
     for (int m = 0; m < RM; ++m) {
       const __m512i idot = _mm512_add_epi32(s0[m], s1[m]);
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot), _mm512_mul_ps(d, _mm512_set1_ps(p.a->dx[(m0 + m) * nb + b])),
@@ -240,10 +230,7 @@ struct VnniTile {
 
 }  // namespace
 
-void q5_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
-  if (p.M <= x8::kStreamRows) return q5_0x8_avx2(p, n0, n1);   // one stream per thread (gguf_x8.h kStreamRows)
-  x8::blocked<VnniTile>(p, n0, n1);
-}
+void q5_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<VnniTile>(p, n0, n1); }
 
 }  // namespace gguf
 

@@ -165,16 +165,10 @@ void q6_kx8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<Avx2Til
 // ---- AVX512-VNNI: two groups (16 columns) per register; vpdpbusd seeded with -32 x the half's activation sum ----
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#include "gguf_x8_avx512.h"
 
 namespace gguf {
 namespace {
-
-template <int NG>
-inline __m512i load2(const uint8_t* a, const uint8_t* b, int64_t off) {
-  const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + off));
-  if (NG == 1) return _mm512_castsi256_si512(va);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(va), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + off)), 1);
-}
 
 template <int RM, int NG>
 void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
@@ -187,10 +181,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* ba = ga + b * kGroupBlockBytes;
     const uint8_t* bb = gb + b * kGroupBlockBytes;
-    const __m128i da16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ba));
-    const __m512 dv = _mm512_cvtph_ps(NG == 2 ? _mm256_inserti128_si256(_mm256_castsi128_si256(da16),
-                                                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(bb)), 1)
-                                              : _mm256_castsi128_si256(da16));
+    const __m512 dv = x8::scales2<NG>(ba, bb);
     for (int s = 0; s < 8; ++s) {
       const int h = s / 4, i = s % 4;
       __m512i half[2][RM];
@@ -202,8 +193,8 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
       }
       #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
-        const __m512i v = load2<NG>(ba, bb, kQl + (h * 16 + (i & 1) * 8 + t) * 32);
-        const __m512i vh = load2<NG>(ba, bb, kQh + (h * 8 + t) * 32);
+        const __m512i v = x8::load2<NG>(ba, bb, kQl + (h * 16 + (i & 1) * 8 + t) * 32);
+        const __m512i vh = x8::load2<NG>(ba, bb, kQh + (h * 8 + t) * 32);
         const __m512i lo = _mm512_and_si512(i >= 2 ? _mm512_srli_epi16(v, 4) : v, m4);
         const __m512i hb = _mm512_and_si512(_mm512_srl_epi16(vh, _mm_cvtsi32_si128(2 * i)), m2);
         const __m512i q = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));

@@ -48,15 +48,6 @@ void blocked(const DotArgs& p, int64_t n0, int64_t n1) {
   }
 }
 
-// Decode calls of a few rows on AVX512-VNNI CPUs run the AVX2 tiles (bit for bit the same results): those read a
-// thread's column range one group at a time, as one sequential stream, in 8-lane registers. The AVX512 tiles read
-// two groups per register, two interleaved streams that restart at every group pair (9 KB each at K = 2048), and
-// with one row there is no reuse to pay for it: on a Zen 4 host, with the weights in DRAM as in a model's decode,
-// they measured 1.6-1.9x slower at M = 1-2 for Q4_0 / Q4_K. Q6_K keeps its AVX512 tiles: its unpacking costs more
-// than the second stream (its AVX2 tile measured 1.3x slower in a 1B model's decode). Half-filled 512-bit
-// registers are no cure: Zen 4 executes them as two 256-bit halves.
-constexpr int64_t kStreamRows = 2;
-
 struct NoCtx {};
 
 // row n of a repacked matrix in file order, as float32: each block gathered back to its file bytes (Gather: the

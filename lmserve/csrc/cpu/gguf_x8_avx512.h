@@ -1,0 +1,30 @@
+// The AVX512 tiles' shared loads on weights repacked in groups of 8 rows (gguf_x8.h): included by gguf_q4_0x8.cpp,
+// gguf_q6_kx8.cpp and gguf_q5_0x8.cpp inside their `#pragma GCC target` AVX512 section, so it needs no flags of
+// its own. NG = 2: groups a and b side by side, 16 lanes; NG = 1: group a alone in the low 8.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+namespace gguf {
+namespace x8 {
+
+// the 32 bytes at `off` of group a's block (and of group b's)
+template <int NG>
+inline __m512i load2(const uint8_t* a, const uint8_t* b, int64_t off) {
+  const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + off));
+  if (NG == 1) return _mm512_castsi256_si512(va);
+  const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + off));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(va), vb, 1);
+}
+
+// the 8 rows' fp16 scales at the start of group a's block (and of group b's), as floats
+template <int NG>
+inline __m512 scales2(const uint8_t* a, const uint8_t* b) {
+  const __m128i ha = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  if (NG == 1) return _mm512_cvtph_ps(_mm256_castsi128_si256(ha));
+  const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(ha), hb, 1));
+}
+
+}  // namespace x8
+}  // namespace gguf
