@@ -22,7 +22,9 @@ NUM_TOKENS = 16
 
 def make_engine(path: str, backend: str) -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model=ModelConfig(model=path, attention_backend=backend, dtype="float32"),   # exact mode
+        # exact mode; the C++ kernels are CPU-only, so "cpp" pins the CPU (a GPU host runs "torch" on its GPU)
+        model=ModelConfig(model=path, attention_backend=backend, dtype="float32",
+                          device="cpu" if backend == "cpp" else "auto"),
         cache=CacheConfig(block_size=8, num_blocks=256, enable_prefix_caching=True),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24)))   # 24: prompts prefill in chunks
 

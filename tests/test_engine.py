@@ -26,9 +26,9 @@ PROMPTS = [
 
 
 def make_engine(model: str, num_blocks: int = 512, prefix: bool = True, max_num_seqs: int = 64,
-                budget: int = 256, block_size: int = 16, kernels: str = "auto") -> LLMEngine:
+                budget: int = 256, block_size: int = 16, kernels: str = "auto", device: str = "auto") -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model=ModelConfig(model=model, dtype="float32", kernels=kernels),   # exact mode: compared with transformers
+        model=ModelConfig(model=model, dtype="float32", kernels=kernels, device=device),   # exact mode: compared with transformers
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)))
 
@@ -163,7 +163,7 @@ def test_preemption_with_tiny_cache(prompt_ids):
 
 
 def test_n_shares_prompt_blocks(smol_engine, prompt_ids):
-    prompt = (prompt_ids[2] * 3)[:70]
+    prompt = (prompt_ids[2] * 5)[:70]   # 70 tokens: 4 full blocks of 16 to share
     hits_before = smol_engine.block_manager.prefix_cache_hits
     out = smol_engine.generate([prompt], SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=3,
                                                         ignore_eos=True))[0]
@@ -251,11 +251,15 @@ def _prompt_logprobs(engine, ids) -> torch.Tensor:
 
 def test_cpp_fast_path_matches_pytorch_reference(smol_engine, prompt_ids):
     """Fused C++ kernels + quantized matmul vs the pure-PyTorch path, on a 4-sequence batch with decode."""
-    ref = LLMEngine(EngineConfig(model=ModelConfig(attention_backend="torch", weights="float", dtype="float32"),
+    ref = LLMEngine(EngineConfig(model=ModelConfig(attention_backend="torch", weights="float", dtype="float32",
+                                                   device="cpu"),
                                  cache=CacheConfig(num_blocks=256)))
-    assert ref.runner.kernel is None and smol_engine.runner.kernel is not None
+    # the C++ kernels are CPU-only: on a GPU host smol_engine runs on the GPU
+    engine = smol_engine if smol_engine.runner.device.type == "cpu" else \
+        make_engine(default_model_path(), num_blocks=256, device="cpu")
+    assert ref.runner.kernel is None and engine.runner.kernel is not None
     ids = prompt_ids[:4]
-    fast, slow = smol_engine.generate(ids, greedy(12, logprobs=1)), ref.generate(ids, greedy(12, logprobs=1))
+    fast, slow = engine.generate(ids, greedy(12, logprobs=1)), ref.generate(ids, greedy(12, logprobs=1))
     for a, b in zip(fast, slow):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
@@ -264,7 +268,7 @@ def test_cpp_fast_path_matches_pytorch_reference(smol_engine, prompt_ids):
 
 def test_bfloat16_matmuls_close_to_float32(smol_hf, prompt_ids):
     """matmul_dtype bfloat16 (--dtype bfloat16 on CPU) is not exact, but stays close to the float32 reference."""
-    engine = LLMEngine(EngineConfig(model=ModelConfig(matmul_dtype="bfloat16", weights="float"),
+    engine = LLMEngine(EngineConfig(model=ModelConfig(matmul_dtype="bfloat16", weights="float", device="cpu"),
                                     cache=CacheConfig(num_blocks=256)))
     methods = [getattr(m, "linear_method", None) for m in engine.runner.model.modules()]
     packed = [m.packed for m in methods if hasattr(m, "packed")]
