@@ -1,10 +1,12 @@
 """Offline decode throughput: lmserve's engine vs Hugging Face transformers, same weights, same run.
 
     python benchmarks/engine_vs_hf.py [--model PATH] [--input-len 128] [--output-len 128] [--concurrency 1,8,32,64]
+    python benchmarks/engine_vs_hf.py --model HF_DIR --device cuda --dtype bfloat16     # on a GPU
 
 For each concurrency c: c requests with ~input-len-token prompts, output-len tokens each (ignore_eos, greedy),
-all submitted at once; reports output tokens/s. transformers runs `generate` on the same GGUF weights (fp32),
-one request at a time (batch 1) and as one left-padded batch of c.
+all submitted at once; reports output tokens/s. transformers runs `generate` on the same weights (a GGUF file or
+an HF directory) in the same dtype on the same device, one request at a time (batch 1) and as one left-padded
+batch of c.
 """
 from __future__ import annotations
 
@@ -27,11 +29,17 @@ def make_prompts(tokenizer, n: int, input_len: int) -> list[list[int]]:
     return prompts
 
 
-def bench_lmserve(model, prompts_by_c, output_len, num_threads):
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_lmserve(model, prompts_by_c, output_len, device="auto", dtype="auto"):
     from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from lmserve.engine.llm_engine import LLMEngine
     from lmserve.sampling_params import SamplingParams
-    engine = LLMEngine(EngineConfig(model=ModelConfig(model=model), cache=CacheConfig(num_blocks=2048),
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=model, device=device, dtype=dtype),
+                                    cache=CacheConfig(num_blocks=2048),
                                     scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=512)))
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     engine.generate([prompts_by_c[1][0]], SamplingParams(max_tokens=4, temperature=0))   # warm-up
@@ -47,19 +55,26 @@ def bench_lmserve(model, prompts_by_c, output_len, num_threads):
     return results
 
 
-def bench_hf(model, prompts_by_c, output_len):
+def bench_hf(model, prompts_by_c, output_len, device="cpu", dtype="float32"):
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(model), gguf_file=os.path.basename(model),
-                                              dtype=torch.float32).eval()
+    torch_dtype = getattr(torch, dtype)
+    if os.path.isdir(model):
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(model), gguf_file=os.path.basename(model),
+                                                  dtype=torch_dtype)
+    hf = hf.to(device).eval()
 
     def run(batch: list[list[int]]) -> tuple[int, float]:
         width = max(len(p) for p in batch)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
                               do_sample=False, pad_token_id=0)
+        _sync(device)
         return (out.shape[1] - width) * len(batch), time.perf_counter() - t0
 
     run([prompts_by_c[1][0][:8]])   # warm-up
@@ -82,6 +97,9 @@ def main():
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--device", default="auto", help="auto|cpu|cuda (both engines)")
+    ap.add_argument("--dtype", default="auto", help="lmserve's --dtype; transformers runs float32 unless "
+                    "this names one (bfloat16, float16, float32)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--save-result", default=None)
     args = ap.parse_args()
@@ -93,9 +111,14 @@ def main():
     prompts_by_c = {c: make_prompts(tok, c, args.input_len) for c in levels}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
           f"{torch.__version__}, threads {torch.get_num_threads()}")
-    res = {"lmserve": bench_lmserve(model, prompts_by_c, args.output_len, torch.get_num_threads())}
+    from lmserve.config import resolve_device
+    device = str(resolve_device(args.device))
+    if device.startswith("cuda"):
+        print(f"device: {torch.cuda.get_device_name(0)}, dtype {args.dtype}")
+    res = {"lmserve": bench_lmserve(model, prompts_by_c, args.output_len, device, args.dtype)}
     if not args.skip_hf:
-        res["transformers"] = bench_hf(model, prompts_by_c, args.output_len)
+        hf_dtype = args.dtype if args.dtype in ("bfloat16", "float16", "float32") else "float32"
+        res["transformers"] = bench_hf(model, prompts_by_c, args.output_len, device, hf_dtype)
         base = res["transformers"]["batch1"]
         for c in levels:
             print(f"ratio lmserve c={c} / transformers batch1: {res['lmserve'][c] / base:.2f}x")
