@@ -1,7 +1,7 @@
 """The int8 matmul on GGUF blocks in the file's layout vs repacked in groups of 8 rows (ops.gguf_repack), alternating
 in one process so a noisy shared host moves both alike (not a test; figures go to docs/benchmarks.md).
 
-    PYTHONPATH=$PWD python benchmarks/repack_ab.py [--types Q4_0 Q4_K Q6_K Q5_0] [--rows 1 2 16 512] [--isa avx2 best]
+    PYTHONPATH=$PWD python benchmarks/repack_ab.py [--types Q4_0 Q4_K Q6_K Q5_0 Q4_1] [--rows 1 2 16 512] [--isa avx2 best]
         [--weights 16]
 
 Both layouts give results within the int8 path's rounding of each other (tests/test_gguf_repack.py); only time
@@ -33,7 +33,7 @@ def random_weight(qtype: str, n: int, k: int, seed: int = 0) -> GGUFWeight:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K", "Q6_K", "Q5_0"])
+    ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1"])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 16, 512])
     ap.add_argument("--isa", nargs="+", default=["avx2", "best"])
     ap.add_argument("--shape", type=int, nargs=2, default=[16384, 2048], metavar=("N", "K"))

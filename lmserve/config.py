@@ -119,7 +119,7 @@ class ModelConfig:
     # dot products, not exact), "float" = exact float32 activations, "auto" = int8 where the CPU kernels have an
     # integer dot path unless --dtype float32 was given (ops/linear.py int8_activations)
     quant_activations: str = "auto"
-    # GGUF Q4_0, Q4_K, Q6_K and Q5_0 matrices with int8 activations: "auto" = rewritten at load into groups of 8
+    # GGUF Q4_0, Q4_1, Q4_K, Q6_K and Q5_0 matrices with int8 activations: "auto" = rewritten at load into groups of 8
     # rows, the layout the int8 kernels read fastest (same size; private memory instead of the shared file mapping), "none" = served
     # from the mapped file as they are (model/gguf_weights.py)
     gguf_repack: str = "auto"

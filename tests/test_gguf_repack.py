@@ -38,7 +38,7 @@ def _matmul(x, w, int8=True):
         return ops.gguf_matmul(x, w, None, int8)
 
 
-TYPES = ("Q4_0", "Q4_K", "Q6_K", "Q5_0")
+TYPES = ("Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1")
 
 
 def _weight(n, k, seed, qtype="Q4_0"):

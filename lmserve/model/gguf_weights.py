@@ -6,7 +6,7 @@ by every process serving the file). Copies are made only where the layout must c
 blocks themselves: llama-family Q/K rows are un-permuted (a row permutation, ~9% of a llama layer), a
 tensor-parallel column slice is this rank's share, a padded vocabulary split adds zero rows.
 
-With repack (int8 activations, --gguf-repack auto), Q4_0, Q4_K, Q6_K and Q5_0 matrices are rewritten once into groups of 8 rows
+With repack (int8 activations, --gguf-repack auto), Q4_0, Q4_1, Q4_K, Q6_K and Q5_0 matrices are rewritten once into groups of 8 rows
 (ops/gguf_blocks.py repack; the int8 kernels read it 1.5-5x faster, docs/benchmarks.md): a private copy of
 the same size, after which this process's mapped pages of the source are released, so memory stays ~ the file
 (but those weights are no longer shared with other processes serving the file).
@@ -69,7 +69,7 @@ def gguf_weight(t, name: str, cfg) -> GGUFWeight | None:
 
 def gguf_weights(reader, cfg, repack: bool = False) -> dict[str, GGUFWeight]:
     """HF parameter name -> GGUFWeight for every quantized matrix of the file that can stay quantized; repack:
-    Q4_0, Q4_K, Q6_K and Q5_0 matrices in groups of 8 rows (see the module's docstring)."""
+    Q4_0, Q4_1, Q4_K, Q6_K and Q5_0 matrices in groups of 8 rows (see the module's docstring)."""
     out = {}
     for t in reader.tensors:
         name = hf_name(t.name, cfg.architecture)

@@ -21,7 +21,7 @@ class GGUFWeight:
     multiple of the type's block size). It may be a read-only view of the mmap'd file: never write to it.
     """
     qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K";
-    #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8": repacked in groups of 8 rows (repack)
+    #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8": repacked in 8-row groups (repack)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)
 
@@ -136,8 +136,33 @@ def unpack_q5_0x8(w: GGUFWeight) -> GGUFWeight:
     return GGUFWeight("Q5_0", rows.reshape(n, nb * 22), w.shape)
 
 
-REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8}
-REPACKED = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8}
+# ---- Q4_1: Q4_0's layout with the 8 rows' fp16 minimums after their scales (csrc/cpu/gguf_q4_0x8.cpp) -------------
+def repack_q4_1x8(w: GGUFWeight) -> GGUFWeight:
+    """A Q4_1 [N, K] weight -> groups of 8 rows: per group and block, the 8 fp16 scales, the 8 fp16 minimums,
+    then for t = 0..3 each row's 4 quant bytes 4t..4t+3."""
+    n, k = w.shape
+    nb = k // 32
+    blocks = w.data.reshape(n // 8, 8, nb, 20).permute(0, 2, 1, 3)            # [group, block, row, bytes]
+    qs = blocks[..., 4:].reshape(n // 8, nb, 8, 4, 4).transpose(2, 3)
+    out = torch.cat([blocks[..., :2].reshape(n // 8, nb, 16), blocks[..., 2:4].reshape(n // 8, nb, 16),
+                     qs.reshape(n // 8, nb, 128)], dim=-1)
+    return GGUFWeight("Q4_1x8", out.reshape(n, nb * 20), w.shape)
+
+
+def unpack_q4_1x8(w: GGUFWeight) -> GGUFWeight:
+    n, k = w.shape
+    nb = k // 32
+    g = w.data.reshape(n // 8, nb, 160)
+    d, m = g[..., :16].reshape(n // 8, nb, 8, 2), g[..., 16:32].reshape(n // 8, nb, 8, 2)
+    qs = g[..., 32:].reshape(n // 8, nb, 4, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 16)
+    rows = torch.cat([d, m, qs], dim=-1).permute(0, 2, 1, 3)
+    return GGUFWeight("Q4_1", rows.reshape(n, nb * 20), w.shape)
+
+
+REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8,
+          "Q4_1": repack_q4_1x8}
+REPACKED = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8,
+            "Q4_1x8": unpack_q4_1x8}
 
 
 def can_repack(w: GGUFWeight) -> bool:

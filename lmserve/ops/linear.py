@@ -23,7 +23,7 @@ from lmserve.ops.gguf_blocks import GGUFWeight, repack
 # C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple
 QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 # and the repacked layouts (gguf_blocks.py repack_q4_0x8): int8 activations only
-_QTYPE_ID = {name: i for i, name in enumerate(QTYPES + ("Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8"))}
+_QTYPE_ID = {name: i for i, name in enumerate(QTYPES + ("Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8"))}
 # Float activations: above this many rows the matmul is compute-bound and dequantizes panels of W for a tile GEMM
 # (crossover measured with benchmarks/gguf_kernels.py --crossover, docs/benchmarks.md). int8 runs one GEMM for all.
 DOT_MAX_ROWS = 16
@@ -117,7 +117,7 @@ class GGUFMatmulOp(CustomOp):
 
 @register
 class GGUFRepackOp(CustomOp):
-    """gguf_repack(w: GGUFWeight Q4_0 / Q4_K / Q6_K / Q5_0, N a multiple of 8) -> the same weight in the int8 kernels' 8-row
+    """gguf_repack(w: GGUFWeight Q4_0 / Q4_1 / Q4_K / Q6_K / Q5_0, N a multiple of 8) -> the same weight in the int8 kernels' 8-row
     groups (gguf_blocks.py repack is the reference; the kernel does it in parallel, ~0.1 s for a 1B model)."""
     name = "gguf_repack"
 

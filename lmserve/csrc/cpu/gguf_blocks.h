@@ -17,13 +17,15 @@
 namespace gguf {
 
 enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, NUM_QTYPES };
-// Q4_0 / Q4_K / Q6_K / Q5_0 repacked in groups of 8 rows (gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp,
-// gguf_q5_0x8.cpp): the same bytes
+// Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 repacked in groups of 8 rows (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp,
+// gguf_q6_kx8.cpp, gguf_q5_0x8.cpp): the same bytes
 // in another order, read only by those files; x8_source: the file type whose block sizes they keep
-constexpr int Q4_0X8 = NUM_QTYPES, Q4_KX8 = NUM_QTYPES + 1, Q6_KX8 = NUM_QTYPES + 2, Q5_0X8 = NUM_QTYPES + 3;
-constexpr bool is_x8(int qt) { return qt >= Q4_0X8 && qt <= Q5_0X8; }
+constexpr int Q4_0X8 = NUM_QTYPES, Q4_KX8 = NUM_QTYPES + 1, Q6_KX8 = NUM_QTYPES + 2, Q5_0X8 = NUM_QTYPES + 3,
+              Q4_1X8 = NUM_QTYPES + 4;
+constexpr bool is_x8(int qt) { return qt >= Q4_0X8 && qt <= Q4_1X8; }
 constexpr int x8_source(int qt) {
-  return qt == Q4_0X8 ? Q4_0 : qt == Q4_KX8 ? Q4_K : qt == Q6_KX8 ? Q6_K : qt == Q5_0X8 ? Q5_0 : qt;
+  return qt == Q4_0X8 ? Q4_0 : qt == Q4_KX8 ? Q4_K : qt == Q6_KX8 ? Q6_K : qt == Q5_0X8 ? Q5_0
+      : qt == Q4_1X8 ? Q4_1 : qt;
 }
 constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256};
 constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210};

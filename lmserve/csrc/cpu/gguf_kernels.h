@@ -1,7 +1,7 @@
 // Internal interface of the GGUF matmul kernels (gguf_matmul.cpp: entry points, scalar reference, the scalar
 // build's GEMM tiles; gguf_dot_avx2.cpp: AVX2 float dots and dequantization; gguf_gemm_avx2.cpp: AVX2 int8 GEMM for
 // every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on AVX512-VNNI, chosen at run time;
-// gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp: the int8 GEMM on Q4_0 / Q4_K / Q6_K / Q5_0
+// gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp: the int8 GEMM on Q4_0 / Q4_1 / Q4_K / Q6_K / Q5_0
 // repacked in groups of 8 rows).
 #pragma once
 #include <cstdint>
@@ -44,11 +44,14 @@ void q6_kx8_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 void q6_kx8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out);
 void q5_0x8_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 void q5_0x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out);
+void q4_1x8_scalar(const DotArgs& p, int64_t n0, int64_t n1);
+void q4_1x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out);
 // group gr (rows 8 gr .. 8 gr + 7) of a file-layout matrix src -> its repacked bytes in dst (same offsets)
 void q4_0x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
 void q4_kx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
 void q6_kx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
 void q5_0x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
+void q4_1x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define LMSERVE_GGUF_AVX2 1
 void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1);    // float activations, decode sizes
@@ -63,6 +66,8 @@ void q6_kx8_avx2(const DotArgs& p, int64_t n0, int64_t n1);
 void q6_kx8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
 void q5_0x8_avx2(const DotArgs& p, int64_t n0, int64_t n1);
 void q5_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
+void q4_1x8_avx2(const DotArgs& p, int64_t n0, int64_t n1);
+void q4_1x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
 void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out);   // nb blocks -> float32, as the reference
 #endif
 
