@@ -301,3 +301,22 @@ def test_top_k_top_p_matches_full_sort_reference(scale, configs, widths, monkeyp
     expected = _reference_top_k_top_p(logits, [k for k, _ in configs], [p for _, p in configs])
     assert torch.equal(got.isinf(), expected.isinf())
     assert seen == widths
+
+
+@pytest.mark.parametrize("vocab", [262144, 49152, 32064, 4096])
+def test_argmax_equals_torch_with_ties_nan_and_inf(vocab):
+    """The sampler's run-wise argmax (vectorized amax, then one run) returns torch.argmax's indices: the first
+    maximum on ties, NaN as the maximum, all -inf rows; vocabularies that are not whole runs fall back."""
+    from lmserve.engine.sampler import argmax
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g)
+    x[1, 7] = x[1, vocab - 3] = x[1].max() + 1          # a tie: the first wins
+    x[2, 300] = x[2, 299] = 50.0                         # a tie inside one run
+    x[3, vocab // 2] = float("nan")
+    x[3, 5] = float("inf")
+    x[4] = float("-inf")
+    x[5, vocab - 1] = 1e9                                # the last value
+    assert torch.equal(argmax(x), x.argmax(dim=-1))
+    for rows in (1, 16):
+        y = torch.randn(rows, vocab, generator=g)
+        assert torch.equal(argmax(y), y.argmax(dim=-1))

@@ -205,7 +205,7 @@ class Sampler:
         if md.all_random:
             sampled = _sample(logits, md)                                      # [num_seqs]
         else:
-            sampled = logits.argmax(dim=-1)                                    # [num_seqs]
+            sampled = argmax(logits)                                           # [num_seqs]
             if not md.all_greedy:
                 sampled[md.random_rows] = _sample(logits[md.random_rows], md)
 
@@ -222,6 +222,19 @@ class Sampler:
                     del lp.top[k:]
                     logprobs.append(lp)
         return SamplerOutput(sampled.tolist(), logprobs)
+
+
+def argmax(logits: torch.Tensor, width: int = 128) -> torch.Tensor:
+    """logits.argmax(dim=-1) of a [rows, vocab] tensor, the same indices (the first maximum; NaN counts as the
+    maximum, as in torch). torch's CPU argmax is a scalar loop (0.4 ms for one 262k-wide row, 3.3 ms for 16);
+    amax is vectorized: the maximum of each run of `width` values, the first run holding the row's maximum, then
+    the argmax inside it (~0.04 ms and ~0.3 ms)."""
+    rows, vocab = logits.shape
+    if vocab % width or vocab < 32 * width:
+        return logits.argmax(dim=-1)
+    runs = logits.view(rows, vocab // width, width)
+    run = runs.amax(dim=-1).argmax(dim=-1)                                     # [rows]
+    return run * width + runs[torch.arange(rows, device=logits.device), run].argmax(dim=-1)
 
 
 def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> None:
