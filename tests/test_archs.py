@@ -186,3 +186,21 @@ def test_qwen3_gguf_matches_transformers_on_the_source(arch_paths, tmp_path):
     outs = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True))
     for p, out in zip(ids, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, NUM_TOKENS)
+
+
+def test_rope_table_grows_on_demand_with_the_same_rows():
+    """The cos/sin table starts at 4096 rows and grows when a step needs a later position, to the same values a
+    whole table has (each row is computed on its own), never past the model's context."""
+    from lmserve.model.layers import RotaryEmbedding
+    rope = RotaryEmbedding(64, 131072, 500000.0, {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    assert rope.cos.shape[0] == 4096
+    whole = torch.outer(torch.arange(131072, dtype=torch.float64), rope.inv_freq)
+    pos = torch.tensor([3, 4095, 9000, 20000])
+    cos, sin = rope.lookup(pos, torch.float32)
+    assert 20001 <= rope.cos.shape[0] <= 131072
+    assert torch.equal(cos[:, 0], whole[pos].cos().float()) and torch.equal(sin[:, 0], whole[pos].sin().float())
+    rope.lookup(torch.tensor([131071]), torch.float32)
+    assert rope.cos.shape[0] == 131072
+    with pytest.raises(IndexError):
+        rope.lookup(torch.tensor([131072]), torch.float32)

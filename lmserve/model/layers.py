@@ -63,7 +63,13 @@ def _longrope_freqs(t: torch.Tensor, inv_freq: torch.Tensor, scaling: dict, max_
 
 
 class RotaryEmbedding(nn.Module):
-    """HF-style (rotate_half) RoPE with a precomputed cos/sin table indexed by absolute position."""
+    """HF-style (rotate_half) RoPE with a precomputed cos/sin table indexed by absolute position.
+
+    The table covers the positions used so far (at least 4096), doubled when a step needs more: a full table of
+    a 128k-context model is 32-64 MiB of float32 that a server rarely reads past its first few thousand rows.
+    Each row is computed the same way whatever the table's length (LongRoPE, whose factors depend on it, is
+    built whole)."""
+    INITIAL = 4096
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
         super().__init__()
@@ -75,16 +81,32 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / scaling["factor"]
         elif rope_type not in (None, "default", "longrope"):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported")
-        t = torch.arange(max_position, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)                        # [max_position, head_dim / 2]
-        mscale = 1.0
+        self.max_position, self.inv_freq = max_position, inv_freq
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
         if rope_type == "longrope":
+            t = torch.arange(max_position, dtype=torch.float64)
             freqs, mscale = _longrope_freqs(t, inv_freq, scaling, max_position)
-        self.register_buffer("cos", (freqs.cos() * mscale).float(), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * mscale).float(), persistent=False)
+            self.cos, self.sin = (freqs.cos() * mscale).float(), (freqs.sin() * mscale).float()
+            self.max_position = 0         # built whole: never grows
+        else:
+            self._grow(min(max_position, self.INITIAL))
+
+    def _grow(self, n: int) -> None:
+        freqs = torch.outer(torch.arange(n, dtype=torch.float64), self.inv_freq)   # [n, head_dim / 2]
+        self.cos, self.sin = freqs.cos().float().to(self.cos.device), freqs.sin().float().to(self.sin.device)
+
+    def cover(self, positions: torch.Tensor) -> None:
+        """Grow the table to hold every position in `positions` (a position past the model's context fails in
+        the lookup's indexing, as it always did)."""
+        if self.max_position > self.cos.shape[0] and positions.numel():
+            need = int(positions.max()) + 1
+            if need > self.cos.shape[0]:
+                self._grow(min(self.max_position, max(need, 2 * self.cos.shape[0])))
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for these positions: [num_tokens, 1, head_dim / 2]. Done once per step, not per layer."""
+        self.cover(positions)
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
     @staticmethod

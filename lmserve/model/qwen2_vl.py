@@ -31,6 +31,7 @@ class MRotaryEmbedding(RotaryEmbedding):
         """positions [3, num_tokens] (or [num_tokens]) -> cos, sin [num_tokens, 1, head_dim / 2]."""
         if positions.dim() == 1:
             return super().lookup(positions, dtype)
+        self.cover(positions)
         index = positions[self.stream].T                         # [num_tokens, head_dim / 2]
         return (self.cos.gather(0, index).unsqueeze(1).to(dtype),
                 self.sin.gather(0, index).unsqueeze(1).to(dtype))
