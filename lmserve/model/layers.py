@@ -100,6 +100,9 @@ class RotaryEmbedding(nn.Module):
         """Grow the table to hold every position in `positions` (a position past the model's context fails in
         the lookup's indexing, as it always did)."""
         if self.max_position > self.cos.shape[0] and positions.numel():
+            if positions.device.type != "cpu":     # no host sync per step on a GPU: the whole table, once
+                self._grow(self.max_position)
+                return
             need = int(positions.max()) + 1
             if need > self.cos.shape[0]:
                 self._grow(min(self.max_position, max(need, 2 * self.cos.shape[0])))
