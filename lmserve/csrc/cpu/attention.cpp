@@ -23,6 +23,22 @@ static inline void softmax_inplace(float* x, int64_t n) {
     const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
     _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), inv));
   }
+#elif defined(LMSERVE_AVX2)
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+    _mm256_storeu_ps(x + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum256(vsum);
+  for (; j < n; ++j) { x[j] = std::exp(x[j] - mx); sum += x[j]; }
+  const float inv = 1.f / sum;
+  #pragma omp simd
+  for (j = 0; j < n; ++j) x[j] *= inv;
 #else
   float mx = -INFINITY;
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);

@@ -104,6 +104,13 @@ void silu_mul(torch::Tensor out, torch::Tensor gate_up) {
         const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
         _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
       }
+#elif defined(LMSERVE_AVX2)
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; j + 8 <= I; j += 8) {
+        const __m256 x = _mm256_loadu_ps(g + j);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + j)));
+      }
 #endif
       for (; j < I; ++j) o[j] = (g[j] / (1.f + std::exp(-g[j]))) * u[j];
     }
