@@ -87,18 +87,23 @@ def test_gemma3_270m_served_with_chat_template(gemma_path, hf_gemma, tmp_path):
 
 
 def test_gemma3_270m_default_path_repacked_vs_file_layout(gemma_path):
-    """The served default (int8 activations; Q5_0, Q4_K and Q6_K matrices repacked in 8-row groups) against the same
-    int8 kernels on the file's layout: the repacked kernels sum each output in another order (float rounding only),
-    so the first 32 greedy tokens on the 4 prompts must be the same. Deterministic on every CPU kind: both paths
-    return the same bits on every ISA (tests/test_gguf_repack.py, test_gguf_batch_invariance.py)."""
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    tokens, repacked = {}, {}
-    for mode in ("auto", "none"):
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=gemma_path, gguf_repack=mode),
-                                        cache=CacheConfig(num_blocks=128)))
+    """The served default (int8 activations; Q5_0, Q4_K and Q6_K matrices repacked in 8-row groups) scores text as
+    closely to the exact float path as the same int8 activations on the file's layout do. The repacked kernels sum
+    each output in another order; over 18 layers those last-bit differences flip the int8 rounding of later
+    activations, so the two int8 paths are compared by their distance to float, not token for token (a token
+    comparison passed or failed with near-ties as unrelated kernels changed)."""
+    text = ("The capital of France is Paris. The quick brown fox jumps over the lazy dog, and then it runs away "
+            "into the forest where")
+    scores, repacked = {}, {}
+    for mode, kw in (("auto", dict(gguf_repack="auto")), ("none", dict(gguf_repack="none")),
+                     ("float", dict(dtype="float32", quant_activations="float"))):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=gemma_path, **kw), cache=CacheConfig(num_blocks=128)))
         repacked[mode] = {p.qtype for m in engine.runner.model.modules() if hasattr(m, "linear_method")
                           for p in getattr(m.linear_method, "parts", [])}
-        tokens[mode] = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
+        ids = engine.tokenizer.encode(text)
+        out = engine.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
+        scores[mode] = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
         del engine
     assert {"Q5_0x8", "Q4_Kx8", "Q6_Kx8"} <= repacked["auto"] and not any(q.endswith("x8") for q in repacked["none"])
-    assert tokens["auto"] == tokens["none"]
+    ours, file_layout = (scores["auto"] - scores["float"]).abs(), (scores["none"] - scores["float"]).abs()
+    assert ours.mean() < 1.5 * file_layout.mean() + 0.02 and ours.max() < 1.0, (ours, file_layout)
