@@ -16,14 +16,7 @@ from model_builders import make_random_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
-    "1, 2, 3, 4,",
-    "Explain why the sky is blue in one sentence.",
-    "Water boils at",
-]
+from test_engine import PROMPTS  # noqa: E402  (the engine tests' prompts; the first six are used)
 
 
 def cuda_engine(model: str, dtype: str = "float32", num_blocks: int | None = 256, budget: int = 64,
@@ -68,7 +61,7 @@ def test_float32_greedy_and_logprobs_equal_transformers_on_cuda(tiny, arch):
     assert engine.runner.device.type == "cuda" and engine.runner.kv_caches[0][0].is_cuda
     assert all(p.is_cuda for p in engine.runner.model.parameters())
     hf = AutoModelForCausalLM.from_pretrained(tiny[arch], dtype=torch.float32).cuda().eval()
-    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS[:6]]
     outs = engine.generate(ids, greedy(24, logprobs=2))
     for p, out in zip(ids, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, 24)
@@ -85,7 +78,7 @@ def test_bfloat16_on_cuda_close_to_float32_transformers(tiny):
     engine = cuda_engine(tiny["llama"], dtype="bfloat16")
     assert engine.runner.kv_caches[0][0].dtype == torch.bfloat16
     hf = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32).cuda().eval()
-    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS[:6]]
     diffs = []
     for p, out in zip(ids, engine.generate(ids, greedy(16, logprobs=0))):
         toks = out.outputs[0].token_ids
@@ -100,7 +93,7 @@ def test_bfloat16_on_cuda_close_to_float32_transformers(tiny):
 def test_batched_equals_alone_on_cuda(tiny):
     """Continuous batching on the GPU: the same tokens whatever else is in the batch (float32)."""
     engine = cuda_engine(tiny["qwen2"], num_blocks=512)
-    base = [engine.tokenizer.encode(p) for p in PROMPTS]
+    base = [engine.tokenizer.encode(p) for p in PROMPTS[:6]]
     prompts = [(base[i % len(base)] * (1 + i // 3))[:6 + 7 * i] for i in range(12)]
     alone = [engine.generate([p], greedy(10))[0].outputs[0].token_ids for p in prompts]
     together = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy(10))]

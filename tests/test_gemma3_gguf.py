@@ -92,18 +92,8 @@ def test_gemma3_270m_default_path_repacked_vs_file_layout(gemma_path):
     each output in another order; over 18 layers those last-bit differences flip the int8 rounding of later
     activations, so the two int8 paths are compared by their distance to float, not token for token (a token
     comparison passed or failed with near-ties as unrelated kernels changed)."""
-    text = ("The capital of France is Paris. The quick brown fox jumps over the lazy dog, and then it runs away "
-            "into the forest where")
-    scores, repacked = {}, {}
-    for mode, kw in (("auto", dict(gguf_repack="auto")), ("none", dict(gguf_repack="none")),
-                     ("float", dict(dtype="float32", quant_activations="float"))):
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=gemma_path, **kw), cache=CacheConfig(num_blocks=128)))
-        repacked[mode] = {p.qtype for m in engine.runner.model.modules() if hasattr(m, "linear_method")
-                          for p in getattr(m.linear_method, "parts", [])}
-        ids = engine.tokenizer.encode(text)
-        out = engine.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
-        scores[mode] = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
-        del engine
+    from int8_paths import distances_to_float, score_paths
+    scores, repacked = score_paths(gemma_path)
     assert {"Q5_0x8", "Q4_Kx8", "Q6_Kx8"} <= repacked["auto"] and not any(q.endswith("x8") for q in repacked["none"])
-    ours, file_layout = (scores["auto"] - scores["float"]).abs(), (scores["none"] - scores["float"]).abs()
+    ours, file_layout = distances_to_float(scores)
     assert ours.mean() < 1.5 * file_layout.mean() + 0.02 and ours.max() < 1.0, (ours, file_layout)

@@ -125,21 +125,10 @@ def test_smollm2_default_path_repacked_vs_file_layout(smollm2_path):
     Gemma 3 (tests/test_gemma3_gguf.py): over SmolLM2's 30 layers, the last-bit differences of another summation
     order flip the int8 rounding of later activations, and the two int8 paths differ from each other about as much
     as each differs from float (measured: mean |d logprob| 0.06-0.08, max 0.2-0.4 over a 27-token text)."""
-    text = ("The capital of France is Paris. The quick brown fox jumps over the lazy dog, and then it runs away "
-            "into the forest where")
-    scores, qtypes = {}, {}
-    for mode, kw in (("auto", dict(gguf_repack="auto", quant_activations="int8")),
-                     ("none", dict(gguf_repack="none", quant_activations="int8")),
-                     ("float", dict(dtype="float32", quant_activations="float"))):
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=smollm2_path, **kw), cache=CacheConfig(num_blocks=128)))
-        qtypes[mode] = {p.qtype for m in engine.runner.model.modules() if hasattr(m, "linear_method")
-                        for p in getattr(m.linear_method, "parts", [])}
-        ids = engine.tokenizer.encode(text)
-        out = engine.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
-        scores[mode] = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
-        del engine
+    from int8_paths import distances_to_float, score_paths
+    scores, qtypes = score_paths(smollm2_path)
     assert "Q4_1x8" in qtypes["auto"] and "Q4_1" not in qtypes["auto"] and "Q4_1" in qtypes["none"]
-    repacked, file_layout = (scores["auto"] - scores["float"]).abs(), (scores["none"] - scores["float"]).abs()
+    repacked, file_layout = distances_to_float(scores)
     assert repacked.mean() < 1.5 * file_layout.mean() + 0.02 and repacked.max() < 0.6, (repacked, file_layout)
 
 
