@@ -244,6 +244,7 @@ def test_dashboard_charts_move_under_load(browser, api_server_url, artifacts):
     tile = page.locator("[data-metric=throughput]")
     page.wait_for_function("""() => {
         const c = document.querySelector('[data-metric=requests] canvas');
+        if (!c) return false;     // the dashboard builds its tiles after the first /metrics poll
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         for (let i = 3; i < d.length; i += 4) if (d[i] !== 0) return true;
         return false; }""", timeout=30_000)
