@@ -86,18 +86,38 @@ def unpack_q4_kx8(w: GGUFWeight) -> GGUFWeight:
     return GGUFWeight("Q4_K", rows.reshape(n, nb * 144), w.shape)
 
 
-# ---- Q6_K likewise (csrc/cpu/gguf_q6_kx8.cpp) ----------------------------------------------------------------
+# ---- Q6_K likewise, the bits rearranged (csrc/cpu/gguf_q6_kx8.cpp) --------------------------------------------
+def _q6_values(qlqh: torch.Tensor) -> torch.Tensor:
+    """Q6_K's ql / qh bytes [..., 192] -> the 256 stored 6-bit values [..., 256] (uint8, 0..63), in order."""
+    ql = qlqh[..., :128].reshape(*qlqh.shape[:-1], 2, 2, 32)            # [.., 128-half, ql half, l]
+    qh = qlqh[..., 128:].reshape(*qlqh.shape[:-1], 2, 1, 32)
+    lo = torch.cat([ql & 15, ql >> 4], dim=-2)                          # quarters 0, 1 (low nibbles), 2, 3
+    hi = torch.cat([(qh >> (2 * q)) & 3 for q in range(4)], dim=-2)
+    return (lo | (hi << 4)).reshape(*qlqh.shape[:-1], 256)
+
+
+def _q6_file(v: torch.Tensor) -> torch.Tensor:
+    """_q6_values' inverse: [..., 256] values -> [..., 192] ql / qh bytes."""
+    q = v.reshape(*v.shape[:-1], 2, 4, 32)
+    ql = (q[..., :2, :] & 15) | ((q[..., 2:, :] & 15) << 4)
+    qh = sum((q[..., i, :] >> 4) << (2 * i) for i in range(4)).to(torch.uint8)
+    return torch.cat([ql.reshape(*v.shape[:-1], 128), qh.reshape(*v.shape[:-1], 64)], dim=-1)
+
+
 def repack_q6_kx8(w: GGUFWeight) -> GGUFWeight:
     """A Q6_K [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, the 16 scales as [scale][row],
-    ql as [4-byte chunk][row][4], qh likewise."""
+    then per 16-value half three chunks of [row][4 bytes]: byte k of chunk j is value 4j+k (bits 0-5) and bits 2j,
+    2j+1 of value 12+k (bits 6-7)."""
     n, k = w.shape
     nb = k // 256
     blocks = w.data.reshape(n // 8, 8, nb, 210).permute(0, 2, 1, 3)          # [group, block, row, bytes]
-    ql = blocks[..., :128].reshape(n // 8, nb, 8, 32, 4).transpose(2, 3)
-    qh = blocks[..., 128:192].reshape(n // 8, nb, 8, 16, 4).transpose(2, 3)
+    v = _q6_values(blocks[..., :192]).reshape(n // 8, nb, 8, 16, 16)         # [.., row, half, value]
+    top = v[..., 12:]
+    chunks = v[..., :12].reshape(n // 8, nb, 8, 16, 3, 4) | torch.stack(
+        [((top >> (2 * j)) & 3) << 6 for j in range(3)], dim=-2)             # [.., row, half, j, k]
     out = torch.cat([blocks[..., 208:210].reshape(n // 8, nb, 16),
                      blocks[..., 192:208].transpose(2, 3).reshape(n // 8, nb, 128),
-                     ql.reshape(n // 8, nb, 1024), qh.reshape(n // 8, nb, 512)], dim=-1)
+                     chunks.permute(0, 1, 3, 4, 2, 5).reshape(n // 8, nb, 1536)], dim=-1)
     return GGUFWeight("Q6_Kx8", out.reshape(n, nb * 210), w.shape)
 
 
@@ -107,9 +127,10 @@ def unpack_q6_kx8(w: GGUFWeight) -> GGUFWeight:
     g = w.data.reshape(n // 8, nb, 1680)
     d = g[..., :16].reshape(n // 8, nb, 8, 2)
     sc = g[..., 16:144].reshape(n // 8, nb, 16, 8).transpose(2, 3)
-    ql = g[..., 144:1168].reshape(n // 8, nb, 32, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 128)
-    qh = g[..., 1168:].reshape(n // 8, nb, 16, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 64)
-    rows = torch.cat([ql, qh, sc, d], dim=-1).permute(0, 2, 1, 3)
+    chunks = g[..., 144:].reshape(n // 8, nb, 16, 3, 8, 4).permute(0, 1, 4, 2, 3, 5)   # [.., row, half, j, k]
+    top = sum((chunks[..., j, :] >> 6) << (2 * j) for j in range(3)).to(torch.uint8)
+    v = torch.cat([(chunks & 63).reshape(n // 8, nb, 8, 16, 12), top], dim=-1).reshape(n // 8, nb, 8, 256)
+    rows = torch.cat([_q6_file(v), sc, d], dim=-1).permute(0, 2, 1, 3)
     return GGUFWeight("Q6_K", rows.reshape(n, nb * 210), w.shape)
 
 

@@ -2,10 +2,12 @@
 // every M on it (AVX2, and AVX512-VNNI chosen at run time, bit for bit the same), the scalar reference, the repack
 // and rows back in file order. The design is gguf_q4_0x8.cpp's ("reduce, then scale"; gguf_x8.h).
 //
-// Layout (the 8 rows' Q6_K super-blocks, the same bytes in another order): per super-block b, 1680 bytes: the 8
-// rows' d (fp16, 16 bytes); their 16 int8 scales as [scale][row] (128); ql (128 bytes a row) as [4-byte chunk
-// 0..31][row][4] (1024); qh (64 bytes a row) as [chunk 0..15][row][4] (512). One 32-byte load is a chunk of every
-// row of the group.
+// Layout (the 8 rows' Q6_K super-blocks, 1680 bytes per super-block b as in the file, the bits in another order): the
+// 8 rows' d (fp16, 16 bytes); their 16 int8 scales as [scale][row] (128); then for each 16-value half h = 0..15 of
+// the super-block three 32-byte chunks j = 0..2 of [row][4 bytes] (1536). Byte k of row c in chunk j holds value
+// 4j + k of the half (the 6-bit stored value, bits 0-5) and bits 2j, 2j+1 of value 12 + k (bits 6-7). So one
+// 32-byte load and one AND give 4 values of every row of the group, and the fourth quad is three masks and shifts
+// away: about half the instructions of unpacking the file's ql/qh nibbles and 2-bit fields, for the same bytes.
 //
 // Per output (m, c), for each 32-value sub-block g in order, with its two 16-value halves A, B (scales sa, sb):
 //   dA = sum_A (q - 32) x, dB likewise (q = the stored 6-bit value), idot = sa * dA + sb * dB (exact int32:
@@ -18,15 +20,48 @@
 namespace gguf {
 namespace {
 constexpr int kGroupBlockBytes = 1680;   // 8 rows x 210 bytes
-constexpr int kScales = 16, kQl = 144, kQh = 1168;   // offsets in a group's super-block
+constexpr int kScales = 16, kQ = 144;    // offsets in a group's super-block
+
+// a file block's 256 stored 6-bit values (0..63) <-> its ql / qh bytes (decode_block's bit order)
+inline void file_values(const uint8_t* blk, uint8_t* v) {
+  for (int i = 0; i < 256; ++i) {
+    const int h = i / 128, quarter = (i % 128) / 32, l = i % 32;
+    const uint8_t ql = blk[h * 64 + (quarter & 1) * 32 + l], qh = blk[128 + h * 32 + l];
+    v[i] = static_cast<uint8_t>((quarter >= 2 ? ql >> 4 : ql & 15) | ((qh >> (2 * quarter)) & 3) << 4);
+  }
+}
+
+inline void values_to_file(const uint8_t* v, uint8_t* blk) {
+  std::memset(blk, 0, 192);
+  for (int i = 0; i < 256; ++i) {
+    const int h = i / 128, quarter = (i % 128) / 32, l = i % 32;
+    blk[h * 64 + (quarter & 1) * 32 + l] |= static_cast<uint8_t>((v[i] & 15) << (quarter >= 2 ? 4 : 0));
+    blk[128 + h * 32 + l] |= static_cast<uint8_t>((v[i] >> 4) << (2 * quarter));
+  }
+}
+
+// byte k of row c's chunk j of half h <-> the half's values (see the layout above)
+inline uint8_t chunk_byte(const uint8_t* half, int j, int k) {
+  return static_cast<uint8_t>(half[4 * j + k] | ((half[12 + k] >> (2 * j)) & 3) << 6);
+}
 
 inline void gather_block(const uint8_t* w, int64_t ws, int64_t n, int64_t b, uint8_t* out) {
   const uint8_t* g = w + (n / 8) * 8 * ws + b * kGroupBlockBytes;
   const int c = static_cast<int>(n % 8);
   std::memcpy(out + 208, g + 2 * c, 2);
   for (int s = 0; s < 16; ++s) out[192 + s] = g[kScales + s * 8 + c];
-  for (int i = 0; i < 32; ++i) std::memcpy(out + 4 * i, g + kQl + i * 32 + c * 4, 4);
-  for (int i = 0; i < 16; ++i) std::memcpy(out + 128 + 4 * i, g + kQh + i * 32 + c * 4, 4);
+  uint8_t v[256];
+  for (int h = 0; h < 16; ++h)
+    for (int k = 0; k < 4; ++k) {
+      uint8_t top = 0;
+      for (int j = 0; j < 3; ++j) {
+        const uint8_t byte = g[kQ + (h * 3 + j) * 32 + c * 4 + k];
+        v[h * 16 + 4 * j + k] = byte & 63;
+        top = static_cast<uint8_t>(top | (byte >> 6) << (2 * j));
+      }
+      v[h * 16 + 12 + k] = top;
+    }
+  values_to_file(v, out);
 }
 
 // sums of row m's activations over the two halves of sub-block g (from the 4-value lane sums)
@@ -40,13 +75,16 @@ inline void half_sums(const Act& a, int64_t g, int32_t& sa, int32_t& sb) {
 void q6_kx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst) {
   const uint8_t* rows = src + gr * 8 * ws;
   uint8_t* g = dst + gr * 8 * ws;
+  uint8_t v[256];
   for (int64_t b = 0; b < nb; ++b, g += kGroupBlockBytes)
     for (int c = 0; c < 8; ++c) {
       const uint8_t* blk = rows + c * ws + b * 210;
       std::memcpy(g + 2 * c, blk + 208, 2);
       for (int s = 0; s < 16; ++s) g[kScales + s * 8 + c] = blk[192 + s];
-      for (int i = 0; i < 32; ++i) std::memcpy(g + kQl + i * 32 + c * 4, blk + 4 * i, 4);
-      for (int i = 0; i < 16; ++i) std::memcpy(g + kQh + i * 32 + c * 4, blk + 128 + 4 * i, 4);
+      file_values(blk, v);
+      for (int h = 0; h < 16; ++h)
+        for (int j = 0; j < 3; ++j)
+          for (int k = 0; k < 4; ++k) g[kQ + (h * 3 + j) * 32 + c * 4 + k] = chunk_byte(v + 16 * h, j, k);
     }
 }
 
@@ -91,14 +129,20 @@ namespace gguf {
 namespace {
 using x8::load_i32;
 
-// the 6-bit values (unsigned, 0..63) of k-quad t of sub-block s for 8 rows: low nibbles from ql, 2 bits from qh
-inline __m256i q6_avx2(const uint8_t* blk, int s, int t) {
-  const int h = s / 4, i = s % 4;
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQl + (h * 16 + (i & 1) * 8 + t) * 32));
-  const __m256i vh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQh + (h * 8 + t) * 32));
-  const __m256i lo = _mm256_and_si256(i >= 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
-  const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(vh, _mm_cvtsi32_si128(2 * i)), _mm256_set1_epi8(3));
-  return _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));
+// the 6-bit values (unsigned, 0..63) of the four k-quads of half h for 8 rows
+inline void q6_avx2(const uint8_t* blk, int h, __m256i q[4]) {
+  const uint8_t* c = blk + kQ + h * 96;
+  const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+  const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32));
+  const __m256i b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64));
+  const __m256i m6 = _mm256_set1_epi8(63), top = _mm256_set1_epi8(static_cast<char>(0xC0));
+  q[0] = _mm256_and_si256(b0, m6);
+  q[1] = _mm256_and_si256(b1, m6);
+  q[2] = _mm256_and_si256(b2, m6);
+  // bits 6-7 of each byte moved down within it (16-bit shifts of masked bytes carry nothing across bytes)
+  q[3] = _mm256_or_si256(_mm256_or_si256(_mm256_srli_epi16(_mm256_and_si256(b0, top), 6),
+                                         _mm256_srli_epi16(_mm256_and_si256(b1, top), 4)),
+                         _mm256_srli_epi16(_mm256_and_si256(b2, top), 2));
 }
 
 template <int RM>
@@ -116,7 +160,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
       __m256i half[2][RM];
       for (int hf = 0; hf < 2; ++hf) {
         __m256i q[4];
-        for (int u = 0; u < 4; ++u) q[u] = q6_avx2(blk, s, 4 * hf + u);
+        q6_avx2(blk, 2 * s + hf, q);
         for (int m = 0; m < RM; ++m) {
           const int8_t* qx = p.a->q.data() + (m0 + m) * K + (b * 8 + s) * 32 + 16 * hf;
           const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(q[0], _mm256_set1_epi32(load_i32(qx))),
@@ -175,7 +219,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
-  const __m512i m4 = _mm512_set1_epi8(15), m2 = _mm512_set1_epi8(3);
+  const __m512i m6 = _mm512_set1_epi8(63), top = _mm512_set1_epi8(static_cast<char>(0xC0));
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -183,7 +227,6 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     const uint8_t* bb = gb + b * kGroupBlockBytes;
     const __m512 dv = x8::scales2<NG>(ba, bb);
     for (int s = 0; s < 8; ++s) {
-      const int h = s / 4, i = s % 4;
       __m512i half[2][RM];
       int32_t xs[2][RM];
       for (int m = 0; m < RM; ++m) {
@@ -191,17 +234,20 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
         half[0][m] = _mm512_set1_epi32(-32 * xs[0][m]);
         half[1][m] = _mm512_set1_epi32(-32 * xs[1][m]);
       }
-      #pragma GCC unroll 8
-      for (int t = 0; t < 8; ++t) {
-        const __m512i v = x8::load2<NG>(ba, bb, kQl + (h * 16 + (i & 1) * 8 + t) * 32);
-        const __m512i vh = x8::load2<NG>(ba, bb, kQh + (h * 8 + t) * 32);
-        const __m512i lo = _mm512_and_si512(i >= 2 ? _mm512_srli_epi16(v, 4) : v, m4);
-        const __m512i hb = _mm512_and_si512(_mm512_srl_epi16(vh, _mm_cvtsi32_si128(2 * i)), m2);
-        const __m512i q = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));
-        for (int m = 0; m < RM; ++m) {
-          const int8_t* qx = p.a->q.data() + (m0 + m) * K + (b * 8 + s) * 32;
-          half[t / 4][m] = _mm512_dpbusd_epi32(half[t / 4][m], q, _mm512_set1_epi32(load_i32(qx + 4 * t)));
-        }
+      for (int hf = 0; hf < 2; ++hf) {
+        const int64_t off = kQ + (2 * s + hf) * 96;
+        const __m512i b0 = x8::load2<NG>(ba, bb, off), b1 = x8::load2<NG>(ba, bb, off + 32),
+                      b2 = x8::load2<NG>(ba, bb, off + 64);
+        const __m512i q[4] = {
+            _mm512_and_si512(b0, m6), _mm512_and_si512(b1, m6), _mm512_and_si512(b2, m6),
+            _mm512_ternarylogic_epi32(_mm512_srli_epi16(_mm512_and_si512(b0, top), 6),
+                                      _mm512_srli_epi16(_mm512_and_si512(b1, top), 4),
+                                      _mm512_srli_epi16(_mm512_and_si512(b2, top), 2), 0xFE)};   // a | b | c
+        for (int u = 0; u < 4; ++u)
+          for (int m = 0; m < RM; ++m) {
+            const int8_t* qx = p.a->q.data() + (m0 + m) * K + (b * 8 + s) * 32 + 16 * hf;
+            half[hf][m] = _mm512_dpbusd_epi32(half[hf][m], q[u], _mm512_set1_epi32(load_i32(qx + 4 * u)));
+          }
       }
       const __m512i sa = _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ba + kScales + 16 * s)),
