@@ -98,6 +98,22 @@ def test_rms_norm_kernels_match_reference():
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
 
 
+def test_rms_norm_heads_matches_the_per_head_norms():
+    # Qwen3 / Gemma 3: q and k heads of the fused qkv normed in place (own weights), v left alone
+    g = torch.Generator().manual_seed(3)
+    nh, nkv, hd, T = 6, 2, 64, 7
+    qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=g) * 3
+    qw, kw = torch.randn(hd, generator=g), torch.randn(hd, generator=g)
+    q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    rq = torch.nn.functional.rms_norm(q.reshape(T, nh, hd), (hd,), qw, 1e-6).reshape(T, -1)
+    rk = torch.nn.functional.rms_norm(k.reshape(T, nkv, hd), (hd,), kw, 1e-6).reshape(T, -1)
+    for table in (None, CPU_OPS):
+        with ops.use(table):
+            out = ops.rms_norm_heads(qkv.clone(), qw, kw, nh, nkv, hd, 1e-6)
+        torch.testing.assert_close(out, torch.cat([rq, rk, v], dim=-1), rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[:, (nh + nkv) * hd:], v)
+
+
 def test_silu_mul_matches_reference():
     g = torch.Generator().manual_seed(1)
     gate_up = torch.randn(9, 2 * 1539, generator=g) * 8   # odd width: the scalar tail runs too

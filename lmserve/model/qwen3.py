@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from lmserve import ops
 from lmserve.model.layers import RMSNorm
 from lmserve.model.llama import Attention, DecoderLayer, LlamaForCausalLM
 
@@ -16,10 +17,9 @@ class QKNormAttention(Attention):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def norm_qk(self, qkv: torch.Tensor) -> None:
-        n, q, kv = qkv.shape[0], self.q_size, self.kv_size
         # in place, so the fused RoPE + KV-write kernel still reads one [num_tokens, q + k + v] tensor
-        qkv[:, :q] = self.q_norm(qkv[:, :q].reshape(n * self.num_heads, self.head_dim)).view(n, q)
-        qkv[:, q:q + kv] = self.k_norm(qkv[:, q:q + kv].reshape(n * self.num_kv_heads, self.head_dim)).view(n, kv)
+        ops.rms_norm_heads(qkv, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.num_kv_heads,
+                           self.head_dim, self.q_norm.eps)
 
 
 class Qwen3DecoderLayer(DecoderLayer):

@@ -9,6 +9,7 @@ Model code calls these functions and never sees which implementation runs:
 |-------------------|-----------------------------------------------------------------------|------------------------------------|
 | rms_norm          | rms_norm(x [T, H], weight [H], eps)                                   | [T, H], new tensor                 |
 | add_rms_norm      | add_rms_norm(x [T, H], residual [T, H], weight, eps)                  | (rms_norm(x + residual), x + residual); MAY overwrite x and residual in place |
+| rms_norm_heads    | rms_norm_heads(qkv [T, (h+2kvh)d], q_weight [d], k_weight [d], h, kvh, d, eps) | qkv, its q and k heads normed in place |
 | silu_mul          | silu_mul(gate_up [T, 2I])                                             | silu(gate) * up, [T, I]            |
 | gelu_mul          | gelu_mul(gate_up [T, 2I], approximate="tanh")                         | gelu(gate) * up, [T, I]            |
 | apply_rope        | apply_rope(q [T, h, d], k [T, kvh, d], cos, sin [T, 1, d/2])           | (q, k) rotated (HF rotate_half)    |
@@ -37,6 +38,10 @@ def rms_norm(x, weight, eps):
 
 def add_rms_norm(x, residual, weight, eps):
     return current().add_rms_norm(x, residual, weight, eps)
+
+
+def rms_norm_heads(qkv, q_weight, k_weight, num_heads, num_kv_heads, head_dim, eps):
+    return current().rms_norm_heads(qkv, q_weight, k_weight, num_heads, num_kv_heads, head_dim, eps)
 
 
 def silu_mul(gate_up):

@@ -1,4 +1,4 @@
-"""rms_norm and add_rms_norm (the residual add fused into the norm)."""
+"""rms_norm, add_rms_norm (the residual add fused into the norm) and rms_norm_heads (per-head q/k norms)."""
 from __future__ import annotations
 
 import torch
@@ -32,3 +32,21 @@ class AddRMSNormOp(CustomOp):
         # in place: x <- rms_norm(x + residual), residual <- x + residual (one pass over both)
         cpu_lib().add_rms_norm(x, residual, weight, eps)
         return x, residual
+
+
+@register
+class RMSNormHeadsOp(CustomOp):
+    """In place on a fused qkv row: every q head rms-normed with q_weight, every k head with k_weight."""
+    name = "rms_norm_heads"
+
+    def forward_native(self, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int,
+                       num_kv_heads: int, head_dim: int, eps: float) -> torch.Tensor:
+        n, q, kv = qkv.shape[0], num_heads * head_dim, num_kv_heads * head_dim
+        qkv[:, :q] = F.rms_norm(qkv[:, :q].reshape(n, num_heads, head_dim), (head_dim,), q_weight, eps).view(n, q)
+        qkv[:, q:q + kv] = F.rms_norm(qkv[:, q:q + kv].reshape(n, num_kv_heads, head_dim), (head_dim,), k_weight,
+                                      eps).view(n, kv)
+        return qkv
+
+    def forward_cpu(self, qkv, q_weight, k_weight, num_heads, num_kv_heads, head_dim, eps):
+        cpu_lib().rms_norm_heads(qkv, q_weight, k_weight, num_heads, num_kv_heads, head_dim, eps)
+        return qkv

@@ -9,6 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, nogil);
   m.def("rms_norm", &rms_norm, nogil);
   m.def("add_rms_norm", &add_rms_norm, nogil);
+  m.def("rms_norm_heads", &rms_norm_heads, nogil);
   m.def("rope_write_kv", &rope_write_kv, nogil);
   m.def("silu_mul", &silu_mul, nogil);
   m.def("gguf_matmul", &gguf_matmul, nogil);

@@ -1,4 +1,4 @@
-// Fused elementwise ops: rms_norm, add_rms_norm, rope_write_kv, silu_mul.
+// Fused elementwise ops: rms_norm, add_rms_norm, rms_norm_heads, rope_write_kv, silu_mul.
 #include "ops.h"
 #include "vec.h"
 
@@ -36,6 +36,31 @@ void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, doub
       for (int64_t j = 0; j < H; ++j) r[j] = xi[j] + r[j];
       rms_row(xp + t * H, r, wp, H, (float)eps);
     }
+  });
+}
+
+// in place on qkv [T, (nh + 2 * nkv) * hd]: each q head rms-normed with q_w [hd], each k head with k_w (Qwen3,
+// Gemma 3); v untouched. The same arithmetic as rms_row, in one call instead of slicing, copying and writing back.
+void rms_norm_heads(torch::Tensor qkv, torch::Tensor q_w, torch::Tensor k_w, int64_t nh, int64_t nkv, int64_t hd,
+                    double eps) {
+  TORCH_CHECK(qkv.is_contiguous() && q_w.is_contiguous() && k_w.is_contiguous() &&
+              qkv.scalar_type() == torch::kFloat32 && q_w.numel() == hd && k_w.numel() == hd);
+  const int64_t T = qkv.size(0), W = qkv.size(1);
+  TORCH_CHECK(W == (nh + 2 * nkv) * hd, "rms_norm_heads: qkv width mismatch");
+  float* p = qkv.data_ptr<float>(); const float* qw = q_w.data_ptr<float>(); const float* kw = k_w.data_ptr<float>();
+  const float e = (float)eps;
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t end) {
+    for (int64_t t = b; t < end; ++t)
+      for (int64_t h = 0; h < nh + nkv; ++h) {
+        float* x = p + t * W + h * hd;
+        const float* w = h < nh ? qw : kw;
+        float ss = 0.f;
+        #pragma omp simd reduction(+:ss)
+        for (int64_t j = 0; j < hd; ++j) ss += x[j] * x[j];
+        const float r = 1.f / std::sqrt(ss / (float)hd + e);
+        #pragma omp simd
+        for (int64_t j = 0; j < hd; ++j) x[j] = (x[j] * r) * w[j];
+      }
   });
 }
 

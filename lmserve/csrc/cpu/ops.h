@@ -12,6 +12,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 // elementwise.cpp
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);
+void rms_norm_heads(torch::Tensor qkv, torch::Tensor q_w, torch::Tensor k_w, int64_t nh, int64_t nkv, int64_t hd,
+                    double eps);
 void rope_write_kv(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
                    torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t nh,
                    int64_t nkv, int64_t hd);
