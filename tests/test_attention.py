@@ -44,7 +44,8 @@ def reference(q, kc, vc, ctx, tables, window):
 @pytest.mark.parametrize("num_kv_heads,group,head_dim,window", [(3, 3, 64, None), (2, 2, 32, None),
                                                                 (4, 1, 16, None), (2, 4, 64, 20),
                                                                 (1, 8, 64, None), (2, 3, 128, 37),
-                                                                (2, 7, 128, None)])
+                                                                (2, 7, 128, None), (1, 4, 256, 30),
+                                                                (2, 1, 256, None), (1, 5, 64, None)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_reference(num_kv_heads, group, head_dim, window, cache_dtype):
     q, kc, vc, ctx, tables = random_case(9, num_kv_heads, group, head_dim, seed=head_dim + group)

@@ -4,26 +4,7 @@
 
 // in place: x[0:n] = exp(x - max(x)) / sum
 static inline void softmax_inplace(float* x, int64_t n) {
-#ifdef LMSERVE_AVX512
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(x + j));
-  float mx = _mm512_reduce_max_ps(vmax);
-  for (int64_t i = j; i < n; ++i) mx = std::max(mx, x[i]);
-  const __m512 vm = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps();
-  for (j = 0; j < n; j += 16) {
-    const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm));
-    _mm512_mask_storeu_ps(x + j, k, e);
-    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(k, e));
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
-  for (j = 0; j < n; j += 16) {
-    const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-    _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), inv));
-  }
-#elif defined(LMSERVE_AVX2)
+#ifdef LMSERVE_AVX2
   float mx = -INFINITY;
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
   const __m256 vm = _mm256_set1_ps(mx);
@@ -54,7 +35,7 @@ static inline void softmax_inplace(float* x, int64_t n) {
 // With Prefetch, the next block's rows are fetched while this block is computed: blocks are scattered, so the
 // hardware prefetcher loses the stream at every block edge.
 template <bool Prefetch, typename T, typename F>
-static inline void walk_rows(const T* base, const int64_t* bt, int64_t start, int64_t ctx, int64_t block_size,
+static inline __attribute__((always_inline)) void walk_rows(const T* base, const int64_t* bt, int64_t start, int64_t ctx, int64_t block_size,
                              int64_t row_stride, int64_t row_bytes, F&& fn) {
   int64_t idx = 0;
   for (int64_t pos = start; pos < ctx;) {
@@ -109,104 +90,96 @@ static void decode_task(float* __restrict oh, const float* __restrict qh, const 
 }
 
 
-#ifdef LMSERVE_AVX512
-// Sums of 16 vectors at once: lane j of the result = sum of the lanes of v[j]. A shuffle tree (4 levels, ~3
-// instructions per vector instead of a full horizontal reduction each); its lane order is fixed up by one
-// permutation, found once by running the tree on known inputs.
-static inline __m512 hsum16_tree(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+#ifdef LMSERVE_AVX2
+// lane j = the sum of v[j]'s 8 lanes: 8 positions' dot products reduced at once (9 instructions instead of ~5 each)
+static inline __m256 hsum8(const __m256* v) {
+  const __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);   // [v0..v3 low halves' sums | high]
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
-static __m512i hsum16_order() {
-  alignas(64) __m512 v[16];
-  for (int j = 0; j < 16; ++j) v[j] = _mm512_set1_ps((float)j / 16.f);   // lane sum = j
-  alignas(64) float r[16];
-  _mm512_store_ps(r, hsum16_tree(v));
-  alignas(64) int32_t idx[16];
-  for (int i = 0; i < 16; ++i) idx[(int)std::lround(r[i])] = i;
-  return _mm512_load_si512(idx);
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
-static inline __m512 hsum16(const __m512* v) {
-  static const __m512i order = hsum16_order();
-  return _mm512_permutexvar_ps(order, hsum16_tree(v));
+constexpr int v_chunk(int G, int NV) {
+  int c = NV;
+  while (c > 1 && G * c > 12) c /= 2;
+  return c;
 }
 
-// decode_task for head_dim = 16 * NV and G query heads per kv head, with explicit AVX-512: dot products leave
-// 16-lane partials that hsum16 reduces 16 positions at a time; V is accumulated in G x NV registers.
+// decode_task for head_dim = 8 * NV and G query heads per kv head: a K row is loaded once for the G heads, the
+// dot products leave 8-lane partials that hsum8 reduces 8 positions at a time; V is summed in register-sized
+// column chunks.
 template <int G, int NV, typename T>
-static void decode_task_avx(float* __restrict oh, const float* __restrict qh, const T* kp, const T* vp,
-                            const int64_t* bt, int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads,
-                            int64_t h, float scale, std::vector<float>& scores) {
-  constexpr int64_t hd = 16 * NV;
-  const int64_t n = ctx - start, npad = (n + 15) / 16 * 16;
+static void decode_task_avx2(float* __restrict oh, const float* __restrict qh, const T* kp, const T* vp,
+                             const int64_t* bt, int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads,
+                             int64_t h, float scale, std::vector<float>& scores) {
+  constexpr int64_t hd = 8 * NV;
+  const int64_t n = ctx - start, npad = (n + 7) / 8 * 8;
   scores.resize(G * npad);
-  const int64_t row_stride = num_kv_heads * hd;
-  __m512 qv[G][NV];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < NV; ++i) qv[g][i] = _mm512_loadu_ps(qh + g * hd + 16 * i);
-  alignas(64) __m512 part[G][16];
-  const __m512 vscale = _mm512_set1_ps(scale);
+  const int64_t row_stride = num_kv_heads * hd, row_bytes = hd * (int64_t)sizeof(T);
+  __m256 part[G][8];
+  const __m256 vscale = _mm256_set1_ps(scale);
   int cnt = 0;
   int64_t base = 0;
-  const int64_t row_bytes = hd * (int64_t)sizeof(T);
   walk_rows<true>(kp + h * hd, bt, start, ctx, block_size, row_stride, row_bytes, [&](const T* kr, int64_t) {
-    __m512 kv[NV];
-    for (int i = 0; i < NV; ++i) kv[i] = load16(kr + 16 * i);
     for (int g = 0; g < G; ++g) {
-      __m512 p = _mm512_mul_ps(qv[g][0], kv[0]);
-      for (int i = 1; i < NV; ++i) p = _mm512_fmadd_ps(qv[g][i], kv[i], p);
+      __m256 p = _mm256_mul_ps(_mm256_loadu_ps(qh + g * hd), load8(kr));
+      for (int i = 1; i < NV; ++i) p = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * hd + 8 * i), load8(kr + 8 * i), p);
       part[g][cnt] = p;
     }
-    if (++cnt == 16) {
-      for (int g = 0; g < G; ++g) _mm512_storeu_ps(scores.data() + g * npad + base, _mm512_mul_ps(hsum16(part[g]), vscale));
-      base += 16;
+    if (++cnt == 8) {
+      for (int g = 0; g < G; ++g) _mm256_storeu_ps(scores.data() + g * npad + base, _mm256_mul_ps(hsum8(part[g]), vscale));
+      base += 8;
       cnt = 0;
     }
   });
-  if (cnt > 0) {
+  if (cnt > 0)
     for (int g = 0; g < G; ++g) {
-      for (int j = cnt; j < 16; ++j) part[g][j] = _mm512_setzero_ps();
-      _mm512_storeu_ps(scores.data() + g * npad + base, _mm512_mul_ps(hsum16(part[g]), vscale));
+      for (int j = cnt; j < 8; ++j) part[g][j] = _mm256_setzero_ps();
+      _mm256_storeu_ps(scores.data() + g * npad + base, _mm256_mul_ps(hsum8(part[g]), vscale));
     }
-  }
   for (int g = 0; g < G; ++g) softmax_inplace(scores.data() + g * npad, n);
-  __m512 acc[G][NV];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_setzero_ps();
-  walk_rows<true>(vp + h * hd, bt, start, ctx, block_size, row_stride, row_bytes, [&](const T* vr, int64_t j) {
-    __m512 vv[NV];
-    for (int i = 0; i < NV; ++i) vv[i] = load16(vr + 16 * i);
-    for (int g = 0; g < G; ++g) {
-      const __m512 p = _mm512_set1_ps(scores[g * npad + j]);
-      for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
-    }
-  });
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(oh + g * hd + 16 * i, acc[g][i]);
+  // V in column chunks of C registers per head (G x C accumulators stay in registers; each chunk walks the rows
+  // again, from L1/L2)
+  constexpr int C = v_chunk(G, NV);
+  for (int c0 = 0; c0 < NV; c0 += C) {
+    __m256 acc[G][C];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < C; ++i) acc[g][i] = _mm256_setzero_ps();
+    walk_rows<true>(vp + h * hd + 8 * c0, bt, start, ctx, block_size, row_stride, 8 * C * (int64_t)sizeof(T),
+                    [&](const T* vr, int64_t j) {
+      for (int i = 0; i < C; ++i) {
+        const __m256 v = load8(vr + 8 * i);
+        for (int g = 0; g < G; ++g) acc[g][i] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * npad + j]), v, acc[g][i]);
+      }
+    });
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < C; ++i) _mm256_storeu_ps(oh + g * hd + 8 * (c0 + i), acc[g][i]);
+  }
 }
 
-// true if an AVX-512 specialisation handled this task
+// true if a specialisation handled this task (head_dim 64, 128 or 256; up to 8, 4, 4 query heads per kv head)
 template <typename T>
 static inline bool decode_task_fast(float* oh, const float* qh, const T* kp, const T* vp, const int64_t* bt,
                                     int64_t ctx, int64_t start, int64_t block_size, int64_t num_kv_heads, int64_t h,
                                     int64_t group, int64_t head_dim, float scale, std::vector<float>& scores) {
-#define LMSERVE_TASK(G, NV) decode_task_avx<G, NV, T>(oh, qh, kp, vp, bt, ctx, start, block_size, num_kv_heads, h, scale, scores); return true
+#define LMSERVE_TASK(G, NV) decode_task_avx2<G, NV, T>(oh, qh, kp, vp, bt, ctx, start, block_size, num_kv_heads, h, scale, scores); return true
   if (head_dim == 64) {
     switch (group) {
-      case 1: LMSERVE_TASK(1, 4); case 2: LMSERVE_TASK(2, 4); case 3: LMSERVE_TASK(3, 4); case 4: LMSERVE_TASK(4, 4);
-      case 5: LMSERVE_TASK(5, 4); case 6: LMSERVE_TASK(6, 4); case 7: LMSERVE_TASK(7, 4); case 8: LMSERVE_TASK(8, 4);
+      case 1: LMSERVE_TASK(1, 8); case 2: LMSERVE_TASK(2, 8); case 3: LMSERVE_TASK(3, 8); case 4: LMSERVE_TASK(4, 8);
+      case 5: LMSERVE_TASK(5, 8); case 6: LMSERVE_TASK(6, 8); case 7: LMSERVE_TASK(7, 8); case 8: LMSERVE_TASK(8, 8);
     }
   } else if (head_dim == 128) {
     switch (group) {
-      case 1: LMSERVE_TASK(1, 8); case 2: LMSERVE_TASK(2, 8); case 3: LMSERVE_TASK(3, 8); case 4: LMSERVE_TASK(4, 8);
+      case 1: LMSERVE_TASK(1, 16); case 2: LMSERVE_TASK(2, 16); case 3: LMSERVE_TASK(3, 16); case 4: LMSERVE_TASK(4, 16);
+    }
+  } else if (head_dim == 256) {
+    switch (group) {
+      case 1: LMSERVE_TASK(1, 32); case 2: LMSERVE_TASK(2, 32); case 3: LMSERVE_TASK(3, 32); case 4: LMSERVE_TASK(4, 32);
     }
   }
 #undef LMSERVE_TASK
@@ -238,7 +211,7 @@ static void paged_decode_attention_impl(torch::Tensor out, torch::Tensor q, torc
       const float* qh = qp + (s * num_heads + h * group) * head_dim;
       float* oh = op + (s * num_heads + h * group) * head_dim;
       const int64_t* sbt = bt + s * max_blocks;
-#ifdef LMSERVE_AVX512
+#ifdef LMSERVE_AVX2
       if (decode_task_fast(oh, qh, kp, vp, sbt, ctx, start, block_size, num_kv_heads, h, group, head_dim, fscale, scores))
         continue;
 #endif

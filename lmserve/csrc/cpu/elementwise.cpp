@@ -122,14 +122,7 @@ void silu_mul(torch::Tensor out, torch::Tensor gate_up) {
     for (int64_t t = b; t < e; ++t) {
       const float* __restrict g = gp + t * 2 * I; const float* __restrict u = g + I; float* __restrict o = op + t * I;
       int64_t j = 0;
-#ifdef LMSERVE_AVX512
-      const __m512 one = _mm512_set1_ps(1.f);
-      for (; j + 16 <= I; j += 16) {
-        const __m512 x = _mm512_loadu_ps(g + j);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
-        _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
-      }
-#elif defined(LMSERVE_AVX2)
+#ifdef LMSERVE_AVX2
       const __m256 one = _mm256_set1_ps(1.f);
       for (; j + 8 <= I; j += 8) {
         const __m256 x = _mm256_loadu_ps(g + j);
