@@ -127,6 +127,16 @@ def _resolve_chat_template(override: str | None, hf) -> str:
     return CHATML_TEMPLATE
 
 
+def load_hf_tokenizer(source: str, cache_dir: str | None = None):
+    """The Hugging Face tokenizer alone, from a GGUF file (converted once, then cached) or an HF directory: what
+    a client needs to count and make tokens, without the model's metadata (a GGUF's full parse, ~6 s for a 262k
+    vocabulary, is only needed for its end-of-sequence ids)."""
+    if is_gguf(source):
+        return _load_gguf_tokenizer(source, cache_dir)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(source)
+
+
 def load_tokenizer(model_path: str, tokenizer_path: str | None = None, chat_template: str | None = None,
                    cache_dir: str | None = None) -> Tokenizer:
     """`model_path`: a GGUF file or HF directory (already resolved). `tokenizer_path` defaults to it.
@@ -134,12 +144,7 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None, chat_temp
     `chat_template`: a Jinja template string or a path to a file holding one; default: the model's own.
     `cache_dir`: where GGUF tokenizers are cached (default ~/.cache/lmserve).
     """
-    source = tokenizer_path or model_path
-    if is_gguf(source):
-        hf = _load_gguf_tokenizer(source, cache_dir)
-    else:
-        from transformers import AutoTokenizer
-        hf = AutoTokenizer.from_pretrained(source)
+    hf = load_hf_tokenizer(tokenizer_path or model_path, cache_dir)
     template = _resolve_chat_template(chat_template, hf)
     hf.chat_template = template
     eos = set(load_eos_token_ids(model_path) if os.path.exists(model_path) else ())

@@ -71,11 +71,13 @@ def get_tokenizer(path: str | None) -> BenchTokenizer:
     if path is None:
         raise SystemExit("bench: no --tokenizer given and the bundled SmolLM2 GGUF was not found")
     try:
-        from lmserve.tokenizer import load_tokenizer
+        from lmserve.tokenizer import load_hf_tokenizer
     except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return BenchTokenizer(load_tokenizer(path))
+        load_hf_tokenizer = None
+    if load_hf_tokenizer is not None:
+        # NOTE: the tokenizer only: the client is often a neighbour on the server's own CPUs, and a long start-up
+        # burst (the GGUF's full metadata parse) is what the server's thread governor reacts to (a thread fewer)
+        return BenchTokenizer(load_hf_tokenizer(path))
     # NOTE: fallback for when lmserve.tokenizer is unavailable; transformers converts the GGUF vocab itself.
     from transformers import AutoTokenizer
     if path.endswith(".gguf"):
