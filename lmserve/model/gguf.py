@@ -71,7 +71,7 @@ class GGUFReader(GGUFReader):
         else:
             starts = offs + np.arange(n, dtype=np.int64) * np.dtype(nptype).itemsize
             offs = int(offs + n * np.dtype(nptype).itemsize)
-        parts = _ArrayParts([itype, alen], self, starts, nptype)
+        parts = _ArrayParts([itype, alen], self.data, starts, nptype)
         step = 2 if nptype is None else 1
         return offs - orig_offs, parts, list(range(2 + step - 1, 2 + step * n, step)), [GGUFValueType.ARRAY, sub]
 
@@ -81,10 +81,11 @@ _U64 = struct.Struct("<Q")
 
 class _ArrayParts(collections.abc.Sequence):
     """An array field's parts as gguf-py lists them ([item type, length] + per element: [string length, bytes]
-    or [number]), each a view made on access."""
+    or [number]), each a view of the file's bytes made on access. Holds the bytes, not the reader: no reference
+    cycle, so dropping the reader (release_readers) unmaps the file at once, as it did with gguf-py's lists."""
 
-    def __init__(self, head: list, reader, starts: np.ndarray, nptype):
-        self.head, self.reader, self.starts, self.nptype = head, reader, starts, nptype
+    def __init__(self, head: list, data: np.ndarray, starts: np.ndarray, nptype):
+        self.head, self.data, self.starts, self.nptype = head, data, starts, nptype
         self.step = 2 if nptype is None else 1
 
     def __len__(self) -> int:
@@ -97,13 +98,14 @@ class _ArrayParts(collections.abc.Sequence):
         if j < len(self.head):
             return self.head[j]
         k, r = divmod(j - len(self.head), self.step)
+        at = int(self.starts[k])
         if self.nptype is not None:
-            return self.reader._get(int(self.starts[k]), self.nptype)
-        slen = self.reader._get(int(self.starts[k]), np.uint64)
-        return slen if r == 0 else self.reader._get(int(self.starts[k]) + 8, np.uint8, slen[0])
+            return self.data[at:at + np.dtype(self.nptype).itemsize].view(self.nptype)
+        slen = self.data[at:at + 8].view(np.uint64)
+        return slen if r == 0 else self.data[at + 8:at + 8 + int(slen[0])]
 
     def prefixed(self, head: list) -> "_ArrayParts":
-        return _ArrayParts(list(head) + self.head, self.reader, self.starts, self.nptype)
+        return _ArrayParts(list(head) + self.head, self.data, self.starts, self.nptype)
 
 
 def gguf_reader(path: str) -> GGUFReader:
