@@ -180,9 +180,17 @@ def test_breaker_opens_on_failing_node_and_affinity_yields(servers):
     for n in (bad, good):
         assert httpx.post(f"{proxy.url}/nodes/add", json={"url": n.url}).status_code == 200
     bad.app.state.behavior["fail_status"] = 500               # its /health still says 200
-    for _ in range(12):
+    def one():
         r = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat())
         assert r.status_code == 200 and r.headers["x-lmserve-node"] == good.url
+    # "random" picks the bad node about every other request: send until it has failed 3 times (12 requests left
+    # that to chance: ~2% of runs saw only 2), then as many again, which must all avoid it
+    for _ in range(200):
+        if len(bad.app.state.requests) >= 3:
+            break
+        one()
+    for _ in range(12):
+        one()
     assert len(bad.app.state.requests) == 3                   # the breaker opened on the 3rd failure
     status = httpx.get(f"{proxy.url}/nodes/status").json()[bad.url]
     assert status["breaker"]["state"] == OPEN and status["breaker"]["times_opened"] == 1
