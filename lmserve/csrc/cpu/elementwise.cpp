@@ -4,12 +4,17 @@
 
 // ---- fused elementwise ops: one call instead of several small PyTorch ops per layer ------------------------
 // Rounding follows the PyTorch reference op by op (-ffp-contract=off), except reductions, whose order differs.
-static inline void rms_row(float* __restrict o, const float* __restrict x, const float* __restrict w, int64_t H,
-                           float eps) {
+// 1 / rms(x) with eps, the factor every rms-norm here scales by
+static inline float rms_inv(const float* x, int64_t H, float eps) {
   float ss = 0.f;
   #pragma omp simd reduction(+:ss)
   for (int64_t j = 0; j < H; ++j) ss += x[j] * x[j];
-  const float r = 1.f / std::sqrt(ss / (float)H + eps);
+  return 1.f / std::sqrt(ss / (float)H + eps);
+}
+
+static inline void rms_row(float* __restrict o, const float* __restrict x, const float* __restrict w, int64_t H,
+                           float eps) {
+  const float r = rms_inv(x, H, eps);
   #pragma omp simd
   for (int64_t j = 0; j < H; ++j) o[j] = (x[j] * r) * w[j];
 }
@@ -54,10 +59,7 @@ void rms_norm_heads(torch::Tensor qkv, torch::Tensor q_w, torch::Tensor k_w, int
       for (int64_t h = 0; h < nh + nkv; ++h) {
         float* x = p + t * W + h * hd;
         const float* w = h < nh ? qw : kw;
-        float ss = 0.f;
-        #pragma omp simd reduction(+:ss)
-        for (int64_t j = 0; j < hd; ++j) ss += x[j] * x[j];
-        const float r = 1.f / std::sqrt(ss / (float)hd + e);
+        const float r = rms_inv(x, hd, e);
         #pragma omp simd
         for (int64_t j = 0; j < hd; ++j) x[j] = (x[j] * r) * w[j];
       }
