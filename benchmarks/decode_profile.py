@@ -2,7 +2,7 @@
 logits, sampling, and the Python around them, by wrapping the runner's op table and phases with timers.
 
     python benchmarks/decode_profile.py [--dtype auto|float32] [--threads 1,2] [--int8-dot on,off] [--steps 100]
-        [--prefill 512]
+        [--prefill 512] [--fused on,off]
 
 Each (threads, int8-dot) configuration runs in turn on the same engine (the model loads once per dtype), with
 one 128-token prompt prefilled and then --steps decode steps timed. The timers cost ~0.1 us per call (~250 calls
@@ -55,6 +55,8 @@ def instrument(engine: LLMEngine) -> None:
             table.__dict__[name] = timed(key, fn)
         else:
             table.__dict__[name] = timed(lambda *a, _n=name, **k: _n, fn)
+    if runner.fused is not None:
+        runner.fused = timed(lambda *a, **k: "decoder_stack (every layer, one C++ call)", runner.fused)
     runner.prepare = timed(lambda *a, **k: "runner.prepare (inputs, metadata)", runner.prepare)
     runner.sample = timed(lambda *a, **k: "runner.sample (sampler)", runner.sample)
     runner.forward = timed(lambda *a, **k: "FORWARD", runner.forward)
@@ -114,6 +116,8 @@ def main():
     ap.add_argument("--int8-dot", default="on")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead of decode steps")
+    ap.add_argument("--fused", default="on", help="decode layers in one C++ call (model/fused_decode.py), off = the "
+                    "modules; a list (on,off,on,off) alternates them on the same engine")
     args = ap.parse_args()
     for int8 in args.int8_dot.split(","):
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype,
@@ -121,11 +125,14 @@ def main():
                                         cache=CacheConfig(num_blocks=512),
                                         scheduler=SchedulerConfig(max_num_batched_tokens=max(512, args.prefill))))
         instrument(engine)
-        for threads in (int(n) for n in args.threads.split(",")):
+        fused = engine.runner.fused
+        for threads, on in ((int(n), f) for n in args.threads.split(",") for f in args.fused.split(",")):
             torch.set_num_threads(threads)
+            engine.runner.fused = fused if on == "on" else None
             run = functools.partial(profile_prefill, engine, args.prefill) if args.prefill else \
                 functools.partial(profile, engine, args.steps)
-            run(f"--dtype {args.dtype} ({engine.runner.matmul_precision} matmuls), int8-dot {int8}, {threads} threads")
+            run(f"--dtype {args.dtype} ({engine.runner.matmul_precision} matmuls), int8-dot {int8}, {threads} threads, "
+                f"fused {on if fused is not None else 'n/a'}")
 
 
 if __name__ == "__main__":

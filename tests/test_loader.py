@@ -230,7 +230,9 @@ _TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_at
             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
-def _write_gguf(path: str, cfg: ArchConfig, state: dict[str, torch.Tensor], rope_freqs=None) -> None:
+def _write_gguf(path: str, cfg: ArchConfig, state: dict[str, torch.Tensor], rope_freqs=None,
+                all_q8: bool = False) -> None:
+    """all_q8: every matrix as Q8_0 (otherwise float, but ffn_up Q8_0 and ffn_down F16)."""
     w = gguf.GGUFWriter(path, cfg.architecture)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -258,7 +260,8 @@ def _write_gguf(path: str, cfg: ArchConfig, state: dict[str, torch.Tensor], rope
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
-        if gname.endswith("ffn_up.weight"):          # one quantized tensor: its bytes go in raw
+        if gname.endswith("ffn_up.weight") or (all_q8 and x.ndim == 2 and not gname.endswith("norm.weight")):
+            # quantized tensors: their bytes go in raw
             w.add_tensor(gname, gguf.quants.quantize(x, QT.Q8_0), raw_dtype=QT.Q8_0)
         else:
             w.add_tensor(gname, x.astype(np.float16) if gname.endswith("ffn_down.weight") else x)

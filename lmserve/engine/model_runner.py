@@ -24,6 +24,7 @@ from lmserve.ops import cpu_kernels
 from lmserve.ops.linear import int8_activations
 from lmserve.model.arch_config import ArchConfig
 from lmserve.model.loader import is_gguf, load_arch_config
+from lmserve.model.fused_decode import FusedDecode
 from lmserve.model.lora import lora_step
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
 from lmserve.outputs import TokenLogprob
@@ -160,6 +161,8 @@ class ModelRunner:
                                        int8=getattr(self, "gguf_int8", False),   # --quant-activations (issue 20 B)
                                        repack=self.model_config.gguf_repack == "auto")
         self._attach_fast()
+        # decode steps' layers in one kernel call where the model and the op table allow (model/fused_decode.py)
+        self.fused = FusedDecode.build(self.model, self.ops) if self.device.type == "cpu" else None
 
     def _attach_fast(self) -> None:
         """Packed / lower-precision copies of float weights for GEMMs (GGUF layers keep their blocks)."""
@@ -286,8 +289,11 @@ class ModelRunner:
                                         b.image_spans)
         groups = self.lora.groups(b.lora_rows, dev) if self.lora is not None and b.lora_rows else []
         with ops.use(self.ops), lora_step(groups):
-            hidden = self.model(ids_t, pos_t, meta, self.kv_caches,      # [num_tokens, hidden]
-                                **mm_embeddings(self.model, b.mm, dev))
+            if self.fused is not None and self.lora is None and not b.mm and FusedDecode.applies(meta):
+                hidden = self.fused(ids_t, pos_t, meta, self.kv_caches)
+            else:
+                hidden = self.model(ids_t, pos_t, meta, self.kv_caches,      # [num_tokens, hidden]
+                                    **mm_embeddings(self.model, b.mm, dev))
             logits = self.model.compute_logits(hidden[b.logit_rows]) if b.logit_rows else None
         return hidden, logits
 

@@ -50,16 +50,21 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches, mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """mm_embeds: (rows, image embeddings) replacing those rows after the scaling (Gemma 3 vision)."""
-        emb = self.model.embed_tokens(input_ids)
-        x = emb * torch.tensor(self.embed_scale, dtype=emb.dtype)
+        x = self.embed(input_ids)
         if mm_embeds is not None:
             x[mm_embeds[0]] = mm_embeds[1].to(x.dtype)
-        ropes = {False: self.model.rotary.lookup(positions, x.dtype), True: self.local_rotary.lookup(positions, x.dtype)}
-        residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            meta.rope_cos, meta.rope_sin = ropes[layer.is_sliding]
-            x, residual = layer(positions, x, residual, meta, kv_cache)
-        return self.model.norm(x, residual)[0]
+        return self.run_layers(x, positions, meta, kv_caches)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        emb = self.model.embed_tokens(input_ids)
+        return emb * torch.tensor(self.embed_scale, dtype=emb.dtype)
+
+    def rope_tables(self, positions, dtype):
+        """global layers' RoPE, then the sliding (local) layers' own base"""
+        return [self.model.rotary.lookup(positions, dtype), self.local_rotary.lookup(positions, dtype)]
+
+    def layer_rope(self, layer) -> int:
+        return int(layer.is_sliding)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)

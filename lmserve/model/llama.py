@@ -96,10 +96,27 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> final normed hidden states [num_tokens, hidden]."""
-        x = self.model.embed_tokens(input_ids)
-        meta.rope_cos, meta.rope_sin = self.model.rotary.lookup(positions, x.dtype)
+        x = self.embed(input_ids)
+        return self.run_layers(x, positions, meta, kv_caches)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the first layer's input [num_tokens, hidden]."""
+        return self.model.embed_tokens(input_ids)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) at these positions for each RoPE the layers use; `layer_rope(layer)` indexes it."""
+        return [self.model.rotary.lookup(positions, dtype)]
+
+    def layer_rope(self, layer: nn.Module) -> int:
+        return 0
+
+    def run_layers(self, x, positions, meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
+        """The decoder layers and the final norm on embedded tokens (model/fused_decode.py does the same in one
+        kernel call for decode steps)."""
+        ropes = self.rope_tables(positions, x.dtype)
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
+            meta.rope_cos, meta.rope_sin = ropes[self.layer_rope(layer)]
             x, residual = layer(positions, x, residual, meta, kv_cache)
         return self.model.norm(x, residual)[0]
 

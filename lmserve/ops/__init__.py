@@ -20,6 +20,7 @@ Model code calls these functions and never sees which implementation runs:
 | gguf_repack       | gguf_repack(w: GGUFWeight Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1, N % 8 == 0) | the same bytes in 8-row groups (GGUFWeight "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8") |
 | decode_attention  | decode_attention(q [S, h, d], k_cache, v_cache, decode: DecodeBatch, block_size, scale, sliding_window=None) | [S, h, d] |
 | prefill_attention | prefill_attention(q [T, h, d], k_cache, v_cache, group: AttentionGroup, scale) | [S * q_len, h, d], rows of group.token_index |
+| decoder_stack     | make_decoder_stack(spec: decoder_stack.StackSpec)                     | a C++ object running a decode step's layers in one call, or None (no kernel: the modules run) |
 
 Caches: [num_blocks * block_size, kv_heads, head_dim] in float32 or bfloat16 (reads widen to q's dtype).
 
@@ -28,7 +29,7 @@ around the forward pass (the model runner does both). With no table active the r
 """
 from __future__ import annotations
 
-from lmserve.ops import activation, attention, linear, norm, rope  # noqa: F401  (registers the ops)
+from lmserve.ops import activation, attention, decoder_stack, linear, norm, rope  # noqa: F401  (registers the ops)
 from lmserve.ops.base import CustomOp, OpTable, current, register, select, use  # noqa: F401
 
 
@@ -82,3 +83,7 @@ def decode_attention(q, k_cache, v_cache, decode, block_size, scale, sliding_win
 
 def prefill_attention(q, k_cache, v_cache, group, scale):
     return current().prefill_attention(q, k_cache, v_cache, group, scale)
+
+
+def make_decoder_stack(spec):
+    return current().decoder_stack(spec)

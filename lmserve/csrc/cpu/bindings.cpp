@@ -1,6 +1,7 @@
 // Python bindings of the CPU kernel library.
 #include <torch/extension.h>
 #include "ops.h"
+#include "decoder.h"
 
 // NOTE: the GIL is released inside every kernel so the server's event loop (another thread of this process)
 // can run while the engine thread computes.
@@ -20,4 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_set_isa", &gguf_set_isa);
   m.def("gguf_set_vnni512", &gguf_set_vnni512);
   m.def("built_baseline", &built_baseline);
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, int64_t>())
+      .def("add_layer", &DecoderStack::add_layer)
+      .def("forward", &DecoderStack::forward, nogil)
+      .def_property_readonly("num_layers", &DecoderStack::num_layers);
 }

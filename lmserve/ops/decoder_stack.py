@@ -1,0 +1,95 @@
+"""decoder_stack: a decode step's whole layer stack in one kernel call (csrc/cpu/decoder.cpp).
+
+A batch-1 decode step calls ~9 kernels per layer; from Python each call also pays ~10 us of module calls, op-table
+dispatch, checks and allocations, which at 1B is ~10% of the step and at 135M over a third (docs/benchmarks.md).
+The C++ stack calls the same kernel functions in the same order as the model's modules, so its result is
+bit-identical to theirs. There is no PyTorch reference arm: where no kernel runs, `decoder_stack` returns None
+and the model's own layers (whose ops have references) are the path; they are also what tests compare it with.
+
+The spec is plain data (model/fused_decode.py reads it off the modules): ops do not know model classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.ops.base import CustomOp, cpu_lib, register
+from lmserve.ops.gguf_blocks import GGUFWeight
+from lmserve.ops.linear import DOT_MAX_ROWS, _QTYPE_ID
+
+# the ops the stack runs: it stands in for them only where every one of them has its CPU kernel
+STACK_OPS = ("rms_norm", "add_rms_norm", "rms_norm_heads", "rope_write_kv", "decode_attention", "gguf_matmul",
+             "silu_mul")
+
+
+@dataclass
+class LinearSpec:
+    parts: list[GGUFWeight]          # stacked along the outputs, as GGUFLinear holds them
+    int8: bool
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class LayerSpec:
+    input_norm: torch.Tensor
+    ffn_norm: torch.Tensor           # the norm before the MLP (Llama: post_attention_layernorm)
+    qkv: LinearSpec
+    o: LinearSpec
+    gate_up: LinearSpec
+    down: LinearSpec
+    act: str                         # "silu" or "gelu_pytorch_tanh"
+    rope: int                        # index of the layer's cos/sin table
+    scale: float
+    sliding: bool                    # the step's sliding window applies
+    post_attn_norm: torch.Tensor | None = None     # Gemma 3
+    post_ffn_norm: torch.Tensor | None = None      # Gemma 3
+    q_norm: torch.Tensor | None = None             # Qwen3, Gemma 3
+    k_norm: torch.Tensor | None = None
+    qk_eps: float = 0.0
+
+
+@dataclass
+class StackSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    final_norm: torch.Tensor
+    layers: list[LayerSpec]
+
+
+_ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}
+
+
+def supported(linear: LinearSpec) -> bool:
+    return all(p.qtype in _QTYPE_ID for p in linear.parts)
+
+
+def _linear_args(lin: LinearSpec) -> tuple[list[torch.Tensor], list[int]]:
+    return [p.data for p in lin.parts], [_QTYPE_ID[p.qtype] for p in lin.parts]
+
+
+@register
+class DecoderStackOp(CustomOp):
+    """decoder_stack(spec: StackSpec) -> stack or None; `stack.forward(x, cos_list, sin_list, slot_mapping,
+    block_tables, context_lens, block_size, window, k_caches, v_caches)` -> final normed hidden [S, hidden]."""
+    name = "decoder_stack"
+
+    def forward_native(self, spec: StackSpec):
+        return None
+
+    def forward_cpu(self, spec: StackSpec):
+        stack = cpu_lib().DecoderStack(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps,
+                                       spec.final_norm.detach(), DOT_MAX_ROWS)
+        for s in spec.layers:
+            int8 = {s.qkv.int8, s.o.int8, s.gate_up.int8, s.down.int8}
+            if len(int8) != 1 or s.o.bias is not None or s.gate_up.bias is not None or s.down.bias is not None:
+                return None
+            (qkv, qkv_t), (o, o_t), (gu, gu_t), (down, down_t) = map(_linear_args, (s.qkv, s.o, s.gate_up, s.down))
+            detach = (lambda t: None if t is None else t.detach())
+            stack.add_layer(s.input_norm.detach(), s.ffn_norm.detach(), detach(s.post_attn_norm),
+                            detach(s.post_ffn_norm), detach(s.q_norm), detach(s.k_norm), s.qk_eps, qkv, qkv_t,
+                            detach(s.qkv.bias), o, o_t, gu, gu_t, down, down_t, int8.pop(), _ACTS[s.act], s.rope,
+                            s.scale, s.sliding)
+        return stack
