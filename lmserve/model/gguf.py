@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import inspect
+import logging
 from dataclasses import replace
 import math
 import os
@@ -20,6 +22,27 @@ from lmserve.model.parallel import shard_spec, slice_padded
 from lmserve.ops.gguf_blocks import (QUANTS, SUPPORTED_GGML_TYPES, bits, dequantize, f16,  # noqa: F401
                                      k_scales, nibbles)
 from lmserve.startup import progress
+
+
+def _lazy_parse_fits() -> bool:
+    """Whether gguf-py's private parser API is the one the lazy parse below overrides (gguf 0.10-0.19): a release
+    that changes it gets its own eager parse, slower on large vocabularies but never a wrong one."""
+    want = {"_get_str": ["self", "offset"], "_get": ["self", "offset", "dtype", "count", "override_order"],
+            "_push_field": ["self", "field", "skip_sum"], "_get_field_parts": ["self", "orig_offs", "raw_type"],
+            "_build_fields": ["self", "offs", "count"]}
+    try:
+        return isinstance(GGUFReader.gguf_scalar_to_np, dict) and \
+            list(inspect.signature(ReaderField).parameters) == ["offset", "name", "parts", "data", "types"] and \
+            all(list(inspect.signature(getattr(GGUFReader, name)).parameters) == params
+                for name, params in want.items())
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+LAZY_PARSE = _lazy_parse_fits()
+if not LAZY_PARSE:
+    logging.getLogger(__name__).warning("gguf-py's reader internals changed: GGUF metadata is parsed eagerly "
+                                        "(slower start-up on large vocabularies)")
 
 
 class GGUFReader(GGUFReader):
@@ -39,6 +62,8 @@ class GGUFReader(GGUFReader):
     # numbers get their parts lazily here instead: the same parts at the same indices, made when read.
     def _build_fields(self, offs: int, count: int) -> int:
         # gguf-py's loop, except that it prefixes a lazy array's parts instead of copying them into a list
+        if not LAZY_PARSE:
+            return super()._build_fields(offs, count)
         for _ in range(count):
             orig_offs = offs
             klen, kdata = self._get_str(offs)
@@ -54,7 +79,7 @@ class GGUFReader(GGUFReader):
         return offs
 
     def _get_field_parts(self, orig_offs: int, raw_type: int):
-        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+        if not LAZY_PARSE or raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
             return super()._get_field_parts(orig_offs, raw_type)
         itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
         n, sub = int(alen[0]), GGUFValueType(int(itype[0]))
