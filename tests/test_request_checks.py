@@ -3,6 +3,7 @@ the proof that a served request (generation or pooling) runs it exactly once."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -97,6 +98,33 @@ def test_engine_steps_do_not_read_memory_residency(tiny_models, monkeypatch):
             assert outs[-1].finished
             assert engine.get_stats().memory == {} and not reads
             assert engine.get_stats(memory=True).memory["kv_cache"] > 0 and len(reads) == 1
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_the_heap_is_trimmed_once_after_a_burst_when_idle(monkeypatch, tiny_models):
+    """After work, a second without any gives freed memory back to the OS (trim_heap): once per idle spell, never
+    while requests run."""
+    from lmserve.config import CacheConfig, EngineConfig, ModelConfig
+    from lmserve.engine.async_engine import AsyncEngine
+
+    trims = []
+    monkeypatch.setattr("lmserve.engine.async_engine.trim_heap", lambda: trims.append(time.monotonic()))
+    engine = AsyncEngine.from_config(EngineConfig(model=ModelConfig(model=tiny_models["llama"], dtype="float32"),
+                                                  cache=CacheConfig(num_blocks=64)))
+
+    async def run():
+        await engine.start()
+        try:
+            await asyncio.sleep(1.3)
+            assert trims == []                       # idle since start: nothing freed by requests
+            outs = [o async for o in engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True))]
+            done = time.monotonic()
+            assert outs[-1].finished and trims == []
+            await asyncio.sleep(3.5)
+            assert len(trims) == 1 and trims[0] - done >= 0.9     # once, after a second of idleness
         finally:
             await engine.shutdown()
 
