@@ -109,6 +109,9 @@ def measure_server(name: str, cmd: list[str], env: dict, port: int, gguf: str, a
                 m16 = bench(srv.url, gguf, REPO, 16, args.c16_prompts, 128, args.c16_output, tmp)
                 row["c16_output_tok_s"] = m16["output_throughput"]
                 row["c16_failed"] = m16["failed"]
+            # NOTE: read after 2 s idle, for both servers: lmserve hands a burst's freed heap back after 1 s idle
+            # (the largest RSS seen during the run is the peak column)
+            time.sleep(2.0)
             row["mem_after_run"] = srv.memory()
     except (server_probe.ServerError, KeyError) as e:
         row["error"] = str(e)[-800:]
