@@ -104,6 +104,29 @@ def test_quantized_matches_float_weights_on_the_synthetic_file(q4_k_m_path):
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("quant", ["Q3_K_M", "IQ4_XS"])
+def test_q3_k_and_iq4_xs_files_run_on_the_kernels(quant, tmp_path):
+    """Q3_K (with Q4_K / Q6_K, as in Q3_K_M files) and IQ4_XS stay quantized and run on the C++ kernels: logits
+    of a prefill and of decode steps equal --weights float's to float rounding (exact float activations)."""
+    path = str(tmp_path / f"small-{quant}.gguf")
+    write_synthetic_gguf(path, SMALL, quant, context_length=1024)
+    outs = {}
+    for weights in ("quantized", "float"):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, dtype="float32", weights=weights),
+                                        cache=CacheConfig(num_blocks=32, enable_prefix_caching=False)))
+        if weights == "quantized":
+            types = {p.qtype for m in engine.runner.model.modules() for p in getattr(
+                getattr(m, "linear_method", None), "parts", [])}
+            assert {"Q3_K" if quant == "Q3_K_M" else "IQ4_XS", "Q6_K"} <= types and engine.runner.kernel is not None
+        outs[weights] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
+            max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5))[0].outputs[0]
+    assert outs["quantized"].token_ids == outs["float"].token_ids
+    for a, b in zip(outs["quantized"].logprobs, outs["float"].logprobs):
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        torch.testing.assert_close(torch.tensor([v for _, v in a.top]), torch.tensor([v for _, v in b.top]),
+                                   rtol=0, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_quantized_vs_float(smollm2_path):
     """First 16 greedy tokens identical on three prompts: same weights, float activations (--dtype float32), only

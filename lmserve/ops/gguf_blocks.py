@@ -285,11 +285,38 @@ def _dq_q6_k(b):
     return q.view(n, 16, 16).mul_(d).view(n, 256)
 
 
+def _dq_q3_k(b):
+    n = b.shape[0]
+    sc = b[:, 96:108]
+    lo = nibbles(sc[:, :8], 1).view(n, 16)                              # scale i: low 4 bits
+    hi = bits(sc[:, 8:12], 1, (0, 2, 4, 6), 3).view(n, 16)              # scale i: bits 4-5 from byte 8 + i % 4
+    d = f16(b, 108) * (lo.bitwise_or_(hi.bitwise_left_shift_(4)).float().sub_(32))    # [n, 16]
+    q = bits(b[:, 32:96], 2, (0, 2, 4, 6), 3).view(n, 8, 32)            # value 128h + 32j + l
+    hm = bits(b[:, :32], 1, tuple(range(8)), 1).view(n, 8, 32)          # bit 4h + j of hmask[l]
+    q = q.view(torch.int8).float().sub_(hm.float().neg_().add_(1).mul_(4))   # - 4 where the bit is clear
+    return q.view(n, 16, 16).mul_(d.unsqueeze(-1)).view(n, 256)
+
+
+IQ4_NL = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                      dtype=torch.float32)
+
+
+def _dq_iq4_xs(b):
+    n = b.shape[0]
+    sh = b[:, 2:4].contiguous().view(torch.int16).int() & 0xFFFF                  # [n, 1]
+    lo = nibbles(b[:, 4:8], 1).view(n, 2, 4).transpose(1, 2).reshape(n, 8)        # scale s: nibble s % 2 of byte s // 2
+    hi = (sh >> torch.arange(0, 16, 2)) & 3                                        # bits 4-5 of scale s
+    d = f16(b, 0) * (lo.int() | (hi << 4)).sub_(32).float()                        # [n, 8]
+    q = IQ4_NL[nibbles(b[:, 8:], 8).view(n, 8, 32).long()]                        # sub-block s: 16 low, 16 high
+    return q.mul_(d.unsqueeze(-1)).view(n, 256)
+
+
 # type name -> (elements per block, bytes per block, dequantizer of [n_blocks, bytes] uint8 -> [n_blocks, elems])
 QUANTS = {
     "Q8_0": (32, 34, _dq_q8_0), "Q4_0": (32, 18, _dq_q4_0), "Q4_1": (32, 20, _dq_q4_1),
     "Q5_0": (32, 22, _dq_q5_0), "Q5_1": (32, 24, _dq_q5_1),
     "Q4_K": (256, 144, _dq_q4_k), "Q5_K": (256, 176, _dq_q5_k), "Q6_K": (256, 210, _dq_q6_k),
+    "Q3_K": (256, 110, _dq_q3_k), "IQ4_XS": (256, 136, _dq_iq4_xs),
 }
 SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", *QUANTS)
 

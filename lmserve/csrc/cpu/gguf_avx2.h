@@ -11,8 +11,8 @@ namespace avx2 {
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-// log2 of the offset RAW values carry (Q4_0: 8, Q5_0: 16, Q6_K: 32); -1: none
-constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5};
+// log2 of the offset RAW values carry (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q3_K: 4); -1: none
+constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5, 2, -1};
 
 ALWAYS_INLINE __m256i nibbles16(const uint8_t* p) {   // 16 bytes -> [16 low nibbles | 16 high nibbles]
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -63,6 +63,30 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, flo
     scale_min_k4(b + 4, s, sci, mni);
     s0 = s1 = f16(b) * static_cast<float>(sci);
     mn = -(f16(b + 2) * static_cast<float>(mni));
+  } else if constexpr (QT == Q3_K) {
+    const int h = s / 4, j = s % 4;
+    const __m256i lo = _mm256_and_si256(_mm256_srl_epi16(load32(b + 32 + h * 32), _mm_cvtsi32_si128(2 * j)),
+                                        _mm256_set1_epi8(3));
+    const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << (4 * h + j)));
+    q = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(load32(b), bit), bit),
+                                             _mm256_set1_epi8(4)));
+    if (!RAW) q = _mm256_sub_epi8(q, _mm256_set1_epi8(4));
+    const float d = f16(b + 108);
+    const uint8_t* sc = b + 96;
+    const auto scale = [&](int i) {
+      const int lo6 = i < 8 ? sc[i] & 15 : sc[i - 8] >> 4, hi6 = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+      return d * static_cast<float>((lo6 | (hi6 << 4)) - 32);
+    };
+    s0 = scale(2 * s);
+    s1 = scale(2 * s + 1);
+    mn = 0.f;
+  } else if constexpr (QT == IQ4_XS) {
+    const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL));
+    q = _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles16(b + 8 + 16 * s));
+    const int sh = b[2] | (b[3] << 8);
+    const int ls = ((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4);
+    s0 = s1 = f16(b) * static_cast<float>(ls - 32);
+    mn = 0.f;
   } else {  // Q6_K
     const int h = s / 4, i = s % 4;
     const __m256i ql = load32(b + h * 64 + (i & 1) * 32);

@@ -16,7 +16,7 @@
 
 namespace gguf {
 
-enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, NUM_QTYPES };
+enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, NUM_QTYPES };
 // Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 repacked in groups of 8 rows (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp,
 // gguf_q6_kx8.cpp, gguf_q5_0x8.cpp): the same bytes
 // in another order, read only by those files; x8_source: the file type whose block sizes they keep
@@ -27,10 +27,16 @@ constexpr int x8_source(int qt) {
   return qt == Q4_0X8 ? Q4_0 : qt == Q4_KX8 ? Q4_K : qt == Q6_KX8 ? Q6_K : qt == Q5_0X8 ? Q5_0
       : qt == Q4_1X8 ? Q4_1 : qt;
 }
-constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256};
-constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210};
+constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256};
+constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136};
 // types whose values are unsigned with an offset per 32 (the min term); the others are signed, min = 0
-constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false};
+constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false};
+// a scale per 16 values (the others: one per 32, scale[2s] == scale[2s + 1])
+constexpr bool kScalePer16(int qt) { return qt == Q6_K || qt == Q3_K; }
+// signed values over the whole int8 range, no stored offset to keep (VNNI feeds them as q ^ 0x80)
+constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS; }
+// IQ4_XS's 16 non-linear levels (llama.cpp's kvalues_iq4nl)
+constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 static inline float f16(const uint8_t* p) {   // exact either way; F16C is one instruction (K-quants read 16/block)
   uint16_t h;
@@ -121,6 +127,37 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
         for (int l = 0; l < 32; ++l) {
           const int lo = i >= 2 ? (ql[l] >> 4) : (ql[l] & 15);
           o.q[s * 32 + l] = static_cast<int8_t>((lo | (((qh[l] >> (2 * i)) & 3) << 4)) - 32);
+        }
+        o.min[s] = 0.f;
+      }
+      break;
+    }
+    case Q3_K: {   // hmask[32] qs[64] scales[12] d: value (q & 3) - 4 unless its hmask bit is set, scale per 16
+      const float d = f16(b + 108);
+      const uint8_t* sc = b + 96;
+      for (int i = 0; i < 16; ++i) {
+        const int lo = i < 8 ? sc[i] & 15 : sc[i - 8] >> 4;
+        const int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+        o.scale[i] = d * static_cast<float>((lo | (hi << 4)) - 32);
+      }
+      for (int e = 0; e < 256; ++e) {   // value e: 128-half h, 2-bit plane j, byte l
+        const int h = e / 128, j = (e % 128) / 32, l = e % 32;
+        const int q = (b[32 + h * 32 + l] >> (2 * j)) & 3;
+        o.q[e] = static_cast<int8_t>(q - (((b[l] >> (4 * h + j)) & 1) ? 0 : 4));
+      }
+      for (int s = 0; s < 8; ++s) o.min[s] = 0.f;
+      break;
+    }
+    case IQ4_XS: {   // d scales_h(u16) scales_l[4] qs[128]: 6-bit scale per 32, values from kIQ4NL
+      const float d = f16(b);
+      const int sh = b[2] | (b[3] << 8);
+      for (int s = 0; s < 8; ++s) {
+        const int ls = ((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4);
+        o.scale[2 * s] = o.scale[2 * s + 1] = d * static_cast<float>(ls - 32);
+        const uint8_t* qs = b + 8 + 16 * s;
+        for (int l = 0; l < 16; ++l) {
+          o.q[32 * s + l] = kIQ4NL[qs[l] & 15];
+          o.q[32 * s + 16 + l] = kIQ4NL[qs[l] >> 4];
         }
         o.min[s] = 0.f;
       }

@@ -82,6 +82,8 @@ void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out) {
     case Q4_K: return dequant_type<Q4_K>(row, nb, out);
     case Q5_K: return dequant_type<Q5_K>(row, nb, out);
     case Q6_K: return dequant_type<Q6_K>(row, nb, out);
+    case Q3_K: return dequant_type<Q3_K>(row, nb, out);
+    case IQ4_XS: return dequant_type<IQ4_XS>(row, nb, out);
     default: return;
   }
 }
@@ -96,6 +98,8 @@ void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q4_K: return dot_type<Q4_K>(p, n0, n1);
     case Q5_K: return dot_type<Q5_K>(p, n0, n1);
     case Q6_K: return dot_type<Q6_K>(p, n0, n1);
+    case Q3_K: return dot_type<Q3_K>(p, n0, n1);
+    case IQ4_XS: return dot_type<IQ4_XS>(p, n0, n1);
     default: return;
   }
 }

@@ -63,8 +63,8 @@ void tile_int8(const DotArgs& p, int64_t m0, int64_t n0) {
       __m256i q;
       float s0, s1, mn;
       sub_block<QT, RAW>(row[j] + b * BB, s, q, s0, s1, mn);
-      // lanes 4-7: values 16-31 (only Q6_K has two scales per 32)
-      const __m256 sc = QT == Q6_K ? _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)) : _mm256_set1_ps(s0);
+      // lanes 4-7: values 16-31 (Q6_K and Q3_K have two scales per 32)
+      const __m256 sc = kScalePer16(QT) ? _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)) : _mm256_set1_ps(s0);
       for (int m = 0; m < RM; ++m) {
         __m256i dot;
         if constexpr (RAW) dot = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv[m]), ones), off[m]);
@@ -146,6 +146,8 @@ void int8_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q4_K: return int8_type<Q4_K>(p, n0, n1);
     case Q5_K: return int8_type<Q5_K>(p, n0, n1);
     case Q6_K: return int8_type<Q6_K>(p, n0, n1);
+    case Q3_K: return int8_type<Q3_K>(p, n0, n1);
+    case IQ4_XS: return int8_type<IQ4_XS>(p, n0, n1);
     default: return;
   }
 }

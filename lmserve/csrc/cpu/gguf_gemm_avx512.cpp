@@ -38,7 +38,7 @@ inline __m512 halves(float lo, float hi) {   // [lo x 8 | hi x 8]
 // the scale lanes of one sub-block, as the AVX2 kernel builds them (Q6_K: values 16-31 in lanes 4-7)
 template <int QT>
 inline __m256 scale8(float s0, float s1) {
-  return QT == Q6_K ? _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)) : _mm256_set1_ps(s0);
+  return kScalePer16(QT) ? _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)) : _mm256_set1_ps(s0);
 }
 
 // One quant type's constants and RM activation rows from m0, as both tile kinds read them. SH: the stored offset
@@ -47,7 +47,7 @@ template <int QT>
 struct Rows {
   static constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
   static constexpr bool U = kHasMin[QT];
-  static constexpr int SH = QT == Q8_0 ? 7 : kOffsetShift[QT];
+  static constexpr int SH = kFullSigned(QT) ? 7 : kOffsetShift[QT];
   static constexpr bool RAW = kOffsetShift[QT] >= 0, OFF = SH >= 0;
   const int64_t K, nb, ng;
   const int8_t* qx;
@@ -105,7 +105,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
       sub_block<QT, RAW>(row[j] + b * BB, s, qa, a0, a1, am);
       sub_block<QT, RAW>(row[j] + b1 * BB, s1, qb, c0, c1, cm);
       __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1);
-      if constexpr (QT == Q8_0) q = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
+      if constexpr (kFullSigned(QT)) q = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
       const __m512 sc = _mm512_insertf32x8(_mm512_castps256_ps512(scale8<QT>(a0, a1)), scale8<QT>(c0, c1), 1);
       for (int m = 0; m < RM; ++m) {
         const __m512i dot = _mm512_dpbusd_epi32(off[m], q, xv[m]);
@@ -131,7 +131,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
       __m256i q;
       float s0, s1, mn;
       sub_block<QT, RAW>(row[j] + b * BB, 0, q, s0, s1, mn);
-      if constexpr (QT == Q8_0) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
+      if constexpr (kFullSigned(QT)) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
       for (int m = 0; m < RM; ++m) {
         const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.dot8(q, m, g)),
                                           _mm256_mul_ps(scale8<QT>(s0, s1), _mm256_set1_ps(dx[m * ng + g])),
@@ -172,7 +172,7 @@ void tile_v256(const DotArgs& p, int64_t m0, int64_t n0) {
     __m256i q;
     float s0, s1, mn;
     sub_block<QT, R::RAW>(row + b * BB, s, q, s0, s1, mn);
-    if constexpr (QT == Q8_0) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
+    if constexpr (kFullSigned(QT)) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
     const __m256 sc = scale8<QT>(s0, s1);
     for (int m = 0; m < RM; ++m) {
       A[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.dot8(q, m, g)), _mm256_mul_ps(sc, _mm256_set1_ps(a.dx[m * ng + g])),
@@ -227,6 +227,8 @@ void int8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q4_K: return vnni_type<Q4_K>(p, n0, n1);
     case Q5_K: return vnni_type<Q5_K>(p, n0, n1);
     case Q6_K: return vnni_type<Q6_K>(p, n0, n1);
+    case Q3_K: return vnni_type<Q3_K>(p, n0, n1);
+    case IQ4_XS: return vnni_type<IQ4_XS>(p, n0, n1);
     default: return;
   }
 }
