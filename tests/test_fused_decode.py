@@ -108,3 +108,23 @@ def test_gemma3_fused_decode_is_bit_identical_past_the_sliding_window():
                                                                     ignore_eos=True))
     assert calls >= 10
     assert_same(a, b)
+
+
+def test_sleep_level_2_drops_the_stack_and_wakeup_rebuilds_it(smollm2_path):
+    """The stack holds the weights too: sleeping at level 2 must drop it with the model, waking must rebuild it."""
+    import gc
+    import weakref
+
+    # (no prefix cache: waking reallocates the KV cache, which the engine, not the executor, would tell it)
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=smollm2_path),
+                                    cache=CacheConfig(num_blocks=64, enable_prefix_caching=False)))
+    prompt = [engine.tokenizer.encode(PROMPTS[0])]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    before = engine.generate(prompt, params)[0].outputs[0].token_ids
+    gone = weakref.ref(engine.runner.fused.stack)
+    engine.executor.sleep(2)
+    gc.collect()
+    assert engine.runner.fused is None and gone() is None
+    engine.executor.wakeup()
+    assert engine.runner.fused is not None
+    assert engine.generate(prompt, params)[0].outputs[0].token_ids == before

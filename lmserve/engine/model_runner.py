@@ -337,6 +337,7 @@ def sleep_runner(runner, level: int) -> None:
     runner.free_kv_cache()
     if level == 2:
         runner.model = None
+        runner.fused = None       # it holds the weights too
 
 
 def wakeup_runner(runner) -> bool:

@@ -82,12 +82,13 @@ class DecoderStackOp(CustomOp):
     def forward_cpu(self, spec: StackSpec):
         stack = cpu_lib().DecoderStack(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.eps,
                                        spec.final_norm.detach(), DOT_MAX_ROWS)
+        def detach(t):
+            return None if t is None else t.detach()
         for s in spec.layers:
             int8 = {s.qkv.int8, s.o.int8, s.gate_up.int8, s.down.int8}
             if len(int8) != 1 or s.o.bias is not None or s.gate_up.bias is not None or s.down.bias is not None:
-                return None
+                return None     # the kernel takes one activation precision per layer and a bias on q/k/v only
             (qkv, qkv_t), (o, o_t), (gu, gu_t), (down, down_t) = map(_linear_args, (s.qkv, s.o, s.gate_up, s.down))
-            detach = (lambda t: None if t is None else t.detach())
             stack.add_layer(s.input_norm.detach(), s.ffn_norm.detach(), detach(s.post_attn_norm),
                             detach(s.post_ffn_norm), detach(s.q_norm), detach(s.k_norm), s.qk_eps, qkv, qkv_t,
                             detach(s.qkv.bias), o, o_t, gu, gu_t, down, down_t, int8.pop(), _ACTS[s.act], s.rope,
