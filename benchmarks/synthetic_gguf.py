@@ -37,13 +37,13 @@ SHAPES = {
 _BLOCKS = {
     "Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)),
     "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2)), "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,)),
-    "Q3_K": (110, 256, (108,)), "IQ4_XS": (136, 256, (0,)),
+    "Q3_K": (110, 256, (108,)), "IQ4_XS": (136, 256, (0,)), "Q2_K": (84, 256, (80, 82)),
 }
 # fp16 scale values giving weights of std ~0.02 with uniformly random quant bytes: (d, dmin or the Q*_1 min)
 _SCALES = {
     "Q4_0": (0.0043, None), "Q4_1": (0.0043, -0.032), "Q5_0": (0.0022, None), "Q5_1": (0.0022, -0.034),
     "Q8_0": (0.00027, None), "Q4_K": (0.00009, 0.00068), "Q5_K": (0.000045, 0.0007), "Q6_K": (0.00002, None),
-    "Q3_K": (0.00047, None), "IQ4_XS": (0.0000155, None),
+    "Q3_K": (0.00047, None), "IQ4_XS": (0.0000155, None), "Q2_K": (0.0016, 0.0024),
 }
 
 
@@ -67,6 +67,8 @@ QUANT_MIXES = {
     "Q3_K_M": (lambda n, i, k: "Q6_K" if n == "output" else
                "Q4_K" if n in ("attn_v", "attn_output", "ffn_down") else "Q3_K", 12),
     "IQ4_XS": (lambda n, i, k: "Q6_K" if n == "output" else "IQ4_XS", 30),
+    # llama.cpp's Q2_K, simplified: Q3_K for attn_v / ffn_down, Q6_K for the head
+    "Q2_K": (lambda n, i, k: "Q6_K" if n == "output" else "Q3_K" if n in ("attn_v", "ffn_down") else "Q2_K", 10),
 }
 
 

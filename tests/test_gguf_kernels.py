@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be bu
 
 # the levels with kernels of their own (avx512vnni: the int8 GEMM; its float paths are AVX2's)
 ISAS = [level for level in ("scalar", "avx2", "avx512vnni") if cpu_isa.supports(level, cpu_isa.detected())]
-SCALE_OFFSETS = {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q3_K": [108]}
+SCALE_OFFSETS = {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q3_K": [108],
+                 "Q2_K": [80, 82]}
 
 
 def random_weight(qtype: str, n: int, k: int, seed: int, pad: int = 0) -> GGUFWeight:

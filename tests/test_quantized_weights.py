@@ -104,10 +104,11 @@ def test_quantized_matches_float_weights_on_the_synthetic_file(q4_k_m_path):
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("quant", ["Q3_K_M", "IQ4_XS"])
-def test_q3_k_and_iq4_xs_files_run_on_the_kernels(quant, tmp_path):
-    """Q3_K (with Q4_K / Q6_K, as in Q3_K_M files) and IQ4_XS stay quantized and run on the C++ kernels: logits
-    of a prefill and of decode steps equal --weights float's to float rounding (exact float activations)."""
+@pytest.mark.parametrize("quant", ["Q3_K_M", "IQ4_XS", "Q2_K"])
+def test_q3_k_iq4_xs_and_q2_k_files_run_on_the_kernels(quant, tmp_path):
+    """Q3_K (with Q4_K / Q6_K, as in Q3_K_M files), IQ4_XS and Q2_K (with Q3_K) stay quantized and run on the C++
+    kernels: logits of a prefill and of decode steps equal --weights float's to float rounding (exact float
+    activations)."""
     path = str(tmp_path / f"small-{quant}.gguf")
     write_synthetic_gguf(path, SMALL, quant, context_length=1024)
     outs = {}
@@ -117,7 +118,8 @@ def test_q3_k_and_iq4_xs_files_run_on_the_kernels(quant, tmp_path):
         if weights == "quantized":
             types = {p.qtype for m in engine.runner.model.modules() for p in getattr(
                 getattr(m, "linear_method", None), "parts", [])}
-            assert {"Q3_K" if quant == "Q3_K_M" else "IQ4_XS", "Q6_K"} <= types and engine.runner.kernel is not None
+            main = {"Q3_K_M": "Q3_K", "IQ4_XS": "IQ4_XS", "Q2_K": "Q2_K"}[quant]
+            assert {main, "Q6_K"} <= types and engine.runner.kernel is not None
         outs[weights] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
             max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5))[0].outputs[0]
     assert outs["quantized"].token_ids == outs["float"].token_ids

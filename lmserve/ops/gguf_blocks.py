@@ -297,6 +297,15 @@ def _dq_q3_k(b):
     return q.view(n, 16, 16).mul_(d.unsqueeze(-1)).view(n, 256)
 
 
+def _dq_q2_k(b):
+    n = b.shape[0]
+    sc = b[:, :16]
+    d = f16(b, 80) * (sc & 15).float()                                  # [n, 16]: scale and offset per 16 values
+    m = f16(b, 82) * (sc >> 4).float()
+    q = bits(b[:, 16:80], 2, (0, 2, 4, 6), 3).view(n, 16, 16).float()  # value 128h + 32j + l
+    return q.mul_(d.unsqueeze(-1)).sub_(m.unsqueeze(-1)).view(n, 256)
+
+
 IQ4_NL = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                       dtype=torch.float32)
 
@@ -316,7 +325,7 @@ QUANTS = {
     "Q8_0": (32, 34, _dq_q8_0), "Q4_0": (32, 18, _dq_q4_0), "Q4_1": (32, 20, _dq_q4_1),
     "Q5_0": (32, 22, _dq_q5_0), "Q5_1": (32, 24, _dq_q5_1),
     "Q4_K": (256, 144, _dq_q4_k), "Q5_K": (256, 176, _dq_q5_k), "Q6_K": (256, 210, _dq_q6_k),
-    "Q3_K": (256, 110, _dq_q3_k), "IQ4_XS": (256, 136, _dq_iq4_xs),
+    "Q3_K": (256, 110, _dq_q3_k), "IQ4_XS": (256, 136, _dq_iq4_xs), "Q2_K": (256, 84, _dq_q2_k),
 }
 SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", *QUANTS)
 

@@ -21,7 +21,7 @@ from lmserve.ops.base import CustomOp, cpu_lib, register
 from lmserve.ops.gguf_blocks import GGUFWeight, repack
 
 # C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple
-QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_XS")
+QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_XS", "Q2_K")
 # and the repacked layouts (gguf_blocks.py repack_q4_0x8): int8 activations only
 _QTYPE_ID = {name: i for i, name in enumerate(QTYPES + ("Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8"))}
 # Float activations: above this many rows the matmul is compute-bound and dequantizes panels of W for a tile GEMM

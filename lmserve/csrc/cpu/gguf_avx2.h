@@ -12,7 +12,7 @@ namespace avx2 {
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 // log2 of the offset RAW values carry (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q3_K: 4); -1: none
-constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5, 2, -1};
+constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5, 2, -1, -1};
 
 ALWAYS_INLINE __m256i nibbles16(const uint8_t* p) {   // 16 bytes -> [16 low nibbles | 16 high nibbles]
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -80,6 +80,13 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, flo
     s0 = scale(2 * s);
     s1 = scale(2 * s + 1);
     mn = 0.f;
+  } else if constexpr (QT == Q2_K) {   // mn: values 0-15's offset (min_hi: 16-31's)
+    const int h = s / 4, j = s % 4;
+    q = _mm256_and_si256(_mm256_srl_epi16(load32(b + 16 + h * 32), _mm_cvtsi32_si128(2 * j)), _mm256_set1_epi8(3));
+    const float d = f16(b + 80);
+    s0 = d * static_cast<float>(b[2 * s] & 15);
+    s1 = d * static_cast<float>(b[2 * s + 1] & 15);
+    mn = -(f16(b + 82) * static_cast<float>(b[2 * s] >> 4));
   } else if constexpr (QT == IQ4_XS) {
     const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL));
     q = _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles16(b + 8 + 16 * s));
@@ -103,6 +110,23 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, flo
   }
 }
 
+// the offset of values 16-31 of sub-block s (Q2_K's is per 16; the other types': sub_block's mn)
+template <int QT>
+ALWAYS_INLINE float min_hi(const uint8_t* b, int s, float mn) {
+  if constexpr (kMinPer16(QT)) return -(f16(b + 82) * static_cast<float>(b[2 * s + 1] >> 4));
+  return mn;
+}
+
+// an output's offset term for sub-block s of block b: min * (the activations' sum); sx = dx * sum over the 32,
+// ls: their lane sums (4 values each), for Q2_K's two halves
+template <int QT>
+ALWAYS_INLINE float min_term(const uint8_t* b, int s, float mn, float sx, float dx, const int32_t* ls) {
+  if constexpr (kMinPer16(QT))
+    return mn * (dx * static_cast<float>(ls[0] + ls[1] + ls[2] + ls[3])) +
+           min_hi<QT>(b, s, mn) * (dx * static_cast<float>(ls[4] + ls[5] + ls[6] + ls[7]));
+  return mn * sx;
+}
+
 ALWAYS_INLINE __m256i idot(__m256i w, __m256i x, bool is_unsigned) {   // 8 x int32: sums of 4 products
   const __m256i ones = _mm256_set1_epi16(1);
   if (is_unsigned) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
@@ -118,13 +142,12 @@ ALWAYS_INLINE float hsum(__m256 v) {
 
 // 32 int8 values -> 4 x 8 float32 weights q * scale (+ min): the reference's roundings
 template <bool HAS_MIN>
-ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, __m256* w) {
+ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, float mn1, __m256* w) {
   const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
   const __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
-  const __m256 m = _mm256_set1_ps(mn);
   for (int i = 0; i < 4; ++i) {
     const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), _mm256_set1_ps(i < 2 ? s0 : s1));
-    w[i] = HAS_MIN ? _mm256_add_ps(v, m) : v;
+    w[i] = HAS_MIN ? _mm256_add_ps(v, _mm256_set1_ps(i < 2 ? mn : mn1)) : v;
   }
 }
 

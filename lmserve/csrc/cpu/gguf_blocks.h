@@ -1,8 +1,9 @@
 // GGUF quantized blocks read in place (layouts: gguf-py quants.py, llama.cpp ggml-quants.c; the torch reference is
 // lmserve/ops/gguf_blocks.py). Type ids follow lmserve/ops/linear.py QTYPES.
 //
-// Every supported type decodes to one form: int8 values q, a float scale per 16 values and a float offset per 32,
-//   w[e] = q[e] * scale[e / 16] + min[e / 32]
+// Every supported type decodes to one form: int8 values q, a float scale and a float offset per 16 values (the
+// offset is one per 32 except in Q2_K),
+//   w[e] = q[e] * scale[e / 16] + min[e / 16]
 // computed in float32 exactly as the reference dequantizer does (two roundings: the build uses -ffp-contract=off),
 // so the float path multiplies by the reference's weights bit for bit. The int8 path uses q directly:
 //   sum_e w[e] x[e] ~ sum_16 scale * dx * (sum q qx) + sum_32 min * dx * (sum qx).
@@ -16,7 +17,7 @@
 
 namespace gguf {
 
-enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, NUM_QTYPES };
+enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, NUM_QTYPES };
 // Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 repacked in groups of 8 rows (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp,
 // gguf_q6_kx8.cpp, gguf_q5_0x8.cpp): the same bytes
 // in another order, read only by those files; x8_source: the file type whose block sizes they keep
@@ -27,12 +28,14 @@ constexpr int x8_source(int qt) {
   return qt == Q4_0X8 ? Q4_0 : qt == Q4_KX8 ? Q4_K : qt == Q6_KX8 ? Q6_K : qt == Q5_0X8 ? Q5_0
       : qt == Q4_1X8 ? Q4_1 : qt;
 }
-constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256};
-constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136};
-// types whose values are unsigned with an offset per 32 (the min term); the others are signed, min = 0
-constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false};
+constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256};
+constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84};
+// types whose values are unsigned with an offset per 32 (the min term; Q2_K: per 16); the others are signed, min 0
+constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false, true};
+// an offset per 16 values (Q2_K); the others' two halves share theirs
+constexpr bool kMinPer16(int qt) { return qt == Q2_K; }
 // a scale per 16 values (the others: one per 32, scale[2s] == scale[2s + 1])
-constexpr bool kScalePer16(int qt) { return qt == Q6_K || qt == Q3_K; }
+constexpr bool kScalePer16(int qt) { return qt == Q6_K || qt == Q3_K || qt == Q2_K; }
 // signed values over the whole int8 range, no stored offset to keep (VNNI feeds them as q ^ 0x80)
 constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS; }
 // IQ4_XS's 16 non-linear levels (llama.cpp's kvalues_iq4nl)
@@ -62,7 +65,7 @@ static inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) {
 struct Decoded {
   int8_t q[256];
   float scale[16];
-  float min[8];
+  float min[16];
 };
 
 // one block -> (q, scale, min); the portable reference every faster path must agree with
@@ -76,7 +79,7 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
         o.q[j + 16] = static_cast<int8_t>((qs[j] >> 4) - off);
       }
       o.scale[0] = o.scale[1] = f16(b);
-      o.min[0] = qt == Q4_1 ? f16(b + 2) : 0.f;
+      o.min[0] = o.min[1] = qt == Q4_1 ? f16(b + 2) : 0.f;
       break;
     }
     case Q5_0: case Q5_1: {
@@ -90,13 +93,13 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
         o.q[j + 16] = static_cast<int8_t>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
       }
       o.scale[0] = o.scale[1] = f16(b);
-      o.min[0] = qt == Q5_1 ? f16(b + 2) : 0.f;
+      o.min[0] = o.min[1] = qt == Q5_1 ? f16(b + 2) : 0.f;
       break;
     }
     case Q8_0:
       std::memcpy(o.q, b + 2, 32);
       o.scale[0] = o.scale[1] = f16(b);
-      o.min[0] = 0.f;
+      o.min[0] = o.min[1] = 0.f;
       break;
     case Q4_K: case Q5_K: {
       const float d = f16(b), dmin = f16(b + 2);
@@ -106,7 +109,7 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
         int sc, mn;
         scale_min_k4(b + 4, s, sc, mn);
         o.scale[2 * s] = o.scale[2 * s + 1] = d * static_cast<float>(sc);
-        o.min[s] = -(dmin * static_cast<float>(mn));
+        o.min[2 * s] = o.min[2 * s + 1] = -(dmin * static_cast<float>(mn));
         const uint8_t* g = qs + (s / 2) * 32;
         for (int l = 0; l < 32; ++l) {
           int v = (s & 1) ? (g[l] >> 4) : (g[l] & 15);
@@ -128,7 +131,7 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
           const int lo = i >= 2 ? (ql[l] >> 4) : (ql[l] & 15);
           o.q[s * 32 + l] = static_cast<int8_t>((lo | (((qh[l] >> (2 * i)) & 3) << 4)) - 32);
         }
-        o.min[s] = 0.f;
+        o.min[2 * s] = o.min[2 * s + 1] = 0.f;
       }
       break;
     }
@@ -145,7 +148,7 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
         const int q = (b[32 + h * 32 + l] >> (2 * j)) & 3;
         o.q[e] = static_cast<int8_t>(q - (((b[l] >> (4 * h + j)) & 1) ? 0 : 4));
       }
-      for (int s = 0; s < 8; ++s) o.min[s] = 0.f;
+      for (int i = 0; i < 16; ++i) o.min[i] = 0.f;
       break;
     }
     case IQ4_XS: {   // d scales_h(u16) scales_l[4] qs[128]: 6-bit scale per 32, values from kIQ4NL
@@ -159,8 +162,18 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
           o.q[32 * s + l] = kIQ4NL[qs[l] & 15];
           o.q[32 * s + 16 + l] = kIQ4NL[qs[l] >> 4];
         }
-        o.min[s] = 0.f;
+        o.min[2 * s] = o.min[2 * s + 1] = 0.f;
       }
+      break;
+    }
+    case Q2_K: {   // scales[16] (4-bit scale | 4-bit min << 4) qs[64] d dmin: value (q & 3) * scale - min, per 16
+      const float d = f16(b + 80), dmin = f16(b + 82);
+      for (int i = 0; i < 16; ++i) {
+        o.scale[i] = d * static_cast<float>(b[i] & 15);
+        o.min[i] = -(dmin * static_cast<float>(b[i] >> 4));
+      }
+      for (int e = 0; e < 256; ++e)      // value e: 128-half h, 2-bit plane j, byte l
+        o.q[e] = static_cast<int8_t>((b[16 + (e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32))) & 3);
       break;
     }
     default:
@@ -177,7 +190,7 @@ static inline void dequant_block(int qt, const uint8_t* b, float* __restrict w) 
     const float v = static_cast<float>(o.q[e]) * o.scale[e / 16];
     // NOTE: types without an offset must not add one: x + 0.f turns -0.f into +0.f (harmless) but, more to the
     // point, the reference computes these as a single product
-    w[e] = kHasMin[qt] ? v + o.min[e / 32] : v;
+    w[e] = kHasMin[qt] ? v + o.min[e / 16] : v;
   }
 }
 

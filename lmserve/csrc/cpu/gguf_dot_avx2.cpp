@@ -31,7 +31,7 @@ void rows_float(const DotArgs& p, int64_t m0, int64_t n0, int64_t n1) {
         float s0, s1, mn;
         sub_block<QT>(blk, s, q, s0, s1, mn);
         __m256 w[4];
-        widen<kHasMin[QT]>(q, s0, s1, mn, w);
+        widen<kHasMin[QT]>(q, s0, s1, mn, min_hi<QT>(blk, s, mn), w);
         for (int r = 0; r < R; ++r) {
           const float* xr = p.x + (m0 + r) * K + b * BE + s * 32;
           for (int i = 0; i < 4; ++i) acc[r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r]);
@@ -52,7 +52,7 @@ void dequant_type(const uint8_t* row, int64_t nb, float* out) {
       float s0, s1, mn;
       sub_block<QT>(row + b * BB, s, q, s0, s1, mn);
       __m256 w[4];
-      widen<kHasMin[QT]>(q, s0, s1, mn, w);
+      widen<kHasMin[QT]>(q, s0, s1, mn, min_hi<QT>(row + b * BB, s, mn), w);
       for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * BE + s * 32 + 8 * i, w[i]);
     }
   }
@@ -84,6 +84,7 @@ void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out) {
     case Q6_K: return dequant_type<Q6_K>(row, nb, out);
     case Q3_K: return dequant_type<Q3_K>(row, nb, out);
     case IQ4_XS: return dequant_type<IQ4_XS>(row, nb, out);
+    case Q2_K: return dequant_type<Q2_K>(row, nb, out);
     default: return;
   }
 }
@@ -100,6 +101,7 @@ void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q6_K: return dot_type<Q6_K>(p, n0, n1);
     case Q3_K: return dot_type<Q3_K>(p, n0, n1);
     case IQ4_XS: return dot_type<IQ4_XS>(p, n0, n1);
+    case Q2_K: return dot_type<Q2_K>(p, n0, n1);
     default: return;
   }
 }

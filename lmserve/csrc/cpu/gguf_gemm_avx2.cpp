@@ -70,7 +70,8 @@ void tile_int8(const DotArgs& p, int64_t m0, int64_t n0) {
         if constexpr (RAW) dot = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv[m]), ones), off[m]);
         else dot = idot(q, xv[m], U);
         A[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sc, dxv[m]), A[m][j]);
-        if constexpr (U) mins[m][j] += mn * sx[m * ng + g];
+        if constexpr (U)
+          mins[m][j] += min_term<QT>(row[j] + b * BB, s, mn, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
       }
     }
   };
@@ -148,6 +149,7 @@ void int8_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q6_K: return int8_type<Q6_K>(p, n0, n1);
     case Q3_K: return int8_type<Q3_K>(p, n0, n1);
     case IQ4_XS: return int8_type<IQ4_XS>(p, n0, n1);
+    case Q2_K: return int8_type<Q2_K>(p, n0, n1);
     default: return;
   }
 }

@@ -111,8 +111,9 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
         const __m512i dot = _mm512_dpbusd_epi32(off[m], q, xv[m]);
         acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, dxv[m]), acc[m][j]);
         if constexpr (U) {
-          mins[m][j] += am * sx[m * ng + g];
-          mins[m][j] += cm * sx[m * ng + g + 1];
+          mins[m][j] += min_term<QT>(row[j] + b * BB, s, am, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
+          mins[m][j] += min_term<QT>(row[j] + b1 * BB, s1, cm, sx[m * ng + g + 1], dx[m * ng + g + 1],
+                                     ls + (m * ng + g + 1) * 8);
         }
       }
     }
@@ -137,7 +138,8 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
                                           _mm256_mul_ps(scale8<QT>(s0, s1), _mm256_set1_ps(dx[m * ng + g])),
                                           _mm512_castps512_ps256(acc[m][j]));
         acc[m][j] = _mm512_insertf32x8(acc[m][j], lo, 0);
-        if constexpr (U) mins[m][j] += mn * sx[m * ng + g];
+        if constexpr (U)
+          mins[m][j] += min_term<QT>(row[j] + b * BB, 0, mn, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
       }
     }
   }
@@ -177,7 +179,8 @@ void tile_v256(const DotArgs& p, int64_t m0, int64_t n0) {
     for (int m = 0; m < RM; ++m) {
       A[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.dot8(q, m, g)), _mm256_mul_ps(sc, _mm256_set1_ps(a.dx[m * ng + g])),
                              A[m]);
-      if constexpr (U) mins[m] += mn * a.sx[m * ng + g];
+      if constexpr (U)
+        mins[m] += min_term<QT>(row + b * BB, s, mn, a.sx[m * ng + g], a.dx[m * ng + g], a.ls + (m * ng + g) * 8);
     }
   };
   if constexpr (NS % 2 == 0) {
@@ -229,6 +232,7 @@ void int8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q6_K: return vnni_type<Q6_K>(p, n0, n1);
     case Q3_K: return vnni_type<Q3_K>(p, n0, n1);
     case IQ4_XS: return vnni_type<IQ4_XS>(p, n0, n1);
+    case Q2_K: return vnni_type<Q2_K>(p, n0, n1);
     default: return;
   }
 }

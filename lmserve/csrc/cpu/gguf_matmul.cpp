@@ -177,7 +177,13 @@ void dot_scalar(const DotArgs& p, int64_t n0, int64_t n1) {
               for (int j = 0; j < 16; ++j) isum += o.q[s * 32 + h * 16 + j] * qx[h * 16 + j];
               acc += o.scale[s * 2 + h] * p.a->dx[g] * static_cast<float>(isum);
             }
-            if (kHasMin[p.qt]) acc += o.min[s] * p.a->sx[g];
+            if (kMinPer16(p.qt)) {     // each half's offset times its activations' sum (lanes 0-3, 4-7)
+              const int32_t* ls = p.a->ls.data() + g * 8;
+              acc += o.min[2 * s] * (p.a->dx[g] * static_cast<float>(ls[0] + ls[1] + ls[2] + ls[3]));
+              acc += o.min[2 * s + 1] * (p.a->dx[g] * static_cast<float>(ls[4] + ls[5] + ls[6] + ls[7]));
+            } else if (kHasMin[p.qt]) {
+              acc += o.min[2 * s] * p.a->sx[g];
+            }
           }
         } else {
           dequant_block(p.qt, blk, wf);
