@@ -2,6 +2,8 @@
 // gguf_gemm_avx2.cpp: the int8 GEMM and the float tile GEMM). Only included where LMSERVE_GGUF_AVX2 is set.
 #pragma once
 #include <immintrin.h>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include "gguf_blocks.h"
 #include "gguf_kernels.h"
@@ -117,14 +119,51 @@ ALWAYS_INLINE float min_hi(const uint8_t* b, int s, float mn) {
   return mn;
 }
 
-// an output's offset term for sub-block s of block b: min * (the activations' sum); sx = dx * sum over the 32,
-// ls: their lane sums (4 values each), for Q2_K's two halves
+// an output's offset term for a sub-block: min * (the activations' sum); sx = dx * sum over the 32, ls: their
+// lane sums (4 values each), for Q2_K's two halves (mn: values 0-15's offset, mn1: 16-31's)
 template <int QT>
-ALWAYS_INLINE float min_term(const uint8_t* b, int s, float mn, float sx, float dx, const int32_t* ls) {
+ALWAYS_INLINE float min_term(float mn, float mn1, float sx, float dx, const int32_t* ls) {
   if constexpr (kMinPer16(QT))
     return mn * (dx * static_cast<float>(ls[0] + ls[1] + ls[2] + ls[3])) +
-           min_hi<QT>(b, s, mn) * (dx * static_cast<float>(ls[4] + ls[5] + ls[6] + ls[7]));
+           mn1 * (dx * static_cast<float>(ls[4] + ls[5] + ls[6] + ls[7]));
   return mn * sx;
+}
+
+// A sub-block decoded ahead: GEMMs decode a panel of weight rows once per 64 activation rows instead of once per
+// tile of 4 (Q2_K / Q3_K / K-quant scales are rebuilt from bits on every decode). It holds sub_block's outputs as
+// they are, so no output's operations change (batch invariance).
+struct PreSub {
+  int8_t q[32];
+  float s0, s1, mn, mn1;
+};
+
+// sub-block s of block b of a weight row: from the file's blocks, or (PRE) from a decoded panel row
+template <int QT, bool RAW, bool PRE>
+ALWAYS_INLINE void load_sub(const uint8_t* row, int64_t b, int s, __m256i& q, float& s0, float& s1, float& mn,
+                            float& mn1) {
+  if constexpr (PRE) {
+    const PreSub& d = reinterpret_cast<const PreSub*>(row)[b * (kBlockElems[QT] / 32) + s];
+    q = load32(reinterpret_cast<const uint8_t*>(d.q));
+    s0 = d.s0, s1 = d.s1, mn = d.mn, mn1 = d.mn1;
+  } else {
+    const uint8_t* blk = row + b * kBlockBytes[QT];
+    sub_block<QT, RAW>(blk, s, q, s0, s1, mn);
+    mn1 = min_hi<QT>(blk, s, mn);
+  }
+}
+
+// weight rows [c0, c1) decoded into panel (row n - c0 at panel + (n - c0) * K / 32)
+template <int QT, bool RAW>
+ALWAYS_INLINE void predecode(const DotArgs& p, int64_t c0, int64_t c1, PreSub* panel) {
+  constexpr int NS = kBlockElems[QT] / 32;
+  const int64_t ng = p.K / 32;
+  for (int64_t n = c0; n < c1; ++n)
+    for (int64_t g = 0; g < ng; ++g) {
+      PreSub& d = panel[(n - c0) * ng + g];
+      __m256i q;
+      load_sub<QT, RAW, false>(p.w + n * p.ws, g / NS, static_cast<int>(g % NS), q, d.s0, d.s1, d.mn, d.mn1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d.q), q);
+    }
 }
 
 ALWAYS_INLINE __m256i idot(__m256i w, __m256i x, bool is_unsigned) {   // 8 x int32: sums of 4 products
@@ -158,34 +197,45 @@ ALWAYS_INLINE void widen(__m256i q, float s0, float s1, float mn, float mn1, __m
 // tiles of 4 x 1, 2 x 1, 1 x 1: one weight row streamed at a time (8-row tiles measured no faster, even in the 32
 // registers of AVX-512). Tiles only decide which outputs share loads, never an output's operations (batch
 // invariance).
-// T::tile<RM, RN>(p, m, n): the outputs [m, m + RM) x [n, n + RN).
+// GEMMs first decode the 16 weight rows into a panel (PreSub) that all the block's tiles read.
+// T::tile<RM, RN, PRE>(p, m, n): the outputs [m, m + RM) x [n, n + RN); T::predecode(p, c0, c1, panel).
 constexpr int64_t kDecodeRows = 64;   // calls of fewer rows are decode batches (one 64-row block)
 
-template <class T, int RM, int RN>
+template <class T, int RM, int RN, bool PRE>
 inline void int8_cols(const DotArgs& p, int64_t m, int64_t c0, int64_t c1) {
   int64_t n = c0;
-  for (; n + RN <= c1; n += RN) T::template tile<RM, RN>(p, m, n);
-  for (; n < c1; ++n) T::template tile<RM, 1>(p, m, n);
+  for (; n + RN <= c1; n += RN) T::template tile<RM, RN, PRE>(p, m, n);
+  for (; n < c1; ++n) T::template tile<RM, 1, PRE>(p, m, n);
 }
 
 template <class T>
 inline void int8_blocked(const DotArgs& p, int64_t n0, int64_t n1) {
   constexpr int64_t MB = kDecodeRows, NC = 16;
+  const int64_t ng = p.K / 32, panel_ws = ng * static_cast<int64_t>(sizeof(PreSub));
+  // NOTE: malloc, not a std::vector: no library template instantiated here that the AVX-512 file could compile
+  // for its ISA and the linker then keep for the AVX2 code (gguf_gemm_avx512.cpp's include order, same reason)
+  PreSub* panel = p.M < kDecodeRows ? nullptr : static_cast<PreSub*>(std::malloc(NC * ng * sizeof(PreSub)));
   for (int64_t mb = 0; mb < p.M; mb += MB) {
     const int64_t me = p.M < mb + MB ? p.M : mb + MB;
     for (int64_t c0 = n0; c0 < n1; c0 += NC) {
       const int64_t c1 = n1 < c0 + NC ? n1 : c0 + NC;
       int64_t m = mb;
-      if (p.M < kDecodeRows) {   // decode batches: one weight row per tile
-        for (; m + 4 <= me; m += 4) int8_cols<T, 4, 1>(p, m, c0, c1);
-        if (m + 2 <= me) { int8_cols<T, 2, 1>(p, m, c0, c1); m += 2; }
-      } else {
-        for (; m + 4 <= me; m += 4) int8_cols<T, 4, T::kGemmRN>(p, m, c0, c1);
-        if (m + 2 <= me) { int8_cols<T, 2, 2>(p, m, c0, c1); m += 2; }
+      if (p.M < kDecodeRows) {   // decode batches: one weight row per tile, read from the file's blocks
+        for (; m + 4 <= me; m += 4) int8_cols<T, 4, 1, false>(p, m, c0, c1);
+        if (m + 2 <= me) { int8_cols<T, 2, 1, false>(p, m, c0, c1); m += 2; }
+        for (; m < me; ++m) int8_cols<T, 1, 1, false>(p, m, c0, c1);
+        continue;
       }
-      for (; m < me; ++m) int8_cols<T, 1, 1>(p, m, c0, c1);
+      T::predecode(p, c0, c1, panel);
+      DotArgs pp = p;      // row n (c0 <= n < c1) at pp.w + n * pp.ws, as the tiles address rows
+      pp.w = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(panel) - c0 * panel_ws);
+      pp.ws = panel_ws;
+      for (; m + 4 <= me; m += 4) int8_cols<T, 4, T::kGemmRN, true>(pp, m, c0, c1);
+      if (m + 2 <= me) { int8_cols<T, 2, 2, true>(pp, m, c0, c1); m += 2; }
+      for (; m < me; ++m) int8_cols<T, 1, 1, true>(pp, m, c0, c1);
     }
   }
+  std::free(panel);
 }
 
 }  // namespace avx2

@@ -29,9 +29,9 @@ using namespace avx2;
 constexpr int NACC = 2;
 
 // outputs [m0, m0 + RM) x [n0, n0 + RN)
-template <int QT, int RM, int RN>
+template <int QT, int RM, int RN, bool PRE>
 void tile_int8(const DotArgs& p, int64_t m0, int64_t n0) {
-  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32, SH = kOffsetShift[QT];
+  constexpr int BE = kBlockElems[QT], NS = BE / 32, SH = kOffsetShift[QT];
   constexpr bool U = kHasMin[QT], RAW = SH >= 0;
   const int64_t K = p.K, nb = K / BE, ng = K / 32;
   const int8_t* qx = p.a->q.data() + m0 * K;
@@ -61,8 +61,8 @@ void tile_int8(const DotArgs& p, int64_t m0, int64_t n0) {
     }
     for (int j = 0; j < RN; ++j) {
       __m256i q;
-      float s0, s1, mn;
-      sub_block<QT, RAW>(row[j] + b * BB, s, q, s0, s1, mn);
+      float s0, s1, mn, mn1;
+      load_sub<QT, RAW, PRE>(row[j], b, s, q, s0, s1, mn, mn1);
       // lanes 4-7: values 16-31 (Q6_K and Q3_K have two scales per 32)
       const __m256 sc = kScalePer16(QT) ? _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)) : _mm256_set1_ps(s0);
       for (int m = 0; m < RM; ++m) {
@@ -71,7 +71,7 @@ void tile_int8(const DotArgs& p, int64_t m0, int64_t n0) {
         else dot = idot(q, xv[m], U);
         A[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sc, dxv[m]), A[m][j]);
         if constexpr (U)
-          mins[m][j] += min_term<QT>(row[j] + b * BB, s, mn, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
+          mins[m][j] += min_term<QT>(mn, mn1, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
       }
     }
   };
@@ -100,8 +100,11 @@ void tile_int8(const DotArgs& p, int64_t m0, int64_t n0) {
 template <int QT>
 struct Int8Tile {
   static constexpr int kGemmRN = 2;
-  template <int RM, int RN>
-  static void tile(const DotArgs& p, int64_t m, int64_t n) { tile_int8<QT, RM, RN>(p, m, n); }
+  template <int RM, int RN, bool PRE>
+  static void tile(const DotArgs& p, int64_t m, int64_t n) { tile_int8<QT, RM, RN, PRE>(p, m, n); }
+  static void predecode(const DotArgs& p, int64_t c0, int64_t c1, PreSub* panel) {
+    avx2::predecode<QT, (kOffsetShift[QT] >= 0)>(p, c0, c1, panel);
+  }
 };
 
 template <int QT>

@@ -66,7 +66,7 @@ struct Rows {
   }
 };
 
-template <int QT, int RM, int RN>
+template <int QT, int RM, int RN, bool PRE>
 void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
   using R = Rows<QT>;
   constexpr int BB = R::BB, NS = R::NS, SH = R::SH;
@@ -101,9 +101,9 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
     }
     for (int j = 0; j < RN; ++j) {
       __m256i qa, qb;
-      float a0, a1, am, c0, c1, cm;
-      sub_block<QT, RAW>(row[j] + b * BB, s, qa, a0, a1, am);
-      sub_block<QT, RAW>(row[j] + b1 * BB, s1, qb, c0, c1, cm);
+      float a0, a1, am, am1, c0, c1, cm, cm1;
+      load_sub<QT, RAW, PRE>(row[j], b, s, qa, a0, a1, am, am1);
+      load_sub<QT, RAW, PRE>(row[j], b1, s1, qb, c0, c1, cm, cm1);
       __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1);
       if constexpr (kFullSigned(QT)) q = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
       const __m512 sc = _mm512_insertf32x8(_mm512_castps256_ps512(scale8<QT>(a0, a1)), scale8<QT>(c0, c1), 1);
@@ -111,9 +111,8 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
         const __m512i dot = _mm512_dpbusd_epi32(off[m], q, xv[m]);
         acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, dxv[m]), acc[m][j]);
         if constexpr (U) {
-          mins[m][j] += min_term<QT>(row[j] + b * BB, s, am, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
-          mins[m][j] += min_term<QT>(row[j] + b1 * BB, s1, cm, sx[m * ng + g + 1], dx[m * ng + g + 1],
-                                     ls + (m * ng + g + 1) * 8);
+          mins[m][j] += min_term<QT>(am, am1, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
+          mins[m][j] += min_term<QT>(cm, cm1, sx[m * ng + g + 1], dx[m * ng + g + 1], ls + (m * ng + g + 1) * 8);
         }
       }
     }
@@ -130,8 +129,8 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
     const int64_t b = nb - 1, g = b;
     for (int j = 0; j < RN; ++j) {
       __m256i q;
-      float s0, s1, mn;
-      sub_block<QT, RAW>(row[j] + b * BB, 0, q, s0, s1, mn);
+      float s0, s1, mn, mn1;
+      load_sub<QT, RAW, PRE>(row[j], b, 0, q, s0, s1, mn, mn1);
       if constexpr (kFullSigned(QT)) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
       for (int m = 0; m < RM; ++m) {
         const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.dot8(q, m, g)),
@@ -139,7 +138,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
                                           _mm512_castps512_ps256(acc[m][j]));
         acc[m][j] = _mm512_insertf32x8(acc[m][j], lo, 0);
         if constexpr (U)
-          mins[m][j] += min_term<QT>(row[j] + b * BB, 0, mn, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
+          mins[m][j] += min_term<QT>(mn, mn1, sx[m * ng + g], dx[m * ng + g], ls + (m * ng + g) * 8);
       }
     }
   }
@@ -172,15 +171,15 @@ void tile_v256(const DotArgs& p, int64_t m0, int64_t n0) {
   auto step = [&](int64_t b, int s, __m256 (&A)[RM]) __attribute__((always_inline)) {
     const int64_t g = b * NS + s;
     __m256i q;
-    float s0, s1, mn;
-    sub_block<QT, R::RAW>(row + b * BB, s, q, s0, s1, mn);
+    float s0, s1, mn, mn1;
+    load_sub<QT, R::RAW, false>(row, b, s, q, s0, s1, mn, mn1);
     if constexpr (kFullSigned(QT)) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
     const __m256 sc = scale8<QT>(s0, s1);
     for (int m = 0; m < RM; ++m) {
       A[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.dot8(q, m, g)), _mm256_mul_ps(sc, _mm256_set1_ps(a.dx[m * ng + g])),
                              A[m]);
       if constexpr (U)
-        mins[m] += min_term<QT>(row + b * BB, s, mn, a.sx[m * ng + g], a.dx[m * ng + g], a.ls + (m * ng + g) * 8);
+        mins[m] += min_term<QT>(mn, mn1, a.sx[m * ng + g], a.dx[m * ng + g], a.ls + (m * ng + g) * 8);
     }
   };
   if constexpr (NS % 2 == 0) {
@@ -205,12 +204,15 @@ void tile_v256(const DotArgs& p, int64_t m0, int64_t n0) {
 template <int QT>
 struct VnniTile {
   static constexpr int kGemmRN = 4;
-  template <int RM, int RN>
+  template <int RM, int RN, bool PRE>
   static void tile(const DotArgs& p, int64_t m, int64_t n) {
-    if constexpr (RN == 1) {
+    if constexpr (RN == 1 && !PRE) {
       if (p.M < kDecodeRows) return tile_v256<QT, RM>(p, m, n);   // decode batches, as int8_blocked sees them
     }
-    tile_vnni<QT, RM, RN>(p, m, n);
+    tile_vnni<QT, RM, RN, PRE>(p, m, n);
+  }
+  static void predecode(const DotArgs& p, int64_t c0, int64_t c1, PreSub* panel) {
+    avx2::predecode<QT, Rows<QT>::RAW>(p, c0, c1, panel);
   }
 };
 
