@@ -69,7 +69,7 @@ struct Rows {
 template <int QT, int RM, int RN, bool PRE>
 void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
   using R = Rows<QT>;
-  constexpr int BB = R::BB, NS = R::NS, SH = R::SH;
+  constexpr int NS = R::NS, SH = R::SH;
   constexpr bool U = R::U, RAW = R::RAW, OFF = R::OFF;
   const R a(p, m0);
   const int64_t K = a.K, nb = a.nb, ng = a.ng;
@@ -157,7 +157,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t n0) {
 template <int QT, int RM>
 void tile_v256(const DotArgs& p, int64_t m0, int64_t n0) {
   using R = Rows<QT>;
-  constexpr int BB = R::BB, NS = R::NS;
+  constexpr int NS = R::NS;
   constexpr bool U = R::U;
   const R a(p, m0);
   const int64_t nb = a.nb, ng = a.ng;
