@@ -74,13 +74,8 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, flo
                                              _mm256_set1_epi8(4)));
     if (!RAW) q = _mm256_sub_epi8(q, _mm256_set1_epi8(4));
     const float d = f16(b + 108);
-    const uint8_t* sc = b + 96;
-    const auto scale = [&](int i) {
-      const int lo6 = i < 8 ? sc[i] & 15 : sc[i - 8] >> 4, hi6 = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-      return d * static_cast<float>((lo6 | (hi6 << 4)) - 32);
-    };
-    s0 = scale(2 * s);
-    s1 = scale(2 * s + 1);
+    s0 = d * static_cast<float>(scale_q3_k(b + 96, 2 * s));
+    s1 = d * static_cast<float>(scale_q3_k(b + 96, 2 * s + 1));
     mn = 0.f;
   } else if constexpr (QT == Q2_K) {   // mn: values 0-15's offset (min_hi: 16-31's)
     const int h = s / 4, j = s % 4;
@@ -92,9 +87,7 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, flo
   } else if constexpr (QT == IQ4_XS) {
     const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL));
     q = _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles16(b + 8 + 16 * s));
-    const int sh = b[2] | (b[3] << 8);
-    const int ls = ((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4);
-    s0 = s1 = f16(b) * static_cast<float>(ls - 32);
+    s0 = s1 = f16(b) * static_cast<float>(scale_iq4_xs(b, s));
     mn = 0.f;
   } else {  // Q6_K
     const int h = s / 4, i = s % 4;

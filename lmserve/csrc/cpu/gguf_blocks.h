@@ -62,6 +62,19 @@ static inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) {
   }
 }
 
+// Q3_K: the signed 6-bit scale of 16-value group i (0..15) from the 12 packed bytes
+static inline int scale_q3_k(const uint8_t* sc, int i) {
+  const int lo = i < 8 ? sc[i] & 15 : sc[i - 8] >> 4;
+  const int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+
+// IQ4_XS: the signed 6-bit scale of sub-block s (0..7) of block b
+static inline int scale_iq4_xs(const uint8_t* b, int s) {
+  const int sh = b[2] | (b[3] << 8);
+  return (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+}
+
 struct Decoded {
   int8_t q[256];
   float scale[16];
@@ -138,11 +151,7 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
     case Q3_K: {   // hmask[32] qs[64] scales[12] d: value (q & 3) - 4 unless its hmask bit is set, scale per 16
       const float d = f16(b + 108);
       const uint8_t* sc = b + 96;
-      for (int i = 0; i < 16; ++i) {
-        const int lo = i < 8 ? sc[i] & 15 : sc[i - 8] >> 4;
-        const int hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-        o.scale[i] = d * static_cast<float>((lo | (hi << 4)) - 32);
-      }
+      for (int i = 0; i < 16; ++i) o.scale[i] = d * static_cast<float>(scale_q3_k(sc, i));
       for (int e = 0; e < 256; ++e) {   // value e: 128-half h, 2-bit plane j, byte l
         const int h = e / 128, j = (e % 128) / 32, l = e % 32;
         const int q = (b[32 + h * 32 + l] >> (2 * j)) & 3;
@@ -153,10 +162,8 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
     }
     case IQ4_XS: {   // d scales_h(u16) scales_l[4] qs[128]: 6-bit scale per 32, values from kIQ4NL
       const float d = f16(b);
-      const int sh = b[2] | (b[3] << 8);
       for (int s = 0; s < 8; ++s) {
-        const int ls = ((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4);
-        o.scale[2 * s] = o.scale[2 * s + 1] = d * static_cast<float>(ls - 32);
+        o.scale[2 * s] = o.scale[2 * s + 1] = d * static_cast<float>(scale_iq4_xs(b, s));
         const uint8_t* qs = b + 8 + 16 * s;
         for (int l = 0; l < 16; ++l) {
           o.q[32 * s + l] = kIQ4NL[qs[l] & 15];
