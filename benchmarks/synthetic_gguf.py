@@ -38,6 +38,7 @@ _BLOCKS = {
     "Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)),
     "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2)), "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,)),
     "Q3_K": (110, 256, (108,)), "IQ4_XS": (136, 256, (0,)), "Q2_K": (84, 256, (80, 82)),
+    "F16": (64, 32, ()), "BF16": (64, 32, ()),     # 16-bit float matrices (random_blocks: values, not bytes)
 }
 # fp16 scale values giving weights of std ~0.02 with uniformly random quant bytes: (d, dmin or the Q*_1 min)
 _SCALES = {
@@ -69,6 +70,8 @@ QUANT_MIXES = {
     "IQ4_XS": (lambda n, i, k: "Q6_K" if n == "output" else "IQ4_XS", 30),
     # llama.cpp's Q2_K, simplified: Q3_K for attn_v / ffn_down, Q6_K for the head
     "Q2_K": (lambda n, i, k: "Q6_K" if n == "output" else "Q3_K" if n in ("attn_v", "ffn_down") else "Q2_K", 10),
+    "F16": (lambda n, i, k: "F16", 1),
+    "BF16": (lambda n, i, k: "BF16", 32),
 }
 
 
@@ -76,6 +79,10 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
     """uint8 [rows, row_bytes]: random quant bytes, fp16 scales set so weights are ~N(0, 0.02)-sized."""
     type_size, elems, offsets = _BLOCKS[qtype]
     assert cols % elems == 0, (qtype, cols)
+    if qtype in ("F16", "BF16"):
+        v = (0.02 * rng.standard_normal((rows, cols))).astype(np.float32)
+        half = v.astype(np.float16) if qtype == "F16" else (v.view(np.uint32) >> 16).astype(np.uint16)
+        return half.view(np.uint8).reshape(rows, -1)
     blocks = rng.integers(0, 256, size=(rows, cols // elems, type_size), dtype=np.uint8)
     for off, value in zip(offsets, _SCALES[qtype]):
         blocks[:, :, off:off + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)

@@ -5,7 +5,8 @@ alone and through float tiles when a prefill chunk shared the step).
 
 Kernel level: for each quant type, the rows of a 1-row call equal (torch.equal, bit for bit) the same rows inside
 7-, 17-, 64- and 300-row calls, with int8 and with float activations, on every ISA path this CPU has. The one
-exception, by design: the scalar build's float path above DOT_MAX_ROWS (at::mm on dequantized tiles).
+exception, by design: the scalar build's float path above DOT_MAX_ROWS (at::mm on dequantized tiles), which
+F16 / BF16 weights take in int8 calls too.
 Engine level: a greedy request gives the same tokens and the same logprobs alone and while a long prompt is
 prefilled in chunks in the same steps.
 """
@@ -16,7 +17,7 @@ import torch
 
 from lmserve import ops
 from lmserve.ops import cpu_isa, cpu_kernels
-from lmserve.ops.linear import DOT_MAX_ROWS, QTYPES
+from lmserve.ops.linear import DOT_MAX_ROWS, FLOAT16, QTYPES
 from test_gguf_kernels import odd_k, random_weight
 
 lib = cpu_kernels.load()
@@ -46,7 +47,7 @@ def test_rows_do_not_depend_on_the_batch(qtype, isa, at_isa):
     w = random_weight(qtype, n, k, seed=11, pad=3)
     x = torch.randn(max(BATCHES), k, generator=torch.Generator().manual_seed(5))
     for int8 in (True, False):
-        if isa == "scalar" and not int8:
+        if isa == "scalar" and (not int8 or qtype in FLOAT16):
             continue                              # at::mm tiles above DOT_MAX_ROWS: not invariant (documented)
         alone = {i: _matmul(x[i:i + 1], w, int8) for i in (0, 1, 5, 6, 16, 33, 63, 64, 150, 299)}
         for m in BATCHES:
@@ -58,14 +59,25 @@ def test_rows_do_not_depend_on_the_batch(qtype, isa, at_isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_stacked_mixed_parts_are_batch_invariant(isa, at_isa):
-    """A fused layer of mixed types (Q4_K_M's q/k/v): the parts split across threads differently for each M."""
+    """A fused layer of mixed types (Q4_K_M's q/k/v; block types next to 16-bit ones, which take float or bf16
+    activations in the same int8 call): the parts split across threads differently for each M."""
     at_isa(isa)
     k = 512
-    parts = [random_weight("Q4_0", 40, k, seed=1), random_weight("Q6_K", 9, k, seed=2),
-             random_weight("Q4_K", 23, k, seed=3, pad=7)]
+    for parts in ([random_weight("Q4_0", 40, k, seed=1), random_weight("Q6_K", 9, k, seed=2),
+                   random_weight("Q4_K", 23, k, seed=3, pad=7)],
+                  [random_weight("Q4_0", 24, k, seed=4), random_weight("BF16", 9, k, seed=5),
+                   random_weight("F16", 23, k, seed=6, pad=6)]):
+        if isa == "scalar" and parts[1].qtype in FLOAT16:
+            continue                              # the scalar build's float tiles (see the module's docstring)
+        _check_parts(parts, isa)
+
+
+def _check_parts(parts, isa):
+    k = parts[0].shape[1]
     x = torch.randn(100, k, generator=torch.Generator().manual_seed(9))
     for int8 in (True, False) if isa != "scalar" else (True,):
         y = _matmul(x, parts, int8)
+        assert torch.equal(torch.cat([_matmul(x, p, int8) for p in parts], 1), y)
         for i in (0, 3, 99):
             assert torch.equal(_matmul(x[i:i + 1], parts, int8), y[i:i + 1]), (isa, int8, i)
         if not int8:     # the float dot (<= DOT_MAX_ROWS rows) and the tile GEMM above it agree too

@@ -17,7 +17,7 @@ import torch
 from lmserve import ops
 from lmserve.ops import cpu_isa, cpu_kernels, linear
 from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight
-from lmserve.ops.linear import DOT_MAX_ROWS, QTYPES, quantize_activations
+from lmserve.ops.linear import DOT_MAX_ROWS, FLOAT16, QTYPES, quantize_activations
 
 lib = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be built here")
@@ -34,12 +34,26 @@ def random_weight(qtype: str, n: int, k: int, seed: int, pad: int = 0) -> GGUFWe
     be, bs, _ = QUANTS[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(n * k // be, bs), dtype=np.uint8)
-    for off in SCALE_OFFSETS.get(qtype, [0]):
+    if qtype in FLOAT16:        # finite values over a wide range of exponents, signs, subnormals included
+        v = torch.from_numpy(rng.standard_normal(n * k).astype(np.float32) * 2.0 ** rng.integers(-30, 8, n * k))
+        raw = v.to(torch.float16 if qtype == "F16" else torch.bfloat16).view(torch.uint8).numpy().reshape(-1, bs)
+    for off in SCALE_OFFSETS.get(qtype, [0] if qtype not in FLOAT16 else []):
         raw[:, off:off + 2] = rng.uniform(0.001, 0.05, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
     data = torch.from_numpy(raw.reshape(n, -1))
     if pad:
         data = torch.cat([data, torch.zeros(n, pad, dtype=torch.uint8)], 1)[:, :-pad]
     return GGUFWeight(qtype, data, (n, k))
+
+
+def multiplied(x: torch.Tensor, w: GGUFWeight, w64: torch.Tensor, int8: bool):
+    """What the kernel multiplies, in float64: (activations, weights). int8 calls quantize the activations for the
+    block types; F16 / BF16 weights take float activations, or, on CPUs with AVX512-BF16, both sides rounded to
+    bfloat16 (lib.gguf_bf16_dot())."""
+    if w.qtype in FLOAT16:
+        if int8 and lib.gguf_bf16_dot():
+            return x.bfloat16().double(), w64.bfloat16().double()
+        return x.double(), w64
+    return (quantize_activations(x) if int8 else x).double(), w64
 
 
 @pytest.fixture
@@ -75,11 +89,13 @@ def test_gguf_matmul_matches_float64(qtype, isa, isa_level):
         for int8 in (False, True):
             with ops.use(table):
                 y = ops.gguf_matmul(x, w, None, int8).double()
-            seen = quantize_activations(x) if int8 else x
-            s = seen.double().abs() @ w64.abs().T
-            err = (y - seen.double() @ w64.T).abs()
+            seen, wseen = multiplied(x, w, w64, int8)
+            s = seen.abs() @ wseen.abs().T
+            err = (y - seen @ wseen.T).abs()
             assert (err <= 1e-5 * s + 1e-30).all(), (qtype, isa, rows, int8, (err / s).max().item())
-            if int8:
+            if int8 and qtype in FLOAT16:     # bf16 rounding of both sides: 2^-8 relative each
+                assert ((y - x.double() @ w64.T).abs() <= 2 ** -7 * (x.double().abs() @ w64.abs().T) + 1e-30).all()
+            elif int8:
                 dx = x.reshape(rows, -1, 32).abs().amax(-1).repeat_interleave(32, 1) / 127   # [rows, k]
                 bound = (dx.double() / 2) @ w64.abs().T + 1e-5 * (x.double().abs() @ w64.abs().T)
                 assert ((y - x.double() @ w64.T).abs() <= bound).all(), (qtype, isa, rows)
@@ -122,7 +138,9 @@ def test_cpu_arm_agrees_with_the_reference_and_bias_and_bf16(qtype, monkeypatch)
             with ops.use(cpu_table()):
                 got = ops.gguf_matmul(x, w, bias, int8)
             s = x.abs() @ w.dequantize().abs().T + bias.abs()
-            assert ((got - ref).abs() <= 2e-5 * s).all(), (qtype, rows, int8)
+            # the reference multiplies 16-bit weights in float: the kernel's bf16 path is within bf16 rounding
+            tol = 2 ** -7 if int8 and qtype in FLOAT16 and lib.gguf_bf16_dot() else 2e-5
+            assert ((got - ref).abs() <= tol * s).all(), (qtype, rows, int8)
     xb = torch.randn(4, k).bfloat16()
     with ops.use(cpu_table()):
         yb = ops.gguf_matmul(xb, w)
@@ -143,7 +161,7 @@ def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):
 
 
 @pytest.mark.skipif(not cpu_isa.supports("avx512vnni", cpu_isa.detected()), reason="CPU lacks AVX512-VNNI")
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", [q for q in QTYPES if q not in FLOAT16])   # 16-bit: float or bf16, not int8
 def test_avx512vnni_int8_equals_avx2_bit_for_bit(qtype, isa_level):
     """The AVX512-VNNI int8 GEMM is the AVX2 one with two sub-blocks per step: the same float operations per lane,
     so the same bits (a model's tokens do not depend on which of the two CPU kinds serves it, nor on the batch

@@ -129,6 +129,42 @@ def test_q3_k_iq4_xs_and_q2_k_files_run_on_the_kernels(quant, tmp_path):
                                    rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("quant", ["F16", "BF16"])
+def test_16_bit_files_stay_16_bit(quant, tmp_path):
+    """F16 / BF16 GGUF matrices are served in place (views of the mapped file, no float32 copy, no packed copy):
+    the weights take the file's size, and the tokens and logprobs equal --weights float's (float activations on
+    every path, also where the quantized types take int8 activations, as with --dtype auto here)."""
+    path = str(tmp_path / f"small-{quant}.gguf")
+    write_synthetic_gguf(path, SMALL, quant, context_length=1024)
+    outs = {}
+    for weights, dtype in (("quantized", "auto"), ("quantized", "float32"), ("float", "float32")):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, dtype=dtype, weights=weights),
+                                        cache=CacheConfig(num_blocks=32, enable_prefix_caching=False)))
+        if weights == "quantized":
+            model = engine.runner.model
+            methods = [m.linear_method for m in model.modules() if hasattr(m, "linear_method")]
+            assert len(methods) == 4 * SMALL["layers"] + 2
+            assert all(isinstance(m, GGUFLinear) and {p.qtype for p in m.parts} == {quant} for m in methods)
+            assert not any(not t.is_meta and t.dim() == 2 and t.numel() > 4096 for t in model.parameters())
+            mem = engine.runner.weight_memory
+            assert mem["float"] < (1 << 20) and mem["packed"] == 0
+            assert mem["gguf"] > 0.95 * os.path.getsize(path) - (1 << 20)
+        outs[weights, dtype] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
+            max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5))[0].outputs[0]
+    ref, exact = outs["float", "float32"], outs["quantized", "float32"]
+    assert exact.token_ids == ref.token_ids
+    for a, b in zip(exact.logprobs, ref.logprobs):
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        torch.testing.assert_close(torch.tensor([v for _, v in a.top]), torch.tensor([v for _, v in b.top]),
+                                   rtol=0, atol=1e-3)
+    # --dtype auto: on CPUs with native bf16 the 16-bit matmuls take bf16 activations and the KV cache is bf16
+    # (random weights leave near-ties, so only the first step, where both saw the same tokens, is compared)
+    first, want = dict(outs["quantized", "auto"].logprobs[0].top), dict(ref.logprobs[0].top)
+    common = first.keys() & want.keys()
+    assert len(common) >= 3
+    assert max(abs(first[t] - want[t]) for t in common) < 0.05
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_quantized_vs_float(smollm2_path):
     """First 16 greedy tokens identical on three prompts: same weights, float activations (--dtype float32), only

@@ -39,13 +39,15 @@ def mapped_view(t) -> torch.Tensor:
 
 
 def gguf_weight(t, name: str, cfg) -> GGUFWeight | None:
-    """This rank's part of a quantized 2-D GGUF tensor as a GGUFWeight, or None when it must be float (not a block
-    type, not 2-D, or a tensor-parallel column split that cuts through blocks)."""
+    """This rank's part of a quantized (or F16 / BF16) 2-D GGUF tensor as a GGUFWeight, or None when it must be float
+    (F32 or another type without a kernel, not 2-D, or a tensor-parallel column split that cuts through blocks)."""
     qtype = t.tensor_type.name
     if qtype not in QUANTS or len(t.shape) != 2:
         return None
     n, k = int(t.shape[1]), int(t.shape[0])
     elems, type_size, _ = QUANTS[qtype]
+    if k % elems:                         # a 16-bit matrix whose rows are not whole groups of 32: float
+        return None
     data = mapped_view(t)
     spec = shard_spec(name, cfg)
     if spec is not None:

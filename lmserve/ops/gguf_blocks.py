@@ -20,7 +20,8 @@ class GGUFWeight:
     data: uint8 [N, row_bytes], row n = the K / block_elems blocks of output feature n, in file order (K is a
     multiple of the type's block size). It may be a read-only view of the mmap'd file: never write to it.
     """
-    qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K";
+    qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K",
+    #                         "IQ4_XS", "Q2_K"; "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
     #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8": repacked in 8-row groups (repack)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)
@@ -320,14 +321,24 @@ def _dq_iq4_xs(b):
     return q.mul_(d.unsqueeze(-1)).view(n, 256)
 
 
-# type name -> (elements per block, bytes per block, dequantizer of [n_blocks, bytes] uint8 -> [n_blocks, elems])
+def _dq_f16(b):
+    return b.contiguous().view(torch.float16).float()
+
+
+def _dq_bf16(b):
+    return b.contiguous().view(torch.bfloat16).float()
+
+
+# type name -> (elements per block, bytes per block, dequantizer of [n_blocks, bytes] uint8 -> [n_blocks, elems]).
+# F16 / BF16 matrices are served in place the same way, as "blocks" of 32 values with no scale.
 QUANTS = {
     "Q8_0": (32, 34, _dq_q8_0), "Q4_0": (32, 18, _dq_q4_0), "Q4_1": (32, 20, _dq_q4_1),
     "Q5_0": (32, 22, _dq_q5_0), "Q5_1": (32, 24, _dq_q5_1),
     "Q4_K": (256, 144, _dq_q4_k), "Q5_K": (256, 176, _dq_q5_k), "Q6_K": (256, 210, _dq_q6_k),
     "Q3_K": (256, 110, _dq_q3_k), "IQ4_XS": (256, 136, _dq_iq4_xs), "Q2_K": (256, 84, _dq_q2_k),
+    "F16": (32, 64, _dq_f16), "BF16": (32, 64, _dq_bf16),
 }
-SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", *QUANTS)
+SUPPORTED_GGML_TYPES = ("F32", *QUANTS)
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:

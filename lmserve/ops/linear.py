@@ -20,8 +20,10 @@ from lmserve.ops import cpu_isa
 from lmserve.ops.base import CustomOp, cpu_lib, register
 from lmserve.ops.gguf_blocks import GGUFWeight, repack
 
-# C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple
-QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_XS", "Q2_K")
+# C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple. F16 / BF16: 16-bit float matrices read
+# in place (no int8 form: an int8 call multiplies them with the float activations)
+QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_XS", "Q2_K", "F16", "BF16")
+FLOAT16 = ("F16", "BF16")
 # and the repacked layouts (gguf_blocks.py repack_q4_0x8): int8 activations only
 _QTYPE_ID = {name: i for i, name in enumerate(QTYPES + ("Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8"))}
 # Float activations: above this many rows the matmul is compute-bound and dequantizes panels of W for a tile GEMM
@@ -89,13 +91,13 @@ class GGUFMatmulOp(CustomOp):
         parts = _parts(w)
         _check(x, parts)
         xf = x.float()
-        if int8:
-            xf = quantize_activations(xf)
+        xq = quantize_activations(xf) if int8 else xf
         out = torch.empty(x.shape[0], sum(p.shape[0] for p in parts), dtype=torch.float32, device=x.device)
         first = 0
         for w in parts:
+            xw = xf if w.qtype in FLOAT16 else xq
             for n0, part in _row_chunks(w):     # bounded scratch, never a float copy of the whole matrix
-                out[:, first + n0:first + n0 + part.shape[0]] = xf @ part.dequantize().to(x.device).t()
+                out[:, first + n0:first + n0 + part.shape[0]] = xw @ part.dequantize().to(x.device).t()
             first += w.shape[0]
         if bias is not None:
             out.add_(bias.float())

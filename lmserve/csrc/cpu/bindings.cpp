@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequantize", &gguf_dequantize, nogil);
   m.def("gguf_repack", &gguf_repack, nogil);
   m.def("gguf_isa", &gguf_isa);
+  m.def("gguf_bf16_dot", &gguf_bf16_dot);
   m.def("gguf_set_isa", &gguf_set_isa);
   m.def("gguf_set_vnni512", &gguf_set_vnni512);
   m.def("built_baseline", &built_baseline);

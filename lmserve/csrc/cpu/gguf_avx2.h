@@ -14,7 +14,7 @@ namespace avx2 {
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 // log2 of the offset RAW values carry (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q3_K: 4); -1: none
-constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5, 2, -1, -1};
+constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5, 2, -1, -1, -1, -1};
 
 ALWAYS_INLINE __m256i nibbles16(const uint8_t* p) {   // 16 bytes -> [16 low nibbles | 16 high nibbles]
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -32,6 +32,14 @@ ALWAYS_INLINE __m256i high_bits32(const uint8_t* p) {  // bit j of a little-endi
 }
 
 ALWAYS_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// 8 values of a 16-bit float matrix (F16 / BF16) -> float32, exactly
+template <int QT>
+ALWAYS_INLINE __m256 load8_16(const uint8_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (QT == F16) return _mm256_cvtph_ps(h);
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 // Sub-block s (32 values) of a block: q (signed unless kHasMin), the scales of values 0-15 and 16-31, the min.
 // RAW: the signed types with an offset (Q4_0, Q5_0, Q6_K) keep their stored unsigned values (q + kOffset[QT]), so

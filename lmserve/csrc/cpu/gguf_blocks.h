@@ -17,7 +17,9 @@
 
 namespace gguf {
 
-enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, NUM_QTYPES };
+// F16 / BF16: 16-bit float matrices (F16 / BF16 GGUF files, 16-bit safetensors) read in place, as blocks of 32
+// values with no scale; they have no int8 form: every path multiplies them with float activations (kFloat16)
+enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, NUM_QTYPES };
 // Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 repacked in groups of 8 rows (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp,
 // gguf_q6_kx8.cpp, gguf_q5_0x8.cpp): the same bytes
 // in another order, read only by those files; x8_source: the file type whose block sizes they keep
@@ -28,10 +30,13 @@ constexpr int x8_source(int qt) {
   return qt == Q4_0X8 ? Q4_0 : qt == Q4_KX8 ? Q4_K : qt == Q6_KX8 ? Q6_K : qt == Q5_0X8 ? Q5_0
       : qt == Q4_1X8 ? Q4_1 : qt;
 }
-constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256};
-constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84};
+constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32};
+constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84, 64, 64};
 // types whose values are unsigned with an offset per 32 (the min term; Q2_K: per 16); the others are signed, min 0
-constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false, true};
+constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false, true, false,
+                                       false};
+// 16-bit float weights: float activations on every path (an int8 call multiplies these parts in float)
+constexpr bool kFloat16(int qt) { return qt == F16 || qt == BF16; }
 // an offset per 16 values (Q2_K); the others' two halves share theirs
 constexpr bool kMinPer16(int qt) { return qt == Q2_K; }
 // a scale per 16 values (the others: one per 32, scale[2s] == scale[2s + 1])
@@ -49,6 +54,15 @@ static inline float f16(const uint8_t* p) {   // exact either way; F16C is one i
 #else
   return c10::detail::fp16_ieee_to_fp32_value(h);
 #endif
+}
+
+static inline float bf16(const uint8_t* p) {   // a bfloat16 is a float32's high half
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 // Q4_K / Q5_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes
@@ -190,6 +204,10 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
 
 // one block -> float32 weights, bit-identical to the reference dequantizer
 static inline void dequant_block(int qt, const uint8_t* b, float* __restrict w) {
+  if (kFloat16(qt)) {
+    for (int e = 0; e < 32; ++e) w[e] = qt == F16 ? f16(b + 2 * e) : bf16(b + 2 * e);
+    return;
+  }
   Decoded o;
   decode_block(qt, b, o);
   const int n = kBlockElems[qt];

@@ -42,18 +42,53 @@ void rows_float(const DotArgs& p, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
+// 16-bit float weights (no blocks to unpack): C output rows at a time, each in rows_float's order, so that a single
+// activation row still has C independent FMA chains
+template <int QT, int R, int C>
+void rows16(const DotArgs& p, int64_t m0, int64_t n) {
+  const int64_t K = p.K;
+  __m256 acc[C][R];
+  const uint8_t* row[C];
+  for (int c = 0; c < C; ++c) {
+    row[c] = p.w + (n + c) * p.ws;
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(p.x + (m0 + r) * K + k);
+    for (int c = 0; c < C; ++c) {
+      const __m256 w = load8_16<QT>(row[c] + 2 * k);
+      for (int r = 0; r < R; ++r) acc[c][r] = _mm256_fmadd_ps(w, xv[r], acc[c][r]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) p.out[(m0 + r) * p.N + n + c] = hsum(acc[c][r]);
+}
+
+template <int QT, int R>
+void rows16_all(const DotArgs& p, int64_t m0, int64_t c0, int64_t c1) {
+  constexpr int C = R == 1 ? 4 : 2;
+  int64_t n = c0;
+  for (; n + C <= c1; n += C) rows16<QT, R, C>(p, m0, n);
+  for (; n < c1; ++n) rows16<QT, R, 1>(p, m0, n);
+}
+
 template <int QT>
 void dequant_type(const uint8_t* row, int64_t nb, float* out) {
-  constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
-  for (int64_t b = 0; b < nb; ++b) {
-    #pragma GCC unroll 8
-    for (int s = 0; s < NS; ++s) {
-      __m256i q;
-      float s0, s1, mn;
-      sub_block<QT>(row + b * BB, s, q, s0, s1, mn);
-      __m256 w[4];
-      widen<kHasMin[QT]>(q, s0, s1, mn, min_hi<QT>(row + b * BB, s, mn), w);
-      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * BE + s * 32 + 8 * i, w[i]);
+  if constexpr (kFloat16(QT)) {
+    for (int64_t k = 0; k < nb * 32; k += 8) _mm256_storeu_ps(out + k, load8_16<QT>(row + 2 * k));
+  } else {
+    constexpr int BE = kBlockElems[QT], BB = kBlockBytes[QT], NS = BE / 32;
+    for (int64_t b = 0; b < nb; ++b) {
+      #pragma GCC unroll 8
+      for (int s = 0; s < NS; ++s) {
+        __m256i q;
+        float s0, s1, mn;
+        sub_block<QT>(row + b * BB, s, q, s0, s1, mn);
+        __m256 w[4];
+        widen<kHasMin[QT]>(q, s0, s1, mn, min_hi<QT>(row + b * BB, s, mn), w);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * BE + s * 32 + 8 * i, w[i]);
+      }
     }
   }
 }
@@ -64,9 +99,15 @@ void dot_type(const DotArgs& p, int64_t n0, int64_t n1) {
   for (int64_t c0 = n0; c0 < n1; c0 += 16) {
     const int64_t c1 = std::min(n1, c0 + 16);
     int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) rows_float<QT, 4>(p, m, c0, c1);
-    for (; m + 2 <= p.M; m += 2) rows_float<QT, 2>(p, m, c0, c1);
-    for (; m < p.M; ++m) rows_float<QT, 1>(p, m, c0, c1);
+    if constexpr (kFloat16(QT)) {
+      for (; m + 4 <= p.M; m += 4) rows16_all<QT, 4>(p, m, c0, c1);
+      for (; m + 2 <= p.M; m += 2) rows16_all<QT, 2>(p, m, c0, c1);
+      for (; m < p.M; ++m) rows16_all<QT, 1>(p, m, c0, c1);
+    } else {
+      for (; m + 4 <= p.M; m += 4) rows_float<QT, 4>(p, m, c0, c1);
+      for (; m + 2 <= p.M; m += 2) rows_float<QT, 2>(p, m, c0, c1);
+      for (; m < p.M; ++m) rows_float<QT, 1>(p, m, c0, c1);
+    }
   }
 }
 
@@ -85,6 +126,8 @@ void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out) {
     case Q3_K: return dequant_type<Q3_K>(row, nb, out);
     case IQ4_XS: return dequant_type<IQ4_XS>(row, nb, out);
     case Q2_K: return dequant_type<Q2_K>(row, nb, out);
+    case F16: return dequant_type<F16>(row, nb, out);
+    case BF16: return dequant_type<BF16>(row, nb, out);
     default: return;
   }
 }
@@ -102,6 +145,8 @@ void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q3_K: return dot_type<Q3_K>(p, n0, n1);
     case IQ4_XS: return dot_type<IQ4_XS>(p, n0, n1);
     case Q2_K: return dot_type<Q2_K>(p, n0, n1);
+    case F16: return dot_type<F16>(p, n0, n1);
+    case BF16: return dot_type<BF16>(p, n0, n1);
     default: return;
   }
 }

@@ -2,7 +2,7 @@
 // build's GEMM tiles; gguf_dot_avx2.cpp: AVX2 float dots and dequantization; gguf_gemm_avx2.cpp: AVX2 int8 GEMM for
 // every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on AVX512-VNNI, chosen at run time;
 // gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp: the int8 GEMM on Q4_0 / Q4_1 / Q4_K / Q6_K / Q5_0
-// repacked in groups of 8 rows).
+// repacked in groups of 8 rows; gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on AVX512-BF16).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -19,6 +19,7 @@ struct Act {
   std::vector<float> sx;   // [M, K / 32]: dx * sum(q) over the group (the min term of unsigned types)
   std::vector<int32_t> ls; // [M, K / 32, 8]: sums of q over values 4l..4l+3 of each group (maddubs+madd lanes)
   std::vector<int32_t> qsum; // [M, K / 32]: sum of q over the group (Q4_0X8's offset term)
+  std::vector<uint16_t> xb;  // [M, K]: x rounded to bfloat16 (F16 / BF16 weights' non-exact path, act_bf16)
 };
 void quantize_act(Act& a, const float* x, int64_t M, int64_t K);
 
@@ -69,6 +70,9 @@ void q5_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
 void q4_1x8_avx2(const DotArgs& p, int64_t n0, int64_t n1);
 void q4_1x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
 void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out);   // nb blocks -> float32, as the reference
+// F16 / BF16 weights x bf16 activations on AVX512-BF16 (gguf_bf16_avx512.cpp); act_bf16 fills a.xb
+void act_bf16(Act& a, const float* x, int64_t M, int64_t K);
+void bf16_avx512(const DotArgs& p, int64_t n0, int64_t n1);
 #endif
 
 }  // namespace gguf

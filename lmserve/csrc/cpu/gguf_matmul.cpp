@@ -43,6 +43,16 @@ bool cpu_supports(int level) {
 #endif
 }
 
+// native bf16 dot products (vdpbf16ps): F16 / BF16 weights' non-exact path (gguf_bf16_avx512.cpp)
+bool cpu_bf16() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 int cpu_best_isa() {
   int best = ISA_SCALAR;
   for (int level = ISA_AVX2; level <= ISA_AVX512VNNI; ++level)
@@ -58,6 +68,17 @@ int isa_level() {
     g_isa.store(v);
   }
   return v;
+}
+
+// whether F16 / BF16 parts of non-exact calls run on AVX512-BF16: the CPU has it and the level allows AVX-512
+// (an ISA override to avx2 turns it off, as it turns off the AVX512-VNNI kernels)
+bool bf16_dot() {
+#ifdef LMSERVE_GGUF_AVX2
+  static const bool has = cpu_bf16();
+  return has && isa_level() >= ISA_AVX512;
+#else
+  return false;
+#endif
 }
 
 #ifdef LMSERVE_GGUF_AVX2
@@ -202,6 +223,8 @@ using namespace gguf;
 
 int64_t gguf_isa() { return isa_level(); }
 
+bool gguf_bf16_dot() { return bf16_dot(); }
+
 int64_t gguf_set_isa(int64_t level) {
   TORCH_CHECK(level >= ISA_SCALAR && level <= ISA_AVX512VNNI, "gguf_set_isa: unknown level ", level);
   // refuse rather than crash later: a level the CPU lacks would hit an illegal instruction
@@ -260,32 +283,47 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
        std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0 || is_x8(qt); }));
   TORCH_CHECK(int8 || std::none_of(qts.begin(), qts.end(), is_x8),
               "gguf_matmul: repacked weights take int8 activations only");
-  if (!int8 && !avx2 && M > max_dot_rows) {
-    for (size_t i = 0; i < ws.size(); ++i)
+  // 16-bit float parts have no int8 form: in an int8 (non-exact) call they take bf16 activations where the CPU
+  // has AVX512-BF16, else the float activations (flag `int8` of their DotArgs: "the non-exact path")
+  const bool bf16 = bf16_dot();
+  auto part_int8 = [&](size_t i) { return int8 && (!kFloat16(qts[i]) || bf16); };
+  std::vector<bool> done(ws.size(), false);
+  if (!avx2 && M > max_dot_rows) {   // the scalar build's float parts above max_dot_rows: tiles through at::mm
+    for (size_t i = 0; i < ws.size(); ++i) {
+      if (part_int8(i)) continue;
       gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
-    return;
+      done[i] = true;
+    }
   }
   // the parts share one input: its int8 form is computed once, and one parallel region covers every part's rows
   Act act;
-  if (int8) quantize_act(act, x.data_ptr<float>(), M, K);
+  bool any_int8 = false, any_bf16 = false;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    any_int8 |= part_int8(i) && !done[i] && !kFloat16(qts[i]);
+    any_bf16 |= part_int8(i) && !done[i] && kFloat16(qts[i]);
+  }
+  if (any_int8) quantize_act(act, x.data_ptr<float>(), M, K);
+#ifdef LMSERVE_GGUF_AVX2
+  if (any_bf16) act_bf16(act, x.data_ptr<float>(), M, K);
+#endif
   std::vector<DotArgs> parts;
   for (size_t i = 0; i < ws.size(); ++i)
-    parts.push_back(DotArgs{qts[i], int8, op + first[i], x.data_ptr<float>(), &act, ws[i].data_ptr<uint8_t>(),
-                            ws[i].stride(0), M, N, K});
-  const bool tiles = !int8 && M > max_dot_rows;
-  // grain: 4-column tiles stay whole; small M gets more, smaller pieces
+    parts.push_back(DotArgs{qts[i], part_int8(i), op + first[i], x.data_ptr<float>(), &act,
+                            ws[i].data_ptr<uint8_t>(), ws[i].stride(0), M, N, K});
+  [[maybe_unused]] const bool tiles = M > max_dot_rows;
   at::parallel_for(0, N, M > 16 ? 16 : 32, [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < parts.size(); ++i) {
       const int64_t a = std::max(n0, first[i]) - first[i], b = std::min(n1, first[i + 1]) - first[i];
-      if (a >= b) continue;
+      if (a >= b || done[i]) continue;
       if (is_x8(parts[i].qt)) {
         x8_matmul(parts[i], a, b, avx2, vnni512);
         continue;
       }
 #ifdef LMSERVE_GGUF_AVX2
       if (avx2) {
-        if (int8 && vnni512) int8_avx512vnni(parts[i], a, b);
-        else if (int8) int8_avx2(parts[i], a, b);
+        if (parts[i].int8 && kFloat16(parts[i].qt)) bf16_avx512(parts[i], a, b);
+        else if (parts[i].int8 && vnni512) int8_avx512vnni(parts[i], a, b);
+        else if (parts[i].int8) int8_avx2(parts[i], a, b);
         else if (tiles) float_gemm_avx2(parts[i], a, b);
         else dot_float_avx2(parts[i], a, b);
         continue;

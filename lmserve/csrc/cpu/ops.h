@@ -28,6 +28,7 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
 // Q4_0 / Q4_K / Q6_K [N, row_bytes] -> their 8-row groups (lmserve/ops/gguf_blocks.py repack is the reference)
 void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype);
 int64_t gguf_isa();                      // the ISA level the kernels run at (cpu_isa.py LEVELS index)
+bool gguf_bf16_dot();                    // F16 / BF16 weights take bf16 activations in int8 calls (AVX512-BF16)
 int64_t gguf_set_isa(int64_t level);     // raises if this CPU or build cannot run it
 void gguf_set_vnni512(int64_t min_rows, bool all_types);   // where the AVX512-VNNI int8 kernels run (default 1 row, every type)
 std::string built_baseline();            // "avx2" or "generic": what the library was compiled for
