@@ -17,7 +17,7 @@ def make_random_model(arch: str, path: str, **overrides) -> str:
     """A tiny random-weight HF model (SmolLM2 tokenizer and chat template, vocab 49152) saved into `path`.
 
     Overrides go to the transformers config (e.g. num_hidden_layers=3, tie_word_embeddings=True); `seed` picks
-    the weights. Norm weights and biases, which transformers initializes to constants, are randomized too so
+    the weights, `save_dtype` the checkpoint's dtype (float32 unless given, e.g. torch.bfloat16). Norm weights and biases, which transformers initializes to constants, are randomized too so
     that a loader or model that ignores them fails tests.
     """
     import transformers
@@ -26,6 +26,7 @@ def make_random_model(arch: str, path: str, **overrides) -> str:
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"arch: {arch!r} is not one of {SUPPORTED_ARCHS}")
     seed = overrides.pop("seed", 0)
+    save_dtype = overrides.pop("save_dtype", torch.float32)
     kwargs = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -48,7 +49,7 @@ def make_random_model(arch: str, path: str, **overrides) -> str:
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn_like(p))
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
+    model.to(save_dtype).save_pretrained(path)
     load_tokenizer(default_model_path()).hf.save_pretrained(path)
     make_portable(path)
     return path

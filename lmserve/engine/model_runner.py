@@ -116,13 +116,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.ops = self._select_ops()
         self.kernel = self.ops.lib     # the compiled CPU kernel module in use; None = PyTorch references only
-        self.quantized = weights.keeps_quantized(model_config, model_path, self.ops)
+        self.quantized = weights.keeps_quantized(model_config, model_path, self.ops, self.arch)
         weights.check_fits(model_path, self.quantized, self.dtype)
         with phase(logger, "loading weights", ticker=not is_gguf(model_path)) as done:
             self.reload_model()
             num_params = sum(p.numel() for p in self.model.parameters())
-            done["done"] = (f"{num_params / 1e6:.0f}M parameters, "
-                            f"{'GGUF blocks' if self.quantized else self.dtype} on {self.device}")
+            form = "in the file's own format" if self.quantized else self.dtype
+            done["done"] = f"{num_params / 1e6:.0f}M parameters, {form} on {self.device}"
         self.weight_memory = weights.weight_memory(self.model, model_path)
         weights.log_weight_memory(self.weight_memory)
         self.num_blocks = self._decide_num_blocks()

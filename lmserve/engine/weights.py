@@ -2,10 +2,11 @@
 LinearMethod (ops/linear_method.py), packed copies for float GEMMs, and the memory all of it takes (start-up log,
 /metrics, the KV pool's default size).
 
-With --weights quantized (the default for GGUF files) the model is built with meta tensors for its matrices
-(layers.deferred_weights), every matrix the file holds in a block type becomes a GGUFLinear over a view of the
-mmap'd file, and only genuinely float tensors (norms, biases, F16/F32 matrices, or a layer whose parts cannot all
-stay quantized) are materialized. Nothing is converted at start-up.
+With --weights quantized (the default for GGUF files, and for safetensors checkpoints of bfloat16 / float16
+matrices) the model is built with meta tensors for its matrices (layers.deferred_weights), every matrix the file
+holds in a block type or in F16 / BF16 becomes a GGUFLinear over a view of the mmap'd file, and only genuinely
+float tensors (norms, biases, F32 matrices, or a layer whose parts cannot all stay in place) are materialized.
+Nothing is converted at start-up.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from torch import nn
 from lmserve.config import cpu_bf16_feature
 from lmserve.model.gguf import gguf_reader, gguf_state_dict
 from lmserve.model.gguf_weights import gguf_weights
+from lmserve.model.hf_checkpoint import hf_state_dict
 from lmserve.model.layers import Linear, deferred_weights
 from lmserve.model.loader import is_gguf, load_state_dict
 from lmserve.model.parallel import VocabParallelEmbedding
 from lmserve.model.registry import get_model_class
+from lmserve.model.safetensors_weights import has_16bit_matrices, safetensors_weights
 from lmserve.ops.gguf_blocks import REPACKED
 from lmserve.ops.linear_method import FloatLinear, GGUFLinear, packed_method, unpacked_method
 from lmserve.ops.onednn import packed_gemm_implementation, uses_amx
@@ -32,9 +35,13 @@ logger = logging.getLogger(__name__)
 GiB = 2**30
 
 
-def keeps_quantized(model_config, path: str, op_table) -> bool:
-    """--weights quantized, or auto where ops.gguf_matmul has a kernel arm (see ModelConfig.weights)."""
-    if not is_gguf(path) or model_config.weights == "float":
+def keeps_quantized(model_config, path: str, op_table, arch=None) -> bool:
+    """--weights quantized, or auto where ops.gguf_matmul has a kernel arm (see ModelConfig.weights): a GGUF file,
+    or a text model's safetensors checkpoint with bfloat16 / float16 matrices (served in place as they are)."""
+    if model_config.weights == "float":
+        return False
+    if not is_gguf(path) and not (os.path.isdir(path) and getattr(arch, "vision", None) is None
+                                  and has_16bit_matrices(path)):
         return False
     if model_config.weights == "auto" and op_table.is_native("gguf_matmul"):
         logger.info("weights: float (--weights auto: no quantized-matmul kernel here; --weights quantized "
@@ -76,6 +83,11 @@ def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, qu
     in the int8 kernels' 8-row groups (--gguf-repack; model/gguf_weights.py)."""
     if not quantized:
         model.load_weights(load_state_dict(path, dtype, arch.tp_rank, arch.tp_size))
+        return
+    if not is_gguf(path):          # a safetensors checkpoint's 16-bit matrices, in place
+        kept = attach_gguf(model, safetensors_weights(path, arch), dtype, int8)
+        _materialize_rest(model, dtype, next(p.device for p in model.parameters() if not p.is_meta))
+        model.load_weights(hf_state_dict(path, arch, dtype, skip=kept))
         return
     reader = gguf_reader(path)
     kept = attach_gguf(model, gguf_weights(reader, arch, repack=repack and int8), dtype, int8)
@@ -170,13 +182,16 @@ def unpack_float_layers(model: nn.Module) -> None:
 
 # ---- memory -----------------------------------------------------------------------------------------------------
 def mapped_resident_bytes(path: str) -> int | None:
-    """Bytes of `path`'s mappings in this process that are resident (Linux /proc/self/smaps), None elsewhere."""
+    """Bytes of `path`'s mappings (a file, or the files of a directory) in this process that are resident (Linux
+    /proc/self/smaps), None elsewhere."""
     real, total, inside = os.path.realpath(path), 0, False
+    mapped = (lambda p: p.startswith(real + os.sep)) if os.path.isdir(real) else (lambda p: p == real)
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
                 if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
-                    inside = line.rstrip().endswith(real)
+                    fields = line.split(None, 5)
+                    inside = len(fields) == 6 and mapped(fields[5].rstrip("\n"))
                 elif inside and line.startswith("Rss:"):
                     total += int(line.split()[1]) * 1024
     except OSError:

@@ -83,13 +83,14 @@ def safetensors_files(path: str) -> list[str]:
     return files
 
 
-def hf_state_dict(path: str, cfg: ArchConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def hf_state_dict(path: str, cfg: ArchConfig, dtype: torch.dtype, skip=frozenset()) -> dict[str, torch.Tensor]:
+    """HF name -> tensor of `dtype`, for every tensor not named in `skip`."""
     from safetensors import safe_open
     state = {}
     for file in safetensors_files(path):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
+                if name.endswith("rotary_emb.inv_freq") or name in skip:
                     continue
                 spec = shard_spec(name, cfg)
                 state[name] = (f.get_tensor(name) if spec is None else safetensors_slice(f, name, spec)).to(dtype)
