@@ -26,6 +26,10 @@ def random_weight(qtype: str, n: int, k: int, seed: int = 0) -> GGUFWeight:
     be, bs, _ = QUANTS[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(n * k // be, bs), dtype=np.uint8)
+    if qtype in ("F16", "BF16"):     # values, not bytes (random bytes would hold NaNs and subnormals)
+        v = torch.from_numpy(0.02 * rng.standard_normal(n * k).astype(np.float32))
+        raw = v.to(torch.float16 if qtype == "F16" else torch.bfloat16).view(torch.uint8).numpy().reshape(-1, bs)
+        return GGUFWeight(qtype, torch.from_numpy(raw.reshape(n, -1)), (n, k))
     for off in {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}.get(qtype, [0]):
         raw[:, off:off + 2] = rng.uniform(0.001, 0.05, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return GGUFWeight(qtype, torch.from_numpy(raw.reshape(n, -1)), (n, k))

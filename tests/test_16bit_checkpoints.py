@@ -47,14 +47,21 @@ def test_16bit_checkpoint_in_place_matches_transformers(tmp_path, arch, dtype, q
         torch.testing.assert_close(torch.tensor([lp.logprob for lp in got.logprobs]), want, rtol=0, atol=1e-4)
 
 
-def test_16bit_checkpoint_default_mode_and_float_opt_out(tmp_path):
-    """--dtype auto serves the same in-place weights (bf16 activations where the CPU has AVX512-BF16: the top
-    token's logprob within bf16 rounding); --weights float keeps today's float32 weights."""
-    path = make_random_model("llama", str(tmp_path / "m"), save_dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_checkpoint_default_mode_and_float_opt_out(tmp_path, dtype):
+    """--dtype auto serves the same in-place weights (bf16 activations where the CPU has AVX512-BF16, float16
+    matrices then rewritten as bf16 at load: the top token's logprob within bf16 rounding); --weights float keeps
+    today's float32 weights."""
+    path = make_random_model("llama", str(tmp_path / "m"), save_dtype=dtype)
     outs = {}
     for weights in ("auto", "float"):
         engine = _engine(path, weights=weights, dtype="auto")
         assert engine.runner.quantized == (weights == "auto")
+        if weights == "auto":
+            bf16 = dtype == torch.bfloat16 or engine.runner.kernel.gguf_bf16_dot()
+            parts = [p for m in engine.runner.model.modules() for p in getattr(
+                getattr(m, "linear_method", None), "parts", [])]
+            assert parts and {p.qtype for p in parts} == {"BF16" if bf16 else "F16"}
         outs[weights] = engine.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=1,
                                                                     logprobs=5))[0].outputs[0]
     a, b = dict(outs["auto"].logprobs[0].top), dict(outs["float"].logprobs[0].top)

@@ -148,6 +148,20 @@ def test_cpu_arm_agrees_with_the_reference_and_bias_and_bf16(qtype, monkeypatch)
     torch.testing.assert_close(yb.float(), ops.gguf_matmul(xb, w).float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(not lib.gguf_bf16_dot(), reason="no AVX512-BF16 path here")
+def test_f16_rewritten_as_bf16_gives_the_same_bits():
+    """ops.gguf_repack turns F16 into BF16 where int8 calls take the bf16 path: the values that path reads from
+    F16 on every call, so the same results bit for bit (and exact float calls keep F16 as it is elsewhere)."""
+    w = random_weight("F16", 40, 320, seed=8, pad=6)
+    with ops.use(cpu_table()):
+        b = ops.gguf_repack(w)
+        assert b.qtype == "BF16" and b.owned and b.data.shape == (40, 640)
+        for rows in (1, 5, 70):
+            x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows))
+            assert torch.equal(ops.gguf_matmul(x, b, None, True), ops.gguf_matmul(x, w, None, True))
+    assert ops.gguf_repack(w) is w           # the reference multiplies F16 in float: nothing to rewrite
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):

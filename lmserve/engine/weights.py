@@ -79,13 +79,14 @@ def _float_bytes(path: str, dtype: torch.dtype) -> int:
 
 def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, quantized: bool,
                        int8: bool = False, repack: bool = False) -> None:
-    """int8: GGUF layers multiply with int8-quantized activations (--quant-activations); repack: Q4_0, Q4_K, Q6_K matrices
-    in the int8 kernels' 8-row groups (--gguf-repack; model/gguf_weights.py)."""
+    """int8: GGUF layers multiply with int8-quantized activations (--quant-activations); repack: Q4_0, Q4_1, Q4_K,
+    Q6_K, Q5_0 matrices in the int8 kernels' 8-row groups, F16 ones as BF16 where the bf16 path runs (--gguf-repack;
+    model/gguf_weights.py)."""
     if not quantized:
         model.load_weights(load_state_dict(path, dtype, arch.tp_rank, arch.tp_size))
         return
     if not is_gguf(path):          # a safetensors checkpoint's 16-bit matrices, in place
-        kept = attach_gguf(model, safetensors_weights(path, arch), dtype, int8)
+        kept = attach_gguf(model, safetensors_weights(path, arch, repack=repack and int8), dtype, int8)
         _materialize_rest(model, dtype, next(p.device for p in model.parameters() if not p.is_meta))
         model.load_weights(hf_state_dict(path, arch, dtype, skip=kept))
         return
@@ -206,7 +207,7 @@ def weight_memory(model: nn.Module, path: str) -> dict[str, int]:
     methods = {id(m.linear_method): m.linear_method for m in model.modules() if hasattr(m, "linear_method")}
     gguf = sum(m.nbytes for m in methods.values() if isinstance(m, GGUFLinear))
     repacked = sum(p.nbytes for m in methods.values() if isinstance(m, GGUFLinear) for p in m.parts
-                   if p.qtype in REPACKED)
+                   if p.owned or p.qtype in REPACKED)
     packed = sum(m.packed.numel() * m.packed.element_size() for m in methods.values() if hasattr(m, "packed"))
     tensors = [*model.parameters(), *model.buffers()]
     flt = sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)

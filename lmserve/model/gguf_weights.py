@@ -7,9 +7,10 @@ blocks themselves: llama-family Q/K rows are un-permuted (a row permutation, ~9%
 tensor-parallel column slice is this rank's share, a padded vocabulary split adds zero rows.
 
 With repack (int8 activations, --gguf-repack auto), Q4_0, Q4_1, Q4_K, Q6_K and Q5_0 matrices are rewritten once into groups of 8 rows
-(ops/gguf_blocks.py repack; the int8 kernels read it 1.5-5x faster, docs/benchmarks.md): a private copy of
-the same size, after which this process's mapped pages of the source are released, so memory stays ~ the file
-(but those weights are no longer shared with other processes serving the file).
+(ops/gguf_blocks.py repack; the int8 kernels read it 1.5-5x faster, docs/benchmarks.md), and F16 ones into BF16
+where the kernels' bf16 path would round them so on every read (ops.gguf_repack): a private copy of the same
+size, after which this process's mapped pages of the source are released, so memory stays ~ the file (but those
+weights are no longer shared with other processes serving the file).
 """
 from __future__ import annotations
 
@@ -78,17 +79,19 @@ def gguf_weights(reader, cfg, repack: bool = False) -> dict[str, GGUFWeight]:
         if name is not None and (w := gguf_weight(t, name, cfg)) is not None:
             if repack and can_repack(w):
                 packed = ops.gguf_repack(w)
-                release_mapped_pages(reader, w.data)
+                if packed is not w:
+                    release_mapped_pages(reader.data, w.data)
                 w = packed
             out[name] = w
     return out
 
 
-def release_mapped_pages(reader, data: torch.Tensor) -> None:
-    """Drop this process's resident pages of `data` when it is a view of the reader's read-only file mapping
-    (MADV_DONTNEED on a shared file mapping: a later read faults the file's bytes back in; the page cache keeps
-    them). Anything else, a copy in anonymous memory above all (it would read back as zeros), is left alone."""
-    base, size = reader.data.ctypes.data, reader.data.nbytes
+def release_mapped_pages(mapping: np.ndarray, data: torch.Tensor) -> None:
+    """Drop this process's resident pages of `data` when it is a view of `mapping`, a read-only file mapping (the
+    GGUF reader's, a safetensors file's) (MADV_DONTNEED on a shared file mapping: a later read faults the file's
+    bytes back in; the page cache keeps them). Anything else, a copy in anonymous memory above all (it would
+    read back as zeros), is left alone."""
+    base, size = mapping.ctypes.data, mapping.nbytes
     start, nbytes = data.data_ptr(), data.numel() * data.element_size()
     if not data.is_contiguous() or start < base or start + nbytes > base + size:
         return

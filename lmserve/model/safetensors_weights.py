@@ -15,9 +15,11 @@ import warnings
 import numpy as np
 import torch
 
+from lmserve import ops
+from lmserve.model.gguf_weights import release_mapped_pages
 from lmserve.model.hf_checkpoint import safetensors_files
 from lmserve.model.parallel import shard_spec
-from lmserve.ops.gguf_blocks import GGUFWeight
+from lmserve.ops.gguf_blocks import GGUFWeight, can_repack
 
 _TYPES = {"BF16": "BF16", "F16": "F16"}     # safetensors dtype -> kernel type
 
@@ -40,9 +42,11 @@ def has_16bit_matrices(path: str) -> bool:
     return False
 
 
-def safetensors_weights(path: str, cfg) -> dict[str, GGUFWeight]:
+def safetensors_weights(path: str, cfg, repack: bool = False) -> dict[str, GGUFWeight]:
     """HF parameter name -> GGUFWeight (BF16 / F16) for every 2-D 16-bit matrix whose rows are whole groups of 32
-    values and whose tensor-parallel slice (if any) is a view; the rest loads as float."""
+    values and whose tensor-parallel slice (if any) is a view; the rest loads as float. repack (the non-exact
+    mode, --gguf-repack auto): F16 matrices as BF16 where the kernels would round them so anyway
+    (ops.gguf_repack), their mapped pages released."""
     out = {}
     for file in safetensors_files(path):
         header, start = read_header(file)
@@ -66,5 +70,11 @@ def safetensors_weights(path: str, cfg) -> dict[str, GGUFWeight]:
                     data, k = data[:, 2 * s0:2 * (s0 + size)], size
                 else:       # a padded vocabulary split or a cut through a group: float
                     continue
-            out[name] = GGUFWeight(_TYPES[t["dtype"]], data, (n, k))
+            w = GGUFWeight(_TYPES[t["dtype"]], data, (n, k))
+            if repack and can_repack(w):
+                packed = ops.gguf_repack(w)
+                if packed is not w:
+                    release_mapped_pages(mm, w.data)
+                w = packed
+            out[name] = w
     return out

@@ -25,6 +25,7 @@ class GGUFWeight:
     #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8": repacked in 8-row groups (repack)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)
+    owned: bool = False     # a private copy made at load (repacked / converted), not the file's pages
 
     @property
     def nbytes(self) -> int:
@@ -188,7 +189,9 @@ REPACKED = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q
 
 
 def can_repack(w: GGUFWeight) -> bool:
-    return w.qtype in REPACK and w.shape[0] % 8 == 0
+    """Whether ops.gguf_repack may rewrite w: the 8-row layouts, or F16 -> BF16 (which the op does only where the
+    kernels would round F16 to bf16 on every read anyway: the non-exact path on AVX512-BF16 CPUs)."""
+    return (w.qtype in REPACK and w.shape[0] % 8 == 0) or w.qtype == "F16"
 
 
 def repack(w: GGUFWeight) -> GGUFWeight:

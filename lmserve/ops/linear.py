@@ -120,17 +120,26 @@ class GGUFMatmulOp(CustomOp):
 @register
 class GGUFRepackOp(CustomOp):
     """gguf_repack(w: GGUFWeight Q4_0 / Q4_1 / Q4_K / Q6_K / Q5_0, N a multiple of 8) -> the same weight in the int8 kernels' 8-row
-    groups (gguf_blocks.py repack is the reference; the kernel does it in parallel, ~0.1 s for a 1B model)."""
+    groups (gguf_blocks.py repack is the reference; the kernel does it in parallel, ~0.1 s for a 1B model).
+    F16: as BF16 where the int8 (non-exact) calls' bf16 path would round it so anyway, else unchanged."""
     name = "gguf_repack"
 
     def forward_native(self, w: GGUFWeight) -> GGUFWeight:
-        return repack(w)
+        return w if w.qtype == "F16" else repack(w)     # the reference multiplies F16 in float: kept
 
     def forward_cpu(self, w: GGUFWeight) -> GGUFWeight:
+        if w.qtype == "F16":
+            # the bf16 path rounds F16 weights to bf16 (round to nearest even) on every read; rounding them once
+            # here gives the same values, so the same results, without the per-token conversion (same size)
+            if not cpu_lib().gguf_bf16_dot():
+                return w
+            n, k = w.shape
+            half = w.data.contiguous().view(torch.float16)
+            return GGUFWeight("BF16", half.to(torch.bfloat16).view(torch.uint8).view(n, 2 * k), w.shape, owned=True)
         data = w.data.contiguous()
         out = torch.empty_like(data)
         cpu_lib().gguf_repack(out, data, _QTYPE_ID[w.qtype])
-        return GGUFWeight(w.qtype + "x8", out, w.shape)
+        return GGUFWeight(w.qtype + "x8", out, w.shape, owned=True)
 
 
 @register
