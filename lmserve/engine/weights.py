@@ -40,9 +40,9 @@ def keeps_quantized(model_config, path: str, op_table, arch=None) -> bool:
     or a text model's safetensors checkpoint with bfloat16 / float16 matrices (served in place as they are)."""
     if model_config.weights == "float":
         return False
-    if not is_gguf(path) and not (os.path.isdir(path) and getattr(arch, "vision", None) is None
-                                  and has_16bit_matrices(path)):
-        return False
+    if not is_gguf(path):       # only where the kernels run them (on CUDA, or the torch oracle: the float model)
+        return (os.path.isdir(path) and getattr(arch, "vision", None) is None
+                and not op_table.is_native("gguf_matmul") and has_16bit_matrices(path))
     if model_config.weights == "auto" and op_table.is_native("gguf_matmul"):
         logger.info("weights: float (--weights auto: no quantized-matmul kernel here; --weights quantized "
                     "serves the GGUF blocks on the PyTorch reference, slowly)")
