@@ -67,3 +67,50 @@ def test_16bit_checkpoint_default_mode_and_float_opt_out(tmp_path, dtype):
     a, b = dict(outs["auto"].logprobs[0].top), dict(outs["float"].logprobs[0].top)
     common = a.keys() & b.keys()
     assert len(common) >= 3 and max(abs(a[t] - b[t]) for t in common) < 0.05
+
+
+def test_tensor_parallel_slices_are_views_of_the_mapping(tmp_path):
+    """A rank's q/k/v, gate/up rows and o/down columns are views of the mapped file (no copy), holding exactly
+    that rank's slice of each matrix."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from lmserve.model.loader import load_arch_config
+    from lmserve.model.parallel import shard_spec
+    from lmserve.model.safetensors_weights import safetensors_weights
+    path = make_random_model("llama", str(tmp_path / "m"), save_dtype=torch.bfloat16, intermediate_size=256)
+    full = load_file(f"{path}/model.safetensors")
+    for rank in (0, 1):
+        cfg = dataclasses.replace(load_arch_config(path), tp_rank=rank, tp_size=2)
+        ws = safetensors_weights(path, cfg)
+        checked = set()
+        for name, w in ws.items():
+            spec = shard_spec(name, cfg)
+            want = full[name] if spec is None else full[name].narrow(spec[0], spec[1], spec[2])
+            assert torch.equal(w.dequantize(), want.float()), name
+            if spec is not None:     # a view into the whole matrix's mapped bytes, not a copy of the slice
+                assert w.data.untyped_storage().nbytes() > w.nbytes, name
+            checked.add(name.split(".")[-2])
+        assert {"q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"} <= checked
+        o = ws["model.layers.0.self_attn.o_proj.weight"]
+        assert o.shape == (64, 32) and o.data.stride() == (128, 1)     # 32 of 64 columns: rows keep their stride
+
+
+@pytest.mark.slow
+def test_16bit_checkpoint_tp2_matches_tp1(tmp_path):
+    from lmserve.config import CacheConfig as CC
+    path = make_random_model("qwen2", str(tmp_path / "q"), save_dtype=torch.bfloat16, intermediate_size=256)
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=2, ignore_eos=True)
+    outs = []
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, dtype="float32"), cache=CC(num_blocks=64),
+                                        tp=tp))
+        try:
+            outs.append(engine.generate(PROMPTS, params))
+        finally:
+            engine.shutdown()
+    for a, b in zip(*outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert abs(x.logprob - y.logprob) < 1e-4

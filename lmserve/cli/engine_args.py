@@ -85,9 +85,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-threads", type=int, default=None,
                    help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
     p.add_argument("--weights", default="auto", choices=["auto", "quantized", "float"],
-                   help="GGUF files: quantized keeps matrices in the file's blocks, memory-mapped (memory ~ the "
-                        "file size); float dequantizes them once (exact float32, ~8x the memory); auto (default): "
-                        "quantized where the quantized-matmul kernel is available, else float")
+                   help="GGUF files and 16-bit safetensors checkpoints: quantized keeps matrices in the file's "
+                        "format (GGUF blocks, F16 / BF16), memory-mapped (memory ~ the file size); float expands "
+                        "them once (exact float32, ~8x the memory of a 4-bit file, 2-3x of a 16-bit one); auto "
+                        "(default): quantized where the quantized-matmul kernel is available, else float")
     p.add_argument("--quant-activations", default="auto", choices=["auto", "int8", "float"],
                    help="GGUF quantized matmuls at decode size: int8 = activations quantized to int8 (integer dot "
                         "products, llama.cpp's approach; not exact), float = exact; auto = int8 where the CPU has an "

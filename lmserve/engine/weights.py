@@ -217,7 +217,7 @@ def weight_memory(model: nn.Module, path: str) -> dict[str, int]:
 
 
 def log_weight_memory(mem: dict[str, int]) -> None:
-    logger.info("weights: %.2f GiB GGUF blocks (%.2f GiB of them repacked in memory; of the memory-mapped file "
+    logger.info("weights: %.2f GiB in the file's format (%.2f GiB of them repacked in memory; of the mapped file "
                 "%.2f GiB resident now), %.2f GiB float, %.2f GiB packed GEMM copies; process RSS %.2f GiB",
                 mem["gguf"] / GiB, mem["gguf_repacked"] / GiB,
                 mem["mapped_resident"] / GiB, mem["float"] / GiB, mem["packed"] / GiB,
