@@ -4,7 +4,8 @@
 // Each block is dequantized in registers to float32 exactly as the reference, then FMA'd into one 8-wide
 // accumulator per output (lane j sums the products of values k = j mod 8, in order of k), reduced by hsum. The tile
 // GEMM (float_gemm_avx2) computes each output in that same order, so a row's result does not depend on how many
-// rows share the call. Each weight block is read once per R <= 4 activation rows.
+// rows share the call. Each weight block is read once per R <= 4 activation rows. F16 / BF16 weights are converted
+// 8 at a time (vcvtph2ps, or a shift) and read C rows at once (rows16) in that same per-output order.
 #include "gguf_kernels.h"
 
 #ifdef LMSERVE_GGUF_AVX2
