@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from test_proxy_fakes import ServerThread, free_port
+from test_proxy_fakes import ServerThread, free_port, free_port_run
 
 from lmserve.proxy.app import build_app
 from lmserve.proxy.config import STRATEGIES, ProxyConfig
@@ -276,7 +276,7 @@ def test_kill_a_node_under_streaming_load_then_it_returns(cluster):
 
 
 def test_launch_starts_servers_behind_a_proxy(tmp_path, smollm2_path):
-    port, base = free_port(), free_port()
+    port, base = free_port(), free_port_run(2)
     log = str(tmp_path / "launch.log")
     proc = popen_lmserve(["serve", "launch", "--num-servers", "2", "--server-name", "127.0.0.1",
                           "--server-port", str(port), "--base-port", str(base), "--cache-block-count", "128",

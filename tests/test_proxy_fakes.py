@@ -22,6 +22,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int) -> int:
+    """A port p with p .. p + n - 1 all free now (`launch --base-port` takes consecutive ports; a free first port
+    alone once collided with another process on the second)."""
+    while True:
+        base = free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
 ROUTED = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/embeddings", "/v1/encode", "/pooling",
           "/v1/chat/interactive")
 

@@ -115,7 +115,12 @@ def launch(config: ProxyConfig, num_servers: int, server_argv: list[str], base_p
         ready = _wait_until(f"{proxy_url}/health", [proxy, *servers], startup_timeout,
                             check=lambda r: r.json().get("num_healthy_nodes", 0) >= num_servers)
         if not ready:
-            logger.error("not all api_servers came up within %.0f s", startup_timeout)
+            dead = [p for p in [proxy, *servers] if p.poll() is not None]
+            for p in dead:     # say which one, rather than a timeout that did not happen
+                logger.error("%s exited with %s during start-up; stopping all", " ".join(map(str, p.args[2:])),
+                             p.returncode)
+            if not dead:
+                logger.error("not all api_servers came up within %.0f s", startup_timeout)
             return 1
         logger.info("%d api_server(s) behind the proxy at %s (strategy %s); Ctrl-C stops all", num_servers,
                     proxy_url, config.strategy)
