@@ -77,13 +77,19 @@ def gguf_weights(reader, cfg, repack: bool = False) -> dict[str, GGUFWeight]:
     for t in reader.tensors:
         name = hf_name(t.name, cfg.architecture)
         if name is not None and (w := gguf_weight(t, name, cfg)) is not None:
-            if repack and can_repack(w):
-                packed = ops.gguf_repack(w)
-                if packed is not w:
-                    release_mapped_pages(reader.data, w.data)
-                w = packed
-            out[name] = w
+            out[name] = repacked(w, reader.data) if repack else w
     return out
+
+
+def repacked(w: GGUFWeight, mapping: np.ndarray) -> GGUFWeight:
+    """w rewritten by ops.gguf_repack where it can be (8-row groups, F16 -> BF16), the source's pages of `mapping`
+    then released; else w itself."""
+    if not can_repack(w):
+        return w
+    packed = ops.gguf_repack(w)
+    if packed is not w:
+        release_mapped_pages(mapping, w.data)
+    return packed
 
 
 def release_mapped_pages(mapping: np.ndarray, data: torch.Tensor) -> None:

@@ -15,11 +15,10 @@ import warnings
 import numpy as np
 import torch
 
-from lmserve import ops
-from lmserve.model.gguf_weights import release_mapped_pages
+from lmserve.model.gguf_weights import repacked
 from lmserve.model.hf_checkpoint import safetensors_files
 from lmserve.model.parallel import shard_spec
-from lmserve.ops.gguf_blocks import GGUFWeight, can_repack
+from lmserve.ops.gguf_blocks import GGUFWeight
 
 _TYPES = {"BF16": "BF16", "F16": "F16"}     # safetensors dtype -> kernel type
 
@@ -71,10 +70,5 @@ def safetensors_weights(path: str, cfg, repack: bool = False) -> dict[str, GGUFW
                 else:       # a padded vocabulary split or a cut through a group: float
                     continue
             w = GGUFWeight(_TYPES[t["dtype"]], data, (n, k))
-            if repack and can_repack(w):
-                packed = ops.gguf_repack(w)
-                if packed is not w:
-                    release_mapped_pages(mm, w.data)
-                w = packed
-            out[name] = w
+            out[name] = repacked(w, mm) if repack else w
     return out
