@@ -1,7 +1,7 @@
 // F16 / BF16 weights times bfloat16 activations with AVX512-BF16 (vdpbf16ps), for every M: the non-exact mode's
 // path for 16-bit matrices on CPUs with native bf16 (where the quantized types take int8 activations), chosen at
 // run time from the AVX2-baseline build: this file alone is compiled for AVX-512 + BF16 (the target pragma below),
-// and nothing in it runs unless the CPU has both (gguf_matmul.cpp bf16_dot()).
+// and nothing in it runs unless the CPU has both (cpu_isa.cpp bf16_dot()).
 //
 // The activations are rounded to bf16 once per call (round to nearest even); BF16 weights are used as they lie,
 // F16 weights are rounded to bf16 as they are read (the precision --dtype bfloat16 gives float models' matmuls).

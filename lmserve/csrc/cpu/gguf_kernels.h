@@ -1,8 +1,9 @@
-// Internal interface of the GGUF matmul kernels (gguf_matmul.cpp: entry points, scalar reference, the scalar
-// build's GEMM tiles; gguf_dot_avx2.cpp: AVX2 float dots and dequantization; gguf_gemm_avx2.cpp: AVX2 int8 GEMM for
-// every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on AVX512-VNNI, chosen at run time;
-// gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp: the int8 GEMM on Q4_0 / Q4_1 / Q4_K / Q6_K / Q5_0
-// repacked in groups of 8 rows; gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on AVX512-BF16).
+// Internal interface of the GGUF matmul kernels (cpu_isa.cpp: the ISA level; gguf_matmul.cpp: entry points,
+// scalar reference, the scalar build's GEMM tiles; gguf_dot_avx2.cpp: AVX2 float dots and dequantization;
+// gguf_gemm_avx2.cpp: AVX2 int8 GEMM for every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on
+// AVX512-VNNI, chosen at run time; gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp: the int8 GEMM
+// on Q4_0 / Q4_1 / Q4_K / Q6_K / Q5_0 repacked in groups of 8 rows; gguf_bf16_avx512.cpp: F16 / BF16 weights x
+// bf16 activations on AVX512-BF16).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -11,6 +12,11 @@ namespace gguf {
 
 // ISA levels, as lmserve/ops/cpu_isa.py LEVELS (in that order)
 enum Isa { ISA_SCALAR = 0, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512, ISA_AVX512VNNI };
+// cpu_isa.cpp: the best level this CPU runs; the level the kernels run at (never above it); whether F16 / BF16
+// parts of non-exact calls run on AVX512-BF16
+int cpu_best_isa();
+int isa_level();
+bool bf16_dot();
 
 // Activations quantized for the int8 path: per row, per group of 32, q = round(x / dx), dx = amax / 127.
 struct Act {
