@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmserve.ops import gguf_x8
+
 
 @dataclass
 class GGUFWeight:
@@ -40,168 +42,24 @@ class GGUFWeight:
         return fn(data.reshape(-1, type_size)).reshape(data.shape[0], self.shape[1])
 
 
-# ---- Q4_0 repacked in groups of 8 rows (csrc/cpu/gguf_q4_0x8.cpp says why and how the kernel reads it) ---------
-def repack_q4_0x8(w: GGUFWeight) -> GGUFWeight:
-    """A Q4_0 [N, K] weight (N a multiple of 8) -> the same bytes in groups of 8 rows: per group and block, the 8
-    fp16 scales, then for t = 0..3 each row's 4 quant bytes 4t..4t+3. A new tensor of the file's size."""
-    n, k = w.shape
-    nb = k // 32
-    blocks = w.data.reshape(n // 8, 8, nb, 18)
-    scales = blocks[..., :2].permute(0, 2, 1, 3).reshape(n // 8, nb, 16)
-    qs = blocks[..., 2:].reshape(n // 8, 8, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // 8, nb, 128)
-    return GGUFWeight("Q4_0x8", torch.cat([scales, qs], dim=-1).reshape(n, nb * 18), w.shape)
-
-
-def unpack_q4_0x8(w: GGUFWeight) -> GGUFWeight:
-    """repack_q4_0x8's inverse (the reference dequantizer reads file order)."""
-    n, k = w.shape
-    nb = k // 32
-    g = w.data.reshape(n // 8, nb, 144)
-    scales = g[..., :16].reshape(n // 8, nb, 8, 2).permute(0, 2, 1, 3)
-    qs = g[..., 16:].reshape(n // 8, nb, 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(n // 8, 8, nb, 16)
-    return GGUFWeight("Q4_0", torch.cat([scales, qs], dim=-1).reshape(n, nb * 18), w.shape)
-
-
-# ---- Q4_K likewise (csrc/cpu/gguf_q4_kx8.cpp) ----------------------------------------------------------------
-def repack_q4_kx8(w: GGUFWeight) -> GGUFWeight:
-    """A Q4_K [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, the 8 dmin, the 8 x 12 scale
-    bytes as 3 words x 8 rows (word k of every row together), then for sub-block pair j and t = 0..7 each row's
-    quant bytes 32j+4t..32j+4t+3."""
-    n, k = w.shape
-    nb = k // 256
-    blocks = w.data.reshape(n // 8, 8, nb, 144).permute(0, 2, 1, 3)          # [group, block, row, bytes]
-    qs = blocks[..., 16:].reshape(n // 8, nb, 8, 32, 4).permute(0, 1, 3, 2, 4)  # [group, block, j*8+t, row, 4]
-    scales = blocks[..., 4:16].reshape(n // 8, nb, 8, 3, 4).transpose(2, 3)        # [group, block, word, row, 4]
-    out = torch.cat([blocks[..., 0:2].reshape(n // 8, nb, 16), blocks[..., 2:4].reshape(n // 8, nb, 16),
-                     scales.reshape(n // 8, nb, 96), qs.reshape(n // 8, nb, 1024)], dim=-1)
-    return GGUFWeight("Q4_Kx8", out.reshape(n, nb * 144), w.shape)
-
-
-def unpack_q4_kx8(w: GGUFWeight) -> GGUFWeight:
-    n, k = w.shape
-    nb = k // 256
-    g = w.data.reshape(n // 8, nb, 1152)
-    d, dmin = g[..., 0:16].reshape(n // 8, nb, 8, 2), g[..., 16:32].reshape(n // 8, nb, 8, 2)
-    sc = g[..., 32:128].reshape(n // 8, nb, 3, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 12)
-    qs = g[..., 128:].reshape(n // 8, nb, 32, 8, 4).permute(0, 1, 3, 2, 4).reshape(n // 8, nb, 8, 128)
-    rows = torch.cat([d, dmin, sc, qs], dim=-1).permute(0, 2, 1, 3)            # [group, row, block, 144]
-    return GGUFWeight("Q4_K", rows.reshape(n, nb * 144), w.shape)
-
-
-# ---- Q6_K likewise, the bits rearranged (csrc/cpu/gguf_q6_kx8.cpp) --------------------------------------------
-def _q6_values(qlqh: torch.Tensor) -> torch.Tensor:
-    """Q6_K's ql / qh bytes [..., 192] -> the 256 stored 6-bit values [..., 256] (uint8, 0..63), in order."""
-    ql = qlqh[..., :128].reshape(*qlqh.shape[:-1], 2, 2, 32)            # [.., 128-half, ql half, l]
-    qh = qlqh[..., 128:].reshape(*qlqh.shape[:-1], 2, 1, 32)
-    lo = torch.cat([ql & 15, ql >> 4], dim=-2)                          # quarters 0, 1 (low nibbles), 2, 3
-    hi = torch.cat([(qh >> (2 * q)) & 3 for q in range(4)], dim=-2)
-    return (lo | (hi << 4)).reshape(*qlqh.shape[:-1], 256)
-
-
-def _q6_file(v: torch.Tensor) -> torch.Tensor:
-    """_q6_values' inverse: [..., 256] values -> [..., 192] ql / qh bytes."""
-    q = v.reshape(*v.shape[:-1], 2, 4, 32)
-    ql = (q[..., :2, :] & 15) | ((q[..., 2:, :] & 15) << 4)
-    qh = sum((q[..., i, :] >> 4) << (2 * i) for i in range(4)).to(torch.uint8)
-    return torch.cat([ql.reshape(*v.shape[:-1], 128), qh.reshape(*v.shape[:-1], 64)], dim=-1)
-
-
-def repack_q6_kx8(w: GGUFWeight) -> GGUFWeight:
-    """A Q6_K [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, the 16 scales as [scale][row],
-    then per 16-value half three chunks of [row][4 bytes]: byte k of chunk j is value 4j+k (bits 0-5) and bits 2j,
-    2j+1 of value 12+k (bits 6-7)."""
-    n, k = w.shape
-    nb = k // 256
-    blocks = w.data.reshape(n // 8, 8, nb, 210).permute(0, 2, 1, 3)          # [group, block, row, bytes]
-    v = _q6_values(blocks[..., :192]).reshape(n // 8, nb, 8, 16, 16)         # [.., row, half, value]
-    top = v[..., 12:]
-    chunks = v[..., :12].reshape(n // 8, nb, 8, 16, 3, 4) | torch.stack(
-        [((top >> (2 * j)) & 3) << 6 for j in range(3)], dim=-2)             # [.., row, half, j, k]
-    out = torch.cat([blocks[..., 208:210].reshape(n // 8, nb, 16),
-                     blocks[..., 192:208].transpose(2, 3).reshape(n // 8, nb, 128),
-                     chunks.permute(0, 1, 3, 4, 2, 5).reshape(n // 8, nb, 1536)], dim=-1)
-    return GGUFWeight("Q6_Kx8", out.reshape(n, nb * 210), w.shape)
-
-
-def unpack_q6_kx8(w: GGUFWeight) -> GGUFWeight:
-    n, k = w.shape
-    nb = k // 256
-    g = w.data.reshape(n // 8, nb, 1680)
-    d = g[..., :16].reshape(n // 8, nb, 8, 2)
-    sc = g[..., 16:144].reshape(n // 8, nb, 16, 8).transpose(2, 3)
-    chunks = g[..., 144:].reshape(n // 8, nb, 16, 3, 8, 4).permute(0, 1, 4, 2, 3, 5)   # [.., row, half, j, k]
-    top = sum((chunks[..., j, :] >> 6) << (2 * j) for j in range(3)).to(torch.uint8)
-    v = torch.cat([(chunks & 63).reshape(n // 8, nb, 8, 16, 12), top], dim=-1).reshape(n // 8, nb, 8, 256)
-    rows = torch.cat([_q6_file(v), sc, d], dim=-1).permute(0, 2, 1, 3)
-    return GGUFWeight("Q6_K", rows.reshape(n, nb * 210), w.shape)
-
-
-# ---- Q5_0 likewise (csrc/cpu/gguf_q5_0x8.cpp) ----------------------------------------------------------------
-def repack_q5_0x8(w: GGUFWeight) -> GGUFWeight:
-    """A Q5_0 [N, K] weight -> groups of 8 rows: per group and block, the 8 fp16 scales, the 8 32-bit high-bit
-    words, then for t = 0..3 each row's 4 quant bytes 4t..4t+3."""
-    n, k = w.shape
-    nb = k // 32
-    blocks = w.data.reshape(n // 8, 8, nb, 22).permute(0, 2, 1, 3)            # [group, block, row, bytes]
-    qs = blocks[..., 6:].reshape(n // 8, nb, 8, 4, 4).transpose(2, 3)
-    out = torch.cat([blocks[..., :2].reshape(n // 8, nb, 16), blocks[..., 2:6].reshape(n // 8, nb, 32),
-                     qs.reshape(n // 8, nb, 128)], dim=-1)
-    return GGUFWeight("Q5_0x8", out.reshape(n, nb * 22), w.shape)
-
-
-def unpack_q5_0x8(w: GGUFWeight) -> GGUFWeight:
-    n, k = w.shape
-    nb = k // 32
-    g = w.data.reshape(n // 8, nb, 176)
-    d, qh = g[..., :16].reshape(n // 8, nb, 8, 2), g[..., 16:48].reshape(n // 8, nb, 8, 4)
-    qs = g[..., 48:].reshape(n // 8, nb, 4, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 16)
-    rows = torch.cat([d, qh, qs], dim=-1).permute(0, 2, 1, 3)
-    return GGUFWeight("Q5_0", rows.reshape(n, nb * 22), w.shape)
-
-
-# ---- Q4_1: Q4_0's layout with the 8 rows' fp16 minimums after their scales (csrc/cpu/gguf_q4_0x8.cpp) -------------
-def repack_q4_1x8(w: GGUFWeight) -> GGUFWeight:
-    """A Q4_1 [N, K] weight -> groups of 8 rows: per group and block, the 8 fp16 scales, the 8 fp16 minimums,
-    then for t = 0..3 each row's 4 quant bytes 4t..4t+3."""
-    n, k = w.shape
-    nb = k // 32
-    blocks = w.data.reshape(n // 8, 8, nb, 20).permute(0, 2, 1, 3)            # [group, block, row, bytes]
-    qs = blocks[..., 4:].reshape(n // 8, nb, 8, 4, 4).transpose(2, 3)
-    out = torch.cat([blocks[..., :2].reshape(n // 8, nb, 16), blocks[..., 2:4].reshape(n // 8, nb, 16),
-                     qs.reshape(n // 8, nb, 128)], dim=-1)
-    return GGUFWeight("Q4_1x8", out.reshape(n, nb * 20), w.shape)
-
-
-def unpack_q4_1x8(w: GGUFWeight) -> GGUFWeight:
-    n, k = w.shape
-    nb = k // 32
-    g = w.data.reshape(n // 8, nb, 160)
-    d, m = g[..., :16].reshape(n // 8, nb, 8, 2), g[..., 16:32].reshape(n // 8, nb, 8, 2)
-    qs = g[..., 32:].reshape(n // 8, nb, 4, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 16)
-    rows = torch.cat([d, m, qs], dim=-1).permute(0, 2, 1, 3)
-    return GGUFWeight("Q4_1", rows.reshape(n, nb * 20), w.shape)
-
-
-REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8,
-          "Q4_1": repack_q4_1x8}
-REPACKED = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8,
-            "Q4_1x8": unpack_q4_1x8}
+# ---- the 8-row layouts (ops/gguf_x8.py) ------------------------------------------------------------------------
+REPACKED = {name: name[:-2] for name in gguf_x8.UNPACK}    # repacked type -> the file type it holds
 
 
 def can_repack(w: GGUFWeight) -> bool:
     """Whether ops.gguf_repack may rewrite w: the 8-row layouts, or F16 -> BF16 (which the op does only where the
     kernels would round F16 to bf16 on every read anyway: the non-exact path on AVX512-BF16 CPUs)."""
-    return (w.qtype in REPACK and w.shape[0] % 8 == 0) or w.qtype == "F16"
+    return (w.qtype in gguf_x8.REPACK and w.shape[0] % 8 == 0) or w.qtype == "F16"
 
 
 def repack(w: GGUFWeight) -> GGUFWeight:
     """w in the int8 kernels' 8-row groups (same size); can_repack(w) must hold."""
-    return REPACK[w.qtype](w)
+    return GGUFWeight(w.qtype + "x8", gguf_x8.REPACK[w.qtype](w.data, *w.shape), w.shape)
 
 
 def unpack(w: GGUFWeight) -> GGUFWeight:
     """A repacked weight back in the file's layout."""
-    return REPACKED[w.qtype](w)
+    return GGUFWeight(REPACKED[w.qtype], gguf_x8.UNPACK[w.qtype](w.data, *w.shape), w.shape)
 
 
 # ---- dequantization (layouts: gguf/quants.py and llama.cpp ggml-quants.c) --------------------------------------
