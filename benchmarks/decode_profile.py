@@ -118,9 +118,10 @@ def main():
     ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead of decode steps")
     ap.add_argument("--fused", default="on", help="decode layers in one C++ call (model/fused_decode.py), off = the "
                     "modules; a list (on,off,on,off) alternates them on the same engine")
+    ap.add_argument("--gguf-repack", default="auto", help="auto, none, or a list (auto,none): one engine each")
     args = ap.parse_args()
-    for int8 in args.int8_dot.split(","):
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype,
+    for int8, repack in ((i, r) for i in args.int8_dot.split(",") for r in args.gguf_repack.split(",")):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype, gguf_repack=repack,
                                                           quant_activations="int8" if int8 == "on" else "float"),
                                         cache=CacheConfig(num_blocks=512),
                                         scheduler=SchedulerConfig(max_num_batched_tokens=max(512, args.prefill))))
@@ -131,7 +132,8 @@ def main():
             engine.runner.fused = fused if on == "on" else None
             run = functools.partial(profile_prefill, engine, args.prefill) if args.prefill else \
                 functools.partial(profile, engine, args.steps)
-            run(f"--dtype {args.dtype} ({engine.runner.matmul_precision} matmuls), int8-dot {int8}, {threads} threads, "
+            run(f"--dtype {args.dtype} ({engine.runner.matmul_precision} matmuls), int8-dot {int8}, repack {repack}, "
+                f"{threads} threads, "
                 f"fused {on if fused is not None else 'n/a'}")
 
 

@@ -1,5 +1,5 @@
-"""Q4_0 and Q4_K repacked in groups of 8 rows (ops/gguf_blocks.py repack, csrc/cpu/gguf_q4_0x8.cpp,
-gguf_q4_kx8.cpp): the layout
+"""GGUF types repacked in groups of 8 rows (ops/gguf_x8.py, csrc/cpu/gguf_*x8.cpp: Q4_0, Q4_1, Q4_K, Q6_K, Q5_0, Q3_K,
+Q2_K): the layout
 round-trips, its int8 matmul matches float64 within the int8 path's bounds (test_gguf_kernels.py's tolerances),
 every ISA path returns the same bits (scalar reference, AVX2, AVX512-VNNI), rows are batch-invariant, and the
 loader serves Q4_0 files repacked (same size, the mapped pages released) with logits close to the file layout's.
@@ -38,7 +38,7 @@ def _matmul(x, w, int8=True):
         return ops.gguf_matmul(x, w, None, int8)
 
 
-TYPES = ("Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1")
+TYPES = ("Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q3_K", "Q2_K")
 
 
 def _weight(n, k, seed, qtype="Q4_0"):
@@ -198,4 +198,27 @@ def test_q4_0_file_is_served_repacked_in_about_its_size(tmp_path):
     assert packed["weights_gguf_resident"] < 0.2 * size, packed
     assert packed["rss"] <= size * 1.3 + packed["kv_cache"] + (900 << 20), (packed["rss"], size)
     a, b = torch.tensor(packed["logits"]), torch.tensor(plain["logits"])
+    assert (a - b).abs().max() <= 1e-3 * b.abs().max(), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("quant,packed_types", [("Q3_K_M", {"Q3_Kx8", "Q4_Kx8"}), ("Q2_K", {"Q2_Kx8", "Q3_Kx8"})])
+def test_q3_k_and_q2_k_files_are_served_repacked(quant, packed_types, tmp_path):
+    """Q3_K_M / Q2_K files (their mixes as in llama.cpp's, simplified): every Q3_K and Q2_K matrix is repacked,
+    and the logits agree with the file layout's to the int8 path's rounding."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.synthetic_gguf import write_synthetic_gguf
+    shape = dict(arch="llama", hidden=512, layers=2, ffn=1024, heads=8, kv_heads=4, tied=True, bias=False,
+                 theta=10000.0)
+    path = str(tmp_path / f"{quant}.gguf")
+    write_synthetic_gguf(path, shape, quant, context_length=512)
+    got = {}
+    for repack in ("auto", "none"):
+        out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, path, repack], capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert out.returncode == 0, out.stderr[-3000:]
+        got[repack] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert packed_types <= set(got["auto"]["qtypes"]), got["auto"]["qtypes"]
+    assert not {"Q3_K", "Q2_K"} & set(got["auto"]["qtypes"]), got["auto"]["qtypes"]
+    assert {t[:-2] for t in packed_types} <= set(got["none"]["qtypes"]), got["none"]["qtypes"]
+    a, b = torch.tensor(got["auto"]["logits"]), torch.tensor(got["none"]["logits"])
     assert (a - b).abs().max() <= 1e-3 * b.abs().max(), (a - b).abs().max()

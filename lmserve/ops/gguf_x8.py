@@ -140,7 +140,98 @@ def unpack_q4_1x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return rows.reshape(n, nb * 20)
 
 
+# ---- Q3_K: the planes rearranged per 32-value sub-block (csrc/cpu/gguf_q3_kx8.cpp) ---------------------------
+def _q3_values(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3_K blocks [..., 110] -> (stored values u = low | third << 2 [..., 256] in order, raw 6-bit scales
+    [..., 16])."""
+    b = blocks.int()
+    qs = b[..., 32:96].reshape(*b.shape[:-1], 2, 1, 32)                       # [.., h, 1, l]
+    low = (qs >> (2 * torch.arange(4).view(4, 1))) & 3                        # [.., h, j, l]
+    third = (b[..., None, :32] >> torch.arange(8).view(8, 1)) & 1             # [.., 4h + j, l]
+    u = (low.reshape(*b.shape[:-1], 256) | (third.reshape(*b.shape[:-1], 256) << 2))
+    sc = b[..., 96:108]
+    lo = torch.cat([sc[..., :8] & 15, sc[..., :8] >> 4], dim=-1)              # scale i: low 4 bits
+    hi = (sc[..., None, 8:12] >> (2 * torch.arange(4).view(4, 1))) & 3       # [.., i // 4, i % 4]
+    return u, lo | (hi.reshape(*b.shape[:-1], 16) << 4)
+
+
+def repack_q3_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A Q3_K [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, then per 32-value sub-block s
+    its two scales of the 8 rows in 12 bytes (byte c: low 4 bits of row c's scale 2s | those of 2s+1 << 4; then a
+    32-bit word with row c's top 2 bits of scale 2s at bits 2c, of 2s+1 at 16+2c), then per sub-block 96 bytes:
+    for its halves A, B [row][4 bytes] with the low 2 bits of value 4j+k of the half at bits 2j of byte k, and
+    [row][4 bytes] with the third bit of A's value 4j+k at bit j, of B's at bit 4+j."""
+    nb = k // 256
+    blocks = data.reshape(n // 8, 8, nb, 110).permute(0, 2, 1, 3)             # [group, block, row, bytes]
+    u, s6 = _q3_values(blocks)
+    s6 = s6.reshape(n // 8, nb, 8, 8, 2).transpose(2, 3)                     # [.., s, row, half]
+    scale_lo = (s6[..., 0] & 15) | ((s6[..., 1] & 15) << 4)                 # [.., s, row]
+    top = (s6 >> 4).transpose(-1, -2).reshape(n // 8, nb, 8, 2, 2, 4)        # [.., s, half, row // 4, row % 4]
+    top = (top << (2 * torch.arange(4))).sum(-1)                            # [.., s, 4 bytes]
+    uq = u.reshape(n // 8, nb, 8, 8, 2, 4, 4)                                 # [.., row, s, half, j, k]
+    shift = 2 * torch.arange(4).view(4, 1)
+    low = ((uq & 3) << shift).sum(-2).permute(0, 1, 3, 4, 2, 5)              # [.., s, half, row, k]
+    third = (((uq >> 2) & 1) << (torch.arange(2).view(2, 1, 1) * 4 + torch.arange(4).view(4, 1))).sum((-3, -2))
+    q = torch.cat([low.reshape(n // 8, nb, 8, 64), third.permute(0, 1, 3, 2, 4).reshape(n // 8, nb, 8, 32)], -1)
+    out = torch.cat([blocks[..., 108:110].reshape(n // 8, nb, 16),
+                     torch.cat([scale_lo, top.reshape(n // 8, nb, 8, 4)], -1).reshape(n // 8, nb, 96).to(torch.uint8),
+                     q.reshape(n // 8, nb, 768).to(torch.uint8)], dim=-1)
+    return out.reshape(n, nb * 110)
+
+
+def unpack_q3_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nb = k // 256
+    g = data.reshape(n // 8, nb, 880).int()
+    d = g[..., :16].reshape(n // 8, nb, 8, 2)
+    sc = g[..., 16:112].reshape(n // 8, nb, 8, 12)                           # [.., s, 12]
+    # [.., s, half, row // 4, row % 4]
+    top = (sc[..., 8:12].reshape(n // 8, nb, 8, 2, 2, 1) >> (2 * torch.arange(4))) & 3
+    lo = torch.stack([sc[..., :8] & 15, sc[..., :8] >> 4], dim=-2)           # [.., s, half, row]
+    s6 = (lo | (top.reshape(n // 8, nb, 8, 2, 8) << 4)).permute(0, 1, 4, 2, 3).reshape(n // 8, nb, 8, 16)
+    q = g[..., 112:].reshape(n // 8, nb, 8, 3, 8, 4)                        # [.., s, chunk, row, k]
+    lowj = torch.stack([(q[..., :2, :, :] >> (2 * j)) & 3 for j in range(4)], dim=4)   # [.., s, half, j, row, k]
+    thj = torch.stack([torch.stack([(q[..., 2, :, :] >> (4 * h + j)) & 1 for j in range(4)], dim=3)
+                       for h in range(2)], dim=3)                            # [.., s, half, j, row, k]
+    u = (lowj | (thj << 2)).permute(0, 1, 5, 2, 3, 4, 6).reshape(n // 8, nb, 8, 256)
+    uv = u.reshape(n // 8, nb, 8, 2, 4, 32)                                  # value 128h + 32j + l
+    qs = ((uv & 3) << (2 * torch.arange(4).view(4, 1))).sum(-2)             # [.., h, l]
+    hmask = ((uv >> 2) << torch.arange(8).view(2, 4, 1)).sum((-3, -2))       # [.., l]
+    scales = torch.cat([(s6[..., :8] & 15) | ((s6[..., 8:] & 15) << 4),
+                        ((s6 >> 4).reshape(n // 8, nb, 8, 4, 4) << (2 * torch.arange(4).view(4, 1))).sum(-2)], -1)
+    rows = torch.cat([hmask, qs.reshape(n // 8, nb, 8, 64), scales, d], dim=-1).permute(0, 2, 1, 3)
+    return rows.to(torch.uint8).reshape(n, nb * 110)
+
+
+# ---- Q2_K: scales as [half][row], per 16-value half [row][4 bytes] of 2-bit values (csrc/cpu/gguf_q2_kx8.cpp) -----
+def repack_q2_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A Q2_K [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, the 8 dmin, the 16 scale
+    bytes as [half][row], then per 16-value half [row][4 bytes] with value 4j+k of the half at bits 2j of byte k."""
+    nb = k // 256
+    blocks = data.reshape(n // 8, 8, nb, 84).permute(0, 2, 1, 3)              # [group, block, row, bytes]
+    qs = blocks[..., 16:80].reshape(n // 8, nb, 8, 2, 1, 32)
+    v = ((qs >> (2 * torch.arange(4).view(4, 1))) & 3).reshape(n // 8, nb, 8, 16, 4, 4)   # [.., row, half, j, k]
+    q = (v.int() << (2 * torch.arange(4).view(4, 1))).sum(-2).transpose(2, 3)   # [.., half, row, k]
+    out = torch.cat([blocks[..., 80:82].reshape(n // 8, nb, 16), blocks[..., 82:84].reshape(n // 8, nb, 16),
+                     blocks[..., :16].transpose(2, 3).reshape(n // 8, nb, 128),
+                     q.reshape(n // 8, nb, 512).to(torch.uint8)], dim=-1)
+    return out.reshape(n, nb * 84)
+
+
+def unpack_q2_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nb = k // 256
+    g = data.reshape(n // 8, nb, 672)
+    d, dmin = g[..., :16].reshape(n // 8, nb, 8, 2), g[..., 16:32].reshape(n // 8, nb, 8, 2)
+    sc = g[..., 32:160].reshape(n // 8, nb, 16, 8).transpose(2, 3)
+    chunks = g[..., 160:].reshape(n // 8, nb, 16, 8, 1, 4).transpose(2, 3)    # [.., row, half, 1, k]
+    v = ((chunks >> (2 * torch.arange(4).view(4, 1))) & 3).reshape(n // 8, nb, 8, 2, 4, 32)   # value 128h + 32j + l
+    qs = (v.int() << (2 * torch.arange(4).view(4, 1))).sum(-2).reshape(n // 8, nb, 8, 64)
+    rows = torch.cat([sc, qs.to(torch.uint8), d, dmin], dim=-1).permute(0, 2, 1, 3)
+    return rows.reshape(n, nb * 84)
+
+
 REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8,
-          "Q4_1": repack_q4_1x8}
+          "Q4_1": repack_q4_1x8, "Q3_K": repack_q3_kx8,
+          "Q2_K": repack_q2_kx8}
 UNPACK = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8,
-          "Q4_1x8": unpack_q4_1x8}
+          "Q4_1x8": unpack_q4_1x8, "Q3_Kx8": unpack_q3_kx8,
+          "Q2_Kx8": unpack_q2_kx8}

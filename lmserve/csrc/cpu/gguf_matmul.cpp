@@ -74,12 +74,15 @@ constexpr int64_t kStreamRows = 2;
 // the int8 GEMM on a repacked part (gguf_x8.h), on the best of its kernels this call may use
 void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool avx2, [[maybe_unused]] bool vnni512) {
   using Fn = void (*)(const DotArgs&, int64_t, int64_t);
-  static constexpr Fn kScalar[] = {q4_0x8_scalar, q4_kx8_scalar, q6_kx8_scalar, q5_0x8_scalar, q4_1x8_scalar};
+  static constexpr Fn kScalar[] = {q4_0x8_scalar, q4_kx8_scalar, q6_kx8_scalar, q5_0x8_scalar, q4_1x8_scalar,
+                                   q3_kx8_scalar, q2_kx8_scalar};
   const int i = p.qt - Q4_0X8;
 #ifdef LMSERVE_GGUF_AVX2
-  static constexpr Fn kAvx2[] = {q4_0x8_avx2, q4_kx8_avx2, q6_kx8_avx2, q5_0x8_avx2, q4_1x8_avx2};
+  static constexpr Fn kAvx2[] = {q4_0x8_avx2, q4_kx8_avx2, q6_kx8_avx2, q5_0x8_avx2, q4_1x8_avx2, q3_kx8_avx2,
+                                 q2_kx8_avx2};
   static constexpr Fn kVnni[] = {q4_0x8_avx512vnni, q4_kx8_avx512vnni, q6_kx8_avx512vnni,
-                                  q5_0x8_avx512vnni, q4_1x8_avx512vnni};
+                                  q5_0x8_avx512vnni, q4_1x8_avx512vnni, q3_kx8_avx512vnni,
+                                  q2_kx8_avx512vnni};
   if (avx2) return (vnni512 && (p.M > kStreamRows || p.qt == Q6_KX8) ? kVnni : kAvx2)[i](p, n0, n1);
 #endif
   kScalar[i](p, n0, n1);
@@ -167,7 +170,7 @@ void gguf_set_vnni512(int64_t min_rows, bool all_types) {
 }
 
 static int check_w(const torch::Tensor& w, int64_t qtype, int64_t K) {
-  TORCH_CHECK(qtype >= 0 && qtype <= Q4_1X8, "gguf: unknown type id ", qtype);
+  TORCH_CHECK(qtype >= 0 && qtype <= LAST_X8, "gguf: unknown type id ", qtype);
   const int qt = static_cast<int>(qtype);
   const int bt = x8_source(qt);   // the block sizes of a repacked type are its source type's
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.stride(1) == 1, "gguf: blocks must be uint8 "
@@ -285,14 +288,16 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
       else if (qt == Q6_KX8) q6_kx8_rows(wp, ws, n, nb, op + r * K);
       else if (qt == Q5_0X8) q5_0x8_rows(wp, ws, n, nb, op + r * K);
       else if (qt == Q4_1X8) q4_1x8_rows(wp, ws, n, nb, op + r * K);
+      else if (qt == Q3_KX8) q3_kx8_rows(wp, ws, n, nb, op + r * K);
+      else if (qt == Q2_KX8) q2_kx8_rows(wp, ws, n, nb, op + r * K);
       else dequant_row(qt, wp + n * ws, nb, op + r * K);
     }
   });
 }
 
 void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
-  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K || qtype == Q6_K || qtype == Q5_0 || qtype == Q4_1,
-              "gguf_repack: Q4_0, Q4_K, Q6_K, Q5_0 or Q4_1 only");
+  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K || qtype == Q6_K || qtype == Q5_0 || qtype == Q4_1 || qtype == Q3_K ||
+              qtype == Q2_K, "gguf_repack: Q4_0, Q4_K, Q6_K, Q5_0, Q4_1, Q3_K or Q2_K only");
   const int qt = static_cast<int>(qtype);
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0 &&
               w.size(1) % kBlockBytes[qt] == 0, "gguf_repack: whole blocks, whole groups of 8 contiguous rows");
@@ -302,7 +307,7 @@ void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, w.size(0) / 8, 16, [&](int64_t g0, int64_t g1) {
     const auto pack = qt == Q4_0 ? q4_0x8_pack : qt == Q4_K ? q4_kx8_pack : qt == Q6_K ? q6_kx8_pack
-        : qt == Q5_0 ? q5_0x8_pack : q4_1x8_pack;
+        : qt == Q5_0 ? q5_0x8_pack : qt == Q4_1 ? q4_1x8_pack : qt == Q3_K ? q3_kx8_pack : q2_kx8_pack;
     for (int64_t g = g0; g < g1; ++g) pack(src, ws, g, nb, dst);
   });
 }

@@ -64,12 +64,6 @@ inline void gather_block(const uint8_t* w, int64_t ws, int64_t n, int64_t b, uin
   values_to_file(v, out);
 }
 
-// sums of row m's activations over the two halves of sub-block g (from the 4-value lane sums)
-inline void half_sums(const Act& a, int64_t g, int32_t& sa, int32_t& sb) {
-  const int32_t* l = a.ls.data() + g * 8;
-  sa = l[0] + l[1] + l[2] + l[3];
-  sb = l[4] + l[5] + l[6] + l[7];
-}
 }  // namespace
 
 void q6_kx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst) {
@@ -175,7 +169,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
       for (int m = 0; m < RM; ++m) {
         const int64_t gi = (m0 + m) * ng + b * 8 + s;
         int32_t xa, xb;
-        half_sums(*p.a, gi, xa, xb);
+        x8::half_sums(*p.a, gi, xa, xb);
         const __m256i da = _mm256_sub_epi32(half[0][m], _mm256_set1_epi32(32 * xa));
         const __m256i db = _mm256_sub_epi32(half[1][m], _mm256_set1_epi32(32 * xb));
         const __m256i idot = _mm256_add_epi32(_mm256_mullo_epi32(sa, da), _mm256_mullo_epi32(sb, db));
@@ -230,7 +224,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
       __m512i half[2][RM];
       int32_t xs[2][RM];
       for (int m = 0; m < RM; ++m) {
-        half_sums(*p.a, (m0 + m) * ng + b * 8 + s, xs[0][m], xs[1][m]);
+        x8::half_sums(*p.a, (m0 + m) * ng + b * 8 + s, xs[0][m], xs[1][m]);
         half[0][m] = _mm512_set1_epi32(-32 * xs[0][m]);
         half[1][m] = _mm512_set1_epi32(-32 * xs[1][m]);
       }

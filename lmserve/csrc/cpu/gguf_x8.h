@@ -17,6 +17,13 @@ inline int32_t load_i32(const int8_t* p) {   // 4 activation bytes, broadcast by
   return v;
 }
 
+// sums of row m's activations over the two halves of sub-block g (from the 4-value lane sums)
+inline void half_sums(const Act& a, int64_t g, int32_t& sa, int32_t& sb) {
+  const int32_t* l = a.ls.data() + g * 8;
+  sa = l[0] + l[1] + l[2] + l[3];
+  sb = l[4] + l[5] + l[6] + l[7];
+}
+
 // row m's outputs of columns [8 gr, 8 gr + 8 NG) from `lanes`; columns outside [n0, n1) belong to another thread
 // (a column split may cut a group: both threads compute it, each stores its own lanes)
 inline void store(const DotArgs& p, int64_t m, int64_t gr, int ncols, const float* lanes, int64_t n0, int64_t n1) {
