@@ -229,9 +229,41 @@ def unpack_q2_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return rows.reshape(n, nb * 84)
 
 
+# ---- IQ4_XS: Q4_0x8's interleave per sub-block, the scales split by bits (csrc/cpu/gguf_iq4_xsx8.cpp) ------------
+def repack_iq4_xsx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """An IQ4_XS [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, the 8 rows' scales_l bytes
+    as [byte][row], per sub-block s a 16-bit word with row c's top 2 scale bits at bits 2c, then per sub-block and
+    t = 0..3 each row's 4 index bytes 16s+4t..16s+4t+3."""
+    nb = k // 256
+    blocks = data.reshape(n // 8, 8, nb, 136).permute(0, 2, 1, 3)             # [group, block, row, bytes]
+    sh = blocks[..., 2].int() | (blocks[..., 3].int() << 8)                    # [.., row]
+    top = (sh.unsqueeze(-1) >> (2 * torch.arange(8))) & 3                     # [.., row, s]
+    words = (top << (2 * torch.arange(8).view(8, 1))).sum(-2)                 # [.., s]
+    words = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8)
+    qs = blocks[..., 8:].reshape(n // 8, nb, 8, 8, 4, 4).permute(0, 1, 3, 4, 2, 5)   # [.., s, t, row, 4]
+    out = torch.cat([blocks[..., :2].reshape(n // 8, nb, 16), blocks[..., 4:8].transpose(2, 3).reshape(n // 8, nb, 32),
+                     words.reshape(n // 8, nb, 16), qs.reshape(n // 8, nb, 1024)], dim=-1)
+    return out.reshape(n, nb * 136)
+
+
+def unpack_iq4_xsx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nb = k // 256
+    g = data.reshape(n // 8, nb, 1088)
+    d = g[..., :16].reshape(n // 8, nb, 8, 2)
+    sl = g[..., 16:48].reshape(n // 8, nb, 4, 8).transpose(2, 3)              # [.., row, 4]
+    words = g[..., 48:64].reshape(n // 8, nb, 8, 2).int()
+    words = words[..., 0] | (words[..., 1] << 8)                              # [.., s]
+    top = (words.unsqueeze(-2) >> (2 * torch.arange(8).view(8, 1))) & 3       # [.., row, s]
+    sh = (top << (2 * torch.arange(8))).sum(-1)                               # [.., row]
+    sh = torch.stack([sh & 255, sh >> 8], dim=-1).to(torch.uint8)
+    qs = g[..., 64:].reshape(n // 8, nb, 8, 4, 8, 4).permute(0, 1, 4, 2, 3, 5).reshape(n // 8, nb, 8, 128)
+    rows = torch.cat([d, sh, sl, qs], dim=-1).permute(0, 2, 1, 3)
+    return rows.reshape(n, nb * 136)
+
+
 REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8,
           "Q4_1": repack_q4_1x8, "Q3_K": repack_q3_kx8,
-          "Q2_K": repack_q2_kx8}
+          "Q2_K": repack_q2_kx8, "IQ4_XS": repack_iq4_xsx8}
 UNPACK = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8,
           "Q4_1x8": unpack_q4_1x8, "Q3_Kx8": unpack_q3_kx8,
-          "Q2_Kx8": unpack_q2_kx8}
+          "Q2_Kx8": unpack_q2_kx8, "IQ4_XSx8": unpack_iq4_xsx8}

@@ -75,14 +75,14 @@ constexpr int64_t kStreamRows = 2;
 void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool avx2, [[maybe_unused]] bool vnni512) {
   using Fn = void (*)(const DotArgs&, int64_t, int64_t);
   static constexpr Fn kScalar[] = {q4_0x8_scalar, q4_kx8_scalar, q6_kx8_scalar, q5_0x8_scalar, q4_1x8_scalar,
-                                   q3_kx8_scalar, q2_kx8_scalar};
+                                   q3_kx8_scalar, q2_kx8_scalar, iq4_xsx8_scalar};
   const int i = p.qt - Q4_0X8;
 #ifdef LMSERVE_GGUF_AVX2
   static constexpr Fn kAvx2[] = {q4_0x8_avx2, q4_kx8_avx2, q6_kx8_avx2, q5_0x8_avx2, q4_1x8_avx2, q3_kx8_avx2,
-                                 q2_kx8_avx2};
+                                 q2_kx8_avx2, iq4_xsx8_avx2};
   static constexpr Fn kVnni[] = {q4_0x8_avx512vnni, q4_kx8_avx512vnni, q6_kx8_avx512vnni,
                                   q5_0x8_avx512vnni, q4_1x8_avx512vnni, q3_kx8_avx512vnni,
-                                  q2_kx8_avx512vnni};
+                                  q2_kx8_avx512vnni, iq4_xsx8_avx512vnni};
   if (avx2) return (vnni512 && (p.M > kStreamRows || p.qt == Q6_KX8) ? kVnni : kAvx2)[i](p, n0, n1);
 #endif
   kScalar[i](p, n0, n1);
@@ -290,6 +290,7 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
       else if (qt == Q4_1X8) q4_1x8_rows(wp, ws, n, nb, op + r * K);
       else if (qt == Q3_KX8) q3_kx8_rows(wp, ws, n, nb, op + r * K);
       else if (qt == Q2_KX8) q2_kx8_rows(wp, ws, n, nb, op + r * K);
+      else if (qt == IQ4_XSX8) iq4_xsx8_rows(wp, ws, n, nb, op + r * K);
       else dequant_row(qt, wp + n * ws, nb, op + r * K);
     }
   });
@@ -297,7 +298,7 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
 
 void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
   TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K || qtype == Q6_K || qtype == Q5_0 || qtype == Q4_1 || qtype == Q3_K ||
-              qtype == Q2_K, "gguf_repack: Q4_0, Q4_K, Q6_K, Q5_0, Q4_1, Q3_K or Q2_K only");
+              qtype == Q2_K || qtype == IQ4_XS, "gguf_repack: Q4_0, Q4_K, Q6_K, Q5_0, Q4_1, Q3_K, Q2_K or IQ4_XS only");
   const int qt = static_cast<int>(qtype);
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0 &&
               w.size(1) % kBlockBytes[qt] == 0, "gguf_repack: whole blocks, whole groups of 8 contiguous rows");
@@ -307,7 +308,8 @@ void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, w.size(0) / 8, 16, [&](int64_t g0, int64_t g1) {
     const auto pack = qt == Q4_0 ? q4_0x8_pack : qt == Q4_K ? q4_kx8_pack : qt == Q6_K ? q6_kx8_pack
-        : qt == Q5_0 ? q5_0x8_pack : qt == Q4_1 ? q4_1x8_pack : qt == Q3_K ? q3_kx8_pack : q2_kx8_pack;
+        : qt == Q5_0 ? q5_0x8_pack : qt == Q4_1 ? q4_1x8_pack : qt == Q3_K ? q3_kx8_pack : qt == Q2_K ? q2_kx8_pack
+        : iq4_xsx8_pack;
     for (int64_t g = g0; g < g1; ++g) pack(src, ws, g, nb, dst);
   });
 }
