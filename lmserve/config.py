@@ -41,9 +41,15 @@ def cpu_bf16_feature() -> str | None:
     """The CPU's native bfloat16 instruction set ("amx_bf16" or "avx512_bf16"), or None where it has none.
 
     Read at run time: machines of one kind come with different CPUs, and a wheel's build flags say nothing about
-    the host. torch's cpuinfo probe first; /proc/cpuinfo flags where torch lacks it.
+    the host. torch's cpuinfo probe first; /proc/cpuinfo flags where torch lacks it. LMSERVE_CPU_ISA below
+    avx512 (ops/cpu_isa.py: how an AVX2-only host is simulated on a newer one) means no native bf16 either.
     """
     import torch
+
+    from lmserve.ops import cpu_isa
+    levels = list(cpu_isa.LEVELS)
+    if levels.index(cpu_isa.isa()) < levels.index("avx512"):
+        return None
     probe = getattr(torch, "cpu", None)
     amx, avx = getattr(probe, "_is_amx_tile_supported", None), getattr(probe, "_is_avx512_bf16_supported", None)
     if amx is not None and avx is not None:

@@ -31,6 +31,21 @@ def test_detects_this_cpu():
     assert ModelConfig(device="cpu").matmul_precision == ("bfloat16" if want else "float32")
 
 
+def test_an_isa_override_below_avx512_means_no_native_bf16(monkeypatch):
+    """LMSERVE_CPU_ISA=avx2 simulates an AVX2-only host: float32 matmuls and KV cache there, as on such a CPU."""
+    from lmserve.ops import cpu_isa
+    if not cpu_isa.supports("avx2", cpu_isa.detected()):
+        pytest.skip("no AVX2 here")
+    monkeypatch.setenv(cpu_isa.ENV, "avx2")
+    config.cpu_bf16_feature.cache_clear()
+    try:
+        assert config.cpu_bf16_feature() is None
+        assert ModelConfig(device="cpu").matmul_precision == "float32"
+    finally:
+        monkeypatch.delenv(cpu_isa.ENV)
+        config.cpu_bf16_feature.cache_clear()
+
+
 def test_cli_maps_dtype_flags():
     parse = build_parser().parse_args
     auto = build_engine_config(parse(["serve", "api_server"])).model

@@ -1,9 +1,10 @@
 """Which x86 instruction-set level the CPU kernels may use here, decided at run time (one build for every CPU kind).
 
 The library is compiled for a portable baseline (BASELINES: x86-64 with AVX2+FMA+F16C, or plain code anywhere
-else) and picks faster variants per call from `isa()` (csrc/cpu/gguf_isa.h). LMSERVE_CPU_ISA=<level> lowers
+else) and picks faster variants per call from `isa()` (csrc/cpu/cpu_isa.cpp). LMSERVE_CPU_ISA=<level> lowers
 the level the process acts on, never raises it: tests force the scalar reference and the AVX2 path with it, and
-it simulates a CPU that lacks an ISA (a build for a baseline the CPU lacks is then refused; cpu_kernels.py).
+it simulates a CPU that lacks an ISA (a build for a baseline the CPU lacks is then refused; cpu_kernels.py;
+below avx512 the bf16 matmul policy acts as on a CPU without AVX512-BF16: config.cpu_bf16_feature).
 """
 from __future__ import annotations
 

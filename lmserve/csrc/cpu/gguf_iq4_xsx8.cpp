@@ -27,8 +27,10 @@ inline void gather_block(const uint8_t* w, int64_t ws, int64_t n, int64_t b, uin
   const int c = static_cast<int>(n % 8);
   std::memcpy(out, g + 2 * c, 2);
   uint32_t sh = 0;
-  for (int s = 0; s < 8; ++s) sh |= ((static_cast<uint32_t>(g[kScHi + 2 * s + 1]) << 8 | g[kScHi + 2 * s]) >> (2 * c) & 3)
-                                    << (2 * s);
+  for (int s = 0; s < 8; ++s) {
+    const uint32_t word = static_cast<uint32_t>(g[kScHi + 2 * s + 1]) << 8 | g[kScHi + 2 * s];
+    sh |= (word >> (2 * c) & 3) << (2 * s);
+  }
   out[2] = static_cast<uint8_t>(sh & 255);
   out[3] = static_cast<uint8_t>(sh >> 8);
   for (int i = 0; i < 4; ++i) out[4 + i] = g[kScLo + 8 * i + c];
@@ -111,8 +113,8 @@ inline uint32_t load_u16(const uint8_t* p) { return static_cast<uint32_t>(p[0] |
 inline __m256i scales_avx2(const uint8_t* g, int s) {
   __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(g + kScLo + 8 * (s / 2))));
   lo = s % 2 ? _mm256_srli_epi32(lo, 4) : _mm256_and_si256(lo, _mm256_set1_epi32(15));
-  const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(load_u16(g + kScHi + 2 * s))),
-                                                        _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+  const __m256i word = _mm256_set1_epi32(static_cast<int>(load_u16(g + kScHi + 2 * s)));
+  const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
                                       _mm256_set1_epi32(3));
   return _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
 }
@@ -188,8 +190,9 @@ inline __m512i scales_vnni(const uint8_t* a, const uint8_t* b, int s) {
       _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + kScLo + 8 * (s / 2))),
       _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kScLo + 8 * (s / 2)))));
   lo = s % 2 ? _mm512_srli_epi32(lo, 4) : _mm512_and_si512(lo, _mm512_set1_epi32(15));
-  const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(load_u16(a + kScHi + 2 * s)))),
-                                           _mm256_set1_epi32(static_cast<int>(load_u16(b + kScHi + 2 * s))), 1);
+  const __m256i wa = _mm256_set1_epi32(static_cast<int>(load_u16(a + kScHi + 2 * s)));
+  const __m256i wb = _mm256_set1_epi32(static_cast<int>(load_u16(b + kScHi + 2 * s)));
+  const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(wa), wb, 1);
   const __m512i hi = _mm512_and_si512(
       _mm512_srlv_epi32(words, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14)),
       _mm512_set1_epi32(3));
@@ -203,8 +206,8 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
   const __m512i m4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // the levels + 128 (unsigned), in each 128-bit lane for vpshufb
-  const __m512i table = _mm512_xor_si512(
-      _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL))), flip);
+  const __m128i nl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL));
+  const __m512i table = _mm512_xor_si512(_mm512_broadcast_i32x4(nl), flip);
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
