@@ -37,7 +37,7 @@ SHAPES = {
 _BLOCKS = {
     "Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)),
     "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2)), "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,)),
-    "Q3_K": (110, 256, (108,)), "IQ4_XS": (136, 256, (0,)), "Q2_K": (84, 256, (80, 82)),
+    "Q3_K": (110, 256, (108,)), "IQ4_XS": (136, 256, (0,)), "Q2_K": (84, 256, (80, 82)), "IQ4_NL": (18, 32, (0,)),
     "F16": (64, 32, ()), "BF16": (64, 32, ()),     # 16-bit float matrices (random_blocks: values, not bytes)
 }
 # fp16 scale values giving weights of std ~0.02 with uniformly random quant bytes: (d, dmin or the Q*_1 min)
@@ -45,6 +45,7 @@ _SCALES = {
     "Q4_0": (0.0043, None), "Q4_1": (0.0043, -0.032), "Q5_0": (0.0022, None), "Q5_1": (0.0022, -0.034),
     "Q8_0": (0.00027, None), "Q4_K": (0.00009, 0.00068), "Q5_K": (0.000045, 0.0007), "Q6_K": (0.00002, None),
     "Q3_K": (0.00047, None), "IQ4_XS": (0.0000155, None), "Q2_K": (0.0016, 0.0024),
+    "IQ4_NL": (0.0003, None),
 }
 
 
@@ -92,7 +93,8 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
 def _matrix_type(chooser, name: str, layer: int, layers: int, cols: int) -> str:
     qtype = chooser(name, layer, layers)
     if cols % _BLOCKS[qtype][1]:      # as llama.cpp does: a K-quant needs rows of whole 256-blocks
-        qtype = "Q8_0" if qtype == "Q6_K" else "Q5_0" if qtype == "Q5_K" else "Q4_0"   # (IQ4_XS: IQ4_NL, not here)
+        qtype = ("Q8_0" if qtype == "Q6_K" else "Q5_0" if qtype == "Q5_K" else "IQ4_NL" if qtype == "IQ4_XS"
+                 else "Q4_0")
     return qtype
 
 

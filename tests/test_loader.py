@@ -105,19 +105,19 @@ def _random_k_blocks(rng, qtype, num_blocks):
     _, type_size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(num_blocks, type_size), dtype=np.uint8)
     offsets = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q3_K: (108,), QT.IQ4_XS: (0,),
-               QT.Q2_K: (80, 82)}[qtype]
+               QT.Q2_K: (80, 82), QT.IQ4_NL: (0,)}[qtype]
     for off in offsets:
         raw[:, off:off + 2] = (rng.standard_normal((num_blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
     return raw
 
 
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K,
-                                   QT.Q3_K, QT.IQ4_XS, QT.Q2_K])
+                                   QT.Q3_K, QT.IQ4_XS, QT.Q2_K, QT.IQ4_NL])
 def test_dequantize_matches_gguf_reference(qtype):
     rng = np.random.default_rng(int(qtype))
     rows, cols = 6, 512
-    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.IQ4_XS, QT.Q2_K):   # gguf-py cannot quantize these
-        raw = _random_k_blocks(rng, qtype, rows * cols // 256).reshape(rows, -1)
+    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.IQ4_XS, QT.Q2_K, QT.IQ4_NL):   # gguf-py cannot quantize these
+        raw = _random_k_blocks(rng, qtype, rows * cols // gguf.GGML_QUANT_SIZES[qtype][0]).reshape(rows, -1)
     else:
         raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
     ref = gguf.quants.dequantize(raw, qtype)

@@ -104,13 +104,17 @@ def test_quantized_matches_float_weights_on_the_synthetic_file(q4_k_m_path):
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("quant", ["Q3_K_M", "IQ4_XS", "Q2_K"])
+# hidden 320: rows of 320 values are not whole 256-value blocks, so an IQ4_XS file holds those matrices as IQ4_NL
+ODD = dict(SMALL, hidden=320, heads=5, kv_heads=1)
+
+
+@pytest.mark.parametrize("quant", ["Q3_K_M", "IQ4_XS", "Q2_K", "IQ4_XS+IQ4_NL"])
 def test_q3_k_iq4_xs_and_q2_k_files_run_on_the_kernels(quant, tmp_path):
-    """Q3_K (with Q4_K / Q6_K, as in Q3_K_M files), IQ4_XS and Q2_K (with Q3_K) stay quantized and run on the C++
-    kernels: logits of a prefill and of decode steps equal --weights float's to float rounding (exact float
-    activations)."""
+    """Q3_K (with Q4_K / Q6_K, as in Q3_K_M files), IQ4_XS (with IQ4_NL where rows are not whole 256-blocks) and
+    Q2_K (with Q3_K) stay quantized and run on the C++ kernels: logits of a prefill and of decode steps equal
+    --weights float's to float rounding (exact float activations)."""
     path = str(tmp_path / f"small-{quant}.gguf")
-    write_synthetic_gguf(path, SMALL, quant, context_length=1024)
+    write_synthetic_gguf(path, ODD if "IQ4_NL" in quant else SMALL, quant.split("+")[0], context_length=1024)
     outs = {}
     for weights in ("quantized", "float"):
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, dtype="float32", weights=weights),
@@ -118,8 +122,9 @@ def test_q3_k_iq4_xs_and_q2_k_files_run_on_the_kernels(quant, tmp_path):
         if weights == "quantized":
             types = {p.qtype for m in engine.runner.model.modules() for p in getattr(
                 getattr(m, "linear_method", None), "parts", [])}
-            main = {"Q3_K_M": "Q3_K", "IQ4_XS": "IQ4_XS", "Q2_K": "Q2_K"}[quant]
-            assert {main, "Q6_K"} <= types and engine.runner.kernel is not None
+            main = {"Q3_K_M": {"Q3_K"}, "IQ4_XS": {"IQ4_XS"}, "Q2_K": {"Q2_K"}, "IQ4_XS+IQ4_NL": {"IQ4_XS", "IQ4_NL"}}
+            head = "Q8_0" if "IQ4_NL" in quant else "Q6_K"       # a Q6_K head needs whole 256-blocks too
+            assert main[quant] | {head} <= types and engine.runner.kernel is not None
         outs[weights] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
             max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5))[0].outputs[0]
     assert outs["quantized"].token_ids == outs["float"].token_ids

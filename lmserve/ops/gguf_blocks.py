@@ -23,7 +23,7 @@ class GGUFWeight:
     multiple of the type's block size). It may be a read-only view of the mmap'd file: never write to it.
     """
     qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K",
-    #                         "IQ4_XS", "Q2_K"; "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
+    #                         "IQ4_XS", "Q2_K", "IQ4_NL"; "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
     #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8": repacked in 8-row groups (repack)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)
@@ -182,6 +182,11 @@ def _dq_iq4_xs(b):
     return q.mul_(d.unsqueeze(-1)).view(n, 256)
 
 
+def _dq_iq4_nl(b):
+    q = IQ4_NL[nibbles(b[:, 2:], 1).view(b.shape[0], 32).long()]                  # 16 low nibbles, 16 high
+    return q.mul_(f16(b, 0))
+
+
 def _dq_f16(b):
     return b.contiguous().view(torch.float16).float()
 
@@ -197,7 +202,7 @@ QUANTS = {
     "Q5_0": (32, 22, _dq_q5_0), "Q5_1": (32, 24, _dq_q5_1),
     "Q4_K": (256, 144, _dq_q4_k), "Q5_K": (256, 176, _dq_q5_k), "Q6_K": (256, 210, _dq_q6_k),
     "Q3_K": (256, 110, _dq_q3_k), "IQ4_XS": (256, 136, _dq_iq4_xs), "Q2_K": (256, 84, _dq_q2_k),
-    "F16": (32, 64, _dq_f16), "BF16": (32, 64, _dq_bf16),
+    "F16": (32, 64, _dq_f16), "BF16": (32, 64, _dq_bf16), "IQ4_NL": (32, 18, _dq_iq4_nl),
 }
 SUPPORTED_GGML_TYPES = ("F32", *QUANTS)
 

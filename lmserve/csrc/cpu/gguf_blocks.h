@@ -19,7 +19,9 @@ namespace gguf {
 
 // F16 / BF16: 16-bit float matrices (F16 / BF16 GGUF files, 16-bit safetensors) read in place, as blocks of 32
 // values with no scale; they have no int8 form: every path multiplies them with float activations (kFloat16)
-enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, NUM_QTYPES };
+// IQ4_NL: IQ4_XS's levels in Q4_0's 32-value block (d, 16 index bytes); llama.cpp writes it for the matrices of
+// IQ4_XS files whose rows are not whole 256-value blocks
+enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, IQ4_NL, NUM_QTYPES };
 // Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS repacked in groups of 8 rows (gguf_q4_0x8.cpp also
 // Q4_1, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp, gguf_q3_kx8.cpp, gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp):
 // the same bytes
@@ -33,11 +35,11 @@ constexpr int x8_source(int qt) {
       : qt == Q4_1X8 ? Q4_1 : qt == Q3_KX8 ? Q3_K : qt == Q2_KX8 ? Q2_K
       : qt == IQ4_XSX8 ? IQ4_XS : qt;
 }
-constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32};
-constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84, 64, 64};
+constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32, 32};
+constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84, 64, 64, 18};
 // types whose values are unsigned with an offset per 32 (the min term; Q2_K: per 16); the others are signed, min 0
 constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false, true, false,
-                                       false};
+                                       false, false};
 // 16-bit float weights: float activations on every path (an int8 call multiplies these parts in float)
 constexpr bool kFloat16(int qt) { return qt == F16 || qt == BF16; }
 // an offset per 16 values (Q2_K); the others' two halves share theirs
@@ -45,8 +47,8 @@ constexpr bool kMinPer16(int qt) { return qt == Q2_K; }
 // a scale per 16 values (the others: one per 32, scale[2s] == scale[2s + 1])
 constexpr bool kScalePer16(int qt) { return qt == Q6_K || qt == Q3_K || qt == Q2_K; }
 // signed values over the whole int8 range, no stored offset to keep (VNNI feeds them as q ^ 0x80)
-constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS; }
-// IQ4_XS's 16 non-linear levels (llama.cpp's kvalues_iq4nl)
+constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS || qt == IQ4_NL; }
+// IQ4_XS's and IQ4_NL's 16 non-linear levels (llama.cpp's kvalues_iq4nl)
 constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 static inline float f16(const uint8_t* p) {   // exact either way; F16C is one instruction (K-quants read 16/block)
@@ -175,6 +177,16 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
         o.q[e] = static_cast<int8_t>(q - (((b[l] >> (4 * h + j)) & 1) ? 0 : 4));
       }
       for (int i = 0; i < 16; ++i) o.min[i] = 0.f;
+      break;
+    }
+    case IQ4_NL: {   // d qs[16]: values from kIQ4NL, low nibbles 0-15, high 16-31
+      const float d = f16(b);
+      o.scale[0] = o.scale[1] = d;
+      o.min[0] = o.min[1] = 0.f;
+      for (int l = 0; l < 16; ++l) {
+        o.q[l] = kIQ4NL[b[2 + l] & 15];
+        o.q[16 + l] = kIQ4NL[b[2 + l] >> 4];
+      }
       break;
     }
     case IQ4_XS: {   // d scales_h(u16) scales_l[4] qs[128]: 6-bit scale per 32, values from kIQ4NL

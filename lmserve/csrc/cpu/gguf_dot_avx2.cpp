@@ -127,6 +127,7 @@ void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out) {
     case Q3_K: return dequant_type<Q3_K>(row, nb, out);
     case IQ4_XS: return dequant_type<IQ4_XS>(row, nb, out);
     case Q2_K: return dequant_type<Q2_K>(row, nb, out);
+    case IQ4_NL: return dequant_type<IQ4_NL>(row, nb, out);
     case F16: return dequant_type<F16>(row, nb, out);
     case BF16: return dequant_type<BF16>(row, nb, out);
     default: return;
@@ -146,6 +147,7 @@ void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q3_K: return dot_type<Q3_K>(p, n0, n1);
     case IQ4_XS: return dot_type<IQ4_XS>(p, n0, n1);
     case Q2_K: return dot_type<Q2_K>(p, n0, n1);
+    case IQ4_NL: return dot_type<IQ4_NL>(p, n0, n1);
     case F16: return dot_type<F16>(p, n0, n1);
     case BF16: return dot_type<BF16>(p, n0, n1);
     default: return;

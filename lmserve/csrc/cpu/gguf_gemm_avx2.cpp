@@ -153,6 +153,7 @@ void int8_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case Q3_K: return int8_type<Q3_K>(p, n0, n1);
     case IQ4_XS: return int8_type<IQ4_XS>(p, n0, n1);
     case Q2_K: return int8_type<Q2_K>(p, n0, n1);
+    case IQ4_NL: return int8_type<IQ4_NL>(p, n0, n1);
     default: return;
   }
 }

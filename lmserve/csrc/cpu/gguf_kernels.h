@@ -3,7 +3,8 @@
 // gguf_gemm_avx2.cpp: AVX2 int8 GEMM for every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on
 // AVX512-VNNI, chosen at run time; gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp,
 // gguf_q3_kx8.cpp, gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp: the int8 GEMM on Q4_0 / Q4_1 / Q4_K / Q6_K / Q5_0 / Q3_K /
-// Q2_K / IQ4_XS repacked in groups of 8 rows; gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on AVX512-BF16).
+// Q2_K / IQ4_XS repacked in groups of 8 rows; gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on
+// AVX512-BF16).
 #pragma once
 #include <cstdint>
 #include <vector>
