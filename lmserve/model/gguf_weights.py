@@ -7,7 +7,7 @@ blocks themselves: llama-family Q/K rows are un-permuted (a row permutation, ~9%
 tensor-parallel column slice is this rank's share, a padded vocabulary split adds zero rows.
 
 With repack (int8 activations, --gguf-repack auto), Q4_0, Q4_1, Q4_K, Q6_K and Q5_0 matrices are rewritten once into groups of 8 rows
-(ops/gguf_blocks.py repack; the int8 kernels read it 1.5-5x faster, docs/benchmarks.md), and F16 ones into BF16
+(ops/gguf_blocks.py repack, ops/gguf_x8.py; the int8 kernels read it 1.5-5x faster, docs/benchmarks.md), and F16 ones into BF16
 where the kernels' bf16 path would round them so on every read (ops.gguf_repack): a private copy of the same
 size, after which this process's mapped pages of the source are released, so memory stays ~ the file (but those
 weights are no longer shared with other processes serving the file).

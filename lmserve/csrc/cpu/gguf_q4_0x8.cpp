@@ -1,4 +1,4 @@
-// Q4_0 and Q4_1 repacked in groups of 8 rows (types Q4_0X8 / Q4_1X8, lmserve/ops/gguf_blocks.py repack_q4_0x8 /
+// Q4_0 and Q4_1 repacked in groups of 8 rows (types Q4_0X8 / Q4_1X8, lmserve/ops/gguf_x8.py repack_q4_0x8 /
 // repack_q4_1x8): the int8 GEMM for every M on them (AVX2, and AVX512-VNNI chosen at run time, bit for bit the
 // same), the scalar reference, and rows back in file order (embedding lookups). Q4_1 is Q4_0 plus a minimum per
 // block (template flag MIN).

@@ -1,4 +1,4 @@
-// Q4_K repacked in groups of 8 rows (type Q4_KX8, lmserve/ops/gguf_blocks.py repack_q4_kx8): the int8 GEMM for
+// Q4_K repacked in groups of 8 rows (type Q4_KX8, lmserve/ops/gguf_x8.py repack_q4_kx8): the int8 GEMM for
 // every M on it (AVX2, and AVX512-VNNI chosen at run time, bit for bit the same), the scalar reference, and rows
 // back in file order. The design is gguf_q4_0x8.cpp's ("reduce, then scale"; gguf_x8.h).
 //

@@ -1,4 +1,4 @@
-// Q5_0 repacked in groups of 8 rows (type Q5_0X8, lmserve/ops/gguf_blocks.py repack_q5_0x8): the int8 GEMM for
+// Q5_0 repacked in groups of 8 rows (type Q5_0X8, lmserve/ops/gguf_x8.py repack_q5_0x8): the int8 GEMM for
 // every M on it (AVX2, and AVX512-VNNI chosen at run time, bit for bit the same), the scalar reference, the repack
 // and rows back in file order. The design is gguf_q4_0x8.cpp's ("reduce, then scale"; gguf_x8.h). Gemma 3
 // Q4_K_M files keep most of their matrices in Q5_0.
