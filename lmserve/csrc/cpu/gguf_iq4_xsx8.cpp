@@ -154,26 +154,17 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
       }
     }
   }
-  for (int m = 0; m < RM; ++m) {
-    alignas(32) float o[8];
-    _mm256_store_ps(o, acc[m]);
-    x8::store(p, m0 + m, gr, 8, o, n0, n1);
-  }
+  x8::store_tile<RM>(p, m0, gr, acc, n0, n1);
 }
 
-struct Avx2Tile {
-  static constexpr int kGroups = 1;
-  using Ctx = x8::NoCtx;
-  static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
-  template <int RM>
-  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t, int64_t n0, int64_t n1, Ctx&) {
-    tile_avx2<RM>(p, m, gr, n0, n1);
-  }
+struct Avx2 {
+  template <int RM, int>
+  static void tile(const DotArgs& p, int64_t m, int64_t gr, int64_t n0, int64_t n1) { tile_avx2<RM>(p, m, gr, n0, n1); }
 };
 
 }  // namespace
 
-void iq4_xsx8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<Avx2Tile>(p, n0, n1); }
+void iq4_xsx8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<x8::PlainTile<Avx2, 1>>(p, n0, n1); }
 
 }  // namespace gguf
 
@@ -236,27 +227,21 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
       }
     }
   }
-  for (int m = 0; m < RM; ++m) {
-    alignas(64) float o[16];
-    _mm512_store_ps(o, acc[m]);
-    x8::store(p, m0 + m, gr, 8 * NG, o, n0, n1);
-  }
+  x8::store_tile<RM, NG>(p, m0, gr, acc, n0, n1);
 }
 
-struct VnniTile {
-  static constexpr int kGroups = 2;
-  using Ctx = x8::NoCtx;
-  static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
-  template <int RM>
-  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1, Ctx&) {
-    if (ng == 2) tile_vnni<RM, 2>(p, m, gr, n0, n1);
-    else tile_vnni<RM, 1>(p, m, gr, n0, n1);
+struct Vnni {
+  template <int RM, int NG>
+  static void tile(const DotArgs& p, int64_t m, int64_t gr, int64_t n0, int64_t n1) {
+    tile_vnni<RM, NG>(p, m, gr, n0, n1);
   }
 };
 
 }  // namespace
 
-void iq4_xsx8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<VnniTile>(p, n0, n1); }
+void iq4_xsx8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
+  x8::blocked<x8::PlainTile<Vnni, 2>>(p, n0, n1);
+}
 
 }  // namespace gguf
 

@@ -7,6 +7,9 @@
 #include <cstring>
 #include "gguf_blocks.h"
 #include "gguf_kernels.h"
+#ifdef LMSERVE_GGUF_AVX2
+#include <immintrin.h>
+#endif
 
 namespace gguf {
 namespace x8 {
@@ -57,6 +60,22 @@ void blocked(const DotArgs& p, int64_t n0, int64_t n1) {
 
 struct NoCtx {};
 
+// Tile of a layout with no per-chunk state: F::template tile<RM, NG>(p, m, gr, n0, n1) computes rows m..m+RM-1 of
+// NG groups from gr (AVX2: Groups = 1; AVX512: Groups = 2, and NG = 1 for a chunk's odd last group)
+template <class F, int Groups>
+struct PlainTile {
+  static constexpr int kGroups = Groups;
+  using Ctx = NoCtx;
+  static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
+  template <int RM>
+  static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1, Ctx&) {
+    if constexpr (Groups == 2) {
+      if (ng == 2) return F::template tile<RM, 2>(p, m, gr, n0, n1);
+    }
+    F::template tile<RM, 1>(p, m, gr, n0, n1);
+  }
+};
+
 // row n of a repacked matrix in file order, as float32: each block gathered back to its file bytes (Gather: the
 // layout's inverse for one block) and dequantized by the reference
 template <int QT, class Gather>
@@ -67,6 +86,18 @@ void file_rows(Gather gather, const uint8_t* w, int64_t ws, int64_t n, int64_t n
     dequant_block(QT, blk, out + b * kBlockElems[QT]);
   }
 }
+
+#ifdef LMSERVE_GGUF_AVX2
+// an AVX2 tile's accumulators (one 8-lane register per row, lane c = column 8 gr + c) to the output
+template <int RM>
+inline void store_tile(const DotArgs& p, int64_t m0, int64_t gr, const __m256 (&acc)[RM], int64_t n0, int64_t n1) {
+  for (int m = 0; m < RM; ++m) {
+    alignas(32) float o[8];
+    _mm256_store_ps(o, acc[m]);
+    store(p, m0 + m, gr, 8, o, n0, n1);
+  }
+}
+#endif
 
 }  // namespace x8
 }  // namespace gguf

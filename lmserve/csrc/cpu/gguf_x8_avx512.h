@@ -26,5 +26,15 @@ inline __m512 scales2(const uint8_t* a, const uint8_t* b) {
   return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(ha), hb, 1));
 }
 
+// an AVX512 tile's accumulators (one 16-lane register per row: NG groups' columns) to the output
+template <int RM, int NG>
+inline void store_tile(const DotArgs& p, int64_t m0, int64_t gr, const __m512 (&acc)[RM], int64_t n0, int64_t n1) {
+  for (int m = 0; m < RM; ++m) {
+    alignas(64) float o[16];
+    _mm512_store_ps(o, acc[m]);
+    store(p, m0 + m, gr, 8 * NG, o, n0, n1);
+  }
+}
+
 }  // namespace x8
 }  // namespace gguf
