@@ -28,6 +28,25 @@ def unpack_q4_0x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat([scales, qs], dim=-1).reshape(n, nb * 18)
 
 
+# ---- Q8_0 likewise, 8 chunks of 4 values per block (csrc/cpu/gguf_q8_0x8.cpp) ------------------------------------
+def repack_q8_0x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A Q8_0 [N, K] weight -> groups of 8 rows: per group and block, the 8 fp16 scales, then for t = 0..7 each
+    row's 4 quant bytes 4t..4t+3."""
+    nb = k // 32
+    blocks = data.reshape(n // 8, 8, nb, 34)
+    scales = blocks[..., :2].permute(0, 2, 1, 3).reshape(n // 8, nb, 16)
+    qs = blocks[..., 2:].reshape(n // 8, 8, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 8, nb, 256)
+    return torch.cat([scales, qs], dim=-1).reshape(n, nb * 34)
+
+
+def unpack_q8_0x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nb = k // 32
+    g = data.reshape(n // 8, nb, 272)
+    scales = g[..., :16].reshape(n // 8, nb, 8, 2).permute(0, 2, 1, 3)
+    qs = g[..., 16:].reshape(n // 8, nb, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(n // 8, 8, nb, 32)
+    return torch.cat([scales, qs], dim=-1).reshape(n, nb * 34)
+
+
 # ---- Q4_K likewise (csrc/cpu/gguf_q4_kx8.cpp) ----------------------------------------------------------------
 def repack_q4_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """A Q4_K [N, K] weight -> groups of 8 rows: per group and super-block, the 8 d, the 8 dmin, the 8 x 12 scale
@@ -50,6 +69,32 @@ def unpack_q4_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     qs = g[..., 128:].reshape(n // 8, nb, 32, 8, 4).permute(0, 1, 3, 2, 4).reshape(n // 8, nb, 8, 128)
     rows = torch.cat([d, dmin, sc, qs], dim=-1).permute(0, 2, 1, 3)            # [group, row, block, 144]
     return rows.reshape(n, nb * 144)
+
+
+# ---- Q5_K: Q4_Kx8's layout, then the fifth bits per sub-block as [row][4 bytes] (csrc/cpu/gguf_q4_kx8.cpp) -------
+def repack_q5_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A Q5_K [N, K] weight -> groups of 8 rows: per group and super-block, Q4_Kx8's 1152 bytes (d, dmin, scales,
+    quant nibbles), then per sub-block s each row's 4 bytes with bit t of byte k the fifth bit of value 4t+k."""
+    nb = k // 256
+    blocks = data.reshape(n // 8, 8, nb, 176)
+    q4 = torch.cat([blocks[..., :16], blocks[..., 48:]], dim=-1).reshape(n, nb * 144)
+    qh = blocks[..., 16:48].permute(0, 2, 1, 3).reshape(n // 8, nb, 8, 8, 4).int()    # [group, block, row, t, k]
+    bits = (qh.unsqueeze(-1) >> torch.arange(8)) & 1                                  # [.., row, t, k, s]
+    hb = (bits << torch.arange(8).view(8, 1, 1)).sum(-3).permute(0, 1, 4, 2, 3)       # [.., s, row, k]
+    out = torch.cat([repack_q4_kx8(q4, n, k).reshape(n // 8, nb, 1152),
+                     hb.reshape(n // 8, nb, 256).to(torch.uint8)], dim=-1)
+    return out.reshape(n, nb * 176)
+
+
+def unpack_q5_kx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nb = k // 256
+    g = data.reshape(n // 8, nb, 1408)
+    q4 = unpack_q4_kx8(g[..., :1152].reshape(n, nb * 1152 // 8), n, k).reshape(n // 8, 8, nb, 144)
+    hb = g[..., 1152:].reshape(n // 8, nb, 8, 8, 4).int()                             # [group, block, s, row, k]
+    bits = (hb.unsqueeze(-2) >> torch.arange(8).view(8, 1)) & 1                       # [.., s, row, t, k]
+    qh = (bits << torch.arange(8).view(8, 1, 1, 1)).sum(2)                            # [group, block, row, t, k]
+    qh = qh.permute(0, 2, 1, 3, 4).reshape(n // 8, 8, nb, 32).to(torch.uint8)
+    return torch.cat([q4[..., :16], qh, q4[..., 16:]], dim=-1).reshape(n, nb * 176)
 
 
 # ---- Q6_K likewise, the bits rearranged (csrc/cpu/gguf_q6_kx8.cpp) --------------------------------------------
@@ -263,7 +308,9 @@ def unpack_iq4_xsx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8,
           "Q4_1": repack_q4_1x8, "Q3_K": repack_q3_kx8,
-          "Q2_K": repack_q2_kx8, "IQ4_XS": repack_iq4_xsx8}
+          "Q2_K": repack_q2_kx8, "IQ4_XS": repack_iq4_xsx8, "Q5_K": repack_q5_kx8,
+          "Q8_0": repack_q8_0x8}
 UNPACK = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8,
           "Q4_1x8": unpack_q4_1x8, "Q3_Kx8": unpack_q3_kx8,
-          "Q2_Kx8": unpack_q2_kx8, "IQ4_XSx8": unpack_iq4_xsx8}
+          "Q2_Kx8": unpack_q2_kx8, "IQ4_XSx8": unpack_iq4_xsx8, "Q5_Kx8": unpack_q5_kx8,
+          "Q8_0x8": unpack_q8_0x8}
