@@ -62,6 +62,8 @@ def _q4_k_m(name: str, layer: int, layers: int) -> str:
 QUANT_MIXES = {
     "Q4_0": (lambda name, layer, layers: "Q6_K" if name == "output" else "Q4_0", 2),
     "Q4_1": (lambda name, layer, layers: "Q6_K" if name == "output" else "Q4_1", 3),
+    "Q5_0": (lambda name, layer, layers: "Q6_K" if name == "output" else "Q5_0", 8),
+    "Q5_1": (lambda name, layer, layers: "Q6_K" if name == "output" else "Q5_1", 9),
     "Q8_0": (lambda name, layer, layers: "Q8_0", 7),
     "Q4_K_M": (_q4_k_m, 15),
     "Q5_K_M": (lambda n, i, k: "Q6_K" if _q4_k_m(n, i, k) == "Q6_K" else "Q5_K", 17),

@@ -25,7 +25,7 @@ class GGUFWeight:
     qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K",
     #                         "IQ4_XS", "Q2_K", "IQ4_NL"; "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
     #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8", "Q2_Kx8", "IQ4_XSx8",
-    #                         "Q5_Kx8", "Q8_0x8":
+    #                         "Q5_Kx8", "Q8_0x8", "Q5_1x8":
     #                         repacked in 8-row groups (repack, ops/gguf_x8.py)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)

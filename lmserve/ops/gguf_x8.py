@@ -164,6 +164,28 @@ def unpack_q5_0x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return rows.reshape(n, nb * 22)
 
 
+# ---- Q5_1: Q5_0's layout with the 8 rows' fp16 minimums after their scales (csrc/cpu/gguf_q5_0x8.cpp) -------------
+def repack_q5_1x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A Q5_1 [N, K] weight -> groups of 8 rows: per group and block, the 8 fp16 scales, the 8 fp16 minimums, the 8
+    32-bit high-bit words, then for t = 0..3 each row's 4 quant bytes 4t..4t+3."""
+    nb = k // 32
+    blocks = data.reshape(n // 8, 8, nb, 24).permute(0, 2, 1, 3)            # [group, block, row, bytes]
+    qs = blocks[..., 8:].reshape(n // 8, nb, 8, 4, 4).transpose(2, 3)
+    out = torch.cat([blocks[..., :2].reshape(n // 8, nb, 16), blocks[..., 2:4].reshape(n // 8, nb, 16),
+                     blocks[..., 4:8].reshape(n // 8, nb, 32), qs.reshape(n // 8, nb, 128)], dim=-1)
+    return out.reshape(n, nb * 24)
+
+
+def unpack_q5_1x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nb = k // 32
+    g = data.reshape(n // 8, nb, 192)
+    d, m = g[..., :16].reshape(n // 8, nb, 8, 2), g[..., 16:32].reshape(n // 8, nb, 8, 2)
+    qh = g[..., 32:64].reshape(n // 8, nb, 8, 4)
+    qs = g[..., 64:].reshape(n // 8, nb, 4, 8, 4).transpose(2, 3).reshape(n // 8, nb, 8, 16)
+    rows = torch.cat([d, m, qh, qs], dim=-1).permute(0, 2, 1, 3)
+    return rows.reshape(n, nb * 24)
+
+
 # ---- Q4_1: Q4_0's layout with the 8 rows' fp16 minimums after their scales (csrc/cpu/gguf_q4_0x8.cpp) -------------
 def repack_q4_1x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """A Q4_1 [N, K] weight -> groups of 8 rows: per group and block, the 8 fp16 scales, the 8 fp16 minimums,
@@ -309,8 +331,8 @@ def unpack_iq4_xsx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
 REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8,
           "Q4_1": repack_q4_1x8, "Q3_K": repack_q3_kx8,
           "Q2_K": repack_q2_kx8, "IQ4_XS": repack_iq4_xsx8, "Q5_K": repack_q5_kx8,
-          "Q8_0": repack_q8_0x8}
+          "Q8_0": repack_q8_0x8, "Q5_1": repack_q5_1x8}
 UNPACK = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8,
           "Q4_1x8": unpack_q4_1x8, "Q3_Kx8": unpack_q3_kx8,
           "Q2_Kx8": unpack_q2_kx8, "IQ4_XSx8": unpack_iq4_xsx8, "Q5_Kx8": unpack_q5_kx8,
-          "Q8_0x8": unpack_q8_0x8}
+          "Q8_0x8": unpack_q8_0x8, "Q5_1x8": unpack_q5_1x8}

@@ -22,20 +22,21 @@ namespace gguf {
 // IQ4_NL: IQ4_XS's levels in Q4_0's 32-value block (d, 16 index bytes); llama.cpp writes it for the matrices of
 // IQ4_XS files whose rows are not whole 256-value blocks
 enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, IQ4_NL, NUM_QTYPES };
-// Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS / Q5_K / Q8_0 repacked in groups of 8 rows
-// (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp also Q5_K, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp, gguf_q3_kx8.cpp,
+// Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS / Q5_K / Q8_0 / Q5_1 repacked in groups of 8 rows
+// (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp also Q5_K, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp also Q5_1, gguf_q3_kx8.cpp,
 // gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp):
 // the same bytes
 // in another order, read only by those files; x8_source: the file type whose block sizes they keep
 constexpr int Q4_0X8 = NUM_QTYPES, Q4_KX8 = NUM_QTYPES + 1, Q6_KX8 = NUM_QTYPES + 2, Q5_0X8 = NUM_QTYPES + 3,
               Q4_1X8 = NUM_QTYPES + 4, Q3_KX8 = NUM_QTYPES + 5, Q2_KX8 = NUM_QTYPES + 6,
               IQ4_XSX8 = NUM_QTYPES + 7, Q5_KX8 = NUM_QTYPES + 8,
-              Q8_0X8 = NUM_QTYPES + 9, LAST_X8 = Q8_0X8;
+              Q8_0X8 = NUM_QTYPES + 9, Q5_1X8 = NUM_QTYPES + 10, LAST_X8 = Q5_1X8;
 constexpr bool is_x8(int qt) { return qt >= Q4_0X8 && qt <= LAST_X8; }
 constexpr int x8_source(int qt) {
   return qt == Q4_0X8 ? Q4_0 : qt == Q4_KX8 ? Q4_K : qt == Q6_KX8 ? Q6_K : qt == Q5_0X8 ? Q5_0
       : qt == Q4_1X8 ? Q4_1 : qt == Q3_KX8 ? Q3_K : qt == Q2_KX8 ? Q2_K
-      : qt == IQ4_XSX8 ? IQ4_XS : qt == Q5_KX8 ? Q5_K : qt == Q8_0X8 ? Q8_0 : qt;
+      : qt == IQ4_XSX8 ? IQ4_XS : qt == Q5_KX8 ? Q5_K : qt == Q8_0X8 ? Q8_0
+      : qt == Q5_1X8 ? Q5_1 : qt;
 }
 constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32, 32};
 constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84, 64, 64, 18};

@@ -76,15 +76,15 @@ void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool a
   using Fn = void (*)(const DotArgs&, int64_t, int64_t);
   static constexpr Fn kScalar[] = {q4_0x8_scalar, q4_kx8_scalar, q6_kx8_scalar, q5_0x8_scalar, q4_1x8_scalar,
                                    q3_kx8_scalar, q2_kx8_scalar, iq4_xsx8_scalar, q5_kx8_scalar,
-                                   q8_0x8_scalar};
+                                   q8_0x8_scalar, q5_1x8_scalar};
   const int i = p.qt - Q4_0X8;
 #ifdef LMSERVE_GGUF_AVX2
   static constexpr Fn kAvx2[] = {q4_0x8_avx2, q4_kx8_avx2, q6_kx8_avx2, q5_0x8_avx2, q4_1x8_avx2, q3_kx8_avx2,
-                                 q2_kx8_avx2, iq4_xsx8_avx2, q5_kx8_avx2, q8_0x8_avx2};
+                                 q2_kx8_avx2, iq4_xsx8_avx2, q5_kx8_avx2, q8_0x8_avx2, q5_1x8_avx2};
   static constexpr Fn kVnni[] = {q4_0x8_avx512vnni, q4_kx8_avx512vnni, q6_kx8_avx512vnni,
                                   q5_0x8_avx512vnni, q4_1x8_avx512vnni, q3_kx8_avx512vnni,
                                   q2_kx8_avx512vnni, iq4_xsx8_avx512vnni, q5_kx8_avx512vnni,
-                                  q8_0x8_avx512vnni};
+                                  q8_0x8_avx512vnni, q5_1x8_avx512vnni};
   if (avx2) return (vnni512 && (p.M > kStreamRows || p.qt == Q6_KX8) ? kVnni : kAvx2)[i](p, n0, n1);
 #endif
   kScalar[i](p, n0, n1);
@@ -295,6 +295,7 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
       else if (qt == IQ4_XSX8) iq4_xsx8_rows(wp, ws, n, nb, op + r * K);
       else if (qt == Q5_KX8) q5_kx8_rows(wp, ws, n, nb, op + r * K);
       else if (qt == Q8_0X8) q8_0x8_rows(wp, ws, n, nb, op + r * K);
+      else if (qt == Q5_1X8) q5_1x8_rows(wp, ws, n, nb, op + r * K);
       else dequant_row(qt, wp + n * ws, nb, op + r * K);
     }
   });
@@ -302,8 +303,8 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
 
 void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
   TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K || qtype == Q6_K || qtype == Q5_0 || qtype == Q4_1 || qtype == Q3_K ||
-              qtype == Q2_K || qtype == IQ4_XS || qtype == Q5_K || qtype == Q8_0,
-              "gguf_repack: Q4_0, Q4_K, Q6_K, Q5_0, Q4_1, Q3_K, Q2_K, IQ4_XS, Q5_K or Q8_0 only");
+              qtype == Q2_K || qtype == IQ4_XS || qtype == Q5_K || qtype == Q8_0 || qtype == Q5_1,
+              "gguf_repack: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K or IQ4_XS only");
   const int qt = static_cast<int>(qtype);
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0 &&
               w.size(1) % kBlockBytes[qt] == 0, "gguf_repack: whole blocks, whole groups of 8 contiguous rows");
@@ -314,7 +315,7 @@ void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
   at::parallel_for(0, w.size(0) / 8, 16, [&](int64_t g0, int64_t g1) {
     const auto pack = qt == Q4_0 ? q4_0x8_pack : qt == Q4_K ? q4_kx8_pack : qt == Q6_K ? q6_kx8_pack
         : qt == Q5_0 ? q5_0x8_pack : qt == Q4_1 ? q4_1x8_pack : qt == Q3_K ? q3_kx8_pack : qt == Q2_K ? q2_kx8_pack
-        : qt == IQ4_XS ? iq4_xsx8_pack : qt == Q5_K ? q5_kx8_pack : q8_0x8_pack;
+        : qt == IQ4_XS ? iq4_xsx8_pack : qt == Q5_K ? q5_kx8_pack : qt == Q8_0 ? q8_0x8_pack : q5_1x8_pack;
     for (int64_t g = g0; g < g1; ++g) pack(src, ws, g, nb, dst);
   });
 }

@@ -25,7 +25,7 @@ void gguf_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor w, int64_t qt
 void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes,
                        bool int8, int64_t max_dot_rows);
 void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::Tensor rows, bool use_rows);
-// Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / Q5_0 / Q8_0 / Q3_K / Q2_K / IQ4_XS [N, row_bytes] -> their 8-row groups
+// Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K / IQ4_XS [N, row_bytes] -> their 8-row groups
 // (lmserve/ops/gguf_x8.py is the reference)
 void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype);
 int64_t gguf_isa();                      // the ISA level the kernels run at (cpu_isa.py LEVELS index)
