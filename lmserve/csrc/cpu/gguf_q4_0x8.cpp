@@ -139,11 +139,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
       }
     }
   }
-  for (int m = 0; m < RM; ++m) {
-    alignas(32) float o[8];
-    _mm256_store_ps(o, acc[m]);
-    x8::store(p, m0 + m, gr, 8, o, n0, n1);
-  }
+  x8::store_tile<RM>(p, m0, gr, acc, n0, n1);
 }
 
 template <bool MIN>
@@ -209,11 +205,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
                                         _mm512_set1_ps(p.a->dx[gi] * static_cast<float>(p.a->qsum[gi])), acc[m]);
     }
   }
-  for (int m = 0; m < RM; ++m) {
-    alignas(64) float o[16];
-    _mm512_store_ps(o, acc[m]);
-    x8::store(p, m0 + m, gr, 8 * NG, o, n0, n1);
-  }
+  x8::store_tile<RM, NG>(p, m0, gr, acc, n0, n1);
 }
 
 template <bool MIN>

@@ -1,6 +1,6 @@
-// Shared by the kernels on weights repacked in groups of 8 rows (gguf_q4_0x8.cpp, gguf_q4_kx8.cpp): a lane of a
-// register is an output column, so a block's integer dot ends in one lane and is scaled once ("reduce, then
-// scale"). Only included by those files.
+// Shared by the kernels on weights repacked in groups of 8 rows (gguf_*x8.cpp): a lane of a register is an output
+// column, so a block's integer dot ends in one lane and is scaled once ("reduce, then scale"). Only included by
+// those files.
 #pragma once
 #include <algorithm>
 #include <cstdint>

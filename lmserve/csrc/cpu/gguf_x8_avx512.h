@@ -1,6 +1,5 @@
-// The AVX512 tiles' shared loads on weights repacked in groups of 8 rows (gguf_x8.h): included by gguf_q4_0x8.cpp,
-// gguf_q6_kx8.cpp and gguf_q5_0x8.cpp inside their `#pragma GCC target` AVX512 section, so it needs no flags of
-// its own. NG = 2: groups a and b side by side, 16 lanes; NG = 1: group a alone in the low 8.
+// The AVX512 tiles' shared loads and stores on weights repacked in groups of 8 rows (gguf_x8.h): included by every
+// gguf_*x8.cpp inside its `#pragma GCC target` AVX512 section, so it needs no flags of its own. NG = 2: groups a and b side by side, 16 lanes; NG = 1: group a alone in the low 8.
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
