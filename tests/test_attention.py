@@ -82,6 +82,29 @@ def test_kernel_on_subset_of_rows_mixed_with_groups():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seqs,q_len,num_kv_heads,group,head_dim", [(1, 1, 1, 4, 64), (1, 5, 2, 2, 64),
+                                                                   (2, 37, 2, 3, 32), (1, 100, 1, 7, 128),
+                                                                   (1, 130, 8, 1, 256), (3, 17, 4, 1, 40),
+                                                                   (1, 300, 8, 4, 64)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_causal_prefill_kernel_matches_sdpa(seqs, q_len, num_kv_heads, group, head_dim, cache_dtype):
+    """Whole prompts (a group with no mask): the online-softmax kernel against SDPA's causal path, through the op
+    layer; q lengths off the 16-query and 64-key blocks, GQA groups that leave partial 4-row tiles (7 x 1 rows),
+    head_dim 40 on the kernel's scalar loops."""
+    g = torch.Generator().manual_seed(q_len + head_dim)
+    kc = torch.randn(64 * BS, num_kv_heads, head_dim, generator=g).to(cache_dtype)
+    vc = torch.randn(64 * BS, num_kv_heads, head_dim, generator=g).to(cache_dtype)
+    q = torch.randn(seqs * q_len + 3, num_kv_heads * group, head_dim, generator=g)   # 3 rows of other requests
+    token_index = (torch.randperm(seqs * q_len + 3, generator=g)[: seqs * q_len]).reshape(seqs, q_len)
+    kv_slots = torch.randperm(64 * BS - BS, generator=g)[: seqs * q_len].reshape(seqs, q_len) + BS
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), [AttentionGroup(token_index, kv_slots, None)])
+    with ops.use(CPU_OPS):
+        out = paged_attention(q, kc, vc, meta, head_dim ** -0.5)
+    ref = paged_attention(q, kc, vc, meta, head_dim ** -0.5)           # no table active: SDPA (the reference)
+    rows = token_index.reshape(-1)
+    torch.testing.assert_close(out[rows], ref[rows], atol=2e-6, rtol=1e-5)
+
+
 # ---- fused elementwise kernels against their PyTorch reference --------------------------------------------
 def test_rms_norm_kernels_match_reference():
     from lmserve.model.layers import RMSNorm

@@ -56,6 +56,9 @@ class DecodeAttentionOp(CustomOp):
         return out
 
 
+KERNEL_MAX_TOKENS = 512   # the causal prefill kernel's range (the default --max-prefill-token-num)
+
+
 @register
 class PrefillAttentionOp(CustomOp):
     name = "prefill_attention"
@@ -67,3 +70,17 @@ class PrefillAttentionOp(CustomOp):
         qg = q[group.token_index].transpose(1, 2)                 # [S, heads, q_len, hd]
         og = _sdpa(qg, k_cache, v_cache, group.kv_slots, group.mask, scale)
         return og.transpose(1, 2).reshape(-1, *q.shape[1:])
+
+    def forward_cpu(self, q, k_cache, v_cache, group, scale):
+        # whole prompts (no mask: causal, q_len == kv_len, no window) of up to KERNEL_MAX_TOKENS in the
+        # online-softmax kernel; prefix-cache hits, windows and padded groups carry a mask and stay on SDPA, as do
+        # longer groups, where SDPA measured as fast or faster (docs/benchmarks.md)
+        if (group.mask is not None or group.token_index.shape[1] > KERNEL_MAX_TOKENS
+                or q.shape[1] % k_cache.shape[1]):
+            return self.forward_native(q, k_cache, v_cache, group, scale)
+        qg = q[group.token_index]                                  # [S, q_len, heads, hd]
+        k = k_cache[group.kv_slots].float()                        # [S, kv_len, kv_heads, hd]
+        v = v_cache[group.kv_slots].float()
+        out = torch.empty_like(qg)
+        cpu_lib().causal_prefill_attention(out, qg, k, v, scale)
+        return out.reshape(-1, *q.shape[1:])

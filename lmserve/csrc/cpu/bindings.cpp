@@ -8,6 +8,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &paged_decode_attention, nogil);
+  m.def("causal_prefill_attention", &causal_prefill_attention, nogil);
   m.def("rms_norm", &rms_norm, nogil);
   m.def("add_rms_norm", &add_rms_norm, nogil);
   m.def("rms_norm_heads", &rms_norm_heads, nogil);
