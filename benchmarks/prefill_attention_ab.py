@@ -4,7 +4,7 @@ alternating in one process on one loaded model (not a test; figures go to docs/b
     python benchmarks/prefill_attention_ab.py --model FILE.gguf [--tokens 512] [--rounds 4]
 
 A round prefills a fresh random prompt of --tokens tokens (one output token, so the time is the prefill's) once
-with the kernel and once with SDPA (ops/attention.py KERNEL_MAX_TOKENS set to 0 turns the kernel off); both give
+with the kernel and once with SDPA (ops/attention.py PREFILL_KERNEL = False turns the kernel off); both give
 the same tokens up to float rounding.
 """
 from __future__ import annotations
@@ -26,19 +26,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model), cache=CacheConfig(kv_cache_memory=512 << 20)))
-    default = attention.KERNEL_MAX_TOKENS
     rng = random.Random(0)
     res: dict[str, list[float]] = {"kernel": [], "sdpa": []}
     try:
         for _ in range(args.rounds):
             for mode in res:
-                attention.KERNEL_MAX_TOKENS = default if mode == "kernel" else 0
+                attention.PREFILL_KERNEL = mode == "kernel"
                 prompt = [rng.randrange(100, 20000) for _ in range(args.tokens)]   # fresh: no prefix-cache hit
                 t0 = time.perf_counter()
                 engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
                 res[mode].append(args.tokens / (time.perf_counter() - t0))
     finally:
-        attention.KERNEL_MAX_TOKENS = default
+        attention.PREFILL_KERNEL = True
     print(f"prefill tok/s of a {args.tokens}-token prompt, rounds alternate")
     for mode, v in res.items():
         print(f"{mode:7s} " + " ".join(f"{x:.1f}" for x in v) + f"  (best {max(v):.1f})")

@@ -105,6 +105,43 @@ def test_causal_prefill_kernel_matches_sdpa(seqs, q_len, num_kv_heads, group, he
     torch.testing.assert_close(out[rows], ref[rows], atol=2e-6, rtol=1e-5)
 
 
+def _chunk_group(start, n, slots, first_row):
+    """The group build_attention_metadata makes for n new tokens after `start` cached ones (a later chunk, a
+    prefix-cache hit): an explicit causal mask for SDPA, causal_start for the kernel."""
+    pos = torch.arange(start + n)
+    mask = pos[None] <= torch.arange(start, start + n)[:, None]
+    return AttentionGroup(torch.arange(first_row, first_row + n)[None], slots[None, : start + n], mask[None, None],
+                          causal_start=start)
+
+
+@pytest.mark.parametrize("num_kv_heads,group,head_dim", [(2, 3, 64), (1, 7, 128), (3, 1, 40)])
+def test_causal_prefill_kernel_after_cached_positions(num_kv_heads, group, head_dim):
+    """Queries after `start` cached positions: the kernel (with its offset) against SDPA under the explicit mask,
+    and bit for bit the rows the same prompt gets when prefilled whole, however it is split: chunks and
+    prefix-cache hits cannot change a greedy token (CI once saw a proxied request diverge from a direct one while
+    whole prompts took the kernel and prefix-cache hits SDPA)."""
+    g = torch.Generator().manual_seed(head_dim)
+    total = 203
+    kc = torch.randn(32 * BS, num_kv_heads, head_dim, generator=g)
+    vc = torch.randn(32 * BS, num_kv_heads, head_dim, generator=g)
+    q = torch.randn(total, num_kv_heads * group, head_dim, generator=g)
+    slots = torch.randperm(32 * BS - BS, generator=g)[:total] + BS
+    scale = head_dim ** -0.5
+    whole = AttentionGroup(torch.arange(total)[None], slots[None], None)
+    with ops.use(CPU_OPS):
+        ref = paged_attention(q, kc, vc, AttentionMetadata(torch.zeros(0, dtype=torch.long), [whole]), scale)
+    for cuts in ([16], [64, 150], [1, 2, 130], [202]):
+        bounds = [0, *cuts, total]
+        groups = [_chunk_group(a, b - a, slots, a) for a, b in zip(bounds, bounds[1:]) if a > 0]
+        meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), groups)
+        with ops.use(CPU_OPS):
+            out = paged_attention(q, kc, vc, meta, scale)
+        sdpa = paged_attention(q, kc, vc, meta, scale)
+        rows = slice(cuts[0], total)
+        torch.testing.assert_close(out[rows], sdpa[rows], atol=2e-6, rtol=1e-5)
+        assert torch.equal(out[rows], ref[rows]), (cuts, (out[rows] - ref[rows]).abs().max())
+
+
 # ---- fused elementwise kernels against their PyTorch reference --------------------------------------------
 def test_rms_norm_kernels_match_reference():
     from lmserve.model.layers import RMSNorm

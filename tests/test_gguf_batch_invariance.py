@@ -114,3 +114,22 @@ def test_greedy_request_alone_equals_mixed_with_a_chunked_prefill(smollm2_path):
     alone, mixed = run(False), run(True)
     assert mixed[0] == alone[0]
     assert mixed[1] == alone[1]          # exactly: every row is computed the same way whatever shares the step
+
+
+def test_greedy_request_after_a_prefix_cache_hit_equals_it_cold(smollm2_path):
+    """SmolLM2 Q4_1, default int8 activations: the same chat prompt cold (whole prompt, one causal group from
+    position 0) and again with its full blocks in the prefix cache (only the rest prefilled, after `start` cached
+    positions): same tokens and bit-identical logprobs. Every plain causal group takes the same attention kernel,
+    so what was cached cannot flip a near-tie (CI once saw a proxied request answer differently from a direct one:
+    whole prompts went through the kernel, prefix-cache hits through SDPA)."""
+    from lmserve.config import CacheConfig, EngineConfig, ModelConfig
+    from lmserve.engine.llm_engine import LLMEngine
+    from lmserve.sampling_params import SamplingParams
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=smollm2_path), cache=CacheConfig(num_blocks=64)))
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Count to five."}])
+    assert len(prompt) > 32
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    cold, warm = (engine.generate([prompt], params)[0] for _ in range(2))
+    assert cold.num_cached_tokens == 0 and warm.num_cached_tokens >= 32
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+    assert [lp.logprob for lp in warm.outputs[0].logprobs] == [lp.logprob for lp in cold.outputs[0].logprobs]

@@ -52,7 +52,8 @@ def build_attention_metadata(arch, block_size: int, dev: torch.device, slot_mapp
         mask, full = masks(causal, q_pos, pos.unsqueeze(0))
         groups.append(AttentionGroup(token_index=torch.arange(row, row + n, device=dev).unsqueeze(0),
                                      kv_slots=slots.unsqueeze(0), mask=mask[None, None],
-                                     full_mask=None if full is None else full[None, None]))
+                                     full_mask=None if full is None else full[None, None],
+                                     causal_start=start if window is None and not spans else None))
     for n, members in whole.items():   # NOTE: a burst's prompts of one length: one causal call, no mask
         pos = torch.arange(n, device=dev)
         tables = torch.tensor([bt[:(n + bs - 1) // bs] for _, bt in members], dtype=torch.long, device=dev)

@@ -27,6 +27,9 @@ class AttentionGroup:
     mask: torch.Tensor | None
     # the same without the sliding window, for full-attention layers of models that mix both (gemma3)
     full_mask: torch.Tensor | None = None
+    # set where `mask` is plain causal (no window, no image span) for one sequence whose queries sit at positions
+    # causal_start.. of its kv_len keys (a later chunk, a prefix-cache hit): the causal kernel's offset
+    causal_start: int | None = None
 
 
 @dataclass

@@ -56,7 +56,7 @@ class DecodeAttentionOp(CustomOp):
         return out
 
 
-KERNEL_MAX_TOKENS = 512   # the causal prefill kernel's range (the default --max-prefill-token-num)
+PREFILL_KERNEL = True   # False sends every prefill group to SDPA (benchmarks/prefill_attention_ab.py)
 
 
 @register
@@ -72,15 +72,15 @@ class PrefillAttentionOp(CustomOp):
         return og.transpose(1, 2).reshape(-1, *q.shape[1:])
 
     def forward_cpu(self, q, k_cache, v_cache, group, scale):
-        # whole prompts (no mask: causal, q_len == kv_len, no window) of up to KERNEL_MAX_TOKENS in the
-        # online-softmax kernel; prefix-cache hits, windows and padded groups carry a mask and stay on SDPA, as do
-        # longer groups, where SDPA measured as fast or faster (docs/benchmarks.md)
-        if (group.mask is not None or group.token_index.shape[1] > KERNEL_MAX_TOKENS
-                or q.shape[1] % k_cache.shape[1]):
+        # every plain causal group (whole prompts, later chunks, the rest after a prefix-cache hit) in the
+        # online-softmax kernel: one code path whatever the split, so a prompt's greedy tokens do not depend on
+        # what was cached; windows and image spans carry other masks and stay on SDPA
+        start = 0 if group.mask is None else group.causal_start
+        if start is None or not PREFILL_KERNEL or q.shape[1] % k_cache.shape[1]:
             return self.forward_native(q, k_cache, v_cache, group, scale)
         qg = q[group.token_index]                                  # [S, q_len, heads, hd]
-        k = k_cache[group.kv_slots].float()                        # [S, kv_len, kv_heads, hd]
+        k = k_cache[group.kv_slots].float()                        # [S, start + q_len, kv_heads, hd]
         v = v_cache[group.kv_slots].float()
         out = torch.empty_like(qg)
-        cpu_lib().causal_prefill_attention(out, qg, k, v, scale)
+        cpu_lib().causal_prefill_attention(out, qg, k, v, scale, start)
         return out.reshape(-1, *q.shape[1:])
