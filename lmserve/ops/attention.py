@@ -79,8 +79,7 @@ class PrefillAttentionOp(CustomOp):
         if start is None or not PREFILL_KERNEL or q.shape[1] % k_cache.shape[1]:
             return self.forward_native(q, k_cache, v_cache, group, scale)
         qg = q[group.token_index]                                  # [S, q_len, heads, hd]
-        k = k_cache[group.kv_slots].float()                        # [S, start + q_len, kv_heads, hd]
-        v = v_cache[group.kv_slots].float()
         out = torch.empty_like(qg)
-        cpu_lib().causal_prefill_attention(out, qg, k, v, scale, start)
+        # K/V read in place through the slots [S, start + q_len]: no gathered float copy of the context
+        cpu_lib().causal_prefill_attention(out, qg, k_cache, v_cache, group.kv_slots.contiguous(), scale, start)
         return out.reshape(-1, *q.shape[1:])

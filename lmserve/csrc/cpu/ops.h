@@ -10,8 +10,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
                             torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
                             double scale, int64_t window);
 // prefill_attention.cpp: causal attention of whole prompts; q, out [S, T, H, D], k, v [S, T, KVH, D], float32
-void causal_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
-                              int64_t start);
+void causal_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor kv_slots, double scale, int64_t start);
 // elementwise.cpp
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps);

@@ -24,14 +24,16 @@ struct Buffers {
   Buffers(int64_t R, int64_t D) : bk(key_block(D)), q(R * D), p(R * bk), o(R * D), m(R), l(R) {}
 };
 
-// K and V of every (sequence, KV head) laid out once, before any query block runs, so that every query block
-// reads a key block as contiguous floats: K transposed into blocks of [D][BK] (the tail block zero-padded: its keys
-// are masked), kt [S][KVH][NB][D][BK]; V head-major, vh [S][KVH][NB * BK][D] (NB = TK / BK rounded up). Read in
-// place, V rows sit KVH * D floats apart, a multiple of 4 KiB for 8 KV heads of 128, so a block's rows all fall
-// in the same L1 sets (measured, 3B-shaped attention at 2048 tokens: 0.65x SDPA with both read in place, 0.84x
-// with K laid out once, 1.13x with V too).
-void layout_kv(const float* k, const float* v, float* kt, float* vh, int64_t S, int64_t TK, int64_t KVH, int64_t D,
-               int64_t BK) {
+// K and V of every (sequence, KV head) read once from the paged cache (float32 or bfloat16, widened) through the
+// sequence's slots, before any query block runs, and laid out so that every query block reads a key block as
+// contiguous floats: K transposed into blocks of [D][BK] (the tail block zero-padded: its keys are masked), kt
+// [S][KVH][NB][D][BK]; V head-major, vh [S][KVH][NB * BK][D] (NB = TK / BK rounded up). Read in place, V rows sit
+// KVH * D floats apart, a multiple of 4 KiB for 8 KV heads of 128, so a block's rows all fall in the same L1 sets
+// (measured, 3B-shaped attention at 2048 tokens: 0.65x SDPA with both read in place, 0.84x with K laid out once,
+// 1.13x with V too).
+template <typename C>
+void layout_kv(const C* k, const C* v, const int64_t* slots, float* kt, float* vh, int64_t S, int64_t TK,
+               int64_t KVH, int64_t D, int64_t BK) {
   const int64_t nb = (TK + BK - 1) / BK;
   at::parallel_for(0, S * KVH * nb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -42,10 +44,12 @@ void layout_kv(const float* k, const float* v, float* kt, float* vh, int64_t S, 
           for (int64_t d = 0; d < D; ++d) dst[d * BK + c] = 0.f;
           continue;
         }
-        const float* kr = k + ((s * TK + k0 + c) * KVH + h) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d * BK + c] = kr[d];
-        std::copy(v + ((s * TK + k0 + c) * KVH + h) * D, v + ((s * TK + k0 + c) * KVH + h + 1) * D,
-                  vh + (t * BK + c) * D);
+        const int64_t row = (slots[s * TK + k0 + c] * KVH + h) * D;
+        float* vd = vh + (t * BK + c) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          dst[d * BK + c] = to_f(k[row + d]);
+          vd[d] = to_f(v[row + d]);
+        }
       }
     }
   });
@@ -192,19 +196,29 @@ void block(const float* q, const float* kt, const float* vh, float* out, int64_t
 }
 }  // namespace
 
-void causal_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
-                              int64_t start) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && out.sizes() == q.sizes(),
-              "causal_prefill_attention: q, out [S, T, H, D]; k, v [S, start + T, KVH, D]");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && out.is_contiguous());
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-              v.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32);
-  const int64_t S = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), KVH = k.size(2);
-  TORCH_CHECK(start >= 0 && k.size(0) == S && k.size(1) == start + T && k.size(3) == D && KVH > 0 && H % KVH == 0);
+void causal_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor kv_slots, double scale, int64_t start) {
+  TORCH_CHECK(q.dim() == 4 && out.sizes() == q.sizes() && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
+              "causal_prefill_attention: q, out [S, T, H, D]; k_cache, v_cache [slots, KVH, D]");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              kv_slots.is_contiguous());
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
+              k_cache.scalar_type() == v_cache.scalar_type() && kv_slots.scalar_type() == torch::kInt64);
+  const int64_t S = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), KVH = k_cache.size(1);
+  TORCH_CHECK(start >= 0 && kv_slots.dim() == 2 && kv_slots.size(0) == S && kv_slots.size(1) == start + T &&
+              k_cache.size(2) == D && KVH > 0 && H % KVH == 0,
+              "causal_prefill_attention: kv_slots [S, start + T]; heads a multiple of the KV heads");
   const int64_t BK = key_block(D), TK = start + T;
   const int64_t kv_floats = S * KVH * ((TK + BK - 1) / BK) * BK * D;
   std::unique_ptr<float[]> kt(new float[kv_floats]), vh(new float[kv_floats]);
-  layout_kv(k.data_ptr<float>(), v.data_ptr<float>(), kt.get(), vh.get(), S, TK, KVH, D, BK);
+  const int64_t* slots = kv_slots.data_ptr<int64_t>();
+  if (k_cache.scalar_type() == torch::kBFloat16) {
+    layout_kv(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), slots, kt.get(), vh.get(), S,
+              TK, KVH, D, BK);
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "causal_prefill_attention: cache float32 or bfloat16");
+    layout_kv(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), slots, kt.get(), vh.get(), S, TK, KVH, D, BK);
+  }
   const float* qp = q.data_ptr<float>();
   const float* kp = kt.get();
   const float* vp = vh.get();
