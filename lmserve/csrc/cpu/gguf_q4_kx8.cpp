@@ -304,10 +304,13 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
     const Scales& sa = ctx.s.empty() ? own[0] : ctx.s[b];
     const Scales& sb = ctx.s.empty() ? own[NG - 1] : ctx.s[(NG - 1) * nb + b];
     for (int j = 0; j < 4; ++j) {
-      // four integer chains per row (even / odd t for each sub-block), added at the end: exact, and a decode
-      // row's dots do not wait on one another
-      __m512i s0[2][RM], s1[2][RM];
-      for (int m = 0; m < RM; ++m) s0[0][m] = s1[0][m] = s0[1][m] = s1[1][m] = _mm512_setzero_si512();
+      // up to 4 rows: four integer chains per row (even / odd t for each sub-block), added at the end: exact, and a
+      // decode row's dots do not wait on one another; 8 rows have 16 chains with one per sub-block, and the
+      // registers to amortize each weight load and unpack over twice the rows
+      constexpr int C = RM >= 8 ? 1 : 2;
+      __m512i s0[C][RM], s1[C][RM];
+      for (int i = 0; i < C; ++i)
+        for (int m = 0; m < RM; ++m) s0[i][m] = s1[i][m] = _mm512_setzero_si512();
       __m512i h0 = _mm512_setzero_si512(), h1 = h0;
       if constexpr (kQ5<QT>) {
         h0 = x8::load2<NG>(ba, bb, kQh + 64 * j);
@@ -323,14 +326,15 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
         }
         for (int m = 0; m < RM; ++m) {
           const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 256 + 64 * j;
-          s0[t & 1][m] = _mm512_dpbusd_epi32(s0[t & 1][m], lo, _mm512_set1_epi32(load_i32(qx + 4 * t)));
-          s1[t & 1][m] = _mm512_dpbusd_epi32(s1[t & 1][m], hi, _mm512_set1_epi32(load_i32(qx + 32 + 4 * t)));
+          s0[t % C][m] = _mm512_dpbusd_epi32(s0[t % C][m], lo, _mm512_set1_epi32(load_i32(qx + 4 * t)));
+          s1[t % C][m] = _mm512_dpbusd_epi32(s1[t % C][m], hi, _mm512_set1_epi32(load_i32(qx + 32 + 4 * t)));
         }
       }
-      for (int m = 0; m < RM; ++m) {
-        s0[0][m] = _mm512_add_epi32(s0[0][m], s0[1][m]);
-        s1[0][m] = _mm512_add_epi32(s1[0][m], s1[1][m]);
-      }
+      if constexpr (C == 2)
+        for (int m = 0; m < RM; ++m) {
+          s0[0][m] = _mm512_add_epi32(s0[0][m], s0[1][m]);
+          s1[0][m] = _mm512_add_epi32(s1[0][m], s1[1][m]);
+        }
       for (int h = 0; h < 2; ++h) {
         const int s = 2 * j + h;
         const __m512 scv = two(sa.sc[s], sb.sc[s]), mnv = two(sa.mn[s], sb.mn[s]);
@@ -348,7 +352,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
 
 template <int QT>
 struct VnniTile {
-  static constexpr int kGroups = 2;
+  static constexpr int kGroups = 2, kMaxRows = 8;
   using Ctx = ScaleCtx;
   static void prepare(const DotArgs& p, int64_t gr, int64_t ng, Ctx& ctx) { prepare_scales<QT>(p, gr, ng, ctx); }
   template <int RM>

@@ -246,7 +246,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
 
 template <bool MIN>
 struct VnniTile {
-  static constexpr int kGroups = 2;
+  static constexpr int kGroups = 2, kMaxRows = 8;
   using Ctx = HighBits512;
   static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
   template <int RM>

@@ -157,7 +157,7 @@ struct Vnni {
 }  // namespace
 
 void q8_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
-  x8::blocked<x8::PlainTile<Vnni, 2>>(p, n0, n1);
+  x8::blocked<x8::PlainTile<Vnni, 2, 8>>(p, n0, n1);
 }
 
 }  // namespace gguf
