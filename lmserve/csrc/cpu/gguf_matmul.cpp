@@ -99,6 +99,7 @@ void quantize_act(Act& a, const float* x, int64_t M, int64_t K) {
   a.sx.resize(M * ng);
   a.ls.resize(M * ng * 8);
   a.qsum.resize(M * ng);
+  a.hs.resize(M * ng * 2);
   at::parallel_for(0, M * ng, 256, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const float* xg = x + g * 32;
@@ -117,6 +118,8 @@ void quantize_act(Act& a, const float* x, int64_t M, int64_t K) {
       }
       a.dx[g] = d;
       a.qsum[g] = sum;
+      a.hs[g * 2] = -32 * (a.ls[g * 8] + a.ls[g * 8 + 1] + a.ls[g * 8 + 2] + a.ls[g * 8 + 3]);
+      a.hs[g * 2 + 1] = -32 * (a.ls[g * 8 + 4] + a.ls[g * 8 + 5] + a.ls[g * 8 + 6] + a.ls[g * 8 + 7]);
       a.sx[g] = d * static_cast<float>(sum);
     }
   });

@@ -168,10 +168,8 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
       const __m256i sb = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + kScales + 16 * s + 8)));
       for (int m = 0; m < RM; ++m) {
         const int64_t gi = (m0 + m) * ng + b * 8 + s;
-        int32_t xa, xb;
-        x8::half_sums(*p.a, gi, xa, xb);
-        const __m256i da = _mm256_sub_epi32(half[0][m], _mm256_set1_epi32(32 * xa));
-        const __m256i db = _mm256_sub_epi32(half[1][m], _mm256_set1_epi32(32 * xb));
+        const __m256i da = _mm256_add_epi32(half[0][m], _mm256_set1_epi32(p.a->hs[gi * 2]));
+        const __m256i db = _mm256_add_epi32(half[1][m], _mm256_set1_epi32(p.a->hs[gi * 2 + 1]));
         const __m256i idot = _mm256_add_epi32(_mm256_mullo_epi32(sa, da), _mm256_mullo_epi32(sb, db));
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot), _mm256_mul_ps(d, _mm256_set1_ps(p.a->dx[gi])), acc[m]);
       }
@@ -213,11 +211,10 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     const __m512 dv = x8::scales2<NG>(ba, bb);
     for (int s = 0; s < 8; ++s) {
       __m512i half[2][RM];
-      int32_t xs[2][RM];
       for (int m = 0; m < RM; ++m) {
-        x8::half_sums(*p.a, (m0 + m) * ng + b * 8 + s, xs[0][m], xs[1][m]);
-        half[0][m] = _mm512_set1_epi32(-32 * xs[0][m]);
-        half[1][m] = _mm512_set1_epi32(-32 * xs[1][m]);
+        const int32_t* hs = p.a->hs.data() + ((m0 + m) * ng + b * 8 + s) * 2;
+        half[0][m] = _mm512_set1_epi32(hs[0]);
+        half[1][m] = _mm512_set1_epi32(hs[1]);
       }
       for (int hf = 0; hf < 2; ++hf) {
         const int64_t off = kQ + (2 * s + hf) * 96;
