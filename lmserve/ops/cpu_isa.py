@@ -62,7 +62,7 @@ def isa() -> str:
     if want not in LEVELS:
         logger.warning("%s=%s is not one of %s; using %s", ENV, want, ", ".join(LEVELS), best)
         return best
-    if not supports(want, best):
+    if not (supports(want, best) or cpu_supports(want)):
         logger.warning("%s=%s: this CPU lacks it (it has %s); using %s", ENV, want, best, best)
         return best
     return want
@@ -71,6 +71,15 @@ def isa() -> str:
 def supports(level: str, have: str) -> bool:
     """Whether a CPU whose best level is `have` can run code of `level`."""
     return all(f in LEVELS[have] for f in LEVELS[level])
+
+
+def cpu_supports(level: str) -> bool:
+    """Whether this CPU has every flag of `level` (what cpu_isa.cpp checks). The levels are not a chain: an Intel
+    CPU with AVX512-VNNI also has AVX-VNNI, an AMD Zen 4 has AVX512-VNNI but not AVX-VNNI, so `supports(level,
+    detected())` says no to AVX-VNNI on both."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return level == "scalar"
+    return all(f in cpu_flags() for f in LEVELS[level])
 
 
 def baseline(level: str | None = None) -> str:
