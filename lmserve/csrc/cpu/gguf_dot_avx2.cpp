@@ -134,6 +134,35 @@ void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out) {
   }
 }
 
+// The scalar quantize_group's values: amax is exact in any order, x * inv is the same product, and vroundps
+// rounds half to even as nearbyint does in the default rounding mode.
+void quantize_group_avx2(Act& a, const float* x, int64_t g) {
+  const float* xg = x + g * 32;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xg + 8 * i);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float d = _mm_cvtss_f32(h) / 127.f;
+  const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i)
+    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  // int32 -> int8 (|q| <= 127): the packs interleave 128-bit lanes, the permute restores the order
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + g * 32), _mm256_permutevar8x32_epi32(b, order));
+  // sums of values 4l..4l+3: two rounds of hadd give [l0, l2, l4, l6, l1, l3, l5, l7]
+  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.ls.data() + g * 8), _mm256_permutevar8x32_epi32(s, order));
+  a.dx[g] = d;
+  group_sums(a, g);
+}
+
 void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
   switch (p.qt) {
     case Q4_0: return dot_type<Q4_0>(p, n0, n1);

@@ -32,6 +32,15 @@ struct Act {
   std::vector<uint16_t> xb;  // [M, K]: x rounded to bfloat16 (F16 / BF16 weights' non-exact path, act_bf16)
 };
 void quantize_act(Act& a, const float* x, int64_t M, int64_t K);
+// group g's sums from its lane sums a.ls and scale a.dx: qsum, hs, sx (every quantizer's last step)
+inline void group_sums(Act& a, int64_t g) {
+  const int32_t* l = a.ls.data() + g * 8;
+  const int32_t lo = l[0] + l[1] + l[2] + l[3], hi = l[4] + l[5] + l[6] + l[7];
+  a.qsum[g] = lo + hi;
+  a.hs[g * 2] = -32 * lo;
+  a.hs[g * 2 + 1] = -32 * hi;
+  a.sx[g] = a.dx[g] * static_cast<float>(lo + hi);
+}
 
 // Matmul of all M rows for outputs n0..n1 (out[m, n], row stride N). w: row n at w + n * ws.
 // int8: a holds the quantized activations; else x (float32 [M, K]) is read.
@@ -110,6 +119,7 @@ void q8_0x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
 void q5_1x8_avx2(const DotArgs& p, int64_t n0, int64_t n1);
 void q5_1x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
 void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out);   // nb blocks -> float32, as the reference
+void quantize_group_avx2(Act& a, const float* x, int64_t g);   // quantize_act's group g, the same values
 // F16 / BF16 weights x bf16 activations on AVX512-BF16 (gguf_bf16_avx512.cpp); act_bf16 fills a.xb
 void act_bf16(Act& a, const float* x, int64_t M, int64_t K);
 void bf16_avx512(const DotArgs& p, int64_t n0, int64_t n1);
