@@ -23,7 +23,7 @@ from test_gguf_kernels import odd_k, random_weight
 lib = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be built here")
 
-ISAS = [level for level in ("scalar", "avx2", "avx512vnni") if cpu_isa.supports(level, cpu_isa.detected())]
+ISAS = [level for level in ("scalar", "avx2", "avx512vnni", "amx") if cpu_isa.supports(level, cpu_isa.detected())]
 BATCHES = (7, 17, 64, 300)
 
 

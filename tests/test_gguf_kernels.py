@@ -23,7 +23,7 @@ lib = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be built here")
 
 # the levels with kernels of their own (avx512vnni: the int8 GEMM; its float paths are AVX2's)
-ISAS = [level for level in ("scalar", "avx2", "avx512vnni") if cpu_isa.supports(level, cpu_isa.detected())]
+ISAS = [level for level in ("scalar", "avx2", "avx512vnni", "amx") if cpu_isa.supports(level, cpu_isa.detected())]
 SCALE_OFFSETS = {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q3_K": [108],
                  "Q2_K": [80, 82]}
 
@@ -252,7 +252,7 @@ def test_isa_levels_the_cpu_lacks_are_refused(isa_level, monkeypatch):
     # the environment override lowers the level, never raises it
     monkeypatch.setenv(cpu_isa.ENV, "scalar")
     assert cpu_isa.isa() == "scalar" and cpu_isa.baseline() == "generic"
-    monkeypatch.setenv(cpu_isa.ENV, "avx512vnni")
+    monkeypatch.setenv(cpu_isa.ENV, list(cpu_isa.LEVELS)[-1])
     assert cpu_isa.isa() == best
 
 

@@ -1,7 +1,7 @@
 """GGUF types repacked in groups of 8 rows (ops/gguf_x8.py, csrc/cpu/gguf_*x8.cpp: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
 Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS): the layout
 round-trips, its int8 matmul matches float64 within the int8 path's bounds (test_gguf_kernels.py's tolerances),
-every ISA path returns the same bits (scalar reference, AVX2, AVX512-VNNI), rows are batch-invariant, and the
+every ISA path returns the same bits (scalar reference, AVX2, AVX512-VNNI, AMX), rows are batch-invariant, and the
 loader serves Q4_0 files repacked (same size, the mapped pages released) with logits close to the file layout's.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from test_gguf_kernels import random_weight
 
 lib = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be built here")
-ISAS = [level for level in ("scalar", "avx2", "avx512vnni") if cpu_isa.supports(level, cpu_isa.detected())]
+ISAS = [level for level in ("scalar", "avx2", "avx512vnni", "amx") if cpu_isa.supports(level, cpu_isa.detected())]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -103,8 +103,9 @@ def test_int8_matmul_matches_float64(qtype, isa, at_isa):
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_every_isa_path_returns_the_same_bits(qtype, at_isa):
-    """Each output is the same float operations on every path (gguf_q4_0x8.cpp): the scalar reference, AVX2 and
-    AVX512-VNNI agree bit for bit, so tokens depend neither on the CPU kind nor on the batch."""
+    """Each output is the same float operations on every path (gguf_q4_0x8.cpp): the scalar reference, AVX2,
+    AVX512-VNNI and AMX (70 rows: four AMX row tiles and 6 rows on the VNNI tiles) agree bit for bit, so tokens depend
+    neither on the CPU kind nor on the batch."""
     for nblocks in (1, 3, 5):
         k = _k(qtype, nblocks)
         w = _weight(56, k, seed=nblocks, qtype=qtype)

@@ -22,6 +22,9 @@ LEVELS = {
     "avxvnni": ("avx2", "fma", "f16c", "avx_vnni"),
     "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
     "avx512vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+    # AMX-INT8 tiles for prefill-sized GEMMs (csrc/cpu/gguf_amx.cpp); the kernel must also grant the tile state
+    "amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "amx_tile",
+            "amx_int8"),
 }
 # compiler flags of each build baseline; the library is built for the highest one the CPU (as overridden) has
 BASELINES = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}

@@ -91,7 +91,13 @@ def _apply_isa(module) -> None:
     level = cpu_isa.isa()
     if module.built_baseline() == "generic":
         level = "scalar"
-    module.gguf_set_isa(list(cpu_isa.LEVELS).index(level))
+    try:
+        module.gguf_set_isa(list(cpu_isa.LEVELS).index(level))
+    except RuntimeError as e:   # the flags say AMX but the OS does not grant the tile state (Linux < 5.16)
+        if level != "amx":
+            raise
+        logger.warning("AMX tiles unavailable (%s); the int8 kernels run at avx512vnni", e)
+        module.gguf_set_isa(list(cpu_isa.LEVELS).index("avx512vnni"))
 
 
 def build_dir() -> str:

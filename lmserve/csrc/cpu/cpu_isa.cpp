@@ -3,12 +3,33 @@
 // the AVX512-BF16 path.
 #include "ops.h"
 #include <atomic>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include "gguf_kernels.h"
 
 namespace gguf {
 namespace {
 
 std::atomic<int> g_isa{-1};
+
+// Linux hands out the AMX tile state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA, once per process); a kernel that refuses (older than 5.16) means no AMX level
+bool amx_permitted() {
+  static const bool ok = [] {
+#if defined(__linux__) && defined(__x86_64__)
+    constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023;
+    constexpr int kXtileData = 18;
+    unsigned long bits = 0;
+    return syscall(SYS_arch_prctl, kReqPerm, kXtileData) == 0 && syscall(SYS_arch_prctl, kGetPerm, &bits) == 0 &&
+           (bits & (1ul << kXtileData)) != 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
 
 // whether this CPU can run code of `level` (the same rule as cpu_isa.py supports())
 bool cpu_supports(int level) {
@@ -23,6 +44,9 @@ bool cpu_supports(int level) {
     case ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
     case ISA_AVX512: return avx512;
     case ISA_AVX512VNNI: return avx512 && __builtin_cpu_supports("avx512vnni");
+    case ISA_AMX:
+      return avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("amx-tile") &&
+             __builtin_cpu_supports("amx-int8") && amx_permitted();
     default: return false;
   }
 #else
@@ -44,7 +68,7 @@ bool cpu_bf16() {
 
 int cpu_best_isa() {
   int best = ISA_SCALAR;
-  for (int level = ISA_AVX2; level <= ISA_AVX512VNNI; ++level)
+  for (int level = ISA_AVX2; level <= ISA_AMX; ++level)
     if (cpu_supports(level)) best = level;
   return best;
 }
@@ -79,7 +103,7 @@ int64_t gguf_isa() { return isa_level(); }
 bool gguf_bf16_dot() { return bf16_dot(); }
 
 int64_t gguf_set_isa(int64_t level) {
-  TORCH_CHECK(level >= ISA_SCALAR && level <= ISA_AVX512VNNI, "gguf_set_isa: unknown level ", level);
+  TORCH_CHECK(level >= ISA_SCALAR && level <= ISA_AMX, "gguf_set_isa: unknown level ", level);
   // refuse rather than crash later: a level the CPU lacks would hit an illegal instruction
   TORCH_CHECK(cpu_supports(static_cast<int>(level)), "gguf_set_isa: this CPU does not support ISA level ", level,
               " (best: ", cpu_best_isa(), ")");

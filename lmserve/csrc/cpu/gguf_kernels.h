@@ -3,7 +3,8 @@
 // gguf_gemm_avx2.cpp: AVX2 int8 GEMM for every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on
 // AVX512-VNNI, chosen at run time; gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp,
 // gguf_q3_kx8.cpp, gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp: the int8 GEMM on Q4_0 / Q4_1 / Q4_K / Q5_K /
-// Q6_K / Q5_0 / Q3_K / Q2_K / IQ4_XS / Q8_0 / Q5_1 repacked in groups of 8 rows; gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on
+// Q6_K / Q5_0 / Q3_K / Q2_K / IQ4_XS / Q8_0 / Q5_1 repacked in groups of 8 rows; gguf_amx.cpp: that GEMM on AMX-INT8
+// tiles for prefill-sized calls, chosen at run time; gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on
 // AVX512-BF16).
 #pragma once
 #include <cstdint>
@@ -12,7 +13,7 @@
 namespace gguf {
 
 // ISA levels, as lmserve/ops/cpu_isa.py LEVELS (in that order)
-enum Isa { ISA_SCALAR = 0, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512, ISA_AVX512VNNI };
+enum Isa { ISA_SCALAR = 0, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512, ISA_AVX512VNNI, ISA_AMX };
 // cpu_isa.cpp: the best level this CPU runs; the level the kernels run at (never above it); whether F16 / BF16
 // parts of non-exact calls run on AVX512-BF16
 int cpu_best_isa();
@@ -52,6 +53,7 @@ struct DotArgs {
   const Act* a;
   const uint8_t* w;
   int64_t ws, M, N, K;
+  int64_t m_begin = 0;   // rows [m_begin, M) (x8 tiles: the AMX GEMM leaves the last M % 16 rows to them)
 };
 void dot_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 // Q4_0X8 (gguf_q4_0x8.cpp), Q4_KX8 (gguf_q4_kx8.cpp): int8 activations only; w / ws as for the source type, N a
@@ -123,6 +125,12 @@ void quantize_group_avx2(Act& a, const float* x, int64_t g);   // quantize_act's
 // F16 / BF16 weights x bf16 activations on AVX512-BF16 (gguf_bf16_avx512.cpp); act_bf16 fills a.xb
 void act_bf16(Act& a, const float* x, int64_t M, int64_t K);
 void bf16_avx512(const DotArgs& p, int64_t n0, int64_t n1);
+// the 8 rows' float sub-block scales and mins of a Q4_KX8 / Q5_KX8 group super-block (gguf_q4_kx8.cpp)
+void q4_kx8_scales(const uint8_t* group_block, float (*sc)[8], float (*mn)[8]);
+// AMX-INT8 GEMM on a repacked part (gguf_amx.cpp): rows [0, M - M % 16) on AMX tiles, the rest on `rest` (the
+// part's AVX512-VNNI tiles), bit for bit as those; amx_x8_takes: whether it runs a call of M rows of type qt
+bool amx_x8_takes(int qt, int64_t M);
+void amx_x8(const DotArgs& p, int64_t n0, int64_t n1, void (*rest)(const DotArgs&, int64_t, int64_t));
 #endif
 
 }  // namespace gguf

@@ -72,7 +72,8 @@ void gemm_tiles(float* out, int64_t ldo, const at::Tensor& x, const uint8_t* w, 
 constexpr int64_t kStreamRows = 2;
 
 // the int8 GEMM on a repacked part (gguf_x8.h), on the best of its kernels this call may use
-void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool avx2, [[maybe_unused]] bool vnni512) {
+void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool avx2, [[maybe_unused]] bool vnni512,
+               [[maybe_unused]] bool amx) {
   using Fn = void (*)(const DotArgs&, int64_t, int64_t);
   static constexpr Fn kScalar[] = {q4_0x8_scalar, q4_kx8_scalar, q6_kx8_scalar, q5_0x8_scalar, q4_1x8_scalar,
                                    q3_kx8_scalar, q2_kx8_scalar, iq4_xsx8_scalar, q5_kx8_scalar,
@@ -85,7 +86,11 @@ void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool a
                                   q5_0x8_avx512vnni, q4_1x8_avx512vnni, q3_kx8_avx512vnni,
                                   q2_kx8_avx512vnni, iq4_xsx8_avx512vnni, q5_kx8_avx512vnni,
                                   q8_0x8_avx512vnni, q5_1x8_avx512vnni};
-  if (avx2) return (vnni512 && (p.M > kStreamRows || p.qt == Q6_KX8) ? kVnni : kAvx2)[i](p, n0, n1);
+  if (avx2) {
+    const Fn tiles = (vnni512 && (p.M > kStreamRows || p.qt == Q6_KX8) ? kVnni : kAvx2)[i];
+    if (amx && amx_x8_takes(p.qt, p.M)) return amx_x8(p, n0, n1, tiles);
+    return tiles(p, n0, n1);
+  }
 #endif
   kScalar[i](p, n0, n1);
 }
@@ -225,6 +230,8 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
       avx2 && level >= ISA_AVX512VNNI && M >= g_vnni512_min_rows.load() &&
       (g_vnni512_all_types.load() ||
        std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0 || is_x8(qt); }));
+  // AMX tiles for repacked parts at >= 16 rows where the CPU has them (gguf_amx.cpp): the same bits again
+  [[maybe_unused]] const bool amx = vnni512 && level >= ISA_AMX;
   TORCH_CHECK(int8 || std::none_of(qts.begin(), qts.end(), is_x8),
               "gguf_matmul: repacked weights take int8 activations only");
   // 16-bit float parts have no int8 form: in an int8 (non-exact) call they take bf16 activations where the CPU
@@ -260,7 +267,7 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
       const int64_t a = std::max(n0, first[i]) - first[i], b = std::min(n1, first[i + 1]) - first[i];
       if (a >= b || done[i]) continue;
       if (is_x8(parts[i].qt)) {
-        x8_matmul(parts[i], a, b, avx2, vnni512);
+        x8_matmul(parts[i], a, b, avx2, vnni512, amx);
         continue;
       }
 #ifdef LMSERVE_GGUF_AVX2

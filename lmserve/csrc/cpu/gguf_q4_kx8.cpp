@@ -266,6 +266,12 @@ struct Avx2Tile {
 
 void q4_kx8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<Avx2Tile<Q4_K>>(p, n0, n1); }
 void q5_kx8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<Avx2Tile<Q5_K>>(p, n0, n1); }
+void q4_kx8_scales(const uint8_t* g, float (*sc)[8], float (*mn)[8]) {
+  Scales s;
+  decode_scales(g, s);
+  std::memcpy(sc, s.sc, sizeof(s.sc));
+  std::memcpy(mn, s.mn, sizeof(s.mn));
+}
 
 }  // namespace gguf
 

@@ -54,7 +54,7 @@ void blocked(const DotArgs& p, int64_t n0, int64_t n1) {
   constexpr int64_t MB = 64;
   const int64_t g0 = n0 / 8, g1 = (n1 + 7) / 8;
   typename Tile::Ctx ctx;
-  for (int64_t mb = 0; mb < p.M; mb += MB) {
+  for (int64_t mb = p.m_begin; mb < p.M; mb += MB) {
     const int64_t me = std::min(p.M, mb + MB);
     for (int64_t gc = g0; gc < g1; gc += Tile::kGroups) {
       const int64_t ng = std::min<int64_t>(Tile::kGroups, g1 - gc);
