@@ -3,6 +3,9 @@
 // the AVX512-BF16 path.
 #include "ops.h"
 #include <atomic>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -65,6 +68,22 @@ bool cpu_bf16() {
 }
 
 }  // namespace
+
+// AMD family 0x19 (Zen 3 and Zen 4; only Zen 4 has AVX-512) executes a 512-bit operation as two 256-bit halves
+bool cpu_splits_512() {
+#if defined(__x86_64__)
+  static const bool splits = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    const bool amd = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;   // "AuthenticAMD"
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
+    return ((a >> 8) & 0xf) + ((a >> 20) & 0xff) == 0x19;
+  }();
+  return splits;
+#else
+  return false;
+#endif
+}
 
 int cpu_best_isa() {
   int best = ISA_SCALAR;

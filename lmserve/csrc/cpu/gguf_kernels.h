@@ -18,6 +18,7 @@ enum Isa { ISA_SCALAR = 0, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512, ISA_AVX512VNNI, IS
 // parts of non-exact calls run on AVX512-BF16
 int cpu_best_isa();
 int isa_level();
+bool cpu_splits_512();   // AMD Zen 4: 512-bit operations run as two 256-bit halves
 bool bf16_dot();
 
 // Activations quantized for the int8 path: per row, per group of 32, q = round(x / dx), dx = amax / 127.

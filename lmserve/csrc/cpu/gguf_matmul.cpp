@@ -62,14 +62,20 @@ void gemm_tiles(float* out, int64_t ldo, const at::Tensor& x, const uint8_t* w, 
   }
 }
 
-// Decode calls of a few rows on AVX512-VNNI CPUs run the AVX2 tiles (bit for bit the same results): those read a
-// thread's column range one group at a time, as one sequential stream, in 8-lane registers. The AVX512 tiles read
-// two groups per register, two interleaved streams that restart at every group pair (9 KB each at K = 2048), and
-// with one row there is no reuse to pay for it: on a Zen 4 host, with the weights in DRAM as in a model's decode,
-// they measured 1.6-1.9x slower at M = 1-2 for Q4_0 / Q4_K (Q5_K: 1.5x at M = 1; Q8_0 likewise). Q6_K keeps its AVX512 tiles: its unpacking costs more
-// than the second stream (from DRAM at M = 1, N 2048 x K 8192: AVX2 tile 0.60 ms, AVX512 0.47). Half-filled 512-bit
-// registers are no cure: Zen 4 executes them as two 256-bit halves.
-constexpr int64_t kStreamRows = 2;
+// Decode calls of a few rows on Zen 4 run the AVX2 tiles (bit for bit the same results): those read a thread's
+// column range one group at a time, as one sequential stream, in 8-lane registers. The AVX512 tiles read two groups
+// per register, two interleaved streams that restart at every group pair (9 KB each at K = 2048), and with one row
+// there is no reuse to pay for it: on a Zen 4 host, with the weights in DRAM as in a model's decode, they measured
+// 1.6-1.9x slower at M = 1-2 for Q4_0 / Q4_K (Q5_K: 1.5x at M = 1; Q8_0 likewise). Q6_K keeps its AVX512 tiles: its
+// unpacking costs more than the second stream (from DRAM at M = 1, N 2048 x K 8192: AVX2 tile 0.60 ms, AVX512 0.47).
+// Half-filled 512-bit registers are no cure: Zen 4 executes them as two 256-bit halves. On an Intel Sapphire Rapids
+// host, whose 512-bit units are whole, it is the other way round: the AVX512 tiles took Q4_0 at M = 1 / 2 from
+// 1.15 / 1.7 to 0.91 / 1.0 ms, Q4_K 1.2 / 1.35 to 1.07 / 1.17 (DRAM), a 1B decode step 26 -> 32 tok/s. So the rule
+// follows the CPU (cpu_splits_512).
+int64_t stream_rows() {
+  static const int64_t rows = cpu_splits_512() ? 2 : 0;
+  return rows;
+}
 
 // the int8 GEMM on a repacked part (gguf_x8.h), on the best of its kernels this call may use
 void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool avx2, [[maybe_unused]] bool vnni512,
@@ -87,7 +93,7 @@ void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool a
                                   q2_kx8_avx512vnni, iq4_xsx8_avx512vnni, q5_kx8_avx512vnni,
                                   q8_0x8_avx512vnni, q5_1x8_avx512vnni};
   if (avx2) {
-    const Fn tiles = (vnni512 && (p.M > kStreamRows || p.qt == Q6_KX8) ? kVnni : kAvx2)[i];
+    const Fn tiles = (vnni512 && (p.M > stream_rows() || p.qt == Q6_KX8) ? kVnni : kAvx2)[i];
     if (amx && amx_x8_takes(p.qt, p.M)) return amx_x8(p, n0, n1, tiles);
     return tiles(p, n0, n1);
   }
