@@ -245,8 +245,7 @@ const Kind* kind(int qt) {
 }
 
 struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
@@ -369,6 +368,7 @@ void gemm(const DotArgs& p, const Kind& k, int64_t m16, int64_t n0, int64_t n1) 
       for (int i = 0; i < cnt; ++i) row_tile<E>(p, panels[i], act.data() + m0 * p.K, m0, (gc + 2 * i) * 8, n0, n1);
   }
   _tile_release();
+  if (act.capacity() > (8 << 20)) std::vector<int8_t>().swap(act);   // a long prefill's copy is not kept resident
 }
 
 }  // namespace
