@@ -4,7 +4,7 @@
 // AVX512-VNNI, chosen at run time; gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp,
 // gguf_q3_kx8.cpp, gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp: the int8 GEMM on Q4_0 / Q4_1 / Q4_K / Q5_K /
 // Q6_K / Q5_0 / Q3_K / Q2_K / IQ4_XS / Q8_0 / Q5_1 repacked in groups of 8 rows; gguf_amx.cpp: that GEMM on AMX-INT8
-// tiles for prefill-sized calls, chosen at run time; gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on
+// tiles for prefill-sized calls, chosen at run time, with gguf_amx_panels.cpp (gguf_amx.h); gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on
 // AVX512-BF16).
 #pragma once
 #include <cstdint>
@@ -32,6 +32,8 @@ struct Act {
   // (measured +7-16% at 16-512 rows over summing the lane sums and broadcasting from a register per row)
   std::vector<int32_t> hs;
   std::vector<uint16_t> xb;  // [M, K]: x rounded to bfloat16 (F16 / BF16 weights' non-exact path, act_bf16)
+  // [M / 16][K / 32][16 rows][32]: q of the first M - M % 16 rows in AMX tile order (amx_pack_act, where AMX runs)
+  std::vector<int8_t> qtiles;
 };
 void quantize_act(Act& a, const float* x, int64_t M, int64_t K);
 // group g's sums from its lane sums a.ls and scale a.dx: qsum, hs, sx (every quantizer's last step)
@@ -131,6 +133,7 @@ void q4_kx8_scales(const uint8_t* group_block, float (*sc)[8], float (*mn)[8]);
 // AMX-INT8 GEMM on a repacked part (gguf_amx.cpp): rows [0, M - M % 16) on AMX tiles, the rest on `rest` (the
 // part's AVX512-VNNI tiles), bit for bit as those; amx_x8_takes: whether it runs a call of M rows of type qt
 bool amx_x8_takes(int qt, int64_t M);
+void amx_pack_act(Act& a, int64_t M, int64_t K);   // a.qtiles from a.q, once per call for every thread
 void amx_x8(const DotArgs& p, int64_t n0, int64_t n1, void (*rest)(const DotArgs&, int64_t, int64_t));
 #endif
 

@@ -261,6 +261,10 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   }
   if (any_int8) quantize_act(act, x.data_ptr<float>(), M, K);
 #ifdef LMSERVE_GGUF_AVX2
+  if (amx && std::any_of(qts.begin(), qts.end(), [&](int qt) { return amx_x8_takes(qt, M); }))
+    amx_pack_act(act, M, K);
+#endif
+#ifdef LMSERVE_GGUF_AVX2
   if (any_bf16) act_bf16(act, x.data_ptr<float>(), M, K);
 #endif
   std::vector<DotArgs> parts;

@@ -1,0 +1,39 @@
+// The AMX GEMM's weight panels (gguf_amx.cpp): 16 columns of a repacked matrix unpacked into the tile layout, and
+// the per-type unpackers and epilogue kinds (gguf_amx_panels.cpp). Only included by those two files.
+#pragma once
+#include <cstdint>
+#include <vector>
+#include "gguf_kernels.h"
+
+namespace gguf {
+namespace amx {
+
+enum Epi { PLAIN, MIN, ISC, HALVES };   // the epilogue: none, a minimum, an integer scale, two halves' scales
+
+// 16 columns of a call's weights, unpacked: per 32-value sub-block g, b[g]: 8 rows x 64 bytes (row k4, column c:
+// values 4k4..4k4+3); s, mn: [g][16] floats; isc: [g][16] (ISC) or [g][2][16] (HALVES) int32
+struct Panel {
+  std::vector<int8_t> b;
+  std::vector<float> s, mn;
+  std::vector<int32_t> isc;
+  void resize(int64_t nsub) {
+    b.resize(nsub * 512);
+    s.resize(nsub * 16);
+    mn.resize(nsub * 16);
+    isc.resize(nsub * 32);
+  }
+};
+
+// how a type's panels are made and its sums scaled. min_rows: the calls AMX takes. Measured against the AVX512-VNNI
+// tiles on a Sapphire Rapids VM (docs/benchmarks.md): at 16 rows every type was slower on AMX (the panels are
+// unpacked for one row tile), at 32 the 32-value types gained (Q4_0 1.2x), the super-block types, whose unpacking
+// decodes scales, were level up to 48 rows
+struct Kind {
+  void (*unpack)(const DotArgs&, int64_t, Panel&);
+  Epi epi;
+  int64_t min_rows;
+};
+const Kind* kind(int qt);   // nullptr: no AMX unpacker for this type
+
+}  // namespace amx
+}  // namespace gguf
