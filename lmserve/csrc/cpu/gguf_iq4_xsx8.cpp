@@ -123,6 +123,7 @@ template <int RM>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
+  const x8::Ahead ahead(p, m0, g, 1);
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
   __m256 acc[RM];
@@ -131,6 +132,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     const uint8_t* blk = g + b * kGroupBlockBytes;
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
     for (int s = 0; s < 8; ++s) {
+      ahead.lines(b, kGroupBlockBytes, s, 4);
       __m256i sum[RM];
       for (int m = 0; m < RM; ++m) sum[m] = _mm256_setzero_si256();
       for (int t = 0; t < 4; ++t) {
@@ -195,6 +197,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
+  const x8::Ahead ahead(p, m0, ga, NG);
   const __m512i m4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // the levels + 128 (unsigned), in each 128-bit lane for vpshufb
   const __m128i nl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL));
@@ -206,6 +209,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     const uint8_t* bb = gb + b * kGroupBlockBytes;
     const __m512 dv = x8::scales2<NG>(ba, bb);
     for (int s = 0; s < 8; ++s) {
+      ahead.lines(b, kGroupBlockBytes, s, 4);
       __m512i sum[RM];
       for (int m = 0; m < RM; ++m)
         sum[m] = _mm512_set1_epi32(-128 * p.a->qsum[(m0 + m) * ng + b * 8 + s]);

@@ -106,6 +106,7 @@ template <int RM>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
+  const x8::Ahead ahead(p, m0, g, 1);
   const __m256i ones = _mm256_set1_epi16(1), m2 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi32(15);
   __m256 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
@@ -115,6 +116,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
     #pragma GCC unroll 2
     for (int s = 0; s < 8; ++s) {
+      ahead.lines(b, kGroupBlockBytes, s, 4);
       __m256i half[2][RM];
       for (int hf = 0; hf < 2; ++hf) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQ + 32 * (2 * s + hf)));
@@ -180,6 +182,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
+  const x8::Ahead ahead(p, m0, ga, NG);
   const __m512i m2 = _mm512_set1_epi8(3), m4 = _mm512_set1_epi32(15);
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
@@ -188,6 +191,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     const uint8_t* bb = gb + b * kGroupBlockBytes;
     const __m512 dv = x8::scales2<NG>(ba, bb), dminv = x8::scales2<NG>(ba + 16, bb + 16);
     for (int s = 0; s < 8; ++s) {
+      ahead.lines(b, kGroupBlockBytes, s, 4);
       __m512i half[2][RM];
       for (int hf = 0; hf < 2; ++hf) {
         const __m512i v = x8::load2<NG>(ba, bb, kQ + 32 * (2 * s + hf));

@@ -198,6 +198,7 @@ template <int QT, int RM>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1, const ScaleCtx& ctx) {
   const int64_t K = p.K, nb = ctx.nb, ng = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
+  const x8::Ahead ahead(p, m0, g, 1);
   const __m256i lo_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), bit4 = _mm256_set1_epi8(16);
   __m256 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
@@ -216,6 +217,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
       }
       #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
+        ahead.lines(b, kGroupBlockBytes<QT>, j * 8 + t, 1);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQs + (j * 8 + t) * 32));
         __m256i lo = _mm256_and_si256(v, lo_mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
         if constexpr (kQ5<QT>) {
@@ -300,6 +302,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
   Scales own[NG];
+  const x8::Ahead ahead(p, m0, ga, NG);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* ba = ga + b * kGroupBlockBytes<QT>;
     const uint8_t* bb = gb + b * kGroupBlockBytes<QT>;
@@ -324,6 +327,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
       }
       #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
+        ahead.lines(b, kGroupBlockBytes<QT>, j * 8 + t, 1);
         const __m512i v = x8::load2<NG>(ba, bb, kQs + (j * 8 + t) * 32);
         __m512i lo = _mm512_and_si512(v, lo_mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
         if constexpr (kQ5<QT>) {

@@ -130,11 +130,13 @@ template <int RM, bool MIN>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1, const HighBits& hb) {
   const int64_t K = p.K, nb = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
+  const x8::Ahead ahead(p, m0, g, 1);
   const __m256i lo_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   __m256 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = g + b * kGroupBlockBytes<MIN>;
+    ahead.lines(b, kGroupBlockBytes<MIN>, 0, 8);
     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQh<MIN>));
     __m256i slo[RM], shi[RM];   // 4 maddubs each: int16 stays exact (header)
     for (int m = 0; m < RM; ++m) slo[m] = shi[m] = _mm256_setzero_si256();
@@ -209,11 +211,13 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
   const int64_t K = p.K, nb = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
+  const x8::Ahead ahead(p, m0, ga, NG);
   const __m512i lo_mask = _mm512_set1_epi8(15);
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* ba = ga + b * kGroupBlockBytes<MIN>;
+    ahead.lines(b, kGroupBlockBytes<MIN>, 0, 8);
     const uint8_t* bb = gb + b * kGroupBlockBytes<MIN>;
     const __m512i qh = x8::load2<NG>(ba, bb, kQh<MIN>);
     __m512i s0[RM], s1[RM];

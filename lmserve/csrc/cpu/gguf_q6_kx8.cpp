@@ -143,6 +143,7 @@ template <int RM>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
+  const x8::Ahead ahead(p, m0, g, 1);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
@@ -151,6 +152,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
     #pragma GCC unroll 2
     for (int s = 0; s < 8; ++s) {
+      ahead.lines(b, kGroupBlockBytes, s, 4);
       __m256i half[2][RM];
       for (int hf = 0; hf < 2; ++hf) {
         __m256i q[4];
@@ -202,6 +204,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
+  const x8::Ahead ahead(p, m0, ga, NG);
   const __m512i m6 = _mm512_set1_epi8(63), top = _mm512_set1_epi8(static_cast<char>(0xC0));
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
@@ -210,6 +213,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
     const uint8_t* bb = gb + b * kGroupBlockBytes;
     const __m512 dv = x8::scales2<NG>(ba, bb);
     for (int s = 0; s < 8; ++s) {
+      ahead.lines(b, kGroupBlockBytes, s, 4);
       __m512i half[2][RM];
       for (int m = 0; m < RM; ++m) {
         const int32_t* hs = p.a->hs.data() + ((m0 + m) * ng + b * 8 + s) * 2;

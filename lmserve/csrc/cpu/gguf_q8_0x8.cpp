@@ -77,11 +77,13 @@ struct Avx2 {
   static void tile(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
     const int64_t K = p.K, nb = K / 32;
     const uint8_t* g = p.w + gr * 8 * p.ws;
+    const x8::Ahead ahead(p, m0, g, 1);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[RM];
     for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = g + b * kGroupBlockBytes;
+      ahead.lines(b, kGroupBlockBytes, 0, 8);
       __m256i s32[RM];
       for (int m = 0; m < RM; ++m) s32[m] = _mm256_setzero_si256();
       #pragma GCC unroll 8
@@ -123,11 +125,13 @@ struct Vnni {
     const int64_t K = p.K, nb = K / 32;
     const uint8_t* ga = p.w + gr * 8 * p.ws;
     const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
+    const x8::Ahead ahead(p, m0, ga, NG);
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     __m512 acc[RM];
     for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* ba = ga + b * kGroupBlockBytes;
+      ahead.lines(b, kGroupBlockBytes, 0, 8);
       const uint8_t* bb = gb + b * kGroupBlockBytes;
       // two chains per row (even / odd t), one seeded with -128 * sum x: exact integers either way
       __m512i s[2][RM];

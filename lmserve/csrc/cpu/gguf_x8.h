@@ -69,6 +69,30 @@ void blocked(const DotArgs& p, int64_t n0, int64_t n1) {
   }
 }
 
+// Software prefetch in the tiles that stream a chunk's weights from memory: the first row tile of each 64-row block
+// (a decode step reads every weight once, from DRAM). A tile of NG groups reads NG streams 8 * ws bytes apart, a
+// block of each at a time, and asks for each stream's lines kBytes ahead. The hardware prefetchers alone left the
+// 1-4 row calls of the 4-bit types well below the read bandwidth while their unpacking kept the core busy (Q4_K
+// 1 row at ~70% of it on a Sapphire Rapids VM); with these prefetches 1-row calls of Q4_0 / Q4_K / Q5_K / IQ4_XS
+// ran 1.2-1.8x faster, 4-row calls of the AVX2 tiles up to 1.8x (docs/benchmarks.md). Same operations, same bits.
+struct Ahead {
+  static constexpr int64_t kBytes = 32 * 1024;
+  const uint8_t *a, *b_;
+  Ahead(const DotArgs& p, int64_t m0, const uint8_t* group, int ng)
+      : a((m0 - p.m_begin) % 64 == 0 ? group + kBytes : nullptr),
+        b_(a != nullptr && ng == 2 ? a + 8 * p.ws : nullptr) {}
+  // lines i * n .. i * n + n - 1 of block b (`bytes` long) of each of the tile's groups: a tile calls it at each
+  // of its steps through a block, so a block is asked for early in its own reading (front-loaded; spreading the
+  // lines evenly over the steps measured slower for Q4_K)
+  inline void lines(int64_t b, int64_t bytes, int i, int n) const {
+    if (a == nullptr) return;
+    for (int64_t k = i * n; k < i * n + n && 64 * k < bytes; ++k) {
+      __builtin_prefetch(a + b * bytes + 64 * k, 0, 3);
+      if (b_ != nullptr) __builtin_prefetch(b_ + b * bytes + 64 * k, 0, 3);
+    }
+  }
+};
+
 struct NoCtx {};
 
 // Tile of a layout with no per-chunk state: F::template tile<RM, NG>(p, m, gr, n0, n1) computes rows m..m+RM-1 of
