@@ -7,8 +7,8 @@
 // acc = mn[c] * sx[m, g] + acc for types with a minimum). Here idot comes from a tile dot product of signed bytes
 // (tdpbssd) on the weights unpacked to their signed values (an offset such as Q4_0's 8 already subtracted: the
 // same integer as the VNNI tiles' sum minus their offset term), times the integer sub-block scale where a type has
-// one (IQ4_XS), or sa * dA + sb * dB over 16-value halves (Q6_K: two tile dots of K = 16); the float epilogue is
-// the VNNI tiles' operations in their order. So results do not depend on the CPU kind or the batch.
+// one (IQ4_XS), or sa * dA + sb * dB over 16-value halves (Q6_K, Q3_K: two tile dots of K = 16); the float
+// epilogue is the VNNI tiles' operations in their order. So results do not depend on the CPU kind or the batch.
 //
 // Per thread: columns in chunks of 16 (two groups), up to 8 chunks whose weights are unpacked at once into panels
 // (per sub-block 512 bytes in the tile's VNNI layout: row k4 holds values 4k4..4k4+3 of each of the 16 columns;
@@ -93,8 +93,8 @@ void row_tile(const DotArgs& p, const Panel& P, const int8_t* ap, int64_t m0, in
   auto epilogue = [&](const int32_t* c, const int32_t* c2, int64_t g) {
     const __m512 s = _mm512_loadu_ps(P.s.data() + 16 * g);
     const __m512 mn = _mm512_loadu_ps(P.mn.data() + 16 * g);
-    // the integer scales as floats: |scale x dot| < 2^24 (gguf_q6_kx8.cpp, gguf_iq4_xsx8.cpp), so the products
-    // and their sum are exact in float and equal float(idot) of the int32 arithmetic, with fewer instructions
+    // the integer scales as floats: |scale x dot| < 2^24 (gguf_q6_kx8.cpp, gguf_q3_kx8.cpp, gguf_iq4_xsx8.cpp), so
+    // the products and their sum are exact in float and equal float(idot) of the int32 arithmetic
     const __m512 fa = _mm512_cvtepi32_ps(_mm512_loadu_si512(P.isc.data() + 32 * g));
     const __m512 fb = _mm512_cvtepi32_ps(_mm512_loadu_si512(P.isc.data() + 32 * g + 16));
     for (int r = 0; r < 16; ++r) {

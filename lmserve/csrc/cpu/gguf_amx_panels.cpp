@@ -154,6 +154,23 @@ void unpack_q6_k(const DotArgs& p, int64_t gr, Panel& P) {
   }
 }
 
+// Q3_K (gguf_q3_kx8.cpp layout: 880 bytes per super-block; d, per sub-block its two halves' scales, then per
+// sub-block 96 bytes of low bits and third bits): values u - 4 and the halves' integer scales, decoded by that
+// file's own AVX512-VNNI decoders (q3_kx8_amx_sub)
+void unpack_q3_k(const DotArgs& p, int64_t gr, Panel& P) {
+  const uint8_t *ga, *gb;
+  pair(p, gr, ga, gb);
+  for (int64_t b = 0; b < p.K / 256; ++b) {
+    const uint8_t *ba = ga + b * 880, *bb = gb + b * 880;
+    const __m512 d = x8::scales2<2>(ba, bb);
+    for (int s = 0; s < 8; ++s) {
+      const int64_t g = b * 8 + s;
+      q3_kx8_amx_sub(ba, bb, s, P.b.data() + g * 512, P.isc.data() + g * 32);
+      _mm512_storeu_ps(P.s.data() + 16 * g, d);
+    }
+  }
+}
+
 // IQ4_XS (gguf_iq4_xsx8.cpp layout: per super-block d, scales' low nibbles [pair][row], high bits per sub-block as
 // a 16-bit word (row c at bits 2c), then per sub-block and t = 0..3 of 8 rows x 4 index bytes): levels from
 // kIQ4NL, integer scale sc - 32 per sub-block
@@ -192,7 +209,7 @@ const Kind* kind(int qt) {
   static const Kind q4_0{unpack_q4_0<false>, PLAIN, 32}, q4_1{unpack_q4_0<true>, MIN, 32},
       q5_0{unpack_q5_0<false>, PLAIN, 32}, q5_1{unpack_q5_0<true>, MIN, 32}, q8_0{unpack_q8_0, PLAIN, 32},
       q4_k{unpack_q4_k<false>, MIN, 64}, q5_k{unpack_q4_k<true>, MIN, 64}, q6_k{unpack_q6_k, HALVES, 64},
-      iq4_xs{unpack_iq4_xs, ISC, 64};
+      q3_k{unpack_q3_k, HALVES, 64}, iq4_xs{unpack_iq4_xs, ISC, 64};
   switch (qt) {
     case Q4_0X8: return &q4_0;
     case Q4_1X8: return &q4_1;
@@ -202,6 +219,7 @@ const Kind* kind(int qt) {
     case Q4_KX8: return &q4_k;
     case Q5_KX8: return &q5_k;
     case Q6_KX8: return &q6_k;
+    case Q3_KX8: return &q3_k;
     case IQ4_XSX8: return &iq4_xs;
     default: return nullptr;
   }

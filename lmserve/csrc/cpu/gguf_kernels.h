@@ -130,6 +130,9 @@ void act_bf16(Act& a, const float* x, int64_t M, int64_t K);
 void bf16_avx512(const DotArgs& p, int64_t n0, int64_t n1);
 // the 8 rows' float sub-block scales and mins of a Q4_KX8 / Q5_KX8 group super-block (gguf_q4_kx8.cpp)
 void q4_kx8_scales(const uint8_t* group_block, float (*sc)[8], float (*mn)[8]);
+// sub-block s of two Q3_KX8 group super-blocks (groups a, b) for the AMX panels (gguf_q3_kx8.cpp): its values - 4 in
+// the tile layout (half A: 4 rows x 16 columns x 4 bytes, then half B) and the halves' integer scales [2][16]
+void q3_kx8_amx_sub(const uint8_t* ba, const uint8_t* bb, int s, int8_t* tiles, int32_t* isc);
 // AMX-INT8 GEMM on a repacked part (gguf_amx.cpp): rows [0, M - M % 16) on AMX tiles, the rest on `rest` (the
 // part's AVX512-VNNI tiles), bit for bit as those; amx_x8_takes: whether it runs a call of M rows of type qt
 bool amx_x8_takes(int qt, int64_t M);

@@ -339,6 +339,21 @@ void q3_kx8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
   x8::blocked<x8::PlainTile<Vnni, 2>>(p, n0, n1);
 }
 
+// the values and scales tile_vnni decodes, for the AMX panels: the same decoders, so the same integers
+void q3_kx8_amx_sub(const uint8_t* ba, const uint8_t* bb, int s, int8_t* tiles, int32_t* isc) {
+  const uint8_t *suba = ba + kQ + 96 * s, *subb = bb + kQ + 96 * s;
+  const __m512i four = _mm512_set1_epi8(4);
+  __m512i q[4];
+  q3_vnni<0, 2>(suba, subb, q);
+  for (int u = 0; u < 4; ++u) _mm512_storeu_si512(tiles + 64 * u, _mm512_sub_epi8(q[u], four));
+  q3_vnni<1, 2>(suba, subb, q);
+  for (int u = 0; u < 4; ++u) _mm512_storeu_si512(tiles + 256 + 64 * u, _mm512_sub_epi8(q[u], four));
+  __m512i sa, sb;
+  scales_vnni(ba + kScales + 12 * s, bb + kScales + 12 * s, sa, sb);
+  _mm512_storeu_si512(isc, sa);
+  _mm512_storeu_si512(isc + 16, sb);
+}
+
 }  // namespace gguf
 
 #pragma GCC pop_options
