@@ -119,11 +119,11 @@ inline __m256i scales_avx2(const uint8_t* g, int s) {
   return _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
 }
 
-template <int RM>
+template <int RM, bool PF>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
-  const x8::Ahead ahead(p, m0, g, 1);
+  const x8::Ahead<PF> ahead(p, g, 1);
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
   __m256 acc[RM];
@@ -160,8 +160,10 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
 }
 
 struct Avx2 {
-  template <int RM, int>
-  static void tile(const DotArgs& p, int64_t m, int64_t gr, int64_t n0, int64_t n1) { tile_avx2<RM>(p, m, gr, n0, n1); }
+  template <int RM, int, bool PF>
+  static void tile(const DotArgs& p, int64_t m, int64_t gr, int64_t n0, int64_t n1) {
+    tile_avx2<RM, PF>(p, m, gr, n0, n1);
+  }
 };
 
 }  // namespace
@@ -192,12 +194,12 @@ inline __m512i scales_vnni(const uint8_t* a, const uint8_t* b, int s) {
   return _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
 }
 
-template <int RM, int NG>
+template <int RM, int NG, bool PF>
 void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
-  const x8::Ahead ahead(p, m0, ga, NG);
+  const x8::Ahead<PF> ahead(p, ga, NG);
   const __m512i m4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // the levels + 128 (unsigned), in each 128-bit lane for vpshufb
   const __m128i nl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL));
@@ -235,9 +237,9 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
 }
 
 struct Vnni {
-  template <int RM, int NG>
+  template <int RM, int NG, bool PF>
   static void tile(const DotArgs& p, int64_t m, int64_t gr, int64_t n0, int64_t n1) {
-    tile_vnni<RM, NG>(p, m, gr, n0, n1);
+    tile_vnni<RM, NG, PF>(p, m, gr, n0, n1);
   }
 };
 

@@ -106,11 +106,11 @@ namespace {
 using x8::load_i32;
 
 // outputs [m0, m0 + RM) x the 8 columns of group gr; lanes outside [n0, n1) are not stored
-template <int RM, bool MIN>
+template <int RM, bool MIN, bool PF>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
-  const x8::Ahead ahead(p, m0, g, 1);
+  const x8::Ahead<PF> ahead(p, g, 1);
   const __m256i lo_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   __m256 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
@@ -149,9 +149,9 @@ struct Avx2Tile {
   static constexpr int kGroups = 1;
   using Ctx = x8::NoCtx;
   static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
-  template <int RM>
+  template <int RM, bool PF>
   static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t, int64_t n0, int64_t n1, Ctx&) {
-    tile_avx2<RM, MIN>(p, m, gr, n0, n1);
+    tile_avx2<RM, MIN, PF>(p, m, gr, n0, n1);
   }
 };
 
@@ -171,12 +171,12 @@ namespace gguf {
 namespace {
 
 // outputs [m0, m0 + RM) x the 16 columns of groups gr, gr + 1 (NG = 2) or the 8 of group gr (NG = 1, 8 lanes)
-template <int RM, int NG, bool MIN>
+template <int RM, int NG, bool MIN, bool PF>
 void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
-  const x8::Ahead ahead(p, m0, ga, NG);
+  const x8::Ahead<PF> ahead(p, ga, NG);
   const __m512i lo_mask = _mm512_set1_epi8(15);
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
@@ -217,10 +217,10 @@ struct VnniTile {
   static constexpr int kGroups = 2, kMaxRows = 8;
   using Ctx = x8::NoCtx;
   static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
-  template <int RM>
+  template <int RM, bool PF>
   static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1, Ctx&) {
-    if (ng == 2) tile_vnni<RM, 2, MIN>(p, m, gr, n0, n1);
-    else tile_vnni<RM, 1, MIN>(p, m, gr, n0, n1);
+    if (ng == 2) tile_vnni<RM, 2, MIN, PF>(p, m, gr, n0, n1);
+    else tile_vnni<RM, 1, MIN, PF>(p, m, gr, n0, n1);
   }
 };
 

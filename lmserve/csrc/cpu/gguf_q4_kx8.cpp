@@ -194,11 +194,11 @@ inline __m256i fifth_bits(__m256i h, int t, __m256i bit4) {
   return _mm256_and_si256(t <= 4 ? _mm256_slli_epi16(h, 4 - t) : _mm256_srli_epi16(h, t - 4), bit4);
 }
 
-template <int QT, int RM>
+template <int QT, int RM, bool PF>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1, const ScaleCtx& ctx) {
   const int64_t K = p.K, nb = ctx.nb, ng = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
-  const x8::Ahead ahead(p, m0, g, 1);
+  const x8::Ahead<PF> ahead(p, g, 1);
   const __m256i lo_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), bit4 = _mm256_set1_epi8(16);
   __m256 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
@@ -258,9 +258,9 @@ struct Avx2Tile {
   static constexpr int kGroups = 1;
   using Ctx = ScaleCtx;
   static void prepare(const DotArgs& p, int64_t gr, int64_t ng, Ctx& ctx) { prepare_scales<QT>(p, gr, ng, ctx); }
-  template <int RM>
+  template <int RM, bool PF>
   static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t, int64_t n0, int64_t n1, Ctx& ctx) {
-    tile_avx2<QT, RM>(p, m, gr, n0, n1, ctx);
+    tile_avx2<QT, RM, PF>(p, m, gr, n0, n1, ctx);
   }
 };
 
@@ -293,7 +293,7 @@ inline __m512i fifth_bits(__m512i h, int t, __m512i bit4) {
   return _mm512_and_si512(t <= 4 ? _mm512_slli_epi16(h, 4 - t) : _mm512_srli_epi16(h, t - 4), bit4);
 }
 
-template <int QT, int RM, int NG>
+template <int QT, int RM, int NG, bool PF>
 void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1, const ScaleCtx& ctx) {
   const int64_t K = p.K, nb = ctx.nb, ng = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
@@ -302,7 +302,7 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
   Scales own[NG];
-  const x8::Ahead ahead(p, m0, ga, NG);
+  const x8::Ahead<PF> ahead(p, ga, NG);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* ba = ga + b * kGroupBlockBytes<QT>;
     const uint8_t* bb = gb + b * kGroupBlockBytes<QT>;
@@ -365,10 +365,10 @@ struct VnniTile {
   static constexpr int kGroups = 2, kMaxRows = 8;
   using Ctx = ScaleCtx;
   static void prepare(const DotArgs& p, int64_t gr, int64_t ng, Ctx& ctx) { prepare_scales<QT>(p, gr, ng, ctx); }
-  template <int RM>
+  template <int RM, bool PF>
   static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1, Ctx& ctx) {
-    if (ng == 2) tile_vnni<QT, RM, 2>(p, m, gr, n0, n1, ctx);
-    else tile_vnni<QT, RM, 1>(p, m, gr, n0, n1, ctx);
+    if (ng == 2) tile_vnni<QT, RM, 2, PF>(p, m, gr, n0, n1, ctx);
+    else tile_vnni<QT, RM, 1, PF>(p, m, gr, n0, n1, ctx);
   }
 };
 

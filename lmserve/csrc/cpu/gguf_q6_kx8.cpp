@@ -139,11 +139,11 @@ inline void q6_avx2(const uint8_t* blk, int h, __m256i q[4]) {
                          _mm256_srli_epi16(_mm256_and_si256(b2, top), 2));
 }
 
-template <int RM>
+template <int RM, bool PF>
 void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* g = p.w + gr * 8 * p.ws;
-  const x8::Ahead ahead(p, m0, g, 1);
+  const x8::Ahead<PF> ahead(p, g, 1);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
@@ -181,8 +181,10 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
 }
 
 struct Avx2 {
-  template <int RM, int>
-  static void tile(const DotArgs& p, int64_t m, int64_t gr, int64_t n0, int64_t n1) { tile_avx2<RM>(p, m, gr, n0, n1); }
+  template <int RM, int, bool PF>
+  static void tile(const DotArgs& p, int64_t m, int64_t gr, int64_t n0, int64_t n1) {
+    tile_avx2<RM, PF>(p, m, gr, n0, n1);
+  }
 };
 
 }  // namespace
@@ -199,12 +201,12 @@ void q6_kx8_avx2(const DotArgs& p, int64_t n0, int64_t n1) { x8::blocked<x8::Pla
 namespace gguf {
 namespace {
 
-template <int RM, int NG>
+template <int RM, int NG, bool PF>
 void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
   const int64_t K = p.K, nb = K / 256, ng = K / 32;
   const uint8_t* ga = p.w + gr * 8 * p.ws;
   const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
-  const x8::Ahead ahead(p, m0, ga, NG);
+  const x8::Ahead<PF> ahead(p, ga, NG);
   const __m512i m6 = _mm512_set1_epi8(63), top = _mm512_set1_epi8(static_cast<char>(0xC0));
   __m512 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();
@@ -252,9 +254,9 @@ void tile_vnni(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
 }
 
 struct Vnni {
-  template <int RM, int NG>
+  template <int RM, int NG, bool PF>
   static void tile(const DotArgs& p, int64_t m, int64_t gr, int64_t n0, int64_t n1) {
-    tile_vnni<RM, NG>(p, m, gr, n0, n1);
+    tile_vnni<RM, NG, PF>(p, m, gr, n0, n1);
   }
 };
 

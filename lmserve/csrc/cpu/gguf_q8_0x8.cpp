@@ -73,11 +73,11 @@ namespace {
 using x8::load_i32;
 
 struct Avx2 {
-  template <int RM, int NG>
+  template <int RM, int NG, bool PF>
   static void tile(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
     const int64_t K = p.K, nb = K / 32;
     const uint8_t* g = p.w + gr * 8 * p.ws;
-    const x8::Ahead ahead(p, m0, g, 1);
+    const x8::Ahead<PF> ahead(p, g, 1);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[RM];
     for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
@@ -120,12 +120,12 @@ namespace gguf {
 namespace {
 
 struct Vnni {
-  template <int RM, int NG>
+  template <int RM, int NG, bool PF>
   static void tile(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1) {
     const int64_t K = p.K, nb = K / 32;
     const uint8_t* ga = p.w + gr * 8 * p.ws;
     const uint8_t* gb = NG == 2 ? ga + 8 * p.ws : ga;
-    const x8::Ahead ahead(p, m0, ga, NG);
+    const x8::Ahead<PF> ahead(p, ga, NG);
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     __m512 acc[RM];
     for (int m = 0; m < RM; ++m) acc[m] = _mm512_setzero_ps();

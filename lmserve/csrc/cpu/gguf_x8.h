@@ -43,6 +43,44 @@ struct max_rows { static constexpr int value = 4; };
 template <class T>
 struct max_rows<T, std::void_t<decltype(T::kMaxRows)>> { static constexpr int value = T::kMaxRows; };
 
+// Software prefetch in the tile that streams a chunk's weights from memory in a decode-sized call (< kStreamRows
+// rows, one 64-row block: its first row tile; a decode step reads every weight once, from DRAM). A tile of NG
+// groups reads NG streams 8 * ws bytes apart, a block of each at a time, and asks for each stream's lines kBytes
+// ahead. The hardware prefetchers alone left the 1-4 row calls of the 4-bit types well below the read bandwidth
+// while their unpacking kept the core busy (Q4_K 1 row at ~70% of it on a Sapphire Rapids VM); with these
+// prefetches 1-row calls of Q4_0 / Q4_K / Q5_K / IQ4_XS ran 1.2-1.8x faster, 4-row calls of the AVX2 tiles up to
+// 1.8x (docs/benchmarks.md). Same operations, same bits. Larger calls are compute-bound and re-read each chunk from
+// cache by 8+ row tiles: they do not prefetch. ON is a template argument (blocked() picks the instantiation per
+// tile), not a run-time test in the loops: that test alone cost Q6_K's 64-row calls 13%.
+constexpr int64_t kStreamRows = 64;
+template <bool ON>
+struct Ahead {
+  static constexpr int64_t kBytes = 32 * 1024;
+  const uint8_t *a, *b_;
+  Ahead(const DotArgs& p, const uint8_t* group, int ng)
+      : a(group + kBytes), b_(ng == 2 ? group + kBytes + 8 * p.ws : nullptr) {}
+  // lines i * n .. i * n + n - 1 of block b (`bytes` long) of each of the tile's groups: a tile calls it at each
+  // of its steps through a block, so a block is asked for early in its own reading (front-loaded; spreading the
+  // lines evenly over the steps measured slower for Q4_K)
+  inline void lines(int64_t b, int64_t bytes, int i, int n) const {
+    if constexpr (ON) {
+      for (int64_t k = i * n; k < i * n + n && 64 * k < bytes; ++k) {
+        __builtin_prefetch(a + b * bytes + 64 * k, 0, 3);
+        if (b_ != nullptr) __builtin_prefetch(b_ + b * bytes + 64 * k, 0, 3);
+      }
+    }
+  }
+};
+
+// Tile::run<RM, PF>: PF for the first row tile of a chunk in a decode-sized call (then pf turns false)
+template <class Tile, int RM>
+inline void run_tile(const DotArgs& p, int64_t m, int64_t gc, int64_t ng, int64_t n0, int64_t n1,
+                     typename Tile::Ctx& ctx, bool& pf) {
+  if (pf) Tile::template run<RM, true>(p, m, gc, ng, n0, n1, ctx);
+  else Tile::template run<RM, false>(p, m, gc, ng, n0, n1, ctx);
+  pf = false;
+}
+
 // The blocking every ISA shares: blocks of 64 activation rows x chunks of Tile::kGroups groups (16 columns on
 // AVX512, 8 on AVX2; <= 74 KB of W at K = 8192, re-read from cache by each row tile) x row tiles of 8 (tiles with
 // kMaxRows = 8: the AVX512-VNNI ones whose 32 registers hold 8 rows' sums, so each weight load and unpack serves
@@ -60,54 +98,31 @@ void blocked(const DotArgs& p, int64_t n0, int64_t n1) {
       const int64_t ng = std::min<int64_t>(Tile::kGroups, g1 - gc);
       Tile::prepare(p, gc, ng, ctx);
       int64_t m = mb;
+      bool pf = p.M - p.m_begin < kStreamRows;
       if constexpr (max_rows<Tile>::value >= 8)
-        for (; m + 8 <= me; m += 8) Tile::template run<8>(p, m, gc, ng, n0, n1, ctx);
-      for (; m + 4 <= me; m += 4) Tile::template run<4>(p, m, gc, ng, n0, n1, ctx);
-      if (m + 2 <= me) { Tile::template run<2>(p, m, gc, ng, n0, n1, ctx); m += 2; }
-      if (m < me) Tile::template run<1>(p, m, gc, ng, n0, n1, ctx);
+        for (; m + 8 <= me; m += 8) run_tile<Tile, 8>(p, m, gc, ng, n0, n1, ctx, pf);
+      for (; m + 4 <= me; m += 4) run_tile<Tile, 4>(p, m, gc, ng, n0, n1, ctx, pf);
+      if (m + 2 <= me) { run_tile<Tile, 2>(p, m, gc, ng, n0, n1, ctx, pf); m += 2; }
+      if (m < me) run_tile<Tile, 1>(p, m, gc, ng, n0, n1, ctx, pf);
     }
   }
 }
 
-// Software prefetch in the tiles that stream a chunk's weights from memory: the first row tile of each 64-row block
-// (a decode step reads every weight once, from DRAM). A tile of NG groups reads NG streams 8 * ws bytes apart, a
-// block of each at a time, and asks for each stream's lines kBytes ahead. The hardware prefetchers alone left the
-// 1-4 row calls of the 4-bit types well below the read bandwidth while their unpacking kept the core busy (Q4_K
-// 1 row at ~70% of it on a Sapphire Rapids VM); with these prefetches 1-row calls of Q4_0 / Q4_K / Q5_K / IQ4_XS
-// ran 1.2-1.8x faster, 4-row calls of the AVX2 tiles up to 1.8x (docs/benchmarks.md). Same operations, same bits.
-struct Ahead {
-  static constexpr int64_t kBytes = 32 * 1024;
-  const uint8_t *a, *b_;
-  Ahead(const DotArgs& p, int64_t m0, const uint8_t* group, int ng)
-      : a((m0 - p.m_begin) % 64 == 0 ? group + kBytes : nullptr),
-        b_(a != nullptr && ng == 2 ? a + 8 * p.ws : nullptr) {}
-  // lines i * n .. i * n + n - 1 of block b (`bytes` long) of each of the tile's groups: a tile calls it at each
-  // of its steps through a block, so a block is asked for early in its own reading (front-loaded; spreading the
-  // lines evenly over the steps measured slower for Q4_K)
-  inline void lines(int64_t b, int64_t bytes, int i, int n) const {
-    if (a == nullptr) return;
-    for (int64_t k = i * n; k < i * n + n && 64 * k < bytes; ++k) {
-      __builtin_prefetch(a + b * bytes + 64 * k, 0, 3);
-      if (b_ != nullptr) __builtin_prefetch(b_ + b * bytes + 64 * k, 0, 3);
-    }
-  }
-};
-
 struct NoCtx {};
 
-// Tile of a layout with no per-chunk state: F::template tile<RM, NG>(p, m, gr, n0, n1) computes rows m..m+RM-1 of
+// Tile of a layout with no per-chunk state: F::template tile<RM, NG, PF>(p, m, gr, n0, n1) computes rows m..m+RM-1 of
 // NG groups from gr (AVX2: Groups = 1; AVX512: Groups = 2, and NG = 1 for a chunk's odd last group)
 template <class F, int Groups, int MaxRows = 4>
 struct PlainTile {
   static constexpr int kGroups = Groups, kMaxRows = MaxRows;
   using Ctx = NoCtx;
   static void prepare(const DotArgs&, int64_t, int64_t, Ctx&) {}
-  template <int RM>
+  template <int RM, bool PF>
   static void run(const DotArgs& p, int64_t m, int64_t gr, int64_t ng, int64_t n0, int64_t n1, Ctx&) {
     if constexpr (Groups == 2) {
-      if (ng == 2) return F::template tile<RM, 2>(p, m, gr, n0, n1);
+      if (ng == 2) return F::template tile<RM, 2, PF>(p, m, gr, n0, n1);
     }
-    F::template tile<RM, 1>(p, m, gr, n0, n1);
+    F::template tile<RM, 1, PF>(p, m, gr, n0, n1);
   }
 };
 
