@@ -7,8 +7,9 @@
 // acc = mn[c] * sx[m, g] + acc for types with a minimum). Here idot comes from a tile dot product of signed bytes
 // (tdpbssd) on the weights unpacked to their signed values (an offset such as Q4_0's 8 already subtracted: the
 // same integer as the VNNI tiles' sum minus their offset term), times the integer sub-block scale where a type has
-// one (IQ4_XS), or sa * dA + sb * dB over 16-value halves (Q6_K, Q3_K: two tile dots of K = 16); the float
-// epilogue is the VNNI tiles' operations in their order. So results do not depend on the CPU kind or the batch.
+// one (IQ4_XS), or sa * dA + sb * dB over 16-value halves (Q6_K, Q3_K, Q2_K: two tile dots of K = 16); the float
+// epilogue is the VNNI tiles' operations in their order (Q2_K's offset term ma * xA + mb * xB formed in float from
+// the halves' activation sums, exactly). So results do not depend on the CPU kind or the batch.
 //
 // Per thread: columns in chunks of 16 (two groups), up to 8 chunks whose weights are unpacked at once into panels
 // (per sub-block 512 bytes in the tile's VNNI layout: row k4 holds values 4k4..4k4+3 of each of the 16 columns;
@@ -83,9 +84,11 @@ inline void drain(int t, int32_t* c) {
 // rows m0..m0 + 15 x the panel's 16 columns (from col0); stores the lanes in [n0, n1)
 template <Epi E>
 void row_tile(const DotArgs& p, const Panel& P, const int8_t* ap, int64_t m0, int64_t col0, int64_t n0, int64_t n1) {
+  constexpr bool kHalves = E == HALVES || E == HALVES_MIN;
   const int64_t ng = p.K / 32;
   const float* dx = p.a->dx.data() + m0 * ng;
   const float* sx = p.a->sx.data() + m0 * ng;
+  const int32_t* hs = p.a->hs.data() + m0 * ng * 2;
   const int8_t* bp = P.b.data();
   alignas(64) int32_t c0[256], c1[256];
   __m512 acc[16];
@@ -97,15 +100,25 @@ void row_tile(const DotArgs& p, const Panel& P, const int8_t* ap, int64_t m0, in
     // the products and their sum are exact in float and equal float(idot) of the int32 arithmetic
     const __m512 fa = _mm512_cvtepi32_ps(_mm512_loadu_si512(P.isc.data() + 32 * g));
     const __m512 fb = _mm512_cvtepi32_ps(_mm512_loadu_si512(P.isc.data() + 32 * g + 16));
+    // Q2_K: the offsets / 32 times the halves' sums a.hs = -32 x give -(ma xA + mb xB), every product and sum an
+    // integer below 2^24, so exactly -float(mdot), and acc + (-m) * y is the VNNI tiles' fnmadd(m, y, acc) to the bit
+    const __m512 oa = _mm512_loadu_ps(P.mo.data() + 32 * g), ob = _mm512_loadu_ps(P.mo.data() + 32 * g + 16);
     for (int r = 0; r < 16; ++r) {
       __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * r));
       if (E == ISC) v = _mm512_mul_ps(v, fa);
-      if (E == HALVES) v = _mm512_fmadd_ps(v, fa, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c2 + 16 * r)), fb));
-      acc[r] = _mm512_fmadd_ps(v, _mm512_mul_ps(s, _mm512_set1_ps(dx[r * ng + g])), acc[r]);
+      if (kHalves) v = _mm512_fmadd_ps(v, fa, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c2 + 16 * r)), fb));
+      const __m512 dxr = _mm512_set1_ps(dx[r * ng + g]);
+      acc[r] = _mm512_fmadd_ps(v, _mm512_mul_ps(s, dxr), acc[r]);
       if (E == MIN) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx[r * ng + g]), acc[r]);
+      if (E == HALVES_MIN) {
+        const int32_t* h = hs + (r * ng + g) * 2;
+        const __m512 neg = _mm512_fmadd_ps(oa, _mm512_set1_ps(static_cast<float>(h[0])),
+                                           _mm512_mul_ps(ob, _mm512_set1_ps(static_cast<float>(h[1]))));
+        acc[r] = _mm512_fmadd_ps(neg, _mm512_mul_ps(mn, dxr), acc[r]);
+      }
     }
   };
-  if constexpr (E == HALVES) {   // a sub-block's two halves in tiles 2s, 2s + 1: two sub-blocks in flight
+  if constexpr (kHalves) {   // a sub-block's two halves in tiles 2s, 2s + 1: two sub-blocks in flight
     auto both = [&](int64_t g) {
       issue(2 * (g & 1), ap, bp, g, 0);
       issue(2 * (g & 1) + 1, ap, bp, g, 16);
@@ -140,7 +153,7 @@ void gemm(const DotArgs& p, const Kind& k, int64_t m16, int64_t n0, int64_t n1) 
   const int64_t nsub = p.K / 32;
   const int nc = static_cast<int>(std::clamp<int64_t>(kPanelBytes / (16 * p.K), 1, kMaxChunks));
   const int64_t g0 = n0 / 8, g1 = (n1 + 7) / 8;
-  configure(E == HALVES ? 16 : 32);
+  configure(E == HALVES || E == HALVES_MIN ? 16 : 32);
   for (int64_t gc = g0; gc < g1; gc += 2 * nc) {
     int cnt = 0;
     for (; cnt < nc && gc + 2 * cnt < g1; ++cnt) {
@@ -179,6 +192,7 @@ void amx_x8(const DotArgs& p, int64_t n0, int64_t n1, void (*rest)(const DotArgs
     case MIN: gemm<MIN>(p, k, m16, n0, n1); break;
     case ISC: gemm<ISC>(p, k, m16, n0, n1); break;
     case HALVES: gemm<HALVES>(p, k, m16, n0, n1); break;
+    case HALVES_MIN: gemm<HALVES_MIN>(p, k, m16, n0, n1); break;
   }
   if (m16 < p.M) {
     DotArgs r = p;

@@ -8,18 +8,22 @@
 namespace gguf {
 namespace amx {
 
-enum Epi { PLAIN, MIN, ISC, HALVES };   // the epilogue: none, a minimum, an integer scale, two halves' scales
+// the epilogue: none, a minimum, an integer scale, two halves' scales, and those with the halves' integer offsets
+// times their activation sums (Q2_K)
+enum Epi { PLAIN, MIN, ISC, HALVES, HALVES_MIN };
 
 // 16 columns of a call's weights, unpacked: per 32-value sub-block g, b[g]: 8 rows x 64 bytes (row k4, column c:
-// values 4k4..4k4+3); s, mn: [g][16] floats; isc: [g][16] (ISC) or [g][2][16] (HALVES) int32
+// values 4k4..4k4+3); s, mn: [g][16] floats; isc: [g][16] (ISC) or [g][2][16] (HALVES) int32; mo: [g][2][16] the
+// halves' integer offsets / 32 (HALVES_MIN)
 struct Panel {
   std::vector<int8_t> b;
-  std::vector<float> s, mn;
+  std::vector<float> s, mn, mo;
   std::vector<int32_t> isc;
   void resize(int64_t nsub) {
     b.resize(nsub * 512);
     s.resize(nsub * 16);
     mn.resize(nsub * 16);
+    mo.resize(nsub * 32);
     isc.resize(nsub * 32);
   }
 };

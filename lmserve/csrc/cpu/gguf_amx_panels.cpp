@@ -171,6 +171,34 @@ void unpack_q3_k(const DotArgs& p, int64_t gr, Panel& P) {
   }
 }
 
+// Q2_K (gguf_q2_kx8.cpp layout: 672 bytes per super-block; d, dmin, scale bytes [16-value half][row] (scale | offset
+// << 4), then per half h a chunk of [row][4 bytes] whose bits 2j, 2j + 1 are value 4j + k): values 0..3, the halves'
+// integer scales, their offsets / 32 (exact) for the epilogue's offset term
+void unpack_q2_k(const DotArgs& p, int64_t gr, Panel& P) {
+  const uint8_t *ga, *gb;
+  pair(p, gr, ga, gb);
+  const __m512i m3 = _mm512_set1_epi8(3);
+  for (int64_t b = 0; b < p.K / 256; ++b) {
+    const uint8_t *ba = ga + b * 672, *bb = gb + b * 672;
+    const __m512 d = x8::scales2<2>(ba, bb), dmin = x8::scales2<2>(ba + 16, bb + 16);
+    for (int h = 0; h < 16; ++h) {
+      const int64_t g = b * 8 + h / 2;
+      for (int c = 0; c < 16; ++c) {
+        const uint8_t sm = (c < 8 ? ba : bb)[32 + 8 * h + c % 8];
+        P.isc[g * 32 + (h % 2) * 16 + c] = sm & 15;
+        P.mo[g * 32 + (h % 2) * 16 + c] = static_cast<float>(sm >> 4) / 32.f;
+      }
+      const __m512i v = x8::load2<2>(ba, bb, 160 + 32 * h);
+      int8_t* B = P.b.data() + g * 512 + (h % 2) * 256;
+      for (int j = 0; j < 4; ++j) put(B + 64 * j, _mm512_and_si512(_mm512_srli_epi16(v, 2 * j), m3));
+      if (h % 2 == 0) {
+        _mm512_storeu_ps(P.s.data() + 16 * g, d);
+        _mm512_storeu_ps(P.mn.data() + 16 * g, dmin);
+      }
+    }
+  }
+}
+
 // IQ4_XS (gguf_iq4_xsx8.cpp layout: per super-block d, scales' low nibbles [pair][row], high bits per sub-block as
 // a 16-bit word (row c at bits 2c), then per sub-block and t = 0..3 of 8 rows x 4 index bytes): levels from
 // kIQ4NL, integer scale sc - 32 per sub-block
@@ -209,7 +237,7 @@ const Kind* kind(int qt) {
   static const Kind q4_0{unpack_q4_0<false>, PLAIN, 32}, q4_1{unpack_q4_0<true>, MIN, 32},
       q5_0{unpack_q5_0<false>, PLAIN, 32}, q5_1{unpack_q5_0<true>, MIN, 32}, q8_0{unpack_q8_0, PLAIN, 32},
       q4_k{unpack_q4_k<false>, MIN, 64}, q5_k{unpack_q4_k<true>, MIN, 64}, q6_k{unpack_q6_k, HALVES, 64},
-      q3_k{unpack_q3_k, HALVES, 64}, iq4_xs{unpack_iq4_xs, ISC, 64};
+      q3_k{unpack_q3_k, HALVES, 64}, q2_k{unpack_q2_k, HALVES_MIN, 64}, iq4_xs{unpack_iq4_xs, ISC, 64};
   switch (qt) {
     case Q4_0X8: return &q4_0;
     case Q4_1X8: return &q4_1;
@@ -220,6 +248,7 @@ const Kind* kind(int qt) {
     case Q5_KX8: return &q5_k;
     case Q6_KX8: return &q6_k;
     case Q3_KX8: return &q3_k;
+    case Q2_KX8: return &q2_k;
     case IQ4_XSX8: return &iq4_xs;
     default: return nullptr;
   }
