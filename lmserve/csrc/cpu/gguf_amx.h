@@ -16,7 +16,7 @@ enum Epi { PLAIN, MIN, ISC, HALVES, HALVES_MIN };
 // values 4k4..4k4+3); s, mn: [g][16] floats; isc: [g][16] (ISC) or [g][2][16] (HALVES) int32; mo: [g][2][16] the
 // halves' integer offsets / 32 (HALVES_MIN)
 struct Panel {
-  std::vector<int8_t> b;
+  std::vector<int8_t, Aligned64<int8_t>> b;   // 64-byte lines: tile loads (gguf_kernels.h)
   std::vector<float> s, mn, mo;
   std::vector<int32_t> isc;
   void resize(int64_t nsub) {

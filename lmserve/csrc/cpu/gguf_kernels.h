@@ -7,10 +7,29 @@
 // tiles for prefill-sized calls, chosen at run time, with gguf_amx_panels.cpp (gguf_amx.h); gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on
 // AVX512-BF16).
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace gguf {
+
+// Storage on 64-byte lines: an AMX tile load or store of rows that straddle two cache lines is several times
+// slower (measured on Sapphire Rapids: a 1 KB tileloadd 15.9 ns vs 2.5 ns aligned, tilestored 10.6 vs 4.5), and a
+// std::vector's heap block is 16-byte aligned
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
 
 // ISA levels, as lmserve/ops/cpu_isa.py LEVELS (in that order)
 enum Isa { ISA_SCALAR = 0, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512, ISA_AVX512VNNI, ISA_AMX };
@@ -33,7 +52,7 @@ struct Act {
   std::vector<int32_t> hs;
   std::vector<uint16_t> xb;  // [M, K]: x rounded to bfloat16 (F16 / BF16 weights' non-exact path, act_bf16)
   // [M / 16][K / 32][16 rows][32]: q of the first M - M % 16 rows in AMX tile order (amx_pack_act, where AMX runs)
-  std::vector<int8_t> qtiles;
+  std::vector<int8_t, Aligned64<int8_t>> qtiles;
 };
 void quantize_act(Act& a, const float* x, int64_t M, int64_t K);
 // group g's sums from its lane sums a.ls and scale a.dx: qsum, hs, sx (every quantizer's last step)
