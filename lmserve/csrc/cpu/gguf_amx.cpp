@@ -1,6 +1,7 @@
 // The int8 GEMM on weights repacked in groups of 8 rows (gguf_x8.h) on AMX-INT8 tiles (Intel Sapphire Rapids and
-// later), for calls of >= 32 / 64 rows (Kind::min_rows): prefill. Chosen at run time (cpu_isa.cpp: level amx,
-// granted by the kernel's arch_prctl); decode sizes and the last M % 16 rows stay on the AVX512-VNNI tiles.
+// later), for calls of >= 16-48 rows (Kind::min_rows, per type): prefill, large batches. Chosen at run time
+// (cpu_isa.cpp: level amx, granted by the kernel's arch_prctl); smaller calls and the last M % 16 rows stay on the
+// AVX512-VNNI tiles.
 //
 // Bit for bit the VNNI tiles' results: each of those computes, per output (m, c) and 32-value sub-block g in order,
 // an exact int32 dot idot and then the same float operations, acc = float(idot) * (s[c] * dx[m, g]) + acc (and

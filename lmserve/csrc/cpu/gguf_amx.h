@@ -28,10 +28,10 @@ struct Panel {
   }
 };
 
-// how a type's panels are made and its sums scaled. min_rows: the calls AMX takes. Measured against the AVX512-VNNI
-// tiles on a Sapphire Rapids VM (docs/benchmarks.md): at 16 rows every type was slower on AMX (the panels are
-// unpacked for one row tile), at 32 the 32-value types gained (Q4_0 1.2x), the super-block types, whose unpacking
-// decodes scales, were level up to 48 rows
+// how a type's panels are made and its sums scaled. min_rows: the calls AMX takes, the fewest rows at which it beat
+// the AVX512-VNNI tiles on a Sapphire Rapids VM, weights cache-resident, twice (docs/benchmarks.md): at 16 rows Q3_K
+// 1.27-1.38x, Q5_0 1.20x, IQ4_XS 1.09-1.12x, the rest 0.81-1.02x (the panels are unpacked for one row tile); at 32
+// Q5_K / Q6_K / Q2_K / Q4_1 1.07-1.15x; Q4_K level at 32, 1.09-1.13x at 48
 struct Kind {
   void (*unpack)(const DotArgs&, int64_t, Panel&);
   Epi epi;

@@ -235,9 +235,9 @@ void unpack_iq4_xs(const DotArgs& p, int64_t gr, Panel& P) {
 
 const Kind* kind(int qt) {
   static const Kind q4_0{unpack_q4_0<false>, PLAIN, 32}, q4_1{unpack_q4_0<true>, MIN, 32},
-      q5_0{unpack_q5_0<false>, PLAIN, 32}, q5_1{unpack_q5_0<true>, MIN, 32}, q8_0{unpack_q8_0, PLAIN, 32},
-      q4_k{unpack_q4_k<false>, MIN, 64}, q5_k{unpack_q4_k<true>, MIN, 64}, q6_k{unpack_q6_k, HALVES, 64},
-      q3_k{unpack_q3_k, HALVES, 64}, q2_k{unpack_q2_k, HALVES_MIN, 64}, iq4_xs{unpack_iq4_xs, ISC, 64};
+      q5_0{unpack_q5_0<false>, PLAIN, 16}, q5_1{unpack_q5_0<true>, MIN, 32}, q8_0{unpack_q8_0, PLAIN, 32},
+      q4_k{unpack_q4_k<false>, MIN, 48}, q5_k{unpack_q4_k<true>, MIN, 32}, q6_k{unpack_q6_k, HALVES, 32},
+      q3_k{unpack_q3_k, HALVES, 16}, q2_k{unpack_q2_k, HALVES_MIN, 32}, iq4_xs{unpack_iq4_xs, ISC, 16};
   switch (qt) {
     case Q4_0X8: return &q4_0;
     case Q4_1X8: return &q4_1;

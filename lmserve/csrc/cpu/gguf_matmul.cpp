@@ -236,7 +236,7 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
       avx2 && level >= ISA_AVX512VNNI && M >= g_vnni512_min_rows.load() &&
       (g_vnni512_all_types.load() ||
        std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0 || is_x8(qt); }));
-  // AMX tiles for repacked parts at >= 16 rows where the CPU has them (gguf_amx.cpp): the same bits again
+  // AMX tiles for repacked parts at >= Kind::min_rows rows where the CPU has them (gguf_amx.cpp): the same bits again
   [[maybe_unused]] const bool amx = vnni512 && level >= ISA_AMX;
   TORCH_CHECK(int8 || std::none_of(qts.begin(), qts.end(), is_x8),
               "gguf_matmul: repacked weights take int8 activations only");
