@@ -131,6 +131,14 @@ def test_dockerfile():
                 if src == "README.md":      # the README is the lead's; pyproject.toml needs it to build
                     continue
                 assert (root / src).exists(), f"COPY {src}: not in the repository"
+    # every lmserve command the image build runs exists (the kernels are built into the image, as its user)
+    runs = [shlex.split(rest) for instr, rest in instructions if instr == "RUN" and rest.startswith("lmserve ")]
+    assert ["lmserve", "build-kernels"] in runs
+    for argv in runs:
+        build_parser().parse_args(argv[1:])
+    users = [i for i, (instr, _) in enumerate(instructions) if instr == "USER"]
+    assert users and users[0] < next(i for i, (instr, rest) in enumerate(instructions)
+                                     if instr == "RUN" and rest.startswith("lmserve build-kernels"))
     d = dict(instructions)
     assert json.loads(d["ENTRYPOINT"]) == ["lmserve"]
     assert build_parser().parse_args(json.loads(d["CMD"])).server == "api_server"

@@ -76,3 +76,29 @@ def test_waiting_for_another_live_builder_is_bounded(tmp_path):
         proc = _load_in_subprocess(tmp_path, timeout_s=2, wait_s=120)
     assert "REFERENCES" in proc.stdout, proc.stdout + proc.stderr
     assert "using the PyTorch references" in proc.stdout + proc.stderr
+
+
+def _build_kernels_command(cache_root, *args) -> subprocess.CompletedProcess:
+    code = "from lmserve.cli.commands import main; raise SystemExit(main(['build-kernels', *__import__('sys').argv[1:]]))"
+    env = dict(os.environ, LMSERVE_KERNEL_CACHE=str(cache_root), PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_build_kernels_command_fills_the_cache_the_servers_read(tmp_path):
+    """`lmserve build-kernels` (an image build's or an installer's step) leaves the build where a server's
+    cpu_kernels.load() finds it, and says where; with a live builder holding the lock past --timeout it fails
+    with exit status 1 instead of hanging."""
+    if cpu_kernels.load() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    path = _seed_cache(tmp_path / "ready")
+    proc = _build_kernels_command(tmp_path / "ready", "--timeout", "120")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"CPU kernels ready in {path}" in proc.stdout
+    assert "LOADED" in _load_in_subprocess(tmp_path / "ready", timeout_s=60, wait_s=120).stdout
+
+    busy = _seed_cache(tmp_path / "busy")
+    with open(str(busy) + ".flock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        proc = _build_kernels_command(tmp_path / "busy", "--timeout", "2")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "could not be built here" in proc.stdout

@@ -26,6 +26,32 @@ def _run_chat(args) -> int:
     return run_local_chat(build_engine_config(args), args)
 
 
+# ---- lmserve build-kernels ----------------------------------------------------------------------------------
+def _add_build_kernels(sub) -> None:
+    p = sub.add_parser("build-kernels", help="compile the C++ CPU kernels into the cache the servers read, so that "
+                                             "a first start compiles nothing (an image build, an install script)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the build (or for another "
+                                                                 "process building the same kernels)")
+    p.set_defaults(func=_run_build_kernels)
+
+
+def _run_build_kernels(args) -> int:
+    import logging
+    import time
+
+    from lmserve.ops import cpu_isa, cpu_kernels
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.monotonic()
+    module = cpu_kernels.build(args.timeout)
+    if module is None:
+        print("build-kernels: the C++ CPU kernels could not be built here (see above); servers will use the "
+              "PyTorch references")
+        return 1
+    print(f"build-kernels: CPU kernels ready in {cpu_kernels.build_dir()} ({time.monotonic() - t0:.1f} s; "
+          f"baseline {cpu_isa.baseline()}, this CPU runs level {cpu_isa.detected()})")
+    return 0
+
+
 # ---- lmserve serve api_server (owned by the server package) ---------------------------------------------
 def _add_api_server(sub) -> None:
     p = sub.add_parser("api_server", help="OpenAI-compatible + LMDeploy-native REST API server")
@@ -187,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_api_client(serve)
     _add_chat(sub)
     _add_bench(sub)
+    _add_build_kernels(sub)
     return parser
 
 
