@@ -2,7 +2,7 @@
 logits, sampling, and the Python around them, by wrapping the runner's op table and phases with timers.
 
     python benchmarks/decode_profile.py [--dtype auto|float32] [--threads 1,2] [--int8-dot on,off] [--steps 100]
-        [--prefill 512] [--fused on,off]
+        [--prefill 512] [--fused on,off] [--batch 16]
 
 Each (threads, int8-dot) configuration runs in turn on the same engine (the model loads once per dtype), with
 one 128-token prompt prefilled and then --steps decode steps timed. The timers cost ~0.1 us per call (~250 calls
@@ -63,9 +63,9 @@ def instrument(engine: LLMEngine) -> None:
     engine.step = timed(lambda *a, **k: "STEP", engine.step)
 
 
-def profile(engine: LLMEngine, steps: int, tag: str) -> None:
-    engine.add_request(tag, make_prompts(engine.tokenizer, 1, 128)[0],
-                       SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+def profile(engine: LLMEngine, steps: int, tag: str, batch: int = 1) -> None:
+    for i, prompt in enumerate(make_prompts(engine.tokenizer, batch, 128)):
+        engine.add_request(f"{tag}-{i}", prompt, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
     while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
         engine.step()
     for _ in range(3):
@@ -81,7 +81,8 @@ def profile(engine: LLMEngine, steps: int, tag: str) -> None:
     rows += [("forward: python + glue (embedding, views, logits gather)", forward - ops_ms),
              ("engine: scheduler + detokenizer + python", step - forward - t["runner.prepare (inputs, metadata)"]
               - t["runner.sample (sampler)"])]
-    print(f"\n### {tag}: step {step:.2f} ms = {1000 / step:.1f} tok/s (uptime: {os.getloadavg()[0]:.2f})")
+    print(f"\n### {tag}: step of {batch} sequence(s) {step:.2f} ms = {batch * 1000 / step:.1f} tok/s "
+          f"(uptime: {os.getloadavg()[0]:.2f})")
     print("| part | ms / step | share |\n|---|---:|---:|")
     for k, v in rows:
         print(f"| {k} | {v:.3f} | {100 * v / step:.1f}% |")
@@ -116,6 +117,7 @@ def main():
     ap.add_argument("--int8-dot", default="on")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead of decode steps")
+    ap.add_argument("--batch", type=int, default=1, help="decode steps of this many sequences (c=N serving)")
     ap.add_argument("--fused", default="on", help="decode layers in one C++ call (model/fused_decode.py), off = the "
                     "modules; a list (on,off,on,off) alternates them on the same engine")
     ap.add_argument("--gguf-repack", default="auto", help="auto, none, or a list (auto,none): one engine each")
@@ -131,7 +133,7 @@ def main():
             torch.set_num_threads(threads)
             engine.runner.fused = fused if on == "on" else None
             run = functools.partial(profile_prefill, engine, args.prefill) if args.prefill else \
-                functools.partial(profile, engine, args.steps)
+                functools.partial(profile, engine, args.steps, batch=args.batch)
             run(f"--dtype {args.dtype} ({engine.runner.matmul_precision} matmuls), int8-dot {int8}, repack {repack}, "
                 f"{threads} threads, "
                 f"fused {on if fused is not None else 'n/a'}")
