@@ -1,4 +1,13 @@
 """lmserve: serve LLMs behind an OpenAI-compatible REST API."""
+import os as _os
+
+# NOTE: PyTorch's CPU allocator asks Linux for transparent huge pages (MADV_HUGEPAGE, 2 MB) for buffers of >= 2 MB
+# when THP_MEM_ALLOC_ENABLE is set: the repacked weights then take a TLB entry per 2 MB instead of per 4 KB, and a
+# prefill's outputs a page fault per 2 MB. Measured on a Sapphire Rapids VM (THP in madvise mode, Linux's usual
+# default): a 1B Q4_K_M decode step 8-10% faster, its 512-token prefill 3-6%, RSS unchanged (docs/benchmarks.md).
+# A default: the user's own THP_MEM_ALLOC_ENABLE (0 turns it off) wins; where THP is "never" it changes nothing.
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
 from lmserve.outputs import CompletionOutput, FinishReason, RequestOutput
 from lmserve.sampling_params import SamplingParams
