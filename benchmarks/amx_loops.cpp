@@ -46,6 +46,7 @@ double best_ns(F f, double per) {
   return best * 1e9 / per;
 }
 
+// row_tile's issue / drain, as gguf_amx.cpp has them (repeated so this file builds without torch or the package)
 #define ISSUE(C, A, B)                       \
   do {                                       \
     _tile_zero(C);                           \
