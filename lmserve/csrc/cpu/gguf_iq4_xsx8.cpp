@@ -146,6 +146,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
           const __m256i xhi = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(qx + 16 + 4 * t)), hi);
           sum[m] = _mm256_add_epi32(sum[m], _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(alo, xlo), ones),
                                                              _mm256_madd_epi16(_mm256_maddubs_epi16(ahi, xhi), ones)));
+          x8::pin(sum[m]);
         }
       }
       const __m256i sc = scales_avx2(blk, s);

@@ -127,6 +127,7 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1)
         const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 32;
         s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(qx + 4 * t))));
         s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(qx + 16 + 4 * t))));
+        x8::pin(s16[m]);
       }
     }
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));

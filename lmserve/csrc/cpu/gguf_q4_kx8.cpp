@@ -228,6 +228,8 @@ void tile_avx2(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int64_t n1,
           const int8_t* qx = p.a->q.data() + (m0 + m) * K + b * 256 + 64 * j;
           s0[m] = _mm256_add_epi16(s0[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(qx + 4 * t))));
           s1[m] = _mm256_add_epi16(s1[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(qx + 32 + 4 * t))));
+          x8::pin(s0[m]);
+          x8::pin(s1[m]);
         }
         if (kQ5<QT> && t == 3) {
           for (int m = 0; m < RM; ++m) {

@@ -93,6 +93,7 @@ struct Avx2 {
         for (int m = 0; m < RM; ++m) {
           const __m256i x = _mm256_set1_epi32(load_i32(p.a->q.data() + (m0 + m) * K + b * 32 + 4 * t));
           s32[m] = _mm256_add_epi32(s32[m], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(x, v)), ones));
+          x8::pin(s32[m]);
         }
       }
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));

@@ -138,6 +138,11 @@ void file_rows(Gather gather, const uint8_t* w, int64_t ws, int64_t n, int64_t n
 }
 
 #ifdef LMSERVE_GGUF_AVX2
+// Keeps an integer running sum in its register. Integer adds reassociate freely, and GCC -O3 rewrote each unrolled
+// chain `s += maddubs(..)` as "every product first, then a tree of adds": 64 products of a 4-row Q4_K tile spilled
+// to the stack and read back. An empty asm that "changes" the sum after each add keeps the chain as written.
+inline void pin(__m256i& v) { __asm__("" : "+x"(v)); }
+
 // an AVX2 tile's accumulators (one 8-lane register per row, lane c = column 8 gr + c) to the output
 template <int RM>
 inline void store_tile(const DotArgs& p, int64_t m0, int64_t gr, const __m256 (&acc)[RM], int64_t n0, int64_t n1) {
