@@ -12,6 +12,7 @@ import torch.distributed
 from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
 from lmserve.engine import weights
 from lmserve.engine.attention_metadata import build_attention_metadata
+from lmserve.engine.cpu_heap import keep_freed_buffers
 from lmserve.engine.cpu_threads import default_threads
 from lmserve.engine.mm_items import image_spans
 from lmserve.engine.mm_runner import mm_embeddings, mm_slices
@@ -133,6 +134,10 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         with phase(logger, "allocating the KV cache"):
             self.allocate_kv_cache()
+        if self.device.type == "cpu":
+            # after loading: the weights' and KV pool's own allocations keep glibc's defaults (no load-time holes
+            # left in the heap); from here a prefill's large activations reuse heap pages (engine/cpu_heap.py)
+            keep_freed_buffers()
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def _select_ops(self) -> ops.OpTable:
