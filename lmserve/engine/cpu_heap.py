@@ -4,7 +4,7 @@ Why: glibc serves an allocation above its mmap threshold (128 KB, raised on free
 unmaps it on free, and trims the heap's free top above 2x that threshold. A 512-token prefill of a 1B model makes
 [512, 16384] float32 gate/up outputs (32 MB) and their SiLU products in every layer: each one a new mapping whose
 pages the kernel zeroes on first touch (2 MB huge pages under THP_MEM_ALLOC_ENABLE). On a Sapphire Rapids VM that
-zeroing was 3% of the prefill's profile, and keeping the freed buffers made the whole prefill 4-6% faster on the
+zeroing was 3% of the prefill's profile, and keeping the freed buffers made the whole prefill 5-7% faster on the
 AVX2 paths (docs/benchmarks.md). llama.cpp allocates its compute buffers once, for the same reason.
 
 The cost: up to `trim` bytes of freed heap stay resident after a long prompt (the peak it already reached). The
