@@ -14,7 +14,6 @@ environment nothing is changed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -36,9 +35,9 @@ def keep_freed_buffers(mmap_threshold: int = MMAP_THRESHOLD, trim: int = TRIM_TH
     if any(k in os.environ for k in _USER_SETTINGS):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)      # the process's own symbols: its C library's malloc is the one to tune
+        libc.gnu_get_libc_version     # glibc only: musl and others have no such symbol, and their malloc differs
         mallopt = libc.mallopt
-        ctypes.CDLL(None).gnu_get_libc_version   # musl and others have no such symbol: their malloc differs
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
