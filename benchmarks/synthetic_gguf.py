@@ -106,7 +106,10 @@ def _plan(shape: dict, quant: str, vocab: int):
     h, f, layers = shape["hidden"], shape["ffn"], shape["layers"]
     hd = h // shape["heads"]
     q, kv = shape["heads"] * hd, shape["kv_heads"] * hd
-    plan = [("token_embd.weight", _matrix_type(chooser, "token_embd", 0, layers, h), (vocab, h))]
+    # llama.cpp quantizes a tied token embedding as the output head it also is (llama-quant.cpp): Q6_K in a
+    # Q4_K_M file of Llama 3.2 1B / Qwen2.5 3B, not the Q4_K of an untied model's embedding
+    embd = ("output", layers) if shape["tied"] else ("token_embd", 0)
+    plan = [("token_embd.weight", _matrix_type(chooser, embd[0], embd[1], layers, h), (vocab, h))]
     for i in range(layers):
         p = f"blk.{i}."
         plan.append((p + "attn_norm.weight", "F32", (h,)))
