@@ -51,7 +51,11 @@ struct max_rows<T, std::void_t<decltype(T::kMaxRows)>> { static constexpr int va
 // prefetches 1-row calls of Q4_0 / Q4_K / Q5_K / IQ4_XS ran 1.2-1.8x faster, 4-row calls of the AVX2 tiles up to
 // 1.8x (docs/benchmarks.md). Same operations, same bits. Larger calls are compute-bound and re-read each chunk from
 // cache by 8+ row tiles: they do not prefetch. ON is a template argument (blocked() picks the instantiation per
-// tile), not a run-time test in the loops: that test alone cost Q6_K's 64-row calls 13%.
+// tile), not a run-time test in the loops: that test alone cost Q6_K's 64-row calls 13%. The lines go to L2
+// (prefetcht1), not L1: an L1 prefetch holds one of the core's few L1 fill buffers until its line arrives, which
+// capped the lines in flight per core; to L2, 1-row calls ran another 1.1-1.3x (AVX2 tiles) and a 1B Q4_K_M
+// decode step 1.14x (AVX2) / 1.08x (AVX512-VNNI) on a Sapphire Rapids VM (docs/benchmarks.md). The tile's own
+// loads then find them in L2, whose latency its unpacking covers.
 constexpr int64_t kStreamRows = 64;
 template <bool ON>
 struct Ahead {
@@ -65,8 +69,8 @@ struct Ahead {
   inline void lines(int64_t b, int64_t bytes, int i, int n) const {
     if constexpr (ON) {
       for (int64_t k = i * n; k < i * n + n && 64 * k < bytes; ++k) {
-        __builtin_prefetch(a + b * bytes + 64 * k, 0, 3);
-        if (b_ != nullptr) __builtin_prefetch(b_ + b * bytes + 64 * k, 0, 3);
+        __builtin_prefetch(a + b * bytes + 64 * k, 0, 2);
+        if (b_ != nullptr) __builtin_prefetch(b_ + b * bytes + 64 * k, 0, 2);
       }
     }
   }
