@@ -12,7 +12,7 @@ import torch.distributed
 from lmserve.config import CacheConfig, ModelConfig, cpu_bf16_feature
 from lmserve.engine import weights
 from lmserve.engine.attention_metadata import build_attention_metadata
-from lmserve.engine.cpu_heap import keep_freed_buffers
+from lmserve.engine.cpu_heap import keep_freed_buffers, small_pages
 from lmserve.engine.cpu_threads import default_threads
 from lmserve.engine.mm_items import image_spans
 from lmserve.engine.mm_runner import mm_embeddings, mm_slices
@@ -216,6 +216,7 @@ class ModelRunner:
             # because padded gathers read it and 0-weight * NaN garbage would still be NaN.
             k, v = torch.empty(shape, dtype=self.kv_dtype, device=self.device), \
                 torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+            small_pages(k), small_pages(v)     # RSS grows by the blocks used, not 2 MB per tensor (cpu_heap.py)
             k[:self.block_size].zero_()
             v[:self.block_size].zero_()
             self.kv_caches.append((k, v))
