@@ -25,10 +25,11 @@ import ctypes
 import logging
 import os
 
+from lmserve.model import pages
+
 logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # glibc's mallopt parameters (malloc.h)
-MADV_NOHUGEPAGE = 15                              # Linux's madvise advice (asm-generic/mman-common.h)
 MMAP_THRESHOLD = 128 << 20
 TRIM_THRESHOLD = 256 << 20
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
@@ -58,20 +59,9 @@ def keep_freed_buffers(mmap_threshold: int = MMAP_THRESHOLD, trim: int = TRIM_TH
 
 
 def small_pages(t) -> bool:
-    """Ask Linux for 4 KB pages under a CPU tensor's storage (MADV_NOHUGEPAGE on the whole pages inside it), before
-    it is first touched; False where that does not apply (another device, no Linux madvise, a storage of less than a
-    page)."""
+    """Ask Linux for 4 KB pages under a CPU tensor's storage (MADV_NOHUGEPAGE), before it is first touched; False
+    where that does not apply (another device, no Linux madvise, a storage of less than a page)."""
     if t.device.type != "cpu":
         return False
     storage = t.untyped_storage()
-    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-    lo = -(-storage.data_ptr() // page) * page                 # whole pages only: the neighbours' keep their advice
-    hi = (storage.data_ptr() + storage.nbytes()) // page * page
-    if hi <= lo:
-        return False
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return False
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_NOHUGEPAGE) == 0
+    return pages.advise(storage.data_ptr(), storage.nbytes(), pages.MADV_NOHUGEPAGE)

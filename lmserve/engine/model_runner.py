@@ -216,7 +216,8 @@ class ModelRunner:
             # because padded gathers read it and 0-weight * NaN garbage would still be NaN.
             k, v = torch.empty(shape, dtype=self.kv_dtype, device=self.device), \
                 torch.empty(shape, dtype=self.kv_dtype, device=self.device)
-            small_pages(k), small_pages(v)     # RSS grows by the blocks used, not 2 MB per tensor (cpu_heap.py)
+            for t in (k, v):      # RSS grows by the blocks used, not 2 MB per tensor (cpu_heap.py)
+                small_pages(t)
             k[:self.block_size].zero_()
             v[:self.block_size].zero_()
             self.kv_caches.append((k, v))

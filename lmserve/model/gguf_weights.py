@@ -14,20 +14,19 @@ weights are no longer shared with other processes serving the file).
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import warnings
 
 import numpy as np
 import torch
 
+from lmserve.model import pages
 from lmserve.model.gguf import hf_name, unpermute
 from lmserve.model.parallel import shard_spec
 from lmserve import ops
 from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight, can_repack
 
 logger = logging.getLogger(__name__)
-_MADV_DONTNEED = 4
 
 
 def mapped_view(t) -> torch.Tensor:
@@ -101,12 +100,4 @@ def release_mapped_pages(mapping: np.ndarray, data: torch.Tensor) -> None:
     start, nbytes = data.data_ptr(), data.numel() * data.element_size()
     if not data.is_contiguous() or start < base or start + nbytes > base + size:
         return
-    page = 4096
-    lo, hi = (start + page - 1) // page * page, (start + nbytes) // page * page
-    if hi <= lo:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-    except (OSError, AttributeError) as e:    # not Linux: the pages stay until the kernel reclaims them
-        logger.debug("madvise unavailable: %s", e)
+    pages.advise(start, nbytes, pages.MADV_DONTNEED)    # not Linux: the pages stay until the kernel reclaims them

@@ -1,0 +1,28 @@
+"""Linux page advice (madvise) on the whole pages inside a buffer: the weights' mapped file pages released after a
+repack (model/gguf_weights.py), the KV pool kept off huge pages (engine/cpu_heap.py)."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+MADV_DONTNEED = 4
+MADV_NOHUGEPAGE = 15       # asm-generic/mman-common.h
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def advise(start: int, nbytes: int, advice: int) -> bool:
+    """madvise(advice) on the pages wholly inside [start, start + nbytes): a partial page at either end is shared
+    with a neighbour, which keeps its own. False where nothing was advised (no whole page, no Linux madvise)."""
+    lo, hi = -(-start // PAGE) * PAGE, (start + nbytes) // PAGE * PAGE
+    if hi <= lo:
+        return False
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError) as e:     # not a Unix libc
+        logger.debug("madvise unavailable: %s", e)
+        return False
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice) == 0
