@@ -45,6 +45,14 @@ def test_gguf_tokenizer_is_cached(smollm2_path, tmp_path):
     assert (reloaded.vocab_size, reloaded.bos_token_id, reloaded.eos_token_ids) == \
         (converted.vocab_size, converted.bos_token_id, converted.eos_token_ids)
     assert [p for p in os.listdir(os.path.dirname(cached_dir)) if p.startswith(".tmp")] == []
+    # the added tokens are in the saved config, so a load does not parse tokenizer.json again in Python to find
+    # them, and they come back with the same flags as the conversion's
+    with open(os.path.join(cached_dir, "tokenizer_config.json")) as f:
+        saved = json.load(f)["added_tokens_decoder"]
+    assert saved["2"]["content"] == "<|im_end|>" and saved["2"]["special"] is True
+    assert repr(reloaded.hf.added_tokens_decoder) == repr(converted.hf.added_tokens_decoder)
+    assert reloaded.hf.special_tokens_map == converted.hf.special_tokens_map
+    assert reloaded.hf.all_special_ids == converted.hf.all_special_ids
 
 
 def test_smollm2_attributes(smol_tok):
