@@ -1,0 +1,31 @@
+#!/bin/bash
+# Seconds from `lmserve serve api_server` to the first 200 from /health, for two checkouts started alternately
+# (a shared host's noise moves both alike). Each checkout uses its own kernel cache (build it first:
+# `python -m lmserve.cli build-kernels` with the same LMSERVE_KERNEL_CACHE): one shared cache would rebuild at
+# every switch, its build file naming the other checkout's sources. Not a test.
+#
+#   benchmarks/startup_ab.sh OLD_CHECKOUT NEW_CHECKOUT MODEL.gguf [ROUNDS=3]
+# e.g. git worktree add /tmp/old HEAD~1; benchmarks/startup_ab.sh /tmp/old $PWD /tmp/synth2/llama-3.2-1b-q4_k_m.gguf
+set -u
+PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
+start_once() {   # checkout model -> seconds to ready
+  local port=$((20000 + RANDOM % 20000)) t0 t1 pid
+  t0=$(date +%s.%N)
+  (cd "$1" && LMSERVE_KERNEL_CACHE="$1/.kernel-cache" PYTHONPATH="$1" exec "$PY" -m lmserve serve api_server "$2" \
+      --server-name 127.0.0.1 --server-port $port > "/tmp/startup_ab.$port.log" 2>&1) &
+  pid=$!
+  until curl -sf "http://127.0.0.1:$port/health" > /dev/null; do
+    kill -0 $pid 2> /dev/null || { echo "server exited; see /tmp/startup_ab.$port.log" >&2; exit 1; }
+    sleep 0.02
+  done
+  t1=$(date +%s.%N)
+  kill $pid; wait $pid 2> /dev/null
+  rm -f "/tmp/startup_ab.$port.log"
+  printf "%.2f" "$(echo "$t1 - $t0" | bc)"
+}
+old="" new=""
+for _ in $(seq "${4:-3}"); do
+  old="$old $(start_once "$1" "$3")"
+  new="$new $(start_once "$2" "$3")"
+done
+echo "$(basename "$3"): old$old | new$new (s)"
