@@ -3,8 +3,10 @@ weights (MKL / packed oneDNN GEMMs).
 
     python benchmarks/decode_steps.py [--batches 1,4,8,16,64] [--weights quantized,float] [--int8-dot on,off]
 
-For each --weights value, each --int8-dot value (int8 or float activations on quantized weights) and each batch
-size B: B requests with 128-token prompts are prefilled, then 10 decode steps are timed.
+For each --weights value, each --int8-dot value (int8 or float activations on quantized weights), each context
+depth D (--depths, default 128) and each batch size B: B requests with D-token prompts are prefilled (the prefill's
+tokens/s printed too), then --steps decode steps are timed. Peers for the same figures: `llama-bench -p 0 -n 64
+-d D` (B = 1) and `llama-batched-bench -npp D -ntg 64 -npl B` (its S_PP and S_TG columns).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--batches", default="1,4,8,16,64")
+    ap.add_argument("--depths", default="128", help="prompt tokens per request, comma-separated")
     ap.add_argument("--weights", default="quantized,float", help="--weights values to compare")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -44,21 +47,26 @@ def main():
                                         cache=CacheConfig(num_blocks=4096)))
         if args.threads:
             torch.set_num_threads(args.threads)
-        for batch in (int(b) for b in args.batches.split(",")):
-            for i, p in enumerate(make_prompts(engine.tokenizer, batch, 128)):
-                engine.add_request(f"{weights}-{int8}-{batch}-{i}", p,
+        for depth, batch in ((int(d), int(b)) for d in args.depths.split(",") for b in args.batches.split(",")):
+            for i, p in enumerate(make_prompts(engine.tokenizer, batch, depth)):
+                engine.add_request(f"{weights}-{int8}-{depth}-{batch}-{i}", p,
                                    SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True))
+            t0 = time.perf_counter()
             while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
                 engine.step()
+            prefill = batch * depth / (time.perf_counter() - t0)
             for _ in range(2):
                 engine.step()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 engine.step()
             dt = (time.perf_counter() - t0) / args.steps
-            print(f"threads={torch.get_num_threads()} matmul_dtype={args.matmul_dtype} int8_dot={int8:3s} weights={weights:9s} batch={batch:3d}: step {dt * 1000:7.1f} ms "
+            print(f"threads={torch.get_num_threads()} matmul_dtype={args.matmul_dtype} int8_dot={int8:3s} weights={weights:9s} "
+                  f"depth={depth:5d} batch={batch:3d}: prefill {prefill:7.1f} tok/s, step {dt * 1000:7.1f} ms "
                   f"{batch / dt:7.1f} tok/s", flush=True)
             engine.abort_all()
+            while engine.has_unfinished():
+                engine.step()
 
 
 if __name__ == "__main__":
