@@ -5,7 +5,8 @@ weights (MKL / packed oneDNN GEMMs).
 
 For each --weights value, each --int8-dot value (int8 or float activations on quantized weights), each context
 depth D (--depths, default 128) and each batch size B: B requests with D-token prompts are prefilled (the prefill's
-tokens/s printed too), then --steps decode steps are timed. Peers for the same figures: `llama-bench -p 0 -n 64
+tokens/s printed too; prefix caching is off, as the prompts of one depth begin with those of a shorter one), then
+--steps decode steps are timed. Peers for the same figures: `llama-bench -p 0 -n 64
 -d D` (B = 1) and `llama-batched-bench -npp D -ntg 64 -npl B` (its S_PP and S_TG columns).
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main():
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, weights=weights,
                                                           quant_activations="int8" if int8 == "on" else "float",
                                                           matmul_dtype=args.matmul_dtype),
-                                        cache=CacheConfig(num_blocks=4096)))
+                                        cache=CacheConfig(num_blocks=4096, enable_prefix_caching=False)))
         if args.threads:
             torch.set_num_threads(args.threads)
         for depth, batch in ((int(d), int(b)) for d in args.depths.split(",") for b in args.batches.split(",")):
