@@ -6,6 +6,7 @@ from there afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -82,8 +83,7 @@ class Tokenizer:
 def _cache_key(path: str) -> str:
     path = os.path.abspath(path)
     st = os.stat(path)
-    # "v2": entries written before the added tokens went into tokenizer_config.json (_save_conversion) convert again
-    digest = hashlib.sha256(f"v2|{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return f"{os.path.splitext(os.path.basename(path))[0]}-{digest}"
 
 
@@ -103,7 +103,9 @@ def _load_gguf_tokenizer(path: str, cache_dir: str | None):
         # is. AutoTokenizer would pick the model's class (GemmaTokenizer, LlamaTokenizer...), which parses the
         # vocabulary and merges in Python and rebuilds the same tokenizer: for Gemma 3's 262k tokens 1.4 s more
         # and 164 MiB more kept for the server's life (tests/test_tokenizer.py checks both load the same).
-        return PreTrainedTokenizerFast.from_pretrained(cached)
+        hf = PreTrainedTokenizerFast.from_pretrained(cached)
+        _list_added_tokens(hf, cached)       # an entry an older lmserve wrote: once
+        return hf
     from transformers import AutoTokenizer
     with phase(logger, "converting the GGUF tokenizer (once)", done=f"cached in {cached}"):
         hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
@@ -111,7 +113,8 @@ def _load_gguf_tokenizer(path: str, cache_dir: str | None):
         # NOTE: write to a temp dir and rename, so concurrent processes never see a half-written cache entry.
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(cached), prefix=".tmp-")
-        _save_conversion(hf, tmp)
+        hf.save_pretrained(tmp)
+        _list_added_tokens(hf, tmp)
         try:
             os.rename(tmp, cached)
         except OSError:                                # another process won the race
@@ -121,22 +124,35 @@ def _load_gguf_tokenizer(path: str, cache_dir: str | None):
     return hf
 
 
-def _save_conversion(hf, out_dir: str) -> None:
-    """save_pretrained, with the added tokens listed in tokenizer_config.json as well (`added_tokens_decoder`, the
-    format transformers 4.x writes itself). Why: transformers 5 leaves them out, and a load whose config lacks
-    them parses the whole tokenizer.json once more in Python just to find them: for Gemma 3's 262k vocabulary (33 MB,
-    6384 added tokens) 0.8 s of every start on a 2-core VM."""
-    hf.save_pretrained(out_dir)
-    path = os.path.join(out_dir, "tokenizer_config.json")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if "added_tokens_decoder" not in config:
+def _list_added_tokens(hf, saved_dir: str) -> None:
+    """List hf's added tokens in saved_dir's tokenizer_config.json (`added_tokens_decoder`, the format transformers
+    4.x writes itself) where they are not yet. Why: transformers 5's save_pretrained leaves them out, and a load
+    whose config lacks them parses the whole tokenizer.json once more in Python just to find them: for Gemma 3's
+    262k vocabulary (33 MB, 6384 added tokens) 0.8 s of every start on a 2-core VM. A cache that cannot be written
+    stays as it is (each start then pays that parse)."""
+    path = os.path.join(saved_dir, "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        if "added_tokens_decoder" in config:
+            return
         config["added_tokens_decoder"] = {
             str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                      "single_word": t.single_word, "special": t.special}
             for i, t in sorted(hf.added_tokens_decoder.items())}
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
+        # NOTE: a new file renamed over the old, so a process loading the entry meanwhile reads one whole version
+        fd, tmp = tempfile.mkstemp(dir=saved_dir, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, ensure_ascii=False)
+            shutil.copymode(path, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        logger.debug("could not list the added tokens in %s: %s", path, e)
 
 
 def _resolve_chat_template(override: str | None, hf) -> str:

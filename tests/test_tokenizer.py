@@ -53,6 +53,19 @@ def test_gguf_tokenizer_is_cached(smollm2_path, tmp_path):
     assert repr(reloaded.hf.added_tokens_decoder) == repr(converted.hf.added_tokens_decoder)
     assert reloaded.hf.special_tokens_map == converted.hf.special_tokens_map
     assert reloaded.hf.all_special_ids == converted.hf.all_special_ids
+    # an entry an older lmserve wrote (no such list) gets it at its next load, and still loads the same tokenizer
+    config_path = os.path.join(cached_dir, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    del config["added_tokens_decoder"]
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    upgraded = load_tokenizer(smollm2_path, cache_dir=cache)
+    with open(config_path) as f:
+        assert json.load(f)["added_tokens_decoder"] == saved
+    assert repr(upgraded.hf.added_tokens_decoder) == repr(converted.hf.added_tokens_decoder)
+    assert [upgraded.encode(t) for t in TEXTS] == [converted.encode(t) for t in TEXTS]
+    assert [p for p in os.listdir(cached_dir) if p.startswith(".tmp")] == []
 
 
 def test_smollm2_attributes(smol_tok):
