@@ -3,6 +3,7 @@ repack (model/gguf_weights.py), the KV pool kept off huge pages (engine/cpu_heap
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 
@@ -13,16 +14,23 @@ MADV_NOHUGEPAGE = 15       # asm-generic/mman-common.h
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def advise(start: int, nbytes: int, advice: int) -> bool:
-    """madvise(advice) on the pages wholly inside [start, start + nbytes): a partial page at either end is shared
-    with a neighbour, which keeps its own. False where nothing was advised (no whole page, no Linux madvise)."""
-    lo, hi = -(-start // PAGE) * PAGE, (start + nbytes) // PAGE * PAGE
-    if hi <= lo:
-        return False
+@functools.cache
+def _madvise():
+    """libc's madvise with its signature set, looked up once per process; None where there is none."""
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError, TypeError) as e:     # not a Unix libc
         logger.debug("madvise unavailable: %s", e)
-        return False
+        return None
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise
+
+
+def advise(start: int, nbytes: int, advice: int) -> bool:
+    """madvise(advice) on the pages wholly inside [start, start + nbytes): a partial page at either end is shared
+    with a neighbour, which keeps its own. False where nothing was advised (no whole page, no Linux madvise)."""
+    lo, hi = -(-start // PAGE) * PAGE, (start + nbytes) // PAGE * PAGE
+    madvise = _madvise()
+    if hi <= lo or madvise is None:
+        return False
     return madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice) == 0
