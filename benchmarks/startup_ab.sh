@@ -6,12 +6,14 @@
 #
 #   benchmarks/startup_ab.sh OLD_CHECKOUT NEW_CHECKOUT MODEL.gguf [ROUNDS=3]
 # e.g. git worktree add /tmp/old HEAD~1; benchmarks/startup_ab.sh /tmp/old $PWD /tmp/synth2/llama-3.2-1b-q4_k_m.gguf
+# OLD_ENV / NEW_ENV: extra environment for one arm, e.g. two settings of one checkout:
+#   OLD_ENV=LMSERVE_REPACK_CACHE=none benchmarks/startup_ab.sh $PWD $PWD MODEL.gguf
 set -u
 PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
-start_once() {   # checkout model -> seconds to ready
+start_once() {   # checkout model [VAR=value ...] -> seconds to ready
   local port=$((20000 + RANDOM % 20000)) t0 t1 pid
   t0=$(date +%s.%N)
-  (cd "$1" && LMSERVE_KERNEL_CACHE="$1/.kernel-cache" PYTHONPATH="$1" exec "$PY" -m lmserve serve api_server "$2" \
+  (cd "$1" && exec env LMSERVE_KERNEL_CACHE="$1/.kernel-cache" PYTHONPATH="$1" "${@:3}" "$PY" -m lmserve serve api_server "$2" \
       --server-name 127.0.0.1 --server-port $port > "/tmp/startup_ab.$port.log" 2>&1) &
   pid=$!
   until curl -sf "http://127.0.0.1:$port/health" > /dev/null; do
@@ -25,7 +27,7 @@ start_once() {   # checkout model -> seconds to ready
 }
 old="" new=""
 for _ in $(seq "${4:-3}"); do
-  old="$old $(start_once "$1" "$3")"
-  new="$new $(start_once "$2" "$3")"
+  old="$old $(start_once "$1" "$3" ${OLD_ENV:-})"
+  new="$new $(start_once "$2" "$3" ${NEW_ENV:-})"
 done
 echo "$(basename "$3"): old$old | new$new (s)"

@@ -125,10 +125,13 @@ class ModelConfig:
     # dot products, not exact), "float" = exact float32 activations, "auto" = int8 where the CPU kernels have an
     # integer dot path unless --dtype float32 was given (ops/linear.py int8_activations)
     quant_activations: str = "auto"
-    # GGUF Q4_0, Q4_1, Q4_K, Q6_K and Q5_0 matrices with int8 activations: "auto" = rewritten at load into groups of 8
-    # rows, the layout the int8 kernels read fastest (same size; private memory instead of the shared file mapping), "none" = served
-    # from the mapped file as they are (model/gguf_weights.py)
+    # GGUF matrices of the 8-row layouts (ops/gguf_x8.py) with int8 activations: "auto" = rewritten at load into groups
+    # of 8 rows, the layout the int8 kernels read fastest (same size), "none" = served from the mapped file as they are
+    # (model/gguf_weights.py)
     gguf_repack: str = "auto"
+    # the directory of the repacked matrices' files, mapped by every process serving the GGUF (model/repack_cache.py):
+    # "auto" = $LMSERVE_REPACK_CACHE or ~/.cache/lmserve/repacked, "none" = private memory in each process
+    gguf_repack_cache: str = "auto"
     # "generate" (chat/completions; embeddings by mean pooling), "embed" (embeddings only; an encoder checkpoint
     # runs with its own pooling), "score" (a cross-encoder: /rerank and /score) or "auto": "score" for
     # *ForSequenceClassification encoders, "embed" for other encoder checkpoints (BERT family), else "generate"
@@ -154,6 +157,8 @@ class ModelConfig:
             raise ValueError("quant_activations must be one of auto, int8, float")
         if self.gguf_repack not in ("auto", "none"):
             raise ValueError("gguf_repack must be auto or none")
+        if not self.gguf_repack_cache:
+            raise ValueError("gguf_repack_cache must be auto, none or a directory")
         if self.task not in ("auto", "generate", "embed", "score"):
             raise ValueError("task must be one of auto, generate, embed, score")
 

@@ -1,7 +1,10 @@
 """Shared session fixtures. Models come from local files only: the bundled SmolLM2 GGUF and tiny random models."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -11,6 +14,11 @@ import pytest
 KERNEL_CACHE = os.environ.get("LMSERVE_TEST_KERNEL_CACHE") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".kernel-cache")
 os.environ["LMSERVE_KERNEL_CACHE"] = KERNEL_CACHE
+# the repacked weights' files (model/repack_cache.py) go to a directory of this run's own, removed at its end: a test
+# never writes into the user's cache, and every run starts without entries (the first server start writes them)
+if not os.environ.get("LMSERVE_REPACK_CACHE"):
+    os.environ["LMSERVE_REPACK_CACHE"] = tempfile.mkdtemp(prefix="lmserve-repack-")
+    atexit.register(shutil.rmtree, os.environ["LMSERVE_REPACK_CACHE"], True)
 
 from model_builders import make_random_model  # noqa: E402
 

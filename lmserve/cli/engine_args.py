@@ -96,8 +96,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-repack", default="auto", choices=["auto", "none"],
                    help="GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K and IQ4_XS matrices with int8 activations: auto (default) rewrites "
                         "them once at load into groups of 8 rows, the layout the int8 kernels read 1.5-5x faster (same "
-                        "size, but private memory, not pages shared with other processes serving the file); none serves them from "
-                        "the memory-mapped file as they are")
+                        "size; kept in a file every process serving the GGUF shares, see --gguf-repack-cache); none "
+                        "serves them from the memory-mapped file as they are")
+    p.add_argument("--gguf-repack-cache", default="auto", metavar="DIR|auto|none",
+                   help="where --gguf-repack auto keeps the repacked matrices as a file that every process serving "
+                        "the same GGUF maps (their pages shared; later starts skip the repack): auto (default) = "
+                        "$LMSERVE_REPACK_CACHE (which may say none) or ~/.cache/lmserve/repacked; none = a private copy in each process "
+                        "(needs no disk); or a directory. An entry takes about the file's size on disk")
     p.add_argument("--task", default="auto", choices=["auto", "generate", "embed", "score"],
                    help="embed: serve /v1/embeddings and /pooling (an encoder runs with its own pooling) and "
                         "/rerank, /score by cosine; score: a cross-encoder serving /rerank and /score; auto: "
@@ -164,6 +169,7 @@ def build_engine_config(args: argparse.Namespace) -> EngineConfig:
                           weights=args.weights,
                           num_threads=args.num_threads, matmul_dtype=matmul_dtype, task=args.task,
                           quant_activations=args.quant_activations, gguf_repack=args.gguf_repack,
+                          gguf_repack_cache=args.gguf_repack_cache,
                           generation_config=args.generation_config),
         cache=CacheConfig(block_size=args.cache_block_seq_len, cache_max_entry_count=args.cache_max_entry_count,
                           num_blocks=args.cache_block_count, kv_cache_memory=args.kv_cache_memory,

@@ -28,6 +28,7 @@ from lmserve.model.loader import is_gguf, load_arch_config
 from lmserve.model.fused_decode import FusedDecode
 from lmserve.model.lora import lora_step
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
+from lmserve.model.repack_cache import repack_cache_dir
 from lmserve.outputs import TokenLogprob
 from lmserve.startup import phase
 
@@ -164,7 +165,8 @@ class ModelRunner:
         with ops.use(self.ops):     # the kernels repack weights at load
             weights.load_model_weights(self.model, self.model_path, self.arch, self.dtype, self.quantized,
                                        int8=getattr(self, "gguf_int8", False),   # --quant-activations (issue 20 B)
-                                       repack=self.model_config.gguf_repack == "auto")
+                                       repack=self.model_config.gguf_repack == "auto",
+                                       repack_cache=repack_cache_dir(self.model_config.gguf_repack_cache))
         self._attach_fast()
         # decode steps' layers in one kernel call where the model and the op table allow (model/fused_decode.py)
         self.fused = FusedDecode.build(self.model, self.ops) if self.device.type == "cpu" else None

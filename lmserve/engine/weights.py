@@ -26,6 +26,7 @@ from lmserve.model.layers import Linear, deferred_weights
 from lmserve.model.loader import is_gguf, load_state_dict
 from lmserve.model.parallel import VocabParallelEmbedding
 from lmserve.model.registry import get_model_class
+from lmserve.model.repack_cache import RepackCache
 from lmserve.model.safetensors_weights import has_16bit_matrices, safetensors_weights
 from lmserve.ops.gguf_blocks import REPACKED
 from lmserve.ops.linear_method import FloatLinear, GGUFLinear, packed_method, unpacked_method
@@ -78,10 +79,11 @@ def _float_bytes(path: str, dtype: torch.dtype) -> int:
 
 
 def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, quantized: bool,
-                       int8: bool = False, repack: bool = False) -> None:
+                       int8: bool = False, repack: bool = False, repack_cache: str | None = None) -> None:
     """int8: GGUF layers multiply with int8-quantized activations (--quant-activations); repack: Q4_0, Q4_1, Q5_0,
     Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS matrices in the int8 kernels' 8-row groups, F16 ones as BF16 where the bf16
-    path runs (--gguf-repack; model/gguf_weights.py)."""
+    path runs (--gguf-repack; model/gguf_weights.py); repack_cache: the directory the repacked GGUF matrices are
+    kept and shared in (--gguf-repack-cache; model/repack_cache.py), None = private memory."""
     if not quantized:
         model.load_weights(load_state_dict(path, dtype, arch.tp_rank, arch.tp_size))
         return
@@ -91,7 +93,8 @@ def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, qu
         model.load_weights(hf_state_dict(path, arch, dtype, skip=kept))
         return
     reader = gguf_reader(path)
-    kept = attach_gguf(model, gguf_weights(reader, arch, repack=repack and int8), dtype, int8)
+    cache = RepackCache(repack_cache, path, arch) if repack_cache and repack and int8 else None
+    kept = attach_gguf(model, gguf_weights(reader, arch, repack=repack and int8, cache=cache), dtype, int8)
     device = next(p.device for p in model.parameters() if not p.is_meta)
     _materialize_rest(model, dtype, device)
     model.load_weights(gguf_state_dict(reader, arch, dtype, skip=kept))
@@ -201,25 +204,28 @@ def mapped_resident_bytes(path: str) -> int | None:
 
 
 def weight_memory(model: nn.Module, path: str) -> dict[str, int]:
-    """gguf: bytes of GGUF blocks the layers use; gguf_repacked: of those, repacked copies (private memory, not
-    the mapping); mapped_resident: of the file's mapping, resident now; float: float parameters and buffers;
+    """gguf: bytes of GGUF blocks the layers use; gguf_repacked: of those, repacked copies in private memory;
+    gguf_repacked_shared: repacked, mapped from the repack cache's file (populated at load); mapped_resident: of the file's mapping, resident now; float: float parameters and buffers;
     packed: packed / lower-precision GEMM copies."""
     methods = {id(m.linear_method): m.linear_method for m in model.modules() if hasattr(m, "linear_method")}
     gguf = sum(m.nbytes for m in methods.values() if isinstance(m, GGUFLinear))
-    repacked = sum(p.nbytes for m in methods.values() if isinstance(m, GGUFLinear) for p in m.parts
-                   if p.owned or p.qtype in REPACKED)
+    parts = [p for m in methods.values() if isinstance(m, GGUFLinear) for p in m.parts]
+    repacked = sum(p.nbytes for p in parts if p.owned)
+    shared = sum(p.nbytes for p in parts if p.qtype in REPACKED and not p.owned)    # mapped from the repack cache
     packed = sum(m.packed.numel() * m.packed.element_size() for m in methods.values() if hasattr(m, "packed"))
     tensors = [*model.parameters(), *model.buffers()]
     flt = sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
     resident = mapped_resident_bytes(path) if gguf else 0
-    return {"gguf": gguf, "gguf_repacked": repacked, "mapped_resident": resident or 0, "float": flt,
+    return {"gguf": gguf, "gguf_repacked": repacked, "gguf_repacked_shared": shared,
+            "mapped_resident": resident or 0, "float": flt,
             "packed": packed}
 
 
 def log_weight_memory(mem: dict[str, int]) -> None:
-    logger.info("weights: %.2f GiB in the file's format (%.2f GiB of them repacked in memory; of the mapped file "
-                "%.2f GiB resident now), %.2f GiB float, %.2f GiB packed GEMM copies; process RSS %.2f GiB",
-                mem["gguf"] / GiB, mem["gguf_repacked"] / GiB,
+    logger.info("weights: %.2f GiB in the file's format (%.2f GiB of them repacked in memory, %.2f GiB repacked in "
+                "the shared cache file; of the mapped GGUF %.2f GiB resident now), %.2f GiB float, %.2f GiB packed "
+                "GEMM copies; process RSS %.2f GiB",
+                mem["gguf"] / GiB, mem["gguf_repacked"] / GiB, mem["gguf_repacked_shared"] / GiB,
                 mem["mapped_resident"] / GiB, mem["float"] / GiB, mem["packed"] / GiB,
                 psutil.Process().memory_info().rss / GiB)
 
@@ -230,7 +236,8 @@ def kv_cache_budget(cache_config, mem: dict[str, int], block_bytes: int) -> tupl
     available once the weights' mapped pages not yet resident are counted as used."""
     avail = psutil.virtual_memory().available
     # pages of the file the model will still read (repacked copies are resident already)
-    pending = max(0, mem["gguf"] - mem.get("gguf_repacked", 0) - mem["mapped_resident"])
+    pending = max(0, mem["gguf"] - mem.get("gguf_repacked", 0) - mem.get("gguf_repacked_shared", 0)
+                  - mem["mapped_resident"])
     if cache_config.kv_cache_memory is not None:
         if cache_config.kv_cache_memory > avail:
             raise MemoryError(f"--kv-cache-memory {cache_config.kv_cache_memory / GiB:.2f} GiB is more than the "
@@ -255,6 +262,7 @@ def memory_stats(runner) -> dict[str, int]:
         return {"process_rss": psutil.Process().memory_info().rss}
     kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in runner.kv_caches)
     return {"weights_gguf": mem["gguf"], "weights_gguf_repacked": mem["gguf_repacked"],
+            "weights_gguf_repacked_shared": mem["gguf_repacked_shared"],
             "weights_gguf_resident": mapped_resident_bytes(runner.model_path) or 0 if mem["gguf"] else 0,
             "weights_float": mem["float"], "weights_packed": mem["packed"], "kv_cache": kv,
             "process_rss": psutil.Process().memory_info().rss}

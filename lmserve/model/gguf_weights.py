@@ -9,8 +9,9 @@ tensor-parallel column slice is this rank's share, a padded vocabulary split add
 With repack (int8 activations, --gguf-repack auto), Q4_0, Q4_1, Q4_K, Q6_K and Q5_0 matrices are rewritten once into groups of 8 rows
 (ops/gguf_blocks.py repack, ops/gguf_x8.py; the int8 kernels read it 1.5-5x faster, docs/benchmarks.md), and F16 ones into BF16
 where the kernels' bf16 path would round them so on every read (ops.gguf_repack): a private copy of the same
-size, after which this process's mapped pages of the source are released, so memory stays ~ the file (but those
-weights are no longer shared with other processes serving the file).
+size, after which this process's mapped pages of the source are released, so memory stays ~ the file. The repacked
+matrices are written once to a cache file and served from its shared mapping (model/repack_cache.py), so they are
+shared with other processes serving the file, and later starts skip the repack (--gguf-repack-cache).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from lmserve.model import pages
 from lmserve.model.gguf import hf_name, unpermute
 from lmserve.model.parallel import shard_spec
+from lmserve.model.repack_cache import RepackCache
 from lmserve import ops
 from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight, can_repack
 
@@ -69,14 +71,25 @@ def gguf_weight(t, name: str, cfg) -> GGUFWeight | None:
     return GGUFWeight(qtype, data, (n, k))
 
 
-def gguf_weights(reader, cfg, repack: bool = False) -> dict[str, GGUFWeight]:
+def gguf_weights(reader, cfg, repack: bool = False, cache: RepackCache | None = None) -> dict[str, GGUFWeight]:
     """HF parameter name -> GGUFWeight for every quantized matrix of the file that can stay quantized; repack:
-    Q4_0, Q4_1, Q4_K, Q6_K and Q5_0 matrices in groups of 8 rows (see the module's docstring)."""
+    the matrices of the 8-row layouts in groups of 8 rows (see the module's docstring), served from `cache`'s
+    shared file where it has them (model/repack_cache.py), written there as they are repacked where it has none."""
+    cached = cache.load() if repack and cache is not None else {}
+    writer = cache.writer(reader.data.nbytes) if repack and cache is not None and not cached else None
     out = {}
     for t in reader.tensors:
         name = hf_name(t.name, cfg.architecture)
-        if name is not None and (w := gguf_weight(t, name, cfg)) is not None:
-            out[name] = repacked(w, reader.data) if repack else w
+        if name in cached:
+            out[name] = cached[name]
+        elif name is not None and (w := gguf_weight(t, name, cfg)) is not None:
+            w = repacked(w, reader.data) if repack else w
+            if writer is None or not writer.add(name, w):    # written: its private copy goes now
+                out[name] = w
+    if cached:
+        logger.info("repacked weights mapped from %s", cache.bin)
+    if writer is not None:
+        out.update(writer.commit())
     return out
 
 

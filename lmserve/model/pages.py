@@ -1,5 +1,6 @@
 """Linux page advice (madvise) on the whole pages inside a buffer: the weights' mapped file pages released after a
-repack (model/gguf_weights.py), the KV pool kept off huge pages (engine/cpu_heap.py)."""
+repack (model/gguf_weights.py) or mapped in one pass (model/repack_cache.py), the KV pool kept off huge pages
+(engine/cpu_heap.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -11,6 +12,7 @@ logger = logging.getLogger(__name__)
 
 MADV_DONTNEED = 4
 MADV_NOHUGEPAGE = 15       # asm-generic/mman-common.h
+MADV_POPULATE_READ = 22    # Linux 5.14
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 

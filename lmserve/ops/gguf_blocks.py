@@ -56,7 +56,7 @@ def can_repack(w: GGUFWeight) -> bool:
 
 def repack(w: GGUFWeight) -> GGUFWeight:
     """w in the int8 kernels' 8-row groups (same size); can_repack(w) must hold."""
-    return GGUFWeight(w.qtype + "x8", gguf_x8.REPACK[w.qtype](w.data, *w.shape), w.shape)
+    return GGUFWeight(w.qtype + "x8", gguf_x8.REPACK[w.qtype](w.data, *w.shape), w.shape, owned=True)
 
 
 def unpack(w: GGUFWeight) -> GGUFWeight:

@@ -43,6 +43,7 @@ class _EngineCollector:
 
         mem = GaugeMetricFamily("lmserve:memory_bytes", "Memory by kind: weights_gguf (GGUF blocks), "
                                 "weights_gguf_repacked (of those, repacked copies in private memory), "
+                                "weights_gguf_repacked_shared (repacked, mapped from the shared repack cache), "
                                 "weights_gguf_resident (of the memory-mapped file, resident now), weights_float, weights_packed "
                                 "(GEMM copies), kv_cache, process_rss", labels=["kind"])
         for kind, value in s.memory.items():
