@@ -58,8 +58,11 @@ def _layout_digest() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256(str(FORMAT).encode())
     for rel in _LAYOUT_SOURCES:
-        with open(os.path.join(root, rel), "rb") as f:
-            h.update(f.read())
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                h.update(f.read())
+        except FileNotFoundError:     # an install without the C++ sources: the reference layouts still count
+            h.update(f"no {rel}".encode())
     return h.hexdigest()[:12]
 
 
@@ -82,8 +85,8 @@ class RepackCache:
         self.index = os.path.join(root, self.name + ".json")
 
     def load(self) -> dict[str, GGUFWeight]:
-        wait_for_writes()           # this process's own write of the entry, if one is still going
         """The entry's matrices mapped from its file, {} when there is no whole entry."""
+        wait_for_writes()           # this process's own write of the entry (a reload), if one is still going
         try:
             with open(self.index) as f:
                 index = json.load(f)
@@ -162,7 +165,7 @@ class EntryWriter:
     def __init__(self, cache: RepackCache):
         self.cache = cache
         self.tmp = os.path.join(cache.root, f".tmp-{os.getpid()}-{cache.name}")
-        self.file = open(self.tmp + ".bin", "wb")
+        self.file = open(self.tmp + ".bin", "wb", buffering=0)    # unbuffered: what add() wrote is in the file
         self.layout: dict[str, tuple] = {}
         self.offset = 0             # the file's size: matrices and the holes that align them
         self.written = 0
@@ -174,8 +177,12 @@ class EntryWriter:
         if self.failed or w.qtype not in REPACKED:
             return False
         try:
-            self.file.seek(self.offset)
-            self.file.write(memoryview(w.data.contiguous().numpy()).cast("B"))
+            view, at = memoryview(w.data.contiguous().numpy()).cast("B"), self.offset
+            while view:             # a write may take part of the bytes (a signal, a disk that fills)
+                done = os.pwrite(self.file.fileno(), view, at)
+                if done <= 0:
+                    raise OSError(f"wrote {done} bytes")
+                view, at = view[done:], at + done
         except OSError as e:
             logger.warning("repack cache: writing %s failed (%s); the repacked weights stay in private memory",
                            self.tmp + ".bin", e)
