@@ -159,7 +159,7 @@ def test_a_cache_that_cannot_be_written_keeps_private_copies(how, gguf, private_
         monkeypatch.setattr(repack_cache.RepackCache, "_map", no_map)
     else:
         class Usage:
-            free = 10 << 20
+            free, total = 10 << 20, 100 << 30
         monkeypatch.setattr(repack_cache.shutil, "disk_usage", lambda _: Usage)
     engine = _engine(gguf, str(cache))
     parts = _packed_parts(engine)

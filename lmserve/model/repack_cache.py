@@ -40,7 +40,7 @@ FORMAT = 1
 # every matrix starts on a 2 MiB boundary (holes between: a sparse file), so the page cache can hold it in 2 MiB folios,
 # mapped as huge pages where the filesystem makes them (ext4 on Linux 6.18: 98% of an 8B entry; at 4 KB alignment 74%)
 ALIGN = 1 << 21
-SPARE = 1 << 30                # leave this much of the disk free when writing an entry
+SPARE = 1 << 30                # leave this much of the disk free when writing an entry, and 5% of it
 _LAYOUT_SOURCES = ("model/repack_cache.py", "model/gguf_weights.py", "model/gguf.py", "model/parallel.py",
                    "ops/gguf_x8.py", "csrc/cpu/gguf_x8.h")
 
@@ -119,11 +119,12 @@ class RepackCache:
         cannot take an entry of up to `upper_bound` bytes."""
         try:
             os.makedirs(self.root, exist_ok=True)
-            free = shutil.disk_usage(self.root).free
-            if free < upper_bound + SPARE:
-                logger.warning("repack cache: %.2f GiB free in %s, an entry may need %.2f GiB (+1 GiB spare); the "
-                               "repacked weights stay in private memory", free / 2**30, self.root,
-                               upper_bound / 2**30)
+            usage = shutil.disk_usage(self.root)
+            spare = max(SPARE, usage.total // 20)
+            if usage.free < upper_bound + spare:
+                logger.warning("repack cache: %.2f GiB free in %s, an entry may need %.2f GiB (+%.2f GiB kept free); "
+                               "the repacked weights stay in private memory", usage.free / 2**30, self.root,
+                               upper_bound / 2**30, spare / 2**30)
                 return None
             self._remove_stale()
             return EntryWriter(self)
