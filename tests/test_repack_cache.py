@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +134,25 @@ def test_a_changed_file_gets_a_new_entry_and_the_old_one_goes(gguf, private_toke
         assert _greedy(engine) == private_tokens
     finally:
         os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_file_rewritten_in_place_with_its_size_and_mtime_gets_a_new_entry(gguf, tmp_path):
+    """`cp -p` of another file of the same size over the GGUF keeps path, size, mtime and inode: the sampled bytes
+    tell the entries apart."""
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(open(gguf, "rb").read())
+    cfg = type("Cfg", (), {"architecture": "llama", "tp_rank": 0, "tp_size": 1})()
+    before = repack_cache.RepackCache(str(tmp_path), str(copy), cfg).name
+    st = os.stat(copy)
+    with open(copy, "r+b") as f:         # the same header, other weights: the file's second half changed
+        f.seek(st.st_size // 2)
+        rest = np.frombuffer(f.read(), dtype=np.uint8)
+        f.seek(st.st_size // 2)
+        f.write((rest ^ 0x5A).tobytes())
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(copy)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    assert repack_cache.RepackCache(str(tmp_path), str(copy), cfg).name != before
 
 
 def test_a_broken_entry_is_rebuilt(gguf, private_tokens, tmp_path):
