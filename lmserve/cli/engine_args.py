@@ -101,8 +101,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-repack-cache", default="auto", metavar="DIR|auto|none",
                    help="where --gguf-repack auto keeps the repacked matrices as a file that every process serving "
                         "the same GGUF maps (their pages shared; later starts skip the repack): auto (default) = "
-                        "$LMSERVE_REPACK_CACHE (which may say none) or ~/.cache/lmserve/repacked; none = a private copy in each process "
-                        "(needs no disk); or a directory. An entry takes about the file's size on disk")
+                        "$LMSERVE_REPACK_CACHE (which may say none) or ~/.cache/lmserve/repacked; none = a private "
+                        "copy in each process (needs no disk); or a directory. An entry takes about the file's size "
+                        "on disk")
     p.add_argument("--task", default="auto", choices=["auto", "generate", "embed", "score"],
                    help="embed: serve /v1/embeddings and /pooling (an encoder runs with its own pooling) and "
                         "/rerank, /score by cosine; score: a cross-encoder serving /rerank and /score; auto: "

@@ -205,8 +205,9 @@ def mapped_resident_bytes(path: str) -> int | None:
 
 def weight_memory(model: nn.Module, path: str) -> dict[str, int]:
     """gguf: bytes of GGUF blocks the layers use; gguf_repacked: of those, repacked copies in private memory;
-    gguf_repacked_shared: repacked, mapped from the repack cache's file (populated at load); mapped_resident: of the file's mapping, resident now; float: float parameters and buffers;
-    packed: packed / lower-precision GEMM copies."""
+    gguf_repacked_shared: repacked, mapped from the repack cache's file (populated at load); mapped_resident: of
+    the GGUF's mapping, resident now; float: float parameters and buffers; packed: packed / lower-precision GEMM
+    copies."""
     methods = {id(m.linear_method): m.linear_method for m in model.modules() if hasattr(m, "linear_method")}
     gguf = sum(m.nbytes for m in methods.values() if isinstance(m, GGUFLinear))
     parts = [p for m in methods.values() if isinstance(m, GGUFLinear) for p in m.parts]
