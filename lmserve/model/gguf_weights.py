@@ -16,7 +16,6 @@ shared with other processes serving the file, and later starts skip the repack (
 from __future__ import annotations
 
 import logging
-import warnings
 
 import numpy as np
 import torch
@@ -35,9 +34,7 @@ def mapped_view(t) -> torch.Tensor:
     """uint8 [rows, row_bytes] tensor sharing the mapping of a GGUF tensor (no copy)."""
     raw = t.data.view(np.uint8)
     rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
-    with warnings.catch_warnings():   # read-only on purpose: the mapping is shared and never written
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(raw).view(rows, -1)
+    return pages.shared_view(raw).view(rows, -1)
 
 
 def gguf_weight(t, name: str, cfg) -> GGUFWeight | None:

@@ -7,6 +7,10 @@ import ctypes
 import functools
 import logging
 import os
+import warnings
+
+import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -36,3 +40,11 @@ def advise(start: int, nbytes: int, advice: int) -> bool:
     if hi <= lo or madvise is None:
         return False
     return madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice) == 0
+
+
+def shared_view(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only mapping's bytes (a GGUF's, a safetensors file's, a repack cache entry's), no copy:
+    read-only on purpose (the mapping is shared and never written), so torch's warning about it is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)

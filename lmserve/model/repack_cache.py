@@ -27,7 +27,6 @@ import os
 import shutil
 import threading
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -112,14 +111,12 @@ class RepackCache:
             mm = mmap.mmap(f.fileno(), index["bytes"], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         whole = np.frombuffer(mm, dtype=np.uint8)        # keeps the mapping alive as long as a weight views it
         out = {}
-        with warnings.catch_warnings():    # read-only on purpose: the mapping is shared and never written
-            warnings.simplefilter("ignore", UserWarning)
-            for name, (qtype, n, k, offset, nbytes) in index["weights"].items():
-                data = torch.from_numpy(whole[offset:offset + nbytes]).view(n, -1)
-                # the page cache's pages mapped now, in one pass, not faulted in by the first steps; per matrix, as
-                # MAP_POPULATE would also fill the holes between them with pages of zeros
-                pages.advise(data.data_ptr(), nbytes, pages.MADV_POPULATE_READ)
-                out[name] = GGUFWeight(qtype, data, (n, k))
+        for name, (qtype, n, k, offset, nbytes) in index["weights"].items():
+            data = pages.shared_view(whole[offset:offset + nbytes]).view(n, -1)
+            # the page cache's pages mapped now, in one pass, not faulted in by the first steps; per matrix, as
+            # MAP_POPULATE would also fill the holes between them with pages of zeros
+            pages.advise(data.data_ptr(), nbytes, pages.MADV_POPULATE_READ)
+            out[name] = GGUFWeight(qtype, data, (n, k))
         return out
 
     def writer(self, upper_bound: int) -> "EntryWriter | None":

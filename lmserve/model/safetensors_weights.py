@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 
 import numpy as np
-import torch
 
+from lmserve.model import pages
 from lmserve.model.gguf_weights import repacked
 from lmserve.model.hf_checkpoint import safetensors_files
 from lmserve.model.parallel import shard_spec
@@ -57,9 +56,7 @@ def safetensors_weights(path: str, cfg, repack: bool = False) -> dict[str, GGUFW
                 mm = np.memmap(file, dtype=np.uint8, mode="r")
             n, k = t["shape"]
             b0, b1 = t["data_offsets"]
-            with warnings.catch_warnings():   # read-only on purpose: the mapping is shared and never written
-                warnings.simplefilter("ignore", UserWarning)
-                data = torch.from_numpy(mm[start + b0:start + b1]).view(n, 2 * k)
+            data = pages.shared_view(mm[start + b0:start + b1]).view(n, 2 * k)
             spec = shard_spec(name, cfg)
             if spec is not None:
                 dim, s0, size = spec
