@@ -141,15 +141,20 @@ def test_stream_function_call_arguments(oai, model):
 
 def test_cancel_mid_stream(oai, model):
     kw = dict(model=model, input="Tell a very long story.", max_output_tokens=1500, temperature=0.8, top_p=0.9)
-    seen, response_id = [], None
-    stream = oai.responses.create(stream=True, **kw)
-    for ev in stream:
-        seen.append(ev.type)
-        if ev.type == "response.created":
-            response_id = ev.response.id
-        if seen.count("response.output_text.delta") == 3:
-            cancelled = httpx.post(f"{oai.base_url}responses/{response_id}/cancel", timeout=60)
-            assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    # NOTE: at temperature 0.8 SmolLM2 ends ~5% of its answers within 6 tokens, before a cancel sent at the third
+    # delta arrives; such an attempt (cancel refused: the response completed) is tried again, up to 5 times
+    for _attempt in range(5):
+        seen, response_id, cancelled = [], None, None
+        stream = oai.responses.create(stream=True, **kw)
+        for ev in stream:
+            seen.append(ev.type)
+            if ev.type == "response.created":
+                response_id = ev.response.id
+            if seen.count("response.output_text.delta") == 3:
+                cancelled = httpx.post(f"{oai.base_url}responses/{response_id}/cancel", timeout=60)
+        if not (cancelled is not None and cancelled.status_code == 400 and seen[-1] == "response.completed"):
+            break
+    assert cancelled is not None and cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert seen[-1] == "response.failed"
     got = oai.responses.retrieve(response_id)
     assert got.status == "cancelled" and got.usage.output_tokens < 1500
