@@ -30,6 +30,25 @@ def test_each_source_compiles_with_warnings_as_errors(source):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+# umbrella headers that each cost 7-28 s of parsing per file (g++ 12, torch 2.13): the first start compiles the
+# library, so these are start-up seconds; the sources include <ATen/core/Tensor.h> and the ATen/ops they call
+HEAVY_HEADERS = ("torch/extension.h", "torch/types.h", "torch/torch.h", "torch/all.h", "torch/python.h",
+                 "ATen/ATen.h", "ATen/Functions.h")
+
+
+def test_sources_leave_out_torch_umbrella_headers():
+    import glob
+    import re
+    found = []
+    for path in glob.glob(os.path.join(cpu_kernels.SOURCE_DIR, "*.[ch]*")):
+        with open(path) as f:
+            for line in f:
+                m = re.match(r'\s*#\s*include\s*[<"]([^>"]+)[>"]', line)
+                if m and m.group(1) in HEAVY_HEADERS:
+                    found.append(f"{os.path.basename(path)}: {m.group(1)}")
+    assert not found, found
+
+
 def test_sources_ship_in_the_wheel():
     import tomllib
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

@@ -125,7 +125,7 @@ def _compile(path: str, deadline: float):
             os.remove(stale)
         fresh = not glob.glob(os.path.join(path, "*.so"))
         if fresh:
-            logger.warning("compiling CPU kernels (once, ~1-2 min) into %s ...", path)
+            logger.warning("compiling CPU kernels (once, ~1 min on 2 cores) into %s ...", path)
         t0 = time.monotonic()
         # copies: torch's load() appends to the flag lists it is given, which would change build_name()
         kw = dict(name=os.path.basename(path), extra_cflags=cflags(), extra_ldflags=list(LDFLAGS),

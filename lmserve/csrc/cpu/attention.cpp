@@ -188,8 +188,8 @@ static inline bool decode_task_fast(float* oh, const float* qh, const T* kp, con
 #endif
 
 template <typename T>
-static void paged_decode_attention_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                        torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
+static void paged_decode_attention_impl(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                        at::Tensor block_tables, at::Tensor context_lens, int64_t block_size,
                                         double scale, int64_t window) {
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1);
@@ -225,15 +225,15 @@ static void paged_decode_attention_impl(torch::Tensor out, torch::Tensor q, torc
   });
 }
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_lens, int64_t block_size,
+void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                            at::Tensor block_tables, at::Tensor context_lens, int64_t block_size,
                             double scale, int64_t window) {
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous());
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == v_cache.scalar_type());
-  if (k_cache.scalar_type() == torch::kBFloat16)
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == v_cache.scalar_type());
+  if (k_cache.scalar_type() == at::kBFloat16)
     paged_decode_attention_impl<c10::BFloat16>(out, q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window);
   else {
-    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "paged_decode_attention: cache must be float32 or bfloat16");
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "paged_decode_attention: cache must be float32 or bfloat16");
     paged_decode_attention_impl<float>(out, q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window);
   }
 }

@@ -1,5 +1,7 @@
 // Python bindings of the CPU kernel library.
-#include <torch/extension.h>
+// NOTE: torch's pybind11 glue (the Tensor type caster), not <torch/extension.h>, whose C++ frontend alone takes ~28 s
+// to parse: the first start compiles this library
+#include <torch/csrc/utils/pybind.h>
 #include "ops.h"
 #include "decoder.h"
 
@@ -24,7 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_set_vnni512", &gguf_set_vnni512);
   m.def("built_baseline", &built_baseline);
   py::class_<DecoderStack>(m, "DecoderStack")
-      .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, int64_t>())
+      .def(py::init<int64_t, int64_t, int64_t, double, at::Tensor, int64_t>())
       .def("add_layer", &DecoderStack::add_layer)
       .def("forward", &DecoderStack::forward, nogil)
       .def_property_readonly("num_layers", &DecoderStack::num_layers);

@@ -8,22 +8,26 @@
 // bit-identical to theirs; lmserve/model/fused_decode.py builds it from a loaded model and decides when it runs.
 #include "ops.h"
 #include "decoder.h"
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/mul.h>
 
-torch::Tensor DecoderStack::linear(const Linear& l, const torch::Tensor& x) const {
-  auto out = torch::empty({x.size(0), l.n}, x.options());
+at::Tensor DecoderStack::linear(const Linear& l, const at::Tensor& x) const {
+  auto out = at::empty({x.size(0), l.n}, x.options());
   gguf_matmul_parts(out, x, l.w, l.qtypes, l.int8, max_dot_rows_);
   if (l.bias) out.add_(*l.bias);
   return out;
 }
 
-torch::Tensor DecoderStack::norm(const torch::Tensor& x, const torch::Tensor& w) const {
-  auto out = torch::empty_like(x);
+at::Tensor DecoderStack::norm(const at::Tensor& x, const at::Tensor& w) const {
+  auto out = at::empty_like(x);
   rms_norm(out, x, w, eps_);
   return out;
 }
 
-DecoderStack::Linear DecoderStack::make_linear(std::vector<torch::Tensor> w, std::vector<int64_t> qtypes,
-                                               c10::optional<torch::Tensor> bias, bool int8) {
+DecoderStack::Linear DecoderStack::make_linear(std::vector<at::Tensor> w, std::vector<int64_t> qtypes,
+                                               c10::optional<at::Tensor> bias, bool int8) {
   TORCH_CHECK(!w.empty() && w.size() == qtypes.size(), "DecoderStack: one type per weight part");
   int64_t n = 0;
   for (const auto& p : w) n += p.size(0);
@@ -31,17 +35,17 @@ DecoderStack::Linear DecoderStack::make_linear(std::vector<torch::Tensor> w, std
 }
 
 DecoderStack::DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
-                           torch::Tensor final_norm, int64_t max_dot_rows)
+                           at::Tensor final_norm, int64_t max_dot_rows)
     : nh_(num_heads), nkv_(num_kv_heads), hd_(head_dim), eps_(eps), final_norm_(std::move(final_norm)),
       max_dot_rows_(max_dot_rows) {}
 
-void DecoderStack::add_layer(torch::Tensor input_norm, torch::Tensor ffn_norm, c10::optional<torch::Tensor> post_attn_norm,
-                             c10::optional<torch::Tensor> post_ffn_norm, c10::optional<torch::Tensor> q_norm,
-                             c10::optional<torch::Tensor> k_norm, double qk_eps,
-                             std::vector<torch::Tensor> qkv, std::vector<int64_t> qkv_types,
-                             c10::optional<torch::Tensor> qkv_bias, std::vector<torch::Tensor> o,
-                             std::vector<int64_t> o_types, std::vector<torch::Tensor> gate_up,
-                             std::vector<int64_t> gate_up_types, std::vector<torch::Tensor> down,
+void DecoderStack::add_layer(at::Tensor input_norm, at::Tensor ffn_norm, c10::optional<at::Tensor> post_attn_norm,
+                             c10::optional<at::Tensor> post_ffn_norm, c10::optional<at::Tensor> q_norm,
+                             c10::optional<at::Tensor> k_norm, double qk_eps,
+                             std::vector<at::Tensor> qkv, std::vector<int64_t> qkv_types,
+                             c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o,
+                             std::vector<int64_t> o_types, std::vector<at::Tensor> gate_up,
+                             std::vector<int64_t> gate_up_types, std::vector<at::Tensor> down,
                              std::vector<int64_t> down_types, bool int8, int64_t act, int64_t rope, double scale,
                              bool sliding) {
   TORCH_CHECK(act == 0 || act == 1, "DecoderStack: act is 0 (silu) or 1 (gelu tanh)");
@@ -57,16 +61,16 @@ void DecoderStack::add_layer(torch::Tensor input_norm, torch::Tensor ffn_norm, c
   layers_.push_back(std::move(l));
 }
 
-torch::Tensor DecoderStack::forward(torch::Tensor x, std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin,
-                                    torch::Tensor slot_mapping, torch::Tensor block_tables,
-                                    torch::Tensor context_lens, int64_t block_size, int64_t window,
-                                    std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches) const {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32,
+at::Tensor DecoderStack::forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
+                                    at::Tensor slot_mapping, at::Tensor block_tables,
+                                    at::Tensor context_lens, int64_t block_size, int64_t window,
+                                    std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches) const {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
               "DecoderStack: x must be contiguous float32 [S, hidden]");
   TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size() && cos.size() == sin.size(),
               "DecoderStack: one K and V cache per layer");
   const int64_t S = x.size(0);
-  torch::Tensor residual;
+  at::Tensor residual;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& l = layers_[i];
     TORCH_CHECK(l.rope < (int64_t)cos.size(), "DecoderStack: no RoPE table ", l.rope);
@@ -80,9 +84,9 @@ torch::Tensor DecoderStack::forward(torch::Tensor x, std::vector<torch::Tensor> 
     // Attention.forward
     auto qkv = linear(l.qkv, x);
     if (l.q_norm) rms_norm_heads(qkv, *l.q_norm, *l.k_norm, nh_, nkv_, hd_, l.qk_eps);
-    auto q = torch::empty({S, nh_, hd_}, x.options());
+    auto q = at::empty({S, nh_, hd_}, x.options());
     rope_write_kv(q, qkv, cos[l.rope], sin[l.rope], k_caches[i], v_caches[i], slot_mapping, nh_, nkv_, hd_);
-    auto o = torch::empty_like(q);
+    auto o = at::empty_like(q);
     paged_decode_attention(o, q, k_caches[i], v_caches[i], block_tables, context_lens, block_size, l.scale,
                            l.sliding ? window : 0);
     x = linear(l.o, o.view({S, nh_ * hd_}));
@@ -90,13 +94,13 @@ torch::Tensor DecoderStack::forward(torch::Tensor x, std::vector<torch::Tensor> 
     add_rms_norm(x, residual, l.ffn_norm, eps_);
     // GatedMLP.forward
     auto gate_up = linear(l.gate_up, x);
-    torch::Tensor h;
+    at::Tensor h;
     if (l.act == 0) {
-      h = torch::empty({S, gate_up.size(1) / 2}, x.options());
+      h = at::empty({S, gate_up.size(1) / 2}, x.options());
       silu_mul(h, gate_up);
     } else {      // ops.gelu_mul's reference: GeluMulOp has no CPU kernel
       auto parts = gate_up.chunk(2, -1);
-      h = at::gelu(parts[0], "tanh") * parts[1];
+      h = at::mul(at::gelu(parts[0], "tanh"), parts[1]);
     }
     x = linear(l.down, h);
     if (l.post_ffn_norm) x = norm(x, *l.post_ffn_norm);            // Gemma 3

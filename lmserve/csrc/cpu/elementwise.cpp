@@ -20,8 +20,8 @@ static inline void rms_row(float* __restrict o, const float* __restrict x, const
 }
 
 // out = rms_norm(x) * w; x, out: [T, H]
-void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && w.is_contiguous() && x.scalar_type() == torch::kFloat32);
+void rms_norm(at::Tensor out, at::Tensor x, at::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && w.is_contiguous() && x.scalar_type() == at::kFloat);
   const int64_t T = x.size(0), H = x.size(1);
   float* op = out.data_ptr<float>(); const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>();
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
@@ -30,8 +30,8 @@ void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor w, double eps) {
 }
 
 // residual += x; x = rms_norm(residual) * w  (both in place)
-void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && w.is_contiguous() && x.scalar_type() == torch::kFloat32);
+void add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && w.is_contiguous() && x.scalar_type() == at::kFloat);
   const int64_t T = x.size(0), H = x.size(1);
   float* xp = x.data_ptr<float>(); float* rp = residual.data_ptr<float>(); const float* wp = w.data_ptr<float>();
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
@@ -46,10 +46,10 @@ void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, doub
 
 // in place on qkv [T, (nh + 2 * nkv) * hd]: each q head rms-normed with q_w [hd], each k head with k_w (Qwen3,
 // Gemma 3); v untouched. The same arithmetic as rms_row, in one call instead of slicing, copying and writing back.
-void rms_norm_heads(torch::Tensor qkv, torch::Tensor q_w, torch::Tensor k_w, int64_t nh, int64_t nkv, int64_t hd,
+void rms_norm_heads(at::Tensor qkv, at::Tensor q_w, at::Tensor k_w, int64_t nh, int64_t nkv, int64_t hd,
                     double eps) {
   TORCH_CHECK(qkv.is_contiguous() && q_w.is_contiguous() && k_w.is_contiguous() &&
-              qkv.scalar_type() == torch::kFloat32 && q_w.numel() == hd && k_w.numel() == hd);
+              qkv.scalar_type() == at::kFloat && q_w.numel() == hd && k_w.numel() == hd);
   const int64_t T = qkv.size(0), W = qkv.size(1);
   TORCH_CHECK(W == (nh + 2 * nkv) * hd, "rms_norm_heads: qkv width mismatch");
   float* p = qkv.data_ptr<float>(); const float* qw = q_w.data_ptr<float>(); const float* kw = k_w.data_ptr<float>();
@@ -80,12 +80,12 @@ static inline void rotate_half(T* __restrict dst, const float* __restrict src, c
 // qkv: [T, (nh + 2 * nkv) * hd]; cos, sin: [T, hd / 2]. Writes RoPE(q) to q_out [T, nh, hd], RoPE(k) and v to
 // the cache slots given by slot_mapping [T] (caches [num_slots, nkv, hd]).
 template <typename KV>
-static void rope_write_kv_impl(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
-                               torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+static void rope_write_kv_impl(at::Tensor q_out, at::Tensor qkv, at::Tensor cos, at::Tensor sin,
+                               at::Tensor k_cache, at::Tensor v_cache, at::Tensor slot_mapping,
                                int64_t nh, int64_t nkv, int64_t hd) {
   TORCH_CHECK(qkv.is_contiguous() && q_out.is_contiguous() && cos.is_contiguous() && sin.is_contiguous());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && qkv.scalar_type() == torch::kFloat32);
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && qkv.scalar_type() == at::kFloat);
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong);
   const int64_t T = qkv.size(0), W = qkv.size(1), half = hd / 2;
   TORCH_CHECK(W == (nh + 2 * nkv) * hd, "rope_write_kv: qkv width mismatch");
   const float* qp = qkv.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
@@ -103,21 +103,21 @@ static void rope_write_kv_impl(torch::Tensor q_out, torch::Tensor qkv, torch::Te
   });
 }
 
-void rope_write_kv(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
-                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+void rope_write_kv(at::Tensor q_out, at::Tensor qkv, at::Tensor cos, at::Tensor sin,
+                   at::Tensor k_cache, at::Tensor v_cache, at::Tensor slot_mapping,
                    int64_t nh, int64_t nkv, int64_t hd) {
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type());
-  if (k_cache.scalar_type() == torch::kBFloat16)
+  if (k_cache.scalar_type() == at::kBFloat16)
     rope_write_kv_impl<c10::BFloat16>(q_out, qkv, cos, sin, k_cache, v_cache, slot_mapping, nh, nkv, hd);
   else {
-    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "rope_write_kv: cache must be float32 or bfloat16");
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "rope_write_kv: cache must be float32 or bfloat16");
     rope_write_kv_impl<float>(q_out, qkv, cos, sin, k_cache, v_cache, slot_mapping, nh, nkv, hd);
   }
 }
 
 // out [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]
-void silu_mul(torch::Tensor out, torch::Tensor gate_up) {
-  TORCH_CHECK(out.is_contiguous() && gate_up.is_contiguous() && gate_up.scalar_type() == torch::kFloat32);
+void silu_mul(at::Tensor out, at::Tensor gate_up) {
+  TORCH_CHECK(out.is_contiguous() && gate_up.is_contiguous() && gate_up.scalar_type() == at::kFloat);
   const int64_t T = out.size(0), I = out.size(1);
   float* op = out.data_ptr<float>(); const float* gp = gate_up.data_ptr<float>();
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {

@@ -12,6 +12,8 @@
 // No dequantized copy of the whole matrix ever exists.
 #include "ops.h"
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -197,11 +199,11 @@ void gguf_set_vnni512(int64_t min_rows, bool all_types) {
   g_vnni512_all_types.store(all_types);
 }
 
-static int check_w(const torch::Tensor& w, int64_t qtype, int64_t K) {
+static int check_w(const at::Tensor& w, int64_t qtype, int64_t K) {
   TORCH_CHECK(qtype >= 0 && qtype <= LAST_X8, "gguf: unknown type id ", qtype);
   const int qt = static_cast<int>(qtype);
   const int bt = x8_source(qt);   // the block sizes of a repacked type are its source type's
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.stride(1) == 1, "gguf: blocks must be uint8 "
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.stride(1) == 1, "gguf: blocks must be uint8 "
               "[N, row_bytes] with contiguous rows");
   TORCH_CHECK(K % kBlockElems[bt] == 0 && w.size(1) == K / kBlockElems[bt] * kBlockBytes[bt],
               "gguf: row bytes ", w.size(1), " do not hold K=", K, " values of this type");
@@ -210,10 +212,10 @@ static int check_w(const torch::Tensor& w, int64_t qtype, int64_t K) {
   return qt;
 }
 
-void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes,
+void gguf_matmul_parts(at::Tensor out, at::Tensor x, std::vector<at::Tensor> ws, std::vector<int64_t> qtypes,
                        bool int8, int64_t max_dot_rows) {
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.scalar_type() == torch::kFloat32 &&
-              out.scalar_type() == torch::kFloat32 && x.dim() == 2);
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.scalar_type() == at::kFloat &&
+              out.scalar_type() == at::kFloat && x.dim() == 2);
   TORCH_CHECK(!ws.empty() && ws.size() == qtypes.size(), "gguf_matmul: one type per weight part");
   const int64_t M = x.size(0), K = x.size(1);
   std::vector<int> qts;
@@ -295,16 +297,16 @@ void gguf_matmul_parts(torch::Tensor out, torch::Tensor x, std::vector<torch::Te
   });
 }
 
-void gguf_matmul(torch::Tensor out, torch::Tensor x, torch::Tensor w, int64_t qtype, bool int8,
+void gguf_matmul(at::Tensor out, at::Tensor x, at::Tensor w, int64_t qtype, bool int8,
                  int64_t max_dot_rows) {
   gguf_matmul_parts(out, x, {w}, {qtype}, int8, max_dot_rows);
 }
 
-void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::Tensor rows, bool use_rows) {
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.dim() == 2);
+void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t qtype, at::Tensor rows, bool use_rows) {
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.dim() == 2);
   const int64_t K = out.size(1), R = out.size(0);
   const int qt = check_w(w, qtype, K);
-  TORCH_CHECK(!use_rows || (rows.scalar_type() == torch::kInt64 && rows.is_contiguous() && rows.numel() == R),
+  TORCH_CHECK(!use_rows || (rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == R),
               "gguf_dequantize: rows must be int64 [len(out)]");
   TORCH_CHECK(use_rows || R == w.size(0), "gguf_dequantize: out must be [N, K]");
   const int64_t N = w.size(0), nb = K / kBlockElems[x8_source(qt)], ws = w.stride(0);
@@ -333,14 +335,14 @@ void gguf_dequantize(torch::Tensor out, torch::Tensor w, int64_t qtype, torch::T
   });
 }
 
-void gguf_repack(torch::Tensor out, torch::Tensor w, int64_t qtype) {
+void gguf_repack(at::Tensor out, at::Tensor w, int64_t qtype) {
   TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K || qtype == Q6_K || qtype == Q5_0 || qtype == Q4_1 || qtype == Q3_K ||
               qtype == Q2_K || qtype == IQ4_XS || qtype == Q5_K || qtype == Q8_0 || qtype == Q5_1,
               "gguf_repack: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K or IQ4_XS only");
   const int qt = static_cast<int>(qtype);
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0 &&
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0 &&
               w.size(1) % kBlockBytes[qt] == 0, "gguf_repack: whole blocks, whole groups of 8 contiguous rows");
-  TORCH_CHECK(out.sizes() == w.sizes() && out.scalar_type() == torch::kUInt8 && out.is_contiguous());
+  TORCH_CHECK(out.sizes() == w.sizes() && out.scalar_type() == at::kByte && out.is_contiguous());
   const int64_t ws = w.size(1), nb = ws / kBlockBytes[qt];
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();

@@ -196,14 +196,14 @@ void block(const float* q, const float* kt, const float* vh, float* out, int64_t
 }
 }  // namespace
 
-void causal_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor kv_slots, double scale, int64_t start) {
+void causal_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                              at::Tensor kv_slots, double scale, int64_t start) {
   TORCH_CHECK(q.dim() == 4 && out.sizes() == q.sizes() && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
               "causal_prefill_attention: q, out [S, T, H, D]; k_cache, v_cache [slots, KVH, D]");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
               kv_slots.is_contiguous());
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32 &&
-              k_cache.scalar_type() == v_cache.scalar_type() && kv_slots.scalar_type() == torch::kInt64);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+              k_cache.scalar_type() == v_cache.scalar_type() && kv_slots.scalar_type() == at::kLong);
   const int64_t S = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), KVH = k_cache.size(1);
   TORCH_CHECK(start >= 0 && kv_slots.dim() == 2 && kv_slots.size(0) == S && kv_slots.size(1) == start + T &&
               k_cache.size(2) == D && KVH > 0 && H % KVH == 0,
@@ -212,11 +212,11 @@ void causal_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor 
   const int64_t kv_floats = S * KVH * ((TK + BK - 1) / BK) * BK * D;
   std::unique_ptr<float[]> kt(new float[kv_floats]), vh(new float[kv_floats]);
   const int64_t* slots = kv_slots.data_ptr<int64_t>();
-  if (k_cache.scalar_type() == torch::kBFloat16) {
+  if (k_cache.scalar_type() == at::kBFloat16) {
     layout_kv(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), slots, kt.get(), vh.get(), S,
               TK, KVH, D, BK);
   } else {
-    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "causal_prefill_attention: cache float32 or bfloat16");
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "causal_prefill_attention: cache float32 or bfloat16");
     layout_kv(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), slots, kt.get(), vh.get(), S, TK, KVH, D, BK);
   }
   const float* qp = q.data_ptr<float>();

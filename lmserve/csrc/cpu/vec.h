@@ -1,10 +1,8 @@
 // Shared helpers of the CPU kernels: the 8-lane AVX2 exp and horizontal sum, float32/bfloat16 reads. Included by
 // every .cpp.
 #pragma once
-// NOTE: the ATen core headers, not <torch/extension.h> (nn, jit, pybind11): each .cpp compiles several times faster
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/types.h>
+#include "ops.h"
 #include <cmath>
 #include <vector>
 #include <algorithm>
