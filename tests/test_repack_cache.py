@@ -4,6 +4,7 @@ GGUF gets a new entry (the old one, and the entries of deleted GGUFs, removed), 
 directory, no room, a failed write) leaves the weights in private memory without failing the start."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -103,8 +104,13 @@ def test_first_start_writes_the_entry_later_starts_map_it(gguf, private_tokens, 
     def no_repack(*a, **k):
         raise AssertionError("repacked although the cache has the entry")
     monkeypatch.setattr("lmserve.model.gguf_weights.repacked", no_repack)
+    index = os.path.join(cache, entries[1])
+    os.utime(index, (1, 1))
     second = _engine(gguf, cache)
     assert _mapped_from(second, bin_path) and _entries(cache) == entries
+    assert os.stat(index).st_mtime > 1            # a start that maps the entry marks it used
+    with open(bin_path, "rb") as f, pytest.raises(BlockingIOError):    # mapped: held against _make_room
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     for a, b in zip(_packed_parts(second), parts):
         assert a.qtype == b.qtype and a.shape == b.shape and torch.equal(a.data, b.data)
     assert _greedy(second) == private_tokens
@@ -188,6 +194,45 @@ def test_a_cache_that_cannot_be_written_keeps_private_copies(how, gguf, private_
     assert _greedy(engine) == private_tokens
     if how != "not a directory":
         assert not os.listdir(cache)          # no entry, no temporary file left
+
+
+def test_a_full_disk_gives_up_the_entries_used_longest_ago_that_nothing_maps(gguf, tmp_path, monkeypatch):
+    """Short of room for a new entry, other GGUFs' entries go, least recently used first, except one a process maps
+    (a shared flock); where even that is not enough, no writer and the mapped entry stays."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mib = 1 << 20
+    for age, name in enumerate(["a", "b", "c", "d"]):
+        stem = str(cache / f"{name}-000000000000-000000000000-llama-tp0of1")
+        with open(stem + ".bin", "wb") as f:
+            f.write(b"x" * mib)
+        with open(stem + ".json", "w") as f:
+            json.dump({"format": repack_cache.FORMAT, "source": gguf}, f)
+        os.utime(stem + ".json", (1000 + age, 1000 + age))
+    held = open(str(cache / "a-000000000000-000000000000-llama-tp0of1.bin"), "rb")    # "a" is mapped elsewhere
+    fcntl.flock(held.fileno(), fcntl.LOCK_SH)
+    room = {"disk": 0}
+
+    class Usage:        # free = what the cache's .bin files leave of `disk`; 20 GiB disk: 1 GiB kept free
+        total = 20 << 30
+
+        def __init__(self, _):
+            used = sum(os.path.getsize(cache / e) for e in os.listdir(cache) if e.endswith(".bin"))
+            self.free = room["disk"] - used
+    monkeypatch.setattr(repack_cache.shutil, "disk_usage", Usage)
+    cfg = type("Cfg", (), {"architecture": "llama", "tp_rank": 0, "tp_size": 1})()
+    entry = repack_cache.RepackCache(str(cache), gguf, cfg)
+    need = mib + repack_cache.SPARE
+    room["disk"] = need + 4 * mib - mib // 2     # one entry short by half of one: "b" (oldest not mapped) goes
+    writer = entry.writer(mib)
+    assert writer is not None
+    writer._discard()
+    assert [e[0] for e in _entries(str(cache))] == ["a", "a", "c", "c", "d", "d"]
+    room["disk"] = need + mib // 2               # now "c" and "d" go too, and it is still not enough
+    assert entry.writer(mib) is None
+    assert _entries(str(cache)) == ["a-000000000000-000000000000-llama-tp0of1.bin",
+                                    "a-000000000000-000000000000-llama-tp0of1.json"]
+    held.close()
 
 
 def test_an_entry_not_made_on_disk_still_serves_this_start(gguf, private_tokens, tmp_path, monkeypatch, caplog):

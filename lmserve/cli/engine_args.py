@@ -103,7 +103,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the same GGUF maps (their pages shared; later starts skip the repack): auto (default) = "
                         "$LMSERVE_REPACK_CACHE (which may say none) or ~/.cache/lmserve/repacked; none = a private "
                         "copy in each process (needs no disk); or a directory. An entry takes about the file's size "
-                        "on disk")
+                        "on disk; where the disk lacks room for a new one, other GGUFs' entries used longest ago go "
+                        "first, never one a running process maps")
     p.add_argument("--task", default="auto", choices=["auto", "generate", "embed", "score"],
                    help="embed: serve /v1/embeddings and /pooling (an encoder runs with its own pooling) and "
                         "/rerank, /score by cosine; score: a cross-encoder serving /rerank and /score; auto: "

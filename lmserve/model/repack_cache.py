@@ -13,11 +13,15 @@ sampled from its header to its end), the
 tensor-parallel rank and size, the architecture, and the source of the code that lays the bytes out (this module,
 the loader, the reference layouts in ops/gguf_x8.py, which the kernels' repack is tested against, and the
 kernels' layout header). Entries of the same GGUF path made from another version of the file or of that code, and entries
-whose GGUF no longer exists, are deleted when a new entry is written. Writes go to a temporary file, which the writing process serves from at once;
+whose GGUF no longer exists, are deleted when a new entry is written; where the disk still lacks room for it, the
+entries of other GGUFs used longest ago (an entry's index is touched at each start that maps it) are deleted until
+it has, except those a running process maps (each holds a shared flock on the .bin it maps). Writes go to a
+temporary file, which the writing process serves from at once;
 a thread fsyncs it and renames it into place, so a reader sees a whole entry on disk or none. A cache that cannot be written (read-only, full disk) costs a warning, never the start.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -27,6 +31,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -100,15 +105,26 @@ class RepackCache:
                 index = json.load(f)
             if index.get("format") != FORMAT or os.path.getsize(self.bin) != index["bytes"]:
                 return {}
-            return self._map(index)
+            out = self._map(index)
         except (OSError, ValueError, KeyError) as e:
             if not isinstance(e, FileNotFoundError):
                 logger.warning("repack cache entry %s unreadable (%s); repacking", self.index, e)
             return {}
+        try:
+            os.utime(self.index)        # used now: the last entry _make_room would delete
+        except OSError:
+            pass                        # a read-only cache
+        return out
 
     def _map(self, index: dict, path: str | None = None) -> dict[str, GGUFWeight]:
-        with open(path or self.bin, "rb") as f:
+        f = open(path or self.bin, "rb")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)     # held while the mapping lives: _make_room leaves it alone
             mm = mmap.mmap(f.fileno(), index["bytes"], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except BaseException:
+            f.close()
+            raise
+        weakref.finalize(mm, f.close)
         whole = np.frombuffer(mm, dtype=np.uint8)        # keeps the mapping alive as long as a weight views it
         out = {}
         for name, (qtype, n, k, offset, nbytes) in index["weights"].items():
@@ -125,14 +141,14 @@ class RepackCache:
         cannot take an entry of up to `upper_bound` bytes."""
         try:
             os.makedirs(self.root, exist_ok=True)
+            self._remove_stale()
             usage = shutil.disk_usage(self.root)
             spare = max(SPARE, usage.total // 20)
-            if usage.free < upper_bound + spare:
+            if usage.free < upper_bound + spare and not self._make_room(upper_bound + spare):
                 logger.warning("repack cache: %.2f GiB free in %s, an entry may need %.2f GiB (+%.2f GiB kept free); "
-                               "the repacked weights stay in private memory", usage.free / 2**30, self.root,
-                               upper_bound / 2**30, spare / 2**30)
+                               "the repacked weights stay in private memory", shutil.disk_usage(self.root).free / 2**30,
+                               self.root, upper_bound / 2**30, spare / 2**30)
                 return None
-            self._remove_stale()
             return EntryWriter(self)
         except OSError as e:
             logger.warning("repack cache: cannot write in %s (%s); the repacked weights stay in private memory",
@@ -163,6 +179,31 @@ class RepackCache:
                     os.remove(path)
             except (OSError, ValueError):
                 continue
+
+
+    def _make_room(self, need: int) -> bool:
+        """Deletes other GGUFs' entries, used longest ago first, skipping those a process maps, until `need` bytes
+        are free; whether they are."""
+        entries = []
+        for entry in os.listdir(self.root):
+            if entry.endswith(".json") and not entry.startswith((".", self.prefix)):
+                try:
+                    entries.append((os.stat(os.path.join(self.root, entry)).st_mtime, entry))
+                except OSError:
+                    continue
+        for _, entry in sorted(entries):
+            if shutil.disk_usage(self.root).free >= need:
+                break
+            index = os.path.join(self.root, entry)
+            try:
+                with open(index.removesuffix(".json") + ".bin", "rb") as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)   # BlockingIOError: a process maps it
+                    os.remove(index)
+                    os.remove(f.name)
+                logger.info("repack cache: removing %s (used longest ago) to make room", entry)
+            except OSError:
+                continue
+        return shutil.disk_usage(self.root).free >= need
 
 
 class EntryWriter:
