@@ -119,7 +119,10 @@ class RepackCache:
     def _map(self, index: dict, path: str | None = None) -> dict[str, GGUFWeight]:
         f = open(path or self.bin, "rb")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)     # held while the mapping lives: _make_room leaves it alone
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH)     # held while the mapping lives: _make_room leaves it alone
+            except OSError:
+                pass    # a filesystem without flock: served all the same (_make_room cannot lock it either: skips it)
             mm = mmap.mmap(f.fileno(), index["bytes"], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except BaseException:
             f.close()
