@@ -36,6 +36,7 @@ class ResponseRun:
         self.created_at = time.time()
         self.conversation = conversation
         self.entry: StoredResponse | None = None
+        self.tracked: StoredResponse | None = None     # the running entry cancel finds (stored or not)
         self.item_ids: dict[str, str] = {}      # "reasoning" / "message" / "call<i>" -> item id
         self.call_ids: dict[int, str] = {}
 
@@ -67,8 +68,10 @@ class ResponseRun:
         status, reason, error = "completed", None, None
         if o.finish_reason is not None and o.finish_reason.value == "length":
             status, reason = "incomplete", "max_output_tokens"
-        elif o.finish_reason is not None and o.finish_reason.value == "abort":
-            status = "cancelled"
+        # NOTE: a cancel answered "cancelled" holds even where the last tokens were already out when the abort came
+        if (o.finish_reason is not None and o.finish_reason.value == "abort") or \
+                (self.tracked is not None and self.tracked.is_cancelled):
+            status, reason = "cancelled", None
             error = {"code": "cancelled", "message": "the response was cancelled"}
         num_reasoning = 0
         if s.reasoning:
@@ -108,6 +111,7 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     job = await start_chat(state, chat_req, raw, response_id)
     run = ResponseRun(state, req, job, conversation, response_id)
     run.entry = StoredResponse(run.response("in_progress"), _input_items(req), conversation, request_id=response_id)
+    run.tracked = run.entry
     state.responses.put(response_id, run.entry, keep=req.store is not False)
     if not req.store:
         run.entry = None
