@@ -62,9 +62,9 @@ void DecoderStack::add_layer(at::Tensor input_norm, at::Tensor ffn_norm, c10::op
 }
 
 at::Tensor DecoderStack::forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
-                                    at::Tensor slot_mapping, at::Tensor block_tables,
-                                    at::Tensor context_lens, int64_t block_size, int64_t window,
-                                    std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches) const {
+                                 at::Tensor slot_mapping, at::Tensor block_tables,
+                                 at::Tensor context_lens, int64_t block_size, int64_t window,
+                                 std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches) const {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
               "DecoderStack: x must be contiguous float32 [S, hidden]");
   TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size() && cos.size() == sin.size(),

@@ -18,14 +18,14 @@ class DecoderStack {
                  int64_t rope, double scale, bool sliding);
   // x: the embedded tokens [S, hidden] float32, one per sequence (modified in place) -> final normed hidden
   at::Tensor forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
-                        at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor context_lens,
-                        int64_t block_size, int64_t window, std::vector<at::Tensor> k_caches,
-                        std::vector<at::Tensor> v_caches) const;
+                     at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor context_lens,
+                     int64_t block_size, int64_t window, std::vector<at::Tensor> k_caches,
+                     std::vector<at::Tensor> v_caches) const;
   int64_t num_layers() const { return (int64_t)layers_.size(); }
 
  private:
   struct Linear {
-    std::vector<at::Tensor> w;     // GGUF parts stacked along the outputs
+    std::vector<at::Tensor> w;        // GGUF parts stacked along the outputs
     std::vector<int64_t> qtypes;
     c10::optional<at::Tensor> bias;
     bool int8;
