@@ -36,6 +36,26 @@ def smollm2_path() -> str:
         pytest.skip(str(e))
 
 
+def hf_model_from_gguf(path: str):
+    """transformers' own load of a GGUF file: the independent reference (gguf-py's dequantization, transformers'
+    modelling code). lmserve's lazy metadata parse stands in for gguf-py's eager one during the load (the same
+    fields: test_loader.py compares the two readers), which was half of it: SmolLM2 12.5-15 -> 7.2-7.6 s, Gemma 3
+    270M 37 -> 14-16 s on a 2-core VM, the weights bit-identical either way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmserve.model.gguf import lazy_reader_for_transformers
+    with lazy_reader_for_transformers():
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                    dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """SmolLM2 in transformers, shared by the files that compare against it (read-only: nothing changes it)."""
+    return hf_model_from_gguf(smollm2_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, smollm2_path) -> dict[str, str]:
     """arch -> directory of a tiny random HF model (hidden 64, 2 layers, 4 heads, 2 kv heads, SmolLM2 tokenizer).

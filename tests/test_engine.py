@@ -2,7 +2,6 @@
 independent reference: Hugging Face transformers on the same weights."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -51,11 +50,8 @@ def smol_engine():
 
 
 @pytest.fixture(scope="module")
-def smol_hf():
-    from transformers import AutoModelForCausalLM
-    path = default_model_path()
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+def smol_hf(hf_smollm2):
+    return hf_smollm2
 
 
 @pytest.fixture(scope="module")

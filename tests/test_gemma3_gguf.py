@@ -3,12 +3,11 @@ greedy tokens identical for 4 prompts x 64 tokens, and served by `lmserve serve 
 format. Slow: a 270M model with a 262k vocabulary, on shared CPUs."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from conftest import start_api_server
+from conftest import hf_model_from_gguf, start_api_server
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.sampling_params import SamplingParams
@@ -35,9 +34,7 @@ def gemma_path() -> str:
 
 @pytest.fixture(scope="module")
 def hf_gemma(gemma_path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(gemma_path), gguf_file=os.path.basename(gemma_path),
-                                                dtype=torch.float32).eval()
+    return hf_model_from_gguf(gemma_path)
 
 
 def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

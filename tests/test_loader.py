@@ -24,14 +24,6 @@ from lmserve.model.loader import is_gguf, load_arch_config, load_state_dict, res
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    """transformers' own GGUF loading of SmolLM2 (~20 s): the independent reference."""
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def smollm2_state(smollm2_path):
     return load_state_dict(smollm2_path)
 
