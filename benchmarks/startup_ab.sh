@@ -8,8 +8,9 @@
 # e.g. git worktree add /tmp/old HEAD~1; benchmarks/startup_ab.sh /tmp/old $PWD /tmp/synth2/llama-3.2-1b-q4_k_m.gguf
 # OLD_ENV / NEW_ENV: extra environment for one arm, e.g. two settings of one checkout:
 #   OLD_ENV=LMSERVE_REPACK_CACHE=none benchmarks/startup_ab.sh $PWD $PWD MODEL.gguf
-# COLD=1: a first start of a file never seen, every time: MODEL's mtime is set anew before each start (the
-# tokenizer cache and the repack cache key their entries on it), so point it at a copy of the file:
+# COLD=1: a first start of a file never seen, every time: MODEL's mtime is set anew before each start (the repack
+# cache keys its entries on it, and so did the tokenizer cache before 2026-12-06) and each start gets an empty
+# LMSERVE_TOKENIZER_CACHE; point it at a copy of the file:
 #   cp MODEL.gguf /tmp/m.gguf; COLD=1 benchmarks/startup_ab.sh /tmp/old $PWD /tmp/m.gguf
 set -u
 PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
@@ -30,9 +31,9 @@ start_once() {   # checkout model [VAR=value ...] -> seconds to ready
 }
 old="" new=""
 for _ in $(seq "${4:-3}"); do
-  [ "${COLD:-0}" = 1 ] && touch "$3"
-  old="$old $(start_once "$1" "$3" ${OLD_ENV:-})"
-  [ "${COLD:-0}" = 1 ] && touch "$3"
-  new="$new $(start_once "$2" "$3" ${NEW_ENV:-})"
+  cold=""; [ "${COLD:-0}" = 1 ] && { touch "$3"; cold="LMSERVE_TOKENIZER_CACHE=$(mktemp -d)"; }
+  old="$old $(start_once "$1" "$3" ${OLD_ENV:-} $cold)"
+  cold=""; [ "${COLD:-0}" = 1 ] && { touch "$3"; cold="LMSERVE_TOKENIZER_CACHE=$(mktemp -d)"; }
+  new="$new $(start_once "$2" "$3" ${NEW_ENV:-} $cold)"
 done
 echo "$(basename "$3"): old$old | new$new (s)"

@@ -1,8 +1,9 @@
 """Tokenizer wrapper: encode/decode, chat template rendering, eos ids.
 
 GGUF files carry their vocabulary; transformers converts it to a fast tokenizer (1-5 s on 2 cores), so the converted
-tokenizer is saved under `<cache_dir>/tokenizers/<name>-<key>` (key: absolute path, size, mtime) and loaded
-from there afterwards.
+tokenizer is saved under `$LMSERVE_TOKENIZER_CACHE` (default `~/.cache/lmserve/tokenizers`) as `<arch>-<key>` and
+loaded from there afterwards. The key is a digest of the file's tokenizer fields: every quantization of one model,
+a copy or a move of the file, share one entry, and the cache holds one entry per tokenizer, not per file.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 
-from lmserve.model.gguf import lazy_reader_for_transformers
+from lmserve.model.gguf import gguf_reader, lazy_reader_for_transformers
 from lmserve.model.loader import is_gguf, load_eos_token_ids
 from lmserve.startup import phase
 
@@ -82,16 +84,30 @@ class Tokenizer:
 
 
 def _cache_key(path: str) -> str:
-    path = os.path.abspath(path)
-    st = os.stat(path)
-    digest = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{os.path.splitext(os.path.basename(path))[0]}-{digest}"
+    """`<arch>-<digest>` of the bytes of every tokenizer.* field and the architecture (which picks transformers'
+    converter and tokenizer class): what the conversion reads. A few MB hashed from the metadata the start-up parses
+    anyway (the reader is shared), where a key of path, size and mtime made a new entry for every copy of a file."""
+    reader = gguf_reader(path)
+    fields = sorted(reader.fields.values(), key=lambda f: f.offset)
+    end = reader.tensors[0].field.offset if len(reader.tensors) else len(reader.data)
+    arch = reader.fields.get("general.architecture")
+    arch = str(bytes(arch.parts[arch.data[0]]), encoding="utf-8") if arch is not None else "unknown"
+    digest = hashlib.sha256(arch.encode())
+    for field, nxt in zip(fields, fields[1:] + [None]):
+        if field.name.startswith("tokenizer."):
+            digest.update(reader.data[field.offset:nxt.offset if nxt is not None else end])
+    return f"{re.sub(r'[^A-Za-z0-9_.]', '_', arch)}-{digest.hexdigest()[:24]}"
 
 
 def tokenizer_cache_path(gguf_path: str, cache_dir: str | None = None) -> str:
-    """Where the tokenizer converted from `gguf_path` is (or will be) cached."""
-    root = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
-    return os.path.join(root, "tokenizers", _cache_key(gguf_path))
+    """Where the tokenizer converted from `gguf_path` is (or will be) cached: `<cache_dir>/tokenizers/<key>`
+    when a cache_dir is given, else under $LMSERVE_TOKENIZER_CACHE (default ~/.cache/lmserve/tokenizers)."""
+    if cache_dir is not None:
+        root = os.path.join(os.path.expanduser(cache_dir), "tokenizers")
+    else:
+        root = os.path.expanduser(os.environ.get("LMSERVE_TOKENIZER_CACHE")
+                                  or os.path.join(DEFAULT_CACHE_DIR, "tokenizers"))
+    return os.path.join(root, _cache_key(gguf_path))
 
 
 def _load_gguf_tokenizer(path: str, cache_dir: str | None):

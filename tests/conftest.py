@@ -19,6 +19,10 @@ os.environ["LMSERVE_KERNEL_CACHE"] = KERNEL_CACHE
 if not os.environ.get("LMSERVE_REPACK_CACHE"):
     os.environ["LMSERVE_REPACK_CACHE"] = tempfile.mkdtemp(prefix="lmserve-repack-")
     atexit.register(shutil.rmtree, os.environ["LMSERVE_REPACK_CACHE"], True)
+# the converted GGUF tokenizers likewise (one entry per tokenizer: SmolLM2's serves every synthetic file of the run)
+if not os.environ.get("LMSERVE_TOKENIZER_CACHE"):
+    os.environ["LMSERVE_TOKENIZER_CACHE"] = tempfile.mkdtemp(prefix="lmserve-tokenizers-")
+    atexit.register(shutil.rmtree, os.environ["LMSERVE_TOKENIZER_CACHE"], True)
 
 from model_builders import make_random_model  # noqa: E402
 

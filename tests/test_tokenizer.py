@@ -68,6 +68,30 @@ def test_gguf_tokenizer_is_cached(smollm2_path, tmp_path):
     assert [p for p in os.listdir(cached_dir) if p.startswith(".tmp")] == []
 
 
+def test_the_cache_entry_is_the_tokenizer_not_the_file(smollm2_path, tmp_path):
+    """The key digests the tokenizer fields: a copy of the file (new path and mtime) and a file whose weights differ
+    load the entry the first conversion wrote; a file whose chat template differs gets its own."""
+    cache = str(tmp_path / "cache")
+    load_tokenizer(smollm2_path, cache_dir=cache)
+    entries = os.listdir(os.path.join(cache, "tokenizers"))
+    assert len(entries) == 1
+    data = bytearray(open(smollm2_path, "rb").read())
+    copy, other_weights, other_template = (str(tmp_path / n) for n in ("copy.gguf", "weights.gguf", "template.gguf"))
+    open(copy, "wb").write(data)
+    data[-1] ^= 0xFF                                  # the last tensor's last byte
+    open(other_weights, "wb").write(data)
+    data[-1] ^= 0xFF
+    at = data.index(b"message", data.index(b"tokenizer.chat_template"))
+    data[at:at + 7] = b"messagE"
+    open(other_template, "wb").write(data)
+    for path in (copy, other_weights):
+        assert tokenizer_cache_path(path, cache) == tokenizer_cache_path(smollm2_path, cache)
+        assert load_tokenizer(path, cache_dir=cache).encode(TEXTS[2]) == load_tokenizer(smollm2_path).encode(TEXTS[2])
+    assert os.listdir(os.path.join(cache, "tokenizers")) == entries       # no second conversion
+    assert tokenizer_cache_path(other_template, cache) != tokenizer_cache_path(smollm2_path, cache)
+    assert os.path.dirname(tokenizer_cache_path(smollm2_path)) == os.environ["LMSERVE_TOKENIZER_CACHE"]
+
+
 def test_smollm2_attributes(smol_tok):
     assert smol_tok.vocab_size == 49152
     assert smol_tok.bos_token_id == 1
