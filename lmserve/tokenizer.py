@@ -91,7 +91,7 @@ def _cache_key(path: str) -> str:
     fields = sorted(reader.fields.values(), key=lambda f: f.offset)
     end = reader.tensors[0].field.offset if len(reader.tensors) else len(reader.data)
     arch = reader.fields.get("general.architecture")
-    arch = str(bytes(arch.parts[arch.data[0]]), encoding="utf-8") if arch is not None else "unknown"
+    arch = str(arch.contents()) if arch is not None else "unknown"
     digest = hashlib.sha256(arch.encode())
     for field, nxt in zip(fields, fields[1:] + [None]):
         if field.name.startswith("tokenizer."):
