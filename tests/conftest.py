@@ -8,9 +8,10 @@ import tempfile
 
 import pytest
 
-# NOTE: before anything imports lmserve, and in os.environ so every server a test starts inherits it: the suite
-# compiles the CPU kernels into the repo's own cache (once, kept across runs), never the user's ~/.cache, where a
-# suite rebuilding them would make the user's servers wait. LMSERVE_TEST_KERNEL_CACHE points it elsewhere (CI).
+# NOTE: before anything imports lmserve, and in os.environ so every server a test starts inherits it: where the
+# install's build in the package does not match the sources (edited since), the suite compiles the CPU kernels into
+# the repo's own cache (once, kept across runs), never the user's ~/.cache, where a suite rebuilding them would make
+# the user's servers wait. LMSERVE_TEST_KERNEL_CACHE points it elsewhere (CI).
 KERNEL_CACHE = os.environ.get("LMSERVE_TEST_KERNEL_CACHE") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".kernel-cache")
 os.environ["LMSERVE_KERNEL_CACHE"] = KERNEL_CACHE

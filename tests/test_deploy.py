@@ -124,6 +124,10 @@ def test_dockerfile():
     assert all(i in known for i, _ in instructions), [i for i, _ in instructions if i not in known]
     assert instructions[0][0] in ("FROM", "ARG") and any(i == "FROM" for i, _ in instructions)
     root = DEPLOY.parent
+    copied = {src.rstrip("/") for instr, rest in instructions if instr == "COPY" for src in shlex.split(rest)[:-1]}
+    import tomllib
+    backend_path = tomllib.loads((root / "pyproject.toml").read_text())["build-system"].get("backend-path", [])
+    assert set(backend_path) <= copied, "pip install . needs the build backend in the image"
     for instr, rest in instructions:
         if instr == "COPY":
             *sources, _dest = shlex.split(rest)
@@ -147,3 +151,4 @@ def test_dockerfile():
     # the build context is cut down to what the image needs (BuildKit reads Dockerfile.dockerignore)
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert "*" in ignore and "!lmserve/" in ignore and "!pyproject.toml" in ignore
+    assert all(f"!{p}/" in ignore for p in backend_path)

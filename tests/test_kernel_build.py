@@ -61,7 +61,8 @@ def _load_in_subprocess(cache_root, timeout_s: float, wait_s: float) -> subproce
             "from lmserve.ops import cpu_kernels\n"
             f"m = cpu_kernels.load(timeout={timeout_s})\n"
             "print('LOADED' if m is not None else 'REFERENCES')\n")
-    env = dict(os.environ, LMSERVE_KERNEL_CACHE=str(cache_root), PYTHONPATH=ROOT)
+    # LMSERVE_KERNEL_PREBUILT=0: these cases are about the cache, not the install's build in the package
+    env = dict(os.environ, LMSERVE_KERNEL_CACHE=str(cache_root), PYTHONPATH=ROOT, LMSERVE_KERNEL_PREBUILT="0")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=wait_s)
 
 
@@ -69,7 +70,7 @@ def _seed_cache(tmp_path):
     """A copy of this machine's finished build (so the test does not compile), or an empty cache."""
     name = cpu_kernels.build_name()
     if cpu_kernels.load() is not None:
-        shutil.copytree(cpu_kernels.build_dir(), tmp_path / name)
+        shutil.copytree(cpu_kernels.loaded_dir(), tmp_path / name)
     else:
         (tmp_path / name).mkdir()
     return tmp_path / name
@@ -100,7 +101,7 @@ def test_waiting_for_another_live_builder_is_bounded(tmp_path):
 def _build_kernels_command(cache_root, *args) -> subprocess.CompletedProcess:
     code = ("import sys; from lmserve.cli.commands import main\n"
             "raise SystemExit(main(['build-kernels', *sys.argv[1:]]))")
-    env = dict(os.environ, LMSERVE_KERNEL_CACHE=str(cache_root), PYTHONPATH=ROOT)
+    env = dict(os.environ, LMSERVE_KERNEL_CACHE=str(cache_root), PYTHONPATH=ROOT, LMSERVE_KERNEL_PREBUILT="0")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
 
 

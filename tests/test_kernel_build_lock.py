@@ -33,7 +33,7 @@ def _load_in_subprocess(cache_root, timeout_s: float) -> subprocess.CompletedPro
             "from lmserve.ops import cpu_kernels\n"
             f"m = cpu_kernels.load(timeout={timeout_s})\n"
             "print('LOADED' if m is not None else 'REFERENCES')\n")
-    env = dict(os.environ, LMSERVE_KERNEL_CACHE=str(cache_root), PYTHONPATH=ROOT)
+    env = dict(os.environ, LMSERVE_KERNEL_CACHE=str(cache_root), PYTHONPATH=ROOT, LMSERVE_KERNEL_PREBUILT="0")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 

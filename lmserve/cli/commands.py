@@ -29,7 +29,8 @@ def _run_chat(args) -> int:
 # ---- lmserve build-kernels ----------------------------------------------------------------------------------
 def _add_build_kernels(sub) -> None:
     p = sub.add_parser("build-kernels", help="compile the C++ CPU kernels into the cache the servers read, so that "
-                                             "a first start compiles nothing (an image build, an install script)")
+                                             "a first start compiles nothing, where the install did not build them "
+                                             "into the package (an image build, an install script)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the build (or for another "
                                                                  "process building the same kernels)")
     p.set_defaults(func=_run_build_kernels)
@@ -47,7 +48,7 @@ def _run_build_kernels(args) -> int:
         print("build-kernels: the C++ CPU kernels could not be built here (see above); servers will use the "
               "PyTorch references")
         return 1
-    print(f"build-kernels: CPU kernels ready in {cpu_kernels.build_dir()} ({time.monotonic() - t0:.1f} s; "
+    print(f"build-kernels: CPU kernels ready in {cpu_kernels.loaded_dir()} ({time.monotonic() - t0:.1f} s; "
           f"baseline {cpu_isa.baseline()}, this CPU runs level {cpu_isa.detected()})")
     return 0
 

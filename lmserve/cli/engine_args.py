@@ -80,8 +80,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "kernels, no packed or quantized weight copies); cpp = as auto, but fail to start unless the "
                         "C++ kernels build")
     p.add_argument("--kernel-build-timeout", type=float, default=600.0,
-                   help="seconds start-up waits for the C++ kernels to compile (first start only) before serving "
-                        "on the PyTorch references")
+                   help="seconds start-up waits for the C++ kernels to compile (a first start where the install "
+                        "did not build them) before serving on the PyTorch references")
     p.add_argument("--num-threads", type=int, default=None,
                    help="CPU compute threads per rank (default: the physical cores / the ranks on this node)")
     p.add_argument("--weights", default="auto", choices=["auto", "quantized", "float"],

@@ -7,7 +7,7 @@ elementwise ops and keep GGUF weights quantized. If the build fails (no compiler
 the start-up bound, callers use the pure-PyTorch references in lmserve/ops (forward_native), the test oracle.
 
 Builds are cached under ~/.cache/lmserve/kernels (LMSERVE_KERNEL_CACHE overrides), one directory per hash of the
-sources, the compiler flags, the build baseline and the torch version. The baseline is portable (cpu_isa.py: AVX2 +
+sources, the compiler flags, the build baseline, the torch version and the Python ABI. The baseline is portable (cpu_isa.py: AVX2 +
 FMA + F16C on x86-64, plain code elsewhere; never -march=native), so one build serves every x86 CPU kind and
 faster ISA variants are picked at run time; the CPU model is not in the key. A build records its baseline
 (BASELINE_FILE) and is never imported where the CPU lacks it: it is rebuilt instead.
@@ -18,6 +18,12 @@ holder dies; whoever holds it knows any `lock` file is stale and removes it. The
 time into that file, and a process that must wait logs them at once (ops/build_lock.py). Waiting is
 bounded too (`timeout`), and so is the build itself: it runs in a thread, and start-up goes on with the
 references if it has not finished in time (the next start finds the finished build).
+
+Installing the package builds the library once more, into the package itself (lmserve/_kernels/<name>/, the
+build backend in build_backend/ calls prebuild()), so that a first start compiles nothing. A start imports that
+build when its name is this process's build_name() (same sources, flags, baseline, torch and Python) and it
+imports; anything else (sources edited in a checkout, another torch) falls through to the cache above.
+LMSERVE_KERNEL_PREBUILT=0 ignores it.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import threading
 import time
 
@@ -36,16 +43,19 @@ from lmserve.ops import cpu_isa
 
 logger = logging.getLogger(__name__)
 
-SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu")
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE_DIR = os.path.join(PACKAGE_DIR, "csrc", "cpu")
 # NOTE: -ffp-contract=off keeps `q * d + m` two roundings, as the loader computes it (explicit FMA intrinsics are
 # unaffected). The ISA flags come from the baseline (cflags()).
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 BASELINE_FILE = "BASELINE"
+PREBUILT_DIR = os.path.join(PACKAGE_DIR, "_kernels")   # written at install (prebuild()); ignored by git
 LDFLAGS = ["-fopenmp"]
 DEFAULT_TIMEOUT_S = 600.0
 
 _lock = threading.Lock()
 _module = None
+_module_dir: str | None = None   # where the loaded library came from (the cache or the package's prebuilt)
 _failed = False
 
 
@@ -64,7 +74,9 @@ def build_name() -> str:
     for path in sorted(glob.glob(os.path.join(SOURCE_DIR, "*"))):
         with open(path, "rb") as f:
             h.update(os.path.basename(path).encode() + f.read())
-    h.update((" ".join(cflags(baseline) + LDFLAGS) + platform.machine() + torch.__version__).encode())
+    # the Python ABI too: a library built for one CPython minor version must not be imported by another
+    h.update((" ".join(cflags(baseline) + LDFLAGS) + platform.machine() + torch.__version__
+              + sys.implementation.cache_tag).encode())
     return f"lmserve_cpu_{baseline}_{h.hexdigest()[:12]}"
 
 
@@ -100,6 +112,37 @@ def _apply_isa(module) -> None:
         module.gguf_set_isa(list(cpu_isa.LEVELS).index("avx512vnni"))
 
 
+def _import_library(path: str):
+    """The library built in `path`, imported as torch's load() imports it, without running ninja: the directory's
+    name is the hash of everything that goes into the build, so a .so there is up to date by construction."""
+    import importlib.util
+    name = os.path.basename(path.rstrip(os.sep))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(path, name + ".so"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_prebuilt():
+    """The package's own build (made at install) if it is this process's build and imports here, else None."""
+    if os.environ.get("LMSERVE_KERNEL_PREBUILT", "1") == "0":
+        return None
+    path = os.path.join(PREBUILT_DIR, build_name())
+    try:
+        with open(os.path.join(path, BASELINE_FILE)) as f:
+            if f.read().strip() != cpu_isa.baseline():
+                return None
+    except OSError:
+        return None
+    try:
+        module = _import_library(path)
+        _apply_isa(module)
+    except Exception as e:  # noqa: BLE001 - a broken or foreign build: the cache path builds one that works
+        logger.warning("the kernels built at install (%s) do not load here (%s); using the kernel cache", path, e)
+        return None
+    return module
+
+
 def build_dir() -> str:
     root = os.environ.get("LMSERVE_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmserve",
                                                                   "kernels")
@@ -123,24 +166,23 @@ def _compile(path: str, deadline: float):
             # we hold the flock, so no live lmserve process is building here: a killed build left this behind
             logger.warning("removing a stale kernel build lock %s (a build was interrupted)", stale)
             os.remove(stale)
-        fresh = not glob.glob(os.path.join(path, "*.so"))
-        if fresh:
-            logger.warning("compiling CPU kernels (once, ~1 min on 2 cores) into %s ...", path)
+        if os.path.exists(os.path.join(path, os.path.basename(path) + ".so")):
+            try:
+                module = _import_library(path)
+                _apply_isa(module)
+                return module
+            except ImportError:
+                # a build killed while linking can leave a truncated .so
+                logger.warning("cached CPU kernel build is broken; rebuilding from scratch")
+                shutil.rmtree(path, ignore_errors=True)
+                os.makedirs(path, exist_ok=True)
+        logger.warning("compiling CPU kernels (once, ~1 min on 2 cores) into %s ...", path)
         t0 = time.monotonic()
         # copies: torch's load() appends to the flag lists it is given, which would change build_name()
         kw = dict(name=os.path.basename(path), extra_cflags=cflags(), extra_ldflags=list(LDFLAGS),
                   build_directory=path, verbose=False)
-        try:
-            module = load(sources=sources(), **kw)
-        except ImportError:
-            # a build killed while linking can leave a truncated .so that ninja thinks is up to date
-            logger.warning("cached CPU kernel build is broken; rebuilding from scratch")
-            shutil.rmtree(path, ignore_errors=True)
-            os.makedirs(path, exist_ok=True)
-            fresh = True
-            module = load(sources=sources(), **kw)
-        if fresh:
-            logger.warning("compiled CPU kernels in %.1f s", time.monotonic() - t0)
+        module = load(sources=sources(), **kw)
+        logger.warning("compiled CPU kernels in %.1f s", time.monotonic() - t0)
         with open(os.path.join(path, BASELINE_FILE), "w") as f:
             f.write(cpu_isa.baseline())
         _apply_isa(module)
@@ -150,7 +192,13 @@ def _compile(path: str, deadline: float):
 
 
 def build(timeout: float = DEFAULT_TIMEOUT_S):
-    """Compile / load the library, waiting at most `timeout` seconds. Returns the module or None (not cached)."""
+    """Load the package's prebuilt library, or compile / load the cached one, waiting at most `timeout` seconds.
+    Returns the module or None (not cached)."""
+    global _module_dir
+    module = _load_prebuilt()
+    if module is not None:
+        _module_dir = os.path.join(PREBUILT_DIR, build_name())
+        return module
     deadline = time.monotonic() + timeout
     result: dict = {}
 
@@ -170,7 +218,35 @@ def build(timeout: float = DEFAULT_TIMEOUT_S):
     if "error" in result:
         logger.warning("C++ CPU kernels unavailable (%s); using the PyTorch references", result["error"])
         return None
+    _module_dir = build_dir()
     return result["module"]
+
+
+def loaded_dir() -> str | None:
+    """The directory the library of this process was loaded from (None before a successful build())."""
+    return _module_dir
+
+
+def prebuild(timeout: float = 1800.0) -> str | None:
+    """The installer's step: build the library into the package (PREBUILT_DIR/<name>, only the .so and its
+    BASELINE kept) and remove older builds there. Returns the directory, or None if the build failed."""
+    path = os.path.join(PREBUILT_DIR, build_name())
+    os.makedirs(path, exist_ok=True)
+    try:
+        _compile(path, time.monotonic() + timeout)
+    except Exception as e:  # noqa: BLE001 - an install goes on without it; the first start compiles instead
+        logger.warning("could not build the CPU kernels at install (%s); the first start will", e)
+        return None
+    keep = {os.path.basename(path) + ".so", BASELINE_FILE}
+    for entry in os.listdir(path):
+        if entry not in keep:
+            full = os.path.join(path, entry)
+            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+    for entry in os.listdir(PREBUILT_DIR):
+        full = os.path.join(PREBUILT_DIR, entry)
+        if full != path:
+            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+    return path
 
 
 def load(timeout: float = DEFAULT_TIMEOUT_S):
