@@ -18,10 +18,9 @@ from lmserve.proxy.config import ProxyConfig
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
-# NOTE: --kernels torch: both servers (and so the reference) run the PyTorch ops, and no test waits on a C++
-# kernel build another process may hold the lock of
+# both servers (and so the reference) run what a user's do: the C++ kernels on the quantized weights
 ARGS = ("--cache-block-count", "256", "--session-len", "2048", "--max-concurrent-requests", "16",
-        "--migration-timeout", "4", "--kernels", "torch")
+        "--migration-timeout", "4")
 SYSTEM = ("You are a patient assistant in a bakery. You answer questions about bread, flour, yeast, ovens and "
           "the history of baking in short and friendly sentences, and you never make up facts. ") * 2
 MODEL = "x"    # the served model's name, set by the fixture
