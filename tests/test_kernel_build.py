@@ -124,3 +124,30 @@ def test_build_kernels_command_uses_the_cache_the_servers_read(tmp_path):
         proc = _build_kernels_command(tmp_path / "busy", "--timeout", "2")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "could not be built here" in proc.stdout
+
+
+def test_a_cached_library_that_does_not_import_is_rebuilt(tmp_path, monkeypatch, caplog):
+    """A .so in the cache is imported as it is (its directory's name is the hash of the build's inputs); one left
+    truncated by a build killed while linking is removed with its directory and compiled again, not a failed start."""
+    monkeypatch.setenv("LMSERVE_KERNEL_CACHE", str(tmp_path))
+    path = cpu_kernels.build_dir()
+    name = os.path.basename(path)
+    with open(os.path.join(path, cpu_kernels.BASELINE_FILE), "w") as f:
+        f.write(cpu_kernels.cpu_isa.baseline())
+    with open(os.path.join(path, name + ".so"), "wb") as f:
+        f.write(b"\x7fELF cut short")
+    with open(os.path.join(path, "attention.o"), "wb") as f:
+        f.write(b"an object file of the killed build")
+    seen = {}
+
+    def fake_load(sources, **kw):
+        seen["files"] = sorted(os.listdir(kw["build_directory"]))
+        return type("Lib", (), {"built_baseline": staticmethod(lambda: "avx2"),
+                                "gguf_set_isa": staticmethod(lambda level: None)})
+
+    import torch.utils.cpp_extension
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    with caplog.at_level("WARNING"):
+        cpu_kernels._compile(path, deadline=float("inf"))
+    assert "build is broken; rebuilding" in caplog.text
+    assert seen["files"] == []          # compiled from scratch: nothing of the broken build was left

@@ -7,9 +7,10 @@ elementwise ops and keep GGUF weights quantized. If the build fails (no compiler
 the start-up bound, callers use the pure-PyTorch references in lmserve/ops (forward_native), the test oracle.
 
 Builds are cached under ~/.cache/lmserve/kernels (LMSERVE_KERNEL_CACHE overrides), one directory per hash of the
-sources, the compiler flags, the build baseline, the torch version and the Python ABI. The baseline is portable (cpu_isa.py: AVX2 +
-FMA + F16C on x86-64, plain code elsewhere; never -march=native), so one build serves every x86 CPU kind and
-faster ISA variants are picked at run time; the CPU model is not in the key. A build records its baseline
+sources, the compiler flags, the build baseline, the torch version and the Python ABI. The baseline is portable
+(cpu_isa.py: AVX2 + FMA + F16C on x86-64, plain code elsewhere; never -march=native), so one build serves every x86
+CPU kind and faster ISA variants are picked at run time; the CPU model is not in the key. A directory's .so is
+imported directly (no ninja run: the name says it is up to date); one that does not import is rebuilt. A build records its baseline
 (BASELINE_FILE) and is never imported where the CPU lacks it: it is rebuilt instead.
 
 NOTE: a process killed while compiling leaves torch's `lock` file behind, and torch then waits for it forever
