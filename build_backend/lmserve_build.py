@@ -11,7 +11,6 @@ install goes on without the build and the first start compiles as before; an ins
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -48,10 +47,8 @@ sys.exit(0 if path else 1)
 def _prebuild_kernels() -> None:
     if os.environ.get("LMSERVE_BUILD_KERNELS", "1") == "0":
         return
+    # PATH stays: pip puts its build environment's scripts (ninja, a build requirement) first on it
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    ninja = shutil.which("ninja")       # a build requirement: on PATH in pip's build environment
-    if ninja:
-        env["PATH"] = os.path.dirname(ninja) + os.pathsep + env.get("PATH", "")
     try:
         proc = subprocess.run([sys.executable, "-c", _CHILD, ROOT], env=env, cwd=ROOT, timeout=3600,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -124,11 +124,11 @@ def _import_library(path: str):
     return module
 
 
-def _load_prebuilt():
-    """The package's own build (made at install) if it is this process's build and imports here, else None."""
+def _load_prebuilt(path: str):
+    """The package's own build in `path` (made at install) if it is there for this CPU's baseline and imports here,
+    else None."""
     if os.environ.get("LMSERVE_KERNEL_PREBUILT", "1") == "0":
         return None
-    path = os.path.join(PREBUILT_DIR, build_name())
     try:
         with open(os.path.join(path, BASELINE_FILE)) as f:
             if f.read().strip() != cpu_isa.baseline():
@@ -196,9 +196,10 @@ def build(timeout: float = DEFAULT_TIMEOUT_S):
     """Load the package's prebuilt library, or compile / load the cached one, waiting at most `timeout` seconds.
     Returns the module or None (not cached)."""
     global _module_dir
-    module = _load_prebuilt()
+    prebuilt = os.path.join(PREBUILT_DIR, build_name())
+    module = _load_prebuilt(prebuilt)
     if module is not None:
-        _module_dir = os.path.join(PREBUILT_DIR, build_name())
+        _module_dir = prebuilt
         return module
     deadline = time.monotonic() + timeout
     result: dict = {}
@@ -228,6 +229,12 @@ def loaded_dir() -> str | None:
     return _module_dir
 
 
+def _remove_all_but(directory: str, keep: set[str]) -> None:
+    for entry in set(os.listdir(directory)) - keep:
+        full = os.path.join(directory, entry)
+        shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+
+
 def prebuild(timeout: float = 1800.0) -> str | None:
     """The installer's step: build the library into the package (PREBUILT_DIR/<name>, only the .so and its
     BASELINE kept) and remove older builds there. Returns the directory, or None if the build failed."""
@@ -238,15 +245,8 @@ def prebuild(timeout: float = 1800.0) -> str | None:
     except Exception as e:  # noqa: BLE001 - an install goes on without it; the first start compiles instead
         logger.warning("could not build the CPU kernels at install (%s); the first start will", e)
         return None
-    keep = {os.path.basename(path) + ".so", BASELINE_FILE}
-    for entry in os.listdir(path):
-        if entry not in keep:
-            full = os.path.join(path, entry)
-            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
-    for entry in os.listdir(PREBUILT_DIR):
-        full = os.path.join(PREBUILT_DIR, entry)
-        if full != path:
-            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+    _remove_all_but(path, {os.path.basename(path) + ".so", BASELINE_FILE})   # objects, ninja files, the lock
+    _remove_all_but(PREBUILT_DIR, {os.path.basename(path)})                  # older builds and their flocks
     return path
 
 
