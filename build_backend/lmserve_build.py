@@ -5,8 +5,10 @@ over to setuptools it compiles the C++ CPU kernels into lmserve/_kernels/<name>/
 so that a server's first start imports them instead of compiling for a minute. The compile needs the torch the
 package will run with, and pip builds in an isolated environment that has no torch: the build runs in a child of
 the same interpreter without pip's overlay on PYTHONPATH, i.e. in the environment being installed into (README:
-torch is installed first). Where that torch, a compiler or ninja is missing, or LMSERVE_BUILD_KERNELS=0, the
-install goes on without the build and the first start compiles as before; an install never fails for it.
+torch is installed first). uv builds in a virtual environment of its own instead, so under uv the build runs in
+the interpreter of the environment uv installs into, found as uv finds it (_uv_target). Where that torch, a
+compiler or ninja is missing, or LMSERVE_BUILD_KERNELS=0, the install goes on without the build and the first
+start compiles as before; an install never fails for it.
 """
 from __future__ import annotations
 
@@ -44,13 +46,56 @@ sys.exit(0 if path else 1)
 """
 
 
+def _venv_python(path: str) -> str | None:
+    """The interpreter of a virtual environment (or an interpreter's own path), None if there is none."""
+    exe = os.path.join(path, "bin", "python") if os.path.isdir(path) else path
+    return exe if os.path.isfile(exe) and os.access(exe, os.X_OK) else None
+
+
+def _uv_target(pid: int) -> str | None:
+    """The interpreter of the environment that the uv process `pid` installs into, or None where `pid` is not uv or
+    that cannot be read (not Linux). uv runs a backend in a build environment of its own, with VIRTUAL_ENV pointing
+    there, so the target is read from uv itself, in uv's order: `--python` / `-p` when it names a path, the caller's
+    VIRTUAL_ENV, else the nearest `.venv` above uv's working directory. A wrong guess costs only the build: a start
+    uses a build only when its name (torch, Python ABI, sources, CPU baseline) is the start's own."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = dict(kv.decode(errors="replace").split("=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, ValueError):
+        return None
+    if not argv or os.path.basename(argv[0]) not in ("uv", "uvx"):
+        return None
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("--python", "-p"):
+            exe = _venv_python(os.path.join(cwd, argv[i + 1]))
+            if exe:
+                return exe
+    for arg in argv:
+        if arg.startswith("--python="):
+            exe = _venv_python(os.path.join(cwd, arg.split("=", 1)[1]))
+            if exe:
+                return exe
+    if environ.get("VIRTUAL_ENV"):
+        return _venv_python(environ["VIRTUAL_ENV"])
+    d = cwd
+    while True:
+        exe = _venv_python(os.path.join(d, ".venv"))
+        if exe or os.path.dirname(d) == d:
+            return exe
+        d = os.path.dirname(d)
+
+
 def _prebuild_kernels() -> None:
     if os.environ.get("LMSERVE_BUILD_KERNELS", "1") == "0":
         return
-    # PATH stays: pip puts its build environment's scripts (ninja, a build requirement) first on it
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # PATH stays: pip and uv put their build environment's scripts (ninja, a build requirement) first on it
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    python = (_uv_target(os.getppid()) if "UV" in os.environ else None) or sys.executable
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, ROOT], env=env, cwd=ROOT, timeout=3600,
+        proc = subprocess.run([python, "-c", _CHILD, ROOT], env=env, cwd=ROOT, timeout=3600,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out = proc.stdout
     except (OSError, subprocess.SubprocessError) as e:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -137,3 +138,59 @@ def test_lmserve_build_kernels_0_skips_the_build(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert not (project / "lmserve" / "_kernels").exists()
+
+
+def _backend():
+    sys.path.insert(0, os.path.join(ROOT, "build_backend"))
+    try:
+        import lmserve_build
+    finally:
+        sys.path.pop(0)
+    return lmserve_build
+
+
+def _looks_like(name, args, env, cwd):
+    """A process whose command line reads `name args...` in /proc (bash's exec -a), with `env` and `cwd`."""
+    proc = subprocess.Popen(["bash", "-c", f'exec -a {name} "$0" -c "import time; time.sleep(60)" "$@"',
+                             sys.executable, *args], env=env, cwd=cwd)
+    for _ in range(100):   # until the exec has happened
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            if f.read().startswith(name.encode() + b"\0"):
+                return proc
+        time.sleep(0.02)
+    raise AssertionError("no exec")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the installer's process from /proc")
+def test_under_uv_the_backend_finds_the_environment_uv_installs_into(tmp_path):
+    """uv runs the backend in a build environment of its own (VIRTUAL_ENV points there), so the kernel build must
+    run in the interpreter of the environment uv installs into, found as uv finds it. Checked against processes
+    that read like uv in /proc; a real `uv pip install -e .` is measured in docs/benchmarks.md."""
+    backend = _backend()
+    venvs = {}
+    for name in ("active", "named", "project/.venv"):
+        (tmp_path / name / "bin").mkdir(parents=True)
+        os.symlink(sys.executable, tmp_path / name / "bin" / "python")
+        venvs[name] = str(tmp_path / name / "bin" / "python")
+    (tmp_path / "project" / "src").mkdir()
+    base = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    cases = [
+        (["pip", "install", "-e", "."], dict(base, VIRTUAL_ENV=str(tmp_path / "active")), tmp_path, venvs["active"]),
+        (["pip", "install", "--python", "named", "."], dict(base, VIRTUAL_ENV=str(tmp_path / "active")), tmp_path,
+         venvs["named"]),
+        (["pip", "install", "-p", str(tmp_path / "named" / "bin" / "python"), "."], base, tmp_path, venvs["named"]),
+        (["pip", "install", "--python=3.11", "."], base, tmp_path / "project" / "src", venvs["project/.venv"]),
+    ]
+    for args, env, cwd, want in cases:
+        proc = _looks_like("uv", args, env, cwd)
+        try:
+            assert backend._uv_target(proc.pid) == want, args
+        finally:
+            proc.kill()
+            proc.wait()
+    proc = _looks_like("pip", ["install", "."], dict(base, VIRTUAL_ENV=str(tmp_path / "active")), tmp_path)
+    try:
+        assert backend._uv_target(proc.pid) is None   # not uv: the backend keeps its own interpreter (pip's case)
+    finally:
+        proc.kill()
+        proc.wait()
