@@ -150,6 +150,10 @@ inline void pin(__m256i& v) { __asm__("" : "+x"(v)); }
 // an AVX2 tile's accumulators (one 8-lane register per row, lane c = column 8 gr + c) to the output
 template <int RM>
 inline void store_tile(const DotArgs& p, int64_t m0, int64_t gr, const __m256 (&acc)[RM], int64_t n0, int64_t n1) {
+  if (gr * 8 >= n0 && gr * 8 + 8 <= n1) {   // every column this thread's: one store per row
+    for (int m = 0; m < RM; ++m) _mm256_storeu_ps(p.out + (m0 + m) * p.N + gr * 8, acc[m]);
+    return;
+  }
   for (int m = 0; m < RM; ++m) {
     alignas(32) float o[8];
     _mm256_store_ps(o, acc[m]);

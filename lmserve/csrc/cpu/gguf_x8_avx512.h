@@ -28,6 +28,14 @@ inline __m512 scales2(const uint8_t* a, const uint8_t* b) {
 // an AVX512 tile's accumulators (one 16-lane register per row: NG groups' columns) to the output
 template <int RM, int NG>
 inline void store_tile(const DotArgs& p, int64_t m0, int64_t gr, const __m512 (&acc)[RM], int64_t n0, int64_t n1) {
+  if (gr * 8 >= n0 && gr * 8 + 8 * NG <= n1) {   // every column this thread's: one store per row
+    for (int m = 0; m < RM; ++m) {
+      float* o = p.out + (m0 + m) * p.N + gr * 8;
+      if (NG == 2) _mm512_storeu_ps(o, acc[m]);
+      else _mm256_storeu_ps(o, _mm512_castps512_ps256(acc[m]));
+    }
+    return;
+  }
   for (int m = 0; m < RM; ++m) {
     alignas(64) float o[16];
     _mm512_store_ps(o, acc[m]);
