@@ -55,14 +55,19 @@ struct max_rows<T, std::void_t<decltype(T::kMaxRows)>> { static constexpr int va
 // (prefetcht1), not L1: an L1 prefetch holds one of the core's few L1 fill buffers until its line arrives, which
 // capped the lines in flight per core; to L2, 1-row calls ran another 1.1-1.3x (AVX2 tiles) and a 1B Q4_K_M
 // decode step 1.14x (AVX2) / 1.08x (AVX512-VNNI) on a Sapphire Rapids VM (docs/benchmarks.md). The tile's own
-// loads then find them in L2, whose latency its unpacking covers.
+// loads then find them in L2, whose latency its unpacking covers. The distance is at least the tile's NG groups (a
+// chunk): the groups lie one after another, so with 8 * ws > kBytes (K >= 8192 for 4-bit types) stream a's line
+// kBytes ahead fell in group b, behind stream b's reads, and half the streams went without; a chunk ahead, each
+// stream asks for its own place in the next chunk. Measured (benchmarks/x8_tile_bench.cpp, Zen 4, AVX512-VNNI,
+// weights from DRAM): Q4_K at K 8192 1 row 1.3-1.8x, 16 rows 1.15-1.2x; K 14336 1.2-1.3x; K 2048 unchanged.
 constexpr int64_t kStreamRows = 64;
 template <bool ON>
 struct Ahead {
   static constexpr int64_t kBytes = 32 * 1024;
   const uint8_t *a, *b_;
   Ahead(const DotArgs& p, const uint8_t* group, int ng)
-      : a(group + kBytes), b_(ng == 2 ? group + kBytes + 8 * p.ws : nullptr) {}
+      : a(group + dist(p, ng)), b_(ng == 2 ? group + dist(p, ng) + 8 * p.ws : nullptr) {}
+  static int64_t dist(const DotArgs& p, int ng) { return std::max<int64_t>(kBytes, ng * 8 * p.ws); }
   // lines i * n .. i * n + n - 1 of block b (`bytes` long) of each of the tile's groups: a tile calls it at each
   // of its steps through a block, so a block is asked for early in its own reading (front-loaded; spreading the
   // lines evenly over the steps measured slower for Q4_K)
