@@ -5,7 +5,8 @@
 //   TI=$(python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
 //   S=lmserve/csrc/cpu; g++ -O3 -ffp-contract=off -mavx2 -mfma -mf16c -std=c++17 -I$S -I$TI benchmarks/x8_tile_bench.cpp \
 //       $S/gguf_q4_kx8.cpp $S/gguf_q6_kx8.cpp $S/gguf_q4_0x8.cpp $S/gguf_q8_0x8.cpp -o /tmp/x8_tile_bench
-//   /tmp/x8_tile_bench Q4_K|Q6_K|Q4_0|Q8_0 M N K [reps]   (AVX2=1 in the environment: the AVX2 tiles, not AVX512-VNNI)
+//   /tmp/x8_tile_bench Q4_K|Q6_K|Q4_0|Q8_0 M N K [reps]   (AVX2=1 in the environment: the AVX2 tiles,
+//   not AVX512-VNNI; SMALL_PAGES=1: weights on 4 KB pages)
 // The checksum is the same for every build of the same arithmetic: a change that moves it changed the bits.
 #include <algorithm>
 #include <chrono>
@@ -14,6 +15,7 @@
 #include <cstring>
 #include <string>
 #include <vector>
+#include <sys/mman.h>
 #include "gguf_kernels.h"
 
 namespace {
@@ -44,13 +46,17 @@ int main(int argc, char** argv) {
   const int64_t M = std::atol(argv[2]), N = std::atol(argv[3]), K = std::atol(argv[4]);
   const int reps = argc > 5 ? std::atoi(argv[5]) : 20;
   const int64_t nb = K / t->elems, ws = nb * t->bytes;
-  std::vector<uint8_t> file(N * ws), w(N * ws);
+  // the weights on 2 MB pages, as a server maps them (THP_MEM_ALLOC_ENABLE): 4 KB pages add TLB misses to a stream
+  const size_t wbytes = (N * ws + (2 << 20) - 1) / (2 << 20) * (2 << 20);
+  uint8_t* w = static_cast<uint8_t*>(std::aligned_alloc(2 << 20, wbytes));
+  if (std::getenv("SMALL_PAGES") == nullptr) madvise(w, wbytes, MADV_HUGEPAGE);
+  std::vector<uint8_t> file(N * ws);
   std::srand(1);
   for (auto& b : file) b = static_cast<uint8_t>(std::rand());
   for (int64_t i = 0; i < N * nb; ++i)
     for (int at : t->scale_at)
       if (at >= 0) file[i * t->bytes + at] = 0, file[i * t->bytes + at + 1] = 0x20;   // fp16 2^-7
-  for (int64_t gr = 0; gr < N / 8; ++gr) t->pack(file.data(), ws, gr, nb, w.data());
+  for (int64_t gr = 0; gr < N / 8; ++gr) t->pack(file.data(), ws, gr, nb, w);
   gguf::Act a;   // what quantize_act makes of some float activations: q, a scale per 32 and the sums the tiles use
   a.q.resize(M * K);
   for (auto& v : a.q) v = static_cast<int8_t>(std::rand() % 255 - 127);
@@ -61,7 +67,7 @@ int main(int argc, char** argv) {
   for (int64_t g = 0; g < M * K / 32; ++g) gguf::group_sums(a, g);
   std::vector<float> out(M * N);
   gguf::DotArgs p{};
-  p.int8 = true, p.out = out.data(), p.a = &a, p.w = w.data(), p.ws = ws, p.M = M, p.N = N, p.K = K;
+  p.int8 = true, p.out = out.data(), p.a = &a, p.w = w, p.ws = ws, p.M = M, p.N = N, p.K = K;
   const bool avx2 = std::getenv("AVX2") != nullptr;
   const Kernel run = avx2 ? t->avx2 : t->vnni;
   double best = 1e9;
@@ -72,6 +78,7 @@ int main(int argc, char** argv) {
   }
   double sum = 0;
   for (float v : out) sum += v;
+  std::free(w);
   std::printf("%s %s M=%ld N=%ld K=%ld: %.3f ms, %.0f GOP/s (checksum %.9g)\n", t->name, avx2 ? "avx2" : "avx512vnni",
               static_cast<long>(M), static_cast<long>(N), static_cast<long>(K), best * 1e3,
               2.0 * M * N * K / best / 1e9, sum);
