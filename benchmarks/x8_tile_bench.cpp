@@ -3,10 +3,11 @@
 // file blocks (every fp16 scale 2^-7) repacked by the library's own pack, random int8 activations; weights from
 // cache unless N x K is large. Not a test; figures go to docs/benchmarks.md.
 //   TI=$(python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
-//   S=lmserve/csrc/cpu; g++ -O3 -ffp-contract=off -mavx2 -mfma -mf16c -std=c++17 -I$S -I$TI benchmarks/x8_tile_bench.cpp \
+//   S=lmserve/csrc/cpu; g++ -O3 -ffp-contract=off -mavx2 -mfma -mf16c -std=c++17 -fopenmp -I$S -I$TI benchmarks/x8_tile_bench.cpp \
 //       $S/gguf_q4_kx8.cpp $S/gguf_q6_kx8.cpp $S/gguf_q4_0x8.cpp $S/gguf_q8_0x8.cpp -o /tmp/x8_tile_bench
 //   /tmp/x8_tile_bench Q4_K|Q6_K|Q4_0|Q8_0 M N K [reps]   (AVX2=1 in the environment: the AVX2 tiles,
-//   not AVX512-VNNI; SMALL_PAGES=1: weights on 4 KB pages)
+//   not AVX512-VNNI; SMALL_PAGES=1: weights on 4 KB pages; THREADS=n: n OpenMP threads on column ranges,
+//   with -fopenmp)
 // The checksum is the same for every build of the same arithmetic: a change that moves it changed the bits.
 #include <algorithm>
 #include <chrono>
@@ -70,16 +71,22 @@ int main(int argc, char** argv) {
   p.int8 = true, p.out = out.data(), p.a = &a, p.w = w, p.ws = ws, p.M = M, p.N = N, p.K = K;
   const bool avx2 = std::getenv("AVX2") != nullptr;
   const Kernel run = avx2 ? t->avx2 : t->vnni;
+  const int threads = std::getenv("THREADS") ? std::atoi(std::getenv("THREADS")) : 1;
   double best = 1e9;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    run(p, 0, N);
+    if (threads == 1) {
+      run(p, 0, N);
+    } else {   // columns split as the library splits them: contiguous ranges, whole chunks of 16
+#pragma omp parallel for num_threads(threads)
+      for (int th = 0; th < threads; ++th) run(p, N / 16 * th / threads * 16, N / 16 * (th + 1) / threads * 16);
+    }
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   double sum = 0;
   for (float v : out) sum += v;
   std::free(w);
-  std::printf("%s %s M=%ld N=%ld K=%ld: %.3f ms, %.0f GOP/s (checksum %.9g)\n", t->name, avx2 ? "avx2" : "avx512vnni",
+  std::printf("%s %s %dt M=%ld N=%ld K=%ld: %.3f ms, %.0f GOP/s (checksum %.9g)\n", t->name, avx2 ? "avx2" : "avx512vnni", threads,
               static_cast<long>(M), static_cast<long>(N), static_cast<long>(K), best * 1e3,
               2.0 * M * N * K / best / 1e9, sum);
 }

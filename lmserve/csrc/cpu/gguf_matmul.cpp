@@ -73,7 +73,9 @@ void gemm_tiles(float* out, int64_t ldo, const at::Tensor& x, const uint8_t* w, 
 // Half-filled 512-bit registers are no cure: Zen 4 executes them as two 256-bit halves. On an Intel Sapphire Rapids
 // host, whose 512-bit units are whole, it is the other way round: the AVX512 tiles took Q4_0 at M = 1 / 2 from
 // 1.15 / 1.7 to 0.91 / 1.0 ms, Q4_K 1.2 / 1.35 to 1.07 / 1.17 (DRAM), a 1B decode step 26 -> 32 tok/s. So the rule
-// follows the CPU (cpu_splits_512).
+// follows the CPU (cpu_splits_512). Since x8::Ahead prefetches a chunk ahead (at K >= 8192 it had left one stream
+// in two without), the Zen 4 gap is smaller: two threads, weights from DRAM (benchmarks/x8_tile_bench.cpp), M = 1
+// level (Q4_K, Q4_0), M = 2 the AVX512 tiles 1.1-1.3x faster for Q4_K / Q4_0 but 0.94x for Q8_0; kept as it was.
 int64_t stream_rows() {
   static const int64_t rows = cpu_splits_512() ? 2 : 0;
   return rows;
