@@ -3,11 +3,12 @@
 // file blocks (every fp16 scale 2^-7) repacked by the library's own pack, random int8 activations; weights from
 // cache unless N x K is large. Not a test; figures go to docs/benchmarks.md.
 //   TI=$(python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
-//   S=lmserve/csrc/cpu; g++ -O3 -ffp-contract=off -mavx2 -mfma -mf16c -std=c++17 -fopenmp -I$S -I$TI benchmarks/x8_tile_bench.cpp \
-//       $S/gguf_q4_kx8.cpp $S/gguf_q6_kx8.cpp $S/gguf_q4_0x8.cpp $S/gguf_q8_0x8.cpp -o /tmp/x8_tile_bench
-//   /tmp/x8_tile_bench Q4_K|Q6_K|Q4_0|Q8_0 M N K [reps]   (AVX2=1 in the environment: the AVX2 tiles,
-//   not AVX512-VNNI; SMALL_PAGES=1: weights on 4 KB pages; THREADS=n: n OpenMP threads on column ranges,
-//   with -fopenmp)
+//   S=lmserve/csrc/cpu; SRC="$S/gguf_q4_kx8.cpp $S/gguf_q6_kx8.cpp $S/gguf_q4_0x8.cpp $S/gguf_q8_0x8.cpp"
+//   F="-O3 -ffp-contract=off -mavx2 -mfma -mf16c -std=c++17 -fopenmp"
+//   g++ $F -I$S -I$TI benchmarks/x8_tile_bench.cpp $SRC -o /tmp/x8_tile_bench
+//   /tmp/x8_tile_bench Q4_K|Q6_K|Q4_0|Q8_0 M N K [reps]
+// Environment: AVX2=1 the AVX2 tiles instead of AVX512-VNNI; SMALL_PAGES=1 weights on 4 KB pages (default: 2 MB,
+// as a server maps them); THREADS=n n OpenMP threads on column ranges.
 // The checksum is the same for every build of the same arithmetic: a change that moves it changed the bits.
 #include <algorithm>
 #include <chrono>
@@ -86,7 +87,8 @@ int main(int argc, char** argv) {
   double sum = 0;
   for (float v : out) sum += v;
   std::free(w);
-  std::printf("%s %s %dt M=%ld N=%ld K=%ld: %.3f ms, %.0f GOP/s (checksum %.9g)\n", t->name, avx2 ? "avx2" : "avx512vnni", threads,
+  std::printf("%s %s %dt M=%ld N=%ld K=%ld: %.3f ms, %.0f GOP/s (checksum %.9g)\n", t->name,
+              avx2 ? "avx2" : "avx512vnni", threads,
               static_cast<long>(M), static_cast<long>(N), static_cast<long>(K), best * 1e3,
               2.0 * M * N * K / best / 1e9, sum);
 }
