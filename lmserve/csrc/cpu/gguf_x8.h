@@ -59,7 +59,8 @@ struct max_rows<T, std::void_t<decltype(T::kMaxRows)>> { static constexpr int va
 // chunk): the groups lie one after another, so with 8 * ws > kBytes (K >= 8192 for 4-bit types) stream a's line
 // kBytes ahead fell in group b, behind stream b's reads, and half the streams went without; a chunk ahead, each
 // stream asks for its own place in the next chunk. Measured (benchmarks/x8_tile_bench.cpp, Zen 4, AVX512-VNNI,
-// weights from DRAM): Q4_K at K 8192 1 row 1.3-1.8x, 16 rows 1.15-1.2x; K 14336 1.2-1.3x; K 2048 unchanged.
+// weights from DRAM): K 8192 1 row Q4_K 1.7-1.9x, Q6_K 1.5x, Q4_0 2.3x, 16 rows 1.1-1.2x; K 14336 16 rows 1.16x;
+// K 2048 unchanged.
 constexpr int64_t kStreamRows = 64;
 template <bool ON>
 struct Ahead {
