@@ -68,16 +68,11 @@ def _uv_target(pid: int) -> str | None:
         return None
     if not argv or os.path.basename(argv[0]) not in ("uv", "uvx"):
         return None
-    for i, arg in enumerate(argv[:-1]):
-        if arg in ("--python", "-p"):
-            exe = _venv_python(os.path.join(cwd, argv[i + 1]))
-            if exe:
-                return exe
-    for arg in argv:
-        if arg.startswith("--python="):
-            exe = _venv_python(os.path.join(cwd, arg.split("=", 1)[1]))
-            if exe:
-                return exe
+    for arg, nxt in zip(argv, argv[1:] + [""]):
+        value = nxt if arg in ("--python", "-p") else arg.split("=", 1)[1] if arg.startswith("--python=") else ""
+        exe = _venv_python(os.path.join(cwd, value)) if value else None
+        if exe:
+            return exe
     if environ.get("VIRTUAL_ENV"):
         return _venv_python(environ["VIRTUAL_ENV"])
     d = cwd

@@ -10,8 +10,8 @@ Builds are cached under ~/.cache/lmserve/kernels (LMSERVE_KERNEL_CACHE overrides
 sources, the compiler flags, the build baseline, the torch version and the Python ABI. The baseline is portable
 (cpu_isa.py: AVX2 + FMA + F16C on x86-64, plain code elsewhere; never -march=native), so one build serves every x86
 CPU kind and faster ISA variants are picked at run time; the CPU model is not in the key. A directory's .so is
-imported directly (no ninja run: the name says it is up to date); one that does not import is rebuilt. A build records its baseline
-(BASELINE_FILE) and is never imported where the CPU lacks it: it is rebuilt instead.
+imported directly (no ninja run: the name says it is up to date); one that does not import is rebuilt. A build
+records its baseline (BASELINE_FILE) and is never imported where the CPU lacks it: it is rebuilt instead.
 
 NOTE: a process killed while compiling leaves torch's `lock` file behind, and torch then waits for it forever
 (FileBaton.wait). So every build here first takes an flock on `<dir>.flock`, which the kernel releases when its

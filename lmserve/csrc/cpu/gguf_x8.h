@@ -67,8 +67,7 @@ struct Ahead {
   static constexpr int64_t kBytes = 32 * 1024;
   const uint8_t *a, *b_;
   Ahead(const DotArgs& p, const uint8_t* group, int ng)
-      : a(group + dist(p, ng)), b_(ng == 2 ? group + dist(p, ng) + 8 * p.ws : nullptr) {}
-  static int64_t dist(const DotArgs& p, int ng) { return std::max<int64_t>(kBytes, ng * 8 * p.ws); }
+      : a(group + std::max<int64_t>(kBytes, ng * 8 * p.ws)), b_(ng == 2 ? a + 8 * p.ws : nullptr) {}
   // lines i * n .. i * n + n - 1 of block b (`bytes` long) of each of the tile's groups: a tile calls it at each
   // of its steps through a block, so a block is asked for early in its own reading (front-loaded; spreading the
   // lines evenly over the steps measured slower for Q4_K)
