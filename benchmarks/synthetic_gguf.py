@@ -13,6 +13,7 @@ Importable: `write_synthetic_gguf(path, shape, quant)`, `SHAPES`, `QUANT_MIXES`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -31,6 +32,10 @@ SHAPES = {
                          bias=False, theta=500000.0),
     "qwen2.5-7b": dict(arch="qwen2", hidden=3584, layers=28, ffn=18944, heads=28, kv_heads=4, tied=False,
                        bias=True, theta=1000000.0),
+    # phi3 files fuse q/k/v (attn_qkv) and gate/up (ffn_up) and carry LongRoPE's factors as tensors; Phi-4-mini
+    # rotates 96 of each head's 128 dimensions and extends a 4k context 32x (its 200k vocabulary is SmolLM2's here)
+    "phi-4-mini": dict(arch="phi3", hidden=3072, layers=32, ffn=8192, heads=24, kv_heads=8, tied=True, bias=False,
+                       theta=10000.0, rotary=0.75, original_context=4096),
 }
 
 # bytes per block, elements per block, byte offsets of the fp16 scale fields (d, dmin) to overwrite
@@ -55,7 +60,7 @@ def _q4_k_m(name: str, layer: int, layers: int) -> str:
     more_bits = layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
     if name == "output" or (name in ("attn_v", "ffn_down") and more_bits):
         return "Q6_K"
-    return "Q4_K"
+    return "Q5_K" if name == "attn_qkv" else "Q4_K"     # a fused q/k/v gets Q5_K in llama-quant.cpp's Q4_K_M
 
 
 # file type name -> (chooser of a matrix's type, general.file_type value)
@@ -110,11 +115,15 @@ def _plan(shape: dict, quant: str, vocab: int):
     # Q4_K_M file of Llama 3.2 1B / Qwen2.5 3B, not the Q4_K of an untied model's embedding
     embd = ("output", layers) if shape["tied"] else ("token_embd", 0)
     plan = [("token_embd.weight", _matrix_type(chooser, embd[0], embd[1], layers, h), (vocab, h))]
+    if shape["arch"] == "phi3":
+        matrices = (("attn_qkv", q + 2 * kv, h), ("attn_output", h, q), ("ffn_up", 2 * f, h), ("ffn_down", h, f))
+    else:
+        matrices = (("attn_q", q, h), ("attn_k", kv, h), ("attn_v", kv, h), ("attn_output", h, q),
+                    ("ffn_gate", f, h), ("ffn_up", f, h), ("ffn_down", h, f))
     for i in range(layers):
         p = f"blk.{i}."
         plan.append((p + "attn_norm.weight", "F32", (h,)))
-        for name, rows, cols in (("attn_q", q, h), ("attn_k", kv, h), ("attn_v", kv, h), ("attn_output", h, q),
-                                 ("ffn_gate", f, h), ("ffn_up", f, h), ("ffn_down", h, f)):
+        for name, rows, cols in matrices:
             plan.append((p + name + ".weight", _matrix_type(chooser, name, i, layers, cols), (rows, cols)))
             if shape["bias"] and name in ("attn_q", "attn_k", "attn_v"):
                 plan.append((p + name + ".bias", "F32", (rows,)))
@@ -122,6 +131,9 @@ def _plan(shape: dict, quant: str, vocab: int):
     plan.append(("output_norm.weight", "F32", (h,)))
     if not shape["tied"]:
         plan.append(("output.weight", _matrix_type(chooser, "output", layers, layers, h), (vocab, h)))
+    if shape.get("original_context"):
+        rotated = int(hd * shape.get("rotary", 1.0))
+        plan += [(f"rope_factors_{kind}.weight", "F32", (rotated // 2,)) for kind in ("long", "short")]
     return plan
 
 
@@ -130,6 +142,9 @@ def _tensor(kind: str, dims: tuple, name: str, rng: np.random.Generator) -> np.n
         return random_blocks(kind, dims[0], dims[1], rng)
     if name.endswith("norm.weight"):
         return (1.0 + 0.05 * rng.standard_normal(dims)).astype(np.float32)
+    if name.startswith("rope_factors_"):      # LongRoPE's per-frequency divisors: ~1 short, growing long
+        grow = np.geomspace(1.0, 40.0, dims[0]) if "long" in name else 1.0 + 0.05 * np.arange(dims[0]) / dims[0]
+        return np.asarray(grow, dtype=np.float32)
     return (0.02 * rng.standard_normal(dims)).astype(np.float32)
 
 
@@ -172,9 +187,17 @@ def write_synthetic_gguf(path: str, shape: str | dict, quant: str = "Q4_0", seed
     for key, value in (("block_count", shape["layers"]), ("context_length", context_length),
                        ("embedding_length", h), ("feed_forward_length", shape["ffn"]),
                        ("attention.head_count", shape["heads"]), ("attention.head_count_kv", shape["kv_heads"]),
-                       ("vocab_size", vocab), ("rope.dimension_count", h // shape["heads"])):
+                       ("vocab_size", vocab),
+                       ("rope.dimension_count", int(h // shape["heads"] * shape.get("rotary", 1.0)))):
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.rope.freq_base", shape["theta"])
+    if shape.get("original_context"):         # LongRoPE (phi3), as llama.cpp's converter writes it
+        orig = shape["original_context"]
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", orig)
+        scale = context_length / orig
+        writer.add_float32(f"{arch}.rope.scaling.attn_factor",
+                           math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        writer.add_uint32(f"{arch}.attention.sliding_window", 0)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     plan = _plan(shape, quant, vocab)
     for name, kind, dims in plan:

@@ -1,9 +1,12 @@
-"""What architectures beyond the Llama family add to ArchConfig, read from a Hugging Face config.json.
+"""What architectures beyond the Llama family add to ArchConfig, read from a Hugging Face config.json or from a
+GGUF's metadata (llama.cpp's key names).
 
 `hf_arch_extras(arch, config_json)` returns ArchConfig field overrides; the loader applies them on top of the
 fields every decoder has. Adding an architecture means adding its branch here and its model file.
 """
 from __future__ import annotations
+
+import math
 
 
 def _rope_dict(rope: dict | None) -> tuple[float | None, dict | None]:
@@ -114,4 +117,32 @@ def gguf_arch_extras(arch: str, meta: dict, reader) -> dict:
         end_of_turn = _gguf_token_id(reader, "<end_of_turn>", 106)
         eos = tuple(int(i) for i in [meta.get("tokenizer.ggml.eos_token_id"), end_of_turn] if i is not None)
         extras["eos_token_ids"] = tuple(dict.fromkeys(eos))
+    if arch == "phi3":
+        extras.update(_gguf_phi3(get, reader))
+    return extras
+
+
+def _gguf_phi3(get, reader) -> dict:
+    """Phi-3 / Phi-4-mini as llama.cpp's converter writes them: RoPE on `rope.dimension_count` of each head's
+    dimensions (Phi-4-mini: 96 of 128), LongRoPE's factor lists as the F32 tensors rope_factors_short / _long with
+    the original context in `rope.scaling.original_context_length`, and HF's sliding window (0 = none)."""
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    extras: dict = dict(partial_rotary_factor=int(get("rope.dimension_count", head_dim)) / head_dim, hidden_act="silu")
+    # NOTE: llama.cpp turns Phi-3's sliding window off (its kernels lacked it); transformers, the reference the
+    # same model's safetensors are held to here, applies it, so a GGUF and its checkpoint serve alike
+    if int(get("attention.sliding_window", 0) or 0) > 0:
+        extras["sliding_window"] = int(get("attention.sliding_window"))
+    factors = {t.name: t for t in reader.tensors if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
+    if len(factors) == 2:
+        orig, context = int(get("rope.scaling.original_context_length")), int(get("context_length"))
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig,
+                   "short_factor": [float(x) for x in factors["rope_factors_short.weight"].data],
+                   "long_factor": [float(x) for x in factors["rope_factors_long.weight"].data]}
+        # the converter writes HF's default attention factor rounded to float32: keep HF's own unless it differs
+        stored = get("rope.scaling.attn_factor")
+        default = math.sqrt(1 + math.log(context / orig) / math.log(orig)) if context > orig else 1.0
+        if stored is not None and abs(float(stored) - default) > 1e-6 * default:
+            scaling["attention_factor"] = float(stored)
+        extras["rope_scaling"] = scaling
     return extras

@@ -285,6 +285,9 @@ _GGUF_ARCH_LAYER_NAMES = {
     "gemma3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_norm": "pre_feedforward_layernorm",
                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
     "qwen3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES},
+    # Phi-3 / Phi-4-mini: llama.cpp keeps HF's fused projections (qkv_proj, gate_up_proj: gate rows first), the
+    # layouts our fused parameters already have; its loader also takes q/k/v as three tensors
+    "phi3": {**_GGUF_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 
 
@@ -296,7 +299,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
         return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{suffix}"
     if base in _GGUF_GLOBAL_NAMES:
         return f"{_GGUF_GLOBAL_NAMES[base]}.{suffix}"
-    if base == "rope_freqs":                               # folded into ArchConfig.rope_scaling
+    if base in ("rope_freqs", "rope_factors_long", "rope_factors_short"):     # folded into ArchConfig.rope_scaling
         return None
     raise NotImplementedError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart here")
 
