@@ -179,7 +179,9 @@ def write_synthetic_gguf(path: str, shape: str | dict, quant: str = "Q4_0", seed
     arch = shape["arch"]
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(path, arch)
-    writer.add_string("general.name", f"synthetic {arch} {quant}")
+    # NOTE: not the architecture's name: llama.cpp gives a model named "phi3" Phi-3's special tokens ("</s>", which
+    # SmolLM2's vocabulary lacks, fails its load)
+    writer.add_string("general.name", f"synthetic random weights {quant}")
     writer.add_uint32("general.file_type", QUANT_MIXES[quant][1])
     writer.add_uint32("general.quantization_version", 2)
     vocab = _copy_tokenizer(writer, tokenizer_from or default_tokenizer_source())

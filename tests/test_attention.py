@@ -185,12 +185,13 @@ def test_silu_mul_matches_reference():
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rotary", [64, 32, 48])     # the whole head; partial rotary (phi3: the rest passes)
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_rope_write_kv_matches_reference(cache_dtype):
+def test_rope_write_kv_matches_reference(cache_dtype, rotary):
     from lmserve.model.layers import RotaryEmbedding
     g = torch.Generator().manual_seed(2)
     nh, nkv, hd, T = 6, 2, 64, 11
-    rope = RotaryEmbedding(hd, 4096, 10000.0)
+    rope = RotaryEmbedding(rotary, 4096, 10000.0)
     pos = torch.randint(0, 4000, (T,), generator=g)
     cos, sin = rope.lookup(pos, torch.float32)
     qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=g)

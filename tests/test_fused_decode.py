@@ -79,6 +79,23 @@ def test_tiny_gguf_fused_decode_is_bit_identical(arch, tmp_path, tiny_models):
     assert_same(a, b)
 
 
+def test_phi3_gguf_fused_decode_is_bit_identical(tmp_path):
+    """Phi-4-mini's layout: half of each head rotated (the kernel copies the rest), LongRoPE's table crossing from
+    its short to its long factors at position 32, Q5_K fused q/k/v, in the default configuration (int8
+    activations on repacked blocks)."""
+    from test_phi3_gguf import SHAPE, write_synthetic_gguf
+    path = str(tmp_path / "phi3.gguf")
+    write_synthetic_gguf(path, SHAPE, "Q4_K_M", context_length=256)
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=path),
+                                    cache=CacheConfig(block_size=8, num_blocks=64, enable_prefix_caching=False)))
+    assert engine.runner.arch.partial_rotary_factor == 0.5
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    a, b, calls = fused_and_modules(engine, prompts, SamplingParams(temperature=0.0, max_tokens=24, logprobs=3,
+                                                                    ignore_eos=True))
+    assert calls >= 20 and max(len(p) for p in prompts) + 24 > 32
+    assert_same(a, b)
+
+
 def test_fused_decode_is_not_built_where_the_modules_must_run(smollm2_path, tiny_models):
     # the PyTorch references (--kernels torch): the stack's kernels are not in use
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=smollm2_path, kernels="torch"),

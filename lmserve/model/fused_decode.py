@@ -1,8 +1,9 @@
 """FusedDecode: a decode step's layers in one kernel call (ops.make_decoder_stack, csrc/cpu/decoder.cpp).
 
 Built once per loaded model by the model runner, for the decoders whose layers are exactly Llama's (Llama, Qwen2,
-Mistral), Qwen3's or Gemma 3's with every projection on GGUF blocks, and only where all the ops the layers call
-run their CPU kernels; otherwise `build` returns None and the modules run as always. It reads the layers' weights
+Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's or Gemma 3's with every
+projection on GGUF blocks, and only where all the ops the layers call run their CPU kernels; otherwise `build`
+returns None and the modules run as always. It reads the layers' weights
 into a plain spec (ops do not know model classes) and runs steps in which every row is a decode row. The result
 is bit-identical to the modules' (tests/test_fused_decode.py), which stay the reference and the path for prefill,
 LoRA, tensor parallelism and the other architectures.
@@ -16,11 +17,12 @@ from lmserve.model.attention import AttentionMetadata
 from lmserve.model.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 from lmserve.model.layers import GatedMLP, Linear, RowParallelLinear
 from lmserve.model.llama import Attention, DecoderLayer, LlamaForCausalLM
+from lmserve.model.phi3 import Phi3ForCausalLM
 from lmserve.model.qwen3 import QKNormAttention, Qwen3DecoderLayer, Qwen3ForCausalLM
 from lmserve.ops.decoder_stack import STACK_OPS, LayerSpec, LinearSpec, StackSpec, supported
 from lmserve.ops.linear_method import GGUFLinear
 
-_MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM)
+_MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM)
 _LAYERS = (DecoderLayer, Qwen3DecoderLayer, Gemma3DecoderLayer)
 _ATTENTIONS = (Attention, QKNormAttention)
 
@@ -62,8 +64,7 @@ class FusedDecode:
     def build(model, table: ops.OpTable) -> "FusedDecode | None":
         """The fused path for this model under this op table, or None where the modules must run."""
         cfg = model.cfg
-        if type(model) not in _MODELS or cfg.tp_size != 1 or any(table.is_native(n) for n in STACK_OPS) or \
-                int(cfg.head_dim * cfg.partial_rotary_factor) != cfg.head_dim:
+        if type(model) not in _MODELS or cfg.tp_size != 1 or any(table.is_native(n) for n in STACK_OPS):
             return None
         layers = [_layer(model, layer) for layer in model.model.layers]
         if not layers or any(spec is None for spec in layers):

@@ -54,9 +54,6 @@ class RopeWriteKVOp(CustomOp):
         return q
 
     def forward_cpu(self, qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
-        if 2 * cos.shape[-1] != head_dim:    # partial rotary: the kernel rotates whole heads only
-            return self.forward_native(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
-                                       head_dim)
         q = torch.empty(qkv.shape[0], num_heads, head_dim, dtype=qkv.dtype)
         cpu_lib().rope_write_kv(q, qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
         return q

@@ -66,19 +66,21 @@ void rms_norm_heads(at::Tensor qkv, at::Tensor q_w, at::Tensor k_w, int64_t nh, 
   });
 }
 
+// The first 2 * half of a head's hd values rotated, the rest (partial rotary: Phi-4-mini rotates 96 of 128) copied
 template <typename T>
 static inline void rotate_half(T* __restrict dst, const float* __restrict src, const float* __restrict c,
-                               const float* __restrict s, int64_t half) {
+                               const float* __restrict s, int64_t half, int64_t hd) {
   #pragma omp simd
   for (int64_t j = 0; j < half; ++j) {
     const float x1 = src[j], x2 = src[j + half];
     dst[j] = T(x1 * c[j] - x2 * s[j]);
     dst[j + half] = T(x2 * c[j] + x1 * s[j]);
   }
+  for (int64_t j = 2 * half; j < hd; ++j) dst[j] = T(src[j]);
 }
 
-// qkv: [T, (nh + 2 * nkv) * hd]; cos, sin: [T, hd / 2]. Writes RoPE(q) to q_out [T, nh, hd], RoPE(k) and v to
-// the cache slots given by slot_mapping [T] (caches [num_slots, nkv, hd]).
+// qkv: [T, (nh + 2 * nkv) * hd]; cos, sin: [T, rot / 2], rot <= hd. Writes RoPE(q) to q_out [T, nh, hd], RoPE(k)
+// and v to the cache slots given by slot_mapping [T] (caches [num_slots, nkv, hd]).
 template <typename KV>
 static void rope_write_kv_impl(at::Tensor q_out, at::Tensor qkv, at::Tensor cos, at::Tensor sin,
                                at::Tensor k_cache, at::Tensor v_cache, at::Tensor slot_mapping,
@@ -86,17 +88,19 @@ static void rope_write_kv_impl(at::Tensor q_out, at::Tensor qkv, at::Tensor cos,
   TORCH_CHECK(qkv.is_contiguous() && q_out.is_contiguous() && cos.is_contiguous() && sin.is_contiguous());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && qkv.scalar_type() == at::kFloat);
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong);
-  const int64_t T = qkv.size(0), W = qkv.size(1), half = hd / 2;
+  const int64_t T = qkv.size(0), W = qkv.size(1), half = cos.size(-1);
   TORCH_CHECK(W == (nh + 2 * nkv) * hd, "rope_write_kv: qkv width mismatch");
+  TORCH_CHECK(2 * half <= hd && cos.numel() == T * half && sin.numel() == T * half, "rope_write_kv: table shape");
   const float* qp = qkv.data_ptr<float>(); const float* cp = cos.data_ptr<float>(); const float* sp = sin.data_ptr<float>();
   float* qo = q_out.data_ptr<float>(); KV* kc = k_cache.data_ptr<KV>(); KV* vc = v_cache.data_ptr<KV>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* row = qp + t * W; const float* c = cp + t * half; const float* s = sp + t * half;
-      for (int64_t h = 0; h < nh; ++h) rotate_half<float>(qo + (t * nh + h) * hd, row + h * hd, c, s, half);
+      for (int64_t h = 0; h < nh; ++h) rotate_half<float>(qo + (t * nh + h) * hd, row + h * hd, c, s, half, hd);
       const int64_t slot = slots[t];
-      for (int64_t h = 0; h < nkv; ++h) rotate_half<KV>(kc + (slot * nkv + h) * hd, row + (nh + h) * hd, c, s, half);
+      for (int64_t h = 0; h < nkv; ++h)
+        rotate_half<KV>(kc + (slot * nkv + h) * hd, row + (nh + h) * hd, c, s, half, hd);
       KV* vdst = vc + slot * nkv * hd;
       for (int64_t j = 0; j < nkv * hd; ++j) vdst[j] = KV(row[(nh + nkv) * hd + j]);
     }
