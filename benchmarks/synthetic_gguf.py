@@ -199,7 +199,7 @@ def write_synthetic_gguf(path: str, shape: str | dict, quant: str = "Q4_0", seed
         scale = context_length / orig
         writer.add_float32(f"{arch}.rope.scaling.attn_factor",
                            math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
-        writer.add_uint32(f"{arch}.attention.sliding_window", 0)
+        writer.add_uint32(f"{arch}.attention.sliding_window", shape.get("sliding_window", 0))   # 0: Phi-4
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     plan = _plan(shape, quant, vocab)
     for name, kind, dims in plan:

@@ -49,7 +49,7 @@ def _file_tensors(path: str) -> dict[str, np.ndarray]:
             for t in reader.tensors}
 
 
-def hf_phi3(path: str):
+def hf_phi3(path: str, window: int | None = None):
     import transformers
     t = _file_tensors(path)
     rotary = int(SHAPE["hidden"] // SHAPE["heads"] * SHAPE["rotary"])
@@ -63,7 +63,7 @@ def hf_phi3(path: str):
                              short_factor=t["rope_factors_short.weight"].tolist(),
                              long_factor=t["rope_factors_long.weight"].tolist(),
                              original_max_position_embeddings=SHAPE["original_context"]),
-        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        sliding_window=window, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     state = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"]}
     for name, value in t.items():
         if name.startswith("blk."):
@@ -93,11 +93,17 @@ def test_phi3_metadata_becomes_the_checkpoints_config(phi3_path):
     assert "attention_factor" not in rs         # the converter's value is HF's default, which lmserve computes
 
 
-@pytest.mark.parametrize("weights", ["float", "quantized"])
-def test_phi3_gguf_greedy_matches_transformers(phi3_path, weights):
+@pytest.mark.parametrize("weights,window", [("float", None), ("quantized", None), ("quantized", 12)])
+def test_phi3_gguf_greedy_matches_transformers(phi3_path, weights, window, tmp_path):
     """--weights float (exact float32) and the quantized kernels with float32 activations: greedy tokens equal
-    transformers' through the LongRoPE boundary, logprobs within 1e-3."""
-    hf = hf_phi3(phi3_path)
+    transformers' through the LongRoPE boundary, logprobs within 1e-3. window: Phi-3-mini's files say
+    sliding_window 2047 (Phi-4's 0: none); llama.cpp ignores it, transformers (the reference the same checkpoint's
+    safetensors are served to here) applies it to every layer, and so does lmserve."""
+    if window is not None:
+        phi3_path = str(tmp_path / "phi3-swa.gguf")
+        write_synthetic_gguf(phi3_path, dict(SHAPE, sliding_window=window), "Q4_K_M", context_length=CONTEXT)
+        assert load_arch_config(phi3_path).layer_window(1) == window
+    hf = hf_phi3(phi3_path, window)
     engine = _engine(phi3_path, dtype="float32", weights=weights)
     if weights == "quantized":
         methods = {n: m.linear_method for n, m in engine.runner.model.named_modules() if hasattr(m, "linear_method")}
