@@ -3,10 +3,10 @@
 Built once per loaded model by the model runner, for the decoders whose layers are exactly Llama's (Llama, Qwen2,
 Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's or Gemma 3's with every
 projection on GGUF blocks, and only where all the ops the layers call run their CPU kernels; otherwise `build`
-returns None and the modules run as always. It reads the layers' weights
-into a plain spec (ops do not know model classes) and runs steps in which every row is a decode row. The result
-is bit-identical to the modules' (tests/test_fused_decode.py), which stay the reference and the path for prefill,
-LoRA, tensor parallelism and the other architectures.
+returns None and the modules run as always. It reads the layers' weights into a plain spec (ops do not know model
+classes) and runs steps in which every row is a decode row. The result is bit-identical to the modules'
+(tests/test_fused_decode.py), which stay the reference and the path for prefill, LoRA, tensor parallelism and the
+other architectures.
 """
 from __future__ import annotations
 
