@@ -24,6 +24,7 @@ from lmserve.model.gguf_weights import gguf_weights
 from lmserve.model.hf_checkpoint import hf_state_dict
 from lmserve.model.layers import Linear, deferred_weights
 from lmserve.model.loader import is_gguf, load_state_dict
+from lmserve.model.moe import Experts
 from lmserve.model.parallel import VocabParallelEmbedding
 from lmserve.model.registry import get_model_class
 from lmserve.model.repack_cache import RepackCache
@@ -115,8 +116,13 @@ def attach_gguf(model: nn.Module, quant: dict, dtype: torch.dtype, int8: bool = 
     -> the HF names now served from the file (the rest load as float)."""
     modules = dict(model.named_modules())
     groups: dict[str, list] = {}
+    experts: dict[str, dict] = {}
     for name, w in quant.items():
         if name == "lm_head.weight" and getattr(model, "lm_head", None) is None:
+            continue
+        parts = name.split(".")
+        if len(parts) >= 4 and parts[-3].isdigit() and isinstance(modules.get(".".join(parts[:-3])), Experts):
+            experts.setdefault(".".join(parts[:-3]), {})[(int(parts[-3]), parts[-2])] = w
             continue
         target, start = _target(model, name)
         if isinstance(modules.get(target), (Linear, VocabParallelEmbedding)):
@@ -134,12 +140,37 @@ def attach_gguf(model: nn.Module, quant: dict, dtype: torch.dtype, int8: bool = 
             continue
         module.linear_method = GGUFLinear([w for _, _, w in parts], dtype, int8)
         kept.update(name for _, name, _ in parts)
+    return kept | _attach_experts(modules, experts, dtype, int8)
+
+
+def _attach_experts(modules: dict, experts: dict, dtype: torch.dtype, int8: bool) -> set[str]:
+    """Each MoE layer whose every expert the file holds in blocks gets per-expert GGUFLinears (gate and up
+    stacked in one); -> the names served so, the per-expert ones and the stacked ones the float loader reads."""
+    kept = set()
+    for prefix, ws in experts.items():
+        module = modules[prefix]
+        n, two_inter, hidden = module.gate_up_proj.shape
+        want = {"gate_proj": (two_inter // 2, hidden), "up_proj": (two_inter // 2, hidden),
+                "down_proj": (hidden, two_inter // 2)}
+        if len(ws) != 3 * n or any(ws.get((e, p)) is None or tuple(ws[e, p].shape) != shape
+                                   for e in range(n) for p, shape in want.items()):
+            continue
+        module.methods = [(GGUFLinear([ws[e, "gate_proj"], ws[e, "up_proj"]], dtype, int8),
+                           GGUFLinear([ws[e, "down_proj"]], dtype, int8)) for e in range(n)]
+        kept.update(f"{prefix}.{e}.{p}.weight" for e in range(n) for p in want)
+        kept.update(f"{prefix}.{p}.weight" for p in want)
     return kept
 
 
 def _materialize_rest(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
     """Real float storage for every deferred matrix that did not get GGUF blocks (load_weights fills it)."""
     for module in model.modules():
+        if isinstance(module, Experts) and module.methods is None:
+            for pname in ("gate_up_proj", "down_proj"):
+                p = getattr(module, pname)
+                if p.is_meta:
+                    setattr(module, pname, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                        requires_grad=False))
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter) and weight.is_meta and not isinstance(
                 getattr(module, "linear_method", None), GGUFLinear):
@@ -209,6 +240,8 @@ def weight_memory(model: nn.Module, path: str) -> dict[str, int]:
     the GGUF's mapping, resident now; float: float parameters and buffers; packed: packed / lower-precision GEMM
     copies."""
     methods = {id(m.linear_method): m.linear_method for m in model.modules() if hasattr(m, "linear_method")}
+    methods.update((id(x), x) for m in model.modules() if isinstance(m, Experts) for pair in m.methods or ()
+                   for x in pair)
     gguf = sum(m.nbytes for m in methods.values() if isinstance(m, GGUFLinear))
     parts = [p for m in methods.values() if isinstance(m, GGUFLinear) for p in m.parts]
     repacked = sum(p.nbytes for p in parts if p.owned)

@@ -97,11 +97,20 @@ def _gguf_token_id(reader, token: str, guess: int) -> int | None:
 
 
 def gguf_arch_extras(arch: str, meta: dict, reader) -> dict:
-    def get(key, default=None):
-        return meta.get(f"{arch}.{key}", default)
+    def get(key, default=None):                      # llama.cpp's own architecture name prefixes the keys
+        return meta.get(f"{meta['general.architecture']}.{key}", default)
     extras: dict = {}
     if arch in ("qwen3", "qwen3_moe"):
         extras["qk_norm"] = True
+    if arch == "qwen3_moe":
+        # llama.cpp renormalises the top-k weights of qwen3moe (as Qwen3-MoE's configs say); a layer without a
+        # router (ffn_gate_inp) is a dense one (mlp_only_layers)
+        names = {t.name for t in reader.tensors}
+        extras.update(num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+                      moe_intermediate_size=int(get("expert_feed_forward_length")),
+                      norm_topk_prob=bool(get("expert_weights_norm", True)),
+                      dense_layers=tuple(i for i in range(int(get("block_count")))
+                                         if f"blk.{i}.ffn_gate_inp.weight" not in names))
     if arch == "gemma3":
         n, hidden = int(get("block_count")), int(get("embedding_length"))
         head_dim, num_heads = int(get("attention.key_length")), int(get("attention.head_count"))

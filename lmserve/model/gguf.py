@@ -221,15 +221,23 @@ def llama3_rope_scaling(freq_factors: np.ndarray, rope_theta: float, head_dim: i
             "high_freq_factor": float(high), "original_max_position_embeddings": orig}
 
 
+# llama.cpp's architecture names that differ from HF's model_type (the metadata keys keep llama.cpp's)
+_GGUF_ARCH_ALIASES = {"qwen3moe": "qwen3_moe"}
+
+
 def gguf_arch_config(reader) -> ArchConfig:
     meta = gguf_metadata(reader)
-    arch = meta["general.architecture"]
+    file_arch = meta["general.architecture"]
+    arch = _GGUF_ARCH_ALIASES.get(file_arch, file_arch)
     if arch not in SUPPORTED_ARCHS:
-        raise NotImplementedError(f"GGUF architecture {arch!r} is not supported; supported: {SUPPORTED_ARCHS}")
+        raise NotImplementedError(f"GGUF architecture {file_arch!r} is not supported; supported: {SUPPORTED_ARCHS}")
     tensors = {t.name: t for t in reader.tensors}
+    if arch != "qwen3_moe" and any(name.endswith("_exps.weight") for name in tensors):
+        raise NotImplementedError(f"GGUF file of a {file_arch!r} mixture-of-experts model (ffn_*_exps tensors): "
+                                  "MoE GGUF files are supported for qwen3moe only")
 
     def get(key, default=None):
-        return meta.get(f"{arch}.{key}", default)
+        return meta.get(f"{file_arch}.{key}", default)
 
     hidden, num_heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // num_heads))
@@ -285,6 +293,10 @@ _GGUF_ARCH_LAYER_NAMES = {
     "gemma3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_norm": "pre_feedforward_layernorm",
                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
     "qwen3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES},
+    # Qwen3-MoE: the router, and each projection of all experts stacked in one 3-D tensor [experts, rows, cols]
+    "qwen3_moe": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_gate_inp": "mlp.gate",
+                  "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+                  "ffn_down_exps": "mlp.experts.down_proj"},
     # Phi-3 / Phi-4-mini: llama.cpp keeps HF's fused projections (qkv_proj, gate_up_proj: gate rows first), the
     # layouts our fused parameters already have; its loader also takes q/k/v as three tensors
     "phi3": {**_GGUF_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},

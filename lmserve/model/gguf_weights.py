@@ -68,6 +68,20 @@ def gguf_weight(t, name: str, cfg) -> GGUFWeight | None:
     return GGUFWeight(qtype, data, (n, k))
 
 
+def expert_weights(t, name: str, cfg) -> list[tuple[str, GGUFWeight]]:
+    """One projection of all experts stacked in a 3-D GGUF tensor ('...mlp.experts.gate_proj.weight', [experts,
+    rows, cols]) -> one GGUFWeight per expert, each a view of its rows in the mapping, named as a per-expert
+    checkpoint names it ('...mlp.experts.3.gate_proj.weight'); [] where the blocks cannot serve (tensor parallel,
+    a 16-bit matrix whose rows are not whole groups of 32, a type without a kernel)."""
+    qtype = t.tensor_type.name
+    experts, n, k = (int(d) for d in reversed(t.shape))
+    if qtype not in QUANTS or k % QUANTS[qtype][0] or cfg.tp_size != 1:
+        return []
+    data = mapped_view(t)                                    # [experts, rows * row bytes]
+    prefix, proj, _ = name.rsplit(".", 2)                    # '...mlp.experts', 'gate_proj', 'weight'
+    return [(f"{prefix}.{e}.{proj}.weight", GGUFWeight(qtype, data[e].view(n, -1), (n, k))) for e in range(experts)]
+
+
 def gguf_weights(reader, cfg, repack: bool = False, cache: RepackCache | None = None) -> dict[str, GGUFWeight]:
     """HF parameter name -> GGUFWeight for every quantized matrix of the file that can stay quantized; repack:
     the matrices of the 8-row layouts in groups of 8 rows (see the module's docstring), served from `cache`'s
@@ -77,12 +91,15 @@ def gguf_weights(reader, cfg, repack: bool = False, cache: RepackCache | None = 
     out = {}
     for t in reader.tensors:
         name = hf_name(t.name, cfg.architecture)
-        if name in cached:
-            out[name] = cached[name]
-        elif name is not None and (w := gguf_weight(t, name, cfg)) is not None:
-            w = repacked(w, reader.data) if repack else w
-            if writer is None or not writer.add(name, w):    # written: its private copy goes now
-                out[name] = w
+        if name is None:
+            continue
+        for name, w in expert_weights(t, name, cfg) if len(t.shape) == 3 else [(name, None)]:
+            if name in cached:
+                out[name] = cached[name]
+            elif (w := w or gguf_weight(t, name, cfg)) is not None:
+                w = repacked(w, reader.data) if repack else w
+                if writer is None or not writer.add(name, w):    # written: its private copy goes now
+                    out[name] = w
     if cached:
         logger.info("repacked weights mapped from %s", cache.bin)
     if writer is not None:

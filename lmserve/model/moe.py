@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.model.layers import Linear, gated_activation
+from lmserve.model.layers import Linear, deferring, gated_activation
 
 
 class Experts(nn.Module):
@@ -18,8 +18,12 @@ class Experts(nn.Module):
         super().__init__()
         self.intermediate_size = intermediate_size
         self.act = gated_activation(act)      # act(gate) * up
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        device = "meta" if deferring() else None      # the loader may give the experts GGUF blocks instead
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, device=device))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, device=device))
+        # per expert (gate_up, down) LinearMethods over a GGUF file's blocks (engine/weights.py attach_gguf), the
+        # parameters above then meta tensors; None: the float parameters
+        self.methods: list | None = None
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, hidden]; expert_ids, weights: [num_tokens, top_k] -> [num_tokens, hidden].
@@ -39,8 +43,12 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            ys[start:end] = F.linear(self.act(F.linear(xs[start:end], self.gate_up_proj[expert])),
-                                     self.down_proj[expert])
+            if self.methods is not None:
+                gate_up, down = self.methods[expert]
+                ys[start:end] = down(self.act(gate_up(xs[start:end])))
+            else:
+                ys[start:end] = F.linear(self.act(F.linear(xs[start:end], self.gate_up_proj[expert])),
+                                         self.down_proj[expert])
             start = end
         ys.mul_(weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype))
         return torch.zeros_like(x).index_add_(0, token_of, ys)
@@ -69,9 +77,19 @@ class SparseMoeBlock(nn.Module):
 
 
 def map_expert_weight(name: str, params: dict, names: dict[str, str]) -> torch.Tensor | None:
-    """A per-expert checkpoint tensor ('...experts.3.w1.weight') -> the view of the fused parameter it fills, or
-    None when `name` is not one. `names` maps the checkpoint's projection names to gate / up / down."""
+    """A per-expert checkpoint tensor ('...experts.3.w1.weight'), or one of all experts stacked ('...experts.w1.weight',
+    [experts, rows, cols]) -> the view of the fused parameter it fills, or None when `name` is neither. `names` maps
+    the checkpoint's projection names to gate / up / down."""
     parts = name.split(".")
+    if len(parts) >= 3 and parts[-3] == "experts" and parts[-2] in names:     # all experts stacked (GGUF files)
+        prefix, kind = ".".join(parts[:-2]), names[parts[-2]]
+        if f"{prefix}.down_proj" not in params:
+            raise KeyError(f"unexpected weight {name!r}")
+        if kind == "down":
+            return params[f"{prefix}.down_proj"]
+        fused = params[f"{prefix}.gate_up_proj"]                          # [experts, 2 * intermediate, hidden]
+        half = fused.shape[1] // 2
+        return fused.narrow(1, half if kind == "up" else 0, half)
     if len(parts) < 4 or parts[-4] != "experts" or not parts[-3].isdigit() or parts[-2] not in names:
         return None
     expert, kind = int(parts[-3]), names[parts[-2]]

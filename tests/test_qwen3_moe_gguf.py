@@ -1,0 +1,158 @@
+"""Qwen3-MoE GGUF files (llama.cpp's `qwen3moe`: each projection of all experts stacked in one 3-D tensor,
+`ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps`, the router `ffn_gate_inp`) served with the experts in the file's
+blocks, one GGUF matmul per expert that got tokens; against transformers' Qwen3MoeForCausalLM holding the same
+Q8_0-rounded weights (rounded by gguf-py, not by lmserve).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from arch_models import make_arch_model
+from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.model.loader import load_arch_config
+from lmserve.model.moe import Experts
+from lmserve.ops.linear_method import GGUFLinear
+from lmserve.sampling_params import SamplingParams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.synthetic_gguf import _copy_tokenizer, default_tokenizer_source  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a small village by the sea, there lived an old fisherman who", "1, 2, 3, 4,"]
+NEW_TOKENS = 16
+_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def q8(x: np.ndarray) -> np.ndarray:
+    return gguf.quants.dequantize(gguf.quants.quantize(x, QT.Q8_0), QT.Q8_0)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """(GGUF path, transformers model with the file's weights): layer 0 sparse (8 experts, top 2), layer 1 dense."""
+    import transformers
+    src = make_arch_model("qwen3_moe", str(tmp_path_factory.mktemp("src")), moe_intermediate_size=64)
+    cfg = load_arch_config(src)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    path = str(tmp_path_factory.mktemp("gguf") / "qwen3moe-q8_0.gguf")
+    w = gguf.GGUFWriter(path, "qwen3moe")
+    _copy_tokenizer(w, default_tokenizer_source())
+    for key, value in (("block_count", cfg.num_hidden_layers), ("context_length", cfg.max_position_embeddings),
+                       ("embedding_length", cfg.hidden_size), ("feed_forward_length", cfg.intermediate_size),
+                       ("attention.head_count", cfg.num_attention_heads), ("attention.key_length", cfg.head_dim),
+                       ("attention.value_length", cfg.head_dim), ("attention.head_count_kv", cfg.num_key_value_heads),
+                       ("expert_count", cfg.num_experts), ("expert_used_count", cfg.num_experts_per_tok),
+                       ("expert_feed_forward_length", cfg.moe_intermediate_size)):
+        w.add_uint32(f"qwen3moe.{key}", value)
+    w.add_float32("qwen3moe.rope.freq_base", cfg.rope_theta)
+    w.add_float32("qwen3moe.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    rounded = {}
+    for name, t in hf.state_dict().items():
+        x = t.numpy()
+        if name.startswith("model.layers."):
+            _, _, i, *mod, kind = name.split(".")
+            mod = ".".join(mod)
+            if mod == "mlp.experts":            # transformers' fused experts: [experts, 2 * inter, hidden] / down
+                if kind == "gate_up_proj":
+                    half = x.shape[1] // 2
+                    stacked = [(f"blk.{i}.ffn_gate_exps.weight", x[:, :half]),
+                               (f"blk.{i}.ffn_up_exps.weight", x[:, half:])]
+                else:
+                    stacked = [(f"blk.{i}.ffn_down_exps.weight", x)]
+                for gname, part in stacked:
+                    part = np.ascontiguousarray(part)
+                    w.add_tensor(gname, gguf.quants.quantize(part, QT.Q8_0), raw_dtype=QT.Q8_0)
+                rounded[name] = q8(np.ascontiguousarray(x))
+                continue
+            gname = f"blk.{i}.{_NAMES[mod]}.{kind}"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        if x.ndim == 2 and not gname.endswith("ffn_gate_inp.weight"):       # the router stays F32 (llama.cpp's)
+            w.add_tensor(gname, gguf.quants.quantize(x, QT.Q8_0), raw_dtype=QT.Q8_0)
+            rounded[name] = q8(x)
+        else:
+            w.add_tensor(gname, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in rounded.items()}, strict=False)
+    return path, hf
+
+
+def _engine(path: str, **model_kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=ModelConfig(model=path, **model_kw),
+                                  cache=CacheConfig(block_size=8, num_blocks=128),
+                                  scheduler=SchedulerConfig(max_num_batched_tokens=24)))
+
+
+def test_qwen3moe_metadata(moe):
+    cfg = load_arch_config(moe[0])
+    assert cfg.architecture == "qwen3_moe" and cfg.num_experts == 8 and cfg.num_experts_per_tok == 2
+    assert cfg.moe_intermediate_size == 64 and cfg.norm_topk_prob and cfg.dense_layers == (1,) and cfg.qk_norm
+
+
+@pytest.mark.parametrize("weights", ["quantized", "float"])
+def test_qwen3moe_gguf_greedy_matches_transformers(moe, weights):
+    """Experts in their Q8_0 blocks with float32 activations (and --weights float): greedy tokens equal
+    transformers', logprobs within 1e-3; no float copy of an expert exists."""
+    path, hf = moe
+    engine = _engine(path, dtype="float32", weights=weights)
+    experts = engine.runner.model.model.layers[0].mlp.experts
+    assert isinstance(experts, Experts)
+    if weights == "quantized":
+        assert experts.methods is not None and len(experts.methods) == 8
+        assert all(isinstance(m, GGUFLinear) and m.parts[0].qtype == "Q8_0" for pair in experts.methods for m in pair)
+        assert experts.gate_up_proj.is_meta and experts.down_proj.is_meta
+        mem = engine.runner.weight_memory
+        assert mem["float"] < (1 << 20), mem      # norms, the router, rotary tables
+    else:
+        assert experts.methods is None and not experts.gate_up_proj.is_meta
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    outs = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1))
+    for p, out in zip(ids, outs):
+        x = torch.tensor([p])
+        with torch.no_grad():
+            want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert out.outputs[0].token_ids == want
+    full = ids[2] + outs[2].outputs[0].token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([full])).logits[0].float(), dim=-1)
+    for i, lp in enumerate(outs[2].outputs[0].logprobs):
+        assert abs(lp.logprob - ref[len(ids[2]) - 1 + i, lp.token_id].item()) < 1e-3
+
+
+def test_qwen3moe_gguf_default_path_repacks_the_experts(moe):
+    """The default configuration: each expert's blocks repacked (Q8_0x8), int8 activations; it serves."""
+    engine = _engine(moe[0])
+    experts = engine.runner.model.model.layers[0].mlp.experts
+    assert {m.parts[0].qtype for pair in experts.methods for m in pair} == {"Q8_0x8"}
+    out = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+
+
+def test_other_moe_gguf_files_are_refused_by_name(tmp_path):
+    """Mixtral-style files (architecture llama, experts in ffn_*_exps) get a clear error, not a wrong model."""
+    path = str(tmp_path / "mixtral-like.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((2, 8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(NotImplementedError, match="mixture-of-experts"):
+        load_arch_config(path)
