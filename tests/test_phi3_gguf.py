@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_archs import hf_greedy
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.model.loader import load_arch_config
@@ -115,11 +116,7 @@ def test_phi3_gguf_greedy_matches_transformers(phi3_path, weights, window, tmp_p
     assert max(map(len, ids)) < 32 < max(map(len, ids)) + NEW_TOKENS
     outs = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1))
     for p, out in zip(ids, outs):
-        x = torch.tensor([p])
-        with torch.no_grad():
-            want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-        assert out.outputs[0].token_ids == want
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, NEW_TOKENS)
     # logprobs of the first prompt's tokens inside the original context, scored by one transformers forward
     full = ids[0] + outs[0].outputs[0].token_ids
     n = 32 - len(ids[0])

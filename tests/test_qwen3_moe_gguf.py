@@ -15,6 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from arch_models import make_arch_model
+from test_archs import hf_greedy
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.model.loader import load_arch_config
@@ -124,11 +125,7 @@ def test_qwen3moe_gguf_greedy_matches_transformers(moe, weights):
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     outs = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1))
     for p, out in zip(ids, outs):
-        x = torch.tensor([p])
-        with torch.no_grad():
-            want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-        assert out.outputs[0].token_ids == want
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, NEW_TOKENS)
     full = ids[2] + outs[2].outputs[0].token_ids
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([full])).logits[0].float(), dim=-1)
