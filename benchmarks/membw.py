@@ -65,6 +65,10 @@ def gguf_bytes(path: str) -> dict:
     reader = GGUFReader(path)
     names = {t.name for t in reader.tensors}
     tied = "output.weight" not in names
+    arch_field = reader.fields["general.architecture"]
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    used = reader.fields.get(f"{arch}.expert_used_count")
+    experts = reader.fields.get(f"{arch}.expert_count")
     per_token, types = 0, {}
     for t in reader.tensors:
         if len([d for d in t.shape if d > 1]) < 2:
@@ -72,9 +76,10 @@ def gguf_bytes(path: str) -> dict:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
         if t.name == "token_embd.weight" and not tied:
             continue                                            # a lookup: one row per token
+        if t.name.endswith("_exps.weight") and used is not None:   # a token reads its top-k experts' share
+            per_token += int(t.n_bytes) * int(used.parts[-1][0]) // int(experts.parts[-1][0])
+            continue
         per_token += int(t.n_bytes)
-    arch_field = reader.fields["general.architecture"]
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
     return {"file_bytes": os.path.getsize(path), "bytes_per_token": per_token, "tied_output": tied,
             "arch": arch, "matrix_bytes_by_type": types}
 

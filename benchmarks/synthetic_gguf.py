@@ -36,6 +36,10 @@ SHAPES = {
     # rotates 96 of each head's 128 dimensions and extends a 4k context 32x (its 200k vocabulary is SmolLM2's here)
     "phi-4-mini": dict(arch="phi3", hidden=3072, layers=32, ffn=8192, heads=24, kv_heads=8, tied=True, bias=False,
                        theta=10000.0, rotary=0.75, original_context=4096),
+    # Qwen3-30B-A3B: 128 experts of ffn 768, 8 per token, in every layer (each projection of all experts one 3-D
+    # tensor), 128-dim heads wider than hidden / heads, q/k norms; ~17 GiB as Q4_K_M (use `layers` to cut it)
+    "qwen3-30b-a3b": dict(arch="qwen3moe", hidden=2048, layers=48, ffn=6144, heads=32, kv_heads=4, tied=False,
+                          bias=False, theta=1000000.0, head_dim=128, experts=128, experts_used=8, expert_ffn=768),
 }
 
 # bytes per block, elements per block, byte offsets of the fp16 scale fields (d, dmin) to overwrite
@@ -109,7 +113,7 @@ def _plan(shape: dict, quant: str, vocab: int):
     """[(gguf name, numpy dtype or qtype, (rows, cols))] in llama.cpp's tensor order."""
     chooser = QUANT_MIXES[quant][0]
     h, f, layers = shape["hidden"], shape["ffn"], shape["layers"]
-    hd = h // shape["heads"]
+    hd = shape.get("head_dim", h // shape["heads"])
     q, kv = shape["heads"] * hd, shape["kv_heads"] * hd
     # llama.cpp quantizes a tied token embedding as the output head it also is (llama-quant.cpp): Q6_K in a
     # Q4_K_M file of Llama 3.2 1B / Qwen2.5 3B, not the Q4_K of an untied model's embedding
@@ -117,14 +121,23 @@ def _plan(shape: dict, quant: str, vocab: int):
     plan = [("token_embd.weight", _matrix_type(chooser, embd[0], embd[1], layers, h), (vocab, h))]
     if shape["arch"] == "phi3":
         matrices = (("attn_qkv", q + 2 * kv, h), ("attn_output", h, q), ("ffn_up", 2 * f, h), ("ffn_down", h, f))
+    elif shape.get("experts"):            # the router is F32 (below); expert matrices are [experts, rows, cols]
+        e, ef = shape["experts"], shape["expert_ffn"]
+        matrices = (("attn_q", q, h), ("attn_k", kv, h), ("attn_v", kv, h), ("attn_output", h, q),
+                    ("ffn_gate_exps", (e, ef), h), ("ffn_up_exps", (e, ef), h), ("ffn_down_exps", (e, h), ef))
     else:
         matrices = (("attn_q", q, h), ("attn_k", kv, h), ("attn_v", kv, h), ("attn_output", h, q),
                     ("ffn_gate", f, h), ("ffn_up", f, h), ("ffn_down", h, f))
     for i in range(layers):
         p = f"blk.{i}."
         plan.append((p + "attn_norm.weight", "F32", (h,)))
+        if shape["arch"] in ("qwen3", "qwen3moe"):
+            plan += [(p + "attn_q_norm.weight", "F32", (hd,)), (p + "attn_k_norm.weight", "F32", (hd,))]
+        if shape.get("experts"):
+            plan.append((p + "ffn_gate_inp.weight", "F32", (shape["experts"], h)))
         for name, rows, cols in matrices:
-            plan.append((p + name + ".weight", _matrix_type(chooser, name, i, layers, cols), (rows, cols)))
+            qtype = _matrix_type(chooser, name.removesuffix("_exps"), i, layers, cols)   # as llama-quant.cpp
+            plan.append((p + name + ".weight", qtype, (*rows, cols) if isinstance(rows, tuple) else (rows, cols)))
             if shape["bias"] and name in ("attn_q", "attn_k", "attn_v"):
                 plan.append((p + name + ".bias", "F32", (rows,)))
         plan.append((p + "ffn_norm.weight", "F32", (h,)))
@@ -138,8 +151,8 @@ def _plan(shape: dict, quant: str, vocab: int):
 
 
 def _tensor(kind: str, dims: tuple, name: str, rng: np.random.Generator) -> np.ndarray:
-    if kind != "F32":
-        return random_blocks(kind, dims[0], dims[1], rng)
+    if kind != "F32":                     # 3-D (experts): the rows of all experts, one after another
+        return random_blocks(kind, int(np.prod(dims[:-1])), dims[-1], rng).reshape(*dims[:-1], -1)
     if name.endswith("norm.weight"):
         return (1.0 + 0.05 * rng.standard_normal(dims)).astype(np.float32)
     if name.startswith("rope_factors_"):      # LongRoPE's per-frequency divisors: ~1 short, growing long
@@ -186,13 +199,20 @@ def write_synthetic_gguf(path: str, shape: str | dict, quant: str = "Q4_0", seed
     writer.add_uint32("general.quantization_version", 2)
     vocab = _copy_tokenizer(writer, tokenizer_from or default_tokenizer_source())
     h = shape["hidden"]
+    rotated = int(shape.get("head_dim", h // shape["heads"]) * shape.get("rotary", 1.0))
     for key, value in (("block_count", shape["layers"]), ("context_length", context_length),
                        ("embedding_length", h), ("feed_forward_length", shape["ffn"]),
                        ("attention.head_count", shape["heads"]), ("attention.head_count_kv", shape["kv_heads"]),
-                       ("vocab_size", vocab),
-                       ("rope.dimension_count", int(h // shape["heads"] * shape.get("rotary", 1.0)))):
+                       ("vocab_size", vocab), ("rope.dimension_count", rotated)):
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.rope.freq_base", shape["theta"])
+    if "head_dim" in shape:
+        writer.add_uint32(f"{arch}.attention.key_length", shape["head_dim"])
+        writer.add_uint32(f"{arch}.attention.value_length", shape["head_dim"])
+    if shape.get("experts"):
+        writer.add_uint32(f"{arch}.expert_count", shape["experts"])
+        writer.add_uint32(f"{arch}.expert_used_count", shape["experts_used"])
+        writer.add_uint32(f"{arch}.expert_feed_forward_length", shape["expert_ffn"])
     if shape.get("original_context"):         # LongRoPE (phi3), as llama.cpp's converter writes it
         orig = shape["original_context"]
         writer.add_uint32(f"{arch}.rope.scaling.original_context_length", orig)
@@ -207,8 +227,8 @@ def write_synthetic_gguf(path: str, shape: str | dict, quant: str = "Q4_0", seed
             writer.add_tensor_info(name, dims, np.dtype(np.float32), 4 * int(np.prod(dims)))
         else:
             type_size, elems, _ = _BLOCKS[kind]
-            nbytes = dims[0] * dims[1] // elems * type_size
-            writer.add_tensor_info(name, (dims[0], dims[1] // elems * type_size), np.dtype(np.uint8), nbytes,
+            nbytes = int(np.prod(dims[:-1])) * dims[-1] // elems * type_size
+            writer.add_tensor_info(name, (*dims[:-1], dims[-1] // elems * type_size), np.dtype(np.uint8), nbytes,
                                    raw_dtype=GGMLQuantizationType[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
