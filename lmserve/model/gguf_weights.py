@@ -96,7 +96,7 @@ def gguf_weights(reader, cfg, repack: bool = False, cache: RepackCache | None = 
         for name, w in expert_weights(t, name, cfg) if len(t.shape) == 3 else [(name, None)]:
             if name in cached:
                 out[name] = cached[name]
-            elif (w := w or gguf_weight(t, name, cfg)) is not None:
+            elif (w := w if w is not None else gguf_weight(t, name, cfg)) is not None:
                 w = repacked(w, reader.data) if repack else w
                 if writer is None or not writer.add(name, w):    # written: its private copy goes now
                     out[name] = w
