@@ -142,6 +142,23 @@ def test_qwen3moe_gguf_default_path_repacks_the_experts(moe):
     assert all(len(o.outputs[0].token_ids) == 4 for o in out)
 
 
+@pytest.mark.parametrize("dtype", ["auto", "float32"])
+def test_qwen3moe_fused_decode_is_bit_identical(moe, dtype):
+    """The decode stack runs the sparse layers in C++ (csrc/cpu/moe.cpp: router, top-k, the routed experts in two
+    parallel regions): same tokens and logprobs, bit for bit, as the modules, for four sequences decoding together
+    (experts shared by several rows, a dense layer after the sparse one), with int8 activations on the repacked
+    experts (the default) and with float32 ones."""
+    from test_fused_decode import assert_same, fused_and_modules
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=moe[0], dtype=dtype),
+                                    cache=CacheConfig(block_size=8, num_blocks=128, enable_prefix_caching=False)))
+    assert engine.runner.fused is not None
+    a, b, calls = fused_and_modules(engine, [engine.tokenizer.encode(p) for p in PROMPTS],
+                                    SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=3,
+                                                   ignore_eos=True))
+    assert calls >= NEW_TOKENS - 1
+    assert_same(a, b)
+
+
 def test_other_moe_gguf_files_are_refused_by_name(tmp_path):
     """Mixtral-style files (architecture llama, experts in ffn_*_exps) get a clear error, not a wrong model."""
     path = str(tmp_path / "mixtral-like.gguf")

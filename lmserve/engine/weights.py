@@ -182,7 +182,7 @@ def _materialize_rest(model: nn.Module, dtype: torch.dtype, device: torch.device
 # ---- packed copies for float GEMMs ----------------------------------------------------------------------------
 def _float_layers(model: nn.Module):
     """Modules whose method multiplies: linear layers, and the embedding when it is also the (tied) head."""
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.packable]
     if getattr(model, "lm_head", 0) is None and hasattr(model, "output_head"):
         layers.append(model.output_head())
     return layers

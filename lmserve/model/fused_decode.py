@@ -1,8 +1,8 @@
 """FusedDecode: a decode step's layers in one kernel call (ops.make_decoder_stack, csrc/cpu/decoder.cpp).
 
 Built once per loaded model by the model runner, for the decoders whose layers are exactly Llama's (Llama, Qwen2,
-Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's or Gemma 3's with every
-projection on GGUF blocks, and only where all the ops the layers call run their CPU kernels; otherwise `build`
+Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's, Qwen3-MoE's (experts on GGUF
+blocks, a float router) or Gemma 3's with every projection on GGUF blocks, and only where all the ops the layers call run their CPU kernels; otherwise `build`
 returns None and the modules run as always. It reads the layers' weights into a plain spec (ops do not know model
 classes) and runs steps in which every row is a decode row. The result is bit-identical to the modules'
 (tests/test_fused_decode.py), which stay the reference and the path for prefill, LoRA, tensor parallelism and the
@@ -17,13 +17,15 @@ from lmserve.model.attention import AttentionMetadata
 from lmserve.model.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 from lmserve.model.layers import GatedMLP, Linear, RowParallelLinear
 from lmserve.model.llama import Attention, DecoderLayer, LlamaForCausalLM
+from lmserve.model.moe import SparseMoeBlock
 from lmserve.model.phi3 import Phi3ForCausalLM
 from lmserve.model.qwen3 import QKNormAttention, Qwen3DecoderLayer, Qwen3ForCausalLM
-from lmserve.ops.decoder_stack import STACK_OPS, LayerSpec, LinearSpec, StackSpec, supported
-from lmserve.ops.linear_method import GGUFLinear
+from lmserve.model.qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeForCausalLM
+from lmserve.ops.decoder_stack import STACK_OPS, LayerSpec, LinearSpec, MoeSpec, StackSpec, supported
+from lmserve.ops.linear_method import FloatLinear, GGUFLinear
 
-_MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM)
-_LAYERS = (DecoderLayer, Qwen3DecoderLayer, Gemma3DecoderLayer)
+_MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, Qwen3MoeForCausalLM)
+_LAYERS = (DecoderLayer, Qwen3DecoderLayer, Gemma3DecoderLayer, Qwen3MoeDecoderLayer)
 _ATTENTIONS = (Attention, QKNormAttention)
 
 
@@ -35,25 +37,47 @@ def _linear(module) -> LinearSpec | None:
     return spec if supported(spec) else None
 
 
+def _gguf(method) -> LinearSpec | None:
+    spec = LinearSpec(list(method.parts), method.int8) if type(method) is GGUFLinear else None
+    return spec if spec is not None and supported(spec) else None
+
+
+def _moe(block: SparseMoeBlock) -> MoeSpec | None:
+    """The sparse block on GGUF experts with a plain float32 router (the kernel multiplies it as F.linear does)."""
+    router, experts = block.gate, block.experts
+    if type(router) is not Linear or router.lora is not None or router.bias is not None or \
+            type(router.linear_method) is not FloatLinear or router.weight.dtype != torch.float32 or \
+            experts.methods is None or experts.act is not ops.silu_mul:
+        return None
+    pairs = [(_gguf(gate_up), _gguf(down)) for gate_up, down in experts.methods]
+    if any(a is None or b is None for a, b in pairs):
+        return None
+    return MoeSpec(router.weight, pairs, block.top_k, block.norm_topk_prob)
+
+
 def _layer(model, layer) -> LayerSpec | None:
     attn, mlp = layer.self_attn, layer.mlp
-    if type(layer) not in _LAYERS or type(attn) not in _ATTENTIONS or type(mlp) is not GatedMLP or \
-            mlp.act_name not in ("silu", "gelu_pytorch_tanh"):
+    if type(layer) not in _LAYERS or type(attn) not in _ATTENTIONS:
         return None
-    linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    moe = _moe(mlp) if type(mlp) is SparseMoeBlock else None
+    if moe is None and (type(mlp) is not GatedMLP or mlp.act_name not in ("silu", "gelu_pytorch_tanh")):
+        return None
+    dense = (mlp.gate_up_proj, mlp.down_proj) if moe is None else ()
+    linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, *dense)]
     if any(lin is None for lin in linears):
         return None
+    linears += [None] * (4 - len(linears))
     gemma = isinstance(layer, Gemma3DecoderLayer)
     qk = isinstance(attn, QKNormAttention)
     return LayerSpec(
         input_norm=layer.input_layernorm.weight,
         ffn_norm=(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm).weight,
-        qkv=linears[0], o=linears[1], gate_up=linears[2], down=linears[3], act=mlp.act_name,
+        qkv=linears[0], o=linears[1], gate_up=linears[2], down=linears[3], act="silu" if moe else mlp.act_name,
         rope=model.layer_rope(layer), scale=attn.scale, sliding=not attn.is_full_attention,
         post_attn_norm=layer.post_attention_layernorm.weight if gemma else None,
         post_ffn_norm=layer.post_feedforward_layernorm.weight if gemma else None,
         q_norm=attn.q_norm.weight if qk else None, k_norm=attn.k_norm.weight if qk else None,
-        qk_eps=attn.q_norm.eps if qk else 0.0)
+        qk_eps=attn.q_norm.eps if qk else 0.0, moe=moe)
 
 
 class FusedDecode:

@@ -149,6 +149,7 @@ class Linear(nn.Linear):
         self.linear_method: LinearMethod = FloatLinear(self.weight)
 
     lora = None     # model/lora.py LoraHook when LoRA adapters are served: adds their grouped delta
+    packable = True  # False: keeps FloatLinear (engine/weights.py gives the others packed / bf16 copies)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear_method(x, self.bias)

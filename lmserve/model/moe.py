@@ -62,6 +62,9 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
         self.gate = Linear(hidden_size, num_experts, bias=False)
+        # the router stays a plain float32 F.linear: a small matrix whose logits pick the experts, and the fused
+        # decode (csrc/cpu/moe.cpp) multiplies it the same way for the same bits
+        self.gate.packable = False
         self.experts = Experts(num_experts, hidden_size, intermediate_size, act)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,13 +31,21 @@ class LinearSpec:
 
 
 @dataclass
+class MoeSpec:
+    router: torch.Tensor             # [experts, hidden] float32: the router's plain float weight
+    experts: list[tuple[LinearSpec, LinearSpec]]      # per expert (gate_up, down)
+    top_k: int
+    norm_topk: bool
+
+
+@dataclass
 class LayerSpec:
     input_norm: torch.Tensor
     ffn_norm: torch.Tensor           # the norm before the MLP (Llama: post_attention_layernorm)
     qkv: LinearSpec
     o: LinearSpec
-    gate_up: LinearSpec
-    down: LinearSpec
+    gate_up: LinearSpec | None       # None where the MLP is `moe`
+    down: LinearSpec | None
     act: str                         # "silu" or "gelu_pytorch_tanh"
     rope: int                        # index of the layer's cos/sin table
     scale: float
@@ -47,6 +55,7 @@ class LayerSpec:
     q_norm: torch.Tensor | None = None             # Qwen3, Gemma 3
     k_norm: torch.Tensor | None = None
     qk_eps: float = 0.0
+    moe: MoeSpec | None = None                     # Qwen3-MoE's sparse layers (silu experts)
 
 
 @dataclass
@@ -85,12 +94,22 @@ class DecoderStackOp(CustomOp):
         def detach(t):
             return None if t is None else t.detach()
         for s in spec.layers:
-            int8 = {s.qkv.int8, s.o.int8, s.gate_up.int8, s.down.int8}
-            if len(int8) != 1 or s.o.bias is not None or s.gate_up.bias is not None or s.down.bias is not None:
+            mlp = [s.gate_up, s.down] if s.moe is None else [lin for pair in s.moe.experts for lin in pair]
+            linears = [s.qkv, s.o, *mlp]
+            int8 = {lin.int8 for lin in linears}
+            if len(int8) != 1 or any(lin.bias is not None for lin in linears[1:]):
                 return None     # the kernel takes one activation precision per layer and a bias on q/k/v only
-            (qkv, qkv_t), (o, o_t), (gu, gu_t), (down, down_t) = map(_linear_args, (s.qkv, s.o, s.gate_up, s.down))
+            (qkv, qkv_t), (o, o_t) = _linear_args(s.qkv), _linear_args(s.o)
+            (gu, gu_t), (down, down_t) = ([], []), ([], [])
+            if s.moe is None:
+                (gu, gu_t), (down, down_t) = _linear_args(s.gate_up), _linear_args(s.down)
             stack.add_layer(s.input_norm.detach(), s.ffn_norm.detach(), detach(s.post_attn_norm),
                             detach(s.post_ffn_norm), detach(s.q_norm), detach(s.k_norm), s.qk_eps, qkv, qkv_t,
                             detach(s.qkv.bias), o, o_t, gu, gu_t, down, down_t, int8.pop(), _ACTS[s.act], s.rope,
                             s.scale, s.sliding)
+            if s.moe is not None:
+                gate_ups = [_linear_args(gate_up) for gate_up, _ in s.moe.experts]
+                downs = [_linear_args(down) for _, down in s.moe.experts]
+                stack.set_moe(s.moe.router.detach().contiguous(), [w for w, _ in gate_ups], [t for _, t in gate_ups],
+                              [w for w, _ in downs], [t for _, t in downs], s.moe.top_k, s.moe.norm_topk)
         return stack

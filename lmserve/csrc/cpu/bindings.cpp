@@ -28,6 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecoderStack>(m, "DecoderStack")
       .def(py::init<int64_t, int64_t, int64_t, double, at::Tensor, int64_t>())
       .def("add_layer", &DecoderStack::add_layer)
+      .def("set_moe", &DecoderStack::set_moe)
       .def("forward", &DecoderStack::forward, nogil)
       .def_property_readonly("num_layers", &DecoderStack::num_layers);
 }

@@ -1,5 +1,5 @@
-// DecoderStack: a decode step's whole layer stack (Llama / Qwen2 / Qwen3 / Mistral / Gemma 3 layers on GGUF
-// weights) in one call from Python.
+// DecoderStack: a decode step's whole layer stack (Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mistral / Phi-3 / Gemma 3
+// layers on GGUF weights) in one call from Python.
 //
 // Why: at batch 1 a layer is ~9 kernel calls of a few microseconds to a few hundred; from Python each costs
 // ~10 us more of module calls, op-table dispatch, argument checks and tensor allocations (a 1B model's step
@@ -28,7 +28,7 @@ at::Tensor DecoderStack::norm(const at::Tensor& x, const at::Tensor& w) const {
 
 DecoderStack::Linear DecoderStack::make_linear(std::vector<at::Tensor> w, std::vector<int64_t> qtypes,
                                                c10::optional<at::Tensor> bias, bool int8) {
-  TORCH_CHECK(!w.empty() && w.size() == qtypes.size(), "DecoderStack: one type per weight part");
+  TORCH_CHECK(w.size() == qtypes.size(), "DecoderStack: one type per weight part");
   int64_t n = 0;
   for (const auto& p : w) n += p.size(0);
   return Linear{std::move(w), std::move(qtypes), std::move(bias), int8, n};
@@ -55,10 +55,35 @@ void DecoderStack::add_layer(at::Tensor input_norm, at::Tensor ffn_norm, c10::op
           make_linear(std::move(qkv), std::move(qkv_types), std::move(qkv_bias), int8),
           make_linear(std::move(o), std::move(o_types), c10::nullopt, int8),
           make_linear(std::move(gate_up), std::move(gate_up_types), c10::nullopt, int8),
-          make_linear(std::move(down), std::move(down_types), c10::nullopt, int8), act, rope, scale, sliding};
-  TORCH_CHECK(l.qkv.n == (nh_ + 2 * nkv_) * hd_ && l.o.n == final_norm_.numel(),
-              "DecoderStack: projection sizes do not match the heads and hidden size");
+          make_linear(std::move(down), std::move(down_types), c10::nullopt, int8), act, rope, scale, sliding,
+          nullptr};
+  TORCH_CHECK(l.qkv.n == (nh_ + 2 * nkv_) * hd_ && l.o.n == final_norm_.numel() && !l.qkv.w.empty() &&
+              !l.o.w.empty(), "DecoderStack: projection sizes do not match the heads and hidden size");
   layers_.push_back(std::move(l));
+}
+
+void DecoderStack::set_moe(at::Tensor router, std::vector<std::vector<at::Tensor>> gate_up,
+                           std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
+                           std::vector<std::vector<int64_t>> down_types, int64_t top_k, bool norm_topk) {
+  TORCH_CHECK(!layers_.empty() && layers_.back().gate_up.w.empty() && layers_.back().down.w.empty() &&
+              layers_.back().act == 0 && !layers_.back().post_ffn_norm,
+              "DecoderStack: set_moe follows a layer added without a dense silu MLP or post-MLP norm");
+  const int64_t E = router.size(0), H = final_norm_.numel();
+  TORCH_CHECK(router.dim() == 2 && router.size(1) == H && router.scalar_type() == at::kFloat &&
+              router.is_contiguous(), "DecoderStack: the router is a contiguous float32 [experts, hidden]");
+  TORCH_CHECK((int64_t)gate_up.size() == E && (int64_t)down.size() == E && (int64_t)gate_up_types.size() == E &&
+              (int64_t)down_types.size() == E && top_k >= 1 && top_k <= E, "DecoderStack: one gate_up and down per "
+              "expert, 1 <= top_k <= experts");
+  for (int64_t e = 0; e < E; ++e) {      // every expert [2 I, H] and [H, I], as the kernels will read them
+    const Linear gu = make_linear(gate_up[e], gate_up_types[e], c10::nullopt, true);
+    const Linear dn = make_linear(down[e], down_types[e], c10::nullopt, true);
+    TORCH_CHECK(!gu.w.empty() && !dn.w.empty() && dn.n == H && gu.n % 2 == 0 &&
+                gu.n == make_linear(gate_up[0], gate_up_types[0], c10::nullopt, true).n,
+                "DecoderStack: expert ", e, "'s projections do not match the hidden size");
+  }
+  layers_.back().moe = std::make_shared<MoeMlp>(MoeMlp{std::move(router), std::move(gate_up), std::move(down),
+                                                      std::move(gate_up_types), std::move(down_types), top_k,
+                                                      norm_topk, layers_.back().o.int8});
 }
 
 at::Tensor DecoderStack::forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
@@ -92,6 +117,10 @@ at::Tensor DecoderStack::forward(at::Tensor x, std::vector<at::Tensor> cos, std:
     x = linear(l.o, o.view({S, nh_ * hd_}));
     if (l.post_attn_norm) x = norm(x, *l.post_attn_norm);          // Gemma 3
     add_rms_norm(x, residual, l.ffn_norm, eps_);
+    if (l.moe) {           // SparseMoeBlock.forward
+      x = l.moe->forward(x, max_dot_rows_);
+      continue;
+    }
     // GatedMLP.forward
     auto gate_up = linear(l.gate_up, x);
     at::Tensor h;

@@ -1,6 +1,8 @@
 // DecoderStack (decoder.cpp): a decode step's layer stack on GGUF weights in one call.
 #pragma once
 #include "ops.h"
+#include "moe.h"
+#include <memory>
 #include <vector>
 
 class DecoderStack {
@@ -16,6 +18,11 @@ class DecoderStack {
                  std::vector<int64_t> o_types, std::vector<at::Tensor> gate_up, std::vector<int64_t> gate_up_types,
                  std::vector<at::Tensor> down, std::vector<int64_t> down_types, bool int8, int64_t act,
                  int64_t rope, double scale, bool sliding);
+  // the last added layer's MLP is this sparse MoE (its gate_up / down lists were left empty): the router's float
+  // weight and each expert's GGUF parts; the activation is silu
+  void set_moe(at::Tensor router, std::vector<std::vector<at::Tensor>> gate_up,
+               std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
+               std::vector<std::vector<int64_t>> down_types, int64_t top_k, bool norm_topk);
   // x: the embedded tokens [S, hidden] float32, one per sequence (modified in place) -> final normed hidden
   at::Tensor forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
                      at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor context_lens,
@@ -35,10 +42,11 @@ class DecoderStack {
     at::Tensor input_norm, ffn_norm;
     c10::optional<at::Tensor> post_attn_norm, post_ffn_norm, q_norm, k_norm;
     double qk_eps;
-    Linear qkv, o, gate_up, down;
+    Linear qkv, o, gate_up, down;           // gate_up / down: none (n == 0) where the MLP is `moe`
     int64_t act, rope;
     double scale;
     bool sliding;
+    std::shared_ptr<MoeMlp> moe;
   };
   static Linear make_linear(std::vector<at::Tensor> w, std::vector<int64_t> qtypes,
                             c10::optional<at::Tensor> bias, bool int8);

@@ -214,89 +214,110 @@ static int check_w(const at::Tensor& w, int64_t qtype, int64_t K) {
   return qt;
 }
 
-void gguf_matmul_parts(at::Tensor out, at::Tensor x, std::vector<at::Tensor> ws, std::vector<int64_t> qtypes,
-                       bool int8, int64_t max_dot_rows) {
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.scalar_type() == at::kFloat &&
-              out.scalar_type() == at::kFloat && x.dim() == 2);
-  TORCH_CHECK(!ws.empty() && ws.size() == qtypes.size(), "gguf_matmul: one type per weight part");
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<int> qts;
-  std::vector<int64_t> first{0};     // output column where each part starts
-  for (size_t i = 0; i < ws.size(); ++i) {
-    qts.push_back(check_w(ws[i], qtypes[i], K));
-    first.push_back(first.back() + ws[i].size(0));
-  }
-  const int64_t N = first.back();
-  TORCH_CHECK(out.size(0) == M && out.size(1) == N, "gguf_matmul: out must be [M, N]");
-  if (M == 0 || N == 0) return;
-  float* op = out.data_ptr<float>();
+void gguf_matmul_groups(const std::vector<MatmulGroup>& groups, bool int8, int64_t max_dot_rows) {
+  // a part's arguments, where its columns start in the region's column range, and the paths it takes
+  struct Part {
+    DotArgs p;
+    int64_t first, rows;
+    bool vnni512, amx, tiles;
+  };
   [[maybe_unused]] const int level = isa_level();
   const bool avx2 = LMSERVE_HAS_AVX2 && level >= ISA_AVX2;
-  // AVX512-VNNI runs for every M and type by default: on Zen 4 its decode tiles (8 lanes, vpdpbusd seeded with the
-  // offset term) and its 4 x 4 GEMM tiles (16 lanes, 32 registers) measured faster than AVX2 for all 8 types
-  // (docs/benchmarks.md); gguf_set_vnni512 narrows it (tests, A/B benchmarks). Same bits either way, so the
-  // choice keeps batch invariance.
-  [[maybe_unused]] const bool vnni512 =
-      avx2 && level >= ISA_AVX512VNNI && M >= g_vnni512_min_rows.load() &&
-      (g_vnni512_all_types.load() ||
-       std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0 || is_x8(qt); }));
-  // AMX tiles for repacked parts at >= Kind::min_rows rows where the CPU has them (gguf_amx.cpp): the same bits again
-  [[maybe_unused]] const bool amx = vnni512 && level >= ISA_AMX;
-  TORCH_CHECK(int8 || std::none_of(qts.begin(), qts.end(), is_x8),
-              "gguf_matmul: repacked weights take int8 activations only");
   // 16-bit float parts have no int8 form: in an int8 (non-exact) call they take bf16 activations where the CPU
   // has AVX512-BF16, else the float activations (flag `int8` of their DotArgs: "the non-exact path")
   const bool bf16 = bf16_dot();
-  auto part_int8 = [&](size_t i) { return int8 && (!kFloat16(qts[i]) || bf16); };
-  std::vector<bool> done(ws.size(), false);
-  if (!avx2 && M > max_dot_rows) {   // the scalar build's float parts above max_dot_rows: tiles through at::mm
+  std::vector<Act> acts(groups.size());      // sized once: the parts point into it
+  std::vector<Part> parts;
+  int64_t total = 0, max_m = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const at::Tensor &x = groups[g].x, &out = groups[g].out;
+    const std::vector<at::Tensor>& ws = *groups[g].ws;
+    const std::vector<int64_t>& qtypes = *groups[g].qtypes;
+    TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.scalar_type() == at::kFloat &&
+                out.scalar_type() == at::kFloat && x.dim() == 2);
+    TORCH_CHECK(!ws.empty() && ws.size() == qtypes.size(), "gguf_matmul: one type per weight part");
+    const int64_t M = x.size(0), K = x.size(1);
+    std::vector<int> qts;
+    std::vector<int64_t> first{0};     // output column where each part starts
     for (size_t i = 0; i < ws.size(); ++i) {
-      if (part_int8(i)) continue;
-      gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
-      done[i] = true;
+      qts.push_back(check_w(ws[i], qtypes[i], K));
+      first.push_back(first.back() + ws[i].size(0));
     }
-  }
-  // the parts share one input: its int8 form is computed once, and one parallel region covers every part's rows
-  Act act;
-  bool any_int8 = false, any_bf16 = false;
-  for (size_t i = 0; i < ws.size(); ++i) {
-    any_int8 |= part_int8(i) && !done[i] && !kFloat16(qts[i]);
-    any_bf16 |= part_int8(i) && !done[i] && kFloat16(qts[i]);
-  }
-  if (any_int8) quantize_act(act, x.data_ptr<float>(), M, K);
+    const int64_t N = first.back();
+    TORCH_CHECK(out.size(0) == M && out.size(1) == N, "gguf_matmul: out must be [M, N]");
+    if (M == 0 || N == 0) continue;
+    float* op = out.data_ptr<float>();
+    // AVX512-VNNI runs for every M and type by default: on Zen 4 its decode tiles (8 lanes, vpdpbusd seeded with
+    // the offset term) and its 4 x 4 GEMM tiles (16 lanes, 32 registers) measured faster than AVX2 for all 8 types
+    // (docs/benchmarks.md); gguf_set_vnni512 narrows it (tests, A/B benchmarks). Same bits either way, so the
+    // choice keeps batch invariance.
+    const bool vnni512 =
+        avx2 && level >= ISA_AVX512VNNI && M >= g_vnni512_min_rows.load() &&
+        (g_vnni512_all_types.load() ||
+         std::all_of(qts.begin(), qts.end(), [](int qt) { return qt == Q4_0 || is_x8(qt); }));
+    // AMX tiles for repacked parts at >= Kind::min_rows rows where the CPU has them (gguf_amx.cpp): the same bits
+    const bool amx = vnni512 && level >= ISA_AMX;
+    TORCH_CHECK(int8 || std::none_of(qts.begin(), qts.end(), is_x8),
+                "gguf_matmul: repacked weights take int8 activations only");
+    auto part_int8 = [&](size_t i) { return int8 && (!kFloat16(qts[i]) || bf16); };
+    std::vector<bool> done(ws.size(), false);
+    if (!avx2 && M > max_dot_rows) {   // the scalar build's float parts above max_dot_rows: tiles through at::mm
+      for (size_t i = 0; i < ws.size(); ++i) {
+        if (part_int8(i)) continue;
+        gemm_tiles(op + first[i], N, x, ws[i].data_ptr<uint8_t>(), ws[i].stride(0), qts[i], M, ws[i].size(0), K);
+        done[i] = true;
+      }
+    }
+    // the parts share one input: its int8 form is computed once, and one parallel region covers every part's rows
+    Act& act = acts[g];
+    bool any_int8 = false, any_bf16 = false;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      any_int8 |= part_int8(i) && !done[i] && !kFloat16(qts[i]);
+      any_bf16 |= part_int8(i) && !done[i] && kFloat16(qts[i]);
+    }
+    if (any_int8) quantize_act(act, x.data_ptr<float>(), M, K);
 #ifdef LMSERVE_GGUF_AVX2
-  if (amx && std::any_of(qts.begin(), qts.end(), [&](int qt) { return amx_x8_takes(qt, M); }))
-    amx_pack_act(act, M, K);
+    if (amx && std::any_of(qts.begin(), qts.end(), [&](int qt) { return amx_x8_takes(qt, M); }))
+      amx_pack_act(act, M, K);
+    if (any_bf16) act_bf16(act, x.data_ptr<float>(), M, K);
 #endif
-#ifdef LMSERVE_GGUF_AVX2
-  if (any_bf16) act_bf16(act, x.data_ptr<float>(), M, K);
-#endif
-  std::vector<DotArgs> parts;
-  for (size_t i = 0; i < ws.size(); ++i)
-    parts.push_back(DotArgs{qts[i], part_int8(i), op + first[i], x.data_ptr<float>(), &act,
-                            ws[i].data_ptr<uint8_t>(), ws[i].stride(0), M, N, K});
-  [[maybe_unused]] const bool tiles = M > max_dot_rows;
-  at::parallel_for(0, N, M > 16 ? 16 : 32, [&](int64_t n0, int64_t n1) {
-    for (size_t i = 0; i < parts.size(); ++i) {
-      const int64_t a = std::max(n0, first[i]) - first[i], b = std::min(n1, first[i + 1]) - first[i];
-      if (a >= b || done[i]) continue;
-      if (is_x8(parts[i].qt)) {
-        x8_matmul(parts[i], a, b, avx2, vnni512, amx);
+    for (size_t i = 0; i < ws.size(); ++i) {
+      if (done[i]) continue;
+      parts.push_back(Part{DotArgs{qts[i], part_int8(i), op + first[i], x.data_ptr<float>(), &act,
+                                   ws[i].data_ptr<uint8_t>(), ws[i].stride(0), M, N, K},
+                           total + first[i], ws[i].size(0), vnni512, amx, M > max_dot_rows});
+    }
+    total += N;
+    max_m = std::max(max_m, M);
+  }
+  if (parts.empty()) return;
+  at::parallel_for(0, total, max_m > 16 ? 16 : 32, [&](int64_t n0, int64_t n1) {
+    for (const Part& part : parts) {
+      const int64_t a = std::max(n0, part.first) - part.first, b = std::min(n1, part.first + part.rows) - part.first;
+      if (a >= b) continue;
+      const DotArgs& p = part.p;
+      if (is_x8(p.qt)) {
+        x8_matmul(p, a, b, avx2, part.vnni512, part.amx);
         continue;
       }
 #ifdef LMSERVE_GGUF_AVX2
       if (avx2) {
-        if (parts[i].int8 && kFloat16(parts[i].qt)) bf16_avx512(parts[i], a, b);
-        else if (parts[i].int8 && vnni512) int8_avx512vnni(parts[i], a, b);
-        else if (parts[i].int8) int8_avx2(parts[i], a, b);
-        else if (tiles) float_gemm_avx2(parts[i], a, b);
-        else dot_float_avx2(parts[i], a, b);
+        if (p.int8 && kFloat16(p.qt)) bf16_avx512(p, a, b);
+        else if (p.int8 && part.vnni512) int8_avx512vnni(p, a, b);
+        else if (p.int8) int8_avx2(p, a, b);
+        else if (part.tiles) float_gemm_avx2(p, a, b);
+        else dot_float_avx2(p, a, b);
         continue;
       }
 #endif
-      dot_scalar(parts[i], a, b);
+      dot_scalar(p, a, b);
     }
   });
+}
+
+void gguf_matmul_parts(at::Tensor out, at::Tensor x, std::vector<at::Tensor> ws, std::vector<int64_t> qtypes,
+                       bool int8, int64_t max_dot_rows) {
+  gguf_matmul_groups({MatmulGroup{out, x, &ws, &qtypes}}, int8, max_dot_rows);
 }
 
 void gguf_matmul(at::Tensor out, at::Tensor x, at::Tensor w, int64_t qtype, bool int8,

@@ -29,6 +29,15 @@ void gguf_matmul(at::Tensor out, at::Tensor x, at::Tensor w, int64_t qtype, bool
 // several weights stacked along the outputs (fused q/k/v, gate/up), one input: out = [x @ W0.T | x @ W1.T | ...]
 void gguf_matmul_parts(at::Tensor out, at::Tensor x, std::vector<at::Tensor> ws, std::vector<int64_t> qtypes,
                        bool int8, int64_t max_dot_rows);
+// several inputs, each with its own weight parts (a MoE layer's experts, each on the rows routed to it), in one
+// parallel region; each group's results are bit-identical to its own gguf_matmul_parts call
+struct MatmulGroup {
+  at::Tensor out;                           // [M, N]: the parts' outputs side by side
+  at::Tensor x;                             // [M, K]
+  const std::vector<at::Tensor>* ws;        // stacked along the outputs
+  const std::vector<int64_t>* qtypes;
+};
+void gguf_matmul_groups(const std::vector<MatmulGroup>& groups, bool int8, int64_t max_dot_rows);
 void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t qtype, at::Tensor rows, bool use_rows);
 // Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K / IQ4_XS [N, row_bytes] -> their 8-row groups
 // (lmserve/ops/gguf_x8.py is the reference)
