@@ -2,9 +2,9 @@
 
 Built once per loaded model by the model runner, for the decoders whose layers are exactly Llama's (Llama, Qwen2,
 Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's, Qwen3-MoE's (experts on GGUF
-blocks, a float router) or Gemma 3's with every projection on GGUF blocks, and only where all the ops the layers call run their CPU kernels; otherwise `build`
-returns None and the modules run as always. It reads the layers' weights into a plain spec (ops do not know model
-classes) and runs steps in which every row is a decode row. The result is bit-identical to the modules'
+blocks, a float router) or Gemma 3's with every projection on GGUF blocks, and only where all the ops the layers
+call run their CPU kernels; otherwise `build` returns None and the modules run as always. It reads the layers'
+weights into a plain spec (ops do not know model classes) and runs steps in which every row is a decode row. The result is bit-identical to the modules'
 (tests/test_fused_decode.py), which stay the reference and the path for prefill, LoRA, tensor parallelism and the
 other architectures.
 """
@@ -29,17 +29,15 @@ _LAYERS = (DecoderLayer, Qwen3DecoderLayer, Gemma3DecoderLayer, Qwen3MoeDecoderL
 _ATTENTIONS = (Attention, QKNormAttention)
 
 
-def _linear(module) -> LinearSpec | None:
-    method = module.linear_method
-    if type(module) not in (Linear, RowParallelLinear) or type(method) is not GGUFLinear or module.lora is not None:
-        return None
-    spec = LinearSpec(list(method.parts), method.int8, module.bias)
-    return spec if supported(spec) else None
-
-
-def _gguf(method) -> LinearSpec | None:
-    spec = LinearSpec(list(method.parts), method.int8) if type(method) is GGUFLinear else None
+def _gguf(method, bias=None) -> LinearSpec | None:
+    spec = LinearSpec(list(method.parts), method.int8, bias) if type(method) is GGUFLinear else None
     return spec if spec is not None and supported(spec) else None
+
+
+def _linear(module) -> LinearSpec | None:
+    if type(module) not in (Linear, RowParallelLinear) or module.lora is not None:
+        return None
+    return _gguf(module.linear_method, module.bias)
 
 
 def _moe(block: SparseMoeBlock) -> MoeSpec | None:
