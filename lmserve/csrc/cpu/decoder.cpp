@@ -74,12 +74,15 @@ void DecoderStack::set_moe(at::Tensor router, std::vector<std::vector<at::Tensor
   TORCH_CHECK((int64_t)gate_up.size() == E && (int64_t)down.size() == E && (int64_t)gate_up_types.size() == E &&
               (int64_t)down_types.size() == E && top_k >= 1 && top_k <= E, "DecoderStack: one gate_up and down per "
               "expert, 1 <= top_k <= experts");
+  auto rows = [](const std::vector<at::Tensor>& parts) {
+    int64_t n = 0;
+    for (const auto& p : parts) n += p.size(0);
+    return n;
+  };
   for (int64_t e = 0; e < E; ++e) {      // every expert [2 I, H] and [H, I], as the kernels will read them
-    const Linear gu = make_linear(gate_up[e], gate_up_types[e], c10::nullopt, true);
-    const Linear dn = make_linear(down[e], down_types[e], c10::nullopt, true);
-    TORCH_CHECK(!gu.w.empty() && !dn.w.empty() && dn.n == H && gu.n % 2 == 0 &&
-                gu.n == make_linear(gate_up[0], gate_up_types[0], c10::nullopt, true).n,
-                "DecoderStack: expert ", e, "'s projections do not match the hidden size");
+    TORCH_CHECK(!gate_up[e].empty() && !down[e].empty() && gate_up[e].size() == gate_up_types[e].size() &&
+                down[e].size() == down_types[e].size() && rows(down[e]) == H && rows(gate_up[e]) % 2 == 0 &&
+                rows(gate_up[e]) == rows(gate_up[0]), "DecoderStack: expert ", e, "'s projections do not match");
   }
   layers_.back().moe = std::make_shared<MoeMlp>(MoeMlp{std::move(router), std::move(gate_up), std::move(down),
                                                       std::move(gate_up_types), std::move(down_types), top_k,
