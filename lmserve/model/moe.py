@@ -85,25 +85,19 @@ def map_expert_weight(name: str, params: dict, names: dict[str, str]) -> torch.T
     the checkpoint's projection names to gate / up / down."""
     parts = name.split(".")
     if len(parts) >= 3 and parts[-3] == "experts" and parts[-2] in names:     # all experts stacked (GGUF files)
-        prefix, kind = ".".join(parts[:-2]), names[parts[-2]]
-        if f"{prefix}.down_proj" not in params:
-            raise KeyError(f"unexpected weight {name!r}")
-        if kind == "down":
-            return params[f"{prefix}.down_proj"]
-        fused = params[f"{prefix}.gate_up_proj"]                          # [experts, 2 * intermediate, hidden]
-        half = fused.shape[1] // 2
-        return fused.narrow(1, half if kind == "up" else 0, half)
-    if len(parts) < 4 or parts[-4] != "experts" or not parts[-3].isdigit() or parts[-2] not in names:
+        prefix, expert, kind = ".".join(parts[:-2]), None, names[parts[-2]]
+    elif len(parts) >= 4 and parts[-4] == "experts" and parts[-3].isdigit() and parts[-2] in names:
+        prefix, expert, kind = ".".join(parts[:-4] + ["experts"]), int(parts[-3]), names[parts[-2]]
+    else:
         return None
-    expert, kind = int(parts[-3]), names[parts[-2]]
-    prefix = ".".join(parts[:-4] + ["experts"])
     if f"{prefix}.down_proj" not in params:
         raise KeyError(f"unexpected weight {name!r}")
+    fused = params[f"{prefix}.down_proj" if kind == "down" else f"{prefix}.gate_up_proj"]
+    fused = fused if expert is None else fused[expert]
     if kind == "down":
-        return params[f"{prefix}.down_proj"][expert]
-    fused = params[f"{prefix}.gate_up_proj"][expert]                      # [2 * intermediate, hidden]
-    half = fused.shape[0] // 2
-    return fused.narrow(0, half if kind == "up" else 0, half)
+        return fused
+    half = fused.shape[-2] // 2                   # gate rows, then up rows: [..., 2 * intermediate, hidden]
+    return fused.narrow(-2, half if kind == "up" else 0, half)
 
 
 def moe_block(cfg) -> SparseMoeBlock:
