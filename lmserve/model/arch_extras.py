@@ -111,6 +111,12 @@ def gguf_arch_extras(arch: str, meta: dict, reader) -> dict:
                       norm_topk_prob=bool(get("expert_weights_norm", True)),
                       dense_layers=tuple(i for i in range(int(get("block_count")))
                                          if f"blk.{i}.ffn_gate_inp.weight" not in names))
+    if arch == "mixtral":
+        # llama.cpp's "llama" files with experts: feed_forward_length is each expert's, and the top-k weights are
+        # always renormalised (as transformers' Mixtral does)
+        extras.update(num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+                      moe_intermediate_size=int(get("expert_feed_forward_length", get("feed_forward_length"))),
+                      norm_topk_prob=True)
     if arch == "gemma3":
         n, hidden = int(get("block_count")), int(get("embedding_length"))
         head_dim, num_heads = int(get("attention.key_length")), int(get("attention.head_count"))

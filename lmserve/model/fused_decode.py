@@ -1,12 +1,12 @@
 """FusedDecode: a decode step's layers in one kernel call (ops.make_decoder_stack, csrc/cpu/decoder.cpp).
 
 Built once per loaded model by the model runner, for the decoders whose layers are exactly Llama's (Llama, Qwen2,
-Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's, Qwen3-MoE's (experts on GGUF
-blocks, a float router) or Gemma 3's with every projection on GGUF blocks, and only where all the ops the layers
-call run their CPU kernels; otherwise `build` returns None and the modules run as always. It reads the layers'
-weights into a plain spec (ops do not know model classes) and runs steps in which every row is a decode row. The result is bit-identical to the modules'
-(tests/test_fused_decode.py), which stay the reference and the path for prefill, LoRA, tensor parallelism and the
-other architectures.
+Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's, Qwen3-MoE's and Mixtral's
+(experts on GGUF blocks, a float router) or Gemma 3's with every projection on GGUF blocks, and only where all the
+ops the layers call run their CPU kernels; otherwise `build` returns None and the modules run as always. It reads
+the layers' weights into a plain spec (ops do not know model classes) and runs steps in which every row is a decode
+row. The result is bit-identical to the modules' (tests/test_fused_decode.py), which stay the reference and the path
+for prefill, LoRA, tensor parallelism and the other architectures.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lmserve.model.attention import AttentionMetadata
 from lmserve.model.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 from lmserve.model.layers import GatedMLP, Linear, RowParallelLinear
 from lmserve.model.llama import Attention, DecoderLayer, LlamaForCausalLM
+from lmserve.model.mixtral import MixtralDecoderLayer, MixtralForCausalLM
 from lmserve.model.moe import SparseMoeBlock
 from lmserve.model.phi3 import Phi3ForCausalLM
 from lmserve.model.qwen3 import QKNormAttention, Qwen3DecoderLayer, Qwen3ForCausalLM
@@ -24,8 +25,9 @@ from lmserve.model.qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeForCausalLM
 from lmserve.ops.decoder_stack import STACK_OPS, LayerSpec, LinearSpec, MoeSpec, StackSpec, supported
 from lmserve.ops.linear_method import FloatLinear, GGUFLinear
 
-_MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, Qwen3MoeForCausalLM)
-_LAYERS = (DecoderLayer, Qwen3DecoderLayer, Gemma3DecoderLayer, Qwen3MoeDecoderLayer)
+_MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, Qwen3MoeForCausalLM,
+           MixtralForCausalLM)
+_LAYERS = (DecoderLayer, Qwen3DecoderLayer, Gemma3DecoderLayer, Qwen3MoeDecoderLayer, MixtralDecoderLayer)
 _ATTENTIONS = (Attention, QKNormAttention)
 
 

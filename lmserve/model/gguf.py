@@ -223,6 +223,20 @@ def llama3_rope_scaling(freq_factors: np.ndarray, rope_theta: float, head_dim: i
 
 # llama.cpp's architecture names that differ from HF's model_type (the metadata keys keep llama.cpp's)
 _GGUF_ARCH_ALIASES = {"qwen3moe": "qwen3_moe"}
+# llama.cpp's converter reorders the Q/K rows of these (see unpermute); Mixtral's files say "llama"
+_PERMUTED_QK = ("llama", "mistral", "mixtral")
+
+
+def is_moe_tensor(name: str) -> bool:
+    """A router or an expert matrix: all experts stacked ('blk.0.ffn_gate_exps.weight') or one expert per tensor,
+    as llama.cpp wrote Mixtral files before April 2024 ('blk.0.ffn_gate.3.weight')."""
+    parts = name.split(".")
+    return name.endswith(("_exps.weight", "ffn_gate_inp.weight")) or (len(parts) == 5 and parts[3].isdigit())
+
+
+def permuted_qk(name: str, cfg) -> bool:
+    """Whether this HF-named matrix holds Q or K rows in llama.cpp's interleaved order (unpermute undoes it)."""
+    return cfg.architecture in _PERMUTED_QK and (".q_proj." in name or ".k_proj." in name)
 
 
 def gguf_arch_config(reader) -> ArchConfig:
@@ -232,9 +246,12 @@ def gguf_arch_config(reader) -> ArchConfig:
     if arch not in SUPPORTED_ARCHS:
         raise NotImplementedError(f"GGUF architecture {file_arch!r} is not supported; supported: {SUPPORTED_ARCHS}")
     tensors = {t.name: t for t in reader.tensors}
-    if arch != "qwen3_moe" and any(name.endswith("_exps.weight") for name in tensors):
-        raise NotImplementedError(f"GGUF file of a {file_arch!r} mixture-of-experts model (ffn_*_exps tensors): "
-                                  "MoE GGUF files are supported for qwen3moe only")
+    if any(is_moe_tensor(name) for name in tensors):
+        if arch == "llama":               # Mixtral and the Llama-family MoE merges: llama.cpp's "llama" + experts
+            arch = "mixtral"
+        elif arch != "qwen3_moe":
+            raise NotImplementedError(f"GGUF file of a {file_arch!r} mixture-of-experts model (router and expert "
+                                      "tensors): MoE GGUF files are supported for llama (Mixtral) and qwen3moe")
 
     def get(key, default=None):
         return meta.get(f"{file_arch}.{key}", default)
@@ -289,14 +306,17 @@ _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.
 
 # Gemma 3 norms around both attention and MLP; llama.cpp's "ffn_norm" is its pre-feed-forward norm
 _QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# MoE layers: the router, and each projection of all experts stacked in one 3-D tensor [experts, rows, cols]
+_MOE_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+              "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
+# older Mixtral files: one tensor per expert and projection, 'blk.0.ffn_gate.3.weight'
+_PER_EXPERT_NAMES = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
 _GGUF_ARCH_LAYER_NAMES = {
     "gemma3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_norm": "pre_feedforward_layernorm",
                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
     "qwen3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES},
-    # Qwen3-MoE: the router, and each projection of all experts stacked in one 3-D tensor [experts, rows, cols]
-    "qwen3_moe": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_gate_inp": "mlp.gate",
-                  "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
-                  "ffn_down_exps": "mlp.experts.down_proj"},
+    "qwen3_moe": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES, **_MOE_NAMES},
+    "mixtral": {**_GGUF_LAYER_NAMES, **_MOE_NAMES},
     # Phi-3 / Phi-4-mini: llama.cpp keeps HF's fused projections (qkv_proj, gate_up_proj: gate rows first), the
     # layouts our fused parameters already have; its loader also takes q/k/v as three tensors
     "phi3": {**_GGUF_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
@@ -309,6 +329,9 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     layer_names = _GGUF_ARCH_LAYER_NAMES.get(arch, _GGUF_LAYER_NAMES)
     if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer_names:
         return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{suffix}"
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _PER_EXPERT_NAMES and parts[3].isdigit() and \
+            "ffn_gate_inp" in layer_names:
+        return f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{_PER_EXPERT_NAMES[parts[2]]}.{suffix}"
     if base in _GGUF_GLOBAL_NAMES:
         return f"{_GGUF_GLOBAL_NAMES[base]}.{suffix}"
     if base in ("rope_freqs", "rope_factors_long", "rope_factors_short"):     # folded into ArchConfig.rope_scaling
@@ -354,7 +377,7 @@ def gguf_state_dict(reader, cfg: ArchConfig, dtype: torch.dtype, skip=frozenset(
         w = gguf_slice(t, shard_spec(name, cfg))
         if cfg.architecture == "gemma3" and name.endswith("norm.weight"):
             w = w - 1      # llama.cpp stores Gemma's norm multiplier 1 + w; HF names mean w
-        if cfg.architecture in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+        if permuted_qk(name, cfg):
             w = unpermute(w, w.shape[0] // cfg.head_dim)     # per head, so a slice of whole heads works too
         state[name] = w.to(dtype)
     return state

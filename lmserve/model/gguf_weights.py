@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmserve.model import pages
-from lmserve.model.gguf import hf_name, unpermute
+from lmserve.model.gguf import hf_name, permuted_qk, unpermute
 from lmserve.model.parallel import shard_spec
 from lmserve.model.repack_cache import RepackCache
 from lmserve import ops
@@ -63,7 +63,7 @@ def gguf_weight(t, name: str, cfg) -> GGUFWeight | None:
             k = size
         else:
             return None
-    if cfg.architecture in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+    if permuted_qk(name, cfg):
         data = unpermute(data, n // cfg.head_dim)
     return GGUFWeight(qtype, data, (n, k))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from lmserve.model.llama import DecoderLayer, LlamaForCausalLM
 from lmserve.model.moe import map_expert_weight, moe_block
 
-_EXPERT_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
+# Mixtral checkpoints' names, and those GGUF files' experts are given (model/gguf.py)
+_EXPERT_NAMES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
 class MixtralDecoderLayer(DecoderLayer):

@@ -1,7 +1,9 @@
-"""Qwen3-MoE GGUF files (llama.cpp's `qwen3moe`: each projection of all experts stacked in one 3-D tensor,
-`ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps`, the router `ffn_gate_inp`) served with the experts in the file's
-blocks, one GGUF matmul per expert that got tokens; against transformers' Qwen3MoeForCausalLM holding the same
-Q8_0-rounded weights (rounded by gguf-py, not by lmserve).
+"""MoE GGUF files served with the experts in the file's blocks, one GGUF matmul per expert that got tokens, against
+transformers holding the same Q8_0-rounded weights (rounded by gguf-py, not by lmserve):
+- Qwen3-MoE (llama.cpp's `qwen3moe`: each projection of all experts stacked in one 3-D tensor, `ffn_gate_exps` /
+  `ffn_up_exps` / `ffn_down_exps`, the router `ffn_gate_inp`);
+- Mixtral (llama.cpp's `llama` with experts, Q/K rows permuted as its converter writes them), with stacked experts
+  and with one tensor per expert (`ffn_gate.3`), the layout of files written before April 2024.
 """
 from __future__ import annotations
 
@@ -40,49 +42,78 @@ def q8(x: np.ndarray) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(x, QT.Q8_0), QT.Q8_0)
 
 
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """(GGUF path, transformers model with the file's weights): layer 0 sparse (8 experts, top 2), layer 1 dense."""
+# file kind -> (transformers model_type, llama.cpp architecture, one tensor per expert)
+KINDS = {"qwen3moe": ("qwen3_moe", "qwen3moe", False), "mixtral": ("mixtral", "llama", False),
+         "mixtral-per-expert": ("mixtral", "llama", True)}
+
+
+def permute(x: np.ndarray, heads: int) -> np.ndarray:
+    """HF's Q/K rows -> llama.cpp's order for llama files (its converter's reordering; lmserve's unpermute undoes
+    it)."""
+    return x.reshape(heads, 2, -1, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _quantized(w, gname: str, x: np.ndarray) -> None:
+    w.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(x), QT.Q8_0), raw_dtype=QT.Q8_0)
+
+
+def _experts(w, i: str, kind: str, x: np.ndarray, per_expert: bool) -> None:
+    """transformers' fused experts ([experts, 2 * inter, hidden] gate/up, or down) as the file's expert tensors."""
+    parts = [("ffn_gate", x[:, :x.shape[1] // 2]), ("ffn_up", x[:, x.shape[1] // 2:])] \
+        if kind == "gate_up_proj" else [("ffn_down", x)]
+    for proj, part in parts:
+        if per_expert:
+            for e in range(part.shape[0]):
+                _quantized(w, f"blk.{i}.{proj}.{e}.weight", part[e])
+        else:
+            _quantized(w, f"blk.{i}.{proj}_exps.weight", part)
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def moe(request, tmp_path_factory):
+    """(GGUF path, transformers model with the file's weights, kind). Qwen3-MoE: layer 0 sparse (8 experts, top 2),
+    layer 1 dense; Mixtral: both layers sparse (8 experts, top 2)."""
     import transformers
-    src = make_arch_model("qwen3_moe", str(tmp_path_factory.mktemp("src")), moe_intermediate_size=64)
+    model_type, arch, per_expert = KINDS[request.param]
+    src = make_arch_model(model_type, str(tmp_path_factory.mktemp("src")),
+                          **({"moe_intermediate_size": 64} if model_type == "qwen3_moe" else {"intermediate_size": 64}))
     cfg = load_arch_config(src)
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    path = str(tmp_path_factory.mktemp("gguf") / "qwen3moe-q8_0.gguf")
-    w = gguf.GGUFWriter(path, "qwen3moe")
+    path = str(tmp_path_factory.mktemp("gguf") / f"{request.param}-q8_0.gguf")
+    w = gguf.GGUFWriter(path, arch)
     _copy_tokenizer(w, default_tokenizer_source())
+    # llama.cpp's llama files give each expert's size as feed_forward_length, its qwen3moe files as expert_...
+    ffn = [("feed_forward_length", cfg.intermediate_size), ("expert_feed_forward_length", cfg.moe_intermediate_size)] \
+        if arch == "qwen3moe" else [("feed_forward_length", cfg.moe_intermediate_size)]
     for key, value in (("block_count", cfg.num_hidden_layers), ("context_length", cfg.max_position_embeddings),
-                       ("embedding_length", cfg.hidden_size), ("feed_forward_length", cfg.intermediate_size),
-                       ("attention.head_count", cfg.num_attention_heads), ("attention.key_length", cfg.head_dim),
-                       ("attention.value_length", cfg.head_dim), ("attention.head_count_kv", cfg.num_key_value_heads),
-                       ("expert_count", cfg.num_experts), ("expert_used_count", cfg.num_experts_per_tok),
-                       ("expert_feed_forward_length", cfg.moe_intermediate_size)):
-        w.add_uint32(f"qwen3moe.{key}", value)
-    w.add_float32("qwen3moe.rope.freq_base", cfg.rope_theta)
-    w.add_float32("qwen3moe.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+                       ("embedding_length", cfg.hidden_size), ("attention.head_count", cfg.num_attention_heads),
+                       ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim),
+                       ("attention.head_count_kv", cfg.num_key_value_heads), ("expert_count", cfg.num_experts),
+                       ("expert_used_count", cfg.num_experts_per_tok), *ffn):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     rounded = {}
     for name, t in hf.state_dict().items():
         x = t.numpy()
         if name.startswith("model.layers."):
             _, _, i, *mod, kind = name.split(".")
             mod = ".".join(mod)
-            if mod == "mlp.experts":            # transformers' fused experts: [experts, 2 * inter, hidden] / down
-                if kind == "gate_up_proj":
-                    half = x.shape[1] // 2
-                    stacked = [(f"blk.{i}.ffn_gate_exps.weight", x[:, :half]),
-                               (f"blk.{i}.ffn_up_exps.weight", x[:, half:])]
-                else:
-                    stacked = [(f"blk.{i}.ffn_down_exps.weight", x)]
-                for gname, part in stacked:
-                    part = np.ascontiguousarray(part)
-                    w.add_tensor(gname, gguf.quants.quantize(part, QT.Q8_0), raw_dtype=QT.Q8_0)
+            if mod == "mlp.experts":
+                _experts(w, i, kind, x, per_expert)
                 rounded[name] = q8(np.ascontiguousarray(x))
                 continue
             gname = f"blk.{i}.{_NAMES[mod]}.{kind}"
+            if arch == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = cfg.num_attention_heads if mod == "self_attn.q_proj" else cfg.num_key_value_heads
+                _quantized(w, gname, permute(x, heads))
+                rounded[name] = q8(x)
+                continue
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
         if x.ndim == 2 and not gname.endswith("ffn_gate_inp.weight"):       # the router stays F32 (llama.cpp's)
-            w.add_tensor(gname, gguf.quants.quantize(x, QT.Q8_0), raw_dtype=QT.Q8_0)
+            _quantized(w, gname, x)
             rounded[name] = q8(x)
         else:
             w.add_tensor(gname, x)
@@ -91,7 +122,7 @@ def moe(tmp_path_factory):
     w.write_tensors_to_file()
     w.close()
     hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in rounded.items()}, strict=False)
-    return path, hf
+    return path, hf, request.param
 
 
 def _engine(path: str, **model_kw) -> LLMEngine:
@@ -100,17 +131,21 @@ def _engine(path: str, **model_kw) -> LLMEngine:
                                   scheduler=SchedulerConfig(max_num_batched_tokens=24)))
 
 
-def test_qwen3moe_metadata(moe):
+def test_moe_metadata(moe):
     cfg = load_arch_config(moe[0])
-    assert cfg.architecture == "qwen3_moe" and cfg.num_experts == 8 and cfg.num_experts_per_tok == 2
-    assert cfg.moe_intermediate_size == 64 and cfg.norm_topk_prob and cfg.dense_layers == (1,) and cfg.qk_norm
+    assert cfg.num_experts == 8 and cfg.num_experts_per_tok == 2 and cfg.moe_intermediate_size == 64
+    assert cfg.norm_topk_prob
+    if moe[2] == "qwen3moe":
+        assert cfg.architecture == "qwen3_moe" and cfg.dense_layers == (1,) and cfg.qk_norm
+    else:
+        assert cfg.architecture == "mixtral" and cfg.dense_layers == () and not cfg.qk_norm
 
 
 @pytest.mark.parametrize("weights", ["quantized", "float"])
-def test_qwen3moe_gguf_greedy_matches_transformers(moe, weights):
+def test_moe_gguf_greedy_matches_transformers(moe, weights):
     """Experts in their Q8_0 blocks with float32 activations (and --weights float): greedy tokens equal
     transformers', logprobs within 1e-3; no float copy of an expert exists."""
-    path, hf = moe
+    path, hf, _ = moe
     engine = _engine(path, dtype="float32", weights=weights)
     experts = engine.runner.model.model.layers[0].mlp.experts
     assert isinstance(experts, Experts)
@@ -133,7 +168,7 @@ def test_qwen3moe_gguf_greedy_matches_transformers(moe, weights):
         assert abs(lp.logprob - ref[len(ids[2]) - 1 + i, lp.token_id].item()) < 1e-3
 
 
-def test_qwen3moe_gguf_default_path_repacks_the_experts(moe):
+def test_moe_gguf_default_path_repacks_the_experts(moe):
     """The default configuration: each expert's blocks repacked (Q8_0x8), int8 activations; it serves."""
     engine = _engine(moe[0])
     experts = engine.runner.model.model.layers[0].mlp.experts
@@ -143,7 +178,7 @@ def test_qwen3moe_gguf_default_path_repacks_the_experts(moe):
 
 
 @pytest.mark.parametrize("dtype", ["auto", "float32"])
-def test_qwen3moe_fused_decode_is_bit_identical(moe, dtype):
+def test_moe_fused_decode_is_bit_identical(moe, dtype):
     """The decode stack runs the sparse layers in C++ (csrc/cpu/moe.cpp: router, top-k, the routed experts in two
     parallel regions): same tokens and logprobs, bit for bit, as the modules, for four sequences decoding together
     (experts shared by several rows, a dense layer after the sparse one), with int8 activations on the repacked
@@ -160,9 +195,10 @@ def test_qwen3moe_fused_decode_is_bit_identical(moe, dtype):
 
 
 def test_other_moe_gguf_files_are_refused_by_name(tmp_path):
-    """Mixtral-style files (architecture llama, experts in ffn_*_exps) get a clear error, not a wrong model."""
-    path = str(tmp_path / "mixtral-like.gguf")
-    w = gguf.GGUFWriter(path, "llama")
+    """Expert tensors in a file of an architecture whose MoE layers lmserve does not build get a clear error, not a
+    dense model that silently leaves the experts out."""
+    path = str(tmp_path / "qwen2-with-experts.gguf")
+    w = gguf.GGUFWriter(path, "qwen2")
     w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((2, 8, 32), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
