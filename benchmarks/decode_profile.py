@@ -27,6 +27,7 @@ from engine_vs_hf import make_prompts  # noqa: E402
 
 from lmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from lmserve.engine.llm_engine import LLMEngine  # noqa: E402
+from lmserve.model.moe import SparseMoeBlock  # noqa: E402
 from lmserve.sampling_params import SamplingParams  # noqa: E402
 
 TIMES: dict[str, float] = collections.defaultdict(float)
@@ -57,10 +58,17 @@ def instrument(engine: LLMEngine) -> None:
             table.__dict__[name] = timed(lambda *a, _n=name, **k: _n, fn)
     if runner.fused is not None:
         runner.fused = timed(lambda *a, **k: "decoder_stack (every layer, one C++ call)", runner.fused)
+    for block in moe_blocks(engine):
+        block.kernel = timed(lambda *a, **k: "moe_mlp (a MoE block, one C++ call)", block.kernel)
     runner.prepare = timed(lambda *a, **k: "runner.prepare (inputs, metadata)", runner.prepare)
     runner.sample = timed(lambda *a, **k: "runner.sample (sampler)", runner.sample)
     runner.forward = timed(lambda *a, **k: "FORWARD", runner.forward)
     engine.step = timed(lambda *a, **k: "STEP", engine.step)
+
+
+def moe_blocks(engine: LLMEngine) -> list:
+    """The sparse MoE blocks that got their one-call kernel (model/fused_decode.py attach_moe_kernels)."""
+    return [m for m in engine.runner.model.modules() if isinstance(m, SparseMoeBlock) and m.kernel is not None]
 
 
 def profile(engine: LLMEngine, steps: int, tag: str, batch: int = 1) -> None:
@@ -118,25 +126,30 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead of decode steps")
     ap.add_argument("--batch", type=int, default=1, help="decode steps of this many sequences (c=N serving)")
-    ap.add_argument("--fused", default="on", help="decode layers in one C++ call (model/fused_decode.py), off = the "
-                    "modules; a list (on,off,on,off) alternates them on the same engine")
+    ap.add_argument("--fused", default="on", help="decode layers in one C++ call (model/fused_decode.py) and each MoE "
+                    "block's own kernel, off = the modules; a list (on,off,on,off) alternates them on the same engine")
     ap.add_argument("--gguf-repack", default="auto", help="auto, none, or a list (auto,none): one engine each")
     args = ap.parse_args()
     for int8, repack in ((i, r) for i in args.int8_dot.split(",") for r in args.gguf_repack.split(",")):
         engine = LLMEngine(EngineConfig(model=ModelConfig(model=args.model, dtype=args.dtype, gguf_repack=repack,
                                                           quant_activations="int8" if int8 == "on" else "float"),
-                                        cache=CacheConfig(num_blocks=512),
+                                        # no prefix cache: a later --fused arm would find the same
+                                        # prompts' blocks cached and prefill only their last token
+                                        cache=CacheConfig(num_blocks=512, enable_prefix_caching=False),
                                         scheduler=SchedulerConfig(max_num_batched_tokens=max(512, args.prefill))))
         instrument(engine)
         fused = engine.runner.fused
+        moe = [(block, block.kernel) for block in moe_blocks(engine)]
         for threads, on in ((int(n), f) for n in args.threads.split(",") for f in args.fused.split(",")):
             torch.set_num_threads(threads)
             engine.runner.fused = fused if on == "on" else None
+            for block, kernel in moe:
+                block.kernel = kernel if on == "on" else None
             run = functools.partial(profile_prefill, engine, args.prefill) if args.prefill else \
                 functools.partial(profile, engine, args.steps, batch=args.batch)
             run(f"--dtype {args.dtype} ({engine.runner.matmul_precision} matmuls), int8-dot {int8}, repack {repack}, "
                 f"{threads} threads, "
-                f"fused {on if fused is not None else 'n/a'}")
+                f"fused {on if fused is not None or moe else 'n/a'}")
 
 
 if __name__ == "__main__":

@@ -229,3 +229,30 @@ def test_synthetic_q4_k_m_moe_file_runs_on_the_kernels(tmp_path):
     for a, b in zip(outs["quantized"].logprobs, outs["float"].logprobs):
         torch.testing.assert_close(torch.tensor([v for _, v in a.top]), torch.tensor([v for _, v in b.top]),
                                    rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32"])
+def test_moe_block_kernel_is_bit_identical_to_the_module_loop(moe, dtype):
+    """The other steps (prefill chunks, mixed batches) run each sparse block in one kernel call (ops.make_moe_mlp,
+    csrc/cpu/moe.cpp): for a prefill-sized input (48 tokens, most experts with several, every row count path of the
+    GGUF matmul from 1 row up) it equals the module's loop over experts bit for bit, with int8 activations on the
+    repacked experts and with float32 ones; under kernels="torch" no block gets one."""
+    from lmserve import ops
+    from lmserve.model.moe import SparseMoeBlock
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=moe[0], dtype=dtype),
+                                    cache=CacheConfig(block_size=8, num_blocks=128)))
+    blocks = [m for m in engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
+    assert blocks and all(b.kernel is not None for b in blocks)
+    hidden = blocks[0].gate.weight.shape[1]
+    x = torch.randn(48, hidden, generator=torch.Generator().manual_seed(0))
+    with ops.use(engine.runner.ops), torch.no_grad():
+        for block in blocks:
+            fused = block(x)
+            kernel, block.kernel = block.kernel, None
+            try:
+                assert torch.equal(fused, block(x))
+            finally:
+                block.kernel = kernel
+    native = LLMEngine(EngineConfig(model=ModelConfig(model=moe[0], dtype="float32", kernels="torch"),
+                                    cache=CacheConfig(block_size=8, num_blocks=128)))
+    assert all(m.kernel is None for m in native.runner.model.modules() if isinstance(m, SparseMoeBlock))

@@ -25,7 +25,7 @@ from lmserve.ops import cpu_kernels
 from lmserve.ops.linear import int8_activations
 from lmserve.model.arch_config import ArchConfig
 from lmserve.model.loader import is_gguf, load_arch_config
-from lmserve.model.fused_decode import FusedDecode
+from lmserve.model.fused_decode import FusedDecode, attach_moe_kernels
 from lmserve.model.lora import lora_step
 from lmserve.model.parallel import num_local_kv_heads, validate_tp
 from lmserve.model.repack_cache import repack_cache_dir
@@ -170,6 +170,8 @@ class ModelRunner:
         self._attach_fast()
         # decode steps' layers in one kernel call where the model and the op table allow (model/fused_decode.py)
         self.fused = FusedDecode.build(self.model, self.ops) if self.device.type == "cpu" else None
+        if self.device.type == "cpu":      # MoE blocks of the other steps in one kernel call each
+            attach_moe_kernels(self.model, self.ops)
 
     def _attach_fast(self) -> None:
         """Packed / lower-precision copies of float weights for GEMMs (GGUF layers keep their blocks)."""

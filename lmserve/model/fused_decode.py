@@ -80,6 +80,18 @@ def _layer(model, layer) -> LayerSpec | None:
         qk_eps=attn.q_norm.eps if qk else 0.0, moe=moe)
 
 
+def attach_moe_kernels(model, table: ops.OpTable) -> int:
+    """Give every sparse block the fused path could run (GGUF experts, a float32 router) its one-call kernel for the
+    steps the decode stack does not take (prefill, mixed batches); -> how many got one."""
+    count = 0
+    with ops.use(table):
+        for block in model.modules():
+            if type(block) is SparseMoeBlock and model.cfg.tp_size == 1 and (spec := _moe(block)) is not None:
+                block.kernel = ops.make_moe_mlp(spec)
+                count += block.kernel is not None
+    return count
+
+
 class FusedDecode:
     def __init__(self, model, stack):
         self.model, self.stack = model, stack

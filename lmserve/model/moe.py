@@ -66,6 +66,9 @@ class SparseMoeBlock(nn.Module):
         # decode (csrc/cpu/moe.cpp) multiplies it the same way for the same bits
         self.gate.packable = False
         self.experts = Experts(num_experts, hidden_size, intermediate_size, act)
+        # the whole block in one kernel call, bit-identical to route + experts (ops.make_moe_mlp; set by the model
+        # runner through model/fused_decode.py where the experts are on GGUF blocks); None: the modules run
+        self.kernel = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [num_tokens, hidden] -> (expert ids, weights), each [num_tokens, top_k]."""
@@ -76,6 +79,8 @@ class SparseMoeBlock(nn.Module):
         return expert_ids, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and self.gate.lora is None:    # an adapter on the router: the modules apply it
+            return self.kernel(x)
         return self.experts(x, *self.route(x))
 
 

@@ -21,6 +21,7 @@ Model code calls these functions and never sees which implementation runs:
 | decode_attention  | decode_attention(q [S, h, d], k_cache, v_cache, decode: DecodeBatch, block_size, scale, sliding_window=None) | [S, h, d] |
 | prefill_attention | prefill_attention(q [T, h, d], k_cache, v_cache, group: AttentionGroup, scale) | [S * q_len, h, d], rows of group.token_index |
 | decoder_stack     | make_decoder_stack(spec: decoder_stack.StackSpec)                     | a C++ object running a decode step's layers in one call, or None (no kernel: the modules run) |
+| moe_mlp           | make_moe_mlp(spec: decoder_stack.MoeSpec)                             | a callable x [T, H] -> [T, H] running a sparse MoE block in one call, or None (the module's loop runs) |
 
 Caches: [num_blocks * block_size, kv_heads, head_dim] in float32 or bfloat16 (reads widen to q's dtype).
 
@@ -87,3 +88,7 @@ def prefill_attention(q, k_cache, v_cache, group, scale):
 
 def make_decoder_stack(spec):
     return current().decoder_stack(spec)
+
+
+def make_moe_mlp(spec):
+    return current().moe_mlp(spec)

@@ -108,8 +108,33 @@ class DecoderStackOp(CustomOp):
                             detach(s.qkv.bias), o, o_t, gu, gu_t, down, down_t, int8.pop(), _ACTS[s.act], s.rope,
                             s.scale, s.sliding)
             if s.moe is not None:
-                gate_ups = [_linear_args(gate_up) for gate_up, _ in s.moe.experts]
-                downs = [_linear_args(down) for _, down in s.moe.experts]
-                stack.set_moe(s.moe.router.detach().contiguous(), [w for w, _ in gate_ups], [t for _, t in gate_ups],
-                              [w for w, _ in downs], [t for _, t in downs], s.moe.top_k, s.moe.norm_topk)
+                stack.set_moe(*_moe_args(s.moe))
         return stack
+
+
+def _moe_args(spec: MoeSpec) -> tuple:
+    gate_ups = [_linear_args(gate_up) for gate_up, _ in spec.experts]
+    downs = [_linear_args(down) for _, down in spec.experts]
+    return (spec.router.detach().contiguous(), [w for w, _ in gate_ups], [t for _, t in gate_ups],
+            [w for w, _ in downs], [t for _, t in downs], spec.top_k, spec.norm_topk)
+
+
+@register
+class MoeMlpOp(CustomOp):
+    """moe_mlp(spec: MoeSpec) -> a callable x [T, hidden] -> [T, hidden] running the sparse block in one kernel call
+    (csrc/cpu/moe.cpp, the decode stack's MoE layer), or None: SparseMoeBlock's own loop over experts runs.
+
+    From Python a prefill step of a 128-expert model makes two GGUF matmul calls per expert that got tokens, each its
+    own parallel region; the kernel runs all experts' gate/up in one region and their down in another, with the
+    module's steps, order and kernels, so bit-identical to it."""
+    name = "moe_mlp"
+
+    def forward_native(self, spec: MoeSpec):
+        return None
+
+    def forward_cpu(self, spec: MoeSpec):
+        int8 = {lin.int8 for pair in spec.experts for lin in pair}
+        if len(int8) != 1 or not all(supported(lin) and lin.bias is None for pair in spec.experts for lin in pair):
+            return None
+        kernel = cpu_lib().MoeMlp(*_moe_args(spec), int8.pop())
+        return lambda x: kernel.forward(x.contiguous(), DOT_MAX_ROWS)

@@ -31,4 +31,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_moe", &DecoderStack::set_moe)
       .def("forward", &DecoderStack::forward, nogil)
       .def_property_readonly("num_layers", &DecoderStack::num_layers);
+  py::class_<MoeMlp, std::shared_ptr<MoeMlp>>(m, "MoeMlp")
+      .def(py::init([](at::Tensor router, std::vector<std::vector<at::Tensor>> gate_up,
+                       std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
+                       std::vector<std::vector<int64_t>> down_types, int64_t top_k, bool norm_topk, bool int8) {
+        return std::make_shared<MoeMlp>(MoeMlp::make(std::move(router), std::move(gate_up), std::move(gate_up_types),
+                                                     std::move(down), std::move(down_types), top_k, norm_topk, int8));
+      }))
+      .def("forward", &MoeMlp::forward, nogil);
 }

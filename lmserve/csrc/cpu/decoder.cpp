@@ -68,25 +68,12 @@ void DecoderStack::set_moe(at::Tensor router, std::vector<std::vector<at::Tensor
   TORCH_CHECK(!layers_.empty() && layers_.back().gate_up.w.empty() && layers_.back().down.w.empty() &&
               layers_.back().act == 0 && !layers_.back().post_ffn_norm,
               "DecoderStack: set_moe follows a layer added without a dense silu MLP or post-MLP norm");
-  const int64_t E = router.size(0), H = final_norm_.numel();
-  TORCH_CHECK(router.dim() == 2 && router.size(1) == H && router.scalar_type() == at::kFloat &&
-              router.is_contiguous(), "DecoderStack: the router is a contiguous float32 [experts, hidden]");
-  TORCH_CHECK((int64_t)gate_up.size() == E && (int64_t)down.size() == E && (int64_t)gate_up_types.size() == E &&
-              (int64_t)down_types.size() == E && top_k >= 1 && top_k <= E, "DecoderStack: one gate_up and down per "
-              "expert, 1 <= top_k <= experts");
-  auto rows = [](const std::vector<at::Tensor>& parts) {
-    int64_t n = 0;
-    for (const auto& p : parts) n += p.size(0);
-    return n;
-  };
-  for (int64_t e = 0; e < E; ++e) {      // every expert [2 I, H] and [H, I], as the kernels will read them
-    TORCH_CHECK(!gate_up[e].empty() && !down[e].empty() && gate_up[e].size() == gate_up_types[e].size() &&
-                down[e].size() == down_types[e].size() && rows(down[e]) == H && rows(gate_up[e]) % 2 == 0 &&
-                rows(gate_up[e]) == rows(gate_up[0]), "DecoderStack: expert ", e, "'s projections do not match");
-  }
-  layers_.back().moe = std::make_shared<MoeMlp>(MoeMlp{std::move(router), std::move(gate_up), std::move(down),
-                                                      std::move(gate_up_types), std::move(down_types), top_k,
-                                                      norm_topk, layers_.back().o.int8});
+  TORCH_CHECK(router.dim() == 2 && router.size(1) == final_norm_.numel(), "DecoderStack: the router's columns "
+              "are not the hidden size");
+  layers_.back().moe = std::make_shared<MoeMlp>(MoeMlp::make(std::move(router), std::move(gate_up),
+                                                             std::move(gate_up_types), std::move(down),
+                                                             std::move(down_types), top_k, norm_topk,
+                                                             layers_.back().o.int8));
 }
 
 at::Tensor DecoderStack::forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,

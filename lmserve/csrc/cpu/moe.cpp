@@ -1,4 +1,5 @@
-// MoeMlp: a sparse MoE MLP's rows in one call from the decode stack (decoder.cpp).
+// MoeMlp: a sparse MoE MLP's rows in one call, from the decode stack (decoder.cpp) or from SparseMoeBlock.forward
+// for the other steps (prefill, mixed batches: ops.moe_mlp).
 //
 // Why: from Python a Qwen3-MoE layer's MLP is ~25 op calls at batch 1 (router, softmax, top-k, sort, gathers, two
 // GGUF matmuls per selected expert, the weighted sum), ~10-15 us each of dispatch around ~30 us of kernel work per
@@ -17,7 +18,32 @@
 #include <ATen/ops/topk.h>
 #include <ATen/ops/zeros.h>
 
+MoeMlp MoeMlp::make(at::Tensor router, std::vector<std::vector<at::Tensor>> gate_up,
+                    std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
+                    std::vector<std::vector<int64_t>> down_types, int64_t top_k, bool norm_topk, bool int8) {
+  TORCH_CHECK(router.dim() == 2 && router.scalar_type() == at::kFloat && router.is_contiguous(),
+              "MoeMlp: the router is a contiguous float32 [experts, hidden]");
+  const int64_t E = router.size(0), H = router.size(1);
+  TORCH_CHECK((int64_t)gate_up.size() == E && (int64_t)down.size() == E && (int64_t)gate_up_types.size() == E &&
+              (int64_t)down_types.size() == E && top_k >= 1 && top_k <= E, "MoeMlp: one gate_up and down per "
+              "expert, 1 <= top_k <= experts");
+  auto rows = [](const std::vector<at::Tensor>& parts) {
+    int64_t n = 0;
+    for (const auto& p : parts) n += p.size(0);
+    return n;
+  };
+  for (int64_t e = 0; e < E; ++e) {      // every expert [2 I, H] and [H, I], as the kernels will read them
+    TORCH_CHECK(!gate_up[e].empty() && !down[e].empty() && gate_up[e].size() == gate_up_types[e].size() &&
+                down[e].size() == down_types[e].size() && rows(down[e]) == H && rows(gate_up[e]) % 2 == 0 &&
+                rows(gate_up[e]) == rows(gate_up[0]), "MoeMlp: expert ", e, "'s projections do not match");
+  }
+  return MoeMlp{std::move(router), std::move(gate_up), std::move(down), std::move(gate_up_types),
+                std::move(down_types), top_k, norm_topk, int8};
+}
+
 at::Tensor MoeMlp::forward(const at::Tensor& x, int64_t max_dot_rows) const {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == router.size(1) && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "MoeMlp: x is a contiguous float32 [rows, hidden]");
   const int64_t S = x.size(0), H = x.size(1), E = router.size(0), P = S * top_k;
   // SparseMoeBlock.route
   auto [weights, ids] = at::topk(at::softmax(at::linear(x, router), -1), top_k, -1);

@@ -1,4 +1,5 @@
-// MoeMlp (moe.cpp): a sparse mixture-of-experts MLP (Qwen3-MoE) on GGUF experts, for the decode stack.
+// MoeMlp (moe.cpp): a sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral) on GGUF experts, for the decode stack
+// and, bound on its own, for every other step of such a model (prefill, mixed batches).
 #pragma once
 #include "ops.h"
 #include <vector>
@@ -10,6 +11,11 @@ struct MoeMlp {
   int64_t top_k;
   bool norm_topk;                                     // renormalise the top-k probabilities to sum to 1
   bool int8;
+  // checked: a contiguous float32 router [experts, hidden], per expert gate/up parts of 2 I rows and down parts of
+  // `hidden` rows, 1 <= top_k <= experts
+  static MoeMlp make(at::Tensor router, std::vector<std::vector<at::Tensor>> gate_up,
+                     std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
+                     std::vector<std::vector<int64_t>> down_types, int64_t top_k, bool norm_topk, bool int8);
   // x [S, hidden] -> [S, hidden], bit-identical to lmserve/model/moe.py SparseMoeBlock on the same kernels
   at::Tensor forward(const at::Tensor& x, int64_t max_dot_rows) const;
 };
