@@ -40,6 +40,10 @@ SHAPES = {
     # tensor), 128-dim heads wider than hidden / heads, q/k norms; ~17 GiB as Q4_K_M (use `layers` to cut it)
     "qwen3-30b-a3b": dict(arch="qwen3moe", hidden=2048, layers=48, ffn=6144, heads=32, kv_heads=4, tied=False,
                           bias=False, theta=1000000.0, head_dim=128, experts=128, experts_used=8, expert_ffn=768),
+    # Mixtral 8x7B: llama.cpp's "llama" with 8 experts of ffn 14336, 2 per token, in every layer; ~26 GiB as Q4_K_M
+    # (use `layers` to cut it); its 32000-token vocabulary is SmolLM2's here
+    "mixtral-8x7b": dict(arch="llama", hidden=4096, layers=32, ffn=14336, heads=32, kv_heads=8, tied=False,
+                         bias=False, theta=1000000.0, experts=8, experts_used=2, expert_ffn=14336),
 }
 
 # bytes per block, elements per block, byte offsets of the fp16 scale fields (d, dmin) to overwrite
@@ -212,7 +216,8 @@ def write_synthetic_gguf(path: str, shape: str | dict, quant: str = "Q4_0", seed
     if shape.get("experts"):
         writer.add_uint32(f"{arch}.expert_count", shape["experts"])
         writer.add_uint32(f"{arch}.expert_used_count", shape["experts_used"])
-        writer.add_uint32(f"{arch}.expert_feed_forward_length", shape["expert_ffn"])
+        if arch != "llama":                    # llama files give each expert's size as feed_forward_length
+            writer.add_uint32(f"{arch}.expert_feed_forward_length", shape["expert_ffn"])
     if shape.get("original_context"):         # LongRoPE (phi3), as llama.cpp's converter writes it
         orig = shape["original_context"]
         writer.add_uint32(f"{arch}.rope.scaling.original_context_length", orig)
