@@ -16,6 +16,10 @@ ARCHS = {
                                         num_hidden_layers=3, layer_types=["sliding_attention", "full_attention",
                                                                           "sliding_attention"])),
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    # the shared expert's size differs from the dense layer's, as in Qwen2-57B-A14B
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=96, norm_topk_prob=False,
+                                         decoder_sparse_step=1, mlp_only_layers=[1])),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])),
     "phi3": ("Phi3Config", dict(pad_token_id=2, max_position_embeddings=256, original_max_position_embeddings=64,

@@ -74,7 +74,8 @@ BACKENDS = ["cpp", pytest.param("torch", marks=pytest.mark.slow)]   # torch: the
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ["qwen3", "llama3", "gemma3", "mixtral", "qwen3_moe", "phi3", "phi3_partial_rotary"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3",
+                                  "phi3_partial_rotary"])
 def test_greedy_and_logprobs_match_transformers(arch, backend, arch_paths):
     check_against_transformers(arch_paths(arch), backend)
 
@@ -108,7 +109,7 @@ def test_llama3_untied_embeddings(arch_paths, tmp_path):
 
 
 # ---- MoE ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_moe_block_grouped_equals_transformers(arch, arch_paths):
     """One MoE layer on a batch where several tokens share an expert and some expert gets none."""
     from transformers import AutoModelForCausalLM

@@ -35,7 +35,9 @@ NEW_TOKENS = 16
 _NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+          "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+          "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
 
 
 def q8(x: np.ndarray) -> np.ndarray:
@@ -43,7 +45,8 @@ def q8(x: np.ndarray) -> np.ndarray:
 
 
 # file kind -> (transformers model_type, llama.cpp architecture, one tensor per expert)
-KINDS = {"qwen3moe": ("qwen3_moe", "qwen3moe", False), "mixtral": ("mixtral", "llama", False),
+KINDS = {"qwen3moe": ("qwen3_moe", "qwen3moe", False), "qwen2moe": ("qwen2_moe", "qwen2moe", False),
+         "mixtral": ("mixtral", "llama", False),
          "mixtral-per-expert": ("mixtral", "llama", True)}
 
 
@@ -76,15 +79,17 @@ def moe(request, tmp_path_factory):
     import transformers
     model_type, arch, per_expert = KINDS[request.param]
     src = make_arch_model(model_type, str(tmp_path_factory.mktemp("src")),
-                          **({"moe_intermediate_size": 64} if model_type == "qwen3_moe" else {"intermediate_size": 64}))
+                          **({"intermediate_size": 64} if model_type == "mixtral" else {"moe_intermediate_size": 64}))
     cfg = load_arch_config(src)
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     path = str(tmp_path_factory.mktemp("gguf") / f"{request.param}-q8_0.gguf")
     w = gguf.GGUFWriter(path, arch)
     _copy_tokenizer(w, default_tokenizer_source())
     # llama.cpp's llama files give each expert's size as feed_forward_length, its qwen3moe files as expert_...
-    ffn = [("feed_forward_length", cfg.intermediate_size), ("expert_feed_forward_length", cfg.moe_intermediate_size)] \
-        if arch == "qwen3moe" else [("feed_forward_length", cfg.moe_intermediate_size)]
+    ffn = [("feed_forward_length", cfg.moe_intermediate_size)] if arch == "llama" else \
+        [("feed_forward_length", cfg.intermediate_size), ("expert_feed_forward_length", cfg.moe_intermediate_size)]
+    if arch == "qwen2moe":
+        ffn.append(("expert_shared_feed_forward_length", cfg.shared_expert_intermediate_size))
     for key, value in (("block_count", cfg.num_hidden_layers), ("context_length", cfg.max_position_embeddings),
                        ("embedding_length", cfg.hidden_size), ("attention.head_count", cfg.num_attention_heads),
                        ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim),
@@ -104,6 +109,9 @@ def moe(request, tmp_path_factory):
                 rounded[name] = q8(np.ascontiguousarray(x))
                 continue
             gname = f"blk.{i}.{_NAMES[mod]}.{kind}"
+            if mod == "mlp.shared_expert_gate":          # llama.cpp's qwen2moe files: a [hidden] vector, F32
+                w.add_tensor(gname, np.ascontiguousarray(x[0]))
+                continue
             if arch == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
                 heads = cfg.num_attention_heads if mod == "self_attn.q_proj" else cfg.num_key_value_heads
                 _quantized(w, gname, permute(x, heads))
@@ -134,9 +142,12 @@ def _engine(path: str, **model_kw) -> LLMEngine:
 def test_moe_metadata(moe):
     cfg = load_arch_config(moe[0])
     assert cfg.num_experts == 8 and cfg.num_experts_per_tok == 2 and cfg.moe_intermediate_size == 64
-    assert cfg.norm_topk_prob
+    assert cfg.norm_topk_prob == (moe[2] != "qwen2moe")     # llama.cpp never renormalises qwen2moe's
     if moe[2] == "qwen3moe":
         assert cfg.architecture == "qwen3_moe" and cfg.dense_layers == (1,) and cfg.qk_norm
+    elif moe[2] == "qwen2moe":
+        assert cfg.architecture == "qwen2_moe" and cfg.dense_layers == (1,) and cfg.attention_bias
+        assert cfg.shared_expert_intermediate_size == 96 and cfg.intermediate_size != 96
     else:
         assert cfg.architecture == "mixtral" and cfg.dense_layers == () and not cfg.qk_norm
 
@@ -153,6 +164,9 @@ def test_moe_gguf_greedy_matches_transformers(moe, weights):
         assert experts.methods is not None and len(experts.methods) == 8
         assert all(isinstance(m, GGUFLinear) and m.parts[0].qtype == "Q8_0" for pair in experts.methods for m in pair)
         assert experts.gate_up_proj.is_meta and experts.down_proj.is_meta
+        if moe[2] == "qwen2moe":      # the shared expert (its own size) on its blocks too, gate and up in one
+            shared = engine.runner.model.model.layers[0].mlp.shared_expert
+            assert isinstance(shared.gate_up_proj.linear_method, GGUFLinear)
         mem = engine.runner.weight_memory
         assert mem["float"] < (1 << 20), mem      # norms, the router, rotary tables
     else:
@@ -186,6 +200,10 @@ def test_moe_fused_decode_is_bit_identical(moe, dtype):
     from test_fused_decode import assert_same, fused_and_modules
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=moe[0], dtype=dtype),
                                     cache=CacheConfig(block_size=8, num_blocks=128, enable_prefix_caching=False)))
+    if moe[2] == "qwen2moe":
+        assert engine.runner.fused is None
+        pytest.skip("the decode stack does not run Qwen2-MoE's shared expert: its blocks run as modules, their routed "
+                    "part in one kernel call (the next test)")
     assert engine.runner.fused is not None
     a, b, calls = fused_and_modules(engine, [engine.tokenizer.encode(p) for p in PROMPTS],
                                     SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=3,

@@ -101,13 +101,16 @@ def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, qu
     model.load_weights(gguf_state_dict(reader, arch, dtype, skip=kept))
 
 
-def _target(model: nn.Module, name: str) -> tuple[str, int]:
+def _target(model: nn.Module, modules: dict, name: str) -> tuple[str, int]:
     """HF weight name -> (our module's name, first output row in it): fused q/k/v and gate/up share a module."""
     parts = name.split(".")
     fused = model.fused_slices() if hasattr(model, "fused_slices") else {}
     if len(parts) >= 2 and parts[-2] in fused:
         module, start, _ = fused[parts[-2]]
-        return ".".join(parts[:-2] + [module]), start
+        target = ".".join(parts[:-2] + [module])
+        if module == "gate_up_proj" and parts[-2] == "up_proj" and target in modules:   # an MLP of its own size
+            start = modules[target].weight.shape[0] // 2
+        return target, start
     return ".".join(parts[:-1]), 0
 
 
@@ -124,7 +127,7 @@ def attach_gguf(model: nn.Module, quant: dict, dtype: torch.dtype, int8: bool = 
         if len(parts) >= 4 and parts[-3].isdigit() and isinstance(modules.get(".".join(parts[:-3])), Experts):
             experts.setdefault(".".join(parts[:-3]), {})[(int(parts[-3]), parts[-2])] = w
             continue
-        target, start = _target(model, name)
+        target, start = _target(model, modules, name)
         if isinstance(modules.get(target), (Linear, VocabParallelEmbedding)):
             groups.setdefault(target, []).append((start, name, w))
     kept = set()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "mixtral", "gemma3", "phi3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "gemma3", "phi3")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class ArchConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True             # renormalise the top-k router probabilities to sum to 1
-    dense_layers: tuple[int, ...] = ()      # MoE models: layers with a plain MLP instead (qwen3_moe)
+    dense_layers: tuple[int, ...] = ()      # MoE models: layers with a plain MLP instead (qwen2_moe, qwen3_moe)
+    shared_expert_intermediate_size: int = 0    # qwen2_moe: the always-on expert beside the routed ones (0 = none)
     partial_rotary_factor: float = 1.0      # fraction of head_dim that RoPE rotates (phi3 / phi-4-mini)
     # vision-language models (model/vlm_config.py): the checkpoint's config.json less its text_config; None = text
     vision: dict | None = None

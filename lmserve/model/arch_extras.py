@@ -33,13 +33,15 @@ def hf_arch_extras(arch: str, cfg: dict) -> dict:
     if arch in ("qwen3", "qwen3_moe"):
         extras["qk_norm"] = True
         extras["attention_bias"] = bool(cfg.get("attention_bias", False))
-    if arch == "qwen3_moe":
+    if arch in ("qwen2_moe", "qwen3_moe"):
         extras.update(_moe(cfg, "num_experts", "moe_intermediate_size"))
         extras["norm_topk_prob"] = bool(cfg.get("norm_topk_prob", False))   # transformers' default
         step, n = int(cfg.get("decoder_sparse_step", 1) or 1), cfg["num_hidden_layers"]
         only = set(cfg.get("mlp_only_layers") or [])
         # transformers: layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
         extras["dense_layers"] = tuple(i for i in range(n) if i in only or (i + 1) % step != 0)
+    if arch == "qwen2_moe":
+        extras["shared_expert_intermediate_size"] = int(cfg["shared_expert_intermediate_size"])
     if arch == "mixtral":
         extras.update(_moe(cfg, "num_local_experts", "intermediate_size"))
         extras["norm_topk_prob"] = True
@@ -102,15 +104,18 @@ def gguf_arch_extras(arch: str, meta: dict, reader) -> dict:
     extras: dict = {}
     if arch in ("qwen3", "qwen3_moe"):
         extras["qk_norm"] = True
-    if arch == "qwen3_moe":
-        # llama.cpp renormalises the top-k weights of qwen3moe (as Qwen3-MoE's configs say); a layer without a
-        # router (ffn_gate_inp) is a dense one (mlp_only_layers)
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        # llama.cpp renormalises the top-k weights of qwen3moe (as Qwen3-MoE's configs say), never those of qwen2moe
+        # (Qwen1.5-MoE's and Qwen2-57B-A14B's configs say false); a layer without a router (ffn_gate_inp) is a dense
+        # one (mlp_only_layers)
         names = {t.name for t in reader.tensors}
         extras.update(num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
                       moe_intermediate_size=int(get("expert_feed_forward_length")),
-                      norm_topk_prob=bool(get("expert_weights_norm", True)),
+                      norm_topk_prob=arch == "qwen3_moe" and bool(get("expert_weights_norm", True)),
                       dense_layers=tuple(i for i in range(int(get("block_count")))
                                          if f"blk.{i}.ffn_gate_inp.weight" not in names))
+    if arch == "qwen2_moe":
+        extras["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length"))
     if arch == "mixtral":
         # llama.cpp's "llama" files with experts: feed_forward_length is each expert's, and the top-k weights are
         # always renormalised (as transformers' Mixtral does)

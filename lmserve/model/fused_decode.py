@@ -81,12 +81,13 @@ def _layer(model, layer) -> LayerSpec | None:
 
 
 def attach_moe_kernels(model, table: ops.OpTable) -> int:
-    """Give every sparse block the fused path could run (GGUF experts, a float32 router) its one-call kernel for the
-    steps the decode stack does not take (prefill, mixed batches); -> how many got one."""
+    """Give every sparse block with its routed experts on GGUF blocks and a float32 router a one-call kernel of its
+    routed part, for the steps the decode stack does not take (prefill, mixed batches) and for the blocks it does
+    not run (Qwen2-MoE's, whose shared expert stays a module); -> how many got one."""
     count = 0
     with ops.use(table):
         for block in model.modules():
-            if type(block) is SparseMoeBlock and model.cfg.tp_size == 1 and (spec := _moe(block)) is not None:
+            if isinstance(block, SparseMoeBlock) and model.cfg.tp_size == 1 and (spec := _moe(block)) is not None:
                 block.kernel = ops.make_moe_mlp(spec)
                 count += block.kernel is not None
     return count

@@ -222,7 +222,7 @@ def llama3_rope_scaling(freq_factors: np.ndarray, rope_theta: float, head_dim: i
 
 
 # llama.cpp's architecture names that differ from HF's model_type (the metadata keys keep llama.cpp's)
-_GGUF_ARCH_ALIASES = {"qwen3moe": "qwen3_moe"}
+_GGUF_ARCH_ALIASES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
 # llama.cpp's converter reorders the Q/K rows of these (see unpermute); Mixtral's files say "llama"
 _PERMUTED_QK = ("llama", "mistral", "mixtral")
 
@@ -249,9 +249,10 @@ def gguf_arch_config(reader) -> ArchConfig:
     if any(is_moe_tensor(name) for name in tensors):
         if arch == "llama":               # Mixtral and the Llama-family MoE merges: llama.cpp's "llama" + experts
             arch = "mixtral"
-        elif arch != "qwen3_moe":
+        elif arch not in ("qwen2_moe", "qwen3_moe"):
             raise NotImplementedError(f"GGUF file of a {file_arch!r} mixture-of-experts model (router and expert "
-                                      "tensors): MoE GGUF files are supported for llama (Mixtral) and qwen3moe")
+                                      "tensors): MoE GGUF files are supported for llama (Mixtral), qwen2moe and "
+                                      "qwen3moe")
 
     def get(key, default=None):
         return meta.get(f"{file_arch}.{key}", default)
@@ -317,6 +318,10 @@ _GGUF_ARCH_LAYER_NAMES = {
     "qwen3": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES},
     "qwen3_moe": {**_GGUF_LAYER_NAMES, **_QK_NORM_NAMES, **_MOE_NAMES},
     "mixtral": {**_GGUF_LAYER_NAMES, **_MOE_NAMES},
+    # Qwen2-MoE's shared expert and its sigmoid gate (a [hidden] vector in the file, HF's [1, hidden] Linear)
+    "qwen2_moe": {**_GGUF_LAYER_NAMES, **_MOE_NAMES, "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+                  "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                  "ffn_down_shexp": "mlp.shared_expert.down_proj"},
     # Phi-3 / Phi-4-mini: llama.cpp keeps HF's fused projections (qkv_proj, gate_up_proj: gate rows first), the
     # layouts our fused parameters already have; its loader also takes q/k/v as three tensors
     "phi3": {**_GGUF_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},

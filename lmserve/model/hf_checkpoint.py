@@ -48,7 +48,7 @@ def hf_arch_config(path: str) -> ArchConfig:
     gen = read_json(os.path.join(path, "generation_config.json"))
     bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
     sliding = cfg.get("sliding_window")
-    if arch in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         sliding = None
     hidden, num_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     return replace(ArchConfig(
@@ -65,7 +65,8 @@ def hf_arch_config(path: str) -> ArchConfig:
         rope_scaling=rope_scaling,
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
+        attention_bias=True if arch == "qwen2" else bool(cfg.get("qkv_bias", True)) if arch == "qwen2_moe" else
+        bool(cfg.get("attention_bias", False)),
         sliding_window=sliding,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=hf_eos_token_ids(path) or tuple(as_ids(cfg.get("eos_token_id"))),

@@ -150,6 +150,9 @@ class LlamaForCausalLM(nn.Module):
         if len(parts) >= 2 and parts[-2] in fused:
             fused_name, start, size = fused[parts[-2]]
             target = ".".join(parts[:-2] + [fused_name, parts[-1]])
+            if fused_name == "gate_up_proj" and target in params:     # an MLP of its own size (a shared expert)
+                size = params[target].shape[0] // 2
+                start = 0 if parts[-2] == "gate_proj" else size
         if target not in params:
             raise KeyError(f"unexpected weight {name!r}")
         return (params[target] if start is None else params[target].narrow(0, start, size)), tensor

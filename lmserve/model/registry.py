@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str] = {
     "qwen3": "qwen3:Qwen3ForCausalLM",     # + q/k RMSNorm per head
     "qwen3_moe": "qwen3_moe:Qwen3MoeForCausalLM",
     "mixtral": "mixtral:MixtralForCausalLM",
+    "qwen2_moe": "qwen2_moe:Qwen2MoeForCausalLM",
     "gemma3": "gemma3:Gemma3ForCausalLM",
     "phi3": "phi3:Phi3ForCausalLM",
     # vision-language models: a vision tower + projector feeding one of the decoders above (model/vlm_config.py)
