@@ -40,6 +40,11 @@ SHAPES = {
     # tensor), 128-dim heads wider than hidden / heads, q/k norms; ~17 GiB as Q4_K_M (use `layers` to cut it)
     "qwen3-30b-a3b": dict(arch="qwen3moe", hidden=2048, layers=48, ffn=6144, heads=32, kv_heads=4, tied=False,
                           bias=False, theta=1000000.0, head_dim=128, experts=128, experts_used=8, expert_ffn=768),
+    # Qwen1.5-MoE-A2.7B: 60 experts of ffn 1408 (not whole 256-blocks: K-quants fall back, as in llama.cpp), 4 per
+    # token, plus a shared expert of ffn 5632 behind a sigmoid gate in every layer; q/k/v bias
+    "qwen1.5-moe-a2.7b": dict(arch="qwen2moe", hidden=2048, layers=24, ffn=5632, heads=16, kv_heads=16, tied=False,
+                              bias=True, theta=1000000.0, experts=60, experts_used=4, expert_ffn=1408,
+                              shared_ffn=5632),
     # Mixtral 8x7B: llama.cpp's "llama" with 8 experts of ffn 14336, 2 per token, in every layer; ~26 GiB as Q4_K_M
     # (use `layers` to cut it); its 32000-token vocabulary is SmolLM2's here
     "mixtral-8x7b": dict(arch="llama", hidden=4096, layers=32, ffn=14336, heads=32, kv_heads=8, tied=False,
@@ -139,8 +144,13 @@ def _plan(shape: dict, quant: str, vocab: int):
             plan += [(p + "attn_q_norm.weight", "F32", (hd,)), (p + "attn_k_norm.weight", "F32", (hd,))]
         if shape.get("experts"):
             plan.append((p + "ffn_gate_inp.weight", "F32", (shape["experts"], h)))
+        if shape.get("shared_ffn"):           # qwen2moe's shared expert and its gate vector
+            plan.append((p + "ffn_gate_inp_shexp.weight", "F32", (h,)))
+            sf = shape["shared_ffn"]
+            matrices = matrices[:7] + (("ffn_gate_shexp", sf, h), ("ffn_up_shexp", sf, h), ("ffn_down_shexp", h, sf))
         for name, rows, cols in matrices:
-            qtype = _matrix_type(chooser, name.removesuffix("_exps"), i, layers, cols)   # as llama-quant.cpp
+            base = name.removesuffix("_exps").removesuffix("_shexp")
+            qtype = _matrix_type(chooser, base, i, layers, cols)   # as llama-quant.cpp
             plan.append((p + name + ".weight", qtype, (*rows, cols) if isinstance(rows, tuple) else (rows, cols)))
             if shape["bias"] and name in ("attn_q", "attn_k", "attn_v"):
                 plan.append((p + name + ".bias", "F32", (rows,)))
@@ -218,6 +228,8 @@ def write_synthetic_gguf(path: str, shape: str | dict, quant: str = "Q4_0", seed
         writer.add_uint32(f"{arch}.expert_used_count", shape["experts_used"])
         if arch != "llama":                    # llama files give each expert's size as feed_forward_length
             writer.add_uint32(f"{arch}.expert_feed_forward_length", shape["expert_ffn"])
+        if shape.get("shared_ffn"):
+            writer.add_uint32(f"{arch}.expert_shared_feed_forward_length", shape["shared_ffn"])
     if shape.get("original_context"):         # LongRoPE (phi3), as llama.cpp's converter writes it
         orig = shape["original_context"]
         writer.add_uint32(f"{arch}.rope.scaling.original_context_length", orig)

@@ -226,21 +226,35 @@ def test_other_moe_gguf_files_are_refused_by_name(tmp_path):
         load_arch_config(path)
 
 
-def test_synthetic_q4_k_m_moe_file_runs_on_the_kernels(tmp_path):
+# synthetic shape, its overrides (small), each layer's expert types in a Q4_K_M file
+SYNTHETIC = {
+    "qwen3-30b-a3b": (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"Q4_K"}, {"Q4_K", "Q6_K"}]),
+    # experts of ffn 384 (not whole 256-blocks): ffn_down_exps falls back to Q4_0 / Q8_0; a shared expert
+    "qwen1.5-moe-a2.7b": (dict(kv_heads=4, expert_ffn=384, shared_ffn=512), [{"Q4_K", "Q4_0"}, {"Q4_K", "Q8_0"}]),
+}
+
+
+@pytest.mark.parametrize("shape", list(SYNTHETIC))
+def test_synthetic_q4_k_m_moe_file_runs_on_the_kernels(tmp_path, shape):
     """A Q4_K_M MoE file as llama.cpp mixes it (Q4_K experts, Q6_K ffn_down_exps in the 'more bits' layers, 3-D
     tensors written by benchmarks/synthetic_gguf.py): the experts stay in blocks, and greedy tokens and logprobs
     equal --weights float's with float32 activations."""
     from benchmarks.synthetic_gguf import SHAPES, write_synthetic_gguf
     path = str(tmp_path / "moe-q4_k_m.gguf")
-    write_synthetic_gguf(path, dict(SHAPES["qwen3-30b-a3b"], layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64,
-                                    experts=8, experts_used=2, expert_ffn=256, ffn=512), "Q4_K_M", context_length=512)
+    overrides, want = SYNTHETIC[shape]
+    write_synthetic_gguf(path, dict(SHAPES[shape], layers=2, hidden=256, heads=4, experts=8, experts_used=2, ffn=512,
+                                    **overrides), "Q4_K_M", context_length=512)
     outs = {}
     for weights in ("quantized", "float"):
         engine = _engine(path, dtype="float32", weights=weights)
         if weights == "quantized":
             types = [{m.parts[0].qtype for pair in layer.mlp.experts.methods for m in pair}
                      for layer in engine.runner.model.model.layers]
-            assert types == [{"Q4_K"}, {"Q4_K", "Q6_K"}], types         # layer 1 of 2 is a "more bits" one
+            assert types == want, types         # layer 1 of 2 is a "more bits" one
+            shared = [layer.mlp.shared_expert for layer in engine.runner.model.model.layers
+                      if hasattr(layer.mlp, "shared_expert")]
+            assert len(shared) == (2 if "shared_ffn" in overrides else 0)
+            assert all(isinstance(m.gate_up_proj.linear_method, GGUFLinear) for m in shared)
         outs[weights] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
             max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3))[0].outputs[0]
     assert outs["quantized"].token_ids == outs["float"].token_ids
