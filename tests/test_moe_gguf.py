@@ -195,15 +195,11 @@ def test_moe_gguf_default_path_repacks_the_experts(moe):
 def test_moe_fused_decode_is_bit_identical(moe, dtype):
     """The decode stack runs the sparse layers in C++ (csrc/cpu/moe.cpp: router, top-k, the routed experts in two
     parallel regions): same tokens and logprobs, bit for bit, as the modules, for four sequences decoding together
-    (experts shared by several rows, a dense layer after the sparse one), with int8 activations on the repacked
-    experts (the default) and with float32 ones."""
+    (experts shared by several rows, a dense layer after the sparse one, Qwen2-MoE's shared expert), with int8
+    activations on the repacked experts (the default) and with float32 ones."""
     from test_fused_decode import assert_same, fused_and_modules
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=moe[0], dtype=dtype),
                                     cache=CacheConfig(block_size=8, num_blocks=128, enable_prefix_caching=False)))
-    if moe[2] == "qwen2moe":
-        assert engine.runner.fused is None
-        pytest.skip("the decode stack does not run Qwen2-MoE's shared expert: its blocks run as modules, their routed "
-                    "part in one kernel call (the next test)")
     assert engine.runner.fused is not None
     a, b, calls = fused_and_modules(engine, [engine.tokenizer.encode(p) for p in PROMPTS],
                                     SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=3,

@@ -1,12 +1,12 @@
 """FusedDecode: a decode step's layers in one kernel call (ops.make_decoder_stack, csrc/cpu/decoder.cpp).
 
 Built once per loaded model by the model runner, for the decoders whose layers are exactly Llama's (Llama, Qwen2,
-Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's, Qwen3-MoE's and Mixtral's
-(experts on GGUF blocks, a float router) or Gemma 3's with every projection on GGUF blocks, and only where all the
-ops the layers call run their CPU kernels; otherwise `build` returns None and the modules run as always. It reads
-the layers' weights into a plain spec (ops do not know model classes) and runs steps in which every row is a decode
-row. The result is bit-identical to the modules' (tests/test_fused_decode.py), which stay the reference and the path
-for prefill, LoRA, tensor parallelism and the other architectures.
+Mistral, Phi-3 / Phi-4-mini with their partial rotary and LongRoPE tables), Qwen3's, Qwen3-MoE's, Mixtral's and
+Qwen2-MoE's (experts on GGUF blocks, a float router) or Gemma 3's with every projection on GGUF blocks, and only
+where all the ops the layers call run their CPU kernels; otherwise `build` returns None and the modules run as
+always. It reads the layers' weights into a plain spec (ops do not know model classes) and runs steps in which every
+row is a decode row. The result is bit-identical to the modules' (tests/test_fused_decode.py), which stay the
+reference and the path for prefill, LoRA, tensor parallelism and the other architectures.
 """
 from __future__ import annotations
 
@@ -20,14 +20,16 @@ from lmserve.model.llama import Attention, DecoderLayer, LlamaForCausalLM
 from lmserve.model.mixtral import MixtralDecoderLayer, MixtralForCausalLM
 from lmserve.model.moe import SparseMoeBlock
 from lmserve.model.phi3 import Phi3ForCausalLM
+from lmserve.model.qwen2_moe import Qwen2MoeDecoderLayer, Qwen2MoeForCausalLM, SharedExpertMoeBlock
 from lmserve.model.qwen3 import QKNormAttention, Qwen3DecoderLayer, Qwen3ForCausalLM
 from lmserve.model.qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeForCausalLM
 from lmserve.ops.decoder_stack import STACK_OPS, LayerSpec, LinearSpec, MoeSpec, StackSpec, supported
 from lmserve.ops.linear_method import FloatLinear, GGUFLinear
 
 _MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, Qwen3MoeForCausalLM,
-           MixtralForCausalLM)
-_LAYERS = (DecoderLayer, Qwen3DecoderLayer, Gemma3DecoderLayer, Qwen3MoeDecoderLayer, MixtralDecoderLayer)
+           MixtralForCausalLM, Qwen2MoeForCausalLM)
+_LAYERS = (DecoderLayer, Qwen3DecoderLayer, Gemma3DecoderLayer, Qwen3MoeDecoderLayer, MixtralDecoderLayer,
+           Qwen2MoeDecoderLayer)
 _ATTENTIONS = (Attention, QKNormAttention)
 
 
@@ -42,24 +44,37 @@ def _linear(module) -> LinearSpec | None:
     return _gguf(module.linear_method, module.bias)
 
 
+def _float_gate(gate) -> bool:
+    """A plain float32 F.linear without bias or adapter (the kernel multiplies it as F.linear does)."""
+    return type(gate) is Linear and gate.lora is None and gate.bias is None and \
+        type(gate.linear_method) is FloatLinear and gate.weight.dtype == torch.float32
+
+
 def _moe(block: SparseMoeBlock) -> MoeSpec | None:
-    """The sparse block on GGUF experts with a plain float32 router (the kernel multiplies it as F.linear does)."""
-    router, experts = block.gate, block.experts
-    if type(router) is not Linear or router.lora is not None or router.bias is not None or \
-            type(router.linear_method) is not FloatLinear or router.weight.dtype != torch.float32 or \
-            experts.methods is None or experts.act is not ops.silu_mul:
+    """The sparse block on GGUF experts with a float32 router (and Qwen2-MoE's shared expert on GGUF blocks)."""
+    experts = block.experts
+    if not _float_gate(block.gate) or experts.methods is None or experts.act is not ops.silu_mul:
         return None
     pairs = [(_gguf(gate_up), _gguf(down)) for gate_up, down in experts.methods]
     if any(a is None or b is None for a, b in pairs):
         return None
-    return MoeSpec(router.weight, pairs, block.top_k, block.norm_topk_prob)
+    shared = None
+    if type(block) is SharedExpertMoeBlock:
+        mlp = block.shared_expert
+        shared = (_linear(mlp.gate_up_proj), _linear(mlp.down_proj), block.shared_expert_gate.weight)
+        if type(mlp) is not GatedMLP or mlp.act_name != "silu" or None in shared[:2] or \
+                not _float_gate(block.shared_expert_gate):
+            return None
+    elif type(block) is not SparseMoeBlock:
+        return None
+    return MoeSpec(block.gate.weight, pairs, block.top_k, block.norm_topk_prob, shared)
 
 
 def _layer(model, layer) -> LayerSpec | None:
     attn, mlp = layer.self_attn, layer.mlp
     if type(layer) not in _LAYERS or type(attn) not in _ATTENTIONS:
         return None
-    moe = _moe(mlp) if type(mlp) is SparseMoeBlock else None
+    moe = _moe(mlp) if isinstance(mlp, SparseMoeBlock) else None
     if moe is None and (type(mlp) is not GatedMLP or mlp.act_name not in ("silu", "gelu_pytorch_tanh")):
         return None
     dense = (mlp.gate_up_proj, mlp.down_proj) if moe is None else ()
@@ -81,9 +96,8 @@ def _layer(model, layer) -> LayerSpec | None:
 
 
 def attach_moe_kernels(model, table: ops.OpTable) -> int:
-    """Give every sparse block with its routed experts on GGUF blocks and a float32 router a one-call kernel of its
-    routed part, for the steps the decode stack does not take (prefill, mixed batches) and for the blocks it does
-    not run (Qwen2-MoE's, whose shared expert stays a module); -> how many got one."""
+    """Give every sparse block the decode stack could run (GGUF experts, float32 router and gates) its own one-call
+    kernel, for the steps the stack does not take (prefill, mixed batches); -> how many got one."""
     count = 0
     with ops.use(table):
         for block in model.modules():

@@ -12,17 +12,18 @@ _EXPERT_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
 class SharedExpertMoeBlock(SparseMoeBlock):
-    """routed experts (SparseMoeBlock, its kernel where one runs) + sigmoid(x @ g) * shared_expert(x)."""
+    """routed experts + sigmoid(x @ g) * shared_expert(x); the kernel, where one runs, computes both."""
 
     def __init__(self, cfg):
         super().__init__(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
                          cfg.norm_topk_prob, cfg.hidden_act)
         self.shared_expert = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act)
         self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
+        self.shared_expert_gate.packable = False     # like the router: plain F.linear, as the kernel multiplies it
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def modules_forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return super().forward(x) + shared
+        return super().modules_forward(x) + shared
 
 
 class Qwen2MoeDecoderLayer(DecoderLayer):

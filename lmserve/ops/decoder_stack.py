@@ -36,6 +36,11 @@ class MoeSpec:
     experts: list[tuple[LinearSpec, LinearSpec]]      # per expert (gate_up, down)
     top_k: int
     norm_topk: bool
+    # Qwen2-MoE's shared expert: (gate_up, down, gate [1, hidden] float32), added scaled by sigmoid(x @ gate^T)
+    shared: tuple[LinearSpec, LinearSpec, torch.Tensor] | None = None
+
+    def linears(self) -> list[LinearSpec]:
+        return [lin for pair in self.experts for lin in pair] + ([] if self.shared is None else list(self.shared[:2]))
 
 
 @dataclass
@@ -94,7 +99,7 @@ class DecoderStackOp(CustomOp):
         def detach(t):
             return None if t is None else t.detach()
         for s in spec.layers:
-            mlp = [s.gate_up, s.down] if s.moe is None else [lin for pair in s.moe.experts for lin in pair]
+            mlp = [s.gate_up, s.down] if s.moe is None else s.moe.linears()
             linears = [s.qkv, s.o, *mlp]
             int8 = {lin.int8 for lin in linears}
             if len(int8) != 1 or any(lin.bias is not None for lin in linears[1:]):
@@ -109,6 +114,8 @@ class DecoderStackOp(CustomOp):
                             s.scale, s.sliding)
             if s.moe is not None:
                 stack.set_moe(*_moe_args(s.moe))
+                if s.moe.shared is not None:
+                    stack.set_moe_shared(*_shared_args(s.moe))
         return stack
 
 
@@ -117,6 +124,11 @@ def _moe_args(spec: MoeSpec) -> tuple:
     downs = [_linear_args(down) for _, down in spec.experts]
     return (spec.router.detach().contiguous(), [w for w, _ in gate_ups], [t for _, t in gate_ups],
             [w for w, _ in downs], [t for _, t in downs], spec.top_k, spec.norm_topk)
+
+
+def _shared_args(spec: MoeSpec) -> tuple:
+    gate_up, down, gate = spec.shared
+    return (gate.detach().contiguous(), *_linear_args(gate_up), *_linear_args(down))
 
 
 @register
@@ -133,8 +145,10 @@ class MoeMlpOp(CustomOp):
         return None
 
     def forward_cpu(self, spec: MoeSpec):
-        int8 = {lin.int8 for pair in spec.experts for lin in pair}
-        if len(int8) != 1 or not all(supported(lin) and lin.bias is None for pair in spec.experts for lin in pair):
+        int8 = {lin.int8 for lin in spec.linears()}
+        if len(int8) != 1 or not all(supported(lin) and lin.bias is None for lin in spec.linears()):
             return None
         kernel = cpu_lib().MoeMlp(*_moe_args(spec), int8.pop())
+        if spec.shared is not None:
+            kernel.set_shared(*_shared_args(spec))
         return lambda x: kernel.forward(x.contiguous(), DOT_MAX_ROWS)

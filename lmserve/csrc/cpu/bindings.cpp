@@ -29,6 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, double, at::Tensor, int64_t>())
       .def("add_layer", &DecoderStack::add_layer)
       .def("set_moe", &DecoderStack::set_moe)
+      .def("set_moe_shared", &DecoderStack::set_moe_shared)
       .def("forward", &DecoderStack::forward, nogil)
       .def_property_readonly("num_layers", &DecoderStack::num_layers);
   py::class_<MoeMlp, std::shared_ptr<MoeMlp>>(m, "MoeMlp")
@@ -38,5 +39,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_shared<MoeMlp>(MoeMlp::make(std::move(router), std::move(gate_up), std::move(gate_up_types),
                                                      std::move(down), std::move(down_types), top_k, norm_topk, int8));
       }))
+      .def("set_shared", &MoeMlp::set_shared)
       .def("forward", &MoeMlp::forward, nogil);
 }

@@ -76,6 +76,14 @@ void DecoderStack::set_moe(at::Tensor router, std::vector<std::vector<at::Tensor
                                                              layers_.back().o.int8));
 }
 
+void DecoderStack::set_moe_shared(at::Tensor gate, std::vector<at::Tensor> gate_up,
+                                  std::vector<int64_t> gate_up_types, std::vector<at::Tensor> down,
+                                  std::vector<int64_t> down_types) {
+  TORCH_CHECK(!layers_.empty() && layers_.back().moe, "DecoderStack: set_moe_shared follows set_moe");
+  layers_.back().moe->set_shared(std::move(gate), std::move(gate_up), std::move(gate_up_types), std::move(down),
+                                 std::move(down_types));
+}
+
 at::Tensor DecoderStack::forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
                                  at::Tensor slot_mapping, at::Tensor block_tables,
                                  at::Tensor context_lens, int64_t block_size, int64_t window,

@@ -23,6 +23,9 @@ class DecoderStack {
   void set_moe(at::Tensor router, std::vector<std::vector<at::Tensor>> gate_up,
                std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
                std::vector<std::vector<int64_t>> down_types, int64_t top_k, bool norm_topk);
+  // the last layer's MoE MLP also has a shared expert (MoeMlp::set_shared)
+  void set_moe_shared(at::Tensor gate, std::vector<at::Tensor> gate_up, std::vector<int64_t> gate_up_types,
+                      std::vector<at::Tensor> down, std::vector<int64_t> down_types);
   // x: the embedded tokens [S, hidden] float32, one per sequence (modified in place) -> final normed hidden
   at::Tensor forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
                      at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor context_lens,

@@ -10,9 +10,12 @@
 // ordered by expert as a stable sort does, each expert's rows in one matmul (a row's result does not depend on
 // the others'), the products summed per token in pair order as index_add_ does.
 #include "moe.h"
+#include <ATen/ops/add.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/topk.h>
@@ -39,6 +42,23 @@ MoeMlp MoeMlp::make(at::Tensor router, std::vector<std::vector<at::Tensor>> gate
   }
   return MoeMlp{std::move(router), std::move(gate_up), std::move(down), std::move(gate_up_types),
                 std::move(down_types), top_k, norm_topk, int8};
+}
+
+void MoeMlp::set_shared(at::Tensor gate, std::vector<at::Tensor> gate_up, std::vector<int64_t> gate_up_types,
+                        std::vector<at::Tensor> down, std::vector<int64_t> down_types) {
+  const int64_t H = router.size(1);
+  int64_t I2 = 0, N = 0;
+  for (const auto& p : gate_up) I2 += p.size(0);
+  for (const auto& p : down) N += p.size(0);
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == 1 && gate.size(1) == H && gate.scalar_type() == at::kFloat &&
+              gate.is_contiguous() && !gate_up.empty() && !down.empty() && I2 % 2 == 0 && N == H &&
+              gate_up.size() == gate_up_types.size() && down.size() == down_types.size(),
+              "MoeMlp: the shared expert is a float32 [1, hidden] gate, gate/up parts of 2 I rows, down of hidden");
+  shared_gate = std::move(gate);
+  shared_gate_up = std::move(gate_up);
+  shared_gate_up_types = std::move(gate_up_types);
+  shared_down = std::move(down);
+  shared_down_types = std::move(down_types);
 }
 
 at::Tensor MoeMlp::forward(const at::Tensor& x, int64_t max_dot_rows) const {
@@ -92,5 +112,15 @@ at::Tensor MoeMlp::forward(const at::Tensor& x, int64_t max_dot_rows) const {
     const float* y = yp + i * H;
     for (int64_t j = 0; j < H; ++j) o[j] += y[j] * w;     // two roundings: the kernels build with -ffp-contract=off
   }
-  return out;
+  if (!shared_gate.defined()) return out;
+  // SharedExpertMoeBlock.modules_forward: routed + sigmoid(x @ gate^T) * shared_expert(x), its GatedMLP's calls
+  int64_t S2 = 0;
+  for (const auto& part : shared_gate_up) S2 += part.size(0);
+  auto sgu = at::empty({S, S2}, x.options());
+  gguf_matmul_parts(sgu, x, shared_gate_up, shared_gate_up_types, int8, max_dot_rows);
+  auto sh = at::empty({S, S2 / 2}, x.options());
+  silu_mul(sh, sgu);
+  auto sy = at::empty({S, H}, x.options());
+  gguf_matmul_parts(sy, sh, shared_down, shared_down_types, int8, max_dot_rows);
+  return at::add(out, at::mul(at::sigmoid(at::linear(x, shared_gate)), sy));
 }

@@ -16,6 +16,14 @@ struct MoeMlp {
   static MoeMlp make(at::Tensor router, std::vector<std::vector<at::Tensor>> gate_up,
                      std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
                      std::vector<std::vector<int64_t>> down_types, int64_t top_k, bool norm_topk, bool int8);
-  // x [S, hidden] -> [S, hidden], bit-identical to lmserve/model/moe.py SparseMoeBlock on the same kernels
+  // Qwen2-MoE: an always-on shared expert (silu gate/up, down) added to every row, scaled by sigmoid(x @ gate^T);
+  // shared_gate undefined: none
+  std::vector<at::Tensor> shared_gate_up, shared_down;
+  std::vector<int64_t> shared_gate_up_types, shared_down_types;
+  at::Tensor shared_gate;                             // [1, hidden] float32, multiplied as F.linear does
+  void set_shared(at::Tensor gate, std::vector<at::Tensor> gate_up, std::vector<int64_t> gate_up_types,
+                  std::vector<at::Tensor> down, std::vector<int64_t> down_types);
+  // x [S, hidden] -> [S, hidden], bit-identical to lmserve/model/moe.py SparseMoeBlock (qwen2_moe.py's
+  // SharedExpertMoeBlock with a shared expert) on the same kernels
   at::Tensor forward(const at::Tensor& x, int64_t max_dot_rows) const;
 };
