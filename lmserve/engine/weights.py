@@ -103,15 +103,9 @@ def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, qu
 
 def _target(model: nn.Module, modules: dict, name: str) -> tuple[str, int]:
     """HF weight name -> (our module's name, first output row in it): fused q/k/v and gate/up share a module."""
-    parts = name.split(".")
-    fused = model.fused_slices() if hasattr(model, "fused_slices") else {}
-    if len(parts) >= 2 and parts[-2] in fused:
-        module, start, _ = fused[parts[-2]]
-        target = ".".join(parts[:-2] + [module])
-        if module == "gate_up_proj" and parts[-2] == "up_proj" and target in modules:   # an MLP of its own size
-            start = modules[target].weight.shape[0] // 2
-        return target, start
-    return ".".join(parts[:-1]), 0
+    sliced = model.fused_slice(name, lambda m: modules[m].weight.shape[0] if m in modules else None) \
+        if hasattr(model, "fused_slice") else None
+    return (sliced[0], sliced[1]) if sliced is not None else (name.rsplit(".", 1)[0], 0)
 
 
 def attach_gguf(model: nn.Module, quant: dict, dtype: torch.dtype, int8: bool = False) -> set[str]:

@@ -13,6 +13,7 @@ from torch import nn
 from lmserve import ops
 from lmserve.model.attention import AttentionMetadata, paged_attention
 from lmserve.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, RowParallelLinear
+from lmserve.model.moe import map_expert_weight
 from lmserve.model.parallel import (VocabParallelEmbedding, gather_vocab, local_intermediate, num_local_heads,
                                     num_local_kv_heads, shard_tensor)
 
@@ -84,6 +85,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     layer_cls = DecoderLayer
+    # MoE decoders: the checkpoint's expert projection names -> gate / up / down (moe.map_expert_weight)
+    expert_names: dict[str, str] | None = None
 
     def __init__(self, cfg):
         super().__init__()
@@ -139,20 +142,33 @@ class LlamaForCausalLM(nn.Module):
         return {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
                 "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter)}
 
+    def fused_slice(self, name: str, rows) -> tuple[str, int, int] | None:
+        """An HF weight name -> (our fused module's name, first row, rows) of this rank, or None where it is not
+        part of a fused module. A gate/up pair halves its own module's rows, `rows(module name)` (None: not known),
+        so an MLP of another size than the dense one (a shared expert) maps too."""
+        parts = name.split(".")
+        fused = self.fused_slices()
+        if len(parts) < 2 or parts[-2] not in fused:
+            return None
+        fused_name, start, size = fused[parts[-2]]
+        module = ".".join(parts[:-2] + [fused_name])
+        if fused_name == "gate_up_proj" and (n := rows(module)) is not None:
+            size = n // 2
+            start = 0 if parts[-2] == "gate_proj" else size
+        return module, start, size
+
     def map_weight(self, name: str, tensor: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """An HF-named tensor -> (the view of our parameter it fills, the value), or None to skip it."""
         if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
             return None   # computed, or tied to the embedding
+        if self.expert_names and (dst := map_expert_weight(name, params, self.expert_names)) is not None:
+            return dst, tensor
         tensor = shard_tensor(name, tensor, self.cfg)     # this tensor-parallel rank's slice (no-op at tp 1)
         target, start, size = name, None, None
-        parts = name.split(".")
-        fused = self.fused_slices()
-        if len(parts) >= 2 and parts[-2] in fused:
-            fused_name, start, size = fused[parts[-2]]
-            target = ".".join(parts[:-2] + [fused_name, parts[-1]])
-            if fused_name == "gate_up_proj" and target in params:     # an MLP of its own size (a shared expert)
-                size = params[target].shape[0] // 2
-                start = 0 if parts[-2] == "gate_proj" else size
+        sliced = self.fused_slice(name, lambda m: params[f"{m}.weight"].shape[0] if f"{m}.weight" in params else None)
+        if sliced is not None:
+            module, start, size = sliced
+            target = f"{module}.{name.rsplit('.', 1)[1]}"
         if target not in params:
             raise KeyError(f"unexpected weight {name!r}")
         return (params[target] if start is None else params[target].narrow(0, start, size)), tensor

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lmserve.model.llama import DecoderLayer, LlamaForCausalLM
-from lmserve.model.moe import map_expert_weight, moe_block
+from lmserve.model.moe import moe_block
 
 # Mixtral checkpoints' names, and those GGUF files' experts are given (model/gguf.py)
 _EXPERT_NAMES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -15,8 +15,8 @@ class MixtralDecoderLayer(DecoderLayer):
 
 class MixtralForCausalLM(LlamaForCausalLM):
     layer_cls = MixtralDecoderLayer
+    expert_names = _EXPERT_NAMES
 
     def map_weight(self, name, tensor, params):
         name = name.replace(".block_sparse_moe.", ".mlp.")     # the pre-transformers-5 module name
-        dst = map_expert_weight(name, params, _EXPERT_NAMES)
-        return (dst, tensor) if dst is not None else super().map_weight(name, tensor, params)
+        return super().map_weight(name, tensor, params)

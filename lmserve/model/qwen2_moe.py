@@ -6,7 +6,7 @@ import torch
 
 from lmserve.model.layers import GatedMLP, Linear
 from lmserve.model.llama import DecoderLayer, LlamaForCausalLM
-from lmserve.model.moe import SparseMoeBlock, map_expert_weight
+from lmserve.model.moe import SparseMoeBlock
 
 _EXPERT_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -33,9 +33,9 @@ class Qwen2MoeDecoderLayer(DecoderLayer):
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
     layer_cls = Qwen2MoeDecoderLayer
+    expert_names = _EXPERT_NAMES
 
     def map_weight(self, name, tensor, params):
         if name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:
             tensor = tensor.unsqueeze(0)            # a GGUF file's [hidden] vector: HF's [1, hidden] Linear
-        dst = map_expert_weight(name, params, _EXPERT_NAMES)
-        return (dst, tensor) if dst is not None else super().map_weight(name, tensor, params)
+        return super().map_weight(name, tensor, params)

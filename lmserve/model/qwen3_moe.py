@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lmserve.model.llama import LlamaForCausalLM
-from lmserve.model.moe import map_expert_weight, moe_block
+from lmserve.model.moe import moe_block
 from lmserve.model.qwen3 import Qwen3DecoderLayer
 
 _EXPERT_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -15,7 +15,4 @@ class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
     layer_cls = Qwen3MoeDecoderLayer
-
-    def map_weight(self, name, tensor, params):
-        dst = map_expert_weight(name, params, _EXPERT_NAMES)
-        return (dst, tensor) if dst is not None else super().map_weight(name, tensor, params)
+    expert_names = _EXPERT_NAMES
