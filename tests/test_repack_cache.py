@@ -35,6 +35,19 @@ def gguf(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(autouse=True)
+def ample_disk(monkeypatch):
+    """The entries here are a few MiB, but the cache keeps 5% of the disk free (12.6 GiB of a 252 GB one), more
+    than a shared host may have left: these tests are about the cache, not about this machine's disk, so the disk
+    reads as roomy unless a test fakes it full (its own monkeypatch comes later and wins)."""
+    real = repack_cache.shutil.disk_usage
+
+    def usage(path):
+        u = real(path)
+        return type(u)(total=u.total, used=0, free=max(u.free, u.total))
+    monkeypatch.setattr(repack_cache.shutil, "disk_usage", usage)
+
+
 def _engine(path: str, cache: str) -> LLMEngine:
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=path, quant_activations="int8", gguf_repack="auto",
                                                       gguf_repack_cache=cache),
