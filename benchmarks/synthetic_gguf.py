@@ -56,6 +56,8 @@ _BLOCKS = {
     "Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q5_0": (22, 32, (0,)), "Q5_1": (24, 32, (0, 2)),
     "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2)), "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,)),
     "Q3_K": (110, 256, (108,)), "IQ4_XS": (136, 256, (0,)), "Q2_K": (84, 256, (80, 82)), "IQ4_NL": (18, 32, (0,)),
+    "IQ2_XXS": (66, 256, (0,)), "IQ2_XS": (74, 256, (0,)), "IQ2_S": (82, 256, (0,)), "IQ3_XXS": (98, 256, (0,)),
+    "IQ3_S": (110, 256, (0,)),
     "F16": (64, 32, ()), "BF16": (64, 32, ()),     # 16-bit float matrices (random_blocks: values, not bytes)
 }
 # fp16 scale values giving weights of std ~0.02 with uniformly random quant bytes: (d, dmin or the Q*_1 min)
@@ -63,7 +65,8 @@ _SCALES = {
     "Q4_0": (0.0043, None), "Q4_1": (0.0043, -0.032), "Q5_0": (0.0022, None), "Q5_1": (0.0022, -0.034),
     "Q8_0": (0.00027, None), "Q4_K": (0.00009, 0.00068), "Q5_K": (0.000045, 0.0007), "Q6_K": (0.00002, None),
     "Q3_K": (0.00047, None), "IQ4_XS": (0.0000155, None), "Q2_K": (0.0016, 0.0024),
-    "IQ4_NL": (0.0003, None),
+    "IQ4_NL": (0.0003, None), "IQ2_XXS": (0.0003, None), "IQ2_XS": (0.0003, None), "IQ2_S": (0.0003, None),
+    "IQ3_XXS": (0.00012, None), "IQ3_S": (0.00012, None),
 }
 
 
@@ -91,6 +94,14 @@ QUANT_MIXES = {
     "IQ4_XS": (lambda n, i, k: "Q6_K" if n == "output" else "IQ4_XS", 30),
     # llama.cpp's Q2_K, simplified: Q3_K for attn_v / ffn_down, Q6_K for the head
     "Q2_K": (lambda n, i, k: "Q6_K" if n == "output" else "Q3_K" if n in ("attn_v", "ffn_down") else "Q2_K", 10),
+    # the i-quant files, simplified from llama-quant.cpp: more bits for the head (Q5_K at 2-3 bits per weight) and
+    # for attn_v; IQ2_M / IQ3_M also for ffn_down
+    "IQ2_XXS": (lambda n, i, k: "Q5_K" if n == "output" else "Q4_K" if n == "attn_v" else "IQ2_XXS", 19),
+    "IQ2_XS": (lambda n, i, k: "Q5_K" if n == "output" else "Q4_K" if n == "attn_v" else "IQ2_XS", 20),
+    "IQ2_M": (lambda n, i, k: "Q5_K" if n == "output" else "IQ3_S" if n in ("attn_v", "ffn_down") else "IQ2_S", 29),
+    "IQ3_XXS": (lambda n, i, k: "Q5_K" if n == "output" else "Q4_K" if n == "attn_v" else "IQ3_XXS", 23),
+    "IQ3_M": (lambda n, i, k: "Q6_K" if n == "output" else "Q4_K" if n == "attn_v" else
+              "IQ4_XS" if n == "ffn_down" else "IQ3_S", 27),
     "F16": (lambda n, i, k: "F16", 1),
     "BF16": (lambda n, i, k: "BF16", 32),
 }
@@ -113,7 +124,7 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
 def _matrix_type(chooser, name: str, layer: int, layers: int, cols: int) -> str:
     qtype = chooser(name, layer, layers)
     if cols % _BLOCKS[qtype][1]:      # as llama.cpp does: a K-quant needs rows of whole 256-blocks
-        qtype = ("Q8_0" if qtype == "Q6_K" else "Q5_0" if qtype == "Q5_K" else "IQ4_NL" if qtype == "IQ4_XS"
+        qtype = ("Q8_0" if qtype == "Q6_K" else "Q5_0" if qtype == "Q5_K" else "IQ4_NL" if qtype.startswith("IQ")
                  else "Q4_0")
     return qtype
 

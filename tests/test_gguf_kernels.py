@@ -10,12 +10,14 @@ cannot make a correct result look wrong):
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from lmserve import ops
-from lmserve.ops import cpu_isa, cpu_kernels, linear
+from lmserve.ops import cpu_isa, cpu_kernels, gguf_iq, linear
 from lmserve.ops.gguf_blocks import QUANTS, GGUFWeight
 from lmserve.ops.linear import DOT_MAX_ROWS, FLOAT16, QTYPES, quantize_activations
 
@@ -172,6 +174,22 @@ def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):
     with ops.use(cpu_table()):
         assert torch.equal(ops.gguf_dequantize(w), ref)
         assert torch.equal(ops.gguf_dequantize(w, rows), ref[rows])
+
+
+@pytest.mark.parametrize("qtype", list(gguf_iq.QUANTS))
+def test_grid_types_dequantize_as_gguf_py_does(qtype):
+    """The i-quant grid types against an independent reference, gguf-py's numpy dequantizer, bit for bit: random
+    blocks reach every grid entry, sign code and scale (the kernels are checked against this reference above)."""
+    from gguf import quants
+    w = random_weight(qtype, 64, 2048, seed=3)
+    ref = quants.dequantize(w.data.numpy().reshape(-1), getattr(quants.GGMLQuantizationType, qtype)).reshape(64, 2048)
+    assert np.array_equal(w.dequantize().numpy().view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+def test_the_kernels_grid_tables_are_gguf_pys():
+    """csrc/cpu/gguf_iq_grids.h is what lmserve/ops/gguf_iq.py writes from gguf-py's grids (no hand edits)."""
+    with open(os.path.join(cpu_kernels.SOURCE_DIR, "gguf_iq_grids.h")) as f:
+        assert f.read() == gguf_iq.header()
 
 
 @pytest.mark.skipif(not cpu_isa.supports("avx512vnni", cpu_isa.detected()), reason="CPU lacks AVX512-VNNI")

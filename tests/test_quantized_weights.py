@@ -108,11 +108,19 @@ def test_quantized_matches_float_weights_on_the_synthetic_file(q4_k_m_path):
 ODD = dict(SMALL, hidden=320, heads=5, kv_heads=1)
 
 
-@pytest.mark.parametrize("quant", ["Q3_K_M", "IQ4_XS", "Q2_K", "IQ4_XS+IQ4_NL"])
+# the types each file must hold (the head's included): its mix as benchmarks/synthetic_gguf.py writes it
+FILE_TYPES = {"Q3_K_M": {"Q3_K", "Q4_K", "Q6_K"}, "IQ4_XS": {"IQ4_XS", "Q6_K"}, "Q2_K": {"Q2_K", "Q3_K", "Q6_K"},
+              "IQ4_XS+IQ4_NL": {"IQ4_XS", "IQ4_NL", "Q8_0"}, "IQ2_XXS": {"IQ2_XXS", "Q4_K", "Q5_K"},
+              "IQ2_XS": {"IQ2_XS", "Q4_K", "Q5_K"}, "IQ2_M": {"IQ2_S", "IQ3_S", "Q5_K"},
+              "IQ3_XXS": {"IQ3_XXS", "Q4_K", "Q5_K"}, "IQ3_M": {"IQ3_S", "IQ4_XS", "Q4_K", "Q6_K"}}
+
+
+@pytest.mark.parametrize("quant", list(FILE_TYPES))
 def test_q3_k_iq4_xs_and_q2_k_files_run_on_the_kernels(quant, tmp_path):
-    """Q3_K (with Q4_K / Q6_K, as in Q3_K_M files), IQ4_XS (with IQ4_NL where rows are not whole 256-blocks) and
-    Q2_K (with Q3_K) stay quantized and run on the C++ kernels: logits of a prefill and of decode steps equal
-    --weights float's to float rounding (exact float activations)."""
+    """Q3_K (with Q4_K / Q6_K, as in Q3_K_M files), IQ4_XS (with IQ4_NL where rows are not whole 256-blocks),
+    Q2_K (with Q3_K) and the i-quant grid types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S in their files' mixes)
+    stay quantized and run on the C++ kernels: logits of a prefill and
+    of decode steps equal --weights float's to float rounding (exact float activations)."""
     path = str(tmp_path / f"small-{quant}.gguf")
     write_synthetic_gguf(path, ODD if "IQ4_NL" in quant else SMALL, quant.split("+")[0], context_length=1024)
     outs = {}
@@ -122,9 +130,7 @@ def test_q3_k_iq4_xs_and_q2_k_files_run_on_the_kernels(quant, tmp_path):
         if weights == "quantized":
             types = {p.qtype for m in engine.runner.model.modules() for p in getattr(
                 getattr(m, "linear_method", None), "parts", [])}
-            main = {"Q3_K_M": {"Q3_K"}, "IQ4_XS": {"IQ4_XS"}, "Q2_K": {"Q2_K"}, "IQ4_XS+IQ4_NL": {"IQ4_XS", "IQ4_NL"}}
-            head = "Q8_0" if "IQ4_NL" in quant else "Q6_K"       # a Q6_K head needs whole 256-blocks too
-            assert main[quant] | {head} <= types and engine.runner.kernel is not None
+            assert types == FILE_TYPES[quant] and engine.runner.kernel is not None
         outs[weights] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
             max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5))[0].outputs[0]
     assert outs["quantized"].token_ids == outs["float"].token_ids

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmserve.ops import gguf_x8
+from lmserve.ops import gguf_iq, gguf_x8
 
 
 @dataclass
@@ -23,7 +23,8 @@ class GGUFWeight:
     multiple of the type's block size). It may be a read-only view of the mmap'd file: never write to it.
     """
     qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K",
-    #                         "IQ4_XS", "Q2_K", "IQ4_NL"; "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
+    #                         "IQ4_XS", "Q2_K", "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S";
+    #                         "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
     #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8", "Q2_Kx8", "IQ4_XSx8",
     #                         "Q5_Kx8", "Q8_0x8", "Q5_1x8":
     #                         repacked in 8-row groups (repack, ops/gguf_x8.py)
@@ -205,6 +206,7 @@ QUANTS = {
     "Q4_K": (256, 144, _dq_q4_k), "Q5_K": (256, 176, _dq_q5_k), "Q6_K": (256, 210, _dq_q6_k),
     "Q3_K": (256, 110, _dq_q3_k), "IQ4_XS": (256, 136, _dq_iq4_xs), "Q2_K": (256, 84, _dq_q2_k),
     "F16": (32, 64, _dq_f16), "BF16": (32, 64, _dq_bf16), "IQ4_NL": (32, 18, _dq_iq4_nl),
+    **gguf_iq.QUANTS,
 }
 SUPPORTED_GGML_TYPES = ("F32", *QUANTS)
 

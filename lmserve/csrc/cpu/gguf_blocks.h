@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 #include <cstdint>
 #include <cstring>
+#include "gguf_iq_grids.h"
 #ifdef __F16C__
 #include <immintrin.h>
 #endif
@@ -21,7 +22,10 @@ namespace gguf {
 // values with no scale; they have no int8 form: every path multiplies them with float activations (kFloat16)
 // IQ4_NL: IQ4_XS's levels in Q4_0's 32-value block (d, 16 index bytes); llama.cpp writes it for the matrices of
 // IQ4_XS files whose rows are not whole 256-value blocks
-enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, IQ4_NL, NUM_QTYPES };
+// IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS / IQ3_S: signed grid magnitudes (gguf_iq_grids.h), a scale per 32 (IQ2_XS,
+// IQ2_S: per 16) (lmserve/ops/gguf_iq.py)
+enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, IQ4_NL,
+             IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, NUM_QTYPES };
 // Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS / Q5_K / Q8_0 / Q5_1 repacked in groups of 8 rows
 // (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp also Q5_K, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp also Q5_1, gguf_q3_kx8.cpp,
 // gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp):
@@ -38,19 +42,23 @@ constexpr int x8_source(int qt) {
       : qt == IQ4_XSX8 ? IQ4_XS : qt == Q5_KX8 ? Q5_K : qt == Q8_0X8 ? Q8_0
       : qt == Q5_1X8 ? Q5_1 : qt;
 }
-constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32, 32};
-constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84, 64, 64, 18};
+constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32, 32,
+                                         256, 256, 256, 256, 256};
+constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84, 64, 64, 18,
+                                         66, 74, 82, 98, 110};
 // types whose values are unsigned with an offset per 32 (the min term; Q2_K: per 16); the others are signed, min 0
 constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false, true, false,
-                                       false, false};
+                                       false, false, false, false, false, false, false};
 // 16-bit float weights: float activations on every path (an int8 call multiplies these parts in float)
 constexpr bool kFloat16(int qt) { return qt == F16 || qt == BF16; }
 // an offset per 16 values (Q2_K); the others' two halves share theirs
 constexpr bool kMinPer16(int qt) { return qt == Q2_K; }
 // a scale per 16 values (the others: one per 32, scale[2s] == scale[2s + 1])
-constexpr bool kScalePer16(int qt) { return qt == Q6_K || qt == Q3_K || qt == Q2_K; }
+constexpr bool kScalePer16(int qt) { return qt == Q6_K || qt == Q3_K || qt == Q2_K || qt == IQ2_XS || qt == IQ2_S; }
+// the grid types (gguf_iq_grids.h)
+constexpr bool kGrid(int qt) { return qt >= IQ2_XXS && qt <= IQ3_S; }
 // signed values over the whole int8 range, no stored offset to keep (VNNI feeds them as q ^ 0x80)
-constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS || qt == IQ4_NL; }
+constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS || qt == IQ4_NL || kGrid(qt); }
 // IQ4_XS's and IQ4_NL's 16 non-linear levels (llama.cpp's kvalues_iq4nl)
 constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
@@ -97,11 +105,79 @@ static inline int scale_iq4_xs(const uint8_t* b, int s) {
   return (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
 }
 
+// the grid types: 8 signs of a group of 8 values (bit j set: value j negative) and the scale of each 16 values
+static inline void apply_signs(int8_t* q, uint8_t signs) {
+  for (int j = 0; j < 8; ++j) q[j] = static_cast<int8_t>((signs >> j) & 1 ? -q[j] : q[j]);
+}
+
+static inline void grid8(int8_t* q, uint64_t entry) { std::memcpy(q, &entry, 8); }
+static inline void grid4(int8_t* q, uint32_t entry) { std::memcpy(q, &entry, 4); }
+
+static inline uint32_t u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// the scale of sub-block s's half h: IQ2_XXS / IQ3_XXS from the u32 of signs and scale, IQ2_XS / IQ2_S per 16
+// from a nibble, IQ3_S per 32 from a nibble
+template <int QT>
+static inline float grid_scale(const uint8_t* b, float d, int s, int h) {
+  if constexpr (QT == IQ2_XXS) return d * (static_cast<float>(u32(b + 2 + 8 * s + 4) >> 28) + 0.5f) * 0.25f;
+  if constexpr (QT == IQ3_XXS) return d * (static_cast<float>(u32(b + 66 + 4 * s) >> 28) + 0.5f) * 0.5f;
+  if constexpr (QT == IQ2_XS || QT == IQ2_S)
+    return d * (static_cast<float>((b[(QT == IQ2_XS ? 66 : 74) + s] >> (4 * h)) & 15) + 0.5f) * 0.25f;
+  return d * static_cast<float>(1 + 2 * ((b[106 + s / 2] >> (4 * (s % 2))) & 15));   // IQ3_S
+}
+
+// sub-block s (32 values) of a grid-type block -> q (signed)
+template <int QT>
+static inline void grid_values(const uint8_t* b, int s, int8_t* q) {
+  if constexpr (QT == IQ2_XXS || QT == IQ3_XXS) {   // 7-bit sign codes in the sub-block's u32
+    const uint32_t aux = QT == IQ2_XXS ? u32(b + 2 + 8 * s + 4) : u32(b + 66 + 4 * s);
+    for (int g = 0; g < 4; ++g) {
+      if constexpr (QT == IQ2_XXS) {
+        grid8(q + 8 * g, kIQ2XXSGrid[b[2 + 8 * s + g]]);
+      } else {
+        grid4(q + 8 * g, kIQ3XXSGrid[b[2 + 8 * s + 2 * g]]);
+        grid4(q + 8 * g + 4, kIQ3XXSGrid[b[2 + 8 * s + 2 * g + 1]]);
+      }
+      apply_signs(q + 8 * g, kIQ2Signs[(aux >> (7 * g)) & 127]);
+    }
+  } else if constexpr (QT == IQ2_XS) {   // per 8 values a u16: 9-bit index, 7-bit sign code
+    for (int g = 0; g < 4; ++g) {
+      const int v = b[2 + 2 * (4 * s + g)] | (b[3 + 2 * (4 * s + g)] << 8);
+      grid8(q + 8 * g, kIQ2XSGrid[v & 511]);
+      apply_signs(q + 8 * g, kIQ2Signs[v >> 9]);
+    }
+  } else if constexpr (QT == IQ2_S) {    // qs[32] signs[32] qh[8]: index qs | 2 bits of qh << 8
+    for (int g = 0; g < 4; ++g) {
+      grid8(q + 8 * g, kIQ2SGrid[b[2 + 4 * s + g] | (((b[66 + s] >> (2 * g)) & 3) << 8)]);
+      apply_signs(q + 8 * g, b[34 + 4 * s + g]);
+    }
+  } else {                               // IQ3_S: qs[64] qh[8] signs[32]: index qs | 1 bit of qh << 8
+    for (int i = 0; i < 8; ++i) grid4(q + 4 * i, kIQ3SGrid[b[2 + 8 * s + i] | (((b[66 + s] >> i) & 1) << 8)]);
+    for (int g = 0; g < 4; ++g) apply_signs(q + 8 * g, b[74 + 4 * s + g]);
+  }
+}
+
+
 struct Decoded {
   int8_t q[256];
   float scale[16];
   float min[16];
 };
+
+template <int QT>
+static inline void decode_grid(const uint8_t* b, Decoded& o) {
+  const float d = f16(b);
+  for (int s = 0; s < 8; ++s) {
+    grid_values<QT>(b, s, o.q + 32 * s);
+    o.scale[2 * s] = grid_scale<QT>(b, d, s, 0);
+    o.scale[2 * s + 1] = kScalePer16(QT) ? grid_scale<QT>(b, d, s, 1) : o.scale[2 * s];
+    o.min[2 * s] = o.min[2 * s + 1] = 0.f;
+  }
+}
 
 // one block -> (q, scale, min); the portable reference every faster path must agree with
 static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
@@ -215,6 +291,11 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
         o.q[e] = static_cast<int8_t>((b[16 + (e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32))) & 3);
       break;
     }
+    case IQ2_XXS: decode_grid<IQ2_XXS>(b, o); break;
+    case IQ2_XS: decode_grid<IQ2_XS>(b, o); break;
+    case IQ2_S: decode_grid<IQ2_S>(b, o); break;
+    case IQ3_XXS: decode_grid<IQ3_XXS>(b, o); break;
+    case IQ3_S: decode_grid<IQ3_S>(b, o); break;
     default:
       break;
   }

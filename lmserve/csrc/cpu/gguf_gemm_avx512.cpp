@@ -236,6 +236,11 @@ void int8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
     case IQ4_XS: return vnni_type<IQ4_XS>(p, n0, n1);
     case Q2_K: return vnni_type<Q2_K>(p, n0, n1);
     case IQ4_NL: return vnni_type<IQ4_NL>(p, n0, n1);
+    case IQ2_XXS: return vnni_type<IQ2_XXS>(p, n0, n1);
+    case IQ2_XS: return vnni_type<IQ2_XS>(p, n0, n1);
+    case IQ2_S: return vnni_type<IQ2_S>(p, n0, n1);
+    case IQ3_XXS: return vnni_type<IQ3_XXS>(p, n0, n1);
+    case IQ3_S: return vnni_type<IQ3_S>(p, n0, n1);
     default: return;
   }
 }

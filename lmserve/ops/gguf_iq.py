@@ -1,0 +1,142 @@
+"""The grid types of llama.cpp's "i-quants": IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, what IQ2_XXS / IQ2_XS /
+IQ2_S / IQ2_M / IQ3_XXS / IQ3_S / IQ3_M files hold for most of their matrices (the rest Q4_K, Q6_K, IQ4_XS...).
+
+Each value is one entry of a fixed grid of magnitudes (8 values per entry for IQ2, 4 for IQ3) with a sign bit per
+value (IQ2_XXS / IQ2_XS / IQ3_XXS store 7 of every 8 signs: the eighth makes their count even) and a scale per 32
+values (IQ2_XS, IQ2_S: per 16). So every one has the form the kernels compute with (csrc/cpu/gguf_blocks.h):
+signed int8 values q = grid * sign and a float scale, w = q * scale. The grids are gguf-py's (the format's data, as
+llama.cpp ships them); the C++ kernels hold the same tables in csrc/cpu/gguf_iq_grids.h, which
+`python -m lmserve.ops.gguf_iq HEADER` writes. IQ1_S / IQ1_M (offsets of +-1/8 per 8-32 values) are not served.
+
+The dequantizers below are the torch reference (layouts: gguf-py quants.py, llama.cpp ggml-quants.c); each
+computes float(q) * scale, which equals gguf-py's (scale * grid) * sign bit for bit.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+import torch
+
+# type -> (grid class in gguf.quants, values per grid entry)
+_GRIDS = {"IQ2_XXS": 8, "IQ2_XS": 8, "IQ2_S": 8, "IQ3_XXS": 4, "IQ3_S": 4}
+
+
+@functools.cache
+def grid(name: str) -> torch.Tensor:
+    """int8 [entries, values per entry]: the grid of IQ type `name`."""
+    from gguf import quants
+    cls = getattr(quants, name)
+    cls.init_grid()
+    return torch.from_numpy(np.asarray(cls.grid).reshape(cls.grid_shape).astype(np.int8))
+
+
+@functools.cache
+def ksigns() -> torch.Tensor:
+    """uint8 [128]: 7 sign bits -> 8 (the eighth sets the parity even), as IQ2_XXS / IQ2_XS / IQ3_XXS store them."""
+    i = torch.arange(128)
+    parity = torch.zeros_like(i)
+    for b in range(7):
+        parity ^= (i >> b) & 1
+    return (i | (parity << 7)).to(torch.uint8)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 0:2].contiguous().view(torch.float16).float()          # [n, 1]
+
+
+def _u32(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.int32).long() & 0xFFFFFFFF
+
+
+def _sign_bits(byte: torch.Tensor) -> torch.Tensor:
+    """uint8 [...] -> float [..., 8]: -1 where bit j is set, else 1."""
+    bit = (byte.long().unsqueeze(-1) >> torch.arange(8)) & 1
+    return 1.0 - 2.0 * bit.float()
+
+
+def _scales_per_16(d: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+    """IQ2_XS / IQ2_S: 8 bytes of two 4-bit scales (values 0-15, 16-31 of sub-block s) -> [n, 16]."""
+    ls = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(sc.shape[0], 16).float()
+    return d * (ls + 0.5) * 0.25
+
+
+def _dq_iq2_xxs(b):   # d; per 32 values: 4 grid indices (bytes), then 4 x 7 sign bits and a 4-bit scale (u32)
+    n = b.shape[0]
+    words = b[:, 2:66].reshape(n, 8, 8)
+    aux = _u32(words[:, :, 4:8]).view(n, 8)
+    db = _f16(b) * ((aux >> 28).float() + 0.5) * 0.25                               # [n, 8]
+    s = ksigns()[(aux.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21])) & 127]         # [n, 8, 4]
+    q = grid("IQ2_XXS")[words[:, :, 0:4].long()].float() * _sign_bits(s)           # [n, 8, 4, 8]
+    return q.view(n, 8, 32).mul_(db.unsqueeze(-1)).view(n, 256)
+
+
+def _dq_iq2_xs(b):    # d; per 8 values a u16: 9-bit grid index, 7 sign bits; 8 bytes of scales (one per 16)
+    n = b.shape[0]
+    qs = b[:, 2:66].contiguous().view(torch.int16).long() & 0xFFFF                 # [n, 32]
+    db = _scales_per_16(_f16(b), b[:, 66:74])
+    q = grid("IQ2_XS")[qs & 511].float() * _sign_bits(ksigns()[qs >> 9])            # [n, 32, 8]
+    return q.view(n, 16, 16).mul_(db.unsqueeze(-1)).view(n, 256)
+
+
+def _dq_iq2_s(b):     # d qs[32] signs[32] qh[8] scales[8]: index qs | 2 bits of qh << 8, a sign byte per 8 values
+    n = b.shape[0]
+    qh = (b[:, 66:74].long().unsqueeze(-1) >> torch.tensor([0, 2, 4, 6])) & 3       # [n, 8, 4]
+    idx = b[:, 2:34].long() | (qh.view(n, 32) << 8)
+    db = _scales_per_16(_f16(b), b[:, 74:82])
+    q = grid("IQ2_S")[idx].float() * _sign_bits(b[:, 34:66])                        # [n, 32, 8]
+    return q.view(n, 16, 16).mul_(db.unsqueeze(-1)).view(n, 256)
+
+
+def _dq_iq3_xxs(b):   # d qs[64] (a grid index per 4 values); per 32 values a u32: 4 x 7 sign bits, 4-bit scale
+    n = b.shape[0]
+    aux = _u32(b[:, 66:98]).view(n, 8)
+    db = _f16(b) * ((aux >> 28).float() + 0.5) * 0.5
+    s = ksigns()[(aux.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21])) & 127]         # [n, 8, 4]
+    q = grid("IQ3_XXS")[b[:, 2:66].long()].float().view(n, 8, 4, 8) * _sign_bits(s)
+    return q.view(n, 8, 32).mul_(db.unsqueeze(-1)).view(n, 256)
+
+
+def _dq_iq3_s(b):     # d qs[64] qh[8] signs[32] scales[4]: index qs | 1 bit of qh << 8, a sign bit per value
+    n = b.shape[0]
+    qh = (b[:, 66:74].long().unsqueeze(-1) >> torch.arange(8)) & 1                 # [n, 8, 8]
+    idx = b[:, 2:66].long() | (qh.view(n, 64) << 8)
+    sc = b[:, 106:110]
+    ls = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(n, 8).float()
+    db = _f16(b) * (ls * 2 + 1)
+    q = grid("IQ3_S")[idx].float().view(n, 32, 8) * _sign_bits(b[:, 74:106])
+    return q.view(n, 8, 32).mul_(db.unsqueeze(-1)).view(n, 256)
+
+
+# type name -> (elements per block, bytes per block, dequantizer), as gguf_blocks.QUANTS
+QUANTS = {"IQ2_XXS": (256, 66, _dq_iq2_xxs), "IQ2_XS": (256, 74, _dq_iq2_xs), "IQ2_S": (256, 82, _dq_iq2_s),
+          "IQ3_XXS": (256, 98, _dq_iq3_xxs), "IQ3_S": (256, 110, _dq_iq3_s)}
+
+
+def header() -> str:
+    """csrc/cpu/gguf_iq_grids.h: each grid entry's int8 values packed little-endian into one integer."""
+    out = ["// The i-quant grids (gguf-py's, as llama.cpp ships them): entry i of a type's grid holds its 8 (IQ2) or",
+           "// 4 (IQ3) int8 magnitudes packed little-endian. Written by `python -m lmserve.ops.gguf_iq FILE`; do not",
+           "// edit. kIQ2Signs: 7 sign bits -> 8, the eighth making the count of set bits even.",
+           "#pragma once", "#include <cstdint>", "", "namespace gguf {", ""]
+    for name, width in _GRIDS.items():
+        g = grid(name).numpy().view(np.uint8).reshape(-1, width)
+        words = g.view(np.uint64 if width == 8 else np.uint32).reshape(-1)
+        ctype, digits = ("uint64_t", 16) if width == 8 else ("uint32_t", 8)
+        out.append(f"alignas(64) inline constexpr {ctype} k{name.replace('_', '')}Grid[{len(words)}] = {{")
+        per = 5 if width == 8 else 9
+        for i in range(0, len(words), per):
+            out.append("    " + ", ".join(f"0x{int(v):0{digits}x}" for v in words[i:i + per]) + ",")
+        out.append("};")
+    signs = ksigns().numpy()
+    out.append("inline constexpr uint8_t kIQ2Signs[128] = {")
+    for i in range(0, 128, 16):
+        out.append("    " + ", ".join(f"0x{int(v):02x}" for v in signs[i:i + 16]) + ",")
+    out += ["};", "", "}  // namespace gguf", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1], "w") as f:
+        f.write(header())
