@@ -222,24 +222,27 @@ def test_other_moe_gguf_files_are_refused_by_name(tmp_path):
         load_arch_config(path)
 
 
-# synthetic shape, its overrides (small), each layer's expert types in a Q4_K_M file
+# (synthetic shape, file type) -> its overrides (small), each layer's expert types
 SYNTHETIC = {
-    "qwen3-30b-a3b": (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"Q4_K"}, {"Q4_K", "Q6_K"}]),
+    ("qwen3-30b-a3b", "Q4_K_M"): (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"Q4_K"}, {"Q4_K", "Q6_K"}]),
     # experts of ffn 384 (not whole 256-blocks): ffn_down_exps falls back to Q4_0 / Q8_0; a shared expert
-    "qwen1.5-moe-a2.7b": (dict(kv_heads=4, expert_ffn=384, shared_ffn=512), [{"Q4_K", "Q4_0"}, {"Q4_K", "Q8_0"}]),
+    ("qwen1.5-moe-a2.7b", "Q4_K_M"): (dict(kv_heads=4, expert_ffn=384, shared_ffn=512),
+                                      [{"Q4_K", "Q4_0"}, {"Q4_K", "Q8_0"}]),
+    # the i-quant files people run Qwen3-30B-A3B from at 2-3 bits per weight: IQ2_S experts, IQ3_S ffn_down
+    ("qwen3-30b-a3b", "IQ2_M"): (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"IQ2_S", "IQ3_S"}] * 2),
 }
 
 
-@pytest.mark.parametrize("shape", list(SYNTHETIC))
-def test_synthetic_q4_k_m_moe_file_runs_on_the_kernels(tmp_path, shape):
-    """A Q4_K_M MoE file as llama.cpp mixes it (Q4_K experts, Q6_K ffn_down_exps in the 'more bits' layers, 3-D
-    tensors written by benchmarks/synthetic_gguf.py): the experts stay in blocks, and greedy tokens and logprobs
-    equal --weights float's with float32 activations."""
+@pytest.mark.parametrize("shape,quant", list(SYNTHETIC))
+def test_synthetic_moe_file_runs_on_the_kernels(tmp_path, shape, quant):
+    """A Q4_K_M (or IQ2_M) MoE file as llama.cpp mixes it (Q4_K experts, Q6_K ffn_down_exps in the 'more bits'
+    layers, 3-D tensors written by benchmarks/synthetic_gguf.py): the experts stay in blocks, and greedy tokens
+    and logprobs equal --weights float's with float32 activations."""
     from benchmarks.synthetic_gguf import SHAPES, write_synthetic_gguf
-    path = str(tmp_path / "moe-q4_k_m.gguf")
-    overrides, want = SYNTHETIC[shape]
+    path = str(tmp_path / f"moe-{quant}.gguf")
+    overrides, want = SYNTHETIC[shape, quant]
     write_synthetic_gguf(path, dict(SHAPES[shape], layers=2, hidden=256, heads=4, experts=8, experts_used=2, ffn=512,
-                                    **overrides), "Q4_K_M", context_length=512)
+                                    **overrides), quant, context_length=512)
     outs = {}
     for weights in ("quantized", "float"):
         engine = _engine(path, dtype="float32", weights=weights)
