@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <vector>
 #include "gguf_avx2.h"
+#include "gguf_grid_lanes.h"
 
 namespace gguf {
 namespace {
@@ -138,6 +139,23 @@ void panel_float(const DotArgs& p, int64_t m, const float* panel, int64_t c0, in
   for (; j < nc; ++j) tile_float<RM, 1>(x, panel + j * p.K, p.K, out + j, p.N);
 }
 
+// the grid types' integer steps (gguf_grid_lanes.h): maddubs on |w| <= 62 and sign(x, w), exact
+struct Avx2Dot {
+  static constexpr bool kXor = false;
+  static constexpr int kMaxRows = 4;
+  static __m256i seed(const Act&, int64_t, int, int) { return _mm256_setzero_si256(); }
+  static __m256i prep(__m256i w) { return _mm256_abs_epi8(w); }
+  static __m256i dot(__m256i acc, __m256i w, __m256i wa, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w)),
+                                                   _mm256_set1_epi16(1)));
+  }
+  static __m256i lane_seed(const Act&, int64_t) { return _mm256_setzero_si256(); }
+  static __m256i row_prep(__m256i q) { return _mm256_abs_epi8(q); }
+  static __m256i row_dot(__m256i q, __m256i qa, __m256i x, __m256i) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(qa, _mm256_sign_epi8(x, q)), _mm256_set1_epi16(1));
+  }
+};
+
 }  // namespace
 
 void int8_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
@@ -154,11 +172,8 @@ void int8_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case IQ4_XS: return int8_type<IQ4_XS>(p, n0, n1);
     case Q2_K: return int8_type<Q2_K>(p, n0, n1);
     case IQ4_NL: return int8_type<IQ4_NL>(p, n0, n1);
-    case IQ2_XXS: return int8_type<IQ2_XXS>(p, n0, n1);
-    case IQ2_XS: return int8_type<IQ2_XS>(p, n0, n1);
-    case IQ2_S: return int8_type<IQ2_S>(p, n0, n1);
-    case IQ3_XXS: return int8_type<IQ3_XXS>(p, n0, n1);
-    case IQ3_S: return int8_type<IQ3_S>(p, n0, n1);
+    case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S:
+      return grid::matmul<Avx2Dot>(p, n0, n1);
     default: return;
   }
 }

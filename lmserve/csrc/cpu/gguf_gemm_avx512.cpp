@@ -21,11 +21,13 @@
 #include <algorithm>
 #include <vector>
 #include "gguf_avx2.h"
+#include "gguf_x8.h"
 
 // after every include: only this file's own functions are compiled for AVX-512 (an inline function of a shared
 // header compiled here could otherwise be the copy the linker keeps for the AVX2 code too)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#include "gguf_grid_lanes.h"   // its templates compiled for this file's target (internal linkage)
 
 namespace gguf {
 namespace {
@@ -220,6 +222,25 @@ struct VnniTile {
 template <int QT>
 void vnni_type(const DotArgs& p, int64_t n0, int64_t n1) { int8_blocked<VnniTile<QT>>(p, n0, n1); }
 
+// the grid types' integer steps (gguf_grid_lanes.h): vpdpbusd on w ^ 0x80, seeded with -128 x the activations'
+// sums (of the sub-block or its half in tiles, of each lane's 4 values in row dots): the AVX2 steps' exact sums
+struct VnniDot {
+  static constexpr bool kXor = true;
+  static constexpr int kMaxRows = 8;
+  static __m256i seed(const Act& a, int64_t gi, int halves, int h) {
+    const int32_t* l = a.ls.data() + gi * 8 + 4 * h;
+    return _mm256_set1_epi32(-128 * (halves == 1 ? a.qsum[gi] : l[0] + l[1] + l[2] + l[3]));
+  }
+  static __m256i prep(__m256i w) { return w; }
+  static __m256i dot(__m256i acc, __m256i w, __m256i, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
+  static __m256i lane_seed(const Act& a, int64_t gi) {
+    const __m256i ls = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.ls.data() + gi * 8));
+    return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(ls, 7));
+  }
+  static __m256i row_prep(__m256i q) { return _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80))); }
+  static __m256i row_dot(__m256i, __m256i qu, __m256i x, __m256i seed) { return _mm256_dpbusd_epi32(seed, qu, x); }
+};
+
 }  // namespace
 
 void int8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
@@ -236,11 +257,8 @@ void int8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1) {
     case IQ4_XS: return vnni_type<IQ4_XS>(p, n0, n1);
     case Q2_K: return vnni_type<Q2_K>(p, n0, n1);
     case IQ4_NL: return vnni_type<IQ4_NL>(p, n0, n1);
-    case IQ2_XXS: return vnni_type<IQ2_XXS>(p, n0, n1);
-    case IQ2_XS: return vnni_type<IQ2_XS>(p, n0, n1);
-    case IQ2_S: return vnni_type<IQ2_S>(p, n0, n1);
-    case IQ3_XXS: return vnni_type<IQ3_XXS>(p, n0, n1);
-    case IQ3_S: return vnni_type<IQ3_S>(p, n0, n1);
+    case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S:
+      return grid::matmul<VnniDot>(p, n0, n1);
     default: return;
   }
 }

@@ -1,7 +1,7 @@
 // Internal interface of the GGUF matmul kernels (cpu_isa.cpp: the ISA level; gguf_matmul.cpp: entry points,
 // scalar reference, the scalar build's GEMM tiles; gguf_dot_avx2.cpp: AVX2 float dots and dequantization;
 // gguf_gemm_avx2.cpp: AVX2 int8 GEMM for every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on
-// AVX512-VNNI, chosen at run time; gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp,
+// AVX512-VNNI, chosen at run time (both run the i-quant grid types through gguf_grid_lanes.h); gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp,
 // gguf_q3_kx8.cpp, gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp: the int8 GEMM on Q4_0 / Q4_1 / Q4_K / Q5_K /
 // Q6_K / Q5_0 / Q3_K / Q2_K / IQ4_XS / Q8_0 / Q5_1 repacked in groups of 8 rows; gguf_amx.cpp: that GEMM on AMX-INT8
 // tiles for prefill-sized calls, chosen at run time, with gguf_amx_panels.cpp (gguf_amx.h); gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on
