@@ -23,18 +23,26 @@ namespace gguf {
 namespace grid {
 namespace {
 
-// one sub-block of a group of 8 rows: w[k] holds values 4k..4k+3 of column c at bytes 4c..4c+3; s[h][c]: the
-// scale of column c's values 16h..16h+15 (types with one scale per 32: s[0])
+// Every grid type's scale is d x unit x (2 ls + 1) (gguf_blocks.h grid_scale: IQ2 d (ls + 0.5) / 4, IQ3_XXS
+// d (ls + 0.5) / 2, IQ3_S d (2 ls + 1)), so a sub-block's integer dot is multiplied by its odd multiplier 2 ls + 1
+// in integers (IQ2_XS / IQ2_S: each half's by its own, then added; |sum| < 2^23, exact in the float convert) and
+// scaled in float once, by d x unit x dx: acc = float(dot x mult) * (du * dx) + acc.
+template <int QT>
+constexpr float kUnit = QT == IQ3_S ? 1.f : QT == IQ3_XXS ? 0.25f : 0.125f;
+
+// one sub-block of a group of 8 rows: w[k] holds values 4k..4k+3 of column c at bytes 4c..4c+3; k[h][c]: the
+// multiplier of column c's values 16h..16h+15 (types with one scale per 32: k[0]); du[c]: its block's d x unit
 struct Sub {
   int8_t w[8][32];
-  float s[2][8];
+  int32_t k[2][8];
+  float du[8];
+  float pad[8];
 };
 
-// the scales of a block's 8 sub-blocks (lane s; per-16 types: values 0-15 in lo, 16-31 in hi), the float
-// operations of gguf_blocks.h grid_scale on 8 lanes at once
+// the multipliers 2 ls + 1 of a block's 8 sub-blocks (lane s; per-16 types: values 0-15 in lo, 16-31 in hi)
 template <int QT>
-ALWAYS_INLINE void grid_scales8(const uint8_t* b, float d, __m256& lo, __m256& hi) {
-  const __m256 dv = _mm256_set1_ps(d);
+ALWAYS_INLINE void grid_mults8(const uint8_t* b, __m256i& lo, __m256i& hi) {
+  __m256i ls;
   if constexpr (QT == IQ2_XXS || QT == IQ3_XXS) {
     __m256i w;   // the 8 sub-blocks' u32 of signs and scale
     if constexpr (QT == IQ3_XXS) {
@@ -44,22 +52,18 @@ ALWAYS_INLINE void grid_scales8(const uint8_t* b, float d, __m256& lo, __m256& h
       const __m256 a1 = _mm256_loadu_ps(reinterpret_cast<const float*>(b + 34));
       w = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(a0, a1, 0xDD)), 0xD8);
     }
-    const __m256 ls = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)), _mm256_set1_ps(0.5f));
-    lo = _mm256_mul_ps(_mm256_mul_ps(dv, ls), _mm256_set1_ps(QT == IQ2_XXS ? 0.25f : 0.5f));
+    ls = _mm256_srli_epi32(w, 28);
   } else if constexpr (QT == IQ3_S) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    const __m256i nib = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u32(b + 106))), shifts),
-                                         _mm256_set1_epi32(15));
-    lo = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(nib, 1), _mm256_set1_epi32(1))));
+    ls = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u32(b + 106))), shifts),
+                          _mm256_set1_epi32(15));
   } else {       // IQ2_XS, IQ2_S: a byte per sub-block, low nibble for values 0-15
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + (QT == IQ2_XS ? 66 : 74)));
     const __m256i v = _mm256_cvtepu8_epi32(bytes);
-    const __m256 half = _mm256_set1_ps(0.5f), quarter = _mm256_set1_ps(0.25f);
-    const __m256 l0 = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
-    const __m256 l1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-    lo = _mm256_mul_ps(_mm256_mul_ps(dv, _mm256_add_ps(l0, half)), quarter);
-    hi = _mm256_mul_ps(_mm256_mul_ps(dv, _mm256_add_ps(l1, half)), quarter);
+    ls = _mm256_and_si256(v, _mm256_set1_epi32(15));
+    hi = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(v, 4), 1), _mm256_set1_epi32(1));
   }
+  lo = _mm256_add_epi32(_mm256_slli_epi32(ls, 1), _mm256_set1_epi32(1));
 }
 
 // group gr's rows (row 8 gr + c; rows past n1, the end of this thread's columns, repeat row n1 - 1: their lanes
@@ -69,23 +73,25 @@ inline void predecode(const DotArgs& p, int64_t gr, int64_t n1, Sub* panel) {
   constexpr int BB = kBlockBytes[QT];
   const int64_t nb = p.K / 256;
   alignas(32) int8_t q[32];
-  alignas(32) float sc[2][8];
+  alignas(32) int32_t mult[2][8];
   for (int c = 0; c < 8; ++c) {
     const uint8_t* row = p.w + std::min(gr * 8 + c, n1 - 1) * p.ws;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * BB;
-      __m256 lo, hi;
-      grid_scales8<QT>(blk, f16(blk), lo, hi);
-      _mm256_store_ps(sc[0], lo);
-      if constexpr (kScalePer16(QT)) _mm256_store_ps(sc[1], hi);
+      const float du = f16(blk) * kUnit<QT>;
+      __m256i lo, hi;
+      grid_mults8<QT>(blk, lo, hi);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(mult[0]), lo);
+      if constexpr (kScalePer16(QT)) _mm256_store_si256(reinterpret_cast<__m256i*>(mult[1]), hi);
       for (int s = 0; s < 8; ++s) {
         Sub& S = panel[b * 8 + s];
         __m256i v = avx2::grid_sub<QT>(blk, s);
         if constexpr (XOR) v = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
         _mm256_store_si256(reinterpret_cast<__m256i*>(q), v);
         for (int k = 0; k < 8; ++k) std::memcpy(&S.w[k][4 * c], q + 4 * k, 4);
-        S.s[0][c] = sc[0][s];
-        if constexpr (kScalePer16(QT)) S.s[1][c] = sc[1][s];
+        S.k[0][c] = mult[0][s];
+        if constexpr (kScalePer16(QT)) S.k[1][c] = mult[1][s];
+        S.du[c] = du;
       }
     }
   }
@@ -102,6 +108,7 @@ inline void tile(const DotArgs& p, int64_t m0, int64_t gr, const Sub* panel, int
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const Sub& S = panel[g];
+    __m256i sum[RM];
     #pragma GCC unroll 2
     for (int h = 0; h < H; ++h) {
       __m256i xi[RM];
@@ -113,10 +120,15 @@ inline void tile(const DotArgs& p, int64_t m0, int64_t gr, const Sub* panel, int
         for (int m = 0; m < RM; ++m)
           xi[m] = D::dot(xi[m], w, wa, _mm256_set1_epi32(x8::load_i32(qx + m * K + g * 32 + 4 * k)));
       }
-      const __m256 sc = _mm256_load_ps(S.s[h]);
-      for (int m = 0; m < RM; ++m)
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(xi[m]), _mm256_mul_ps(sc, _mm256_set1_ps(dx[m * ng + g])), acc[m]);
+      const __m256i mult = _mm256_load_si256(reinterpret_cast<const __m256i*>(S.k[h]));
+      for (int m = 0; m < RM; ++m) {
+        const __m256i t = _mm256_mullo_epi32(xi[m], mult);
+        sum[m] = h == 0 ? t : _mm256_add_epi32(sum[m], t);
+      }
     }
+    const __m256 du = _mm256_load_ps(S.du);
+    for (int m = 0; m < RM; ++m)
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_mul_ps(du, _mm256_set1_ps(dx[m * ng + g])), acc[m]);
   }
   x8::store_tile<RM>(p, m0, gr, acc, n0, n1);
 }
@@ -157,8 +169,8 @@ ALWAYS_INLINE void transpose8(const __m256i* q, __m256i* w) {
 // exact) and summed (reduce8: lane s = sub-block s of a block) into `sums`; then a transpose per block puts column c
 // in lane c. The same exact integer sums as tile(), then the same float steps.
 struct RowScratch {
-  int32_t* sums;   // [RM][2 halves][nb blocks][8 rows][8 sub-blocks]
-  float* sc;       // [nb][2 halves][8 rows][8 sub-blocks]
+  int32_t* sums;   // [RM][nb blocks][8 rows][8 sub-blocks]: dot x multiplier
+  float* du;       // [nb][8 rows]: d x unit
 };
 
 template <class D, int QT, int RM>
@@ -167,13 +179,12 @@ inline void tile_rows(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int6
   const int64_t K = p.K, ng = K / 32, nb = K / 256;
   const int8_t* qx = p.a->q.data() + m0 * K;
   const float* dx = p.a->dx.data() + m0 * ng;
-  auto sums = [&](int m, int h, int64_t b, int c) { return w.sums + (((m * 2 + h) * nb + b) * 8 + c) * 8; };
+  auto sums = [&](int m, int64_t b, int c) { return w.sums + ((m * nb + b) * 8 + c) * 8; };
   for (int c = 0; c < 8; ++c) {
     const uint8_t* row = p.w + std::min(gr * 8 + c, n1 - 1) * p.ws;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * BB;
-      const float d = f16(blk);
-      float* sc = w.sc + b * 128;
+      w.du[b * 8 + c] = f16(blk) * kUnit<QT>;
       __m256i v[RM][8];
       #pragma GCC unroll 8
       for (int s = 0; s < 8; ++s) {
@@ -185,38 +196,30 @@ inline void tile_rows(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int6
           v[m][s] = D::row_dot(q, wa, x, D::lane_seed(*p.a, (m0 + m) * ng + g));
         }
       }
-      __m256 slo, shi;
-      grid_scales8<QT>(blk, d, slo, shi);
-      _mm256_store_ps(sc + c * 8, slo);
-      if constexpr (H == 2) _mm256_store_ps(sc + 64 + c * 8, shi);
+      __m256i klo, khi;
+      grid_mults8<QT>(blk, klo, khi);
       for (int m = 0; m < RM; ++m) {
         __m256i lo, hi;
         reduce8(v[m], lo, hi, H == 2);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(sums(m, 0, b, c)), lo);
-        if constexpr (H == 2) _mm256_store_si256(reinterpret_cast<__m256i*>(sums(m, 1, b, c)), hi);
+        lo = _mm256_mullo_epi32(lo, klo);
+        if constexpr (H == 2) lo = _mm256_add_epi32(lo, _mm256_mullo_epi32(hi, khi));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums(m, b, c)), lo);
       }
     }
   }
   __m256 acc[RM];
   for (int m = 0; m < RM; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b)
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256 du = _mm256_loadu_ps(w.du + b * 8);
     for (int m = 0; m < RM; ++m) {
-      __m256i t[2][8], scs[2][8];
-      for (int h = 0; h < H; ++h) {
-        __m256i r[8];
-        for (int c = 0; c < 8; ++c) r[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums(m, h, b, c)));
-        transpose8(r, t[h]);
-        for (int c = 0; c < 8; ++c)
-          r[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(w.sc + b * 128 + h * 64 + c * 8));
-        transpose8(r, scs[h]);
-      }
-      for (int s = 0; s < 8; ++s) {
-        const __m256 dxv = _mm256_set1_ps(dx[m * ng + b * 8 + s]);
-        for (int h = 0; h < H; ++h)
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[h][s]),
-                                   _mm256_mul_ps(_mm256_castsi256_ps(scs[h][s]), dxv), acc[m]);
-      }
+      __m256i r[8], t[8];
+      for (int c = 0; c < 8; ++c) r[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums(m, b, c)));
+      transpose8(r, t);
+      for (int s = 0; s < 8; ++s)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[s]), _mm256_mul_ps(du, _mm256_set1_ps(dx[m * ng + b * 8 + s])),
+                                 acc[m]);
     }
+  }
   x8::store_tile<RM>(p, m0, gr, acc, n0, n1);
 }
 
@@ -227,8 +230,8 @@ void run(const DotArgs& p, int64_t n0, int64_t n1) {
   const int64_t ng = p.K / 32;
   if (p.M < 64) {
     const int64_t nb = p.K / 256;
-    RowScratch w{static_cast<int32_t*>(std::aligned_alloc(64, 4 * 2 * nb * 64 * sizeof(int32_t))),
-                 static_cast<float*>(std::aligned_alloc(64, nb * 128 * sizeof(float)))};
+    RowScratch w{static_cast<int32_t*>(std::aligned_alloc(64, 4 * nb * 64 * sizeof(int32_t))),
+                 static_cast<float*>(std::aligned_alloc(64, (nb * 8 * sizeof(float) + 63) / 64 * 64))};
     for (int64_t gr = n0 / 8; gr * 8 < n1; ++gr) {
       int64_t m = 0;
       for (; m + 4 <= p.M; m += 4) tile_rows<D, QT, 4>(p, m, gr, n0, n1, w);
@@ -236,7 +239,7 @@ void run(const DotArgs& p, int64_t n0, int64_t n1) {
       if (m < p.M) tile_rows<D, QT, 1>(p, m, gr, n0, n1, w);
     }
     std::free(w.sums);
-    std::free(w.sc);
+    std::free(w.du);
     return;
   }
   Sub* panel = static_cast<Sub*>(std::aligned_alloc(64, ng * sizeof(Sub)));
@@ -245,7 +248,7 @@ void run(const DotArgs& p, int64_t n0, int64_t n1) {
     for (int64_t gr = n0 / 8; gr * 8 < n1; ++gr) {
       predecode<QT, D::kXor>(p, gr, n1, panel);
       int64_t m = mb;
-      if constexpr (D::kMaxRows >= 8)
+      if constexpr (D::kMaxRows >= 8 && !kScalePer16(QT))   // two halves: 8 rows spill (measured)
         for (; m + 8 <= me; m += 8) tile<D, QT, 8>(p, m, gr, panel, n0, n1);
       for (; m + 4 <= me; m += 4) tile<D, QT, 4>(p, m, gr, panel, n0, n1);
       if (m + 2 <= me) { tile<D, QT, 2>(p, m, gr, panel, n0, n1); m += 2; }
