@@ -4,7 +4,7 @@ test_proxy_e2e.py::test_streaming_matches_direct diverge under load: decode rows
 alone and through float tiles when a prefill chunk shared the step).
 
 Kernel level: for each quant type, the rows of a 1-row call equal (torch.equal, bit for bit) the same rows inside
-7-, 17-, 64- and 300-row calls, with int8 and with float activations, on every ISA path this CPU has. The one
+2-, 3-, 7-, 17-, 64- and 300-row calls, with int8 and with float activations, on every ISA path this CPU has. The one
 exception, by design: the scalar build's float path above DOT_MAX_ROWS (at::mm on dequantized tiles), which
 F16 / BF16 weights take in int8 calls too.
 Engine level: a greedy request gives the same tokens and the same logprobs alone and while a long prompt is
@@ -24,7 +24,7 @@ lib = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be built here")
 
 ISAS = [level for level in ("scalar", "avx2", "avx512vnni", "amx") if cpu_isa.supports(level, cpu_isa.detected())]
-BATCHES = (7, 17, 64, 300)
+BATCHES = (2, 3, 7, 17, 64, 300)   # 2: the grid types' 2-row path (gguf_grid_lanes.h tile_rows)
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
 // The i-quant grid types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; gguf_blocks.h) x int8 activations, for every M,
 // read from the file's own blocks. A lane of a register is an output column, as in the repacked layouts
 // (gguf_x8.h): a sub-block's integer dot over its 32 values (IQ2_XS / IQ2_S: each half of 16, which has a scale of
-// its own) ends in one lane and is scaled once, acc = float(dot) * (scale * dx) + acc. The row-at-a-time form the
-// other in-place types use (gguf_avx2.h int8_blocked) spends a convert, a multiply and an FMA per lane of 4 values,
-// which held these types' prefill to ~115 GOP/s a core; this form reaches ~190 (docs/benchmarks.md).
-// Their values are table lookups (gguf_avx2.h grid_sub), so decoding dominates: calls of >= 64 rows decode each
-// group of 8 weight rows once per 64 activation rows into a panel in that lane order (predecode, tile); decode-sized
-// calls decode each row in file order and move the sums into lanes instead (tile_rows). Both compute the same exact
+// its own) ends in one lane and is scaled once (below, kUnit: acc = float(dot x mult) * (du * dx) + acc). The
+// row-at-a-time form the other in-place types use (gguf_avx2.h int8_blocked) spends a convert, a multiply and an FMA
+// per lane of 4 values, which held these types' prefill to ~115 GOP/s a core; this form reaches 160-210.
+// Their values are table lookups (gguf_avx2.h grid_sub), so decoding dominates: calls of 3 or more rows decode each
+// group of 8 weight rows once per 64 activation rows into a panel in that lane order (predecode, tile); calls of 1-2
+// rows decode each row in file order and move the sums into lanes instead (tile_rows). Both compute the same exact
 // integer sums and the same float operations per output, so a row's outputs do not depend on M (batch invariance).
 //
 // Included by gguf_gemm_avx2.cpp (Avx2Dot: maddubs on |w| and sign(x, w), exact: |w| <= 62) and, after its AVX-512
@@ -163,11 +163,11 @@ ALWAYS_INLINE void transpose8(const __m256i* q, __m256i* w) {
   }
 }
 
-// A decode-sized call (< 64 rows, one block of them) decodes each group once anyway, so it need not go through a
-// panel of weights: each of the group's 8 rows is decoded whole, in file order (one sequential stream, as the
-// row-at-a-time loop that measured fastest), its sub-blocks dotted with the activations on 8 lanes (D::row_dot,
-// exact) and summed (reduce8: lane s = sub-block s of a block) into `sums`; then a transpose per block puts column c
-// in lane c. The same exact integer sums as tile(), then the same float steps.
+// A call of 1-2 rows (a decode step) would read a panel once: instead each of the group's 8 rows is decoded whole,
+// in file order (one sequential stream, as the row-at-a-time loop that measured fastest), its sub-blocks dotted
+// with the activations on 8 lanes (D::row_dot, exact), summed (reduce8: lane s = sub-block s of a block) and
+// multiplied into `sums`; then a transpose per block puts column c in lane c. The same exact integer sums as tile(),
+// then the same float steps.
 struct RowScratch {
   int32_t* sums;   // [RM][nb blocks][8 rows][8 sub-blocks]: dot x multiplier
   float* du;       // [nb][8 rows]: d x unit
@@ -223,20 +223,22 @@ inline void tile_rows(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int6
   x8::store_tile<RM>(p, m0, gr, acc, n0, n1);
 }
 
-// columns [n0, n1): blocks of 64 activation rows x groups of 8 columns, each group decoded once per block, then
-// row tiles of D::kMaxRows, 4, 2, 1
+// Calls of 1-2 rows (a decode step's stream or two): tile_rows, each group decoded once per row tile. Calls of 3 or
+// more: blocks of 64 activation rows x groups of 8 columns, each group decoded once per block into the panel, then
+// row tiles of D::kMaxRows, 4, 2, 1. Measured on Zen 4, 1 thread, IQ3_S 8192 x 2048 (docs/benchmarks.md): 2 rows
+// tile_rows 2.3 ms, the panel 2.8; 4 rows 3.2 (two 2-row decodes) vs 3.0; 16 rows 12.9 vs 4.6. Same bits either way.
+constexpr int64_t kRowsMax = 2;
+
 template <class D, int QT>
 void run(const DotArgs& p, int64_t n0, int64_t n1) {
   const int64_t ng = p.K / 32;
-  if (p.M < 64) {
+  if (p.M <= kRowsMax) {
     const int64_t nb = p.K / 256;
-    RowScratch w{static_cast<int32_t*>(std::aligned_alloc(64, 4 * nb * 64 * sizeof(int32_t))),
+    RowScratch w{static_cast<int32_t*>(std::aligned_alloc(64, kRowsMax * nb * 64 * sizeof(int32_t))),
                  static_cast<float*>(std::aligned_alloc(64, (nb * 8 * sizeof(float) + 63) / 64 * 64))};
     for (int64_t gr = n0 / 8; gr * 8 < n1; ++gr) {
-      int64_t m = 0;
-      for (; m + 4 <= p.M; m += 4) tile_rows<D, QT, 4>(p, m, gr, n0, n1, w);
-      if (m + 2 <= p.M) { tile_rows<D, QT, 2>(p, m, gr, n0, n1, w); m += 2; }
-      if (m < p.M) tile_rows<D, QT, 1>(p, m, gr, n0, n1, w);
+      if (p.M == 2) tile_rows<D, QT, 2>(p, 0, gr, n0, n1, w);
+      else tile_rows<D, QT, 1>(p, 0, gr, n0, n1, w);
     }
     std::free(w.sums);
     std::free(w.du);
