@@ -187,9 +187,16 @@ def test_grid_types_dequantize_as_gguf_py_does(qtype):
 
 
 def test_the_kernels_grid_tables_are_gguf_pys():
-    """csrc/cpu/gguf_iq_grids.h is what lmserve/ops/gguf_iq.py writes from gguf-py's grids (no hand edits)."""
-    with open(os.path.join(cpu_kernels.SOURCE_DIR, "gguf_iq_grids.h")) as f:
-        assert f.read() == gguf_iq.header()
+    """csrc/cpu/gguf_iq2_grids.h and gguf_iq3_grids.h are what tools/gen_iq_grids.py writes from gguf-py's grids
+    (no hand edits)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "gen_iq_grids.py")
+    spec = importlib.util.spec_from_file_location("gen_iq_grids", path)
+    gen_iq_grids = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_iq_grids)
+    for name in gen_iq_grids.FILES:
+        with open(os.path.join(cpu_kernels.SOURCE_DIR, name)) as f:
+            assert f.read() == gen_iq_grids.header(name), name
 
 
 @pytest.mark.skipif(not cpu_isa.supports("avx512vnni", cpu_isa.detected()), reason="CPU lacks AVX512-VNNI")

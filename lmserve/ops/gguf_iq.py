@@ -5,8 +5,8 @@ Each value is one entry of a fixed grid of magnitudes (8 values per entry for IQ
 value (IQ2_XXS / IQ2_XS / IQ3_XXS store 7 of every 8 signs: the eighth makes their count even) and a scale per 32
 values (IQ2_XS, IQ2_S: per 16). So every one has the form the kernels compute with (csrc/cpu/gguf_blocks.h):
 signed int8 values q = grid * sign and a float scale, w = q * scale. The grids are gguf-py's (the format's data, as
-llama.cpp ships them); the C++ kernels hold the same tables in csrc/cpu/gguf_iq_grids.h, which
-`python -m lmserve.ops.gguf_iq HEADER` writes. IQ1_S / IQ1_M (offsets of +-1/8 per 8-32 values) are not served.
+llama.cpp ships them); the C++ kernels hold the same tables in csrc/cpu/gguf_iq2_grids.h and gguf_iq3_grids.h,
+which tools/gen_iq_grids.py writes from these. IQ1_S / IQ1_M (offsets of +-1/8 per 8-32 values) are not served.
 
 The dequantizers below are the torch reference (layouts: gguf-py quants.py, llama.cpp ggml-quants.c); each
 computes float(q) * scale, which equals gguf-py's (scale * grid) * sign bit for bit.
@@ -14,13 +14,9 @@ computes float(q) * scale, which equals gguf-py's (scale * grid) * sign bit for 
 from __future__ import annotations
 
 import functools
-import sys
 
 import numpy as np
 import torch
-
-# type -> (grid class in gguf.quants, values per grid entry)
-_GRIDS = {"IQ2_XXS": 8, "IQ2_XS": 8, "IQ2_S": 8, "IQ3_XXS": 4, "IQ3_S": 4}
 
 
 @functools.cache
@@ -112,31 +108,3 @@ def _dq_iq3_s(b):     # d qs[64] qh[8] signs[32] scales[4]: index qs | 1 bit of 
 # type name -> (elements per block, bytes per block, dequantizer), as gguf_blocks.QUANTS
 QUANTS = {"IQ2_XXS": (256, 66, _dq_iq2_xxs), "IQ2_XS": (256, 74, _dq_iq2_xs), "IQ2_S": (256, 82, _dq_iq2_s),
           "IQ3_XXS": (256, 98, _dq_iq3_xxs), "IQ3_S": (256, 110, _dq_iq3_s)}
-
-
-def header() -> str:
-    """csrc/cpu/gguf_iq_grids.h: each grid entry's int8 values packed little-endian into one integer."""
-    out = ["// The i-quant grids (gguf-py's, as llama.cpp ships them): entry i of a type's grid holds its 8 (IQ2) or",
-           "// 4 (IQ3) int8 magnitudes packed little-endian. Written by `python -m lmserve.ops.gguf_iq FILE`; do not",
-           "// edit. kIQ2Signs: 7 sign bits -> 8, the eighth making the count of set bits even.",
-           "#pragma once", "#include <cstdint>", "", "namespace gguf {", ""]
-    for name, width in _GRIDS.items():
-        g = grid(name).numpy().view(np.uint8).reshape(-1, width)
-        words = g.view(np.uint64 if width == 8 else np.uint32).reshape(-1)
-        ctype, digits = ("uint64_t", 16) if width == 8 else ("uint32_t", 8)
-        out.append(f"alignas(64) inline constexpr {ctype} k{name.replace('_', '')}Grid[{len(words)}] = {{")
-        per = 5 if width == 8 else 9
-        for i in range(0, len(words), per):
-            out.append("    " + ", ".join(f"0x{int(v):0{digits}x}" for v in words[i:i + per]) + ",")
-        out.append("};")
-    signs = ksigns().numpy()
-    out.append("inline constexpr uint8_t kIQ2Signs[128] = {")
-    for i in range(0, 128, 16):
-        out.append("    " + ", ".join(f"0x{int(v):02x}" for v in signs[i:i + 16]) + ",")
-    out += ["};", "", "}  // namespace gguf", ""]
-    return "\n".join(out)
-
-
-if __name__ == "__main__":
-    with open(sys.argv[1], "w") as f:
-        f.write(header())

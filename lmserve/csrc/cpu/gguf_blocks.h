@@ -11,7 +11,8 @@
 #include <c10/util/Half.h>
 #include <cstdint>
 #include <cstring>
-#include "gguf_iq_grids.h"
+#include "gguf_iq2_grids.h"
+#include "gguf_iq3_grids.h"
 #ifdef __F16C__
 #include <immintrin.h>
 #endif
@@ -22,7 +23,7 @@ namespace gguf {
 // values with no scale; they have no int8 form: every path multiplies them with float activations (kFloat16)
 // IQ4_NL: IQ4_XS's levels in Q4_0's 32-value block (d, 16 index bytes); llama.cpp writes it for the matrices of
 // IQ4_XS files whose rows are not whole 256-value blocks
-// IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS / IQ3_S: signed grid magnitudes (gguf_iq_grids.h), a scale per 32 (IQ2_XS,
+// IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS / IQ3_S: signed grid magnitudes (gguf_iq2_grids.h, gguf_iq3_grids.h), a scale per 32 (IQ2_XS,
 // IQ2_S: per 16) (lmserve/ops/gguf_iq.py)
 enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, IQ4_NL,
              IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, NUM_QTYPES };
@@ -55,7 +56,7 @@ constexpr bool kFloat16(int qt) { return qt == F16 || qt == BF16; }
 constexpr bool kMinPer16(int qt) { return qt == Q2_K; }
 // a scale per 16 values (the others: one per 32, scale[2s] == scale[2s + 1])
 constexpr bool kScalePer16(int qt) { return qt == Q6_K || qt == Q3_K || qt == Q2_K || qt == IQ2_XS || qt == IQ2_S; }
-// the grid types (gguf_iq_grids.h)
+// the grid types (gguf_iq2_grids.h, gguf_iq3_grids.h)
 constexpr bool kGrid(int qt) { return qt >= IQ2_XXS && qt <= IQ3_S; }
 // signed values over the whole int8 range, no stored offset to keep (VNNI feeds them as q ^ 0x80)
 constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS || qt == IQ4_NL || kGrid(qt); }
