@@ -57,7 +57,7 @@ _BLOCKS = {
     "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2)), "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,)),
     "Q3_K": (110, 256, (108,)), "IQ4_XS": (136, 256, (0,)), "Q2_K": (84, 256, (80, 82)), "IQ4_NL": (18, 32, (0,)),
     "IQ2_XXS": (66, 256, (0,)), "IQ2_XS": (74, 256, (0,)), "IQ2_S": (82, 256, (0,)), "IQ3_XXS": (98, 256, (0,)),
-    "IQ3_S": (110, 256, (0,)),
+    "IQ3_S": (110, 256, (0,)), "IQ1_S": (50, 256, (0,)), "IQ1_M": (56, 256, ()),   # IQ1_M's d: random_blocks
     "F16": (64, 32, ()), "BF16": (64, 32, ()),     # 16-bit float matrices (random_blocks: values, not bytes)
 }
 # fp16 scale values giving weights of std ~0.02 with uniformly random quant bytes: (d, dmin or the Q*_1 min)
@@ -66,7 +66,7 @@ _SCALES = {
     "Q8_0": (0.00027, None), "Q4_K": (0.00009, 0.00068), "Q5_K": (0.000045, 0.0007), "Q6_K": (0.00002, None),
     "Q3_K": (0.00047, None), "IQ4_XS": (0.0000155, None), "Q2_K": (0.0016, 0.0024),
     "IQ4_NL": (0.0003, None), "IQ2_XXS": (0.0003, None), "IQ2_XS": (0.0003, None), "IQ2_S": (0.0003, None),
-    "IQ3_XXS": (0.00012, None), "IQ3_S": (0.00012, None),
+    "IQ3_XXS": (0.00012, None), "IQ3_S": (0.00012, None), "IQ1_S": (0.003, None), "IQ1_M": (0.003, None),
 }
 
 
@@ -77,6 +77,14 @@ def _q4_k_m(name: str, layer: int, layers: int) -> str:
     if name == "output" or (name in ("attn_v", "ffn_down") and more_bits):
         return "Q6_K"
     return "Q5_K" if name == "attn_qkv" else "Q4_K"     # a fused q/k/v gets Q5_K in llama-quant.cpp's Q4_K_M
+
+
+def _iq1(name: str, layer: int, layers: int, base: str, embd: str) -> str:
+    if name in ("output", "token_embd"):
+        return "Q5_K" if name == "output" else embd
+    if name == "ffn_down" and layer < layers // 8:
+        return "Q2_K"
+    return {"attn_v": "Q4_K", "attn_output": "IQ2_XXS"}.get(name, base)
 
 
 # file type name -> (chooser of a matrix's type, general.file_type value)
@@ -102,6 +110,10 @@ QUANT_MIXES = {
     "IQ3_XXS": (lambda n, i, k: "Q5_K" if n == "output" else "Q4_K" if n == "attn_v" else "IQ3_XXS", 23),
     "IQ3_M": (lambda n, i, k: "Q6_K" if n == "output" else "Q4_K" if n == "attn_v" else
               "IQ4_XS" if n == "ffn_down" else "IQ3_S", 27),
+    # IQ1_S / IQ1_M: Q4_K attn_v (as for GQA >= 4), Q2_K for the first eighth's ffn_down, IQ2_XXS attn_output,
+    # the token embedding Q2_K / IQ3_S
+    "IQ1_S": (lambda n, i, k: _iq1(n, i, k, "IQ1_S", "Q2_K"), 24),
+    "IQ1_M": (lambda n, i, k: _iq1(n, i, k, "IQ1_M", "IQ3_S"), 31),
     "F16": (lambda n, i, k: "F16", 1),
     "BF16": (lambda n, i, k: "BF16", 32),
 }
@@ -118,6 +130,12 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
     blocks = rng.integers(0, 256, size=(rows, cols // elems, type_size), dtype=np.uint8)
     for off, value in zip(offsets, _SCALES[qtype]):
         blocks[:, :, off:off + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    if qtype == "IQ1_M":     # its fp16 d is the top nibbles of its 4 scale words
+        d = int(np.float16(_SCALES[qtype][0]).view(np.uint16))
+        words = blocks[:, :, 48:56].copy().view(np.uint16)
+        for k in range(4):
+            words[..., k] = (words[..., k] & 0x0FFF) | (((d >> (4 * k)) & 15) << 12)
+        blocks[:, :, 48:56] = words.view(np.uint8)
     return blocks.reshape(rows, -1)
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be bu
 # the levels with kernels of their own (avx512vnni: the int8 GEMM; its float paths are AVX2's)
 ISAS = [level for level in ("scalar", "avx2", "avx512vnni", "amx") if cpu_isa.supports(level, cpu_isa.detected())]
 SCALE_OFFSETS = {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q3_K": [108],
-                 "Q2_K": [80, 82]}
+                 "Q2_K": [80, 82], "IQ1_M": []}
 
 
 def random_weight(qtype: str, n: int, k: int, seed: int, pad: int = 0) -> GGUFWeight:
@@ -41,6 +41,11 @@ def random_weight(qtype: str, n: int, k: int, seed: int, pad: int = 0) -> GGUFWe
         raw = v.to(torch.float16 if qtype == "F16" else torch.bfloat16).view(torch.uint8).numpy().reshape(-1, bs)
     for off in SCALE_OFFSETS.get(qtype, [0] if qtype not in FLOAT16 else []):
         raw[:, off:off + 2] = rng.uniform(0.001, 0.05, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if qtype == "IQ1_M":        # its fp16 d is the top nibbles of its 4 scale words
+        d = rng.uniform(0.001, 0.05, raw.shape[0]).astype(np.float16).view(np.uint16).astype(np.int64)
+        words = raw[:, 48:56].copy().view(np.uint16).astype(np.int64)
+        words = (words & 0x0FFF) | (((d[:, None] >> np.array([0, 4, 8, 12])) & 15) << 12)
+        raw[:, 48:56] = words.astype(np.uint16).view(np.uint8)
     data = torch.from_numpy(raw.reshape(n, -1))
     if pad:
         data = torch.cat([data, torch.zeros(n, pad, dtype=torch.uint8)], 1)[:, :-pad]
@@ -179,7 +184,8 @@ def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):
 @pytest.mark.parametrize("qtype", list(gguf_iq.QUANTS))
 def test_grid_types_dequantize_as_gguf_py_does(qtype):
     """The i-quant grid types against an independent reference, gguf-py's numpy dequantizer, bit for bit: random
-    blocks reach every grid entry, sign code and scale (the kernels are checked against this reference above)."""
+    blocks reach every grid entry, sign code, offset and scale (the kernels are checked against this reference
+    above)."""
     from gguf import quants
     w = random_weight(qtype, 64, 2048, seed=3)
     ref = quants.dequantize(w.data.numpy().reshape(-1), getattr(quants.GGMLQuantizationType, qtype)).reshape(64, 2048)
@@ -187,7 +193,7 @@ def test_grid_types_dequantize_as_gguf_py_does(qtype):
 
 
 def test_the_kernels_grid_tables_are_gguf_pys():
-    """csrc/cpu/gguf_iq2_grids.h and gguf_iq3_grids.h are what tools/gen_iq_grids.py writes from gguf-py's grids
+    """csrc/cpu/gguf_iq1_grids.h, gguf_iq2_grids.h and gguf_iq3_grids.h are what tools/gen_iq_grids.py writes from gguf-py's grids
     (no hand edits)."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "gen_iq_grids.py")

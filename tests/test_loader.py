@@ -120,8 +120,8 @@ def test_dequantize_matches_gguf_reference(qtype):
 
 
 def test_unsupported_type_is_named():
-    with pytest.raises(NotImplementedError, match="IQ1_S.*supported: F32"):     # 1.56 bits per weight: not served
-        dequantize(np.zeros((1, 50), np.uint8), "IQ1_S", (256,))
+    with pytest.raises(NotImplementedError, match="TQ1_0.*supported: F32"):     # BitNet's ternary blocks
+        dequantize(np.zeros((1, 54), np.uint8), "TQ1_0", (256,))
 
 
 # ---- SmolLM2 GGUF vs transformers -----------------------------------------------------------------------------

@@ -230,6 +230,8 @@ SYNTHETIC = {
                                       [{"Q4_K", "Q4_0"}, {"Q4_K", "Q8_0"}]),
     # the i-quant files people run Qwen3-30B-A3B from at 2-3 bits per weight: IQ2_S experts, IQ3_S ffn_down
     ("qwen3-30b-a3b", "IQ2_M"): (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"IQ2_S", "IQ3_S"}] * 2),
+    # and at 1.75 bits per weight, the size the largest MoE models are run from on one machine: IQ1_M experts
+    ("qwen3-30b-a3b", "IQ1_M"): (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"IQ1_M"}] * 2),
 }
 
 

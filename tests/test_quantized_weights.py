@@ -112,13 +112,16 @@ ODD = dict(SMALL, hidden=320, heads=5, kv_heads=1)
 FILE_TYPES = {"Q3_K_M": {"Q3_K", "Q4_K", "Q6_K"}, "IQ4_XS": {"IQ4_XS", "Q6_K"}, "Q2_K": {"Q2_K", "Q3_K", "Q6_K"},
               "IQ4_XS+IQ4_NL": {"IQ4_XS", "IQ4_NL", "Q8_0"}, "IQ2_XXS": {"IQ2_XXS", "Q4_K", "Q5_K"},
               "IQ2_XS": {"IQ2_XS", "Q4_K", "Q5_K"}, "IQ2_M": {"IQ2_S", "IQ3_S", "Q5_K"},
-              "IQ3_XXS": {"IQ3_XXS", "Q4_K", "Q5_K"}, "IQ3_M": {"IQ3_S", "IQ4_XS", "Q4_K", "Q6_K"}}
+              "IQ3_XXS": {"IQ3_XXS", "Q4_K", "Q5_K"}, "IQ3_M": {"IQ3_S", "IQ4_XS", "Q4_K", "Q6_K"},
+              "IQ1_S": {"IQ1_S", "IQ2_XXS", "Q2_K", "Q4_K", "Q5_K"},
+              "IQ1_M": {"IQ1_M", "IQ2_XXS", "IQ3_S", "Q2_K", "Q4_K", "Q5_K"}}
 
 
 @pytest.mark.parametrize("quant", list(FILE_TYPES))
 def test_q3_k_iq4_xs_and_q2_k_files_run_on_the_kernels(quant, tmp_path):
     """Q3_K (with Q4_K / Q6_K, as in Q3_K_M files), IQ4_XS (with IQ4_NL where rows are not whole 256-blocks),
-    Q2_K (with Q3_K) and the i-quant grid types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S in their files' mixes)
+    Q2_K (with Q3_K) and the i-quant grid types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S in their
+    files' mixes)
     stay quantized and run on the C++ kernels: logits of a prefill and
     of decode steps equal --weights float's to float rounding (exact float activations)."""
     path = str(tmp_path / f"small-{quant}.gguf")

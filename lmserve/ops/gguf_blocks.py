@@ -23,7 +23,8 @@ class GGUFWeight:
     multiple of the type's block size). It may be a read-only view of the mmap'd file: never write to it.
     """
     qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K",
-    #                         "IQ4_XS", "Q2_K", "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S";
+    #                         "IQ4_XS", "Q2_K", "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+    #                         "IQ1_S", "IQ1_M";
     #                         "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
     #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8", "Q2_Kx8", "IQ4_XSx8",
     #                         "Q5_Kx8", "Q8_0x8", "Q5_1x8":

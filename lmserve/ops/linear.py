@@ -23,7 +23,7 @@ from lmserve.ops.gguf_blocks import GGUFWeight, repack
 # C++ type ids (csrc/cpu/gguf_blocks.h enum QType): index in this tuple. F16 / BF16: 16-bit float matrices read
 # in place (no int8 form: an int8 call multiplies them with the float activations)
 QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_XS", "Q2_K", "F16", "BF16",
-          "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
+          "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
 FLOAT16 = ("F16", "BF16")
 # and the repacked layouts (gguf_x8.py repack_q4_0x8): int8 activations only
 _QTYPE_ID = {name: i for i, name in enumerate(QTYPES + ("Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8",

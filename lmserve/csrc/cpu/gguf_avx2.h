@@ -79,6 +79,15 @@ ALWAYS_INLINE __m256i grid_sub(const uint8_t* b, int s) {
         static_cast<int>(kIQ3XXSGrid[g[3]]), static_cast<int>(kIQ3XXSGrid[g[4]]), static_cast<int>(kIQ3XXSGrid[g[5]]),
         static_cast<int>(kIQ3XXSGrid[g[6]]), static_cast<int>(kIQ3XXSGrid[g[7]]));
     return apply_signs32(q, ksigns4(u32(b + 66 + 4 * s)));
+  } else if constexpr (kIQ1(QT)) {   // 8 x grid value, plus each group's offset (+-1: bytes 0x01 or 0xFF)
+    ll e[4], off[4];
+    for (int g = 0; g < 4; ++g) {
+      bool neg;
+      e[g] = static_cast<ll>(kIQ1Grid8.v[iq1_index<QT>(b, 4 * s + g, neg)]);
+      off[g] = neg ? -1LL : 0x0101010101010101LL;
+    }
+    return _mm256_add_epi8(_mm256_setr_epi64x(e[0], e[1], e[2], e[3]),
+                           _mm256_setr_epi64x(off[0], off[1], off[2], off[3]));
   } else {   // IQ3_S: a gather (measured faster than eight loads in gguf_grid_lanes.h on Zen 4)
     const uint8_t* g = b + 2 + 8 * s;
     const __m256i idx = _mm256_or_si256(
@@ -163,7 +172,7 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, flo
     mn = 0.f;
   } else if constexpr (kGrid(QT)) {
     q = grid_sub<QT>(b, s);
-    const float d = f16(b);
+    const float d = grid_d<QT>(b);
     s0 = grid_scale<QT>(b, d, s, 0);
     s1 = kScalePer16(QT) ? grid_scale<QT>(b, d, s, 1) : s0;
     mn = 0.f;

@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 #include <cstdint>
 #include <cstring>
+#include "gguf_iq1_grids.h"
 #include "gguf_iq2_grids.h"
 #include "gguf_iq3_grids.h"
 #ifdef __F16C__
@@ -23,10 +24,11 @@ namespace gguf {
 // values with no scale; they have no int8 form: every path multiplies them with float activations (kFloat16)
 // IQ4_NL: IQ4_XS's levels in Q4_0's 32-value block (d, 16 index bytes); llama.cpp writes it for the matrices of
 // IQ4_XS files whose rows are not whole 256-value blocks
-// IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS / IQ3_S: signed grid magnitudes (gguf_iq2_grids.h, gguf_iq3_grids.h), a scale per 32 (IQ2_XS,
-// IQ2_S: per 16) (lmserve/ops/gguf_iq.py)
+// IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS / IQ3_S: signed grid magnitudes (gguf_iq2_grids.h, gguf_iq3_grids.h), a
+// scale per 32 (IQ2_XS, IQ2_S: per 16); IQ1_S / IQ1_M: grid values -1, 0, 1 plus an offset of +-1/8 per 32 / 8
+// values, held as q = 8 (grid + offset) (gguf_iq1_grids.h), a scale per 32 / 16 (lmserve/ops/gguf_iq.py)
 enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, IQ4_NL,
-             IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, NUM_QTYPES };
+             IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, NUM_QTYPES };
 // Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS / Q5_K / Q8_0 / Q5_1 repacked in groups of 8 rows
 // (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp also Q5_K, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp also Q5_1, gguf_q3_kx8.cpp,
 // gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp):
@@ -44,20 +46,23 @@ constexpr int x8_source(int qt) {
       : qt == Q5_1X8 ? Q5_1 : qt;
 }
 constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32, 32,
-                                         256, 256, 256, 256, 256};
+                                         256, 256, 256, 256, 256, 256, 256};
 constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84, 64, 64, 18,
-                                         66, 74, 82, 98, 110};
+                                         66, 74, 82, 98, 110, 50, 56};
 // types whose values are unsigned with an offset per 32 (the min term; Q2_K: per 16); the others are signed, min 0
 constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false, true, false,
-                                       false, false, false, false, false, false, false};
+                                       false, false, false, false, false, false, false, false, false};
 // 16-bit float weights: float activations on every path (an int8 call multiplies these parts in float)
 constexpr bool kFloat16(int qt) { return qt == F16 || qt == BF16; }
 // an offset per 16 values (Q2_K); the others' two halves share theirs
 constexpr bool kMinPer16(int qt) { return qt == Q2_K; }
 // a scale per 16 values (the others: one per 32, scale[2s] == scale[2s + 1])
-constexpr bool kScalePer16(int qt) { return qt == Q6_K || qt == Q3_K || qt == Q2_K || qt == IQ2_XS || qt == IQ2_S; }
-// the grid types (gguf_iq2_grids.h, gguf_iq3_grids.h)
-constexpr bool kGrid(int qt) { return qt >= IQ2_XXS && qt <= IQ3_S; }
+constexpr bool kScalePer16(int qt) {
+  return qt == Q6_K || qt == Q3_K || qt == Q2_K || qt == IQ2_XS || qt == IQ2_S || qt == IQ1_M;
+}
+// the grid types (gguf_iq1_grids.h, gguf_iq2_grids.h, gguf_iq3_grids.h)
+constexpr bool kGrid(int qt) { return qt >= IQ2_XXS && qt <= IQ1_M; }
+constexpr bool kIQ1(int qt) { return qt == IQ1_S || qt == IQ1_M; }
 // signed values over the whole int8 range, no stored offset to keep (VNNI feeds them as q ^ 0x80)
 constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS || qt == IQ4_NL || kGrid(qt); }
 // IQ4_XS's and IQ4_NL's 16 non-linear levels (llama.cpp's kvalues_iq4nl)
@@ -120,10 +125,63 @@ static inline uint32_t u32(const uint8_t* p) {
   return v;
 }
 
+static inline uint32_t u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// IQ1_S / IQ1_M: the grid's 2-bit codes (gguf_iq1_grids.h) expanded when compiling to 8 x value, entry i's 8 int8
+// packed little-endian (16 KB, as the IQ2 grids)
+struct IQ1Grid {
+  uint64_t v[2048];
+};
+constexpr IQ1Grid iq1_expand() {
+  IQ1Grid t{};
+  for (int i = 0; i < 2048; ++i)
+    for (int j = 0; j < 8; ++j)
+      t.v[i] |= static_cast<uint64_t>(static_cast<uint8_t>(8 * static_cast<int>((kIQ1SPacked[i] >> (2 * j)) & 3) - 8))
+                << (8 * j);
+  return t;
+}
+alignas(64) inline constexpr IQ1Grid kIQ1Grid8 = iq1_expand();
+
+// a grid-type block's fp16 d: its first two bytes, except IQ1_M's, spread over the top nibbles of its 4 scale words
+template <int QT>
+static inline float grid_d(const uint8_t* b) {
+  if constexpr (QT == IQ1_M) {
+    const uint16_t h = static_cast<uint16_t>((u16(b + 48) >> 12) | ((u16(b + 50) >> 8) & 0xF0) |
+                                             ((u16(b + 52) >> 4) & 0xF00) | (u16(b + 54) & 0xF000));
+    return f16(reinterpret_cast<const uint8_t*>(&h));
+  }
+  return f16(b);
+}
+
+// IQ1_S / IQ1_M: the 3-bit scale of sub-block s's half h (IQ1_S: one per 32, in its qh word; IQ1_M: 4 per word)
+template <int QT>
+static inline int iq1_ls(const uint8_t* b, int s, int h) {
+  if constexpr (QT == IQ1_S) return (u16(b + 34 + 2 * s) >> 12) & 7;
+  return (u16(b + 48 + 2 * (s / 2)) >> (3 * (2 * (s % 2) + h))) & 7;
+}
+
+// IQ1_S / IQ1_M group i (8 values): its 11-bit grid index and its offset's sign (true: -1/8)
+template <int QT>
+static inline int iq1_index(const uint8_t* b, int i, bool& neg) {
+  if constexpr (QT == IQ1_S) {   // d qs[32] qh[8 u16]: qh of the sub-block: 4 x 3 high bits, scale, sign
+    const uint32_t qh = u16(b + 34 + 2 * (i / 4));
+    neg = (qh >> 15) & 1;
+    return b[2 + i] | (((qh >> (3 * (i % 4))) & 7) << 8);
+  }
+  const int nib = (b[32 + i / 2] >> (4 * (i % 2))) & 15;   // qs[32] qh[16]: a nibble per group: 3 high bits, sign
+  neg = nib >> 3;
+  return b[i] | ((nib & 7) << 8);
+}
+
 // the scale of sub-block s's half h: IQ2_XXS / IQ3_XXS from the u32 of signs and scale, IQ2_XS / IQ2_S per 16
-// from a nibble, IQ3_S per 32 from a nibble
+// from a nibble, IQ3_S per 32 from a nibble, IQ1_S / IQ1_M d (2 ls + 1) / 8 (q holds 8 x the value)
 template <int QT>
 static inline float grid_scale(const uint8_t* b, float d, int s, int h) {
+  if constexpr (kIQ1(QT)) return d * static_cast<float>(2 * iq1_ls<QT>(b, s, h) + 1) * 0.125f;
   if constexpr (QT == IQ2_XXS) return d * (static_cast<float>(u32(b + 2 + 8 * s + 4) >> 28) + 0.5f) * 0.25f;
   if constexpr (QT == IQ3_XXS) return d * (static_cast<float>(u32(b + 66 + 4 * s) >> 28) + 0.5f) * 0.5f;
   if constexpr (QT == IQ2_XS || QT == IQ2_S)
@@ -156,6 +214,12 @@ static inline void grid_values(const uint8_t* b, int s, int8_t* q) {
       grid8(q + 8 * g, kIQ2SGrid[b[2 + 4 * s + g] | (((b[66 + s] >> (2 * g)) & 3) << 8)]);
       apply_signs(q + 8 * g, b[34 + 4 * s + g]);
     }
+  } else if constexpr (kIQ1(QT)) {       // no signs: 8 x grid value, then the offset +-1
+    for (int g = 0; g < 4; ++g) {
+      bool neg;
+      grid8(q + 8 * g, kIQ1Grid8.v[iq1_index<QT>(b, 4 * s + g, neg)]);
+      for (int j = 0; j < 8; ++j) q[8 * g + j] = static_cast<int8_t>(q[8 * g + j] + (neg ? -1 : 1));
+    }
   } else {                               // IQ3_S: qs[64] qh[8] signs[32]: index qs | 1 bit of qh << 8
     for (int i = 0; i < 8; ++i) grid4(q + 4 * i, kIQ3SGrid[b[2 + 8 * s + i] | (((b[66 + s] >> i) & 1) << 8)]);
     for (int g = 0; g < 4; ++g) apply_signs(q + 8 * g, b[74 + 4 * s + g]);
@@ -171,7 +235,7 @@ struct Decoded {
 
 template <int QT>
 static inline void decode_grid(const uint8_t* b, Decoded& o) {
-  const float d = f16(b);
+  const float d = grid_d<QT>(b);
   for (int s = 0; s < 8; ++s) {
     grid_values<QT>(b, s, o.q + 32 * s);
     o.scale[2 * s] = grid_scale<QT>(b, d, s, 0);
@@ -297,6 +361,8 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
     case IQ2_S: decode_grid<IQ2_S>(b, o); break;
     case IQ3_XXS: decode_grid<IQ3_XXS>(b, o); break;
     case IQ3_S: decode_grid<IQ3_S>(b, o); break;
+    case IQ1_S: decode_grid<IQ1_S>(b, o); break;
+    case IQ1_M: decode_grid<IQ1_M>(b, o); break;
     default:
       break;
   }

@@ -133,6 +133,8 @@ void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out) {
     case IQ2_S: return dequant_type<IQ2_S>(row, nb, out);
     case IQ3_XXS: return dequant_type<IQ3_XXS>(row, nb, out);
     case IQ3_S: return dequant_type<IQ3_S>(row, nb, out);
+    case IQ1_S: return dequant_type<IQ1_S>(row, nb, out);
+    case IQ1_M: return dequant_type<IQ1_M>(row, nb, out);
     case F16: return dequant_type<F16>(row, nb, out);
     case BF16: return dequant_type<BF16>(row, nb, out);
     default: return;
@@ -187,6 +189,8 @@ void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case IQ2_S: return dot_type<IQ2_S>(p, n0, n1);
     case IQ3_XXS: return dot_type<IQ3_XXS>(p, n0, n1);
     case IQ3_S: return dot_type<IQ3_S>(p, n0, n1);
+    case IQ1_S: return dot_type<IQ1_S>(p, n0, n1);
+    case IQ1_M: return dot_type<IQ1_M>(p, n0, n1);
     case F16: return dot_type<F16>(p, n0, n1);
     case BF16: return dot_type<BF16>(p, n0, n1);
     default: return;

@@ -1,9 +1,10 @@
-// The i-quant grid types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; gguf_blocks.h) x int8 activations, for every M,
-// read from the file's own blocks. A lane of a register is an output column, as in the repacked layouts
-// (gguf_x8.h): a sub-block's integer dot over its 32 values (IQ2_XS / IQ2_S: each half of 16, which has a scale of
-// its own) ends in one lane and is scaled once (below, kUnit: acc = float(dot x mult) * (du * dx) + acc). The
-// row-at-a-time form the other in-place types use (gguf_avx2.h int8_blocked) spends a convert, a multiply and an FMA
-// per lane of 4 values, which held these types' prefill to ~115 GOP/s a core; this form reaches 160-210.
+// The i-quant grid types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; gguf_blocks.h) x int8 activations,
+// for every M, read from the file's own blocks. A lane of a register is an output column, as in the repacked
+// layouts (gguf_x8.h): a sub-block's integer dot over its 32 values (IQ2_XS / IQ2_S / IQ1_M: each half of 16,
+// which has a scale of its own) ends in one lane and is scaled once (below, kUnit: acc = float(dot x mult) *
+// (du * dx) + acc). The row-at-a-time form the other in-place types use (gguf_avx2.h int8_blocked) spends a convert,
+// a multiply and an FMA per lane of 4 values, which held these types' prefill to ~115 GOP/s a core; this form
+// reaches 160-210.
 // Their values are table lookups (gguf_avx2.h grid_sub), so decoding dominates: calls of 3 or more rows decode each
 // group of 8 weight rows once per 64 activation rows into a panel in that lane order (predecode, tile); calls of 1-2
 // rows decode each row in file order and move the sums into lanes instead (tile_rows). Both compute the same exact
@@ -24,11 +25,11 @@ namespace grid {
 namespace {
 
 // Every grid type's scale is d x unit x (2 ls + 1) (gguf_blocks.h grid_scale: IQ2 d (ls + 0.5) / 4, IQ3_XXS
-// d (ls + 0.5) / 2, IQ3_S d (2 ls + 1)), so a sub-block's integer dot is multiplied by its odd multiplier 2 ls + 1
-// in integers (IQ2_XS / IQ2_S: each half's by its own, then added; |sum| < 2^23, exact in the float convert) and
-// scaled in float once, by d x unit x dx: acc = float(dot x mult) * (du * dx) + acc.
+// d (ls + 0.5) / 2, IQ3_S d (2 ls + 1), IQ1 d (2 ls + 1) / 8), so a sub-block's integer dot is multiplied by its
+// odd multiplier 2 ls + 1 in integers (IQ2_XS / IQ2_S / IQ1_M: each half's by its own, then added; |sum| < 2^23,
+// exact in the float convert) and scaled in float once, by d x unit x dx: acc = float(dot x mult) * (du * dx) + acc.
 template <int QT>
-constexpr float kUnit = QT == IQ3_S ? 1.f : QT == IQ3_XXS ? 0.25f : 0.125f;
+constexpr float kUnit = QT == IQ3_S ? 1.f : QT == IQ3_XXS ? 0.25f : 0.125f;   // IQ2 and IQ1 types: 1/8
 
 // one sub-block of a group of 8 rows: w[k] holds values 4k..4k+3 of column c at bytes 4c..4c+3; k[h][c]: the
 // multiplier of column c's values 16h..16h+15 (types with one scale per 32: k[0]); du[c]: its block's d x unit
@@ -57,6 +58,17 @@ ALWAYS_INLINE void grid_mults8(const uint8_t* b, __m256i& lo, __m256i& hi) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     ls = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u32(b + 106))), shifts),
                           _mm256_set1_epi32(15));
+  } else if constexpr (QT == IQ1_S) {   // bits 12-14 of each sub-block's u16
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 34)));
+    ls = _mm256_and_si256(_mm256_srli_epi32(v, 12), _mm256_set1_epi32(7));
+  } else if constexpr (QT == IQ1_M) {   // 4 scales per u16: sub-block s's two halves in word s / 2
+    const __m128i w4 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 48));
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_unpacklo_epi16(w4, w4));   // word s / 2 in lane s
+    const __m256i sh = _mm256_setr_epi32(0, 6, 0, 6, 0, 6, 0, 6);
+    ls = _mm256_and_si256(_mm256_srlv_epi32(v, sh), _mm256_set1_epi32(7));
+    const __m256i h = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(sh, _mm256_set1_epi32(3))),
+                                       _mm256_set1_epi32(7));
+    hi = _mm256_add_epi32(_mm256_slli_epi32(h, 1), _mm256_set1_epi32(1));
   } else {       // IQ2_XS, IQ2_S: a byte per sub-block, low nibble for values 0-15
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + (QT == IQ2_XS ? 66 : 74)));
     const __m256i v = _mm256_cvtepu8_epi32(bytes);
@@ -78,7 +90,7 @@ inline void predecode(const DotArgs& p, int64_t gr, int64_t n1, Sub* panel) {
     const uint8_t* row = p.w + std::min(gr * 8 + c, n1 - 1) * p.ws;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * BB;
-      const float du = f16(blk) * kUnit<QT>;
+      const float du = grid_d<QT>(blk) * kUnit<QT>;
       __m256i lo, hi;
       grid_mults8<QT>(blk, lo, hi);
       _mm256_store_si256(reinterpret_cast<__m256i*>(mult[0]), lo);
@@ -184,7 +196,7 @@ inline void tile_rows(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int6
     const uint8_t* row = p.w + std::min(gr * 8 + c, n1 - 1) * p.ws;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * BB;
-      w.du[b * 8 + c] = f16(blk) * kUnit<QT>;
+      w.du[b * 8 + c] = grid_d<QT>(blk) * kUnit<QT>;
       __m256i v[RM][8];
       #pragma GCC unroll 8
       for (int s = 0; s < 8; ++s) {
@@ -268,6 +280,8 @@ void matmul(const DotArgs& p, int64_t n0, int64_t n1) {
     case IQ2_S: return run<D, IQ2_S>(p, n0, n1);
     case IQ3_XXS: return run<D, IQ3_XXS>(p, n0, n1);
     case IQ3_S: return run<D, IQ3_S>(p, n0, n1);
+    case IQ1_S: return run<D, IQ1_S>(p, n0, n1);
+    case IQ1_M: return run<D, IQ1_M>(p, n0, n1);
     default: return;
   }
 }

@@ -1,5 +1,6 @@
 // The i-quant grids of IQ2_XXS, IQ2_XS, IQ2_S (gguf-py's, as llama.cpp ships them): entry i
-// holds its int8 magnitudes packed little-endian. Written by tools/gen_iq_grids.py; do not edit.
+// holds its int8 magnitudes packed little-endian.
+// Written by tools/gen_iq_grids.py; do not edit.
 #pragma once
 #include <cstdint>
 
