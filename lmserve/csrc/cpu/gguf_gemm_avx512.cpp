@@ -233,12 +233,12 @@ struct VnniDot {
   }
   static __m256i prep(__m256i w) { return w; }
   static __m256i dot(__m256i acc, __m256i w, __m256i, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
-  static __m256i lane_seed(const Act& a, int64_t gi) {
-    const __m256i ls = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.ls.data() + gi * 8));
-    return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(ls, 7));
+  // a row's sub-block (tile_rows): |x| unsigned times sign(x) w signed, no offset to remove
+  static __m256i lane_seed(const Act&, int64_t) { return _mm256_setzero_si256(); }
+  static __m256i row_prep(__m256i q) { return q; }
+  static __m256i row_dot(__m256i q, __m256i, __m256i x, __m256i) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(x), _mm256_sign_epi8(q, x));
   }
-  static __m256i row_prep(__m256i q) { return _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80))); }
-  static __m256i row_dot(__m256i, __m256i qu, __m256i x, __m256i seed) { return _mm256_dpbusd_epi32(seed, qu, x); }
 };
 
 }  // namespace
