@@ -11,9 +11,9 @@
 // integer sums and the same float operations per output, so a row's outputs do not depend on M (batch invariance).
 //
 // Included by gguf_gemm_avx2.cpp (Avx2Dot: maddubs on |w| and sign(x, w), exact: |w| <= 62) and, after its AVX-512
-// target pragma, by gguf_gemm_avx512.cpp (VnniDot: vpdpbusd on w ^ 0x80, seeded with -128 x the activations' sums):
-// the same integer sums again, so both give the same bits. Everything here has internal linkage: each file
-// compiles its own copy for its ISA.
+// target pragma, by gguf_gemm_avx512.cpp (VnniDot: vpdpbusd on w ^ 0x80, seeded with -128 x the activations' sums;
+// in tile_rows on |x| and sign(w, x)): the same integer sums again, so both give the same bits. Everything here
+// has internal linkage: each file compiles its own copy for its ISA.
 #pragma once
 #include <algorithm>
 #include <cstdlib>
