@@ -227,9 +227,8 @@ void vnni_type(const DotArgs& p, int64_t n0, int64_t n1) { int8_blocked<VnniTile
 struct VnniDot {
   static constexpr bool kXor = true;
   static constexpr int kMaxRows = 8;
-  static __m256i seed(const Act& a, int64_t gi, int halves, int h) {
-    const int32_t* l = a.ls.data() + gi * 8 + 4 * h;
-    return _mm256_set1_epi32(-128 * (halves == 1 ? a.qsum[gi] : l[0] + l[1] + l[2] + l[3]));
+  static __m256i seed(const Act& a, int64_t gi, int halves, int h) {   // -128 x the sum of x (hs: -32 x per 16)
+    return _mm256_set1_epi32(halves == 1 ? -128 * a.qsum[gi] : 4 * a.hs[gi * 2 + h]);
   }
   static __m256i prep(__m256i w) { return w; }
   static __m256i dot(__m256i acc, __m256i w, __m256i, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
