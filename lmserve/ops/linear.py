@@ -14,7 +14,6 @@ tokens do not depend on what else shares its engine step (csrc/cpu/gguf_gemm_avx
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lmserve.ops import cpu_isa
 from lmserve.ops.base import CustomOp, cpu_lib, register
