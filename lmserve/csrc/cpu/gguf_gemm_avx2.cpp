@@ -149,9 +149,8 @@ struct Avx2Dot {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w)),
                                                    _mm256_set1_epi16(1)));
   }
-  static __m256i lane_seed(const Act&, int64_t) { return _mm256_setzero_si256(); }
   static __m256i row_prep(__m256i q) { return _mm256_abs_epi8(q); }
-  static __m256i row_dot(__m256i q, __m256i qa, __m256i x, __m256i) {
+  static __m256i row_dot(__m256i q, __m256i qa, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(qa, _mm256_sign_epi8(x, q)), _mm256_set1_epi16(1));
   }
 };

@@ -233,9 +233,8 @@ struct VnniDot {
   static __m256i prep(__m256i w) { return w; }
   static __m256i dot(__m256i acc, __m256i w, __m256i, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
   // a row's sub-block (tile_rows): |x| unsigned times sign(x) w signed, no offset to remove
-  static __m256i lane_seed(const Act&, int64_t) { return _mm256_setzero_si256(); }
   static __m256i row_prep(__m256i q) { return q; }
-  static __m256i row_dot(__m256i q, __m256i, __m256i x, __m256i) {
+  static __m256i row_dot(__m256i q, __m256i, __m256i x) {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(x), _mm256_sign_epi8(q, x));
   }
 };

@@ -205,7 +205,7 @@ inline void tile_rows(const DotArgs& p, int64_t m0, int64_t gr, int64_t n0, int6
         for (int m = 0; m < RM; ++m) {
           const int64_t g = b * 8 + s;
           const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * K + g * 32));
-          v[m][s] = D::row_dot(q, wa, x, D::lane_seed(*p.a, (m0 + m) * ng + g));
+          v[m][s] = D::row_dot(q, wa, x);
         }
       }
       __m256i klo, khi;
