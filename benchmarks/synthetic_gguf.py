@@ -58,6 +58,7 @@ _BLOCKS = {
     "Q3_K": (110, 256, (108,)), "IQ4_XS": (136, 256, (0,)), "Q2_K": (84, 256, (80, 82)), "IQ4_NL": (18, 32, (0,)),
     "IQ2_XXS": (66, 256, (0,)), "IQ2_XS": (74, 256, (0,)), "IQ2_S": (82, 256, (0,)), "IQ3_XXS": (98, 256, (0,)),
     "IQ3_S": (110, 256, (0,)), "IQ1_S": (50, 256, (0,)), "IQ1_M": (56, 256, ()),   # IQ1_M's d: random_blocks
+    "MXFP4": (17, 32, ()),                         # its E8M0 exponent byte: random_blocks
     "F16": (64, 32, ()), "BF16": (64, 32, ()),     # 16-bit float matrices (random_blocks: values, not bytes)
 }
 # fp16 scale values giving weights of std ~0.02 with uniformly random quant bytes: (d, dmin or the Q*_1 min)
@@ -114,9 +115,14 @@ QUANT_MIXES = {
     # the token embedding Q2_K / IQ3_S
     "IQ1_S": (lambda n, i, k: _iq1(n, i, k, "IQ1_S", "Q2_K"), 24),
     "IQ1_M": (lambda n, i, k: _iq1(n, i, k, "IQ1_M", "IQ3_S"), 31),
+    # llama-quant.cpp's MXFP4_MOE: the experts' matrices MXFP4 (EXPERT_TYPES), every other matrix Q8_0
+    "MXFP4_MOE": (lambda n, i, k: "Q8_0", 38),
     "F16": (lambda n, i, k: "F16", 1),
     "BF16": (lambda n, i, k: "BF16", 32),
 }
+
+# file type -> the type of the experts' matrices (3-D tensors), where it is not the chooser's
+EXPERT_TYPES = {"MXFP4_MOE": "MXFP4"}
 
 
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -128,7 +134,7 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
         half = v.astype(np.float16) if qtype == "F16" else (v.view(np.uint32) >> 16).astype(np.uint16)
         return half.view(np.uint8).reshape(rows, -1)
     blocks = rng.integers(0, 256, size=(rows, cols // elems, type_size), dtype=np.uint8)
-    for off, value in zip(offsets, _SCALES[qtype]):
+    for off, value in zip(offsets, _SCALES.get(qtype, ())):
         blocks[:, :, off:off + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
     if qtype == "IQ1_M":     # its fp16 d is the top nibbles of its 4 scale words
         d = int(np.float16(_SCALES[qtype][0]).view(np.uint16))
@@ -136,6 +142,8 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
         for k in range(4):
             words[..., k] = (words[..., k] & 0x0FFF) | (((d >> (4 * k)) & 15) << 12)
         blocks[:, :, 48:56] = words.view(np.uint8)
+    if qtype == "MXFP4":     # scale 2^(120 - 128): E2M1 values doubled (rms 5.9) x 2^-8 ~ 0.023
+        blocks[:, :, 0] = 120
     return blocks.reshape(rows, -1)
 
 
@@ -180,6 +188,8 @@ def _plan(shape: dict, quant: str, vocab: int):
         for name, rows, cols in matrices:
             base = name.removesuffix("_exps").removesuffix("_shexp")
             qtype = _matrix_type(chooser, base, i, layers, cols)   # as llama-quant.cpp
+            if name.endswith("_exps") and quant in EXPERT_TYPES:
+                qtype = EXPERT_TYPES[quant]
             plan.append((p + name + ".weight", qtype, (*rows, cols) if isinstance(rows, tuple) else (rows, cols)))
             if shape["bias"] and name in ("attn_q", "attn_k", "attn_v"):
                 plan.append((p + name + ".bias", "F32", (rows,)))

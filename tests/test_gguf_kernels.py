@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(lib is None, reason="C++ kernels could not be bu
 # the levels with kernels of their own (avx512vnni: the int8 GEMM; its float paths are AVX2's)
 ISAS = [level for level in ("scalar", "avx2", "avx512vnni", "amx") if cpu_isa.supports(level, cpu_isa.detected())]
 SCALE_OFFSETS = {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q3_K": [108],
-                 "Q2_K": [80, 82], "IQ1_M": []}
+                 "Q2_K": [80, 82], "IQ1_M": [], "MXFP4": []}
 
 
 def random_weight(qtype: str, n: int, k: int, seed: int, pad: int = 0) -> GGUFWeight:
@@ -46,10 +46,17 @@ def random_weight(qtype: str, n: int, k: int, seed: int, pad: int = 0) -> GGUFWe
         words = raw[:, 48:56].copy().view(np.uint16).astype(np.int64)
         words = (words & 0x0FFF) | (((d[:, None] >> np.array([0, 4, 8, 12])) & 15) << 12)
         raw[:, 48:56] = words.astype(np.uint16).view(np.uint8)
+    if qtype == "MXFP4":        # its scale is 2^(e - 128) from its first byte
+        raw[:, 0] = rng.integers(117, 128, raw.shape[0])
     data = torch.from_numpy(raw.reshape(n, -1))
     if pad:
         data = torch.cat([data, torch.zeros(n, pad, dtype=torch.uint8)], 1)[:, :-pad]
     return GGUFWeight(qtype, data, (n, k))
+
+
+def exps(w: GGUFWeight) -> torch.Tensor:
+    """An MXFP4 weight's exponent bytes, [N, K / 32], as a view to write to."""
+    return w.data.unfold(1, 17, 17)[..., 0]
 
 
 def multiplied(x: torch.Tensor, w: GGUFWeight, w64: torch.Tensor, int8: bool):
@@ -174,6 +181,8 @@ def test_f16_rewritten_as_bf16_gives_the_same_bits():
 def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):
     isa_level(isa)
     w = random_weight(qtype, 21, odd_k(qtype), seed=7, pad=3)
+    if qtype == "MXFP4":        # every exponent byte, the subnormal scales (0, 1) and infinities (255) included
+        exps(w)[:] = torch.arange(exps(w).numel()).view(21, -1).remainder(256)
     ref = w.dequantize()
     rows = torch.tensor([20, 0, 5, 5])
     with ops.use(cpu_table()):
@@ -181,13 +190,15 @@ def test_gguf_dequantize_is_bit_identical(qtype, isa, isa_level):
         assert torch.equal(ops.gguf_dequantize(w, rows), ref[rows])
 
 
-@pytest.mark.parametrize("qtype", list(gguf_iq.QUANTS))
+@pytest.mark.parametrize("qtype", list(gguf_iq.QUANTS) + ["MXFP4"])
 def test_grid_types_dequantize_as_gguf_py_does(qtype):
-    """The i-quant grid types against an independent reference, gguf-py's numpy dequantizer, bit for bit: random
-    blocks reach every grid entry, sign code, offset and scale (the kernels are checked against this reference
-    above)."""
+    """The i-quant grid types and MXFP4 against an independent reference, gguf-py's numpy dequantizer, bit for
+    bit: random blocks reach every grid entry, sign code, offset and scale (MXFP4: every exponent byte, the
+    subnormal scales of 0 and 1 included; the kernels are checked against this reference above)."""
     from gguf import quants
     w = random_weight(qtype, 64, 2048, seed=3)
+    if qtype == "MXFP4":
+        exps(w)[:] = torch.arange(exps(w).numel()).view(64, -1).remainder(256)
     ref = quants.dequantize(w.data.numpy().reshape(-1), getattr(quants.GGMLQuantizationType, qtype)).reshape(64, 2048)
     assert np.array_equal(w.dequantize().numpy().view(np.uint32), ref.astype(np.float32).view(np.uint32))
 

@@ -1,5 +1,5 @@
 """GGUF types repacked in groups of 8 rows (ops/gguf_x8.py, csrc/cpu/gguf_*x8.cpp: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS): the layout
+Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS, MXFP4): the layout
 round-trips, its int8 matmul matches float64 within the int8 path's bounds (test_gguf_kernels.py's tolerances),
 every ISA path returns the same bits (scalar reference, AVX2, AVX512-VNNI, AMX), rows are batch-invariant, and the
 loader serves Q4_0 files repacked (same size, the mapped pages released) with logits close to the file layout's.
@@ -38,7 +38,7 @@ def _matmul(x, w, int8=True):
         return ops.gguf_matmul(x, w, None, int8)
 
 
-TYPES = ("Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q3_K", "Q2_K", "IQ4_XS", "Q5_K", "Q8_0", "Q5_1")
+TYPES = ("Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q3_K", "Q2_K", "IQ4_XS", "Q5_K", "Q8_0", "Q5_1", "MXFP4")
 
 
 def _weight(n, k, seed, qtype="Q4_0"):
@@ -99,6 +99,25 @@ def test_int8_matmul_matches_float64(qtype, isa, at_isa):
         assert (err <= 1e-5 * s + 1e-30).all(), (isa, rows, (err / s).max().item())
         ref = ops.gguf_matmul(x, w, None, True).double()            # no table active: the PyTorch reference
         assert ((ref - y).abs() <= 2e-5 * s).all(), (isa, rows)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_mxfp4_subnormal_scales(isa, at_isa):
+    """MXFP4's exponent bytes 0 and 1 give subnormal scales (2^-128, 2^-127), which the tiles build in lanes apart
+    from the others: with activations large enough that scale x dx is a normal float, both layouts' results are the
+    int8 path's float64 ones (rows 1, 16, 64: the decode and the GEMM tiles)."""
+    at_isa(isa)
+    n, k = 32, _k("MXFP4", 8)
+    w = random_weight("MXFP4", n, k, seed=5)
+    w.data.unfold(1, 17, 17)[..., 0][:] = torch.randint(0, 4, (n, k // 32), generator=torch.Generator().manual_seed(5))
+    w64 = w.dequantize().double()
+    for rows in (1, 16, 64):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 2.0 ** 30
+        seen = quantize_activations(x).double()
+        s = seen.abs() @ w64.abs().T
+        for layout in (w, repack(w)):
+            err = (_matmul(x, layout).double() - seen @ w64.T).abs()
+            assert (err <= 1e-5 * s).all() and (s > 0).all(), (layout.qtype, rows)
 
 
 @pytest.mark.parametrize("qtype", TYPES)

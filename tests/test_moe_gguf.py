@@ -232,6 +232,8 @@ SYNTHETIC = {
     ("qwen3-30b-a3b", "IQ2_M"): (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"IQ2_S", "IQ3_S"}] * 2),
     # and at 1.75 bits per weight, the size the largest MoE models are run from on one machine: IQ1_M experts
     ("qwen3-30b-a3b", "IQ1_M"): (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"IQ1_M"}] * 2),
+    # llama-quantize's MXFP4_MOE (gpt-oss's expert format on another MoE model): MXFP4 experts, Q8_0 elsewhere
+    ("qwen3-30b-a3b", "MXFP4_MOE"): (dict(head_dim=64, kv_heads=2, expert_ffn=256), [{"MXFP4"}] * 2),
 }
 
 
@@ -260,6 +262,28 @@ def test_synthetic_moe_file_runs_on_the_kernels(tmp_path, shape, quant):
             max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3))[0].outputs[0]
     assert outs["quantized"].token_ids == outs["float"].token_ids
     for a, b in zip(outs["quantized"].logprobs, outs["float"].logprobs):
+        torch.testing.assert_close(torch.tensor([v for _, v in a.top]), torch.tensor([v for _, v in b.top]),
+                                   rtol=0, atol=1e-3)
+
+
+def test_mxfp4_experts_are_repacked_with_int8_activations(tmp_path):
+    """An MXFP4_MOE file served as by default (int8 activations): its MXFP4 experts are rewritten as MXFP4x8 (the
+    same bytes), and the greedy tokens and logprobs equal those of the file layout
+    (--gguf-repack none) to the int8 path's rounding (the two layouts sum a block's products in another order)."""
+    from benchmarks.synthetic_gguf import SHAPES, write_synthetic_gguf
+    path = str(tmp_path / "moe-mxfp4.gguf")
+    write_synthetic_gguf(path, dict(SHAPES["qwen3-30b-a3b"], layers=2, hidden=256, heads=4, experts=8, experts_used=2,
+                                    ffn=512, head_dim=64, kv_heads=2, expert_ffn=256), "MXFP4_MOE", context_length=512)
+    outs = {}
+    for repack in ("auto", "none"):
+        engine = _engine(path, quant_activations="int8", gguf_repack=repack)
+        types = {m.parts[0].qtype for layer in engine.runner.model.model.layers
+                 for pair in layer.mlp.experts.methods for m in pair}
+        assert types == ({"MXFP4x8"} if repack == "auto" else {"MXFP4"}), types
+        outs[repack] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
+            max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3))[0].outputs[0]
+    assert outs["auto"].token_ids == outs["none"].token_ids
+    for a, b in zip(outs["auto"].logprobs, outs["none"].logprobs):
         torch.testing.assert_close(torch.tensor([v for _, v in a.top]), torch.tensor([v for _, v in b.top]),
                                    rtol=0, atol=1e-3)
 

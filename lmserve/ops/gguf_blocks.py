@@ -24,10 +24,10 @@ class GGUFWeight:
     """
     qtype: str              # GGUF type name: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K",
     #                         "IQ4_XS", "Q2_K", "IQ4_NL", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
-    #                         "IQ1_S", "IQ1_M";
+    #                         "IQ1_S", "IQ1_M", "MXFP4";
     #                         "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
     #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8", "Q2_Kx8", "IQ4_XSx8",
-    #                         "Q5_Kx8", "Q8_0x8", "Q5_1x8":
+    #                         "Q5_Kx8", "Q8_0x8", "Q5_1x8", "MXFP4x8":
     #                         repacked in 8-row groups (repack, ops/gguf_x8.py)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)
@@ -191,6 +191,17 @@ def _dq_iq4_nl(b):
     return q.mul_(f16(b, 0))
 
 
+# MXFP4 (OCP microscaling FP4): E2M1 values doubled, and half the block's E8M0 power of two as the scale
+MXFP4 = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.float32)
+
+
+def _dq_mxfp4(b):
+    e = b[:, :1].int()
+    bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)                    # 2^(e - 128), subnormal below 2
+    q = MXFP4[nibbles(b[:, 1:], 1).view(b.shape[0], 32).long()]                   # 16 low nibbles, 16 high
+    return q.mul_(bits.view(torch.float32))
+
+
 def _dq_f16(b):
     return b.contiguous().view(torch.float16).float()
 
@@ -207,6 +218,7 @@ QUANTS = {
     "Q4_K": (256, 144, _dq_q4_k), "Q5_K": (256, 176, _dq_q5_k), "Q6_K": (256, 210, _dq_q6_k),
     "Q3_K": (256, 110, _dq_q3_k), "IQ4_XS": (256, 136, _dq_iq4_xs), "Q2_K": (256, 84, _dq_q2_k),
     "F16": (32, 64, _dq_f16), "BF16": (32, 64, _dq_bf16), "IQ4_NL": (32, 18, _dq_iq4_nl),
+    "MXFP4": (32, 17, _dq_mxfp4),
     **gguf_iq.QUANTS,
 }
 SUPPORTED_GGML_TYPES = ("F32", *QUANTS)

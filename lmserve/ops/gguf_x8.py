@@ -28,6 +28,25 @@ def unpack_q4_0x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat([scales, qs], dim=-1).reshape(n, nb * 18)
 
 
+# ---- MXFP4 likewise, an exponent byte per row in place of Q4_0's fp16 scale (csrc/cpu/gguf_mxfp4x8.cpp) ---------
+def repack_mxfp4x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """An MXFP4 [N, K] weight -> groups of 8 rows: per group and block, the 8 exponent bytes, then for t = 0..3
+    each row's 4 index bytes 4t..4t+3."""
+    nb = k // 32
+    blocks = data.reshape(n // 8, 8, nb, 17)
+    exps = blocks[..., 0].transpose(1, 2)
+    qs = blocks[..., 1:].reshape(n // 8, 8, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // 8, nb, 128)
+    return torch.cat([exps, qs], dim=-1).reshape(n, nb * 17)
+
+
+def unpack_mxfp4x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nb = k // 32
+    g = data.reshape(n // 8, nb, 136)
+    exps = g[..., :8].transpose(1, 2).unsqueeze(-1)
+    qs = g[..., 8:].reshape(n // 8, nb, 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(n // 8, 8, nb, 16)
+    return torch.cat([exps, qs], dim=-1).reshape(n, nb * 17)
+
+
 # ---- Q8_0 likewise, 8 chunks of 4 values per block (csrc/cpu/gguf_q8_0x8.cpp) ------------------------------------
 def repack_q8_0x8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """A Q8_0 [N, K] weight -> groups of 8 rows: per group and block, the 8 fp16 scales, then for t = 0..7 each
@@ -331,8 +350,8 @@ def unpack_iq4_xsx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
 REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8,
           "Q4_1": repack_q4_1x8, "Q3_K": repack_q3_kx8,
           "Q2_K": repack_q2_kx8, "IQ4_XS": repack_iq4_xsx8, "Q5_K": repack_q5_kx8,
-          "Q8_0": repack_q8_0x8, "Q5_1": repack_q5_1x8}
+          "Q8_0": repack_q8_0x8, "Q5_1": repack_q5_1x8, "MXFP4": repack_mxfp4x8}
 UNPACK = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8,
           "Q4_1x8": unpack_q4_1x8, "Q3_Kx8": unpack_q3_kx8,
           "Q2_Kx8": unpack_q2_kx8, "IQ4_XSx8": unpack_iq4_xsx8, "Q5_Kx8": unpack_q5_kx8,
-          "Q8_0x8": unpack_q8_0x8, "Q5_1x8": unpack_q5_1x8}
+          "Q8_0x8": unpack_q8_0x8, "Q5_1x8": unpack_q5_1x8, "MXFP4x8": unpack_mxfp4x8}

@@ -14,7 +14,8 @@ namespace avx2 {
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 // log2 of the offset RAW values carry (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q3_K: 4); -1: none
-constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5, 2, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
+constexpr int kOffsetShift[NUM_QTYPES] = {3, -1, 4, -1, -1, -1, -1, 5, 2, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          -1, -1};
 
 ALWAYS_INLINE __m256i nibbles16(const uint8_t* p) {   // 16 bytes -> [16 low nibbles | 16 high nibbles]
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -165,6 +166,11 @@ ALWAYS_INLINE void sub_block(const uint8_t* b, int s, __m256i& q, float& s0, flo
     const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL));
     q = _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles16(b + 2));
     s0 = s1 = f16(b);
+    mn = 0.f;
+  } else if constexpr (QT == MXFP4) {
+    const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kMXFP4));
+    q = _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles16(b + 1));
+    s0 = s1 = e8m0_half(b[0]);
     mn = 0.f;
   } else if constexpr (QT == IQ4_XS) {
     const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL));

@@ -24,31 +24,33 @@ namespace gguf {
 // IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS / IQ3_S: signed grid magnitudes (gguf_iq2_grids.h, gguf_iq3_grids.h), a
 // scale per 32 (IQ2_XS, IQ2_S: per 16); IQ1_S / IQ1_M: grid values -1, 0, 1 plus an offset of +-1/8 per 32 / 8
 // values, held as q = 8 (grid + offset) (gguf_iq1_grids.h), a scale per 32 / 16 (lmserve/ops/gguf_iq.py)
+// MXFP4: OCP microscaling FP4 (gpt-oss's experts, llama-quantize's MXFP4_MOE files): an E8M0 exponent byte and 16
+// index bytes per 32 values; the E2M1 values doubled are integers (kMXFP4), so the scale is 2^(e - 128)
 enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, IQ4_NL,
-             IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, NUM_QTYPES };
-// Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS / Q5_K / Q8_0 / Q5_1 repacked in groups of 8 rows
+             IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, MXFP4, NUM_QTYPES };
+// Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS / Q5_K / Q8_0 / Q5_1 / MXFP4 repacked in groups of 8 rows
 // (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp also Q5_K, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp also Q5_1, gguf_q3_kx8.cpp,
-// gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp):
+// gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp, gguf_mxfp4x8.cpp):
 // the same bytes
 // in another order, read only by those files; x8_source: the file type whose block sizes they keep
 constexpr int Q4_0X8 = NUM_QTYPES, Q4_KX8 = NUM_QTYPES + 1, Q6_KX8 = NUM_QTYPES + 2, Q5_0X8 = NUM_QTYPES + 3,
               Q4_1X8 = NUM_QTYPES + 4, Q3_KX8 = NUM_QTYPES + 5, Q2_KX8 = NUM_QTYPES + 6,
               IQ4_XSX8 = NUM_QTYPES + 7, Q5_KX8 = NUM_QTYPES + 8,
-              Q8_0X8 = NUM_QTYPES + 9, Q5_1X8 = NUM_QTYPES + 10, LAST_X8 = Q5_1X8;
+              Q8_0X8 = NUM_QTYPES + 9, Q5_1X8 = NUM_QTYPES + 10, MXFP4X8 = NUM_QTYPES + 11, LAST_X8 = MXFP4X8;
 constexpr bool is_x8(int qt) { return qt >= Q4_0X8 && qt <= LAST_X8; }
 constexpr int x8_source(int qt) {
   return qt == Q4_0X8 ? Q4_0 : qt == Q4_KX8 ? Q4_K : qt == Q6_KX8 ? Q6_K : qt == Q5_0X8 ? Q5_0
       : qt == Q4_1X8 ? Q4_1 : qt == Q3_KX8 ? Q3_K : qt == Q2_KX8 ? Q2_K
       : qt == IQ4_XSX8 ? IQ4_XS : qt == Q5_KX8 ? Q5_K : qt == Q8_0X8 ? Q8_0
-      : qt == Q5_1X8 ? Q5_1 : qt;
+      : qt == Q5_1X8 ? Q5_1 : qt == MXFP4X8 ? MXFP4 : qt;
 }
 constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32, 32,
-                                         256, 256, 256, 256, 256, 256, 256};
+                                         256, 256, 256, 256, 256, 256, 256, 32};
 constexpr int kBlockBytes[NUM_QTYPES] = {18, 20, 22, 24, 34, 144, 176, 210, 110, 136, 84, 64, 64, 18,
-                                         66, 74, 82, 98, 110, 50, 56};
+                                         66, 74, 82, 98, 110, 50, 56, 17};
 // types whose values are unsigned with an offset per 32 (the min term; Q2_K: per 16); the others are signed, min 0
 constexpr bool kHasMin[NUM_QTYPES] = {false, true, false, true, false, true, true, false, false, false, true, false,
-                                       false, false, false, false, false, false, false, false, false};
+                                       false, false, false, false, false, false, false, false, false, false};
 // 16-bit float weights: float activations on every path (an int8 call multiplies these parts in float)
 constexpr bool kFloat16(int qt) { return qt == F16 || qt == BF16; }
 // an offset per 16 values (Q2_K); the others' two halves share theirs
@@ -61,9 +63,21 @@ constexpr bool kScalePer16(int qt) {
 constexpr bool kGrid(int qt) { return qt >= IQ2_XXS && qt <= IQ1_M; }
 constexpr bool kIQ1(int qt) { return qt == IQ1_S || qt == IQ1_M; }
 // signed values over the whole int8 range, no stored offset to keep (VNNI feeds them as q ^ 0x80)
-constexpr bool kFullSigned(int qt) { return qt == Q8_0 || qt == IQ4_XS || qt == IQ4_NL || kGrid(qt); }
+constexpr bool kFullSigned(int qt) {
+  return qt == Q8_0 || qt == IQ4_XS || qt == IQ4_NL || qt == MXFP4 || kGrid(qt);
+}
 // IQ4_XS's and IQ4_NL's 16 non-linear levels (llama.cpp's kvalues_iq4nl)
 constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+// MXFP4's 16 E2M1 values, doubled (llama.cpp's kvalues_mxfp4)
+constexpr int8_t kMXFP4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// MXFP4's scale: half of the E8M0 exponent byte's 2^(e - 127), built from its bits (e < 2: subnormal), exact
+static inline float e8m0_half(uint8_t e) {
+  const uint32_t u = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 static inline float f16(const uint8_t* p) {   // exact either way; F16C is one instruction (K-quants read 16/block)
   uint16_t h;
@@ -205,6 +219,15 @@ static inline void decode_block(int qt, const uint8_t* b, Decoded& o) {
       for (int l = 0; l < 16; ++l) {
         o.q[l] = kIQ4NL[b[2 + l] & 15];
         o.q[16 + l] = kIQ4NL[b[2 + l] >> 4];
+      }
+      break;
+    }
+    case MXFP4: {    // e qs[16]: values from kMXFP4, low nibbles 0-15, high 16-31
+      o.scale[0] = o.scale[1] = e8m0_half(b[0]);
+      o.min[0] = o.min[1] = 0.f;
+      for (int l = 0; l < 16; ++l) {
+        o.q[l] = kMXFP4[b[1 + l] & 15];
+        o.q[16 + l] = kMXFP4[b[1 + l] >> 4];
       }
       break;
     }

@@ -128,6 +128,7 @@ void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out) {
     case IQ4_XS: return dequant_type<IQ4_XS>(row, nb, out);
     case Q2_K: return dequant_type<Q2_K>(row, nb, out);
     case IQ4_NL: return dequant_type<IQ4_NL>(row, nb, out);
+    case MXFP4: return dequant_type<MXFP4>(row, nb, out);
     case IQ2_XXS: return dequant_type<IQ2_XXS>(row, nb, out);
     case IQ2_XS: return dequant_type<IQ2_XS>(row, nb, out);
     case IQ2_S: return dequant_type<IQ2_S>(row, nb, out);
@@ -184,6 +185,7 @@ void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case IQ4_XS: return dot_type<IQ4_XS>(p, n0, n1);
     case Q2_K: return dot_type<Q2_K>(p, n0, n1);
     case IQ4_NL: return dot_type<IQ4_NL>(p, n0, n1);
+    case MXFP4: return dot_type<MXFP4>(p, n0, n1);
     case IQ2_XXS: return dot_type<IQ2_XXS>(p, n0, n1);
     case IQ2_XS: return dot_type<IQ2_XS>(p, n0, n1);
     case IQ2_S: return dot_type<IQ2_S>(p, n0, n1);

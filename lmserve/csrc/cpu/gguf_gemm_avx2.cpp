@@ -171,6 +171,7 @@ void int8_avx2(const DotArgs& p, int64_t n0, int64_t n1) {
     case IQ4_XS: return int8_type<IQ4_XS>(p, n0, n1);
     case Q2_K: return int8_type<Q2_K>(p, n0, n1);
     case IQ4_NL: return int8_type<IQ4_NL>(p, n0, n1);
+    case MXFP4: return int8_type<MXFP4>(p, n0, n1);
     case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ1_S: case IQ1_M:
       return grid::matmul<Avx2Dot>(p, n0, n1);
     default: return;
