@@ -258,18 +258,27 @@ def test_synthetic_moe_file_runs_on_the_kernels(tmp_path, shape, quant):
                       if hasattr(layer.mlp, "shared_expert")]
             assert len(shared) == (2 if "shared_ffn" in overrides else 0)
             assert all(isinstance(m.gate_up_proj.linear_method, GGUFLinear) for m in shared)
-        outs[weights] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
-            max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3))[0].outputs[0]
-    assert outs["quantized"].token_ids == outs["float"].token_ids
-    for a, b in zip(outs["quantized"].logprobs, outs["float"].logprobs):
-        torch.testing.assert_close(torch.tensor([v for _, v in a.top]), torch.tensor([v for _, v in b.top]),
+        outs[weights] = _greedy(engine)
+    _assert_same_greedy(outs["quantized"], outs["float"])
+
+
+def _greedy(engine):
+    return engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3))[0].outputs[0]
+
+
+def _assert_same_greedy(a, b):
+    """The same tokens, and top-3 logprobs within 1e-3."""
+    assert a.token_ids == b.token_ids
+    for x, y in zip(a.logprobs, b.logprobs):
+        torch.testing.assert_close(torch.tensor([v for _, v in x.top]), torch.tensor([v for _, v in y.top]),
                                    rtol=0, atol=1e-3)
 
 
 def test_mxfp4_experts_are_repacked_with_int8_activations(tmp_path):
     """An MXFP4_MOE file served as by default (int8 activations): its MXFP4 experts are rewritten as MXFP4x8 (the
-    same bytes), and the greedy tokens and logprobs equal those of the file layout
-    (--gguf-repack none) to the int8 path's rounding (the two layouts sum a block's products in another order)."""
+    same bytes), and the greedy tokens and logprobs equal those of the file layout (--gguf-repack none) to the
+    int8 path's rounding (the two layouts sum a block's products in another order)."""
     from benchmarks.synthetic_gguf import SHAPES, write_synthetic_gguf
     path = str(tmp_path / "moe-mxfp4.gguf")
     write_synthetic_gguf(path, dict(SHAPES["qwen3-30b-a3b"], layers=2, hidden=256, heads=4, experts=8, experts_used=2,
@@ -280,12 +289,8 @@ def test_mxfp4_experts_are_repacked_with_int8_activations(tmp_path):
         types = {m.parts[0].qtype for layer in engine.runner.model.model.layers
                  for pair in layer.mlp.experts.methods for m in pair}
         assert types == ({"MXFP4x8"} if repack == "auto" else {"MXFP4"}), types
-        outs[repack] = engine.generate([[1, 50, 700, 3000, 12000]], SamplingParams(
-            max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3))[0].outputs[0]
-    assert outs["auto"].token_ids == outs["none"].token_ids
-    for a, b in zip(outs["auto"].logprobs, outs["none"].logprobs):
-        torch.testing.assert_close(torch.tensor([v for _, v in a.top]), torch.tensor([v for _, v in b.top]),
-                                   rtol=0, atol=1e-3)
+        outs[repack] = _greedy(engine)
+    _assert_same_greedy(outs["auto"], outs["none"])
 
 
 @pytest.mark.parametrize("dtype", ["auto", "float32"])

@@ -70,8 +70,8 @@ void gemm_tiles(float* out, int64_t ldo, const at::Tensor& x, const uint8_t* w, 
 // there is no reuse to pay for it: on a Zen 4 host, with the weights in DRAM as in a model's decode, they measured
 // 1.6-1.9x slower at M = 1-2 for Q4_0 / Q4_K (Q5_K: 1.5x at M = 1; Q8_0 likewise). Q6_K keeps its AVX512 tiles: its
 // unpacking costs more than the second stream (from DRAM at M = 1, N 2048 x K 8192: AVX2 tile 0.60 ms, AVX512 0.47),
-// and so does MXFP4's: the AVX2 tile's |v| and sign(x, v) per 32 values against vpdpbusd on v + 128 (two threads, N
-// 16384 x K 2048 from DRAM: M = 1 0.65-0.70 -> 0.47 ms, M = 2 0.84-0.89 -> 0.52).
+// and so does MXFP4's: a table lookup per 32 values and the AVX2 tile's int16 sums against vpdpbusd on v + 128
+// (two threads, N 16384 x K 2048 from DRAM: M = 1 0.64-0.70 -> 0.47 ms, M = 2 0.83-0.89 -> 0.52).
 // Half-filled 512-bit registers are no cure: Zen 4 executes them as two 256-bit halves. On an Intel Sapphire Rapids
 // host, whose 512-bit units are whole, it is the other way round: the AVX512 tiles took Q4_0 at M = 1 / 2 from
 // 1.15 / 1.7 to 0.91 / 1.0 ms, Q4_K 1.2 / 1.35 to 1.07 / 1.17 (DRAM), a 1B decode step 26 -> 32 tok/s. So the rule
