@@ -101,6 +101,7 @@ QUANT_MIXES = {
     "Q3_K_M": (lambda n, i, k: "Q6_K" if n == "output" else
                "Q4_K" if n in ("attn_v", "attn_output", "ffn_down") else "Q3_K", 12),
     "IQ4_XS": (lambda n, i, k: "Q6_K" if n == "output" else "IQ4_XS", 30),
+    "IQ4_NL": (lambda n, i, k: "Q6_K" if n == "output" else "IQ4_NL", 25),
     # llama.cpp's Q2_K, simplified: Q3_K for attn_v / ffn_down, Q6_K for the head
     "Q2_K": (lambda n, i, k: "Q6_K" if n == "output" else "Q3_K" if n in ("attn_v", "ffn_down") else "Q2_K", 10),
     # the i-quant files, simplified from llama-quant.cpp: more bits for the head (Q5_K at 2-3 bits per weight) and

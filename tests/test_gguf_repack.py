@@ -1,5 +1,5 @@
 """GGUF types repacked in groups of 8 rows (ops/gguf_x8.py, csrc/cpu/gguf_*x8.cpp: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS, MXFP4): the layout
+Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS, MXFP4, IQ4_NL): the layout
 round-trips, its int8 matmul matches float64 within the int8 path's bounds (test_gguf_kernels.py's tolerances),
 every ISA path returns the same bits (scalar reference, AVX2, AVX512-VNNI, AMX), rows are batch-invariant, and the
 loader serves Q4_0 files repacked (same size, the mapped pages released) with logits close to the file layout's.
@@ -38,7 +38,7 @@ def _matmul(x, w, int8=True):
         return ops.gguf_matmul(x, w, None, int8)
 
 
-TYPES = ("Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q3_K", "Q2_K", "IQ4_XS", "Q5_K", "Q8_0", "Q5_1", "MXFP4")
+TYPES = ("Q4_0", "Q4_K", "Q6_K", "Q5_0", "Q4_1", "Q3_K", "Q2_K", "IQ4_XS", "Q5_K", "Q8_0", "Q5_1", "MXFP4", "IQ4_NL")
 
 
 def _weight(n, k, seed, qtype="Q4_0"):
@@ -57,7 +57,7 @@ def test_repack_round_trips_and_keeps_the_size(qtype):
     assert torch.equal(unpack(p).data, w.data)
     assert torch.equal(p.dequantize(), w.dequantize())
     assert not can_repack(random_weight(qtype, 20, _k(qtype), seed=1))      # not whole groups of 8 rows
-    assert not can_repack(random_weight("IQ4_NL", 24, 96, seed=1))
+    assert not can_repack(random_weight("IQ3_S", 24, 256, seed=1))
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -228,11 +228,12 @@ def test_q4_0_file_is_served_repacked_in_about_its_size(tmp_path):
 
 @pytest.mark.parametrize("quant,packed_types", [("Q3_K_M", {"Q3_Kx8", "Q4_Kx8"}), ("Q2_K", {"Q2_Kx8", "Q3_Kx8"}),
                                                 ("IQ4_XS", {"IQ4_XSx8"}), ("Q5_K_M", {"Q5_Kx8", "Q6_Kx8"}),
-                                                ("Q5_1", {"Q5_1x8"}), ("Q8_0", {"Q8_0x8"})])
+                                                ("Q5_1", {"Q5_1x8"}), ("Q8_0", {"Q8_0x8"}),
+                                                ("IQ4_NL", {"IQ4_NLx8"})])
 def test_files_of_other_types_are_served_repacked(quant, packed_types, tmp_path):
-    """Q3_K_M / Q2_K / IQ4_XS / Q5_K_M / Q5_1 / Q8_0 files (the mixes as in llama.cpp's, simplified): every Q3_K,
-    Q2_K, IQ4_XS, Q5_K, Q5_1 and Q8_0 matrix is repacked, and the logits agree with the file layout's. The two
-    layouts' kernels sum in different orders (last-bit differences): the first position, which attends only to itself, agrees to float rounding; later
+    """Q3_K_M / Q2_K / IQ4_XS / Q5_K_M / Q5_1 / Q8_0 / IQ4_NL files (the mixes as in llama.cpp's, simplified): every
+    Q3_K, Q2_K, IQ4_XS, Q5_K, Q5_1, Q8_0 and IQ4_NL matrix is repacked, and the logits agree with the file layout's.
+    The two layouts' kernels sum in different orders (last-bit differences): the first position, which attends only to itself, agrees to float rounding; later
     ones go through the random weights' near-one-hot attention, which turns last bits into int8 activation
     rounding flips downstream (seen on IQ4_XS: q/k/v outputs 4e-7 apart, attention outputs 5e-5), so they are
     held to the int8 path's own error instead (its distance from --weights float is ~1.3% of the largest logit)."""
@@ -249,7 +250,8 @@ def test_files_of_other_types_are_served_repacked(quant, packed_types, tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         got[repack] = json.loads(out.stdout.strip().splitlines()[-1])
     assert packed_types <= set(got["auto"]["qtypes"]), got["auto"]["qtypes"]
-    assert not {"Q3_K", "Q2_K", "IQ4_XS", "Q5_K", "Q5_1", "Q8_0"} & set(got["auto"]["qtypes"]), got["auto"]["qtypes"]
+    assert not {"Q3_K", "Q2_K", "IQ4_XS", "Q5_K", "Q5_1", "Q8_0", "IQ4_NL"} & set(got["auto"]["qtypes"]), \
+        got["auto"]["qtypes"]
     assert {t[:-2] for t in packed_types} <= set(got["none"]["qtypes"]), got["none"]["qtypes"]
     a, b = torch.tensor(got["auto"]["logits"]), torch.tensor(got["none"]["logits"])
     assert (a[0] - b[0]).abs().max() <= 1e-5 * b[0].abs().max(), (a[0] - b[0]).abs().max()

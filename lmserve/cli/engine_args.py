@@ -94,7 +94,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "products, llama.cpp's approach; not exact), float = exact; auto = int8 where the CPU has an "
                         "integer dot path (AVX2 or better) unless --dtype float32 is given")
     p.add_argument("--gguf-repack", default="auto", choices=["auto", "none"],
-                   help="GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K and IQ4_XS matrices with int8 activations: auto (default) rewrites "
+                   help="GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS, IQ4_NL and MXFP4 "
+                        "matrices with int8 activations: auto (default) rewrites "
                         "them once at load into groups of 8 rows, the layout the int8 kernels read 1.5-5x faster (same "
                         "size; kept in a file every process serving the GGUF shares, see --gguf-repack-cache); none "
                         "serves them from the memory-mapped file as they are")

@@ -82,8 +82,8 @@ def _float_bytes(path: str, dtype: torch.dtype) -> int:
 def load_model_weights(model: nn.Module, path: str, arch, dtype: torch.dtype, quantized: bool,
                        int8: bool = False, repack: bool = False, repack_cache: str | None = None) -> None:
     """int8: GGUF layers multiply with int8-quantized activations (--quant-activations); repack: Q4_0, Q4_1, Q5_0,
-    Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS matrices in the int8 kernels' 8-row groups, F16 ones as BF16 where the bf16
-    path runs (--gguf-repack; model/gguf_weights.py); repack_cache: the directory the repacked GGUF matrices are
+    Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS, IQ4_NL, MXFP4 matrices in the int8 kernels' 8-row groups, F16
+    ones as BF16 where the bf16 path runs (--gguf-repack; model/gguf_weights.py); repack_cache: the directory the repacked GGUF matrices are
     kept and shared in (--gguf-repack-cache; model/repack_cache.py), None = private memory."""
     if not quantized:
         model.load_weights(load_state_dict(path, dtype, arch.tp_rank, arch.tp_size))

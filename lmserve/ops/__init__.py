@@ -17,7 +17,7 @@ Model code calls these functions and never sees which implementation runs:
 | rope_write_kv     | rope_write_kv(qkv [T, (h+2kvh)d], cos, sin, k_cache, v_cache, slot_mapping, h, kvh, d) | q [T, h, d] rotated; k rotated and v written to the cache |
 | gguf_matmul       | gguf_matmul(x [T, K], w: GGUFWeight [N, K] or a list, bias=None, int8=False) | x @ W.T (+ bias), [T, N]; int8: activations quantized (linear.py) |
 | gguf_dequantize   | gguf_dequantize(w: GGUFWeight, rows: LongTensor | None = None)        | float32 [len(rows) or N, K]        |
-| gguf_repack       | gguf_repack(w: GGUFWeight Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K / IQ4_XS / MXFP4, N % 8 == 0) | the same bytes in 8-row groups (GGUFWeight "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8", "Q2_Kx8", "IQ4_XSx8", "Q5_Kx8", "Q8_0x8", "Q5_1x8", "MXFP4x8") |
+| gguf_repack       | gguf_repack(w: GGUFWeight Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K / IQ4_XS / MXFP4 / IQ4_NL, N % 8 == 0) | the same bytes in 8-row groups (GGUFWeight "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8", "Q2_Kx8", "IQ4_XSx8", "Q5_Kx8", "Q8_0x8", "Q5_1x8", "MXFP4x8", "IQ4_NLx8") |
 | decode_attention  | decode_attention(q [S, h, d], k_cache, v_cache, decode: DecodeBatch, block_size, scale, sliding_window=None) | [S, h, d] |
 | prefill_attention | prefill_attention(q [T, h, d], k_cache, v_cache, group: AttentionGroup, scale) | [S * q_len, h, d], rows of group.token_index |
 | decoder_stack     | make_decoder_stack(spec: decoder_stack.StackSpec)                     | a C++ object running a decode step's layers in one call, or None (no kernel: the modules run) |

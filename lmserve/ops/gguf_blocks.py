@@ -27,7 +27,7 @@ class GGUFWeight:
     #                         "IQ1_S", "IQ1_M", "MXFP4";
     #                         "F16", "BF16" (16-bit float matrices, 64 bytes per 32 values);
     #                         "Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8", "Q2_Kx8", "IQ4_XSx8",
-    #                         "Q5_Kx8", "Q8_0x8", "Q5_1x8", "MXFP4x8":
+    #                         "Q5_Kx8", "Q8_0x8", "Q5_1x8", "MXFP4x8", "IQ4_NLx8":
     #                         repacked in 8-row groups (repack, ops/gguf_x8.py)
     data: torch.Tensor      # uint8 [N, row_bytes]
     shape: tuple[int, int]  # (N, K)

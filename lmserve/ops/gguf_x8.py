@@ -350,8 +350,10 @@ def unpack_iq4_xsx8(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
 REPACK = {"Q4_0": repack_q4_0x8, "Q4_K": repack_q4_kx8, "Q6_K": repack_q6_kx8, "Q5_0": repack_q5_0x8,
           "Q4_1": repack_q4_1x8, "Q3_K": repack_q3_kx8,
           "Q2_K": repack_q2_kx8, "IQ4_XS": repack_iq4_xsx8, "Q5_K": repack_q5_kx8,
-          "Q8_0": repack_q8_0x8, "Q5_1": repack_q5_1x8, "MXFP4": repack_mxfp4x8}
+          "Q8_0": repack_q8_0x8, "Q5_1": repack_q5_1x8, "MXFP4": repack_mxfp4x8,
+          "IQ4_NL": repack_q4_0x8}     # IQ4_NL's block is Q4_0's bytes (fp16 d, 16 index bytes): the same layout
 UNPACK = {"Q4_0x8": unpack_q4_0x8, "Q4_Kx8": unpack_q4_kx8, "Q6_Kx8": unpack_q6_kx8, "Q5_0x8": unpack_q5_0x8,
           "Q4_1x8": unpack_q4_1x8, "Q3_Kx8": unpack_q3_kx8,
           "Q2_Kx8": unpack_q2_kx8, "IQ4_XSx8": unpack_iq4_xsx8, "Q5_Kx8": unpack_q5_kx8,
-          "Q8_0x8": unpack_q8_0x8, "Q5_1x8": unpack_q5_1x8, "MXFP4x8": unpack_mxfp4x8}
+          "Q8_0x8": unpack_q8_0x8, "Q5_1x8": unpack_q5_1x8, "MXFP4x8": unpack_mxfp4x8,
+          "IQ4_NLx8": unpack_q4_0x8}

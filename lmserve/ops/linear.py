@@ -27,7 +27,7 @@ FLOAT16 = ("F16", "BF16")
 # and the repacked layouts (gguf_x8.py repack_q4_0x8): int8 activations only
 _QTYPE_ID = {name: i for i, name in enumerate(QTYPES + ("Q4_0x8", "Q4_Kx8", "Q6_Kx8", "Q5_0x8", "Q4_1x8", "Q3_Kx8",
                                                                     "Q2_Kx8", "IQ4_XSx8", "Q5_Kx8", "Q8_0x8", "Q5_1x8",
-                                                                    "MXFP4x8"))}
+                                                                    "MXFP4x8", "IQ4_NLx8"))}
 # Float activations: above this many rows the matmul is compute-bound and dequantizes panels of W for a tile GEMM
 # (crossover measured with benchmarks/gguf_kernels.py --crossover, docs/benchmarks.md). int8 runs one GEMM for all.
 DOT_MAX_ROWS = 16
@@ -121,8 +121,8 @@ class GGUFMatmulOp(CustomOp):
 
 @register
 class GGUFRepackOp(CustomOp):
-    """gguf_repack(w: GGUFWeight Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K / IQ4_XS / MXFP4,
-    N a multiple of 8) -> the same weight in the int8 kernels' 8-row groups (gguf_x8.py is the reference; the kernel
+    """gguf_repack(w: GGUFWeight Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / Q3_K / Q2_K / IQ4_XS / MXFP4 /
+    IQ4_NL, N a multiple of 8) -> the same weight in the int8 kernels' 8-row groups (gguf_x8.py is the reference; the kernel
     does it in parallel, ~0.1 s for a 1B model).
     F16: as BF16 where the int8 (non-exact) calls' bf16 path would round it so anyway, else unchanged."""
     name = "gguf_repack"

@@ -28,21 +28,22 @@ namespace gguf {
 // index bytes per 32 values; the E2M1 values doubled are integers (kMXFP4), so the scale is 2^(e - 128)
 enum QType { Q4_0 = 0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_XS, Q2_K, F16, BF16, IQ4_NL,
              IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, MXFP4, NUM_QTYPES };
-// Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS / Q5_K / Q8_0 / Q5_1 / MXFP4 repacked in groups of 8 rows
+// Q4_0 / Q4_K / Q6_K / Q5_0 / Q4_1 / Q3_K / Q2_K / IQ4_XS / Q5_K / Q8_0 / Q5_1 / MXFP4 / IQ4_NL in 8-row groups
 // (gguf_q4_0x8.cpp also Q4_1, gguf_q4_kx8.cpp also Q5_K, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp also Q5_1, gguf_q3_kx8.cpp,
-// gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp, gguf_mxfp4x8.cpp):
+// gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp, gguf_mxfp4x8.cpp also IQ4_NL):
 // the same bytes
 // in another order, read only by those files; x8_source: the file type whose block sizes they keep
 constexpr int Q4_0X8 = NUM_QTYPES, Q4_KX8 = NUM_QTYPES + 1, Q6_KX8 = NUM_QTYPES + 2, Q5_0X8 = NUM_QTYPES + 3,
               Q4_1X8 = NUM_QTYPES + 4, Q3_KX8 = NUM_QTYPES + 5, Q2_KX8 = NUM_QTYPES + 6,
               IQ4_XSX8 = NUM_QTYPES + 7, Q5_KX8 = NUM_QTYPES + 8,
-              Q8_0X8 = NUM_QTYPES + 9, Q5_1X8 = NUM_QTYPES + 10, MXFP4X8 = NUM_QTYPES + 11, LAST_X8 = MXFP4X8;
+              Q8_0X8 = NUM_QTYPES + 9, Q5_1X8 = NUM_QTYPES + 10, MXFP4X8 = NUM_QTYPES + 11,
+              IQ4_NLX8 = NUM_QTYPES + 12, LAST_X8 = IQ4_NLX8;
 constexpr bool is_x8(int qt) { return qt >= Q4_0X8 && qt <= LAST_X8; }
 constexpr int x8_source(int qt) {
   return qt == Q4_0X8 ? Q4_0 : qt == Q4_KX8 ? Q4_K : qt == Q6_KX8 ? Q6_K : qt == Q5_0X8 ? Q5_0
       : qt == Q4_1X8 ? Q4_1 : qt == Q3_KX8 ? Q3_K : qt == Q2_KX8 ? Q2_K
       : qt == IQ4_XSX8 ? IQ4_XS : qt == Q5_KX8 ? Q5_K : qt == Q8_0X8 ? Q8_0
-      : qt == Q5_1X8 ? Q5_1 : qt == MXFP4X8 ? MXFP4 : qt;
+      : qt == Q5_1X8 ? Q5_1 : qt == MXFP4X8 ? MXFP4 : qt == IQ4_NLX8 ? IQ4_NL : qt;
 }
 constexpr int kBlockElems[NUM_QTYPES] = {32, 32, 32, 32, 32, 256, 256, 256, 256, 256, 256, 32, 32, 32,
                                          256, 256, 256, 256, 256, 256, 256, 32};

@@ -3,7 +3,7 @@
 // gguf_gemm_avx2.cpp: AVX2 int8 GEMM for every M and the float tile GEMM; gguf_gemm_avx512.cpp: that int8 GEMM on
 // AVX512-VNNI, chosen at run time (both run the i-quant grid types through gguf_grid_lanes.h); gguf_q4_0x8.cpp, gguf_q4_kx8.cpp, gguf_q6_kx8.cpp, gguf_q5_0x8.cpp,
 // gguf_q3_kx8.cpp, gguf_q2_kx8.cpp, gguf_iq4_xsx8.cpp, gguf_q8_0x8.cpp, gguf_mxfp4x8.cpp: the int8 GEMM on Q4_0 /
-// Q4_1 / Q4_K / Q5_K / Q6_K / Q5_0 / Q3_K / Q2_K / IQ4_XS / Q8_0 / Q5_1 / MXFP4 repacked in groups of 8 rows;
+// Q4_1 / Q4_K / Q5_K / Q6_K / Q5_0 / Q3_K / Q2_K / IQ4_XS / Q8_0 / Q5_1 / MXFP4 / IQ4_NL repacked in 8-row groups;
 // gguf_amx.cpp: that GEMM on AMX-INT8
 // tiles for prefill-sized calls, chosen at run time, with gguf_amx_panels.cpp (gguf_amx.h); gguf_bf16_avx512.cpp: F16 / BF16 weights x bf16 activations on
 // AVX512-BF16).
@@ -118,6 +118,9 @@ void q5_1x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t
 void mxfp4x8_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 void mxfp4x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out);
 void mxfp4x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
+void iq4_nlx8_scalar(const DotArgs& p, int64_t n0, int64_t n1);
+void iq4_nlx8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out);
+void iq4_nlx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define LMSERVE_GGUF_AVX2 1
 void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1);    // float activations, decode sizes
@@ -148,6 +151,8 @@ void q5_1x8_avx2(const DotArgs& p, int64_t n0, int64_t n1);
 void q5_1x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
 void mxfp4x8_avx2(const DotArgs& p, int64_t n0, int64_t n1);
 void mxfp4x8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
+void iq4_nlx8_avx2(const DotArgs& p, int64_t n0, int64_t n1);
+void iq4_nlx8_avx512vnni(const DotArgs& p, int64_t n0, int64_t n1);
 void dequant_avx2(int qt, const uint8_t* row, int64_t nb, float* out);   // nb blocks -> float32, as the reference
 void quantize_group_avx2(Act& a, const float* x, int64_t g);   // quantize_act's group g, the same values
 // F16 / BF16 weights x bf16 activations on AVX512-BF16 (gguf_bf16_avx512.cpp); act_bf16 fills a.xb

@@ -70,8 +70,9 @@ void gemm_tiles(float* out, int64_t ldo, const at::Tensor& x, const uint8_t* w, 
 // there is no reuse to pay for it: on a Zen 4 host, with the weights in DRAM as in a model's decode, they measured
 // 1.6-1.9x slower at M = 1-2 for Q4_0 / Q4_K (Q5_K: 1.5x at M = 1; Q8_0 likewise). Q6_K keeps its AVX512 tiles: its
 // unpacking costs more than the second stream (from DRAM at M = 1, N 2048 x K 8192: AVX2 tile 0.60 ms, AVX512 0.47),
-// and so does MXFP4's: a table lookup per 32 values and the AVX2 tile's int16 sums against vpdpbusd on v + 128
-// (two threads, N 16384 x K 2048 from DRAM: M = 1 0.64-0.70 -> 0.47 ms, M = 2 0.83-0.89 -> 0.52).
+// and so does the table lookup of MXFP4 and IQ4_NL (the AVX2 tile's int16 sums, or |v| and sign(x, v), against
+// vpdpbusd on v + 128; two threads, N 16384 x K 2048 from DRAM: MXFP4 M = 1 0.64-0.70 -> 0.42-0.55 ms, M = 2
+// 0.83-0.89 -> 0.52-0.58; IQ4_NL M = 1 0.51 -> 0.34-0.38, M = 2 0.76 -> 0.36-0.39).
 // Half-filled 512-bit registers are no cure: Zen 4 executes them as two 256-bit halves. On an Intel Sapphire Rapids
 // host, whose 512-bit units are whole, it is the other way round: the AVX512 tiles took Q4_0 at M = 1 / 2 from
 // 1.15 / 1.7 to 0.91 / 1.0 ms, Q4_K 1.2 / 1.35 to 1.07 / 1.17 (DRAM), a 1B decode step 26 -> 32 tok/s. So the rule
@@ -89,17 +90,19 @@ void x8_matmul(const DotArgs& p, int64_t n0, int64_t n1, [[maybe_unused]] bool a
   using Fn = void (*)(const DotArgs&, int64_t, int64_t);
   static constexpr Fn kScalar[] = {q4_0x8_scalar, q4_kx8_scalar, q6_kx8_scalar, q5_0x8_scalar, q4_1x8_scalar,
                                    q3_kx8_scalar, q2_kx8_scalar, iq4_xsx8_scalar, q5_kx8_scalar,
-                                   q8_0x8_scalar, q5_1x8_scalar, mxfp4x8_scalar};
+                                   q8_0x8_scalar, q5_1x8_scalar, mxfp4x8_scalar, iq4_nlx8_scalar};
   const int i = p.qt - Q4_0X8;
 #ifdef LMSERVE_GGUF_AVX2
   static constexpr Fn kAvx2[] = {q4_0x8_avx2, q4_kx8_avx2, q6_kx8_avx2, q5_0x8_avx2, q4_1x8_avx2, q3_kx8_avx2,
-                                 q2_kx8_avx2, iq4_xsx8_avx2, q5_kx8_avx2, q8_0x8_avx2, q5_1x8_avx2, mxfp4x8_avx2};
+                                 q2_kx8_avx2, iq4_xsx8_avx2, q5_kx8_avx2, q8_0x8_avx2, q5_1x8_avx2, mxfp4x8_avx2,
+                                 iq4_nlx8_avx2};
   static constexpr Fn kVnni[] = {q4_0x8_avx512vnni, q4_kx8_avx512vnni, q6_kx8_avx512vnni,
                                   q5_0x8_avx512vnni, q4_1x8_avx512vnni, q3_kx8_avx512vnni,
                                   q2_kx8_avx512vnni, iq4_xsx8_avx512vnni, q5_kx8_avx512vnni,
-                                  q8_0x8_avx512vnni, q5_1x8_avx512vnni, mxfp4x8_avx512vnni};
+                                  q8_0x8_avx512vnni, q5_1x8_avx512vnni, mxfp4x8_avx512vnni, iq4_nlx8_avx512vnni};
   if (avx2) {
-    const Fn tiles = (vnni512 && (p.M > stream_rows() || p.qt == Q6_KX8 || p.qt == MXFP4X8) ? kVnni : kAvx2)[i];
+    const bool lookup = p.qt == Q6_KX8 || p.qt == MXFP4X8 || p.qt == IQ4_NLX8;   // unpacking-bound: see above
+    const Fn tiles = (vnni512 && (p.M > stream_rows() || lookup) ? kVnni : kAvx2)[i];
     if (amx && amx_x8_takes(p.qt, p.M)) return amx_x8(p, n0, n1, tiles);
     return tiles(p, n0, n1);
   }
@@ -356,6 +359,7 @@ void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t qtype, at::Tensor row
       else if (qt == Q8_0X8) q8_0x8_rows(wp, ws, n, nb, op + r * K);
       else if (qt == Q5_1X8) q5_1x8_rows(wp, ws, n, nb, op + r * K);
       else if (qt == MXFP4X8) mxfp4x8_rows(wp, ws, n, nb, op + r * K);
+      else if (qt == IQ4_NLX8) iq4_nlx8_rows(wp, ws, n, nb, op + r * K);
       else dequant_row(qt, wp + n * ws, nb, op + r * K);
     }
   });
@@ -363,8 +367,9 @@ void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t qtype, at::Tensor row
 
 void gguf_repack(at::Tensor out, at::Tensor w, int64_t qtype) {
   TORCH_CHECK(qtype == Q4_0 || qtype == Q4_K || qtype == Q6_K || qtype == Q5_0 || qtype == Q4_1 || qtype == Q3_K ||
-              qtype == Q2_K || qtype == IQ4_XS || qtype == Q5_K || qtype == Q8_0 || qtype == Q5_1 || qtype == MXFP4,
-              "gguf_repack: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS or MXFP4 only");
+              qtype == Q2_K || qtype == IQ4_XS || qtype == Q5_K || qtype == Q8_0 || qtype == Q5_1 || qtype == MXFP4 ||
+              qtype == IQ4_NL,
+              "gguf_repack: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS, MXFP4 or IQ4_NL only");
   const int qt = static_cast<int>(qtype);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.size(0) % 8 == 0 &&
               w.size(1) % kBlockBytes[qt] == 0, "gguf_repack: whole blocks, whole groups of 8 contiguous rows");
@@ -376,7 +381,7 @@ void gguf_repack(at::Tensor out, at::Tensor w, int64_t qtype) {
     const auto pack = qt == Q4_0 ? q4_0x8_pack : qt == Q4_K ? q4_kx8_pack : qt == Q6_K ? q6_kx8_pack
         : qt == Q5_0 ? q5_0x8_pack : qt == Q4_1 ? q4_1x8_pack : qt == Q3_K ? q3_kx8_pack : qt == Q2_K ? q2_kx8_pack
         : qt == IQ4_XS ? iq4_xsx8_pack : qt == Q5_K ? q5_kx8_pack : qt == Q8_0 ? q8_0x8_pack
-        : qt == Q5_1 ? q5_1x8_pack : mxfp4x8_pack;
+        : qt == Q5_1 ? q5_1x8_pack : qt == MXFP4 ? mxfp4x8_pack : iq4_nlx8_pack;
     for (int64_t g = g0; g < g1; ++g) pack(src, ws, g, nb, dst);
   });
 }
