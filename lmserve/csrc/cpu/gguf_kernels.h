@@ -120,7 +120,6 @@ void mxfp4x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* ou
 void mxfp4x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
 void iq4_nlx8_scalar(const DotArgs& p, int64_t n0, int64_t n1);
 void iq4_nlx8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out);
-void iq4_nlx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst);
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define LMSERVE_GGUF_AVX2 1
 void dot_float_avx2(const DotArgs& p, int64_t n0, int64_t n1);    // float activations, decode sizes

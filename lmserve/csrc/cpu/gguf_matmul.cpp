@@ -378,10 +378,11 @@ void gguf_repack(at::Tensor out, at::Tensor w, int64_t qtype) {
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, w.size(0) / 8, 16, [&](int64_t g0, int64_t g1) {
-    const auto pack = qt == Q4_0 ? q4_0x8_pack : qt == Q4_K ? q4_kx8_pack : qt == Q6_K ? q6_kx8_pack
+    // IQ4_NL's block is Q4_0's bytes (fp16 d, 16 index bytes): IQ4_NLx8 is Q4_0x8's layout
+    const auto pack = qt == Q4_0 || qt == IQ4_NL ? q4_0x8_pack : qt == Q4_K ? q4_kx8_pack : qt == Q6_K ? q6_kx8_pack
         : qt == Q5_0 ? q5_0x8_pack : qt == Q4_1 ? q4_1x8_pack : qt == Q3_K ? q3_kx8_pack : qt == Q2_K ? q2_kx8_pack
         : qt == IQ4_XS ? iq4_xsx8_pack : qt == Q5_K ? q5_kx8_pack : qt == Q8_0 ? q8_0x8_pack
-        : qt == Q5_1 ? q5_1x8_pack : qt == MXFP4 ? mxfp4x8_pack : iq4_nlx8_pack;
+        : qt == Q5_1 ? q5_1x8_pack : mxfp4x8_pack;
     for (int64_t g = g0; g < g1; ++g) pack(src, ws, g, nb, dst);
   });
 }

@@ -1,9 +1,9 @@
 // MXFP4 and IQ4_NL repacked in groups of 8 rows (types MXFP4X8 / IQ4_NLX8, lmserve/ops/gguf_x8.py repack_mxfp4x8 /
 // repack_q4_0x8): the int8 GEMM for every M on them (AVX2, and AVX512-VNNI chosen at run time, bit for bit the same),
-// the scalar reference, the repack and rows back in file order. The design is gguf_q4_0x8.cpp's ("reduce, then
-// scale"; gguf_x8.h). MXFP4 is the experts' format of gpt-oss and of llama-quantize's MXFP4_MOE files: in a MoE
-// decode step most of the bytes read are these. IQ4_NL is IQ4_XS's levels in Q4_0's block (IQ4_NL files, and the
-// matrices of IQ4_XS files whose rows are not whole 256-value blocks).
+// the scalar reference, the repack (MXFP4's; IQ4_NL's is q4_0x8_pack) and rows back in file order. The design is
+// gguf_q4_0x8.cpp's ("reduce, then scale"; gguf_x8.h). MXFP4 is the experts' format of gpt-oss and of
+// llama-quantize's MXFP4_MOE files: in a MoE decode step most of the bytes read are these. IQ4_NL is IQ4_XS's levels
+// in Q4_0's block (IQ4_NL files, and the matrices of IQ4_XS files whose rows are not whole 256-value blocks).
 //
 // Layout (the 8 rows' blocks, 136 / 144 bytes per block b as in the file, the bytes in another order): the 8 rows'
 // headers (MXFP4: an E8M0 exponent byte e[c]; IQ4_NL: an fp16 d[c], so this is Q4_0x8's layout), then for t = 0..3
@@ -80,9 +80,6 @@ void scalar(const DotArgs& p, int64_t n0, int64_t n1) {
 
 void mxfp4x8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst) {
   pack<MXFP4>(src, ws, gr, nb, dst);
-}
-void iq4_nlx8_pack(const uint8_t* src, int64_t ws, int64_t gr, int64_t nb, uint8_t* dst) {
-  pack<IQ4_NL>(src, ws, gr, nb, dst);
 }
 void mxfp4x8_rows(const uint8_t* w, int64_t ws, int64_t n, int64_t nb, float* out) {
   x8::file_rows<MXFP4>(gather_block<MXFP4>, w, ws, n, nb, out);
